@@ -1,0 +1,48 @@
+"""mm_jupyter: manage and search sets of deep-learning models from Jupyter.
+
+``import mm_jupyter`` is light: the store, search and torch load on first use of a name below.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .errors import (
+    ArchitectureError,
+    IntegrityError,
+    MMError,
+    RecoveryError,
+    RefError,
+    SearchError,
+    StoreError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Store": "mm_jupyter.store",
+    "ModelSet": "mm_jupyter.store",
+    "SetRef": "mm_jupyter.store",
+    "Lineage": "mm_jupyter.store",
+    "Architecture": "mm_jupyter.store",
+    "architecture": "mm_jupyter.store",
+    "Provenance": "mm_jupyter.store",
+    "DatasetRef": "mm_jupyter.store",
+}
+
+__all__ = [
+    "ArchitectureError", "IntegrityError", "MMError", "RecoveryError", "RefError", "SearchError",
+    "StoreError", "__version__", *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mm_jupyter' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

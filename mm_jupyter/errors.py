@@ -1,0 +1,48 @@
+"""The exception tree of mm_jupyter.
+
+Every failure the library raises on purpose is an ``MMError``; notebooks render it as one clear line
+(``_render_traceback_``) instead of a long traceback, and the cell still fails.
+"""
+from __future__ import annotations
+
+
+class MMError(Exception):
+    """Base class of all mm_jupyter errors."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class StoreError(MMError):
+    """Bad input to the store or a request it cannot satisfy; nothing was written."""
+
+
+class RefError(StoreError):
+    """A set reference (name, name@version, SetRef) does not name a stored set."""
+
+
+class ArchitectureError(StoreError):
+    """An architecture cannot be recorded or rebuilt without pickling."""
+
+
+class IntegrityError(StoreError):
+    """Stored bytes do not match their recorded hash (bit rot, truncation, tampering)."""
+
+
+class RecoveryError(StoreError):
+    """A stored set cannot be recovered exactly (e.g. retraining did not reproduce it)."""
+
+
+class SearchError(MMError):
+    """Bad input to model search or a search that cannot run."""
+
+
+__all__ = [
+    "MMError",
+    "StoreError",
+    "RefError",
+    "ArchitectureError",
+    "IntegrityError",
+    "RecoveryError",
+    "SearchError",
+]

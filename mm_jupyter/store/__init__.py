@@ -1,0 +1,11 @@
+"""The model store: catalog, content-addressed objects, architectures, the four multi-model
+management approaches, lazy ModelSets and lineage."""
+from __future__ import annotations
+
+from .architecture import Architecture, architecture
+from .lineage import Lineage
+from .modelset import ModelSet, SetRef
+from .provenance import DatasetRef, Provenance
+from .store import Store
+
+__all__ = ["Architecture", "DatasetRef", "Lineage", "ModelSet", "Provenance", "SetRef", "Store", "architecture"]

@@ -1,0 +1,97 @@
+"""What every approach receives when saving and returns to the store."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..architecture import Architecture
+from ..catalog import SetRow
+from ..modelset import ObjectShape, Resolved, default_names
+from ..objects import PutResult
+from ..tensors import Layout, fill_model_major
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..provenance import Provenance
+    from ..store import Store
+
+
+@dataclass
+class SaveInput:
+    """A validated set, ready to be written."""
+
+    name: str
+    names: list[str]
+    explicit_names: bool
+    layout: Layout
+    rows: list[list["torch.Tensor"]]
+    architecture: Architecture
+    env: dict[str, Any]
+    base: SetRow | None
+    provenance: "Provenance | None"
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class Saved:
+    """What an approach wrote: the catalog manifest and the objects it references."""
+
+    approach: str
+    manifest: dict[str, Any]
+    artifacts: list[tuple[str, PutResult]] = field(default_factory=list)
+    chain: int = 0
+    base_id: int | None = None
+
+    def new_bytes(self) -> int:
+        manifest = len(json.dumps(self.manifest, separators=(",", ":")))
+        return manifest + sum(p.size for _, p in self.artifacts if p.written)
+
+
+def head(inp: SaveInput) -> dict[str, Any]:
+    """Manifest fields shared by all approaches."""
+    return {
+        "architecture": inp.architecture.to_json(),
+        "environment": inp.env,
+        "layout": inp.layout.to_json(),
+        "names": inp.names if inp.explicit_names else None,
+        "n": inp.n,
+    }
+
+
+def names_of(manifest: dict[str, Any]) -> list[str]:
+    return manifest["names"] if manifest.get("names") is not None else default_names(manifest["n"])
+
+
+def write_full(store: "Store", inp: SaveInput) -> PutResult:
+    """All models' parameters, model-major, in one object written straight into the page cache."""
+    lay = inp.layout
+    return store.objects.put_filled(inp.n * lay.stride, lambda dst: fill_model_major(dst, lay, inp.rows))
+
+
+def resolve_full(manifest: dict[str, Any], oid: str) -> Resolved:
+    """Resolution of a self-contained model-major version."""
+    layout = Layout.from_json(manifest["layout"])
+    n = manifest["n"]
+    k = len(layout.specs)
+    off = np.arange(n, dtype=np.int64)[:, None] * layout.stride + np.asarray(layout.offsets, dtype=np.int64)[None, :]
+    return Resolved(
+        names=names_of(manifest),
+        layout=layout,
+        architecture=Architecture.from_json(manifest["architecture"]),
+        objects=[ObjectShape(oid, "rows", stride=layout.stride, rows=n)],
+        obj=np.zeros((n, k), dtype=np.int32),
+        off=off.reshape(n, k),
+    )
+
+
+def match_base(names: list[str], base_names: list[str]) -> np.ndarray:
+    """For each model, the index of the same-named model in the base (-1: new model)."""
+    where = {nm: i for i, nm in enumerate(base_names)}
+    return np.array([where.get(nm, -1) for nm in names], dtype=np.int64)

@@ -1,0 +1,120 @@
+"""``update``: per-tensor digests per set; a derived version stores only the tensors whose digest
+changed against its base, in one key-major object, and recovery resolves the chain.
+
+Models are matched to the base by name, so a version may add models (stored in full) or drop some.
+The digests of a version are one (models, keys, 16) array; a derived version stores only the
+digests of its changed tensors and inherits the rest, exactly like the tensors themselves.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..architecture import Architecture
+from ..catalog import SetRow
+from ..modelset import ObjectShape, Resolved, require_layout
+from ..tensors import Layout, digest_rows, fill_key_major, key_major_size, pack_arrays, unpack_arrays
+from .common import SaveInput, Saved, head, match_base, names_of, resolve_full, write_full
+
+if TYPE_CHECKING:
+    from ..store import Store
+
+NAME = "update"
+
+
+def changed_mask(store: "Store", inp: SaveInput, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(src, changed): base index per model and which (model, key) tensors differ from the base."""
+    assert inp.base is not None
+    base_names, base_digests = store.version_digests(inp.base)
+    src = match_base(inp.names, base_names)
+    changed = np.ones((inp.n, len(inp.layout.specs)), dtype=bool)
+    have = src >= 0
+    changed[have] = np.any(digests[have] != base_digests[src[have]], axis=2)
+    return src, changed
+
+
+def save(store: "Store", inp: SaveInput) -> Saved:
+    digests = digest_rows(inp.rows, inp.layout)
+    if inp.base is None:
+        params = write_full(store, inp)
+        dig = store.objects.put(pack_arrays({"digests": digests}))
+        manifest = head(inp) | {"params": params.oid, "digests": dig.oid}
+        return Saved(NAME, manifest, [("params", params), ("digests", dig)])
+
+    require_layout(inp.layout, Layout.from_json(inp.base.manifest["layout"]), f"set {inp.name!r}")
+    src, changed = changed_mask(store, inp, digests)
+    lay = inp.layout
+    counts = [int(changed[:, k].sum()) for k in range(len(lay.specs))]
+    starts = np.concatenate([[0], np.cumsum([c * s.nbytes for c, s in zip(counts, lay.specs)])[:-1]]).tolist()
+    size = key_major_size(lay, changed)
+    arrays = {
+        "changed": np.packbits(changed.reshape(-1)),
+        "digests": digests.transpose(1, 0, 2)[changed.T],
+    }
+    if not (len(src) == len(names_of(inp.base.manifest)) and np.array_equal(src, np.arange(len(src)))):
+        arrays["src"] = src
+    index = store.objects.put(pack_arrays(arrays))
+    artifacts = [("index", index)]
+    manifest = head(inp) | {"index": index.oid, "starts": starts, "counts": counts, "delta": None}
+    if changed.any():
+        delta = store.objects.put_filled(size, lambda dst: fill_key_major(dst, lay, inp.rows, changed))
+        manifest["delta"] = delta.oid
+        artifacts.append(("delta", delta))
+    return Saved(NAME, manifest, artifacts, chain=inp.base.chain + 1, base_id=inp.base.id)
+
+
+def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m = row.manifest
+    n, k = m["n"], len(m["layout"]["keys"])
+    arrays = unpack_arrays(store.objects.get(m["index"]))
+    changed = np.unpackbits(arrays["changed"], count=n * k).reshape(n, k).astype(bool)
+    src = arrays["src"] if "src" in arrays else np.arange(n)
+    return src.astype(np.int64), changed, arrays["digests"]
+
+
+def digests(store: "Store", row: SetRow) -> tuple[list[str], np.ndarray]:
+    """(names, digests) of a version without reading any parameters."""
+    m = row.manifest
+    if "params" in m:
+        return names_of(m), unpack_arrays(store.objects.get(m["digests"]))["digests"]
+    _, base_digests = store.version_digests(store.catalog.get(row.base_id))  # type: ignore[arg-type]
+    src, changed, stored = _index(store, row)
+    return names_of(m), overlay_digests(base_digests, src, changed, stored)
+
+
+def overlay_digests(base: np.ndarray, src: np.ndarray, changed: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(src), changed.shape[1], base.shape[2]), dtype=np.uint8)
+    have = src >= 0
+    out[have] = base[src[have]]
+    view = out.transpose(1, 0, 2)
+    view[changed.T] = stored
+    return out
+
+
+def resolve(store: "Store", row: SetRow) -> Resolved:
+    m = row.manifest
+    if "params" in m:
+        r = resolve_full(m, m["params"])
+        r.digests = unpack_arrays(store.objects.get(m["digests"]))["digests"]
+        return r
+    base = store.resolve_row(store.catalog.get(row.base_id))  # type: ignore[arg-type]
+    src, changed, stored = _index(store, row)
+    layout = Layout.from_json(m["layout"])
+    n, k = len(src), len(layout.specs)
+    obj = np.full((n, k), -1, dtype=np.int32)
+    off = np.zeros((n, k), dtype=np.int64)
+    have = src >= 0
+    obj[have] = base.obj[src[have]]
+    off[have] = base.off[src[have]]
+    memory = {int(i): base.memory[int(src[i])] for i in np.flatnonzero(have) if int(src[i]) in base.memory}
+    objects = list(base.objects)
+    if m["delta"] is not None:
+        d = len(objects)
+        objects.append(ObjectShape(m["delta"], "blocks", starts=m["starts"], counts=m["counts"]))
+        for kk, spec in enumerate(layout.specs):
+            sel = np.flatnonzero(changed[:, kk])
+            obj[sel, kk] = d
+            off[sel, kk] = m["starts"][kk] + np.arange(len(sel), dtype=np.int64) * spec.nbytes
+    digests_ = overlay_digests(base.digests, src, changed, stored) if base.digests is not None else None
+    return Resolved(names_of(m), layout, Architecture.from_json(m["architecture"]), objects, obj, off, memory, digests_)

@@ -1,0 +1,265 @@
+"""ModelSet: a recovered set whose models materialise lazily from memory-mapped, verified objects.
+
+A recovered version is *resolved* into two arrays, ``obj[i, k]`` and ``off[i, k]``: which object and
+which byte offset hold tensor ``k`` of model ``i``. ``ms.state_dict(i)`` reads just those ranges
+(verifying only the chunks they touch); ``ms[i]`` builds one module; ``ms.state_dicts()`` makes
+every parameter usable with one vectorised gather per key and object.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from ..errors import StoreError
+from .architecture import Architecture
+from .objects import ObjectReader, ObjectStore
+from .tensors import Layout, TensorSpec, torch_dtype, view_tensor
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class SetRef:
+    """Identifies one stored set version."""
+
+    id: int
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
+class ObjectShape:
+    """How entries sit in one object: model-major rows or key-major blocks."""
+
+    oid: str
+    kind: str  # "rows" (model-major, `stride` bytes per model) or "blocks" (key-major)
+    stride: int = 0
+    rows: int = 0
+    starts: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Resolved:
+    """Where every tensor of every model of a version lives."""
+
+    names: list[str]
+    layout: Layout
+    architecture: Architecture
+    objects: list[ObjectShape]
+    obj: np.ndarray  # (n, K) int32 index into objects; -1 = held in `memory`
+    off: np.ndarray  # (n, K) int64 byte offset inside that object
+    memory: dict[int, list["torch.Tensor"]] = field(default_factory=dict)
+    digests: np.ndarray | None = None  # (n, K, 16) when known
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+
+def default_names(n: int) -> list[str]:
+    return [str(i) for i in range(n)]
+
+
+class ModelSet:
+    """A recovered set of same-architecture models. Nothing is read until asked for."""
+
+    def __init__(self, ref: SetRef, approach: str, resolved: Resolved, objects: ObjectStore) -> None:
+        self.ref = ref
+        self.approach = approach
+        self._r = resolved
+        self._objects = objects
+        self._readers: dict[str, ObjectReader] = {}
+        self._index = {name: i for i, name in enumerate(resolved.names)}
+        self._template: "nn.Module | None" = None
+        self._stacked: dict[int, "torch.Tensor"] = {}
+
+    # -- basic protocol -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._r.n
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._r.names)
+
+    @property
+    def layout(self) -> Layout:
+        return self._r.layout
+
+    @property
+    def architecture(self) -> Architecture:
+        return self._r.architecture
+
+    def __repr__(self) -> str:
+        return f"ModelSet({self.ref}, approach={self.approach!r}, models={len(self)})"
+
+    def _pos(self, item: int | str) -> int:
+        if isinstance(item, str):
+            if item not in self._index:
+                raise StoreError(f"set {self.ref} has no model named {item!r}")
+            return self._index[item]
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            i = int(item)
+            if not -len(self) <= i < len(self):
+                raise StoreError(f"model index {i} is out of range for set {self.ref} of {len(self)} models")
+            return i % len(self)
+        raise StoreError(f"models are addressed by index or name, not {type(item).__name__}")
+
+    def __getitem__(self, item: int | str) -> "nn.Module":
+        return self.model(item)
+
+    def __iter__(self) -> Iterator["nn.Module"]:
+        for i in range(len(self)):
+            yield self.model(i)
+
+    # -- tensors ---------------------------------------------------------------------------------
+    def _reader(self, o: int) -> ObjectReader:
+        oid = self._r.objects[o].oid
+        reader = self._readers.get(oid)
+        if reader is None:
+            reader = self._readers[oid] = self._objects.open(oid)
+        return reader
+
+    def state_dict(self, item: int | str) -> dict[str, "torch.Tensor"]:
+        """Model ``item``'s tensors without building a module; reads only that model's bytes.
+
+        The tensors view a private copy-on-write mapping: changing them never touches the store.
+        """
+        i = self._pos(item)
+        if self._stacked and len(self._stacked) == len(self._r.layout.specs):
+            return {s.name: self._stacked[k][i] for k, s in enumerate(self._r.layout.specs)}
+        out = {}
+        mem = self._r.memory.get(i)
+        for k, spec in enumerate(self._r.layout.specs):
+            o = int(self._r.obj[i, k])
+            if o < 0:
+                assert mem is not None
+                out[spec.name] = mem[k]
+            else:
+                raw = self._reader(o).tensor(int(self._r.off[i, k]), spec.nbytes)
+                out[spec.name] = view_tensor(raw, spec)
+        return out
+
+    def stacked(self, key: str | int) -> "torch.Tensor":
+        """Tensor ``key`` of all models as one (models, *shape) tensor (a view when possible)."""
+        k = self._r.layout.keys.index(key) if isinstance(key, str) else int(key)
+        if k not in self._stacked:
+            self._stacked[k] = self._gather(k)
+        return self._stacked[k]
+
+    def state_dicts(self) -> list[dict[str, "torch.Tensor"]]:
+        """Every model's state dict: all parameters verified and usable."""
+        for k in range(len(self._r.layout.specs)):
+            self.stacked(k)
+        return [self.state_dict(i) for i in range(len(self))]
+
+    def load(self) -> "ModelSet":
+        """Verify and map every parameter now (what time-to-recover measures)."""
+        for k in range(len(self._r.layout.specs)):
+            self.stacked(k)
+        return self
+
+    def _block(self, o: int, k: int, spec: TensorSpec) -> "torch.Tensor":
+        """The (entries, nbytes) uint8 view of key ``k`` inside object ``o``; verifies it."""
+        shape = self._r.objects[o]
+        reader = self._reader(o)
+        nb = spec.nbytes
+        if shape.kind == "rows":
+            payload = reader.tensor(0, shape.rows * shape.stride)
+            key_off = self._r.layout.offsets[k] if shape.stride == self._r.layout.stride else None
+            if key_off is None:
+                raise StoreError(f"object {shape.oid[:12]}… has a layout that does not match its set")
+            return payload.view(shape.rows, shape.stride)[:, key_off : key_off + nb]
+        start, count = shape.starts[k], shape.counts[k]
+        return reader.tensor(start, count * nb).view(count, nb)
+
+    def _gather(self, k: int) -> "torch.Tensor":
+        import torch
+
+        spec = self._r.layout.specs[k]
+        n, nb = len(self), spec.nbytes
+        dt = torch_dtype(spec.dtype)
+        if nb == 0:
+            return torch.empty((n, *spec.shape), dtype=dt)
+        col_obj = self._r.obj[:, k]
+        col_off = self._r.off[:, k]
+        used = np.unique(col_obj)
+        if len(used) == 1 and used[0] >= 0:
+            o = int(used[0])
+            block = self._block(o, k, spec)
+            shape = self._r.objects[o]
+            step = shape.stride if shape.kind == "rows" else nb
+            first = self._r.layout.offsets[k] if shape.kind == "rows" else shape.starts[k]
+            rows = (col_off - first) // step
+            if np.array_equal(rows, np.arange(n)) and block.shape[0] == n:
+                return block.view(dt).view((n, *spec.shape))
+        out = torch.empty((n, nb), dtype=torch.uint8)
+        for o in used:
+            sel = np.flatnonzero(col_obj == o)
+            if o < 0:
+                for i in sel:
+                    out[i] = self._r.memory[int(i)][k].reshape(-1).view(torch.uint8)
+                continue
+            shape = self._r.objects[int(o)]
+            block = self._block(int(o), k, spec)
+            step = shape.stride if shape.kind == "rows" else nb
+            first = self._r.layout.offsets[k] if shape.kind == "rows" else shape.starts[k]
+            rows = torch.from_numpy((col_off[sel] - first) // step)
+            out[torch.from_numpy(sel)] = block[rows]
+        return out.view(dt).view((n, *spec.shape))
+
+    # -- modules ---------------------------------------------------------------------------------
+    def model(self, item: int | str) -> "nn.Module":
+        """Build model ``item`` as a fresh module holding its own copy of the parameters."""
+        import torch
+
+        sd = self.state_dict(item)
+        if self._template is None:
+            self._template = self._r.architecture.build()
+            _match_dtypes(self._template, self._r.layout)
+        module = copy.deepcopy(self._template)
+        with torch.no_grad():
+            module.load_state_dict(sd, strict=True)
+        module.eval()
+        return module
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+
+def _match_dtypes(module: "nn.Module", layout: Layout) -> None:
+    """Give a freshly built module the stored dtypes (e.g. a set saved after ``.half()``), keeping
+    tied parameters tied (the Parameter objects stay the same, only their data changes)."""
+    import torch
+
+    want = {s.name: torch_dtype(s.dtype) for s in layout.specs}
+    seen: set[int] = set()
+    for name, t in list(module.named_parameters(remove_duplicate=False)) + list(
+        module.named_buffers(remove_duplicate=False)
+    ):
+        dt = want.get(name)
+        if dt is None or t.dtype == dt or id(t) in seen:
+            continue
+        seen.add(id(t))
+        t.data = t.data.to(dt)
+
+
+def require_layout(found: Layout, base: Layout, what: str) -> None:
+    if found.signature() != base.signature():
+        a, b = found.signature(), base.signature()
+        diff = next((x for x, y in zip(a, b) if x != y), a[len(b)] if len(a) > len(b) else b[len(a)])
+        raise StoreError(f"{what}: models differ from the base set's architecture at {diff[0]!r}")
+
+
+def arrays_to_list(x: Any) -> Any:
+    return x.tolist() if isinstance(x, np.ndarray) else x

@@ -1,0 +1,330 @@
+"""Content-addressed object area: ``objects/<2 hex>/<64 hex>``, written atomically, verified on read.
+
+File format (little endian)::
+
+    magic "MMOBJ\\x01\\0\\0" | u64 payload bytes | u32 chunk bytes | u32 chunks
+    | chunks x 16-byte sha256 prefixes of the payload chunks | zero padding to 64 | payload
+
+The object id is the sha256 of that header, so it covers every payload byte through the chunk
+digests. Chunks let a reader verify only the part it touches: recovering one model of a large set
+hashes the chunk(s) holding that model, not the whole set. The chunk count is capped at 128 so the
+header costs at most ~2 KiB per object; identical payloads always get identical ids (dedup).
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from ..errors import IntegrityError, StoreError
+
+if TYPE_CHECKING:
+    import torch
+
+MAGIC = b"MMOBJ\x01\x00\x00"
+_FIXED = struct.Struct("<8sQII")
+DIGEST_BYTES = 16
+MAX_CHUNKS = 128
+MIN_CHUNK = 64 * 1024
+_PAGE = 4096
+_PARALLEL_HASH_BYTES = 8 * 1024 * 1024
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def chunk_size_for(nbytes: int) -> int:
+    """Chunk size for a payload: at least 64 KiB, at most 128 chunks, page aligned."""
+    return max(MIN_CHUNK, _align(-(-nbytes // MAX_CHUNKS), _PAGE))
+
+
+def header_size_for(nbytes: int) -> int:
+    chunks = -(-nbytes // chunk_size_for(nbytes))
+    return _align(_FIXED.size + DIGEST_BYTES * chunks, 64)
+
+
+def _chunk_digests(payload: memoryview, chunk: int) -> list[bytes]:
+    n = len(payload)
+    spans = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+
+    def one(span: tuple[int, int]) -> bytes:
+        return hashlib.sha256(payload[span[0] : span[1]]).digest()[:DIGEST_BYTES]
+
+    if n >= _PARALLEL_HASH_BYTES and len(spans) > 1:
+        # hashlib releases the GIL on large buffers: two cores hash twice as fast.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return list(pool.map(one, spans))
+    return [one(s) for s in spans]
+
+
+def _header(payload: memoryview) -> bytes:
+    n = len(payload)
+    chunk = chunk_size_for(n)
+    digests = _chunk_digests(payload, chunk)
+    raw = _FIXED.pack(MAGIC, n, chunk, len(digests)) + b"".join(digests)
+    return raw + b"\x00" * (_align(len(raw), 64) - len(raw))
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """Outcome of writing one object: its id, its size on disk and whether it was new."""
+
+    oid: str
+    size: int
+    written: bool
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ObjectStore:
+    """The object area of one store folder. Thread- and process-safe by construction:
+    every object is written to a unique temp file and renamed into place."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.bytes_verified = 0
+        self._lock = threading.Lock()
+
+    def path(self, oid: str) -> Path:
+        if len(oid) != 64 or any(c not in "0123456789abcdef" for c in oid):
+            raise StoreError(f"not an object id: {oid!r}")
+        return self.objects / oid[:2] / oid
+
+    def exists(self, oid: str) -> bool:
+        return self.path(oid).exists()
+
+    def _already_stored(self, oid: str, header: bytes, total: int) -> bool:
+        """True when an intact-looking copy exists (same header and size): skip the write."""
+        p = self.path(oid)
+        try:
+            if p.stat().st_size != total:
+                return False
+            with open(p, "rb") as f:
+                return f.read(len(header)) == header
+        except FileNotFoundError:
+            return False
+
+    def _temp_path(self) -> Path:
+        return self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}.part"
+
+    def _publish(self, tmp: Path, oid: str) -> None:
+        final = self.path(oid)
+        folder = final.parent
+        if not folder.exists():
+            folder.mkdir(exist_ok=True)
+            _fsync_dir(self.objects)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+
+    def put(self, data: bytes | bytearray | memoryview) -> PutResult:
+        """Store bytes; returns the existing object when the same payload is already stored."""
+        payload = memoryview(data).cast("B")
+        header = _header(payload)
+        oid = hashlib.sha256(header).hexdigest()
+        total = len(header) + len(payload)
+        if self._already_stored(oid, header, total):
+            return PutResult(oid, total, False)
+        tmp = self._temp_path()
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            self._publish(tmp, oid)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return PutResult(oid, total, True)
+
+    def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor"], None]) -> PutResult:
+        """Store ``nbytes`` produced by ``fill(dst)``, where ``dst`` is a uint8 tensor mapped onto
+        the temp file: the payload is written once, straight into the page cache."""
+        import torch
+
+        if nbytes == 0:
+            return self.put(b"")
+        hsize = header_size_for(nbytes)
+        tmp = self._temp_path()
+        try:
+            with open(tmp, "w+b") as f:
+                f.truncate(hsize + nbytes)
+                with mmap.mmap(f.fileno(), hsize + nbytes) as mm:
+                    dst = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=hsize)
+                    fill(dst)
+                    del dst
+                    payload = memoryview(mm)[hsize:]
+                    header = _header(payload)
+                    payload.release()
+                    mm[: len(header)] = header
+                    mm.flush()
+                os.fsync(f.fileno())
+            oid = hashlib.sha256(header).hexdigest()
+            if self._already_stored(oid, header, hsize + nbytes):
+                return PutResult(oid, hsize + nbytes, False)
+            self._publish(tmp, oid)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return PutResult(oid, hsize + nbytes, True)
+
+    def open(self, oid: str) -> "ObjectReader":
+        """Open an object for verified reads; raises StoreError when it is missing."""
+        p = self.path(oid)
+        if not p.exists():
+            raise IntegrityError(f"object {oid[:12]}… is missing from {self.objects}")
+        return ObjectReader(p, oid, self)
+
+    def get(self, oid: str) -> bytes:
+        """Whole object payload, verified."""
+        reader = self.open(oid)
+        try:
+            return reader.read_all()
+        finally:
+            reader.close()
+
+    def size(self, oid: str) -> int:
+        return self.path(oid).stat().st_size
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.bytes_verified += n
+
+    def clean_temp(self) -> int:
+        """Delete temp files left by killed writers (only files of processes no longer alive)."""
+        removed = 0
+        for p in self.tmp.glob("*.part"):
+            pid = int(p.name.split("-", 1)[0])
+            if pid != os.getpid() and not _pid_alive(pid):
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ObjectReader:
+    """A verified, memory-mapped view of one object. Chunks are hashed the first time any byte
+    of them is read; a mismatch raises IntegrityError naming the object and the chunk."""
+
+    def __init__(self, path: Path, oid: str, owner: ObjectStore) -> None:
+        self.oid = oid
+        self._owner = owner
+        with open(path, "rb") as f:
+            fixed = f.read(_FIXED.size)
+            if len(fixed) < _FIXED.size:
+                raise IntegrityError(f"object {oid[:12]}… is truncated (no header)")
+            magic, n, chunk, chunks = _FIXED.unpack(fixed)
+            if magic != MAGIC:
+                raise IntegrityError(f"object {oid[:12]}… has a bad magic number")
+            hsize = _align(_FIXED.size + DIGEST_BYTES * chunks, 64)
+            header = fixed + f.read(hsize - _FIXED.size)
+            if hashlib.sha256(header).hexdigest() != oid:
+                raise IntegrityError(f"object {oid[:12]}… header does not match its id")
+            size = os.fstat(f.fileno()).st_size
+            if size != hsize + n:
+                raise IntegrityError(
+                    f"object {oid[:12]}… has {size} bytes on disk, expected {hsize + n}"
+                )
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if n else None
+        self.size = n
+        self._hsize = hsize
+        self._chunk = chunk
+        self._digests = [
+            header[_FIXED.size + i * DIGEST_BYTES : _FIXED.size + (i + 1) * DIGEST_BYTES]
+            for i in range(chunks)
+        ]
+        self._verified = bytearray(chunks)
+        self._lock = threading.Lock()
+
+    def _verify_range(self, offset: int, nbytes: int) -> None:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise IntegrityError(
+                f"read of bytes {offset}..{offset + nbytes} is outside object {self.oid[:12]}… "
+                f"({self.size} bytes)"
+            )
+        if nbytes == 0:
+            return
+        first, last = offset // self._chunk, (offset + nbytes - 1) // self._chunk
+        todo = [c for c in range(first, last + 1) if not self._verified[c]]
+        if not todo:
+            return
+        assert self._mm is not None
+        view = memoryview(self._mm)
+        try:
+            for c in todo:
+                a = self._hsize + c * self._chunk
+                b = min(a + self._chunk, self._hsize + self.size)
+                got = hashlib.sha256(view[a:b]).digest()[:DIGEST_BYTES]
+                if got != self._digests[c]:
+                    raise IntegrityError(
+                        f"object {self.oid[:12]}… is corrupt: chunk {c} (bytes {a - self._hsize}.."
+                        f"{b - self._hsize}) does not match its hash"
+                    )
+                with self._lock:
+                    self._verified[c] = 1
+                self._owner._count(b - a)
+        finally:
+            view.release()
+
+    def verify(self) -> None:
+        """Hash every chunk (used by full-set recovery and store.verify())."""
+        if self.size:
+            pending = [c for c in range(len(self._digests)) if not self._verified[c]]
+            if len(pending) > 1 and self.size >= _PARALLEL_HASH_BYTES:
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    list(pool.map(lambda c: self._verify_range(c * self._chunk, 1), pending))
+            self._verify_range(0, self.size)
+
+    def tensor(self, offset: int = 0, nbytes: int | None = None) -> "torch.Tensor":
+        """Verified zero-copy uint8 tensor over payload bytes (copy-on-write mapping: writes to
+        it never reach the file)."""
+        import torch
+
+        if nbytes is None:
+            nbytes = self.size - offset
+        self._verify_range(offset, nbytes)
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=self._hsize + offset)
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        self._verify_range(offset, nbytes)
+        if nbytes == 0:
+            return b""
+        assert self._mm is not None
+        return self._mm[self._hsize + offset : self._hsize + offset + nbytes]
+
+    def read_all(self) -> bytes:
+        return self.read(0, self.size)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # tensors still view the mapping; it closes when they are gone

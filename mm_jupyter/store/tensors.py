@@ -1,0 +1,298 @@
+"""State dicts as raw little-endian bytes: specs, the set layout, copying and per-tensor digests.
+
+A set's parameters are stored model-major: model ``i`` occupies bytes ``[i*stride, (i+1)*stride)``
+and key ``k`` sits at ``offsets[k]`` inside that record, each key aligned to its element size, so
+one model is one contiguous range (partial reads) and each key of all models is one strided view.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..errors import StoreError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DIGEST_BYTES = 16
+
+_DTYPE_NAMES = [
+    "float64", "float32", "float16", "bfloat16", "complex128", "complex64",
+    "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool",
+    "float8_e4m3fn", "float8_e5m2",
+]
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    dt = getattr(torch, name, None) if name in _DTYPE_NAMES else None
+    if dt is None:
+        raise StoreError(f"unsupported dtype {name!r}")
+    return dt
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise StoreError(f"tensors of dtype {dtype} cannot be stored")
+    return name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one state-dict entry."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return torch_dtype(self.dtype).itemsize
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each key of each model lives in a model-major parameter object."""
+
+    specs: tuple[TensorSpec, ...]
+    offsets: tuple[int, ...]
+    stride: int
+
+    @classmethod
+    def of(cls, specs: Sequence[TensorSpec]) -> "Layout":
+        offsets, pos, widest = [], 0, 1
+        for s in specs:
+            size = s.itemsize
+            widest = max(widest, size)
+            pos = -(-pos // size) * size
+            offsets.append(pos)
+            pos += s.nbytes
+        stride = -(-pos // widest) * widest
+        return cls(tuple(specs), tuple(offsets), stride)
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"keys": [[s.name, s.dtype, list(s.shape)] for s in self.specs]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Layout":
+        return cls.of([TensorSpec(k, d, tuple(shape)) for k, d, shape in data["keys"]])
+
+    def signature(self) -> tuple:
+        return tuple((s.name, s.dtype, s.shape) for s in self.specs)
+
+
+def _as_storable(t: "torch.Tensor", where: str) -> "torch.Tensor":
+    """A CPU, contiguous, plain-layout tensor with the same bytes as ``t``."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise StoreError(f"{where} is a {type(t).__name__}, not a tensor")
+    if t.layout != torch.strided:
+        raise StoreError(f"{where} has layout {t.layout}; only dense tensors can be stored")
+    if t.is_quantized:
+        raise StoreError(f"{where} is quantized; quantized tensors cannot be stored")
+    if t.device.type == "meta":
+        raise StoreError(f"{where} is on the meta device and has no data")
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.detach()
+
+
+def spec_of(name: str, t: "torch.Tensor") -> TensorSpec:
+    return TensorSpec(name, dtype_name(t.dtype), tuple(int(x) for x in t.shape))
+
+
+def extract_states(models: Sequence["nn.Module"], names: Sequence[str]) -> tuple[Layout, list[list["torch.Tensor"]]]:
+    """State dicts of all models as tensor lists in one shared key order.
+
+    Raises StoreError naming the first model and key that differ from the first model, before
+    anything is written.
+    """
+    import torch
+
+    if sys.byteorder != "little":
+        raise StoreError("the store writes little-endian bytes; this machine is big-endian")
+    first: dict[str, Any] | None = None
+    layout: Layout | None = None
+    out: list[list[torch.Tensor]] = []
+    for model, mname in zip(models, names):
+        if not isinstance(model, torch.nn.Module):
+            raise StoreError(f"model {mname!r} is a {type(model).__name__}, not a torch.nn.Module")
+        sd = model.state_dict()
+        if first is None:
+            first = sd
+            tensors = [_as_storable(t, f"model {mname!r} key {k!r}") for k, t in sd.items()]
+            layout = Layout.of([spec_of(k, t) for k, t in zip(sd.keys(), tensors)])
+            out.append(tensors)
+            continue
+        assert layout is not None
+        if len(sd) != len(layout.specs) or list(sd.keys()) != layout.keys:
+            missing = [k for k in layout.keys if k not in sd]
+            extra = [k for k in sd if k not in first]
+            what = f"lacks key {missing[0]!r}" if missing else (
+                f"has extra key {extra[0]!r}" if extra else "orders its keys differently")
+            raise StoreError(
+                f"all models of a set must share one architecture: model {mname!r} {what} "
+                f"(compared with model {names[0]!r})"
+            )
+        row = []
+        for spec, (k, t) in zip(layout.specs, sd.items()):
+            t = _as_storable(t, f"model {mname!r} key {k!r}")
+            if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
+                raise StoreError(
+                    f"all models of a set must share one architecture: model {mname!r} key {k!r} is "
+                    f"{dtype_name(t.dtype)}{list(t.shape)}, model {names[0]!r} has {spec.dtype}{list(spec.shape)}"
+                )
+            row.append(t)
+        out.append(row)
+    if layout is None:
+        raise StoreError("a set needs at least one model")
+    return layout, out
+
+
+def _addr(t: "torch.Tensor") -> int:
+    return t.data_ptr()
+
+
+def fill_model_major(dst: "torch.Tensor", layout: Layout, rows: Sequence[Sequence["torch.Tensor"]]) -> None:
+    """Copy every model's tensors into ``dst`` (uint8, len(rows) * stride bytes), model-major."""
+    base = _addr(dst)
+    stride, offsets = layout.stride, layout.offsets
+    sizes = [s.nbytes for s in layout.specs]
+    memmove = ctypes.memmove
+    for i, row in enumerate(rows):
+        at = base + i * stride
+        for t, off, n in zip(row, offsets, sizes):
+            if n:
+                memmove(at + off, t.data_ptr(), n)
+
+
+def fill_key_major(dst: "torch.Tensor", layout: Layout, rows: Sequence[Sequence["torch.Tensor"]],
+                   changed: np.ndarray) -> list[int]:
+    """Copy the changed (model, key) tensors into ``dst`` key by key; returns each key's start."""
+    base = _addr(dst)
+    memmove = ctypes.memmove
+    starts, pos = [], 0
+    for k, spec in enumerate(layout.specs):
+        starts.append(pos)
+        n = spec.nbytes
+        for i in np.flatnonzero(changed[:, k]):
+            if n:
+                memmove(base + pos, rows[i][k].data_ptr(), n)
+            pos += n
+    return starts
+
+
+def key_major_size(layout: Layout, changed: np.ndarray) -> int:
+    return int(sum(int(changed[:, k].sum()) * s.nbytes for k, s in enumerate(layout.specs)))
+
+
+def digest_rows(rows: Sequence[Sequence["torch.Tensor"]], layout: Layout) -> np.ndarray:
+    """Per-tensor digests, shape (models, keys, 16) uint8: what ``update`` compares."""
+    out = np.empty((len(rows), len(layout.specs), DIGEST_BYTES), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for k, t in enumerate(row):
+            out[i, k] = np.frombuffer(tensor_digest(t), dtype=np.uint8)
+    return out
+
+
+def tensor_digest(t: "torch.Tensor") -> bytes:
+    import torch
+
+    if t.numel() == 0:
+        return hashlib.sha256(b"").digest()[:DIGEST_BYTES]
+    raw = t.reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(raw).digest()[:DIGEST_BYTES]
+
+
+def digest_model_major(buf: "torch.Tensor", layout: Layout, n: int) -> np.ndarray:
+    """Per-tensor digests computed from a model-major buffer (e.g. a stored baseline object)."""
+    raw = buf.numpy()
+    out = np.empty((n, len(layout.specs), DIGEST_BYTES), dtype=np.uint8)
+    empty = hashlib.sha256(b"").digest()[:DIGEST_BYTES]
+    sha = hashlib.sha256
+    for i in range(n):
+        at = i * layout.stride
+        for k, (spec, off) in enumerate(zip(layout.specs, layout.offsets)):
+            nb = spec.nbytes
+            d = sha(raw[at + off : at + off + nb]).digest()[:DIGEST_BYTES] if nb else empty
+            out[i, k] = np.frombuffer(d, dtype=np.uint8)
+    return out
+
+
+def view_tensor(raw: "torch.Tensor", spec: TensorSpec) -> "torch.Tensor":
+    """Interpret ``raw`` (uint8, exactly spec.nbytes) as the spec's tensor, zero-copy."""
+    import torch
+
+    dt = torch_dtype(spec.dtype)
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=dt)
+    return raw.view(dt).view(spec.shape)
+
+
+def stacked_view(payload: "torch.Tensor", layout: Layout, n: int, k: int) -> "torch.Tensor":
+    """All models' tensor ``k`` of a model-major payload as one (n, *shape) view."""
+    import torch
+
+    spec = layout.specs[k]
+    dt = torch_dtype(spec.dtype)
+    if spec.nbytes == 0:
+        return torch.empty((n, *spec.shape), dtype=dt)
+    rows = payload[: n * layout.stride].view(n, layout.stride)
+    cols = rows[:, layout.offsets[k] : layout.offsets[k] + spec.nbytes]
+    return cols.view(dt).view((n, *spec.shape))
+
+
+# -- small binary arrays (digests, masks, indices) without pickle ---------------------------------
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Arrays as one blob: u32 header length, JSON header, then each array's raw bytes."""
+    header, blobs, pos = {}, [], 0
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        header[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": pos}
+        raw = a.tobytes()
+        blobs.append(raw)
+        pos += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return len(head).to_bytes(4, "little") + head + b"".join(blobs)
+
+
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    n = int.from_bytes(blob[:4], "little")
+    header = json.loads(blob[4 : 4 + n])
+    body = memoryview(blob)[4 + n :]
+    out = {}
+    for name, h in header.items():
+        dt = np.dtype(h["dtype"])
+        if dt.hasobject:
+            raise StoreError(f"array {name!r} has an object dtype; refusing to load it")
+        count = int(np.prod(h["shape"], dtype=np.int64)) if h["shape"] else 1
+        out[name] = np.frombuffer(body, dtype=dt, count=count, offset=h["offset"]).reshape(h["shape"])
+    return out
