@@ -130,51 +130,68 @@ def spec_of(name: str, t: "torch.Tensor") -> TensorSpec:
 
 
 def extract_states(models: Sequence["nn.Module"], names: Sequence[str]) -> tuple[Layout, list[list["torch.Tensor"]]]:
-    """State dicts of all models as tensor lists in one shared key order.
+    """State dicts of all models as tensor lists in one shared key order (that of ``state_dict``).
 
     Raises StoreError naming the first model and key that differ from the first model, before
-    anything is written.
+    anything is written. Models built the same way take the fast path of ``StatePlan``.
     """
     import torch
 
+    from .statewalk import StatePlan
+
     if sys.byteorder != "little":
         raise StoreError("the store writes little-endian bytes; this machine is big-endian")
-    first: dict[str, Any] | None = None
-    layout: Layout | None = None
-    out: list[list[torch.Tensor]] = []
-    for model, mname in zip(models, names):
-        if not isinstance(model, torch.nn.Module):
-            raise StoreError(f"model {mname!r} is a {type(model).__name__}, not a torch.nn.Module")
-        sd = model.state_dict()
-        if first is None:
-            first = sd
-            tensors = [_as_storable(t, f"model {mname!r} key {k!r}") for k, t in sd.items()]
-            layout = Layout.of([spec_of(k, t) for k, t in zip(sd.keys(), tensors)])
-            out.append(tensors)
-            continue
-        assert layout is not None
-        if len(sd) != len(layout.specs) or list(sd.keys()) != layout.keys:
-            missing = [k for k in layout.keys if k not in sd]
-            extra = [k for k in sd if k not in first]
-            what = f"lacks key {missing[0]!r}" if missing else (
-                f"has extra key {extra[0]!r}" if extra else "orders its keys differently")
-            raise StoreError(
-                f"all models of a set must share one architecture: model {mname!r} {what} "
-                f"(compared with model {names[0]!r})"
-            )
-        row = []
-        for spec, (k, t) in zip(layout.specs, sd.items()):
-            t = _as_storable(t, f"model {mname!r} key {k!r}")
-            if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
-                raise StoreError(
-                    f"all models of a set must share one architecture: model {mname!r} key {k!r} is "
-                    f"{dtype_name(t.dtype)}{list(t.shape)}, model {names[0]!r} has {spec.dtype}{list(spec.shape)}"
-                )
-            row.append(t)
-        out.append(row)
-    if layout is None:
+    if not models:
         raise StoreError("a set needs at least one model")
+    if not isinstance(models[0], torch.nn.Module):
+        raise StoreError(f"model {names[0]!r} is a {type(models[0]).__name__}, not a torch.nn.Module")
+    sd0 = models[0].state_dict()
+    first = [_as_storable(t, f"model {names[0]!r} key {k!r}") for k, t in sd0.items()]
+    layout = Layout.of([spec_of(k, t) for k, t in zip(sd0.keys(), first)])
+    plan = StatePlan.of(models[0])
+    if plan is not None and plan.keys != layout.keys:
+        plan = None
+    checks = [(torch_dtype(s.dtype), torch.Size(s.shape)) for s in layout.specs]
+    out: list[list[torch.Tensor]] = [first]
+    for model, mname in zip(models[1:], names[1:]):
+        row = plan.tensors(model) if plan is not None and isinstance(model, torch.nn.Module) else None
+        if row is not None and all(
+            t.is_cpu and t.dtype is dt and t.shape == shape and t.is_contiguous() and not t.is_neg()
+            and not t.is_conj() and t.layout is torch.strided
+            for t, (dt, shape) in zip(row, checks)
+        ):
+            out.append(row)
+            continue
+        out.append(_checked_row(model, mname, names[0], layout))
     return layout, out
+
+
+def _checked_row(model: "nn.Module", mname: str, first_name: str, layout: Layout) -> list["torch.Tensor"]:
+    """One model's tensors via ``state_dict()``, checked against the layout of the first model."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise StoreError(f"model {mname!r} is a {type(model).__name__}, not a torch.nn.Module")
+    sd = model.state_dict()
+    if list(sd.keys()) != layout.keys:
+        missing = [k for k in layout.keys if k not in sd]
+        extra = [k for k in sd if k not in layout.keys]
+        what = f"lacks key {missing[0]!r}" if missing else (
+            f"has extra key {extra[0]!r}" if extra else "orders its keys differently")
+        raise StoreError(
+            f"all models of a set must share one architecture: model {mname!r} {what} "
+            f"(compared with model {first_name!r})"
+        )
+    row = []
+    for spec, (k, t) in zip(layout.specs, sd.items()):
+        t = _as_storable(t, f"model {mname!r} key {k!r}")
+        if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
+            raise StoreError(
+                f"all models of a set must share one architecture: model {mname!r} key {k!r} is "
+                f"{dtype_name(t.dtype)}{list(t.shape)}, model {first_name!r} has {spec.dtype}{list(spec.shape)}"
+            )
+        row.append(t)
+    return row
 
 
 def _addr(t: "torch.Tensor") -> int:
@@ -228,7 +245,7 @@ def tensor_digest(t: "torch.Tensor") -> bytes:
 
     if t.numel() == 0:
         return hashlib.sha256(b"").digest()[:DIGEST_BYTES]
-    raw = t.reshape(-1).view(torch.uint8).numpy()
+    raw = t.detach().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(raw).digest()[:DIGEST_BYTES]
 
 

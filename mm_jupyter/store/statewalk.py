@@ -1,0 +1,110 @@
+"""Read the state of thousands of same-structure modules without ``state_dict()``'s overhead.
+
+``nn.Module.state_dict()`` costs ~40 µs for a small MLP (recursion, prefixes, hooks, detach), which
+for 5,000 models is more than writing their parameters. The first model's structure is recorded
+as a plan (pre-order modules, their parameter/buffer/child names); every further model is checked
+against the plan node by node — same classes, same names in the same order, same ``None`` slots,
+no state-dict hooks — and its tensors are taken straight from ``_parameters``/``_buffers``.
+Anything unusual (hooks, ``get_extra_state``, overridden ``state_dict``) makes the plan refuse and
+the caller falls back to ``state_dict()``; the result is always what ``state_dict()`` returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class _Node:
+    parent: int
+    name: str
+    type: type
+    params: tuple[str, ...]
+    buffers: tuple[str, ...]
+    children: tuple[str, ...]
+    nonpersistent: frozenset[str]
+    take: tuple[tuple[bool, str], ...]  # (is_param, name) of the entries state_dict keeps, in order
+
+
+def _plain(klass: type) -> bool:
+    from torch import nn
+
+    return (
+        klass.state_dict is nn.Module.state_dict
+        and klass._save_to_state_dict is nn.Module._save_to_state_dict
+        and getattr(klass, "get_extra_state", nn.Module.get_extra_state) is nn.Module.get_extra_state
+    )
+
+
+def _hooked(mod: "nn.Module") -> bool:
+    return bool(getattr(mod, "_state_dict_hooks", None) or getattr(mod, "_state_dict_pre_hooks", None))
+
+
+class StatePlan:
+    """The state-dict structure of one module, reusable for modules built the same way."""
+
+    def __init__(self, nodes: list[_Node], keys: list[str]) -> None:
+        self.nodes = nodes
+        self.keys = keys
+
+    @classmethod
+    def of(cls, model: "nn.Module") -> "StatePlan | None":
+        """A plan for ``model``, or None when its state dict needs the general path."""
+        nodes: list[_Node] = []
+        keys: list[str] = []
+
+        def visit(mod: "nn.Module", parent: int, name: str, prefix: str) -> bool:
+            if not _plain(type(mod)) or _hooked(mod):
+                return False
+            nonpersistent = frozenset(mod._non_persistent_buffers_set)
+            take = tuple(
+                [(True, k) for k, v in mod._parameters.items() if v is not None]
+                + [(False, k) for k, v in mod._buffers.items() if v is not None and k not in nonpersistent]
+            )
+            keys.extend(prefix + k for _, k in take)
+            nodes.append(_Node(parent, name, type(mod), tuple(mod._parameters), tuple(mod._buffers),
+                               tuple(mod._modules), nonpersistent, take))
+            me = len(nodes) - 1
+            for child_name, child in mod._modules.items():
+                if child is None:
+                    continue
+                if not visit(child, me, child_name, prefix + child_name + "."):
+                    return False
+            return True
+
+        return cls(nodes, keys) if visit(model, -1, "", "") else None
+
+    def tensors(self, model: "nn.Module") -> "list[torch.Tensor] | None":
+        """The model's state tensors in state-dict order, or None if it does not fit the plan."""
+        out: list[torch.Tensor] = []
+        mods: list[nn.Module] = []
+        for node in self.nodes:
+            mod = model if node.parent < 0 else mods[node.parent]._modules.get(node.name)
+            if (
+                type(mod) is not node.type
+                or tuple(mod._parameters) != node.params
+                or tuple(mod._buffers) != node.buffers
+                or tuple(mod._modules) != node.children
+                or mod._non_persistent_buffers_set != node.nonpersistent
+                or _hooked(mod)
+            ):
+                return None
+            mods.append(mod)
+            params, buffers = mod._parameters, mod._buffers
+            kept = 0
+            for is_param, name in node.take:
+                t = params[name] if is_param else buffers[name]
+                if t is None:
+                    return None
+                out.append(t)
+                kept += 1
+            # a slot that was None in the plan must still be None (else state_dict would keep it)
+            if kept != sum(v is not None for v in params.values()) + sum(
+                v is not None and k not in node.nonpersistent for k, v in buffers.items()
+            ):
+                return None
+        return out
