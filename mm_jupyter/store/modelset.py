@@ -182,6 +182,8 @@ class ModelSet:
         return reader.tensor(start, count * nb).view(count, nb)
 
     def _gather(self, k: int) -> "torch.Tensor":
+        """All models' tensor ``k``: a zero-copy view when one object holds them in order,
+        otherwise one bulk copy of the main source plus indexed row copies of the others."""
         import torch
 
         spec = self._r.layout.specs[k]
@@ -191,30 +193,45 @@ class ModelSet:
             return torch.empty((n, *spec.shape), dtype=dt)
         col_obj = self._r.obj[:, k]
         col_off = self._r.off[:, k]
-        used = np.unique(col_obj)
-        if len(used) == 1 and used[0] >= 0:
-            o = int(used[0])
-            block = self._block(o, k, spec)
+        used, counts = np.unique(col_obj, return_counts=True)
+        # copy as machine words of the element size: bit-exact (no float arithmetic) and fast
+        word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(spec.itemsize, torch.int64)
+        width = nb // word.itemsize
+
+        def rows_of(o: int, sel: np.ndarray) -> tuple["torch.Tensor", np.ndarray]:
             shape = self._r.objects[o]
+            block = self._block(o, k, spec).view(word)
             step = shape.stride if shape.kind == "rows" else nb
             first = self._r.layout.offsets[k] if shape.kind == "rows" else shape.starts[k]
-            rows = (col_off - first) // step
-            if np.array_equal(rows, np.arange(n)) and block.shape[0] == n:
-                return block.view(dt).view((n, *spec.shape))
-        out = torch.empty((n, nb), dtype=torch.uint8)
-        for o in used:
+            return block, (col_off[sel] - first) // step
+
+        out = None
+        order = np.argsort(-counts, kind="stable")
+        for pos in order:
+            o = int(used[pos])
             sel = np.flatnonzero(col_obj == o)
             if o < 0:
+                if out is None:
+                    out = torch.empty((n, width), dtype=word)
                 for i in sel:
-                    out[i] = self._r.memory[int(i)][k].reshape(-1).view(torch.uint8)
+                    out[i] = self._r.memory[int(i)][k].reshape(-1).view(torch.uint8).view(word)
                 continue
-            shape = self._r.objects[int(o)]
-            block = self._block(int(o), k, spec)
-            step = shape.stride if shape.kind == "rows" else nb
-            first = self._r.layout.offsets[k] if shape.kind == "rows" else shape.starts[k]
-            rows = torch.from_numpy((col_off[sel] - first) // step)
-            out[torch.from_numpy(sel)] = block[rows]
-        return out.view(dt).view((n, *spec.shape))
+            block, rows = rows_of(o, sel)
+            identity = len(sel) == n and block.shape[0] == n and np.array_equal(rows, np.arange(n))
+            if out is None and identity:
+                return block.view(torch.uint8).view(dt).view((n, *spec.shape))
+            if out is None:
+                out = torch.empty((n, width), dtype=word)
+                if block.shape[0] == n and np.array_equal(rows, sel):
+                    out.copy_(block)  # bulk copy; rows owned by other objects are overwritten below
+                    continue
+            if np.array_equal(rows, sel) and block.shape[0] == n:
+                idx = torch.from_numpy(sel)
+                out[idx] = block[idx]
+            else:
+                out[torch.from_numpy(sel)] = block[torch.from_numpy(rows)]
+        assert out is not None
+        return out.view(torch.uint8).view(dt).view((n, *spec.shape))
 
     # -- modules ---------------------------------------------------------------------------------
     def model(self, item: int | str) -> "nn.Module":
@@ -240,7 +257,6 @@ class ModelSet:
 def _match_dtypes(module: "nn.Module", layout: Layout) -> None:
     """Give a freshly built module the stored dtypes (e.g. a set saved after ``.half()``), keeping
     tied parameters tied (the Parameter objects stay the same, only their data changes)."""
-    import torch
 
     want = {s.name: torch_dtype(s.dtype) for s in layout.specs}
     seen: set[int] = set()

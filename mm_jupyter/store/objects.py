@@ -35,6 +35,7 @@ MAX_CHUNKS = 128
 MIN_CHUNK = 64 * 1024
 _PAGE = 4096
 _PARALLEL_HASH_BYTES = 8 * 1024 * 1024
+_MAP_AT_LEAST = 1024 * 1024
 
 
 def _align(n: int, to: int) -> int:
@@ -65,6 +66,42 @@ def _chunk_digests(payload: memoryview, chunk: int) -> list[bytes]:
     return [one(s) for s in spans]
 
 
+class _ChunkHasher:
+    """Hashes a payload's chunks on a worker thread as soon as the filler has passed them."""
+
+    def __init__(self, payload: memoryview) -> None:
+        self.payload = payload
+        self.chunk = chunk_size_for(len(payload))
+        self.count = -(-len(payload) // self.chunk)
+        self._next = 0
+        # one-chunk payloads (small objects) are hashed inline: no thread for them
+        self._pool = ThreadPoolExecutor(max_workers=1) if self.count > 1 else None
+        self._futures: list = []
+
+    def _one(self, c: int) -> bytes:
+        view = self.payload[c * self.chunk : (c + 1) * self.chunk]
+        try:
+            return hashlib.sha256(view).digest()[:DIGEST_BYTES]
+        finally:
+            view.release()
+
+    def advance(self, done: int) -> None:
+        full = min(done // self.chunk, self.count)
+        while self._next < full and self._pool is not None:
+            self._futures.append(self._pool.submit(self._one, self._next))
+            self._next += 1
+
+    def finish(self) -> list[bytes]:
+        if self._pool is None:
+            return [self._one(c) for c in range(self.count)]
+        self.advance(len(self.payload) + self.chunk)
+        return [f.result() for f in self._futures]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
 def _header(payload: memoryview) -> bytes:
     n = len(payload)
     chunk = chunk_size_for(n)
@@ -82,7 +119,8 @@ class PutResult:
     written: bool
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder after a rename, so the new name is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -112,14 +150,22 @@ class ObjectStore:
         return self.path(oid).exists()
 
     def _already_stored(self, oid: str, header: bytes, total: int) -> bool:
-        """True when an intact-looking copy exists (same header and size): skip the write."""
+        """True when an intact copy exists: skip the write. A damaged copy (wrong size, header or
+        payload) is replaced by the caller's good bytes, so re-saving repairs bit rot."""
         p = self.path(oid)
         try:
             if p.stat().st_size != total:
                 return False
             with open(p, "rb") as f:
-                return f.read(len(header)) == header
-        except FileNotFoundError:
+                if f.read(len(header)) != header:
+                    return False
+            reader = ObjectReader(p, oid, self)
+            try:
+                reader.verify()
+            finally:
+                reader.close()
+            return True
+        except (FileNotFoundError, IntegrityError):
             return False
 
     def _temp_path(self) -> Path:
@@ -130,9 +176,9 @@ class ObjectStore:
         folder = final.parent
         if not folder.exists():
             folder.mkdir(exist_ok=True)
-            _fsync_dir(self.objects)
+            fsync_path(self.objects)
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_path(folder)
 
     def put(self, data: bytes | bytearray | memoryview) -> PutResult:
         """Store bytes; returns the existing object when the same payload is already stored."""
@@ -154,9 +200,11 @@ class ObjectStore:
             tmp.unlink(missing_ok=True)
         return PutResult(oid, total, True)
 
-    def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor"], None]) -> PutResult:
-        """Store ``nbytes`` produced by ``fill(dst)``, where ``dst`` is a uint8 tensor mapped onto
-        the temp file: the payload is written once, straight into the page cache."""
+    def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor", Callable[[int], None]], None]) -> PutResult:
+        """Store ``nbytes`` produced by ``fill(dst, progress)``: ``dst`` is a uint8 tensor mapped
+        onto the temp file (the payload is written once, straight into the page cache), and
+        ``fill`` calls ``progress(bytes_done)`` now and then so finished chunks are hashed on a
+        second thread while it goes on filling."""
         import torch
 
         if nbytes == 0:
@@ -170,15 +218,20 @@ class ObjectStore:
                 except (OSError, AttributeError):
                     f.truncate(hsize + nbytes)
                 with mmap.mmap(f.fileno(), hsize + nbytes) as mm:
-                    dst = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=hsize)
-                    fill(dst)
-                    del dst
                     payload = memoryview(mm)[hsize:]
-                    header = _header(payload)
-                    payload.release()
-                    mm[: len(header)] = header
-                    mm.flush()
-                os.fsync(f.fileno())
+                    hasher = _ChunkHasher(payload)
+                    try:
+                        dst = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=hsize)
+                        fill(dst, hasher.advance)
+                        del dst
+                        digests = hasher.finish()
+                    finally:
+                        hasher.close()
+                        payload.release()
+                    raw = _FIXED.pack(MAGIC, nbytes, hasher.chunk, len(digests)) + b"".join(digests)
+                    header = raw + b"\x00" * (hsize - len(raw))
+                    mm[:hsize] = header
+                os.fsync(f.fileno())  # writes back the mapping's dirty pages too
             oid = hashlib.sha256(header).hexdigest()
             if self._already_stored(oid, header, hsize + nbytes):
                 return PutResult(oid, hsize + nbytes, False)
@@ -253,7 +306,15 @@ class ObjectReader:
                 raise IntegrityError(
                     f"object {oid[:12]}… has {size} bytes on disk, expected {hsize + n}"
                 )
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if n else None
+            if n == 0:
+                self._mm: mmap.mmap | bytearray | None = None
+            elif hsize + n <= _MAP_AT_LEAST:
+                # small objects are read into memory: a mapping would hold a file descriptor per
+                # object, and a set of 5,000 per-model objects would exhaust the process's limit
+                f.seek(0)
+                self._mm = bytearray(f.read())
+            else:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.size = n
         self._hsize = hsize
         self._chunk = chunk
@@ -320,13 +381,13 @@ class ObjectReader:
         if nbytes == 0:
             return b""
         assert self._mm is not None
-        return self._mm[self._hsize + offset : self._hsize + offset + nbytes]
+        return bytes(self._mm[self._hsize + offset : self._hsize + offset + nbytes])
 
     def read_all(self) -> bytes:
         return self.read(0, self.size)
 
     def close(self) -> None:
-        if self._mm is not None:
+        if isinstance(self._mm, mmap.mmap):
             try:
                 self._mm.close()
             except BufferError:

@@ -27,16 +27,34 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class DatasetRef:
     """A reproducible way to load a dataset: an importable loader plus JSON kwargs, or a file.
 
-    ``sha256`` may be given when known; otherwise it is computed by loading the data once.
+    ``DatasetRef("pkg.mod:load", cell=3)`` (keyword arguments for the loader) or
+    ``DatasetRef("pkg.mod:load", {"cell": 3})``. ``sha256`` may be given when known; otherwise
+    it is computed by loading the data once.
     """
 
     loader: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None
+
+    def __init__(self, loader: str, kwargs: Mapping[str, Any] | None = None, sha256: str | None = None,
+                 **loader_kwargs: Any) -> None:
+        if not isinstance(loader, str):
+            raise StoreError(f"a dataset loader is a 'module:qualname' string, not {type(loader).__name__}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise StoreError(f"dataset loader kwargs must be a dict, not {type(kwargs).__name__}")
+        merged = dict(kwargs or {})
+        clash = sorted(set(merged) & set(loader_kwargs))
+        if clash:
+            raise StoreError(f"dataset loader argument(s) {clash} given twice")
+        merged.update(loader_kwargs)
+        # the JSON round trip is what recovery will pass to the loader: use it at save time too
+        object.__setattr__(self, "loader", loader)
+        object.__setattr__(self, "kwargs", _json(merged, f"kwargs of dataset loader {loader!r}"))
+        object.__setattr__(self, "sha256", sha256)
 
     @classmethod
     def file(cls, path: str | Path) -> "DatasetRef":
@@ -131,6 +149,19 @@ def model_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
 
 
+def _set_deterministic(mode: bool) -> None:
+    """``torch.use_deterministic_algorithms`` for eager code. The public call also imports
+    ``torch._inductor`` (~2 s per process) to configure compiled code, which training here never
+    uses; the eager switch underneath it is taken when present."""
+    import torch
+
+    switch = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if switch is None:
+        torch.use_deterministic_algorithms(mode)
+    else:
+        switch(mode)
+
+
 @contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     """Seed every RNG, force deterministic kernels and one intra-op thread; restore afterwards."""
@@ -141,7 +172,7 @@ def deterministic(seed: int) -> Iterator[None]:
     rng = torch.random.get_rng_state()
     py = random.getstate()
     npst = np.random.get_state()
-    torch.use_deterministic_algorithms(True)
+    _set_deterministic(True)
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     random.seed(seed)
@@ -149,7 +180,7 @@ def deterministic(seed: int) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(was_det)
+        _set_deterministic(was_det)
         torch.set_num_threads(threads)
         torch.random.set_rng_state(rng)
         random.setstate(py)

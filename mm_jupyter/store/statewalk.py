@@ -28,6 +28,7 @@ class _Node:
     children: tuple[str, ...]
     nonpersistent: frozenset[str]
     take: tuple[tuple[bool, str], ...]  # (is_param, name) of the entries state_dict keeps, in order
+    empty: tuple[tuple[bool, str], ...]  # (is_param, name) of slots holding None (state_dict skips them)
 
 
 def _plain(klass: type) -> bool:
@@ -65,9 +66,13 @@ class StatePlan:
                 [(True, k) for k, v in mod._parameters.items() if v is not None]
                 + [(False, k) for k, v in mod._buffers.items() if v is not None and k not in nonpersistent]
             )
+            empty = tuple(
+                [(True, k) for k, v in mod._parameters.items() if v is None]
+                + [(False, k) for k, v in mod._buffers.items() if v is None]
+            )
             keys.extend(prefix + k for _, k in take)
             nodes.append(_Node(parent, name, type(mod), tuple(mod._parameters), tuple(mod._buffers),
-                               tuple(mod._modules), nonpersistent, take))
+                               tuple(mod._modules), nonpersistent, take, empty))
             me = len(nodes) - 1
             for child_name, child in mod._modules.items():
                 if child is None:
@@ -79,32 +84,37 @@ class StatePlan:
         return cls(nodes, keys) if visit(model, -1, "", "") else None
 
     def tensors(self, model: "nn.Module") -> "list[torch.Tensor] | None":
-        """The model's state tensors in state-dict order, or None if it does not fit the plan."""
+        """The model's state tensors in the plan's order, or None if it does not fit the plan.
+
+        Counts are compared and every planned name is looked up, so the name sets are equal; an
+        insertion-order difference is harmless because tensors are taken by name.
+        """
         out: list[torch.Tensor] = []
         mods: list[nn.Module] = []
-        for node in self.nodes:
-            mod = model if node.parent < 0 else mods[node.parent]._modules.get(node.name)
-            if (
-                type(mod) is not node.type
-                or tuple(mod._parameters) != node.params
-                or tuple(mod._buffers) != node.buffers
-                or tuple(mod._modules) != node.children
-                or mod._non_persistent_buffers_set != node.nonpersistent
-                or _hooked(mod)
-            ):
-                return None
-            mods.append(mod)
-            params, buffers = mod._parameters, mod._buffers
-            kept = 0
-            for is_param, name in node.take:
-                t = params[name] if is_param else buffers[name]
-                if t is None:
+        append = out.append
+        try:
+            for node in self.nodes:
+                mod = model if node.parent < 0 else mods[node.parent]._modules[node.name]
+                params, buffers = mod._parameters, mod._buffers
+                if (
+                    type(mod) is not node.type
+                    or len(params) != len(node.params)
+                    or len(buffers) != len(node.buffers)
+                    or len(mod._modules) != len(node.children)
+                    or mod._state_dict_hooks
+                    or mod._state_dict_pre_hooks
+                    or (buffers and mod._non_persistent_buffers_set != node.nonpersistent)
+                ):
                     return None
-                out.append(t)
-                kept += 1
-            # a slot that was None in the plan must still be None (else state_dict would keep it)
-            if kept != sum(v is not None for v in params.values()) + sum(
-                v is not None and k not in node.nonpersistent for k, v in buffers.items()
-            ):
-                return None
+                mods.append(mod)
+                for is_param, name in node.take:
+                    t = params[name] if is_param else buffers[name]
+                    if t is None:
+                        return None
+                    append(t)
+                for is_param, name in node.empty:
+                    if (params[name] if is_param else buffers[name]) is not None:
+                        return None
+        except (KeyError, AttributeError):
+            return None
         return out

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import RefError, StoreError
 from . import approaches
-from .approaches.common import SaveInput, Saved, names_of
+from .approaches.common import SaveInput, Saved
 from .architecture import Architecture
 from .catalog import Catalog, SetRow
 from .environment import environment
@@ -74,8 +74,8 @@ class Store:
             return row
         if not isinstance(ref, str):
             raise RefError(f"a set reference is a SetRef or 'name[@version]', not {type(ref).__name__}")
-        name, _, version = ref.partition("@")
-        if version and not version.isdigit():
+        name, at, version = ref.partition("@")
+        if at and not (version.isascii() and version.isdigit()):
             raise RefError(f"bad set reference {ref!r}: the version after '@' must be a number")
         row = self.catalog.find(name, int(version) if version else None)
         if row is None:
@@ -140,11 +140,14 @@ class Store:
 
     def _auto(self, inp: SaveInput) -> str:
         """The documented rule (ARCHITECTURE.md): provenance when given and the chain allows;
-        no base: baseline; else update when at most half of the parameter bytes changed."""
+        no base, or a base of another architecture: baseline; else update when at most half of
+        the parameter bytes changed."""
         if inp.base is None:
             return "baseline"
         if inp.provenance is not None:
             return "provenance"
+        if Layout.from_json(inp.base.manifest["layout"]).signature() != inp.layout.signature():
+            return "baseline"  # another architecture (keys, shapes or dtypes): nothing to diff against
         from .approaches.update import changed_mask
 
         digests = digest_rows(inp.rows, inp.layout)
@@ -271,6 +274,12 @@ class Store:
 
 
 def _normalise(models: Any) -> tuple[list[str], list[Any], bool]:
+    import torch
+
+    if isinstance(models, torch.nn.ModuleDict):
+        models = dict(models.items())
+    elif isinstance(models, torch.nn.ModuleList):
+        models = list(models)
     if isinstance(models, Mapping):
         names = [str(k) for k in models.keys()]
         mods = list(models.values())
@@ -280,13 +289,17 @@ def _normalise(models: Any) -> tuple[list[str], list[Any], bool]:
         names = [str(i) for i in range(len(mods))]
         explicit = False
     else:
-        import torch
-
         if isinstance(models, torch.nn.Module):
             raise StoreError("save_set takes a list or dict of models; wrap a single model in a list")
         raise StoreError(f"models must be a list or dict of nn.Module, not {type(models).__name__}")
     if not mods:
         raise StoreError("cannot save an empty set: pass at least one model")
+    for name, m in zip(names, mods):  # before inferring an architecture from the first item
+        if not isinstance(m, torch.nn.Module):
+            raise StoreError(f"model {name!r} is a {type(m).__name__}, not a torch.nn.Module")
+    if len(set(names)) != len(names):
+        dup = next(n for i, n in enumerate(names) if n in names[:i])
+        raise StoreError(f"model name {dup!r} occurs twice (dict keys are compared as strings)")
     return names, mods, explicit
 
 

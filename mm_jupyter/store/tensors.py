@@ -11,7 +11,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -152,17 +152,17 @@ def extract_states(models: Sequence["nn.Module"], names: Sequence[str]) -> tuple
     if plan is not None and plan.keys != layout.keys:
         plan = None
     checks = [(torch_dtype(s.dtype), torch.Size(s.shape)) for s in layout.specs]
+    strided = torch.strided
     out: list[list[torch.Tensor]] = [first]
     for model, mname in zip(models[1:], names[1:]):
         row = plan.tensors(model) if plan is not None and isinstance(model, torch.nn.Module) else None
-        if row is not None and all(
-            t.is_cpu and t.dtype is dt and t.shape == shape and t.is_contiguous() and not t.is_neg()
-            and not t.is_conj() and t.layout is torch.strided
-            for t, (dt, shape) in zip(row, checks)
-        ):
-            out.append(row)
-            continue
-        out.append(_checked_row(model, mname, names[0], layout))
+        if row is not None:
+            for t, (dt, shape) in zip(row, checks):
+                if not (t.is_cpu and t.dtype is dt and t.shape == shape and t.is_contiguous()
+                        and t.layout is strided and not t.is_neg() and not t.is_conj()):
+                    row = None
+                    break
+        out.append(row if row is not None else _checked_row(model, mname, names[0], layout))
     return layout, out
 
 
@@ -198,17 +198,21 @@ def _addr(t: "torch.Tensor") -> int:
     return t.data_ptr()
 
 
-def fill_model_major(dst: "torch.Tensor", layout: Layout, rows: Sequence[Sequence["torch.Tensor"]]) -> None:
-    """Copy every model's tensors into ``dst`` (uint8, len(rows) * stride bytes), model-major."""
+def fill_model_major(dst: "torch.Tensor", layout: Layout, rows: Sequence[Sequence["torch.Tensor"]],
+                     progress: Callable[[int], None] | None = None) -> None:
+    """Copy every model's tensors into ``dst`` (uint8, len(rows) * stride bytes), model-major;
+    ``progress(bytes_done)`` is called every 256 models."""
     base = _addr(dst)
     stride, offsets = layout.stride, layout.offsets
-    sizes = [s.nbytes for s in layout.specs]
+    pairs = [(off, s.nbytes) for off, s in zip(offsets, layout.specs)]
     memmove = ctypes.memmove
     for i, row in enumerate(rows):
         at = base + i * stride
-        for t, off, n in zip(row, offsets, sizes):
+        for t, (off, n) in zip(row, pairs):
             if n:
                 memmove(at + off, t.data_ptr(), n)
+        if progress is not None and i % 256 == 255:
+            progress((i + 1) * stride)
 
 
 def fill_key_major(dst: "torch.Tensor", layout: Layout, rows: Sequence[Sequence["torch.Tensor"]],

@@ -1,7 +1,7 @@
 """The multi-model management paper's model architectures, as recordable factories."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..store.architecture import architecture
 
@@ -41,3 +41,16 @@ def last_layer_prefix(model: "nn.Module") -> str:
     """State-dict prefix of the last trainable layer (what a partial update retrains)."""
     names = [n for n, p in model.named_parameters()]
     return names[-1].rsplit(".", 1)[0] + "."
+
+
+def seeded_models(factory: Callable[..., "nn.Module"], n: int, seed: int = 0, **kwargs: Any) -> list["nn.Module"]:
+    """``n`` models from ``factory(**kwargs)``, model ``i`` initialised from seed ``seed + i``;
+    the caller's RNG state is untouched."""
+    import torch
+
+    out = []
+    for i in range(n):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            out.append(factory(**kwargs))
+    return out

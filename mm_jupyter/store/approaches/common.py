@@ -72,7 +72,7 @@ def names_of(manifest: dict[str, Any]) -> list[str]:
 def write_full(store: "Store", inp: SaveInput) -> PutResult:
     """All models' parameters, model-major, in one object written straight into the page cache."""
     lay = inp.layout
-    return store.objects.put_filled(inp.n * lay.stride, lambda dst: fill_model_major(dst, lay, inp.rows))
+    return store.objects.put_filled(inp.n * lay.stride, lambda dst, progress: fill_model_major(dst, lay, inp.rows, progress))
 
 
 def resolve_full(manifest: dict[str, Any], oid: str) -> Resolved:

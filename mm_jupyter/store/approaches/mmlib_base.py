@@ -32,7 +32,7 @@ def save(store: "Store", inp: SaveInput, pending_id: int) -> Saved:
     saved = Saved(NAME, head(inp) | {"names": inp.names})
     for i, name in enumerate(inp.names):
         model_id = uuid.uuid4().hex
-        params = store.objects.put_filled(lay.stride, lambda dst, i=i: fill_model_major(dst, lay, [inp.rows[i]]))
+        params = store.objects.put_filled(lay.stride, lambda dst, _, i=i: fill_model_major(dst, lay, [inp.rows[i]]))
         arch_rec = store.objects.put(_record({"model": model_id, "name": name, "architecture": arch,
                                               "layout": lay.to_json()}))
         env_rec = store.objects.put(_record({"model": model_id, "name": name, "environment": inp.env}))

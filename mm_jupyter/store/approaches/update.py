@@ -58,7 +58,7 @@ def save(store: "Store", inp: SaveInput) -> Saved:
     artifacts = [("index", index)]
     manifest = head(inp) | {"index": index.oid, "starts": starts, "counts": counts, "delta": None}
     if changed.any():
-        delta = store.objects.put_filled(size, lambda dst: fill_key_major(dst, lay, inp.rows, changed))
+        delta = store.objects.put_filled(size, lambda dst, _: fill_key_major(dst, lay, inp.rows, changed))
         manifest["delta"] = delta.oid
         artifacts.append(("delta", delta))
     return Saved(NAME, manifest, artifacts, chain=inp.base.chain + 1, base_id=inp.base.id)

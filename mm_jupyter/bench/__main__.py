@@ -1,0 +1,185 @@
+"""``python -m mm_jupyter.bench <experiment> [options]``: run a paper experiment and print its table.
+
+Each experiment registers one subcommand: an ``add_<name>(subparsers)`` function that builds its
+parser and sets ``func`` to a ``cmd_<name>(args) -> int`` that runs the harness and prints. Add a new
+experiment by writing both and listing ``add_<name>`` in ``COMMANDS``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+
+def _say(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "bytes":
+        return f"{int(value):,}"
+    if kind == "s":
+        return f"{value:.4f}"
+    if kind == "x":
+        return f"{value:.2f}x"
+    if kind == "%":
+        return f"{100.0 * value:.3f}%"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A plain-text table: ``columns`` are (key, header, kind) with kind bytes/s/x/%/str."""
+    cells = [[h for _, h, _ in columns]] + [[_fmt(r.get(k), kind) for k, _, kind in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = []
+    for j, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_targets(targets: Sequence[Any]) -> str:
+    lines = []
+    for t in targets:
+        measured = "not measured" if t.measured is None else f"{t.measured:.4g} {t.unit}"
+        lines.append(f"  [{t.status}] {t.name}: {measured} (target {t.comparison} {t.threshold:g})")
+        if t.detail:
+            lines.append(f"         {t.detail}")
+    return "\n".join(lines)
+
+
+# -- modelsets -----------------------------------------------------------------------------------------
+MODELSET_COLUMNS = [
+    ("step", "step", "str"),
+    ("approach", "approach", "str"),
+    ("bytes", "storage B", "bytes"),
+    ("tts_s", "TTS s", "s"),
+    ("ttr_s", "TTR s", "s"),
+    ("tts_vs_limit", "TTS/limit", "x"),
+    ("mmlib_tts_speedup", "mmlib TTS/TTS", "x"),
+    ("mmlib_ttr_speedup", "mmlib TTR/TTR", "x"),
+    ("storage_vs_baseline", "storage/baseline", "%"),
+]
+
+
+def add_modelsets(sub: Any) -> None:
+    from .modelsets import APPROACHES, ARCHS, DEFAULT_OUT
+
+    p = sub.add_parser("modelsets", help="Efficient Multi-Model Management: storage, TTS, TTR of the four approaches",
+                       description="U1 (N models) then U3 retraining steps, saved by every approach.")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="ffnn48", help="model architecture (default ffnn48)")
+    p.add_argument("--models", "-n", type=int, default=None, help="models per set (default 5000; 500 with --quick)")
+    p.add_argument("--steps", type=int, default=3, help="U3 update steps (default 3)")
+    p.add_argument("--update-rate", type=float, default=0.10, help="fraction retrained per U3 step (default 0.10)")
+    p.add_argument("--approaches", default=",".join(APPROACHES),
+                   help=f"comma-separated subset of {','.join(APPROACHES)} (default: all)")
+    p.add_argument("--repeat", type=int, default=None, help="TTR/limit repetitions, median reported (default 3; 1 with --quick)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs per retrained model (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads during the run (default: torch's; 1 is steadier on a busy machine)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--keep", action="store_true", help="keep the stores and the limit files")
+    p.add_argument("--check", action="store_true", help="verify every recovered set bit for bit")
+    p.add_argument("--quick", action="store_true", help="500 models, repeat 1")
+    p.set_defaults(func=cmd_modelsets)
+
+
+def cmd_modelsets(args: argparse.Namespace) -> int:
+    from .modelsets import APPROACHES, QUICK, run_modelsets
+
+    approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
+    bad = [a for a in approaches if a not in APPROACHES]
+    if bad:
+        print(f"error: unknown approach(es) {', '.join(bad)}; choose from {', '.join(APPROACHES)}", file=sys.stderr)
+        return 2
+    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 5000)
+    repeat = args.repeat if args.repeat is not None else (QUICK["repeat"] if args.quick else 3)
+    print(f"modelsets: {models} x {args.arch}, {args.steps} U3 steps at update rate {args.update_rate:g}, "
+          f"approaches {', '.join(approaches)}, repeat {repeat}")
+    result = run_modelsets(arch=args.arch, models=models, steps=args.steps, update_rate=args.update_rate,
+                           approaches=approaches, out=args.out, repeat=repeat, keep=args.keep, check=args.check,
+                           seed=args.seed, epochs=args.epochs, threads=args.threads, progress=_say)
+    env = result.environment
+    print(f"environment: python {env['python']}, torch {env['torch']} ({env['torch_threads']} threads), "
+          f"{env['platform']}, {env['cpus']} CPUs")
+    print("TTR is measured warm-cache (the OS page cache cannot be dropped); provenance TTR includes retraining.")
+    print("step 0 = U1 (initial set); steps 1.. = U3. storage = bytes the version added to its store.")
+    print()
+    cols = MODELSET_COLUMNS + ([("verified", "verified", "str")] if args.check else [])
+    print(format_table(result.rows, cols))
+    print()
+    print("targets (this run):")
+    print(format_targets(result.targets))
+    print()
+    t = result.timings
+    print(f"workload: initialise {t['initialise_s']:.1f} s, retrain {t['retrain_s']:.1f} s; "
+          + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items()
+                      if k not in ("initialise_s", "retrain_s", "total_s")))
+    print(f"total {t['total_s']:.1f} s; results: {', '.join(result.files)}")
+    if args.check and any(r.get("verified") is False for r in result.rows):
+        print("error: a recovered set did not match the saved models", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- catalog -------------------------------------------------------------------------------------------
+def add_catalog(sub: Any) -> None:
+    from .catalog import DEFAULT_OUT
+
+    p = sub.add_parser("catalog", help="list and recover sets in a store holding 100,000 models",
+                       description="Fill a store with tiny models, then time store.sets() and one recovery.")
+    p.add_argument("--models", "-n", type=int, default=100_000, help="models in the catalog (default 100000)")
+    p.add_argument("--set-size", type=int, default=1000, help="models per baseline set (default 1000)")
+    p.add_argument("--repeat", type=int, default=3, help="timing repetitions, median reported (default 3)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--keep", action="store_true", help="keep the store")
+    p.set_defaults(func=cmd_catalog)
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from .catalog import plan_sets, run_catalog
+
+    mmlib, sizes = plan_sets(args.models, args.set_size)
+    print(f"catalog: {args.models:,} models = {len(sizes)} baseline sets (<= {args.set_size} models each) "
+          f"+ one mmlib-base set of {mmlib:,}")
+    r = run_catalog(models=args.models, out=args.out, set_size=args.set_size, repeat=args.repeat, keep=args.keep,
+                    progress=_say)
+    b = r.build_by_approach_s
+    print(f"built in {r.build_s:.1f} s (baseline sets {b['baseline']:.1f} s, mmlib-base {b['mmlib-base']:.1f} s)")
+    print(f"store.sets(): {r.sets_s:.4f} s for {r.sets} sets / {r.models:,} models")
+    for approach, rec in r.recover.items():
+        note = " (reference approach, no target)" if approach == "mmlib-base" else ""
+        print(f"recover_set({rec['ref']}).load() [{approach}, {rec['models']:,} models]: {rec['recover_s']:.4f} s"
+              f" + ms[0] {rec['first_model_s']:.4f} s = {rec['total_s']:.4f} s{note}")
+    print("targets (this run, warm cache):")
+    print(format_targets(r.targets))
+    return 0
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mm_jupyter.bench",
+                                     description="Run one of the papers' experiments and print its results.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="EXPERIMENT")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    code = args.func(args)
+    print(f"[{args.command} finished in {time.perf_counter() - t0:.1f} s]")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Architectures are recorded without pickle and rebuilt in a fresh process: importable factories
+with kwargs, decorated factories, no-argument classes, Hugging Face configs, and classes defined
+in notebook cells or scripts (recorded as source)."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mm_jupyter as mm
+import store_models as sm
+
+
+def check_report(report: dict, ref: str, models) -> None:
+    got = report[ref]
+    assert "error" not in got, (ref, got.get("error"))
+    want = sm.model_digests(models)
+    assert got["module"] == want, ref
+    assert got["state_dicts"] == want, ref
+    mods = list(models.values()) if isinstance(models, dict) else list(models)
+    assert got["ties"] == [sm.ties(m) for m in mods], ref
+
+
+def test_importable_factories_and_classes(store, store_path):
+    sets = {}
+
+    def save(models, name, **kw):
+        ref = store.save_set(models, name, **kw)
+        sets[str(ref)] = models
+        return store.row(ref).manifest["architecture"]
+
+    mk = lambda f, n=3, **kw: [sm.fill_(f(**kw), i) for i in range(n)]  # noqa: E731
+
+    arch = save(mk(sm.mlp, width=5, depth=3), "by-ref",
+                architecture=mm.Architecture.factory("store_models:mlp", width=5, depth=3))
+    assert arch == {"kind": "factory", "ref": "store_models:mlp", "kwargs": {"width": 5, "depth": 3}}
+    arch = save(mk(sm.mlp, width=7), "by-callable", architecture=mm.Architecture.factory(sm.mlp, width=7))
+    assert arch["ref"] == "store_models:mlp" and arch["kwargs"] == {"width": 7}
+    arch = save(mk(sm.tagged_mlp, width=6), "decorated")  # no architecture= needed
+    assert arch == {"kind": "factory", "ref": "store_models:tagged_mlp", "kwargs": {"width": 6, "inputs": 4}}
+    arch = save(mk(sm.MLP), "class")
+    assert arch == {"kind": "factory", "ref": "store_models:MLP", "kwargs": {}}
+    arch = save(mk(sm.TiedNet), "tied-class")
+    assert arch["ref"] == "store_models:TiedNet"
+    arch = save({"x": sm.fill_(sm.NeedsArgs(3), 1)}, "class-kwargs",
+                architecture=mm.Architecture.factory(sm.NeedsArgs, width=3))
+    assert arch == {"kind": "factory", "ref": "store_models:NeedsArgs", "kwargs": {"width": 3}}
+    arch = save(mk(sm.param_bag, spec=[["w", "float16", [2, 3], "param"], ["n", "int64", [], "buffer"]]),
+                "bag", architecture=mm.Architecture.factory("store_models:param_bag",
+                                                            spec=[["w", "float16", [2, 3], "param"],
+                                                                  ["n", "int64", [], "buffer"]]))
+    assert arch["kwargs"]["spec"][1] == ["n", "int64", [], "buffer"]
+    report = sm.fresh_report(store_path, list(sets))
+    for ref, models in sets.items():
+        check_report(report, ref, models)
+
+
+def test_architecture_records_are_checked():
+    with pytest.raises(mm.ArchitectureError, match="not importable"):
+        mm.Architecture.factory(lambda: sm.MLP())
+    with pytest.raises(mm.ArchitectureError, match="cannot import"):
+        mm.Architecture.factory("store_models:nope")
+    with pytest.raises(mm.ArchitectureError, match="module:qualname"):
+        mm.Architecture.factory("store_models.MLP")
+    with pytest.raises(mm.ArchitectureError, match="JSON"):
+        mm.Architecture.factory(sm.mlp, width=torch.tensor(3))
+    with pytest.raises(mm.ArchitectureError, match="not an nn.Module"):
+        mm.Architecture.factory("builtins:dict").build()
+    with pytest.raises(mm.ArchitectureError):
+        mm.Architecture.from_json({"kind": "pickle", "ref": "x"})
+
+
+# -- Hugging Face --------------------------------------------------------------------------------
+
+
+def test_hugging_face_models_rebuild_from_config(store, store_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    bert_cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                          vocab_size=100)
+    vit_cfg = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=37)
+    sets = {
+        "bert": [BertModel(bert_cfg) for _ in range(3)],
+        "bert-mlm": [BertForMaskedLM(bert_cfg) for _ in range(2)],  # decoder tied to the embeddings
+        "vit": [ViTModel(vit_cfg) for _ in range(2)],
+    }
+    assert sm.ties(sets["bert-mlm"][0]), "expected tied weights in BertForMaskedLM"
+    refs = {}
+    for name, models in sets.items():
+        ref = store.save_set(models, name)
+        arch = store.row(ref).manifest["architecture"]
+        assert arch["kind"] == "hf" and arch["ref"].startswith("transformers.") and arch["config"]
+        refs[name] = str(ref)
+    ids = torch.tensor([[1, 5, 7, 2], [3, 3, 9, 0]])
+    pixels = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+    for name, models in sets.items():
+        ms = store.recover_set(refs[name])
+        for i, orig in enumerate(models):
+            m = ms[i]
+            assert type(m) is type(orig)
+            assert sm.sd_digests(m.state_dict()) == sm.sd_digests(orig.state_dict())
+            assert sm.ties(m) == sm.ties(orig)
+            orig.eval()
+            with torch.no_grad():
+                inp = {"pixel_values": pixels} if name == "vit" else {"input_ids": ids}
+                a, b = orig(**inp), m(**inp)
+            key = "logits" if name == "bert-mlm" else "last_hidden_state"
+            assert sm.tensor_bytes(a[key]) == sm.tensor_bytes(b[key])
+    m = store.recover_set(refs["bert-mlm"])[1]
+    assert m.cls.predictions.decoder.weight is m.bert.embeddings.word_embeddings.weight
+    report = sm.fresh_report(store_path, refs.values())
+    for name, models in sets.items():
+        check_report(report, refs[name], models)
+    assert transformers.__version__
+
+
+# -- classes defined in a notebook cell / a script -------------------------------------------------
+
+CELLS = [
+    """
+import torch
+from torch import nn
+import mm_jupyter as mm
+WIDTH = 6
+SCALE = 0.5
+NAMES = ("in", "out")
+
+def act(x):
+    return torch.tanh(x) * SCALE
+""",
+    """
+class Block(nn.Module):
+    def __init__(self, width=WIDTH):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        return act(self.lin(x))
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, WIDTH)
+        self.block = Block()
+        self.out = nn.Linear(WIDTH, len(NAMES))
+
+    def forward(self, x):
+        return self.out(self.block(act(self.fc(x))))
+""",
+    """
+store = mm.Store(STORE_PATH)
+torch.manual_seed(0)
+models = [Net() for _ in range(3)]
+for i, m in enumerate(models):
+    m.block.steps.fill_(i + 10)
+ref = store.save_set(models, "nb")
+""",
+    # the user edits the class and the constant in a later cell and saves again
+    """
+WIDTH = 5
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, WIDTH)
+        self.out = nn.Linear(WIDTH, 1)
+
+    def forward(self, x):
+        return self.out(act(self.fc(x)))
+
+models2 = {"first": Net(), "second": Net()}
+ref2 = store.save_set(models2, "nb2")
+""",
+]
+
+BAD_CELL = """
+OFFSET = torch.ones(5)
+
+class Uses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.fc(x) + OFFSET
+
+store.save_set([Uses()], "bad")
+"""
+
+
+@pytest.fixture
+def shell(tmp_path, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    main = sys.modules["__main__"]
+    cfg = Config()
+    cfg.HistoryManager.enabled = False
+    InteractiveShell.clear_instance()
+    sh = InteractiveShell.instance(config=cfg)
+    yield sh
+    InteractiveShell.clear_instance()
+    sys.modules["__main__"] = main
+
+
+def test_class_defined_in_a_notebook_cell(shell, store_path):
+    shell.user_ns["STORE_PATH"] = str(store_path)
+    for cell in CELLS:
+        result = shell.run_cell(cell)
+        assert result.error_before_exec is None, result.error_before_exec
+        assert result.error_in_exec is None, result.error_in_exec
+    ns = shell.user_ns
+    arch = ns["store"].row(ns["ref"]).manifest["architecture"]
+    assert arch["kind"] == "source" and arch["ref"] == "Net"
+    assert "class Block" in arch["source"] and "def act" in arch["source"] and "WIDTH = 6" in arch["source"]
+    arch2 = ns["store"].row(ns["ref2"]).manifest["architecture"]
+    assert "WIDTH = 5" in arch2["source"] and "Block" not in arch2["source"]
+    # a cell using a global that cannot be recorded fails cleanly and stores nothing
+    before = len(ns["store"].sets())
+    result = shell.run_cell(BAD_CELL)
+    assert isinstance(result.error_in_exec, mm.ArchitectureError), result.error_in_exec
+    assert "OFFSET" in str(result.error_in_exec)
+    assert len(ns["store"].sets()) == before
+    # a fresh process without IPython rebuilds both versions of the class from their sources
+    report = sm.fresh_report(store_path, ["nb@1", "nb2@1"])
+    check_report(report, "nb@1", ns["models"])
+    check_report(report, "nb2@1", ns["models2"])
+    assert report["nb2@1"]["names"] == ["first", "second"]
+    # and so does this process, after the notebook's definitions are gone
+    x = torch.linspace(-1, 1, 8).reshape(2, 4)
+    with torch.no_grad():
+        want = [sm.tensor_bytes(m.eval()(x)) for m in ns["models"]]
+    assert shell.run_cell("del Net, Block, act, WIDTH, SCALE").error_in_exec is None
+    ms = mm.Store(store_path).recover_set("nb")
+    with torch.no_grad():
+        assert [sm.tensor_bytes(ms[i](x)) for i in range(3)] == want
+
+
+SCRIPT = """
+import sys
+import torch
+from torch import nn
+import mm_jupyter as mm
+
+HIDDEN = 3
+
+class ScriptNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, HIDDEN)
+        self.register_buffer("on", torch.tensor([True, False]))
+
+torch.manual_seed(1)
+store = mm.Store(sys.argv[1])
+models = [ScriptNet() for _ in range(2)]
+print(store.save_set(models, "script"))
+import json, store_models
+print(json.dumps(store_models.model_digests(models)))
+"""
+
+
+def test_class_defined_in_a_script(tmp_path, store_path):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(script), str(store_path)], cwd=sm.ROOT, env=sm.subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, digests = proc.stdout.splitlines()
+    assert ref == "script@1"
+    store = mm.Store(store_path)
+    arch = store.row("script@1").manifest["architecture"]
+    assert arch["kind"] == "source" and "HIDDEN = 3" in arch["source"]
+    ms = store.recover_set("script@1")
+    assert type(ms[0]).__name__ == "ScriptNet"
+    assert [sm.sd_digests(ms[i].state_dict()) for i in range(2)] == json.loads(digests)
+    assert ms.state_dict(1)["on"].tolist() == [True, False]
+    assert json.dumps(arch)  # plain JSON, no pickle
+    store.close()
