@@ -2,7 +2,7 @@
 management approaches, lazy ModelSets and lineage."""
 from __future__ import annotations
 
-from .architecture import Architecture, architecture
+from .architectures import Architecture, architecture
 from .lineage import Lineage
 from .modelset import ModelSet, SetRef
 from .provenance import DatasetRef, Provenance

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from ..errors import StoreError
-from .architecture import Architecture
+from .architectures import Architecture
 from .objects import ObjectReader, ObjectStore
 from .tensors import Layout, TensorSpec, torch_dtype, view_tensor
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import numpy as np
 
 from ..errors import ArchitectureError, StoreError
-from .architecture import _json, _load_source, capture_source, import_ref, ref_of
+from .architectures import _json, _load_source, capture_source, import_ref, ref_of
 
 if TYPE_CHECKING:
     import torch

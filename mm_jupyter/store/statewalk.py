@@ -51,6 +51,12 @@ class StatePlan:
     def __init__(self, nodes: list[_Node], keys: list[str]) -> None:
         self.nodes = nodes
         self.keys = keys
+        self.expect: list[tuple[torch.dtype, torch.Size]] = []
+
+    def expecting(self, expect: "list[tuple[torch.dtype, torch.Size]]") -> "StatePlan":
+        """Dtype and shape every tensor must have (in key order), e.g. the first model's."""
+        self.expect = expect
+        return self
 
     @classmethod
     def of(cls, model: "nn.Module") -> "StatePlan | None":
@@ -87,11 +93,14 @@ class StatePlan:
         """The model's state tensors in the plan's order, or None if it does not fit the plan.
 
         Counts are compared and every planned name is looked up, so the name sets are equal; an
-        insertion-order difference is harmless because tensors are taken by name.
+        insertion-order difference is harmless because tensors are taken by name. Each tensor
+        must also be a dense, contiguous CPU tensor of the first model's dtype and shape (what
+        the byte copies rely on); anything else goes the general way.
         """
         out: list[torch.Tensor] = []
         mods: list[nn.Module] = []
         append = out.append
+        expect = iter(self.expect)
         try:
             for node in self.nodes:
                 mod = model if node.parent < 0 else mods[node.parent]._modules[node.name]
@@ -109,12 +118,14 @@ class StatePlan:
                 mods.append(mod)
                 for is_param, name in node.take:
                     t = params[name] if is_param else buffers[name]
-                    if t is None:
+                    dtype, shape = next(expect)
+                    if (t is None or t.dtype is not dtype or t.shape != shape or not t.is_cpu
+                            or not t.is_contiguous() or t.is_neg() or t.is_conj()):
                         return None
                     append(t)
                 for is_param, name in node.empty:
                     if (params[name] if is_param else buffers[name]) is not None:
                         return None
-        except (KeyError, AttributeError):
+        except (KeyError, AttributeError, RuntimeError):  # RuntimeError: is_contiguous of sparse
             return None
         return out

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import RefError, StoreError
 from . import approaches
 from .approaches.common import SaveInput, Saved
-from .architecture import Architecture
+from .architectures import Architecture
 from .catalog import Catalog, SetRow
 from .environment import environment
 from .lineage import Lineage, build_lineage

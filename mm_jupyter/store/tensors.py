@@ -151,17 +151,11 @@ def extract_states(models: Sequence["nn.Module"], names: Sequence[str]) -> tuple
     plan = StatePlan.of(models[0])
     if plan is not None and plan.keys != layout.keys:
         plan = None
-    checks = [(torch_dtype(s.dtype), torch.Size(s.shape)) for s in layout.specs]
-    strided = torch.strided
+    if plan is not None:
+        plan.expecting([(torch_dtype(s.dtype), torch.Size(s.shape)) for s in layout.specs])
     out: list[list[torch.Tensor]] = [first]
     for model, mname in zip(models[1:], names[1:]):
         row = plan.tensors(model) if plan is not None and isinstance(model, torch.nn.Module) else None
-        if row is not None:
-            for t, (dt, shape) in zip(row, checks):
-                if not (t.is_cpu and t.dtype is dt and t.shape == shape and t.is_contiguous()
-                        and t.layout is strided and not t.is_neg() and not t.is_conj()):
-                    row = None
-                    break
         out.append(row if row is not None else _checked_row(model, mname, names[0], layout))
     return layout, out
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..store.architecture import architecture
+from ..store.architectures import architecture
 
 if TYPE_CHECKING:
     from torch import nn

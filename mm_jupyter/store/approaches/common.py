@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..architecture import Architecture
+from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ObjectShape, Resolved, default_names
 from ..objects import PutResult

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...errors import IntegrityError
-from ..architecture import Architecture
+from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ObjectShape, Resolved
 from ..tensors import Layout, fill_model_major

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...errors import RecoveryError, StoreError
-from ..architecture import Architecture
+from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ModelSet, Resolved, SetRef, _match_dtypes, require_layout
 from ..provenance import DatasetRef, dataset_hash, model_seed, resolve_train, train_one

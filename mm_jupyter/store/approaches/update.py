@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..architecture import Architecture
+from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ObjectShape, Resolved, require_layout
 from ..tensors import Layout, digest_rows, fill_key_major, key_major_size, pack_arrays, unpack_arrays
