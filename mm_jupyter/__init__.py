@@ -28,15 +28,22 @@ _LAZY = {
     "architecture": "mm_jupyter.store",
     "Provenance": "mm_jupyter.store",
     "DatasetRef": "mm_jupyter.store",
+    "SearchResult": "mm_jupyter.search.api",
+    "add_candidates": "mm_jupyter.search.stored",
+    "load_candidates": "mm_jupyter.search.stored",
 }
 
 __all__ = [
     "ArchitectureError", "IntegrityError", "MMError", "RecoveryError", "RefError", "SearchError",
-    "StoreError", "__version__", *_LAZY,
+    "StoreError", "__version__", "search", *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "search":  # the package is callable: mm.search(...) runs a model search
+        value = import_module("mm_jupyter.search")
+        globals()[name] = value
+        return value
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -165,3 +165,24 @@ def test_baseline_storage_for_larger_sets(store):
         assert s["parameter_bytes"] <= s["bytes"] <= s["parameter_bytes"] + padding + 4096, (kind, s)
         if kind in ("bn", "mixed"):  # naturally aligned layouts: no padding at all
             assert padding == 0 and s["bytes"] <= s["parameter_bytes"] + 4096
+
+
+def test_tensors_outlive_closed_readers(tmp_path):
+    """Closing a ModelSet (or a reader) must never unmap memory that returned tensors still view."""
+    import gc
+
+    import torch
+
+    from mm_jupyter.usecases.models import ffnn
+
+    store = mm.Store(tmp_path / "s")
+    models = [ffnn() for _ in range(300)]  # > 1 MiB: the parameter object is memory-mapped
+    ref = store.save_set(models, "big")
+    ms = store.recover_set(ref)
+    sd = ms.state_dict(7)
+    stacked = ms.stacked(0)
+    ms.close()
+    del ms
+    gc.collect()
+    assert torch.equal(sd["0.weight"], models[7].state_dict()["0.weight"])
+    assert torch.equal(stacked[299], models[299].state_dict()["0.weight"])

@@ -160,7 +160,7 @@ def test_architecture_that_does_not_rebuild_the_models(seeded):
     with pytest.raises(mm.StoreError, match="architecture must be"):
         seeded.save_set(models, "mlp", architecture="store_models:mlp")
     # a bare function returning Sequential cannot be inferred: Sequential() rebuilds nothing
-    with pytest.raises(mm.StoreError, match="does not rebuild"):
+    with pytest.raises(mm.ArchitectureError, match="nn.Sequential cannot be rebuilt from its class alone"):
         seeded.save_set(models, "mlp")
 
 

@@ -161,7 +161,76 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog]
+# -- search --------------------------------------------------------------------------------------------
+SEARCH_COLUMNS = [
+    ("approach", "approach", "str"),
+    ("seconds", "total s", "s"),
+    ("t_prepare data", "data s", "s"),
+    ("t_prepare model", "model s", "s"),
+    ("t_inference", "inference s", "s"),
+    ("t_proxy", "proxy s", "s"),
+    ("t_planning", "planning s", "s"),
+    ("speedup_vs_base", "vs base", "x"),
+    ("speedup_vs_shift", "vs shift", "x"),
+    ("block_inferences", "block inf.", "str"),
+    ("unique_edges", "unique edges", "str"),
+    ("chunks", "chunks", "str"),
+    ("cache_peak_bytes", "cache peak B", "bytes"),
+    ("best", "best", "str"),
+]
+
+
+def add_search(sub: Any) -> None:
+    from .search import APPROACHES, DEFAULT_OUT
+
+    p = sub.add_parser("search", help="Alsatian model search: base vs shift vs alsatian",
+                       description="Search a synthetic candidate set with every approach and compare.")
+    p.add_argument("--arch", default="resnet18", help="resnet18, resnet152, vit, bert or mlp (default resnet18)")
+    p.add_argument("--models", type=int, default=None, help="candidates (default 35; 8 with --quick)")
+    p.add_argument("--distribution", default="top-layers", help="top-layers, top-25 or top-50")
+    p.add_argument("--items", type=int, default=None, help="data items (default 2000; 400 with --quick)")
+    p.add_argument("--approaches", default=",".join(APPROACHES))
+    p.add_argument("--budget", type=int, default=None, help="cache budget in bytes for alsatian")
+    p.add_argument("--scale", choices=["small", "cpu", "full"], default="cpu",
+                   help="small: reduced widths at 32 px (tests); cpu: the real architecture at reduced "
+                        "resolution (default; --resolution); full: real architecture and resolution (GPU)")
+    p.add_argument("--resolution", type=int, default=64, help="image size for --scale cpu (default 64)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--quick", action="store_true", help="8 candidates, 400 items, --scale small")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import QUICK, run_search_bench
+
+    if args.quick:
+        args.scale = "small"
+    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 35)
+    items = args.items if args.items is not None else (QUICK["items"] if args.quick else 2000)
+    approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
+    print(f"search: {models} x {args.arch} ({args.distribution}), {items} items, approaches "
+          f"{', '.join(approaches)}, budget {args.budget or 'unlimited'}, scale {args.scale}")
+    res = run_search_bench(arch=args.arch, models=models, distribution=args.distribution, items=items,
+                           approaches=approaches, budget=args.budget, reduced=args.scale == "small",
+                           image_size=args.resolution if args.scale == "cpu" else None, device=args.device,
+                           batch_size=args.batch_size, seed=args.seed, out=args.out, progress=_say)
+    print(format_table(res.rows, SEARCH_COLUMNS))
+    al = next((r for r in res.rows if r["approach"] == "alsatian"), None)
+    if al is not None:
+        print(f"ranking matches shift: {al.get('ranking_matches_shift')}; "
+              f"best matches base: {al.get('best_matches_base')}")
+    print(f"planning a 500-candidate task tree: {res.planning_500_s:.3f} s")
+    print()
+    print("targets (this run):")
+    print(format_targets(res.targets))
+    print(f"results: {', '.join(res.files)}")
+    return 0
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -119,6 +119,11 @@ class Architecture:
         klass = type(model)
         if klass.__module__.startswith("transformers.") and hasattr(model, "config"):
             return cls.hf(model)
+        if klass.__module__ == "torch.nn.modules.container":
+            raise ArchitectureError(
+                f"an nn.{klass.__name__} cannot be rebuilt from its class alone; build it in an "
+                "@mm.architecture factory or pass architecture=mm.Architecture.factory(fn, **kwargs)"
+            )
         try:
             params = inspect.signature(klass.__init__).parameters
         except (TypeError, ValueError):

@@ -44,6 +44,22 @@ CREATE TABLE IF NOT EXISTS artifacts(
     bytes INTEGER NOT NULL,
     PRIMARY KEY(set_id, role, object)
 );
+CREATE TABLE IF NOT EXISTS candidate_sets(
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    manifest TEXT NOT NULL,          -- JSON: per candidate its architecture and block objects
+    bytes INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    UNIQUE(name, version)
+);
+CREATE TABLE IF NOT EXISTS candidate_objects(
+    cset_id INTEGER NOT NULL REFERENCES candidate_sets(id),
+    role TEXT NOT NULL,
+    object TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY(cset_id, role, object)
+);
 CREATE TABLE IF NOT EXISTS models(
     set_id INTEGER NOT NULL REFERENCES sets(id),
     idx INTEGER NOT NULL,
@@ -224,6 +240,36 @@ class Catalog:
         """Every object referenced by a visible set (for verification and garbage collection)."""
         rows = self._db.execute(
             "SELECT DISTINCT object FROM artifacts JOIN sets ON sets.id = artifacts.set_id"
-            " WHERE sets.version IS NOT NULL"
+            " WHERE sets.version IS NOT NULL UNION SELECT object FROM candidate_objects"
         ).fetchall()
         return [r[0] for r in rows]
+
+    # -- candidate sets (the search's block store) --------------------------------------------
+    def insert_candidates(self, name: str, manifest: dict[str, Any], nbytes: int,
+                          objects: list[tuple[str, str, int]]) -> tuple[int, int]:
+        """Record a candidate set (its block objects are already durable); returns (id, version)."""
+        with self.transaction() as db:
+            (v,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM candidate_sets WHERE name=?", (name,)).fetchone()
+            cur = db.execute(
+                "INSERT INTO candidate_sets(name, version, manifest, bytes, created) VALUES (?,?,?,?,?)",
+                (name, int(v) + 1, json.dumps(manifest, separators=(",", ":")), nbytes, now_iso()),
+            )
+            set_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            db.executemany(
+                "INSERT OR IGNORE INTO candidate_objects(cset_id, role, object, bytes) VALUES (?,?,?,?)",
+                [(set_id, role, oid, size) for role, oid, size in objects],
+            )
+        return set_id, int(v) + 1
+
+    def find_candidates(self, name: str, version: int | None = None) -> tuple[int, int, dict[str, Any]] | None:
+        """(id, version, manifest) of a candidate set, the latest version by default."""
+        if version is None:
+            r = self._db.execute(
+                "SELECT id, version, manifest FROM candidate_sets WHERE name=? ORDER BY version DESC LIMIT 1",
+                (name,)).fetchone()
+        else:
+            r = self._db.execute(
+                "SELECT id, version, manifest FROM candidate_sets WHERE name=? AND version=?",
+                (name, version)).fetchone()
+        return None if r is None else (r[0], r[1], json.loads(r[2]))
+

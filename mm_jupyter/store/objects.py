@@ -387,8 +387,7 @@ class ObjectReader:
         return self.read(0, self.size)
 
     def close(self) -> None:
-        if isinstance(self._mm, mmap.mmap):
-            try:
-                self._mm.close()
-            except BufferError:
-                pass  # tensors still view the mapping; it closes when they are gone
+        """Drop this reader's mapping. Tensors from ``tensor()`` keep the mapping alive (they hold
+        a reference to it), so it is unmapped only when the last of them is gone — never under
+        them, which would make reading those tensors crash."""
+        self._mm = None

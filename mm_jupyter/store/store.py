@@ -303,6 +303,12 @@ def _normalise(models: Any) -> tuple[list[str], list[Any], bool]:
     return names, mods, explicit
 
 
+def check_rebuilds(arch: Architecture, model: "nn.Module") -> None:
+    """StoreError unless ``arch`` builds a module with ``model``'s state-dict keys and shapes."""
+    layout, _ = extract_states([model], ["model"])
+    _check_architecture(arch, layout)
+
+
 def _check_architecture(arch: Architecture, layout: Layout) -> None:
     """Build the architecture on the meta device and compare keys and shapes with the models."""
     try:

@@ -1,0 +1,261 @@
+"""``mm.search``: pick the best base models for a task by feature-based model search.
+
+Approaches (same proxy, same splits, same batches — so the same scores on the same rungs):
+* ``alsatian``: successive halving; per rung the surviving candidates' blocks form a task tree,
+  every shared block runs once, intermediates live in a budgeted tiered cache (DFS+ plan);
+* ``shift``: successive halving, every candidate run whole, nothing shared;
+* ``base``: every candidate run whole on all data, no halving.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from ..errors import SearchError
+from .engine import Candidate, Meter, check_items, extract_shared, extract_whole
+from .halving import Rung, schedule
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from torch import nn
+
+APPROACHES = ("alsatian", "shift", "base")
+MIN_RUNG_ITEMS = 32
+
+
+@dataclass
+class SearchResult:
+    """Outcome of a search: ``ranking`` (best first), ``best``, ``timings``, ``stats``, ``rungs``."""
+
+    approach: str
+    ranking: "pd.DataFrame"
+    timings: dict[str, float]
+    stats: dict[str, int]
+    rungs: list[Rung]
+    k: int
+    models: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def best(self) -> str:
+        """Name of the best candidate."""
+        return str(self.ranking.iloc[0]["model"])
+
+    @property
+    def top(self) -> list[str]:
+        """Names of the ``k`` selected candidates."""
+        return [str(m) for m in self.ranking["model"].iloc[: self.k]]
+
+    def __repr__(self) -> str:
+        head = self.ranking.head(5)
+        lines = [f"SearchResult({self.approach}: best {self.best!r} of {len(self.ranking)}, "
+                 f"{len(self.rungs)} rung(s), {self.stats['block_inferences']} block inferences)"]
+        for _, r in head.iterrows():
+            lines.append(f"  {r['model']}: score {r['score']:.4f} (rung {r['rung']})")
+        return "\n".join(lines)
+
+
+def _as_data(data: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]
+        if not items or not isinstance(items[0], (tuple, list)) or len(items[0]) != 2:
+            raise SearchError("a Dataset for search must yield (input, label) pairs")
+        x = torch.stack([torch.as_tensor(a) for a, _ in items])
+        y = torch.as_tensor([int(b) for _, b in items])
+    else:
+        raise SearchError(f"data must be (X, y) tensors or a torch Dataset, not {type(data).__name__}")
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    check_items(x, y)
+    if y.dtype.is_floating_point or y.dim() != 1:
+        raise SearchError(f"labels must be a 1-d integer tensor of class indices, got {y.dtype}{list(y.shape)}")
+    return x, y.long()
+
+
+def _named(candidates: Any) -> dict[str, Any]:
+    if isinstance(candidates, Mapping):
+        named = {str(k): v for k, v in candidates.items()}
+    elif isinstance(candidates, (list, tuple)):
+        named = {str(i): m for i, m in enumerate(candidates)}
+    elif hasattr(candidates, "engine_candidates"):
+        return candidates  # stored candidates resolve themselves
+    else:
+        raise SearchError(f"candidates must be a list or dict of models, not {type(candidates).__name__}")
+    if not named:
+        raise SearchError("no candidates to search")
+    return named
+
+
+def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device: str,
+             meter: Meter) -> list[Candidate]:
+    """Split every candidate into blocks (and, for sharing, hash them and size their outputs)."""
+    from .blocks import split_model, output_sizes
+    from .hashing import block_id
+
+    if hasattr(named, "engine_candidates"):
+        return named.engine_candidates(sample, shared=shared, device=device)  # type: ignore[union-attr]
+    t0 = time.perf_counter()
+    out = []
+    ids_of: dict[int, str] = {}
+    for name, model in named.items():
+        from torch import nn
+
+        if not isinstance(model, nn.Module):
+            raise SearchError(f"candidate {name!r} is a {type(model).__name__}, not an nn.Module")
+        model.eval().to(device)
+        split = split_model(model)
+        blocks = split.blocks
+        ids = sizes = None
+        if shared:
+            ids = []
+            for b in blocks:  # the same block object in several candidates is hashed once
+                if id(b.module) not in ids_of:
+                    ids_of[id(b.module)] = block_id(b)
+                ids.append(ids_of[id(b.module)])
+            sizes = output_sizes(split, sample.to(device))
+        out.append(Candidate(name, blocks.__getitem__, len(blocks), split.context, ids, sizes))
+    meter.add("prepare model", time.perf_counter() - t0)
+    return out
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SearchError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def search(
+    candidates: Sequence["nn.Module"] | Mapping[str, "nn.Module"] | Any,
+    data: Any,
+    k: int = 1,
+    approach: str = "alsatian",
+    cache_budget: int | None = None,
+    device: str = "auto",
+    proxy: str = "linear",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    eta: int = 2,
+    batch_size: int = 64,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    halving: bool | None = None,
+) -> SearchResult:
+    """Rank ``candidates`` as base models for the labelled ``data``.
+
+    ``cache_budget`` bounds the bytes of cached intermediate results (Alsatian chunks the data
+    when its plan needs more); ``progress`` receives events (rung start/end, model scored/pruned,
+    cache bytes) as dicts. ``halving`` defaults to True for alsatian and shift, False for base.
+    """
+    import torch
+
+    from .proxies import get_proxy
+
+    if approach not in APPROACHES:
+        raise SearchError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACHES)}")
+    score_fn = get_proxy(proxy)
+    if not isinstance(k, int) or k < 1:
+        raise SearchError(f"k must be a positive integer, not {k!r}")
+    if cache_budget is not None and cache_budget <= 0:
+        raise SearchError(f"cache_budget must be a positive number of bytes, not {cache_budget}")
+    if not 0 < test_fraction < 1:
+        raise SearchError(f"test_fraction must be between 0 and 1, not {test_fraction}")
+    meter = Meter()
+    emit = progress or (lambda event: None)
+    t0 = time.perf_counter()
+    named = _named(candidates)
+    n_models = len(named)
+    if k > n_models:
+        raise SearchError(f"k={k} is larger than the number of candidates ({n_models})")
+    x, y = _as_data(data)
+    dev = _device(device)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=gen)
+    n_test = max(1, int(round(len(x) * test_fraction)))
+    if len(x) - n_test < 2:
+        raise SearchError(f"{len(x)} items are too few to split into training and test data")
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    x_test, y_test = x[test_idx], y[test_idx]
+    x_train, y_train = x[train_idx], y[train_idx]
+    use_halving = (approach != "base") if halving is None else halving
+    rungs = schedule(n_models, k, len(x_train), eta, use_halving)
+    rungs = [Rung(r.index, r.models, max(r.items, min(len(x_train), MIN_RUNG_ITEMS)), r.keep) for r in rungs]
+    meter.add("prepare data", time.perf_counter() - t0)
+
+    shared = approach == "alsatian"
+    cands = {c.name: c for c in _prepare(named, x[:1], shared, dev, meter)}
+    active = list(cands)
+    test_feats: dict[str, torch.Tensor] = {}
+    train_feats: dict[str, list[torch.Tensor]] = {name: [] for name in cands}
+    done_items = 0
+    results: dict[str, dict[str, Any]] = {}
+    resident: dict[tuple[str, ...], Any] = {}  # loaded blocks, kept while survivors still need them
+    for rung in rungs:
+        emit({"event": "rung_start", "rung": rung.index, "models": list(active), "items": rung.items,
+              "rungs": len(rungs)})
+        pairs = ([("test", x_test)] if rung.index == 0 else []) + [("train", x_train[done_items:rung.items])]
+        pairs = [(label, seg) for label, seg in pairs if len(seg)]
+        labels = [label for label, _ in pairs]
+        segments = [seg for _, seg in pairs]
+        group = [cands[n] for n in active]
+        if not segments:
+            per_segment: list[dict] = []
+        elif shared:
+            per_segment = extract_shared(group, segments, batch_size=batch_size, device=dev,
+                                         budget=cache_budget, meter=meter, progress=emit, resident=resident)
+        else:
+            per_model = {c.name: extract_whole(c, segments, batch_size=batch_size, device=dev, meter=meter)
+                         for c in group}
+            per_segment = [{n: f[i] for n, f in per_model.items()} for i in range(len(segments))]
+        for label, feats in zip(labels, per_segment):
+            for name, f in feats.items():
+                if label == "test":
+                    test_feats[name] = f
+                else:
+                    train_feats[name].append(f)
+        done_items = rung.items
+        scores = {}
+        t1 = time.perf_counter()
+        for name in active:
+            tr = torch.cat(train_feats[name])[: rung.items]
+            s = score_fn(tr, y_train[: rung.items], test_feats[name], y_test, seed=seed)
+            scores[name] = s
+            results[name] = {"model": name, "score": s.score, "loss": s.loss, "rung": rung.index}
+            emit({"event": "model_scored", "rung": rung.index, "model": name, "score": s.score, "loss": s.loss})
+        meter.add("proxy", time.perf_counter() - t1)
+        ranked = sorted(active, key=lambda n: (-scores[n].score, scores[n].loss, n))
+        keep = ranked[: rung.keep]
+        for name in ranked[rung.keep:]:
+            emit({"event": "model_pruned", "rung": rung.index, "model": name, "score": scores[name].score})
+        for name in ranked[rung.keep:]:
+            train_feats[name] = []
+        emit({"event": "rung_end", "rung": rung.index, "survivors": list(keep)})
+        active = keep
+        if shared:
+            needed = {tuple(cands[n].ids[: d + 1]) for n in active for d in range(cands[n].count)}  # type: ignore[index]
+            for key in [key for key in resident if key not in needed]:
+                del resident[key]
+    ranking = _ranking(results, active)
+    stats = meter.stats()
+    emit({"event": "done", "timings": dict(meter.timings), "stats": stats})
+    return SearchResult(approach, ranking, dict(meter.timings), stats, rungs, k,
+                        {n: named[n] for n in named} if isinstance(named, dict) else {})
+
+
+def _ranking(results: dict[str, dict[str, Any]], survivors: list[str]) -> "pd.DataFrame":
+    """Survivors by final score, then candidates pruned later before those pruned earlier."""
+    import pandas as pd
+
+    rows = sorted(results.values(), key=lambda r: (-r["rung"], r["model"] not in survivors, -r["score"],
+                                                   r["loss"], r["model"]))
+    frame = pd.DataFrame(rows, columns=["model", "score", "loss", "rung"])
+    frame["selected"] = frame["model"].isin(survivors)
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    return frame.reset_index(drop=True)

@@ -1,0 +1,95 @@
+"""Content ids of blocks: identical blocks of different candidates are recognised (and stored,
+loaded and run once) by a hash of what determines their output.
+
+The id covers the call tag, the module structure (every submodule's class, ``extra_repr()`` and
+scalar hyperparameter attributes, with names relative to the block) and every parameter and buffer
+(name relative to the block, dtype, shape, raw bytes). Nothing positional enters it, so the same
+layer, or an identical copy, has the same id at any position of any model.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SearchError
+from .blocks import Block
+
+_VERSION = b"mm-block-id/1"
+
+# Attributes that do not change what a block computes at inference (training switches, cache slots).
+_IGNORED_ATTRS = frozenset({"training", "gradient_checkpointing", "layer_idx"})
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _put(h: Any, data: bytes | str | memoryview) -> None:
+    """Length-prefixed field, so no two different field sequences hash the same."""
+    raw = memoryview(data.encode() if isinstance(data, str) else data)
+    h.update(raw.nbytes.to_bytes(8, "little"))
+    h.update(raw)
+
+
+def _scalar_attrs(module: nn.Module) -> str:
+    """Public scalar attributes (e.g. attention heads, eps, activation names in custom modules)
+    that ``extra_repr`` does not always show."""
+    items: list[str] = []
+    for key, value in sorted(vars(module).items()):
+        if key.startswith("_") or key in _IGNORED_ATTRS:
+            continue
+        if isinstance(value, _SCALARS) or (
+            isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value)
+        ):
+            items.append(f"{key}={value!r}")
+    return ";".join(items)
+
+
+def _tensor_bytes(name: str, t: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes without a per-element Python loop (zero-copy when already contiguous)."""
+    if t.is_meta:
+        raise SearchError(f"cannot hash block tensor {name!r}: it is on the meta device (no data)")
+    if t.layout != torch.strided or t.is_quantized:
+        raise SearchError(f"cannot hash block tensor {name!r}: unsupported layout {t.layout}")
+    flat = t.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous().reshape(-1)
+    if flat.is_conj():
+        flat = flat.resolve_conj()
+    if flat.is_neg():
+        flat = flat.resolve_neg()
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def block_id(block: Block) -> str:
+    """sha256 hex id of a block's call, structure and tensors (see the module docstring)."""
+    if not isinstance(block, Block):
+        raise SearchError(f"block_id takes a Block, got {type(block).__name__}")
+    h = hashlib.sha256()
+    _put(h, _VERSION)
+    _put(h, block.call)
+    for name, module in block.module.named_modules():
+        cls = type(module)
+        _put(h, "module")
+        _put(h, name)
+        _put(h, f"{cls.__module__}:{cls.__qualname__}")
+        _put(h, module.extra_repr())
+        _put(h, _scalar_attrs(module))
+    tensors: list[tuple[str, str, Any]] = [("param", n, t) for n, t in block.module.named_parameters()]
+    tensors += [("buffer", n, t) for n, t in block.module.named_buffers()]
+    for kind, name, t in tensors:
+        _put(h, kind)
+        _put(h, name)
+        _put(h, str(t.dtype))
+        _put(h, ",".join(map(str, t.shape)))
+        _put(h, _tensor_bytes(name, t))
+    return h.hexdigest()
+
+
+def block_ids(blocks: list[Block]) -> list[str]:
+    """Ids of a split's blocks, in order (the candidate's path in the task tree)."""
+    return [block_id(b) for b in blocks]
+
+
+__all__ = ["block_id", "block_ids"]

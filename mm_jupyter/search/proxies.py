@@ -1,0 +1,513 @@
+"""Proxy scores: how well a candidate's frozen features suit the target task.
+
+Feature-based model search (Alsatian, SHiFT) never fine-tunes a candidate; it extracts features
+with the candidate's frozen feature extractor and trains a cheap proxy on them. Every search
+approach (``base``, ``shift``, ``alsatian``) calls the same proxy on the same features, and
+Alsatian's promise "same scores and ranking as ``base``" only holds if a proxy is a pure function of
+its inputs and seed. Hence every proxy here is bit-reproducible:
+
+* no global RNG is read or advanced (seeded ``torch.Generator`` only),
+* BLAS work runs single-threaded under a lock (MKL's reductions may change with the thread count),
+* only deterministic CPU kernels are used (fine under ``torch.use_deterministic_algorithms``).
+
+Proxies (``PROXIES``):
+
+``linear``  a linear classifier trained with Adam on standardised features (the Alsatian proxy);
+            score = test accuracy, loss = test cross-entropy.
+``knn``     cosine k-nearest-neighbour vote on standardised features;
+            score = test accuracy, loss = 1 - mean vote share of the true class.
+``logme``   LogME (You et al., ICML 2021), the mean per-class log marginal evidence of a Bayesian
+            linear model on the train features; score = LogME, loss = -LogME.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import SearchError
+
+__all__ = [
+    "PROXIES",
+    "ProxyScore",
+    "get_proxy",
+    "knn_proxy",
+    "linear_proxy",
+    "logme_proxy",
+]
+
+PROXIES: tuple[str, ...] = ("linear", "knn", "logme")
+
+_STD_EPS = 1e-6  # added to the train std so constant feature dimensions standardise to 0
+_LOGME_MAX_ITER = 11  # as in the LogME paper's reference algorithm
+_LOGME_TOL = 1e-3  # relative change of alpha/beta that counts as converged
+_TINY = 1e-12  # guards divisions in the LogME updates against exactly-zero residuals/weights
+
+_compute_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ProxyScore:
+    """Result of one proxy evaluation; rankings sort by ``score`` (desc), then ``loss`` (asc)."""
+
+    score: float  # higher is better (e.g. test accuracy)
+    loss: float  # lower is better; used to break ties in rankings
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks and shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _pinned_threads() -> Iterator[None]:
+    """Run the block with one intra-op thread, so results never depend on the caller's setting.
+
+    The lock serialises proxies started from several threads: they all change the process-wide
+    thread count, and restoring it out of order would leave the wrong value behind.
+    """
+    with _compute_lock:
+        before = torch.get_num_threads()
+        if before != 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if before != 1:
+                torch.set_num_threads(before)
+
+
+def _as_features(x: Any, split: str) -> Tensor:
+    """(N, ...) float tensor -> (N, D) float64 CPU tensor; rejects empty and non-finite input."""
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(np.asarray(x))
+        except Exception as exc:
+            raise SearchError(f"{split}_x must be a tensor of features, got {type(x).__name__}") from exc
+    if x.is_complex() or x.dtype == torch.bool:
+        raise SearchError(f"{split}_x must hold real-valued features, got dtype {x.dtype}")
+    if x.dim() == 0:
+        raise SearchError(f"{split}_x must have shape (N, D) (or (N, ...)), got a scalar")
+    if x.shape[0] == 0:
+        raise SearchError(f"{split} split is empty: {split}_x has 0 rows")
+    x = x.detach().to(device="cpu", dtype=torch.float64).reshape(x.shape[0], -1).contiguous()
+    if x.shape[1] == 0:
+        raise SearchError(f"{split}_x has 0 feature dimensions (shape {tuple(x.shape)})")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise SearchError(f"{split} features contain NaN or inf values ({bad} of {x.shape[0]} rows affected)")
+    return x
+
+
+def _as_labels(y: Any, split: str) -> Tensor:
+    """(N,) integer class indices -> int64 CPU tensor; rejects floats and negative labels."""
+    if not isinstance(y, Tensor):
+        try:
+            y = torch.as_tensor(np.asarray(y))
+        except Exception as exc:
+            raise SearchError(f"{split}_y must be a tensor of class indices, got {type(y).__name__}") from exc
+    if y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool:
+        raise SearchError(f"{split}_y must hold integer class indices (int64), got dtype {y.dtype}")
+    y = y.detach().to(device="cpu", dtype=torch.int64)
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() != 1:
+        raise SearchError(f"{split}_y must have shape (N,), got {tuple(y.shape)}")
+    if y.numel() and int(y.min()) < 0:
+        raise SearchError(f"{split}_y contains negative class indices (min {int(y.min())})")
+    return y
+
+
+def _validate(train_x: Any, train_y: Any, test_x: Any, test_y: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """Checked (train_x, train_y, test_x, test_y, num_classes); features are float64 (N, D)."""
+    tx, vx = _as_features(train_x, "train"), _as_features(test_x, "test")
+    ty, vy = _as_labels(train_y, "train"), _as_labels(test_y, "test")
+    if tx.shape[0] != ty.shape[0]:
+        raise SearchError(
+            f"train split length mismatch: train_x has {tx.shape[0]} rows but train_y has {ty.shape[0]} labels"
+        )
+    if vx.shape[0] != vy.shape[0]:
+        raise SearchError(
+            f"test split length mismatch: test_x has {vx.shape[0]} rows but test_y has {vy.shape[0]} labels"
+        )
+    if tx.shape[1] != vx.shape[1]:
+        raise SearchError(
+            f"feature dimension mismatch: train features have {tx.shape[1]} dimensions, test features {vx.shape[1]}"
+        )
+    present = torch.unique(ty)
+    if present.numel() < 2:
+        raise SearchError(
+            f"train split needs at least 2 classes to score features, got only class {int(present[0])}"
+        )
+    num_classes = int(max(int(ty.max()), int(vy.max()))) + 1
+    return tx, ty, vx, vy, num_classes
+
+
+def _standardise(train_x: Tensor, test_x: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale both splits with the train mean/std, so the proxy sees comparable feature scales."""
+    mean = train_x.mean(dim=0)
+    std = train_x.std(dim=0, unbiased=False) + _STD_EPS
+    return (train_x - mean) / std, (test_x - mean) / std
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise SearchError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise SearchError(f"seed must be an integer, got {seed!r}")
+    return int(seed) % (2**63)  # torch.Generator.manual_seed takes a 64-bit value
+
+
+def _check_float(name: str, value: Any, *, positive: bool) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SearchError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise SearchError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+# ---------------------------------------------------------------------------------------------
+
+
+class _UninitLinear(nn.Linear):
+    """``nn.Linear`` whose constructor draws nothing: ``linear_proxy`` initialises it from its own
+    generator, and PyTorch's default init would advance the global RNG."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class _Adam:
+    """Adam (Kingma & Ba) with PyTorch's update order and L2 weight decay, betas 0.9/0.999, eps 1e-8.
+
+    Written out instead of ``torch.optim.Adam`` because the first optimizer constructed in a process
+    imports ``torch._dynamo`` (over a second), and a proxy should cost milliseconds; the tests check
+    that it follows the same trajectory as ``torch.optim.Adam``.
+    """
+
+    def __init__(
+        self, params: list[Tensor], *, lr: float, weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    ) -> None:
+        self.params = params
+        self.lr, self.weight_decay, self.eps = lr, weight_decay, eps
+        self.beta1, self.beta2 = betas
+        self.steps = 0
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        bias1 = 1.0 - self.beta1**self.steps
+        bias2_sqrt = math.sqrt(1.0 - self.beta2**self.steps)
+        step_size = self.lr / bias1
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            grad = p.grad
+            if grad is None:
+                continue
+            if self.weight_decay:
+                grad = grad.add(p, alpha=self.weight_decay)
+            m.lerp_(grad, 1.0 - self.beta1)
+            v.mul_(self.beta2).addcmul_(grad, grad, value=1.0 - self.beta2)
+            denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
+            p.addcdiv_(m, denom, value=-step_size)
+
+
+def linear_proxy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    seed: int = 0,
+    epochs: int = 20,
+    lr: float = 0.02,
+    batch_size: int = 512,
+    weight_decay: float = 0.0,
+) -> ProxyScore:
+    """Train one linear layer on frozen features and report test accuracy / cross-entropy.
+
+    This is Alsatian's proxy: cheap enough to run for every candidate at every halving rung, and
+    a faithful signal of how linearly separable the candidate's features make the task.
+
+    Procedure (all float32 on CPU, single-threaded, bit-reproducible for the same inputs+seed):
+
+    * features are flattened to (N, D) and standardised with the train mean and std (+1e-6);
+    * ``C = max label + 1`` over train and test; one ``nn.Linear(D, C)`` is initialised like
+      PyTorch's default (uniform in ±1/sqrt(D) for weight and bias), drawn from a
+      ``torch.Generator`` seeded with ``seed`` (the global RNG is never touched);
+    * ``epochs`` passes of mini-batches of ``batch_size`` rows, reshuffled every epoch by the same
+      generator; Adam (``lr``, betas 0.9/0.999, eps 1e-8, L2 ``weight_decay``; the same update as
+      ``torch.optim.Adam``, see ``_Adam``) on mean cross-entropy;
+    * evaluation under ``torch.no_grad``: score = test accuracy, loss = mean test cross-entropy.
+
+    Defaults: ``epochs=20``, ``lr=0.02``, ``batch_size=512``, ``weight_decay=0.0``.
+    """
+    seed = _check_seed(seed)
+    epochs = _check_int("epochs", epochs, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    lr = _check_float("lr", lr, positive=True)
+    weight_decay = _check_float("weight_decay", weight_decay, positive=False)
+    tx, ty, vx, vy, num_classes = _validate(train_x, train_y, test_x, test_y)
+    tx, vx = _standardise(tx, vx)
+    tx, vx = tx.to(torch.float32).contiguous(), vx.to(torch.float32).contiguous()
+    n, dim = tx.shape
+
+    with _pinned_threads():
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        layer = _UninitLinear(dim, num_classes)
+        bound = 1.0 / math.sqrt(dim)
+        with torch.no_grad():
+            layer.weight.copy_(torch.rand((num_classes, dim), generator=gen) * (2 * bound) - bound)
+            layer.bias.copy_(torch.rand((num_classes,), generator=gen) * (2 * bound) - bound)
+        adam = _Adam(list(layer.parameters()), lr=lr, weight_decay=weight_decay)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=gen)
+                xs, ys = tx.index_select(0, order), ty.index_select(0, order)  # batches become views
+                for start in range(0, n, batch_size):
+                    stop = start + batch_size
+                    loss = F.cross_entropy(layer(xs[start:stop]), ys[start:stop])
+                    layer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    adam.step()
+        with torch.no_grad():
+            logits = layer(vx)
+            test_loss = float(F.cross_entropy(logits, vy))
+            accuracy = float((logits.argmax(dim=1) == vy).to(torch.float64).mean())
+    return ProxyScore(score=accuracy, loss=test_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# knn
+# ---------------------------------------------------------------------------------------------
+
+_KNN_CHUNK = 1024  # test rows per similarity block: bounds memory at chunk x train floats
+
+
+def _nearest(sims: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest entries per row, nearest first, equal values by lower index.
+
+    ``topk`` alone is fast but does not say which of several equal values it keeps; a full stable
+    sort is deterministic but slow. So: the k-th largest value is the threshold, everything above
+    it is taken, and the places still free go to the threshold ties with the lowest indices.
+    """
+    thr = torch.topk(sims, k, dim=1, largest=True, sorted=True).values[:, k - 1 : k]
+    above = sims > thr
+    ties = sims == thr
+    free = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (ties & (torch.cumsum(ties, dim=1) <= free))
+    idx = chosen.nonzero()[:, 1].reshape(sims.shape[0], k)  # ascending index within each row
+    by_sim = torch.sort(sims.gather(1, idx), dim=1, descending=True, stable=True).indices
+    return idx.gather(1, by_sim)
+
+
+def knn_proxy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    seed: int = 0,
+    k: int = 5,
+) -> ProxyScore:
+    """Cosine-similarity k-NN on standardised features: a training-free separability signal.
+
+    * features are standardised with the train mean/std and L2-normalised (in float64), and the
+      cosine similarities are computed in float32;
+    * each test row takes its ``min(k, N_train)`` most similar train rows; equal similarities are
+      broken by the lower train index;
+    * prediction = the class with most votes; a tie in votes goes to the tied class whose first
+      vote comes from the nearer neighbour;
+    * score = test accuracy, loss = 1 - mean share of the k votes that went to the true class.
+
+    Default ``k=5``. ``seed`` is accepted for a uniform proxy signature; the result does not
+    depend on it.
+    """
+    _check_seed(seed)
+    k = _check_int("k", k, 1)
+    tx, ty, vx, vy, num_classes = _validate(train_x, train_y, test_x, test_y)
+    tx, vx = _standardise(tx, vx)
+    tx = F.normalize(tx, dim=1, eps=1e-12).to(torch.float32)
+    vx = F.normalize(vx, dim=1, eps=1e-12).to(torch.float32)
+    k = min(k, tx.shape[0])
+    correct = 0
+    share_sum = 0.0
+    with _pinned_threads():
+        train_t = tx.T.contiguous()
+        positions = torch.arange(k, dtype=torch.int64)
+        for start in range(0, vx.shape[0], _KNN_CHUNK):
+            block = vx[start : start + _KNN_CHUNK]
+            labels = vy[start : start + _KNN_CHUNK]
+            neigh = ty[_nearest(block @ train_t, k)]  # (m, k) class of each neighbour, nearest first
+            m = neigh.shape[0]
+            votes = torch.zeros((m, num_classes), dtype=torch.int64).scatter_add_(
+                1, neigh, torch.ones_like(neigh)
+            )
+            first = torch.full((m, num_classes), k, dtype=torch.int64).scatter_reduce_(
+                1, neigh, positions.expand(m, k), reduce="amin", include_self=True
+            )
+            # more votes wins; among equal votes the class seen first (nearest) wins
+            pred = (votes * (k + 1) - first).argmax(dim=1)
+            correct += int((pred == labels).sum())
+            share_sum += float(votes.gather(1, labels[:, None]).sum()) / k
+    n_test = vx.shape[0]
+    return ProxyScore(score=correct / n_test, loss=1.0 - share_sum / n_test)
+
+
+# ---------------------------------------------------------------------------------------------
+# LogME
+# ---------------------------------------------------------------------------------------------
+
+
+def _logme_evidence(
+    sigma: np.ndarray, z2: np.ndarray, residual: Callable[[float], float], n: int, dim: int
+) -> float:
+    """Maximised per-sample log evidence of one target (You et al., ICML 2021, Algorithm 1).
+
+    Model: ``y = F w + e``, ``w ~ N(0, I/alpha)``, ``e ~ N(0, I/beta)``. In the eigenbasis ``V`` of
+    ``F^T F`` (eigenvalues ``sigma``, the squared singular values of ``F``) with
+    ``z2 = (V^T F^T y)**2``, the posterior mean ``m = beta A^-1 F^T y`` (``A = alpha I + beta F^T F``)
+    is diagonal, so each fixed-point step is O(rank):
+
+        t = alpha / beta
+        gamma = sum(sigma / (sigma + t))              effective number of parameters
+        |m|^2 = sum(z2 / (sigma + t)^2)
+        |Fm - y|^2 = residual(t)                      (computed by the caller, see logme_proxy)
+        alpha <- gamma / |m|^2,   beta <- (n - gamma) / |Fm - y|^2
+
+    from alpha = beta = 1, until alpha/beta changes by at most 1e-3 (relative) or after 11 steps.
+    The evidence is then evaluated at the final (alpha, beta):
+
+        L = D/2 log alpha + n/2 log beta - n/2 log 2pi - beta/2 |Fm - y|^2 - alpha/2 |m|^2
+            - 1/2 log|A|
+
+    where ``log|A|`` counts ``alpha + beta sigma_i`` for the given directions and ``alpha`` for the
+    remaining ``D - len(sigma)``. Returns ``L / n``.
+    """
+    alpha, beta = 1.0, 1.0
+
+    def moments(alpha: float, beta: float) -> tuple[float, float, float]:
+        t = alpha / beta
+        denom = sigma + t
+        gamma = float(np.sum(sigma / denom))
+        m2 = float(np.sum(z2 / denom**2))
+        return gamma, m2, residual(t)
+
+    for _ in range(_LOGME_MAX_ITER):
+        t_old = alpha / beta
+        gamma, m2, res2 = moments(alpha, beta)
+        alpha = max(gamma / max(m2, _TINY), _TINY)
+        beta = max(max(n - gamma, _TINY) / max(res2, _TINY), _TINY)
+        if abs(alpha / beta - t_old) / t_old <= _LOGME_TOL:
+            break
+    _, m2, res2 = moments(alpha, beta)
+    logdet = float(np.sum(np.log(alpha + beta * sigma))) + (dim - sigma.shape[0]) * math.log(alpha)
+    evidence = (
+        dim / 2.0 * math.log(alpha)
+        + n / 2.0 * math.log(beta)
+        - n / 2.0 * math.log(2.0 * math.pi)
+        - beta / 2.0 * res2
+        - alpha / 2.0 * m2
+        - 0.5 * logdet
+    )
+    return evidence / n
+
+
+def logme_proxy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    seed: int = 0,
+) -> ProxyScore:
+    """LogME: how well a Bayesian linear model on the features explains the labels, no training.
+
+    For every class present in the train split, the one-hot target column gets its maximised log
+    marginal evidence per sample (see ``_logme_evidence``); LogME is the mean over those classes.
+    Features are used as given (flattened, float64, not standardised). The spectrum comes from
+    one decomposition shared by all classes: the thin SVD ``F = U S V^T`` when ``N <= D``, the
+    eigendecomposition of ``F^T F`` (same ``V`` and ``S^2``, about 3x faster) when ``N > D``.
+    score = LogME (higher is better), loss = -LogME.
+
+    Only the train split is used; the test split and ``seed`` are accepted (and validated) so
+    that all proxies share one signature.
+    """
+    _check_seed(seed)
+    tx, ty, _, _, _ = _validate(train_x, train_y, test_x, test_y)
+    n, dim = tx.shape
+    classes = torch.unique(ty)
+    targets = (ty[:, None] == classes[None, :]).to(torch.float64)  # (n, classes) one-hot
+    with _pinned_threads():
+        if n > dim:
+            sigma_t, v = torch.linalg.eigh(tx.T @ tx)
+            sigma = sigma_t.clamp_min(0.0).numpy()
+            z2 = ((v.T @ (tx.T @ targets)) ** 2).numpy()  # (D, classes)
+            y2 = (targets**2).sum(dim=0).numpy()
+            proj_sq = None
+        else:
+            u, s, _ = torch.linalg.svd(tx, full_matrices=False)
+            sigma = (s**2).numpy()
+            proj = (u.T @ targets).numpy()  # (rank, classes): coordinates of y in U
+            proj_sq = proj**2
+            z2 = sigma[:, None] * proj_sq
+            y2 = (targets**2).sum(dim=0).numpy()
+    values = []
+    for j in range(classes.shape[0]):
+        if proj_sq is None:
+            # |Fm - y|^2 = |y|^2 - sum(z2 (sigma + 2t) / (sigma + t)^2): no division by sigma
+            zj, yj = z2[:, j], float(y2[j])
+
+            def residual(t: float, zj: np.ndarray = zj, yj: float = yj) -> float:
+                return max(yj - float(np.sum(zj * (sigma + 2.0 * t) / (sigma + t) ** 2)), 0.0)
+
+        else:
+            # |Fm - y|^2 = sum(proj^2 (t / (sigma + t))^2) + |y outside span(U)|^2: exact when the
+            # features can fit y almost perfectly (N <= D), where the form above would cancel
+            pj = proj_sq[:, j]
+            outside = max(float(y2[j]) - float(np.sum(pj)), 0.0)
+
+            def residual(t: float, pj: np.ndarray = pj, outside: float = outside) -> float:
+                return float(np.sum(pj * (t / (sigma + t)) ** 2)) + outside
+
+        values.append(_logme_evidence(sigma, z2[:, j], residual, n, dim))
+    value = float(np.mean(values))
+    if not math.isfinite(value):
+        raise SearchError("LogME did not produce a finite value for these features")
+    return ProxyScore(score=value, loss=-value)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Callable[..., ProxyScore]] = {
+    "linear": linear_proxy,
+    "knn": knn_proxy,
+    "logme": logme_proxy,
+}
+
+
+def get_proxy(name: str) -> Callable[..., ProxyScore]:
+    """The proxy function called ``name`` (one of ``PROXIES``), so searches can name proxies."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise SearchError(f"unknown proxy {name!r}; choose one of {', '.join(PROXIES)}")
+    return _REGISTRY[name]

@@ -1,0 +1,189 @@
+"""Candidates kept in a store as deduplicated blocks, loaded block by block during a search.
+
+``add_candidates(store, models, name)`` splits every model into blocks and writes each distinct
+block (by content id) once into the store's object area — the same area the model sets use, so a
+parameter blob that already exists is never written twice. ``load_candidates(store, name)`` gives
+an object ``mm.search`` accepts; it reads a block's bytes only when a plan step needs that block,
+so Alsatian reads each shared block once while ``base``/``shift`` read every model whole.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from ..errors import RefError, SearchError
+from ..store.architectures import Architecture
+from ..store.store import check_rebuilds
+from ..store.tensors import Layout, extract_states, fill_model_major, view_tensor
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..store import Store
+    from .engine import Candidate
+
+
+@dataclass(frozen=True)
+class CandidateSetRef:
+    """A stored candidate set version."""
+
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def _write_module(store: "Store", module: "nn.Module") -> tuple[str, int, dict[str, Any], bool]:
+    """One module's state as a model-major object of one row; (object id, size, layout, new)."""
+    layout, rows = extract_states([module], ["block"])
+    put = store.objects.put_filled(layout.stride, lambda dst, _: fill_model_major(dst, layout, rows))
+    return put.oid, put.size, layout.to_json(), put.written
+
+
+def add_candidates(
+    store: "Store",
+    models: Sequence["nn.Module"] | Mapping[str, "nn.Module"],
+    name: str,
+    architectures: Mapping[str, Architecture] | None = None,
+) -> CandidateSetRef:
+    """Store candidates block by block; identical blocks (same content id) are stored once."""
+    from .blocks import split_model
+    from .hashing import block_id
+
+    named = {str(k): v for k, v in models.items()} if isinstance(models, Mapping) else {
+        str(i): m for i, m in enumerate(models)}
+    if not named:
+        raise SearchError("no candidates to store")
+    written: dict[str, tuple[str, int, dict[str, Any]]] = {}
+    objects: list[tuple[str, str, int]] = []
+    new_bytes = 0
+    entries = []
+    for cname, model in named.items():
+        arch = (architectures or {}).get(cname) or Architecture.infer(model)
+        check_rebuilds(arch, model)
+        split = split_model(model)
+        blocks = []
+        for b in split.blocks:
+            bid = block_id(b)
+            if bid not in written:
+                oid, size, layout, new = _write_module(store, b.module)
+                written[bid] = (oid, size, layout)
+                objects.append(("block", oid, size))
+                new_bytes += size if new else 0
+            oid, size, layout = written[bid]
+            blocks.append({"id": bid, "object": oid, "bytes": size, "layout": layout})
+        head = None
+        if split.head is not None:
+            oid, size, layout, new = _write_module(store, split.head)
+            objects.append(("head", oid, size))
+            new_bytes += size if new else 0
+            head = {"object": oid, "bytes": size, "layout": layout}
+        entries.append({"name": cname, "architecture": arch.to_json(), "kind": split.kind, "blocks": blocks,
+                        "head": head})
+    _, version = store.catalog.insert_candidates(name, {"candidates": entries}, new_bytes, objects)
+    return CandidateSetRef(name, version)
+
+
+class StoredCandidates:
+    """A stored candidate set as ``mm.search`` input; blocks are read on first use."""
+
+    def __init__(self, store: "Store", name: str, version: int | None = None) -> None:
+        found = store.catalog.find_candidates(name, version)
+        if found is None:
+            raise RefError(f"no candidate set {name!r}" + (f" version {version}" if version else "")
+                           + f" in store {str(store.root)!r}")
+        _, v, manifest = found
+        self.store = store
+        self.ref = CandidateSetRef(name, v)
+        self.entries: list[dict[str, Any]] = manifest["candidates"]
+        self._skeletons: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [e["name"] for e in self.entries]
+
+    def __repr__(self) -> str:
+        return f"StoredCandidates({self.ref}, {len(self)} candidates)"
+
+    def _skeleton(self, entry: dict[str, Any]) -> Any:
+        """A built (randomly initialised) model of the entry's architecture, split; built once per
+        distinct architecture and only used for structure: parameters come from the store."""
+        from .blocks import split_model
+
+        key = repr(sorted(entry["architecture"].items()))
+        if key not in self._skeletons:
+            model = Architecture.from_json(entry["architecture"]).build().eval()
+            self._skeletons[key] = split_model(model)
+        return self._skeletons[key]
+
+    def _load(self, skeleton_module: "nn.Module", record: dict[str, Any]) -> "nn.Module":
+        """A block module whose stored tensors are verified zero-copy views of the object (a
+        private copy-on-write mapping): the structure is copied from the skeleton without copying
+        its parameters, which the stored ones replace."""
+        import torch
+
+        shared = {id(t): t for t in list(skeleton_module.parameters()) + list(skeleton_module.buffers())}
+        module = copy.deepcopy(skeleton_module, memo=shared)
+        layout = Layout.from_json(record["layout"])
+        reader = self.store.objects.open(record["object"])
+        try:
+            state = {s.name: view_tensor(reader.tensor(off, s.nbytes), s)
+                     for s, off in zip(layout.specs, layout.offsets)}
+        finally:
+            reader.close()
+        with torch.no_grad():
+            module.load_state_dict(state, strict=True, assign=True)
+        return module.eval()
+
+    def model(self, name: str) -> "nn.Module":
+        """Rebuild one whole candidate (all blocks and the head) from the store."""
+        entry = next((e for e in self.entries if e["name"] == name), None)
+        if entry is None:
+            raise RefError(f"candidate set {self.ref} has no candidate {name!r}")
+        model = Architecture.from_json(entry["architecture"]).build().eval()
+        from .blocks import split_model
+
+        split = split_model(model)
+        for b, rec in zip(split.blocks, entry["blocks"]):
+            b.module.load_state_dict(self._load(b.module, rec).state_dict())
+        if split.head is not None and entry["head"] is not None:
+            split.head.load_state_dict(self._load(split.head, entry["head"]).state_dict())
+        return model
+
+    def engine_candidates(self, sample: "torch.Tensor", shared: bool, device: str) -> list["Candidate"]:
+        """Engine view: ids and output sizes from the manifest and a skeleton (no parameter bytes
+        read); a block's bytes are read when the engine asks for that block."""
+        from .blocks import Block, output_sizes
+        from .engine import Candidate
+
+        out = []
+        sizes_of: dict[int, list[int]] = {}
+        for entry in self.entries:
+            skel = self._skeleton(entry)
+            if len(skel.blocks) != len(entry["blocks"]):
+                raise SearchError(f"stored candidate {entry['name']!r} no longer splits like it did when stored")
+            if shared and id(skel) not in sizes_of:
+                sizes_of[id(skel)] = output_sizes(skel, sample)
+
+            def block(i: int, entry: dict[str, Any] = entry, skel: Any = skel) -> Block:
+                module = self._load(skel.blocks[i].module, entry["blocks"][i]).to(device)
+                return Block(module, skel.blocks[i].call)
+
+            def nbytes(i: int, entry: dict[str, Any] = entry) -> int:
+                return int(entry["blocks"][i]["bytes"])
+
+            ids = [b["id"] for b in entry["blocks"]] if shared else None
+            out.append(Candidate(entry["name"], block, len(entry["blocks"]), skel.context, ids,
+                                 sizes_of.get(id(skel)) if shared else None, nbytes))
+        return out
+
+
+def load_candidates(store: "Store", name: str, version: int | None = None) -> StoredCandidates:
+    """A stored candidate set, ready for ``mm.search``."""
+    return StoredCandidates(store, name, version)

@@ -1,0 +1,403 @@
+"""Synthetic candidate sets for model search (Alsatian's model-set generator) and data that fits them.
+
+The paper builds its candidate sets from one base model: every further model copies a randomly
+chosen existing one and re-initialises its last ``n`` blocks, ``n`` drawn from a truncated normal
+whose mean is a fraction of the block count ``B``. Sets built that way have the block sharing of
+real fine-tuned model zoos (many models share long prefixes), which is what the search exploits.
+Weights are random (built from ``transformers`` configs), never downloaded. ``trained_candidates``
+gives a small set of really trained fine-tunes (digits) for tests that need meaningful scores.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import SearchError
+from .blocks import Split, split_model
+
+ARCHS = ("resnet18", "resnet152", "vit", "bert", "mlp")
+
+#: name -> (mean re-initialised fraction of B, standard deviation as a fraction of the mean)
+DISTRIBUTIONS: dict[str, tuple[float, float]] = {
+    "top-layers": (0.10, 1 / 2),
+    "top-25": (0.25, 1 / 2),
+    "top-50": (0.50, 1 / 4),
+}
+
+MLP_FEATURES = 16
+_BERT_CLS, _BERT_SEP, _BERT_FIRST_WORD = 101, 102, 200
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Input geometry of an architecture: image side (0 if not images), sequence length, vocabulary."""
+
+    image: int = 0
+    seq_len: int = 0
+    vocab: int = 0
+
+
+def input_shape(arch: str, *, reduced: bool = True, image_size: int | None = None) -> Shape:
+    """What ``sample_data`` produces for ``arch`` (and what ``base_model`` expects); ``image_size``
+    overrides the resolution of image architectures (e.g. full ResNet-18 widths at 64 px on a CPU)."""
+    _check_arch(arch)
+    if arch in ("resnet18", "resnet152", "vit"):
+        size = image_size or (32 if reduced else 224)
+        if size % 8:
+            raise SearchError(f"image_size must be a multiple of 8, not {size}")
+        return Shape(image=size)
+    if arch == "bert":
+        return Shape(seq_len=32 if reduced else 128, vocab=1000 if reduced else 30522)
+    return Shape()
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise SearchError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch without disturbing the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _mlp(classes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(MLP_FEATURES, 32), nn.ReLU(),
+        nn.Linear(32, 32), nn.ReLU(),
+        nn.Linear(32, 32), nn.ReLU(),
+        nn.Linear(32, classes),
+    )
+
+
+def _build(arch: str, reduced: bool, classes: int, image_size: int | None = None) -> nn.Module:
+    if arch == "mlp":
+        return _mlp(classes)
+    import transformers as tf
+
+    if arch == "resnet18":
+        sizes = [16, 32, 64, 128] if reduced else [64, 128, 256, 512]
+        cfg = tf.ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=sizes,
+                              embedding_size=sizes[0], num_labels=classes)
+        return tf.ResNetForImageClassification(cfg)
+    if arch == "resnet152":
+        # reduced: the real 3-8-36-3 bottleneck structure (so B is ResNet-152's), an eighth of the widths
+        sizes = [32, 64, 128, 256] if reduced else [256, 512, 1024, 2048]
+        cfg = tf.ResNetConfig(layer_type="bottleneck", depths=[3, 8, 36, 3], hidden_sizes=sizes,
+                              embedding_size=16 if reduced else 64, num_labels=classes)
+        return tf.ResNetForImageClassification(cfg)
+    if arch == "vit":
+        if reduced:
+            cfg = tf.ViTConfig(image_size=image_size or 32, patch_size=8, hidden_size=64, num_hidden_layers=4,
+                               num_attention_heads=4, intermediate_size=128, num_labels=classes)
+        else:
+            cfg = tf.ViTConfig(image_size=image_size or 224, patch_size=16, num_labels=classes)  # ViT-B/16
+        return tf.ViTForImageClassification(cfg)
+    shape = input_shape("bert", reduced=reduced)
+    if reduced:
+        cfg = tf.BertConfig(vocab_size=shape.vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=128, max_position_embeddings=64, num_labels=classes)
+    else:
+        cfg = tf.BertConfig(vocab_size=shape.vocab, num_labels=classes)  # BERT-base
+    return tf.BertForSequenceClassification(cfg)
+
+
+def base_model(arch: str, *, reduced: bool = True, classes: int = 10, seed: int = 0,
+               image_size: int | None = None) -> nn.Module:
+    """A randomly initialised model of ``arch`` (eval mode); the same seed gives the same weights."""
+    _check_arch(arch)
+    if classes < 2:
+        raise SearchError(f"classes must be at least 2, got {classes}")
+    input_shape(arch, reduced=reduced, image_size=image_size)
+    with _seeded(seed):
+        model = _build(arch, reduced, classes, image_size)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# The generator
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How one further model is made: copy model ``source``, re-initialise its last ``reinit``
+    parameterised blocks (and its head) with torch seed ``seed``."""
+
+    source: int
+    reinit: int
+    seed: int
+
+
+def _draw_reinit(rng: np.random.Generator, mean: float, sd: float, blocks: int) -> int:
+    """A normal truncated to [0.5, B + 0.5) by inverse-CDF sampling, rounded: every n in 1..B gets an
+    equally wide interval, and the draw always terminates (no rejection loop)."""
+    if sd <= 0:
+        return int(min(max(round(mean), 1), blocks))
+    dist = NormalDist(mean, sd)
+    lo, hi = dist.cdf(0.5), dist.cdf(blocks + 0.5)
+    u = float(rng.uniform(lo, hi))
+    if not 0.0 < u < 1.0 or hi - lo < 1e-12:  # all mass beyond one bound
+        return 1 if mean < 0.5 else blocks
+    return int(min(max(round(dist.inv_cdf(u)), 1), blocks))
+
+
+def generation_plan(n: int, blocks: int, distribution: str = "top-layers", *, seed: int = 0) -> list[Derivation]:
+    """The derivations of models ``1..n-1`` (model 0 is the base), drawn with numpy's default_rng."""
+    if distribution not in DISTRIBUTIONS:
+        raise SearchError(f"unknown distribution {distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}")
+    if n < 1:
+        raise SearchError(f"n must be at least 1, got {n}")
+    if blocks < 1:
+        raise SearchError(f"a model needs at least one block, got {blocks}")
+    frac, sd_frac = DISTRIBUTIONS[distribution]
+    mean = frac * blocks
+    rng = np.random.default_rng(seed)
+    plan = []
+    for i in range(1, n):
+        source = int(rng.integers(i))
+        reinit = _draw_reinit(rng, mean, sd_frac * mean, blocks)
+        plan.append(Derivation(source, reinit, int(rng.integers(2**62))))
+    return plan
+
+
+def parameterised(split: Split) -> list[int]:
+    """Indices of the blocks that hold parameters: the ones the generator can re-initialise (a
+    trailing parameter-free block, e.g. ResNet's pooling or BERT's CLS pick, has nothing to redraw)."""
+    return [i for i, b in enumerate(split.blocks) if next(b.module.parameters(), None) is not None]
+
+
+def reinitialise(module: nn.Module) -> None:
+    """Draw fresh weights: ``reset_parameters()`` where a module has one (torch's own init, resets
+    batch-norm statistics too); other parameters (e.g. ViT's CLS token) from a truncated normal."""
+    covered: set[int] = set()
+    with torch.no_grad():
+        for m in module.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+                covered.update(id(p) for p in m.parameters(recurse=False))
+        for m in module.modules():
+            for p in m.parameters(recurse=False):
+                if id(p) not in covered:
+                    nn.init.trunc_normal_(p, std=0.02)
+                    covered.add(id(p))
+
+
+_SCALAR_TYPES = (bool, int, float, str, bytes, type(None))
+
+
+def clone_module(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` with a fast path for plain modules: each module's internal dicts are
+    rebuilt directly instead of through the generic reduce protocol, which is most of deepcopy's
+    time for deep models (ResNet-152: ~10k objects). Tensors, configs and anything unusual still go
+    through ``copy.deepcopy`` with one shared memo, so ties and shared objects are preserved."""
+    return _clone(model, {})
+
+
+def _plain_module(cls: type) -> bool:
+    """No custom copy protocol, so deepcopy would copy ``__dict__`` as ``_clone`` does (a custom
+    ``__setstate__``, e.g. Conv's, only fills in attributes missing from old pickles)."""
+    return (
+        getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
+        and not any("__slots__" in k.__dict__ for k in cls.__mro__ if k is not object)
+    )
+
+
+def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    found = memo.get(id(module))
+    if found is not None:
+        return found
+    cls = type(module)
+    if not _plain_module(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for key, value in module.__dict__.items():
+        if key == "_compiled_call_impl":  # nn.Module.__getstate__ drops it too
+            continue
+        if key == "_modules":
+            state[key] = type(value)((n, None if c is None else _clone(c, memo)) for n, c in value.items())
+        elif key in ("_parameters", "_buffers") and type(value) in (dict, OrderedDict):
+            state[key] = type(value)((n, copy.deepcopy(t, memo)) for n, t in value.items())
+        elif isinstance(value, _SCALAR_TYPES) or (
+            type(value) is tuple and all(isinstance(v, _SCALAR_TYPES) for v in value)
+        ):
+            state[key] = value  # immutable
+        elif type(value) in (dict, OrderedDict, set) and not value:
+            state[key] = type(value)()
+        elif type(value) is set and all(isinstance(v, _SCALAR_TYPES) for v in value):
+            state[key] = set(value)
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
+
+
+def synthetic_candidates(arch: str, n: int, distribution: str = "top-layers", *, seed: int = 0,
+                         reduced: bool = True, classes: int = 10, image_size: int | None = None) -> list[nn.Module]:
+    """``n`` candidates: the base model, then copies of random earlier candidates with their last
+    blocks (and head) re-initialised per ``generation_plan`` (B = parameterised blocks)."""
+    base = base_model(arch, reduced=reduced, classes=classes, seed=seed, image_size=image_size)
+    plan = generation_plan(n, len(parameterised(split_model(base))), distribution, seed=seed)
+    models: list[nn.Module] = [base]
+    for step in plan:
+        model = clone_module(models[step.source])  # far cheaper than building from the config again
+        split = split_model(model)
+        with _seeded(step.seed):
+            for i in parameterised(split)[-step.reinit:]:
+                reinitialise(split.blocks[i].module)
+            if split.head is not None:
+                reinitialise(split.head)
+        models.append(model.eval())
+    return models
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def _labels(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
+    return rng.permutation(np.arange(n) % classes).astype(np.int64)
+
+
+def sample_data(arch: str, n: int, *, seed: int = 0, reduced: bool = True,
+                classes: int = 10, image_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """``n`` deterministic inputs for ``arch`` and balanced int64 labels. Each class has a fixed
+    prototype (images: a coarse colour pattern; tokens: a preferred vocabulary; mlp: a centre), so a
+    linear proxy on good features can separate the classes; ``seed`` draws the samples, the task
+    (prototypes) stays the same across seeds."""
+    _check_arch(arch)
+    if n < 1 or classes < 2:
+        raise SearchError(f"need n >= 1 and classes >= 2, got n={n}, classes={classes}")
+    shape = input_shape(arch, reduced=reduced, image_size=image_size)
+    task = np.random.default_rng([classes, ARCHS.index(arch), 7])
+    rng = np.random.default_rng([seed, 11])
+    y = _labels(rng, n, classes)
+    if shape.image:
+        coarse = 8
+        protos = task.normal(size=(classes, 3, coarse, coarse)).astype(np.float32)
+        up = np.kron(protos, np.ones((1, 1, shape.image // coarse, shape.image // coarse), np.float32))
+        gain = rng.uniform(0.7, 1.3, size=(n, 1, 1, 1)).astype(np.float32)
+        x = up[y] * gain + 2.0 * rng.standard_normal((n, 3, shape.image, shape.image), dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    if arch == "bert":
+        words = np.arange(_BERT_FIRST_WORD, shape.vocab)
+        topics = np.stack([task.choice(words, size=24, replace=False) for _ in range(classes)])
+        ids = np.zeros((n, shape.seq_len), dtype=np.int64)  # 0 = [PAD]
+        lengths = rng.integers(shape.seq_len // 2, shape.seq_len + 1, size=n)
+        topical = rng.random((n, shape.seq_len)) < 0.25
+        from_topic = topics[y][np.arange(n)[:, None], rng.integers(24, size=(n, shape.seq_len))]
+        random_words = rng.integers(_BERT_FIRST_WORD, shape.vocab, size=(n, shape.seq_len))
+        body = np.where(topical, from_topic, random_words)
+        pos = np.arange(shape.seq_len)[None, :]
+        ids = np.where(pos < lengths[:, None] - 1, body, ids)
+        ids[:, 0] = _BERT_CLS
+        ids[np.arange(n), lengths - 1] = _BERT_SEP
+        return torch.from_numpy(ids), torch.from_numpy(y)
+    centres = 0.8 * task.normal(size=(classes, MLP_FEATURES)).astype(np.float32)
+    x = centres[y] + rng.standard_normal((n, MLP_FEATURES), dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+
+
+# --------------------------------------------------------------------------------------------
+# Trained candidates (digits)
+
+#: Fine-tune ``i`` (1-based) freezes ``FREEZES[(i - 1) % 3]``: the first block, all blocks but the
+#: last, or every block (a linear probe: only the head is trained).
+FREEZES = ("early", "most", "probe")
+
+
+def digits_cnn(classes: int = 10) -> nn.Sequential:
+    """The small CNN of ``trained_candidates`` (8x8 single-channel digits): four blocks and a head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
+        nn.Linear(64, classes),
+    )
+
+
+def frozen_prefix(i: int, blocks: int) -> int:
+    """How many leading blocks fine-tune ``i`` (1-based) keeps frozen at the base's weights."""
+    return {"early": 1, "most": blocks - 1, "probe": blocks}[FREEZES[(i - 1) % len(FREEZES)]]
+
+
+def digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled digits (no download) as ``(N, 1, 8, 8)`` float32 in [0, 1] and int64 labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise SearchError("trained candidates need scikit-learn: pip install 'mm_jupyter[search]'") from exc
+    data = load_digits()
+    x = torch.from_numpy((data.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+    return x, torch.from_numpy(data.target.astype(np.int64))
+
+
+def _train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float, gen: torch.Generator) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), 64):
+            idx = order[start:start + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+
+
+def trained_candidates(n: int, *, seed: int = 0) -> tuple[list[nn.Module], tuple[Tensor, Tensor]]:
+    """A base CNN trained briefly on half of the digits, then ``n - 1`` fine-tunes of it on random
+    subsets (10-50%) with a new head and a frozen block prefix per ``FREEZES``; returns the models
+    and the full digits ``(X, y)``. Trained on one thread, so the same seed gives the same bytes."""
+    if n < 1:
+        raise SearchError(f"n must be at least 1, got {n}")
+    x, y = digits()
+    rng = np.random.default_rng([seed, 23])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _seeded(seed):
+            gen = torch.Generator().manual_seed(seed)
+            base = digits_cnn()
+            half = torch.from_numpy(rng.permutation(len(x))[: len(x) // 2])
+            _train(base, x[half], y[half], epochs=3, lr=3e-3, gen=gen)
+            blocks = len(split_model(base).blocks)
+            models: list[nn.Module] = [base]
+            for i in range(1, n):
+                model = clone_module(base)
+                split = split_model(model)
+                reinitialise(split.head)  # type: ignore[arg-type]  # digits_cnn has a Linear head
+                frozen = frozen_prefix(i, blocks)
+                for block in split.blocks[:frozen]:
+                    block.module.requires_grad_(False)
+                subset = torch.from_numpy(rng.permutation(len(x))[: int(len(x) * rng.uniform(0.1, 0.5))])
+                _train(model, x[subset], y[subset], epochs=3, lr=2e-3, gen=gen)
+                model.requires_grad_(True)
+                models.append(model)
+    finally:
+        torch.set_num_threads(threads)
+    return models, (x, y)
+
+
+__all__ = [
+    "ARCHS", "DISTRIBUTIONS", "FREEZES", "Derivation", "Shape", "base_model", "digits", "digits_cnn",
+    "frozen_prefix", "generation_plan", "input_shape", "parameterised", "reinitialise", "sample_data",
+    "synthetic_candidates", "trained_candidates",
+]

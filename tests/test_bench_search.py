@@ -1,0 +1,30 @@
+"""The search benchmark harness runs end to end at small scale (no timing assertions)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+def test_quick_search_bench(tmp_path):
+    from mm_jupyter.bench.search import run_search_bench
+
+    res = run_search_bench(arch="resnet18", models=5, distribution="top-layers", items=200, reduced=True,
+                           out=tmp_path)
+    by = {r["approach"]: r for r in res.rows}
+    assert set(by) == {"base", "shift", "alsatian"}
+    assert by["alsatian"]["ranking_matches_shift"] is True
+    assert by["alsatian"]["block_inferences"] == by["alsatian"]["unique_edges"]
+    assert by["alsatian"]["bytes_loaded"] < by["shift"]["bytes_loaded"]
+    saved = json.loads(open(res.files[0]).read())
+    assert {t["name"] for t in saved["targets"]} >= {"planning 500 candidates", "alsatian ranking == shift ranking"}
+
+
+def test_cli_quick(tmp_path, capsys):
+    from mm_jupyter.bench.__main__ import main
+
+    assert main(["search", "--quick", "--arch", "mlp", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ranking matches shift: True" in out and "targets (this run):" in out
