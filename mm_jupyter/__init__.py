@@ -51,5 +51,25 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mm_jupyter' has no attribute {name!r}")
 
 
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext mm_jupyter``: register ``%modelset``/``%%modelset`` and ``%modelsearch``.
+
+    Torch is not imported here; a magic imports what it needs when it runs.
+    """
+    from .jupyter.magics import register
+
+    register(ipython)
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where JupyterLab finds the prebuilt frontend extension."""
+    return [{"src": "labextension", "dest": "mm-jupyter"}]
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """The server side of the JupyterLab extension (the store browser's REST endpoints)."""
+    return [{"module": "mm_jupyter.jupyter.server"}]
+
+
 def __dir__() -> list[str]:
     return sorted(__all__)
