@@ -23,7 +23,7 @@ import sys
 import textwrap
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import ArchitectureError
 
@@ -298,27 +298,41 @@ def _is_constant(v: Any) -> bool:
 
 def capture_source(klass: type) -> str:
     """Self-contained source for ``klass``: imports, constants and helpers it needs, then it."""
-    env = vars(sys.modules.get(klass.__module__, types.ModuleType("empty")))
+    return capture_code(_definition_source(klass), klass.__name__, _defining_namespace(klass))
+
+
+def _defining_namespace(klass: type) -> Mapping[str, Any]:
+    """The globals the class's methods see: the notebook's namespace for a class from a cell (also
+    where ``sys.modules['__main__']`` is another module), else its module's namespace."""
+    for v in vars(klass).values():
+        fn = getattr(v, "__func__", v)
+        if isinstance(fn, types.FunctionType):
+            return fn.__globals__
+    return vars(sys.modules.get(klass.__module__, types.ModuleType("empty")))
+
+
+def capture_code(code: str, name: str, env: Mapping[str, Any]) -> str:
+    """Self-contained source for ``code`` (which defines ``name``): the imports, constants and
+    helper definitions its free names refer to in ``env``, then the code itself."""
     imports: list[str] = []
     consts: list[str] = []
     defs: list[str] = []
     done: set[str] = set()
 
-    def add(obj: Any, name: str) -> None:
-        code = _definition_source(obj)
-        for free in _free_names(code):
-            need(free, f"{obj.__name__}")
-        defs.append(code)
+    def add_code(text: str, user: str) -> None:
+        for free in _free_names(text):
+            need(free, user)
+        defs.append(text)
 
-    def need(name: str, user: str) -> None:
-        if name in done:
+    def need(free: str, user: str) -> None:
+        if free in done:
             return
-        done.add(name)
-        if name not in env:
-            raise ArchitectureError(f"{user} uses {name!r}, which is not defined where {klass.__name__} is")
-        v = env[name]
+        done.add(free)
+        if free not in env:
+            raise ArchitectureError(f"{user} uses {free!r}, which is not defined where {name} is")
+        v = env[free]
         if isinstance(v, types.ModuleType):
-            line = f"import {v.__name__}" if v.__name__ == name else f"import {v.__name__} as {name}"
+            line = f"import {v.__name__}" if v.__name__ == free else f"import {v.__name__} as {free}"
             imports.append(line)
             return
         ref = ref_of(v) if isinstance(v, (type, types.FunctionType, types.BuiltinFunctionType)) else None
@@ -326,19 +340,19 @@ def capture_source(klass: type) -> str:
             mod, qual = ref.split(":")
             if "." in qual:
                 raise ArchitectureError(f"{user} uses nested object {ref!r}; import its outer class")
-            imports.append(f"from {mod} import {qual}" + ("" if qual == name else f" as {name}"))
+            imports.append(f"from {mod} import {qual}" + ("" if qual == free else f" as {free}"))
             return
         if isinstance(v, (type, types.FunctionType)):
-            add(v, name)
+            add_code(_definition_source(v), v.__name__)
             return
         if _is_constant(v):
-            consts.append(f"{name} = {v!r}")
+            consts.append(f"{free} = {v!r}")
             return
         raise ArchitectureError(
-            f"{user} uses {name!r} (a {type(v).__name__}), which cannot be recorded as source; "
+            f"{user} uses {free!r} (a {type(v).__name__}), which cannot be recorded as source; "
             "make it a constant, an import, or pass architecture=mm.Architecture.factory(...)"
         )
 
-    done.add(klass.__name__)
-    add(klass, klass.__name__)
+    done.add(name)
+    add_code(code, name)
     return "\n".join(imports + consts + [""] + defs)

@@ -20,6 +20,7 @@ from .modelset import ModelSet, Resolved, SetRef
 from .tensors import Layout, digest_model_major, digest_rows, extract_states, tensor_digest
 
 if TYPE_CHECKING:
+    from .diff import SetDiff
     import pandas as pd
     from torch import nn
 
@@ -231,6 +232,12 @@ class Store:
         if not rows:
             raise RefError(f"no set named {name!r} in store {str(self.root)!r}")
         return build_lineage(self, rows)
+
+    def diff(self, a: SetRef | str, b: SetRef | str) -> "SetDiff":
+        """Models added, dropped and changed (with their changed tensors) from version ``a`` to ``b``."""
+        from .diff import diff_sets
+
+        return diff_sets(self, a, b)
 
     def stats(self, ref: SetRef | str) -> dict[str, Any]:
         """Storage of one version by artifact, plus the time-to-save recorded when it was saved."""

@@ -1,0 +1,90 @@
+"""Small display objects the magics return: deterministic text (nbval compares it) plus HTML.
+
+Timings are kept as attributes but left out of the text, which must not change between runs.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as the benchmark tables use)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class SavedSet:
+    """What ``%%modelset save`` stored: the reference, how, and how many bytes."""
+
+    ref: Any
+    approach: str
+    requested: str
+    models: int
+    bytes: int
+    base: str | None
+    tts_s: float
+
+    @classmethod
+    def of(cls, store: Any, ref: Any) -> "SavedSet":
+        stats = store.stats(ref)
+        row = store.row(ref)
+        base = store.catalog.get(row.base_id) if row.base_id is not None else None
+        return cls(ref, stats["approach"], stats["requested"], stats["models"], stats["bytes"],
+                   f"{base.name}@{base.version}" if base is not None else None, stats["tts_s"])
+
+    def __repr__(self) -> str:
+        how = self.approach if self.approach == self.requested else f"{self.approach} (asked: {self.requested})"
+        base = f", base {self.base}" if self.base else ""
+        return f"saved {self.ref}: {how}, {self.models} models, {human_bytes(self.bytes)}{base}"
+
+
+@dataclass(frozen=True)
+class SetInfo:
+    """``%modelset show``: approach, models, chain and bytes by artifact of one version."""
+
+    stats: dict[str, Any]
+    names: tuple[str, ...]
+    architecture: str
+
+    @classmethod
+    def of(cls, store: Any, ref: Any) -> "SetInfo":
+        from ..store.approaches.common import names_of
+        from ..store.architectures import Architecture
+
+        row = store.row(ref)
+        arch = Architecture.from_json(row.manifest["architecture"])
+        return cls(store.stats(ref), tuple(names_of(row.manifest)), _describe(arch))
+
+    def lines(self) -> list[str]:
+        s = self.stats
+        names = ", ".join(self.names[:8]) + (f", ... (+{len(self.names) - 8})" if len(self.names) > 8 else "")
+        out = [
+            f"{s['ref']}: {s['approach']}" + (f" (asked: {s['requested']})" if s["requested"] != s["approach"] else ""),
+            f"  models: {s['models']} ({names})",
+            f"  architecture: {self.architecture}",
+            f"  chain: {s['chain']}",
+            f"  stored: {human_bytes(s['bytes'])} of {human_bytes(s['parameter_bytes'])} parameters "
+            f"in {s['objects']} object(s)",
+        ]
+        out += [f"    {role}: {human_bytes(size)}" for role, size in sorted(s["bytes_by_artifact"].items())]
+        return out
+
+    def __repr__(self) -> str:
+        return "\n".join(self.lines())
+
+    def _repr_html_(self) -> str:
+        return "<pre>" + html.escape(repr(self)) + "</pre>"
+
+
+def _describe(arch: Any) -> str:
+    """One line saying how the set's modules are rebuilt."""
+    if arch.kind == "factory":
+        args = ", ".join(f"{k}={v!r}" for k, v in arch.kwargs.items())
+        return f"factory {arch.ref}({args})"
+    return f"{arch.kind} {arch.ref}".strip()

@@ -1,0 +1,338 @@
+"""``%modelset`` / ``%%modelset`` and ``%modelsearch``: one line to save, recover, inspect or search.
+
+Arguments are parsed with IPython's ``MagicArgumentParser`` (bad arguments raise ``UsageError``);
+failures inside the store or the search raise ``MMError`` subclasses, which IPython renders as one
+line. Nothing here imports torch at import time: the store and the search load it when they run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import MagicArgumentParser
+from traitlets import Unicode
+
+from ..errors import MMError, StoreError
+from .cells import TRAIN_NAME, run_cell, train_function_source
+from .display import SavedSet, SetInfo
+
+STORE_HELP = "store folder (default: %%config ModelMagics.store, $MM_JUPYTER_STORE, else ./.mm_store)"
+APPROACHES = ("baseline", "update", "provenance", "mmlib-base", "auto")
+SEARCH_APPROACHES = ("alsatian", "shift", "base")
+PROXIES = ("linear", "knn", "logme")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30,
+          "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"64MB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (a cache budget on the command line)."""
+    m = _SIZE.match(text)
+    if not m or m.group(2) is None and not m.group(1):
+        raise UsageError(f"--budget {text!r} is not a size like 1000000, 64MB or 1.5GiB")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if value < 1:
+        raise UsageError(f"--budget {text!r} must be at least one byte")
+    return int(value)
+
+
+def _parser(prog: str, description: str) -> MagicArgumentParser:
+    return MagicArgumentParser(prog=prog, description=description, add_help=False)
+
+
+def _modelset_parsers() -> dict[str, MagicArgumentParser]:
+    p: dict[str, MagicArgumentParser] = {}
+    save = p["save"] = _parser("%%modelset save", "Run the cell and save the models it produces as a new "
+                               "version of NAME (the cell's last expression, or --models VAR). With "
+                               "--approach provenance the cell is the training code for one model: it trains "
+                               "`model` on `data` with `config`; it runs once per entry of --datasets on a "
+                               "copy of the base version's model, and recovery retrains with the same code.")
+    save.add_argument("name", help="set name")
+    save.add_argument("--approach", "-a", default="baseline", choices=APPROACHES, help="storage approach")
+    save.add_argument("--base", "-b", default=None, help="base version (name@version); default: latest of NAME")
+    save.add_argument("--models", "-m", default=None, metavar="VAR",
+                      help="variable holding the models (list or dict); for provenance: receives them")
+    save.add_argument("--datasets", "-d", default=None, metavar="VAR",
+                      help="provenance: variable holding {model name: mm.DatasetRef or file path}")
+    save.add_argument("--config", "-c", default=None, metavar="JSON|VAR",
+                      help="provenance: training config as JSON or the name of a dict variable")
+    save.add_argument("--seed", type=int, default=0, help="provenance: seed of the deterministic training")
+    save.add_argument("--store", default=None, help=STORE_HELP)
+    recover = p["recover"] = _parser("%modelset recover", "Recover a stored version (lazily: models build on access).")
+    recover.add_argument("ref", help="name (latest) or name@version")
+    recover.add_argument("-o", "--out", default=None, metavar="VAR", help="also assign the ModelSet to VAR")
+    recover.add_argument("--store", default=None, help=STORE_HELP)
+    lst = p["list"] = _parser("%modelset list", "Every stored version.")
+    lst.add_argument("--store", default=None, help=STORE_HELP)
+    show = p["show"] = _parser("%modelset show", "Storage, approach and models of one version.")
+    show.add_argument("ref", help="name (latest) or name@version")
+    show.add_argument("--store", default=None, help=STORE_HELP)
+    diff = p["diff"] = _parser("%modelset diff", "Which models were added, dropped or changed, and which tensors.")
+    diff.add_argument("a", help="older version (name@version)")
+    diff.add_argument("b", help="newer version (name@version)")
+    diff.add_argument("--store", default=None, help=STORE_HELP)
+    lineage = p["lineage"] = _parser("%modelset lineage", "The version graph of a set, as a widget.")
+    lineage.add_argument("name", help="set name")
+    lineage.add_argument("--store", default=None, help=STORE_HELP)
+    compare = p["compare"] = _parser("%modelset compare", "Storage / TTS / TTR chart: from the store's records "
+                                     "(TTR measured now by recovering each version) or from a benchmark file.")
+    compare.add_argument("names", nargs="*", help="set names (default: every set in the store)")
+    compare.add_argument("--file", "-f", default=None,
+                         help="benchmark results.json / results.csv, or a folder of results.json files")
+    compare.add_argument("--no-ttr", action="store_true", help="do not measure time-to-recover")
+    compare.add_argument("--store", default=None, help=STORE_HELP)
+    return p
+
+
+def _search_parser() -> MagicArgumentParser:
+    p = _parser("%modelsearch", "Rank candidate models as base models for a labelled dataset (Alsatian "
+                "model search) with a live successive-halving widget; returns the SearchResult.")
+    p.add_argument("candidates", help="variable holding a list/dict of nn.Module or stored candidates, "
+                   "or store:NAME for candidates saved with mm.add_candidates")
+    p.add_argument("data", help="variable holding (X, y) tensors or a torch Dataset")
+    p.add_argument("-k", type=int, default=1, help="how many models to select")
+    p.add_argument("--approach", "-a", default="alsatian", choices=SEARCH_APPROACHES)
+    p.add_argument("--budget", default=None, help="cache budget, e.g. 64MB (default: unlimited)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:n]")
+    p.add_argument("--proxy", default="linear", choices=PROXIES)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", default=None, metavar="VAR", help="also assign the SearchResult to VAR")
+    p.add_argument("--no-widget", action="store_true", help="do not show the live progress widget")
+    p.add_argument("--store", default=None, help=STORE_HELP)
+    return p
+
+
+PARSERS = _modelset_parsers()
+SEARCH = _search_parser()
+
+
+def _usage() -> str:
+    parts = ["Save, recover and inspect model sets.\n"]
+    parts += [PARSERS[c].format_help() for c in PARSERS]
+    return "\n".join(parts)
+
+
+@magics_class
+class ModelMagics(Magics):
+    """The mm_jupyter magics. ``%config ModelMagics.store = "path"`` picks the store folder."""
+
+    store = Unicode(None, allow_none=True, help="Folder of the model store the magics use "
+                    "(default: $MM_JUPYTER_STORE, else ./.mm_store)").tag(config=True)
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell=shell)
+        self._stores: dict[str, Any] = {}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _store(self, path: str | None) -> Any:
+        from ..store import Store
+        from ..store.store import default_path
+
+        chosen = path or self.store or None
+        resolved = str(os.path.abspath(os.path.expanduser(chosen))) if chosen else str(default_path().resolve())
+        if resolved not in self._stores:
+            self._stores[resolved] = Store(resolved)
+        return self._stores[resolved]
+
+    def _var(self, name: str, what: str) -> Any:
+        if not name.isidentifier():
+            raise UsageError(f"{what} must be a variable name, not {name!r}")
+        if name not in self.shell.user_ns:
+            raise UsageError(f"no variable named {name!r} in the notebook ({what})")
+        return self.shell.user_ns[name]
+
+    @staticmethod
+    def _parse(parser: MagicArgumentParser, args: list[str]) -> Any:
+        return parser.parse_args(args)
+
+    # -- %modelset ----------------------------------------------------------------------------
+    @line_cell_magic
+    def modelset(self, line: str, cell: str | None = None) -> Any:
+        try:
+            argv = shlex.split(line)
+        except ValueError as e:
+            raise UsageError(f"%modelset: {e}") from None
+        if not argv:
+            raise UsageError("%modelset needs a command: " + ", ".join(PARSERS) + " (see %modelset?)")
+        command, rest = argv[0], argv[1:]
+        if command not in PARSERS:
+            raise UsageError(f"unknown %modelset command {command!r}; choose one of {', '.join(PARSERS)}")
+        if command != "save" and cell is not None:
+            raise UsageError(f"%%modelset {command} takes no cell body; use the line magic %modelset {command}")
+        args = self._parse(PARSERS[command], rest)
+        if command == "save" and cell is None and (args.models is None or args.approach == "provenance"):
+            raise UsageError("save runs a cell: write %%modelset save NAME at the top of a cell "
+                             "(the line form %modelset save NAME --models VAR saves a variable)")
+        handler: Callable[[Any], Any] = getattr(self, f"_{command}")
+        return handler(args, cell) if command == "save" else handler(args)
+
+    def _save(self, args: Any, cell: str | None) -> SavedSet:
+        store = self._store(args.store)
+        if args.approach == "provenance":
+            ref = self._save_provenance(store, args, cell)
+        else:
+            for flag in ("datasets", "config"):
+                if getattr(args, flag) is not None:
+                    raise UsageError(f"--{flag} only applies to --approach provenance")
+            value = run_cell(self.shell, cell) if cell is not None else None
+            if args.models is not None:
+                value = self._var(args.models, "--models")
+            elif value is None:
+                raise UsageError("the cell's last expression must be the models (a list or dict of nn.Module), "
+                                 "or name their variable with --models VAR")
+            ref = store.save_set(_as_models(value), args.name, approach=args.approach, base=args.base)
+        return SavedSet.of(store, ref)
+
+    def _save_provenance(self, store: Any, args: Any, cell: str) -> Any:
+        import mm_jupyter as mm
+
+        from ..errors import ArchitectureError
+        from ..store.architectures import _load_source, capture_code
+
+        if args.datasets is None:
+            raise UsageError("--approach provenance needs --datasets VAR: {model name: mm.DatasetRef or file}")
+        datasets = self._var(args.datasets, "--datasets")
+        if not isinstance(datasets, dict) or not datasets:
+            raise UsageError(f"--datasets {args.datasets} must be a non-empty dict {{model name: dataset reference}}")
+        config = self._config(args.config)
+        try:
+            source = capture_code(train_function_source(self.shell, cell), TRAIN_NAME, self.shell.user_ns)
+            _load_source(source, TRAIN_NAME)
+        except ArchitectureError as e:
+            raise StoreError(f"cannot record the cell as training code: {e}") from None
+        base = args.base or args.name
+        base_set = store.recover_set(base)
+        try:
+            models = {name: base_set[name] for name in base_set.names}
+        finally:
+            base_set.close()
+        missing = [str(k) for k in datasets if str(k) not in models]
+        if missing:
+            raise StoreError(f"--datasets names model(s) not in {base}: {', '.join(missing[:5])}")
+        prov = mm.Provenance(train=TRAIN_NAME, source=source, config=config, datasets=datasets, seed=args.seed)
+        models.update(prov.run(models))
+        if args.models is not None:
+            if not args.models.isidentifier():
+                raise UsageError(f"--models must be a variable name, not {args.models!r}")
+            self.shell.user_ns[args.models] = models
+        return store.save_set(models, args.name, approach="provenance", base=args.base, provenance=prov)
+
+    def _config(self, text: str | None) -> dict[str, Any]:
+        import json
+
+        if text is None:
+            return {}
+        if text.isidentifier():
+            value = self._var(text, "--config")
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"--config is neither a variable name nor JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise UsageError(f"--config must be a dict, not {type(value).__name__}")
+        return value
+
+    def _recover(self, args: Any) -> Any:
+        ms = self._store(args.store).recover_set(args.ref)
+        if args.out is not None:
+            if not args.out.isidentifier():
+                raise UsageError(f"-o must be a variable name, not {args.out!r}")
+            self.shell.user_ns[args.out] = ms
+        return ms
+
+    def _list(self, args: Any) -> Any:
+        return self._store(args.store).sets()
+
+    def _show(self, args: Any) -> SetInfo:
+        return SetInfo.of(self._store(args.store), args.ref)
+
+    def _diff(self, args: Any) -> Any:
+        return self._store(args.store).diff(args.a, args.b)
+
+    def _lineage(self, args: Any) -> Any:
+        from .widgets import LineageGraph
+
+        return LineageGraph(self._store(args.store).lineage(args.name))
+
+    def _compare(self, args: Any) -> Any:
+        from .widgets import ComparisonChart
+
+        if args.file is not None:
+            if args.names:
+                raise UsageError("give either set names (from the store) or --file, not both")
+            return ComparisonChart.from_benchmark(args.file)
+        return ComparisonChart.from_store(self._store(args.store), names=args.names or None, ttr=not args.no_ttr)
+
+    # -- %modelsearch --------------------------------------------------------------------------
+    @line_magic
+    def modelsearch(self, line: str) -> Any:
+        try:
+            argv = shlex.split(line)
+        except ValueError as e:
+            raise UsageError(f"%modelsearch: {e}") from None
+        args = self._parse(SEARCH, argv)
+        import mm_jupyter as mm
+
+        if args.candidates.startswith("store:"):
+            candidates = mm.load_candidates(self._store(args.store), args.candidates[len("store:"):])
+        else:
+            candidates = self._var(args.candidates, "candidates")
+        data = self._var(args.data, "data")
+        budget = parse_size(args.budget) if args.budget is not None else None
+        if args.k < 1:
+            raise UsageError(f"-k must be at least 1, not {args.k}")
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
+        progress = None
+        if not args.no_widget:
+            from IPython.display import display
+
+            from .widgets import SearchProgress
+
+            progress = SearchProgress()
+            display(progress)
+        try:
+            result = mm.search(candidates, data, k=args.k, approach=args.approach, cache_budget=budget,
+                               device=args.device, proxy=args.proxy, progress=progress,
+                               batch_size=args.batch_size, seed=args.seed)
+        except (KeyboardInterrupt, MMError):
+            if progress is not None:
+                progress.interrupted()
+            raise
+        if args.out is not None:
+            if not args.out.isidentifier():
+                raise UsageError(f"-o must be a variable name, not {args.out!r}")
+            self.shell.user_ns[args.out] = result
+        return result
+
+
+def _as_models(value: Any) -> Any:
+    """A single module is a set of one; lists, tuples and dicts go to the store as they are."""
+    if isinstance(value, (list, tuple, dict)):
+        return list(value) if isinstance(value, tuple) else value
+    if type(value).__module__.startswith("torch") or hasattr(value, "state_dict"):
+        return [value]
+    raise UsageError(f"the cell produced a {type(value).__name__}; expected a list or dict of nn.Module")
+
+
+ModelMagics.modelset.__doc__ = _usage()
+ModelMagics.modelsearch.__doc__ = SEARCH.format_help()
+
+
+def register(shell: Any) -> ModelMagics:
+    """Register the magics once per shell; IPython's registry also makes ``%config ModelMagics`` work."""
+    existing = shell.magics_manager.registry.get(ModelMagics.__name__)
+    if isinstance(existing, ModelMagics):
+        return existing
+    magics = ModelMagics(shell)
+    shell.register_magics(magics)
+    if magics not in shell.configurables:
+        shell.configurables.append(magics)
+    return magics
