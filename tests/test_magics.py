@@ -288,7 +288,7 @@ def test_modelsearch_interrupt_stops_cleanly(ip: Any, monkeypatch: pytest.Monkey
     before = {p.name for p in Path(tmp_path).iterdir()}
     with pytest.raises(KeyboardInterrupt):
         ip.run_line_magic("modelsearch", "cands xy -k 1 --budget 2kB")
-    assert "interrupted" in shown[0].status.value.lower()
+    assert shown[0].state == "interrupted"
     assert {p.name for p in Path(tmp_path).iterdir()} == before  # no spill folder left behind
     # the shell and the store still work afterwards
     assert ip.run_line_magic("modelsearch", "cands xy -k 1 --no-widget").best

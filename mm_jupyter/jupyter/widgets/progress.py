@@ -1,0 +1,233 @@
+"""Live progress of a successive-halving model search: per-rung bars, leaderboard, cache, timings.
+
+The widget is the ``progress=`` callback of ``mm.search``. Every event updates its state at once;
+the widgets are redrawn at most once per ``throttle`` seconds, because a search over thousands of
+candidates emits far more events than a browser can draw.
+"""
+from __future__ import annotations
+
+import html
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import ipywidgets as widgets
+
+from ..display import human_bytes
+
+#: Clock ticks are floats: a tick that lands a rounding error short of ``throttle`` still renders.
+_TICK = 1e-9
+PRUNED_STYLE = "color:#999"
+
+
+@dataclass
+class RungState:
+    """One rung as the events told it: who runs, on how many items, who is scored and survives."""
+
+    index: int
+    models: list[str]
+    items: int
+    scored: set[str] = field(default_factory=set)
+    survivors: list[str] | None = None
+
+
+@dataclass
+class Entry:
+    """One candidate's row of the leaderboard."""
+
+    model: str
+    rung: int
+    score: float = -math.inf
+    loss: float = math.inf
+    pruned: int | None = None
+
+    def key(self) -> tuple:
+        """Best first, in the order of ``SearchResult.ranking``: later rung, not pruned, score, loss."""
+        return (-self.rung, self.pruned is not None, -self.score, self.loss, self.model)
+
+
+class SearchProgress(widgets.VBox):
+    """Callable progress widget for ``mm.search(..., progress=SearchProgress())``.
+
+    ``renders`` counts redraws (the throttle is testable with an injected ``clock``); call
+    ``interrupted()`` when the search is stopped so the widget does not keep saying "running".
+    """
+
+    def __init__(self, throttle: float = 0.1, clock: Callable[[], float] = time.monotonic,
+                 max_rows: int = 30) -> None:
+        super().__init__()
+        self.throttle = throttle
+        self.max_rows = max_rows
+        self.renders = 0
+        self.state = "waiting"
+        self.total_rungs: int | None = None
+        self.rungs: dict[int, RungState] = {}
+        self.entries: dict[str, Entry] = {}
+        self.cache_bytes: int | None = None
+        self.cache_peak = 0
+        self.chunks = 0
+        self.timings: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
+        self._clock = clock
+        self._last: float | None = None
+        self.status = widgets.HTML()
+        self.bars = widgets.VBox()
+        self.cache = widgets.HTML()
+        self.leaderboard = widgets.HTML()
+        self.summary = widgets.HTML()
+        self.children = [self.status, self.bars, self.cache, self.leaderboard, self.summary]
+        self.flush()
+
+    # -- events ------------------------------------------------------------------------------
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Take one search event; unknown or malformed events are ignored, never raised."""
+        name = event.get("event") if isinstance(event, dict) else None
+        handler = self._HANDLERS.get(name) if isinstance(name, str) else None
+        if handler is None:
+            return
+        try:
+            handler(self, event)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return
+        now = self._clock()
+        if name == "done" or self._last is None or now - self._last >= self.throttle - _TICK:
+            self._last = now
+            self.flush()
+
+    def _rung_start(self, e: dict[str, Any]) -> None:
+        rung, items, total = int(e["rung"]), int(e["items"]), int(e["rungs"])
+        models = [str(m) for m in e["models"]]
+        self.rungs[rung] = RungState(rung, models, items)
+        self.total_rungs = total
+        self.state = "running"
+        for name in models:
+            entry = self.entries.setdefault(name, Entry(name, rung))
+            entry.rung = rung
+
+    def _model_scored(self, e: dict[str, Any]) -> None:
+        rung, name, score = int(e["rung"]), str(e["model"]), float(e["score"])
+        loss = float(e.get("loss", math.inf))
+        self.rungs[rung].scored.add(name)
+        entry = self.entries.setdefault(name, Entry(name, rung))
+        entry.rung, entry.score, entry.loss = rung, score, loss
+
+    def _model_pruned(self, e: dict[str, Any]) -> None:
+        rung, name = int(e["rung"]), str(e["model"])
+        entry = self.entries[name]
+        entry.score = float(e.get("score", entry.score))
+        entry.pruned = rung
+
+    def _rung_end(self, e: dict[str, Any]) -> None:
+        rung, survivors = int(e["rung"]), [str(m) for m in e["survivors"]]
+        self.rungs[rung].survivors = survivors
+
+    def _cache(self, e: dict[str, Any]) -> None:
+        size = int(e["bytes"])
+        chunks = int(e.get("chunk", self.chunks))
+        self.cache_bytes, self.chunks = size, chunks
+        self.cache_peak = max(self.cache_peak, size)
+
+    def _done(self, e: dict[str, Any]) -> None:
+        timings = {str(k): float(v) for k, v in e["timings"].items()}
+        stats = dict(e["stats"])
+        self.timings, self.stats, self.state = timings, stats, "done"
+
+    _HANDLERS: ClassVar[dict[str, Callable[["SearchProgress", dict[str, Any]], None]]] = {
+        "rung_start": _rung_start, "model_scored": _model_scored, "model_pruned": _model_pruned,
+        "rung_end": _rung_end, "cache": _cache, "done": _done,
+    }
+
+    def interrupted(self) -> None:
+        """Mark the search as stopped (KeyboardInterrupt or an error) and redraw now."""
+        if self.state != "done":
+            self.state = "interrupted"
+        self.flush()
+
+    # -- derived state -----------------------------------------------------------------------
+    @property
+    def ranking(self) -> list[Entry]:
+        """Every candidate seen so far, best first."""
+        return sorted(self.entries.values(), key=Entry.key)
+
+    @property
+    def survivors(self) -> list[str]:
+        """Survivors of the last finished rung (empty before the first rung ends)."""
+        ended = [r for r in self.rungs.values() if r.survivors is not None]
+        return list(max(ended, key=lambda r: r.index).survivors or []) if ended else []
+
+    # -- drawing -----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Redraw every part of the widget from the current state."""
+        self.renders += 1
+        self.status.value = f"<b>search</b>: {html.escape(self._status_text())}"
+        self._draw_bars()
+        self.cache.value = (f"cache: peak {human_bytes(self.cache_bytes)} in this rung · "
+                            f"{human_bytes(self.cache_peak)} overall · {self.chunks} chunk(s)"
+                            if self.cache_bytes is not None else "")
+        self.leaderboard.value = self._leaderboard_html() if self.entries else ""
+        self.summary.value = self._summary_html() if self.state == "done" else ""
+
+    def _status_text(self) -> str:
+        if self.state == "running" and self.rungs:
+            rung = max(self.rungs)
+            return f"running rung {rung} ({rung + 1}/{self.total_rungs}), {len(self.rungs[rung].models)} models"
+        return self.state
+
+    def _draw_bars(self) -> None:
+        bars = list(self.bars.children)
+        for rung in sorted(self.rungs.values(), key=lambda r: r.index)[len(bars):]:
+            bars.append(widgets.IntProgress(min=0, description=f"rung {rung.index}: {rung.items} items",
+                                            style={"description_width": "initial"}))
+        for bar, rung in zip(bars, sorted(self.rungs.values(), key=lambda r: r.index)):
+            bar.max = max(1, len(rung.models))
+            bar.value = len(rung.scored)
+            complete = len(rung.scored) >= len(rung.models)
+            bar.bar_style = "success" if complete else "danger" if self.state == "interrupted" else ""
+        if len(bars) != len(self.bars.children):
+            self.bars.children = bars
+
+    def _leaderboard_html(self) -> str:
+        done = self.state == "done"
+        finalists = set(self.survivors) if done else set()
+        rows = []
+        ranking = self.ranking
+        for i, e in enumerate(ranking[: self.max_rows], start=1):
+            if e.pruned is not None:
+                note, style = f"pruned in rung {e.pruned}", f' style="{PRUNED_STYLE}"'
+            else:
+                note, style = ("selected" if e.model in finalists else "active"), ""
+            score = f"{e.score:.4f}" if math.isfinite(e.score) else "–"
+            rows.append(f"<tr{style}><td>{i}</td><td>{html.escape(e.model)}</td><td>{score}</td>"
+                        f"<td>{e.rung}</td><td>{note}</td></tr>")
+        more = len(ranking) - self.max_rows
+        if more > 0:
+            rows.append(f'<tr style="{PRUNED_STYLE}"><td colspan="5">… {more} more</td></tr>')
+        return ("<table><thead><tr><th>#</th><th>model</th><th>score</th><th>rung</th><th></th></tr></thead>"
+                f"<tbody>{''.join(rows)}</tbody></table>")
+
+    def _summary_html(self) -> str:
+        total = sum(self.timings.values()) or 1.0
+        times = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{v:.3f} s</td><td><div style=\"background:#1f77b4;"
+            f"height:0.8em;width:{100 * v / total:.0f}px\"></div></td></tr>"
+            for k, v in self.timings.items()
+        )
+        stats = "".join(
+            f"<tr><td>{html.escape(str(k))}</td><td>"
+            f"{human_bytes(v) if 'bytes' in str(k) and isinstance(v, (int, float)) else html.escape(str(v))}"
+            "</td></tr>"
+            for k, v in self.stats.items()
+        )
+        return (f"<b>time breakdown</b> ({sum(self.timings.values()):.3f} s)<table>{times}</table>"
+                f"<b>stats</b><table>{stats}</table>")
+
+    def __repr__(self) -> str:
+        lines = [f"SearchProgress: {self.state}, {len(self.rungs)} rung(s), {len(self.entries)} models"]
+        for rung in sorted(self.rungs.values(), key=lambda r: r.index):
+            end = f" -> {len(rung.survivors)} survivors" if rung.survivors is not None else ""
+            lines.append(f"  rung {rung.index}: {len(rung.models)} models, {rung.items} items, "
+                         f"{len(rung.scored)} scored{end}")
+        if self.state == "done" and self.entries:
+            lines.append(f"  best: {self.ranking[0].model!r}")
+        return "\n".join(lines)
