@@ -1,0 +1,178 @@
+"""The server side of the JupyterLab extension: read-only REST endpoints over the model store.
+
+``GET <base_url>/mm-jupyter/sets`` lists every stored version, ``GET <base_url>/mm-jupyter/lineage?name=NAME``
+the version graph of one set. The store is ``$MM_JUPYTER_STORE`` or ``.mm_store`` under the server's root
+folder. A GET never creates a store: a missing one lists as empty.
+
+The payload builders (``sets_payload``, ``lineage_payload``) are plain functions so that they can be tested
+without a server. Nothing here imports torch: the store's catalog and lineage are read without it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import MMError, RefError
+
+URL_PREFIX = "mm-jupyter"
+CATALOG = "catalog.sqlite"
+
+
+class PayloadError(Exception):
+    """A request the endpoints answer with ``{"error": message}`` and an HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def store_path(root_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``$MM_JUPYTER_STORE`` (relative paths resolve against ``root_dir``), else ``root_dir/.mm_store``."""
+    root = Path(root_dir).expanduser() if root_dir else Path.cwd()
+    env = os.environ.get("MM_JUPYTER_STORE")
+    path = Path(env).expanduser() if env else Path(".mm_store")
+    return path if path.is_absolute() else root / path
+
+
+def _exists(path: Path) -> bool:
+    return (path / CATALOG).is_file()
+
+
+def _plain(value: Any) -> Any:
+    """numpy/pandas scalars, tuples and NaN/NA -> JSON types (lists, int, float, str, None)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else float(value)
+    item = getattr(value, "item", None)  # numpy scalar
+    if callable(item):
+        return _plain(item())
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError, ImportError):
+        pass
+    return str(value)
+
+
+def _open_store(path: Path) -> Any:
+    from ..store import Store
+
+    return Store(path)
+
+
+def sets_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"store": path, "exists": bool, "sets": [{name, version, approach, models, bytes, created, tts_s}]}``.
+
+    A folder without a catalog is reported as an empty store and is not created.
+    """
+    path = Path(path)
+    if not _exists(path):
+        return {"store": str(path), "exists": False, "sets": []}
+    store = _open_store(path)
+    try:
+        frame = store.sets()
+    finally:
+        store.close()
+    rows = [_plain(row) for row in frame.to_dict(orient="records")]
+    return {"store": str(path), "exists": True, "sets": rows}
+
+
+def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str, Any]:
+    """``{"store", "name", "versions": [Version as dict, tuples as lists], "edges": [[base, derived]]}``.
+
+    Raises ``PayloadError`` (400 without a name, 404 for an unknown name or a missing store).
+    """
+    path = Path(path)
+    if not name:
+        raise PayloadError(400, "lineage needs a set name: lineage?name=NAME")
+    if not _exists(path):
+        raise PayloadError(404, f"no set named {name!r}: there is no store at {str(path)!r}")
+    store = _open_store(path)
+    try:
+        lineage = store.lineage(name)
+    except RefError as e:
+        raise PayloadError(404, str(e)) from None
+    except MMError as e:
+        raise PayloadError(400, str(e)) from None
+    finally:
+        store.close()
+    return {
+        "store": str(path),
+        "name": lineage.name,
+        "versions": [_plain(asdict(v)) for v in lineage.versions],
+        "edges": _plain(lineage.edges),
+    }
+
+
+def error_payload(error: BaseException) -> tuple[int, dict[str, str]]:
+    """HTTP status and ``{"error": message}`` for an exception raised while building a payload."""
+    if isinstance(error, PayloadError):
+        return error.status, {"error": error.message}
+    if isinstance(error, RefError):
+        return 404, {"error": str(error)}
+    if isinstance(error, MMError):
+        return 400, {"error": str(error)}
+    return 500, {"error": f"{type(error).__name__}: {error}"}
+
+
+def _handlers(serverapp: Any) -> list[tuple[str, type, dict[str, Any]]]:
+    import tornado.web
+    from jupyter_server.base.handlers import APIHandler
+    from jupyter_server.utils import url_path_join
+
+    root_dir = getattr(serverapp, "root_dir", None)
+
+    class _StoreHandler(APIHandler):
+        async def _reply(self, build: Any) -> None:
+            try:  # in a worker thread: a slow disk or a busy catalog never blocks the server
+                payload = await asyncio.to_thread(build, store_path(root_dir))
+            except Exception as e:  # every failure becomes {"error": ...}, never an HTML page
+                status, payload = error_payload(e)
+                if status == 500:
+                    self.log.exception("mm_jupyter: %s failed", self.request.path)
+                self.set_status(status)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(payload))
+
+    class SetsHandler(_StoreHandler):
+        @tornado.web.authenticated
+        async def get(self) -> None:
+            await self._reply(sets_payload)
+
+    class LineageHandler(_StoreHandler):
+        @tornado.web.authenticated
+        async def get(self) -> None:
+            name = self.get_query_argument("name", default="")
+            await self._reply(lambda path: lineage_payload(path, name))
+
+    base = url_path_join(serverapp.web_app.settings["base_url"], URL_PREFIX)
+    return [
+        (url_path_join(base, "sets"), SetsHandler, {}),
+        (url_path_join(base, "lineage"), LineageHandler, {}),
+    ]
+
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
+    """Register ``<base_url>/mm-jupyter/sets`` and ``<base_url>/mm-jupyter/lineage``."""
+    serverapp.web_app.add_handlers(".*$", _handlers(serverapp))
+    serverapp.log.info("mm_jupyter: model store endpoints at %s/ (store %s)", URL_PREFIX,
+                       store_path(getattr(serverapp, "root_dir", None)))
+
+
+# jupyter_server < 2 looked for this name.
+load_jupyter_server_extension = _load_jupyter_server_extension

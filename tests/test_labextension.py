@@ -1,0 +1,249 @@
+"""The JupyterLab extension "mm-jupyter": the committed prebuilt frontend, its discovery by JupyterLab,
+the server extension's payloads and one real HTTP round trip through ``jupyter server``."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mm_jupyter.jupyter.server import (
+    PayloadError,
+    error_payload,
+    lineage_payload,
+    sets_payload,
+    store_path,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PREBUILT = ROOT / "mm_jupyter" / "labextension"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+SET_KEYS = ["name", "version", "approach", "models", "bytes", "created", "tts_s"]
+
+
+def _jupyter(*args: str, timeout: float = 120) -> str:
+    """Output (stdout and stderr, colours removed) of ``python -m jupyter ARGS`` in this interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "MM_JUPYTER_STORE"}
+    proc = subprocess.run([sys.executable, "-m", "jupyter", *args], check=False, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    out = ANSI.sub("", proc.stdout + proc.stderr)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _save_demo(path: Path) -> None:
+    import mm_jupyter
+    from mm_jupyter.usecases.models import ffnn
+
+    store = mm_jupyter.Store(path)
+    try:
+        store.save_set({"a": ffnn(hidden=8), "b": ffnn(hidden=8)}, "demo")
+        store.save_set({"a": ffnn(hidden=8), "b": ffnn(hidden=8), "c": ffnn(hidden=8)}, "demo", approach="update")
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("labext") / "store"
+    _save_demo(path)
+    return path
+
+
+# -- the prebuilt frontend --------------------------------------------------------------------------
+def test_prebuilt_extension_is_committed_and_complete() -> None:
+    meta = json.loads((PREBUILT / "package.json").read_text())
+    assert meta["name"] == "mm-jupyter"
+    build = meta["jupyterlab"]["_build"]
+    load = PREBUILT / build["load"]
+    assert load.is_file() and load.parent == PREBUILT / "static"
+    bundle = "".join(p.read_text() for p in (PREBUILT / "static").glob("*.js"))
+    for text in ("mm-jupyter:plugin", "mm-jupyter:open-tour", "mm-jupyter:insert-save-cell",
+                 "mm-jupyter:insert-search-cell", "Model store", "notebooks/00_tour.ipynb",
+                 "%%modelset save NAME --approach baseline", "%modelsearch CANDIDATES DATA -k 1 -o result",
+                 "lineage", "sets"):
+        assert text in bundle, f"{text!r} is not in the prebuilt bundle: rebuild it (labextension/README.md)"
+    # the source points its build output at the committed folder, under the same name
+    source = json.loads((ROOT / "labextension" / "package.json").read_text())
+    assert source["name"] == meta["name"] and source["version"] == meta["version"]
+    assert (ROOT / "labextension" / source["jupyterlab"]["outputDir"]).resolve() == PREBUILT
+    # python discovery hook used by `jupyter labextension develop` names the same folder
+    import mm_jupyter
+
+    (hook,) = mm_jupyter._jupyter_labextension_paths()
+    assert (Path(mm_jupyter.__file__).parent / hook["src"]).resolve() == PREBUILT and hook["dest"] == "mm-jupyter"
+
+
+def test_jupyterlab_lists_the_extension_enabled() -> None:
+    out = _jupyter("labextension", "list")
+    assert re.search(r"mm-jupyter v\S+ enabled\s+OK", out), out
+
+
+def test_server_extension_is_enabled_and_valid() -> None:
+    out = _jupyter("server", "extension", "list")
+    assert re.search(r"mm_jupyter enabled", out), out
+    assert re.search(r"Validating mm_jupyter\.\.\.\s*\n\s*mm_jupyter \S+ OK", out), out
+
+
+# -- payloads ---------------------------------------------------------------------------------------
+def test_sets_payload_lists_every_version_as_plain_json(demo_store: Path) -> None:
+    payload = sets_payload(demo_store)
+    assert json.loads(json.dumps(payload, allow_nan=False)) == payload
+    assert payload["store"] == str(demo_store) and payload["exists"] is True
+    rows = payload["sets"]
+    assert [list(r) for r in rows] == [SET_KEYS, SET_KEYS]
+    assert [(r["name"], r["version"], r["approach"], r["models"]) for r in rows] == [
+        ("demo", 1, "baseline", 2), ("demo", 2, "update", 3)]
+    for r in rows:
+        assert type(r["version"]) is int and type(r["models"]) is int and type(r["bytes"]) is int
+        assert r["bytes"] > 0 and isinstance(r["tts_s"], float) and r["created"].startswith("20")
+
+
+def test_lineage_payload_has_versions_edges_and_lists(demo_store: Path) -> None:
+    payload = lineage_payload(demo_store, "demo")
+    assert json.loads(json.dumps(payload, allow_nan=False)) == payload
+    assert payload["name"] == "demo" and payload["edges"] == [[1, 2]]
+    v1, v2 = payload["versions"]
+    assert (v1["version"], v1["base"], v1["approach"], v1["models"]) == (1, None, "baseline", 2)
+    assert (v2["version"], v2["base"], v2["approach"], v2["models"]) == (2, 1, "update", 3)
+    assert v2["added"] == ["c"] and v2["dropped"] == [] and isinstance(v2["datasets"], list)
+    assert v1["bytes"] == sets_payload(demo_store)["sets"][0]["bytes"]
+
+
+def test_missing_store_lists_empty_and_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / ".mm_store"
+    assert sets_payload(missing) == {"store": str(missing), "exists": False, "sets": []}
+    with pytest.raises(PayloadError) as e:
+        lineage_payload(missing, "demo")
+    assert e.value.status == 404
+    assert not missing.exists() and not missing.parent.exists()
+    empty = tmp_path / "empty"  # a folder that is not a store yet: still nothing written
+    empty.mkdir()
+    assert sets_payload(empty)["sets"] == [] and list(empty.iterdir()) == []
+
+
+def test_lineage_errors_become_error_payloads(demo_store: Path) -> None:
+    with pytest.raises(PayloadError) as e:
+        lineage_payload(demo_store, "no-such-set")
+    status, body = error_payload(e.value)
+    assert status == 404 and "no-such-set" in body["error"] and list(body) == ["error"]
+    with pytest.raises(PayloadError) as e:
+        lineage_payload(demo_store, "")
+    assert e.value.status == 400
+    from mm_jupyter.errors import RefError, StoreError
+
+    assert error_payload(RefError("gone"))[0] == 404
+    assert error_payload(StoreError("bad")) == (400, {"error": "bad"})
+    assert error_payload(ValueError("boom"))[0] == 500
+
+
+def test_store_path_env_then_root_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MM_JUPYTER_STORE", raising=False)
+    assert store_path(tmp_path) == tmp_path / ".mm_store"
+    monkeypatch.setenv("MM_JUPYTER_STORE", str(tmp_path / "elsewhere"))
+    assert store_path(tmp_path / "root") == tmp_path / "elsewhere"
+    monkeypatch.setenv("MM_JUPYTER_STORE", "rel/store")
+    assert store_path(tmp_path) == tmp_path / "rel" / "store"
+
+
+def test_payloads_do_not_import_torch(demo_store: Path) -> None:
+    code = (
+        "import sys, mm_jupyter.jupyter.server as s\n"
+        f"assert s.sets_payload({str(demo_store)!r})['sets']\n"
+        f"assert s.lineage_payload({str(demo_store)!r}, 'demo')['versions']\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- one real server round trip ---------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, token: str | None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return e.code, json.loads(body)
+        except ValueError:
+            return e.code, {"raw": body.decode(errors="replace")}
+
+
+def test_server_round_trip(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _save_demo(root / ".mm_store")  # the default store under the server's root folder
+    token, port = "mm-test-token", _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MM_JUPYTER_STORE"}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "server", f"--ServerApp.root_dir={root}", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.open_browser=False",
+         f"--IdentityProvider.token={token}", "--ServerApp.base_url=/base/", "--allow-root",
+         "--ServerApp.jpserver_extensions", "mm_jupyter=True"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    base = f"http://127.0.0.1:{port}/base"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if _get(f"{base}/api/status", token)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
+
+        status, body = _get(f"{base}/mm-jupyter/sets", token)
+        assert status == 200, body
+        assert body == json.loads(json.dumps(sets_payload(root / ".mm_store")))
+        assert [r["version"] for r in body["sets"]] == [1, 2]
+
+        status, body = _get(f"{base}/mm-jupyter/lineage?name=demo", token)
+        assert status == 200 and body["edges"] == [[1, 2]], body
+
+        status, body = _get(f"{base}/mm-jupyter/lineage?name=nope", token)
+        assert status == 404 and "nope" in body["error"], body
+        status, body = _get(f"{base}/mm-jupyter/lineage", token)
+        assert status == 400 and "error" in body, body
+
+        assert _get(f"{base}/mm-jupyter/sets", None)[0] == 403  # authenticated only
+
+        # JupyterLab hands the prebuilt extension to the browser: page config names it, static files are served
+        with urllib.request.urlopen(urllib.request.Request(
+                f"{base}/lab", headers={"Authorization": f"token {token}"}), timeout=30) as resp:
+            page = resp.read().decode()
+        found = re.search(r'<script id="jupyter-config-data" type="application/json">(.*?)</script>', page, re.DOTALL)
+        assert found, page[:2000]
+        federated = {e["name"]: e for e in json.loads(found.group(1))["federated_extensions"]}
+        assert "mm-jupyter" in federated, sorted(federated)
+        entry = federated["mm-jupyter"]
+        committed = json.loads((PREBUILT / "package.json").read_text())["jupyterlab"]["_build"]["load"]
+        assert entry["load"] == committed, "the installed copy is stale: re-run pip install -e . after a rebuild"
+        with urllib.request.urlopen(f"{base}/lab/extensions/mm-jupyter/{entry['load']}", timeout=30) as resp:
+            assert resp.status == 200 and b"mm-jupyter" in resp.read()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+        log.close()
