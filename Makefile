@@ -2,6 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+JUPYTER_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+NBVAL := --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+# small notebooks with deterministic outputs: compared strictly; notebooks holding timings: run, lax
+STRICT_NOTEBOOKS := notebooks/00_tour.ipynb notebooks/01_exercise_model_registry.ipynb
+LAX_NOTEBOOKS := notebooks/02_exercise_transfer_learning.ipynb notebooks/03_paper_multi_model_management.ipynb \
+	notebooks/04_paper_alsatian.ipynb
 
 .PHONY: install run test bench clean
 
@@ -11,12 +17,14 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 	sh scripts/install.sh $(VENV)
 	touch $@
 
-# The main job: until the Jupyter surface lands, the multi-model management benchmark.
+# The main job: JupyterLab with the mm_jupyter extension, opened on the tour notebook.
 run: install
-	$(PY) -m mm_jupyter.bench modelsets
+	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) notebooks/00_tour.ipynb
 
+# The unit tests and the strict notebooks in one run, then the notebooks whose outputs hold timings.
 test: install
-	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --nbval $(NBVAL) tests $(STRICT_NOTEBOOKS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax $(NBVAL) $(LAX_NOTEBOOKS) $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m mm_jupyter.bench modelsets --quick
