@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 
 # The main job: JupyterLab with the mm_jupyter extension, opened on the tour notebook.
 run: install
-	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) notebooks/00_tour.ipynb
+	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) --LabApp.default_url=/lab/tree/notebooks/00_tour.ipynb
 
 # The unit tests and the strict notebooks in one run, then the notebooks whose outputs hold timings.
 test: install
