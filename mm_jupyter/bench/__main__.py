@@ -191,6 +191,8 @@ def add_search(sub: Any) -> None:
     p.add_argument("--items", type=int, default=None, help="data items (default 2000; 400 with --quick)")
     p.add_argument("--approaches", default=",".join(APPROACHES))
     p.add_argument("--budget", type=int, default=None, help="cache budget in bytes for alsatian")
+    p.add_argument("--budget-fraction", type=float, default=None,
+                   help="also run alsatian with this fraction of its measured C_min as budget (e.g. 0.25)")
     p.add_argument("--scale", choices=["small", "cpu", "full"], default="cpu",
                    help="small: reduced widths at 32 px (tests); cpu: the real architecture at reduced "
                         "resolution (default; --resolution); full: real architecture and resolution (GPU)")
@@ -216,7 +218,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     res = run_search_bench(arch=args.arch, models=models, distribution=args.distribution, items=items,
                            approaches=approaches, budget=args.budget, reduced=args.scale == "small",
                            image_size=args.resolution if args.scale == "cpu" else None, device=args.device,
-                           batch_size=args.batch_size, seed=args.seed, out=args.out, progress=_say)
+                           batch_size=args.batch_size, seed=args.seed, budget_fraction=args.budget_fraction,
+                           out=args.out, progress=_say)
     print(format_table(res.rows, SEARCH_COLUMNS))
     al = next((r for r in res.rows if r["approach"] == "alsatian"), None)
     if al is not None:

@@ -58,9 +58,13 @@ def plan_seconds(models: int = 500, blocks: int = 20, seed: int = 0) -> float:
 def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str = "top-layers",
                      items: int = 2000, approaches: Sequence[str] = APPROACHES, budget: int | None = None,
                      reduced: bool = True, image_size: int | None = None, device: str = "auto",
-                     batch_size: int = 64, seed: int = 0,
+                     batch_size: int = 64, seed: int = 0, budget_fraction: float | None = None,
                      out: str | os.PathLike[str] = DEFAULT_OUT, progress: Progress = lambda m: None) -> SearchBench:
-    """Run every approach once on the same candidates and data; return rows and targets."""
+    """Run every approach once on the same candidates and data; return rows and targets.
+
+    ``budget_fraction`` (needs alsatian among the approaches) adds a row ``alsatian-budget``: alsatian
+    again with a cache budget of that fraction of the peak the unlimited run needed (its C_min), so
+    the plan must chunk the data."""
     import mm_jupyter as mm
 
     from ..search.stored import add_candidates, load_candidates
@@ -86,6 +90,13 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
         mm.search(cands[:2], (data[0][:128], data[1][:128]), k=1, approach="alsatian", device=device,
                   batch_size=batch_size, seed=seed)
         results, rows = _run_all(stored, data, approaches, budget, device, batch_size, seed, progress)
+        if budget_fraction is not None:
+            if "alsatian" not in results:
+                raise ValueError("budget_fraction needs the alsatian approach")
+            limited = max(1, int(results["alsatian"].stats["cache_peak_bytes"] * budget_fraction))
+            more, extra = _run_all(stored, data, ["alsatian"], limited, device, batch_size, seed, progress)
+            results["alsatian-budget"] = more["alsatian"]
+            rows.append(extra[0] | {"approach": "alsatian-budget", "budget": limited})
     finally:
         shutil.rmtree(store_dir, ignore_errors=True)
     by = {r["approach"]: r for r in rows}
@@ -97,11 +108,16 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
         same = list(a["model"]) == list(s["model"]) and bool(
             (abs(a["score"].values - s["score"].values) <= 1e-6).all())
         by["alsatian"]["ranking_matches_shift"] = same
+    if "alsatian-budget" in results and "shift" in results:
+        a, s = results["alsatian-budget"].ranking, results["shift"].ranking
+        by["alsatian-budget"]["ranking_matches_shift"] = list(a["model"]) == list(s["model"]) and bool(
+            (abs(a["score"].values - s["score"].values) <= 1e-6).all())
     if "alsatian" in results and "base" in results:
         by["alsatian"]["best_matches_base"] = results["alsatian"].best == results["base"].best
     planning = plan_seconds(500)
     targets = _targets(by, distribution, planning, budget)
     config = {"arch": arch, "models": models, "distribution": distribution, "items": items, "budget": budget,
+              "budget_fraction": budget_fraction,
               "reduced": reduced, "image_size": image_size, "device": device, "batch_size": batch_size, "seed": seed}
     bench = SearchBench(rows, targets, planning, config)
     folder = Path(out)
@@ -146,5 +162,13 @@ def _targets(by: dict[str, dict[str, Any]], distribution: str, planning: float, 
                           0.0, "<=", "extra inferences"))
     if al is not None and "ranking_matches_shift" in al:
         out.append(Target("alsatian ranking == shift ranking", float(al["ranking_matches_shift"]), 1.0, ">=", "(1 = yes)"))
+    lim = by.get("alsatian-budget")
+    if lim is not None:
+        c_min = al["cache_peak_bytes"] if al is not None else None
+        out.append(Target("budget < C_min: alsatian vs shift", lim.get("speedup_vs_shift"), 1.0, ">=", "x faster",
+                          f"budget {lim['budget']:,} B of C_min {c_min:,} B, {lim['chunks']} chunks"))
+        if "ranking_matches_shift" in lim:
+            out.append(Target("budget < C_min: ranking == shift ranking", float(lim["ranking_matches_shift"]), 1.0,
+                              ">=", "(1 = yes)"))
     out.append(Target("planning 500 candidates", planning, 1.0, "<=", "s"))
     return out
