@@ -12,14 +12,19 @@ def test_quick_search_bench(tmp_path):
     from mm_jupyter.bench.search import run_search_bench
 
     res = run_search_bench(arch="resnet18", models=5, distribution="top-layers", items=200, reduced=True,
-                           out=tmp_path)
+                           budget_fraction=0.25, out=tmp_path)
     by = {r["approach"]: r for r in res.rows}
-    assert set(by) == {"base", "shift", "alsatian"}
+    assert set(by) == {"base", "shift", "alsatian", "alsatian-budget"}
+    limited = by["alsatian-budget"]
+    assert limited["budget"] < by["alsatian"]["cache_peak_bytes"]
+    assert limited["cache_peak_bytes"] <= limited["budget"] and limited["chunks"] > by["alsatian"]["chunks"]
+    assert limited["ranking_matches_shift"] is True
     assert by["alsatian"]["ranking_matches_shift"] is True
     assert by["alsatian"]["block_inferences"] == by["alsatian"]["unique_edges"]
     assert by["alsatian"]["bytes_loaded"] < by["shift"]["bytes_loaded"]
     saved = json.loads(open(res.files[0]).read())
-    assert {t["name"] for t in saved["targets"]} >= {"planning 500 candidates", "alsatian ranking == shift ranking"}
+    assert {t["name"] for t in saved["targets"]} >= {"planning 500 candidates", "alsatian ranking == shift ranking",
+                                                     "budget < C_min: ranking == shift ranking"}
 
 
 def test_cli_quick(tmp_path, capsys):
