@@ -22,6 +22,10 @@ def test_quick_search_bench(tmp_path):
     assert by["alsatian"]["ranking_matches_shift"] is True
     assert by["alsatian"]["block_inferences"] == by["alsatian"]["unique_edges"]
     assert by["alsatian"]["bytes_loaded"] < by["shift"]["bytes_loaded"]
+    # the modelled work: one cost per block depth, and sharing allows a speedup over shift
+    assert len(res.block_costs) == len(by["base"]["items_per_depth"]) and min(res.block_costs) >= 0
+    assert all(r["modelled_inference_s"] > 0 for r in res.rows)
+    assert by["alsatian"]["sharing_bound_vs_shift"] > 1
     saved = json.loads(open(res.files[0]).read())
     assert {t["name"] for t in saved["targets"]} >= {"planning 500 candidates", "alsatian ranking == shift ranking",
                                                      "budget < C_min: ranking == shift ranking"}
@@ -33,3 +37,4 @@ def test_cli_quick(tmp_path, capsys):
     assert main(["search", "--quick", "--arch", "mlp", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ranking matches shift: True" in out and "targets (this run):" in out
+    assert "the work alone allows" in out

@@ -72,6 +72,19 @@ def test_sharing_runs_each_edge_once(runs):
     assert full["block_inferences"] < r["base"].stats["block_inferences"] == 3 * len(cands)
 
 
+def test_items_per_depth_counts_the_work(runs):
+    cands, (x, _), r = runs
+    base = r["base"].stats["items_per_depth"]
+    assert base == [len(cands) * len(x)] * len(base)
+    # without halving every unique edge runs once over all items
+    full = r["alsatian-full"].stats
+    assert sum(full["items_per_depth"]) == full["unique_edges"] * len(x)
+    shared, whole = r["alsatian"].stats["items_per_depth"], r["shift"].stats["items_per_depth"]
+    assert len(shared) == len(whole)
+    assert all(a <= b for a, b in zip(shared, whole)) and sum(shared) < sum(whole)
+    assert shared[0] == len(x)  # all candidates share the first block: every item runs it once
+
+
 def test_halving_prunes_half_per_rung_and_uses_all_data_last(runs):
     cands, (x, _), r = runs
     res = r["alsatian"]

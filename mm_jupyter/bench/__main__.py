@@ -168,6 +168,7 @@ SEARCH_COLUMNS = [
     ("t_prepare data", "data s", "s"),
     ("t_prepare model", "model s", "s"),
     ("t_inference", "inference s", "s"),
+    ("modelled_inference_s", "modelled inf. s", "s"),
     ("t_proxy", "proxy s", "s"),
     ("t_planning", "planning s", "s"),
     ("speedup_vs_base", "vs base", "x"),
@@ -225,6 +226,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if al is not None:
         print(f"ranking matches shift: {al.get('ranking_matches_shift')}; "
               f"best matches base: {al.get('best_matches_base')}")
+        if "sharing_bound_vs_shift" in al:
+            print(f"inference vs shift: measured {al['inference_vs_shift']:.2f}x; the work alone allows "
+                  f"{al['sharing_bound_vs_shift']:.2f}x (per-item block costs "
+                  f"{', '.join(f'{1e6 * c:.0f}' for c in res.block_costs)} us by depth)")
     print(f"planning a 500-candidate task tree: {res.planning_500_s:.3f} s")
     print()
     print("targets (this run):")

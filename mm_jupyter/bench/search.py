@@ -3,6 +3,13 @@
 Per approach: end-to-end time, its breakdown, speedups against base and shift, block inferences,
 cache peak, and whether the rankings match (alsatian against shift on the same rungs, and the
 selected model against base). Also the planner's time for a 500-candidate task tree.
+
+The limit for sharing: every candidate has the base model's architecture, so a block at depth
+``d`` costs about the same per item in every candidate. The benchmark times each depth once on one
+batch (``block_costs``) and turns each run's ``items_per_depth`` into a modelled inference time.
+The ratio of two approaches' modelled times is the speedup their *work* allows, whatever the code
+around it does: for alsatian against shift it is the bound that sharing exactly the unique task
+tree edges can reach, and measured inference over modelled shows how close the engine gets.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ class SearchBench:
     targets: list[Target]
     planning_500_s: float
     config: dict[str, Any]
+    block_costs: list[float] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
 
 
@@ -67,6 +75,7 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
     the plan must chunk the data."""
     import mm_jupyter as mm
 
+    from ..search.api import resolve_device
     from ..search.stored import add_candidates, load_candidates
     from ..search.synthetic import base_model, sample_data, synthetic_candidates
     from ..store.architectures import Architecture
@@ -90,6 +99,7 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
         mm.search(cands[:2], (data[0][:128], data[1][:128]), k=1, approach="alsatian", device=device,
                   batch_size=batch_size, seed=seed)
         results, rows = _run_all(stored, data, approaches, budget, device, batch_size, seed, progress)
+        costs = block_costs(cands[0], data[0], batch_size, resolve_device(device))
         if budget_fraction is not None:
             if "alsatian" not in results:
                 raise ValueError("budget_fraction needs the alsatian approach")
@@ -99,7 +109,13 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
             rows.append(extra[0] | {"approach": "alsatian-budget", "budget": limited})
     finally:
         shutil.rmtree(store_dir, ignore_errors=True)
+    for r in rows:
+        r["modelled_inference_s"] = modelled_inference(r["items_per_depth"], costs)
     by = {r["approach"]: r for r in rows}
+    if "alsatian" in by and "shift" in by:
+        al, sh = by["alsatian"], by["shift"]
+        al["sharing_bound_vs_shift"] = sh["modelled_inference_s"] / al["modelled_inference_s"]
+        al["inference_vs_shift"] = sh["t_inference"] / al["t_inference"]
     for r in rows:
         r["speedup_vs_base"] = by["base"]["seconds"] / r["seconds"] if "base" in by else None
         r["speedup_vs_shift"] = by["shift"]["seconds"] / r["seconds"] if "shift" in by else None
@@ -119,14 +135,48 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
     config = {"arch": arch, "models": models, "distribution": distribution, "items": items, "budget": budget,
               "budget_fraction": budget_fraction,
               "reduced": reduced, "image_size": image_size, "device": device, "batch_size": batch_size, "seed": seed}
-    bench = SearchBench(rows, targets, planning, config)
+    bench = SearchBench(rows, targets, planning, config, costs)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"search-{arch}-{distribution}-{models}.json"
-    path.write_text(json.dumps({"config": config, "rows": rows, "planning_500_s": planning,
+    path.write_text(json.dumps({"config": config, "rows": rows, "planning_500_s": planning, "block_costs_s": costs,
                                 "targets": [t.to_json() for t in targets]}, indent=2, default=str))
     bench.files.append(str(path))
     return bench
+
+
+def block_costs(model: Any, x: Any, batch_size: int = 64, device: str = "cpu", repeat: int = 3) -> list[float]:
+    """Seconds per item of each feature-extractor block of ``model`` (min over ``repeat`` runs on
+    one batch of ``x``, after a warm-up run)."""
+    import torch
+
+    from ..search.blocks import split_model
+
+    split = split_model(model)
+    batch = x[:batch_size].to(device)
+    ctx = {k: v.to(device) for k, v in split.context(batch).items()}
+    costs, h = [], batch
+    with torch.inference_mode():
+        for block in split.blocks:
+            block.module.to(device).eval()
+            out = block(h, ctx)
+            best = float("inf")
+            for _ in range(repeat):
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                block(h, ctx)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            costs.append(best / len(batch))
+            h = out
+    return costs
+
+
+def modelled_inference(items_per_depth: Sequence[int], costs: Sequence[float]) -> float:
+    """Inference seconds the work of a run would take at the calibrated per-item block costs."""
+    return float(sum(n * c for n, c in zip(items_per_depth, costs)))
 
 
 def _run_all(candidates: Any, data: Any, approaches: Sequence[str], budget: int | None, device: str,

@@ -122,7 +122,8 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     return out
 
 
-def _device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """``"auto"`` becomes CUDA when present, else CPU; an unavailable CUDA device is an error."""
     import torch
 
     if device == "auto":
@@ -175,7 +176,7 @@ def search(
     if k > n_models:
         raise SearchError(f"k={k} is larger than the number of candidates ({n_models})")
     x, y = _as_data(data)
-    dev = _device(device)
+    dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=gen)
     n_test = max(1, int(round(len(x) * test_fraction)))

@@ -36,11 +36,20 @@ class Meter:
     bytes_loaded: int = 0
     spilled_bytes: int = 0
     chunks: int = 0
+    depth_items: dict[int, int] = field(default_factory=dict)
+
+    def ran(self, depth: int, items: int) -> None:
+        """Count one block inference of the block at ``depth`` over ``items`` items."""
+        self.block_inferences += 1
+        self.depth_items[depth] = self.depth_items.get(depth, 0) + items
 
     def add(self, bucket: str, seconds: float) -> None:
         self.timings[bucket] += seconds
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """Counters; ``items_per_depth[d]`` is how many items went through blocks at depth ``d``
+        (the work done, which the benchmark turns into a modelled inference time)."""
+        depth = max(self.depth_items, default=-1) + 1
         return {
             "block_inferences": self.block_inferences,
             "unique_edges": self.unique_edges,
@@ -48,6 +57,7 @@ class Meter:
             "bytes_loaded": self.bytes_loaded,
             "spilled_bytes": self.spilled_bytes,
             "chunks": self.chunks,
+            "items_per_depth": [self.depth_items.get(d, 0) for d in range(depth)],
         }
 
 
@@ -144,7 +154,8 @@ def extract_whole(cand: Candidate, segments: list["torch.Tensor"], *, batch_size
                 feats = torch.empty((len(raw), f.shape[1]), dtype=f.dtype)
             feats[a:b] = f
     meter.add("inference", time.perf_counter() - t0)
-    meter.block_inferences += cand.count
+    for depth in range(cand.count):
+        meter.ran(depth, len(raw))
     meter.unique_edges += cand.count
     assert feats is not None
     return _split(feats, segments)
@@ -242,7 +253,7 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
                         del parent
                         cache.put(st.node, out)
                         meter.add("inference", time.perf_counter() - t0)
-                        meter.block_inferences += 1
+                        meter.ran(depth, len(piece))
                     elif st.kind == "score":
                         f = cache.get(st.node, device).reshape(len(piece), -1).float().cpu()
                         if st.model not in feats:
