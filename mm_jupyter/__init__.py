@@ -15,6 +15,7 @@ from .errors import (
     RefError,
     SearchError,
     StoreError,
+    TrustError,
 )
 
 __version__ = "0.1.0"
@@ -26,6 +27,8 @@ _LAZY = {
     "Lineage": "mm_jupyter.store",
     "Architecture": "mm_jupyter.store",
     "architecture": "mm_jupyter.store",
+    "trusted": "mm_jupyter.store",
+    "allow_functions": "mm_jupyter.store",
     "Provenance": "mm_jupyter.store",
     "DatasetRef": "mm_jupyter.store",
     "SearchResult": "mm_jupyter.search.api",
@@ -35,7 +38,7 @@ _LAZY = {
 
 __all__ = [
     "ArchitectureError", "IntegrityError", "MMError", "RecoveryError", "RefError", "SearchError",
-    "StoreError", "__version__", "search", *_LAZY,
+    "StoreError", "TrustError", "__version__", "search", *_LAZY,
 ]
 
 

@@ -25,6 +25,10 @@ class ArchitectureError(StoreError):
     """An architecture cannot be recorded or rebuilt without pickling."""
 
 
+class TrustError(ArchitectureError):
+    """Rebuilding or recovering would run code recorded in the store, and the store is not trusted."""
+
+
 class IntegrityError(StoreError):
     """Stored bytes do not match their recorded hash (bit rot, truncation, tampering)."""
 
@@ -42,6 +46,7 @@ __all__ = [
     "StoreError",
     "RefError",
     "ArchitectureError",
+    "TrustError",
     "IntegrityError",
     "RecoveryError",
     "SearchError",

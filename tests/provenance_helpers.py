@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import mm_jupyter as mm
 from mm_jupyter.usecases.training import train
 
 #: Every call of a training function below appends one line to the file named by this variable.
@@ -39,12 +40,14 @@ def _xy(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(arr[:, :5].copy()), torch.from_numpy(arr[:, 5:].copy())
 
 
+@mm.trusted
 def counting_train(model: torch.nn.Module, data: Any, config: dict[str, Any]) -> None:
     """Deterministic training on an (n, 6) array that logs each call."""
     _log("counting_train")
     train(model, _xy(data), config)
 
 
+@mm.trusted
 def noisy_train(model: torch.nn.Module, data: Any, config: dict[str, Any]) -> None:
     """Deterministic training, then OS-entropy noise on the last layer's bias only: not reproducible."""
     _log("noisy_train")

@@ -254,6 +254,7 @@ def poison_(model: SpecialNet, seed: int) -> SpecialNet:
     return model
 
 
+@mm.architecture
 def param_bag(spec: list) -> nn.Module:
     """A module built from a JSON spec: ``[[name, dtype, shape, "param"|"buffer"], ...]``.
 
@@ -275,6 +276,7 @@ def param_bag(spec: list) -> nn.Module:
     return root
 
 
+@mm.architecture
 def mlp(width: int = 8, depth: int = 2, inputs: int = 4) -> nn.Module:
     """An importable factory with keyword arguments."""
     layers: list[nn.Module] = []
@@ -284,6 +286,48 @@ def mlp(width: int = 8, depth: int = 2, inputs: int = 4) -> nn.Module:
         d = width
     layers.append(nn.Linear(d, 1))
     return nn.Sequential(*layers)
+
+
+def _halve_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0] * 0.5,)
+
+
+@mm.architecture
+def hooked_mlp(width: int = 4) -> nn.Module:
+    """A factory whose modules carry a forward pre-hook (code a structural record cannot hold)."""
+    model = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+    model.register_forward_pre_hook(_halve_input)
+    return model
+
+
+def plain_factory(width: int = 8) -> nn.Module:
+    """An importable function *not* registered with ``@mm.architecture``: stores may not call it."""
+    return nn.Linear(width, width)
+
+
+def _note(what: str) -> None:
+    path = os.environ.get("MM_TEST_SENTINEL")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(what + "\n")
+
+
+def logged_data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An unregistered dataset loader that notes each call in $MM_TEST_SENTINEL."""
+    _note("data")
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(seed))
+    return x, x.sum(1, keepdim=True)
+
+
+def logged_train(model: nn.Module, data: Any, config: dict) -> None:
+    """An unregistered training function that notes each call in $MM_TEST_SENTINEL."""
+    _note("train")
+    x, y = data
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(config["steps"]):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
 
 
 @mm.architecture
@@ -376,9 +420,9 @@ def make(kind: str, seed: int) -> nn.Module:
 # -- fresh-process recovery --------------------------------------------------------------------
 
 
-def report(store_path: str, refs: Sequence[str]) -> dict[str, Any]:
+def report(store_path: str, refs: Sequence[str], trust: bool = False) -> dict[str, Any]:
     """What a process that never saw the models recovers for each ref (errors are reported)."""
-    store = mm.Store(store_path)
+    store = mm.Store(store_path, trust_code=trust)
     out: dict[str, Any] = {}
     for ref in refs:
         try:
@@ -408,7 +452,9 @@ def report(store_path: str, refs: Sequence[str]) -> dict[str, Any]:
 
 def cli(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    json.dump(report(argv[0], argv[1:]), sys.stdout)
+    trust = argv[0] == "--trust"
+    argv = argv[1:] if trust else argv
+    json.dump(report(argv[0], argv[1:], trust), sys.stdout)
 
 
 def subprocess_env() -> dict[str, str]:
@@ -430,8 +476,9 @@ def run_python(code: str, *args: str, timeout: float = 300, check: bool = True) 
     return proc
 
 
-def fresh_report(store_path: str | os.PathLike[str], refs: Iterable[str]) -> dict[str, Any]:
-    """``report`` run in a fresh interpreter."""
+def fresh_report(store_path: str | os.PathLike[str], refs: Iterable[str], trust: bool = False) -> dict[str, Any]:
+    """``report`` run in a fresh interpreter (``trust``: the store is opened with trust_code=True)."""
     refs = [str(r) for r in refs]
-    proc = run_python("import store_models; store_models.cli()", str(store_path), *refs)
+    flag = ["--trust"] if trust else []
+    proc = run_python("import store_models; store_models.cli()", *flag, str(store_path), *refs)
     return json.loads(proc.stdout)

@@ -69,7 +69,7 @@ def test_usage_is_the_docstring(ip: Any) -> None:
 def test_save_last_expression_recover_show_diff(ip: Any, tmp_path: Path) -> None:
     ip.run_cell(TINY)
     saved = ip.run_cell_magic("modelset", "save tiny", "torch.manual_seed(0)\nms_in = {f'm{i}': Tiny() for i in range(4)}\nms_in")
-    assert repr(saved) == "saved tiny@1: baseline, 4 models, 800 B"
+    assert repr(saved) == "saved tiny@1: baseline, 4 models, 1.1 kB"
     ip.run_cell("ms_in['m1'].l.bias.data += 1\nms_in['m9'] = Tiny()")
     saved = ip.run_cell_magic("modelset", "save tiny --approach update --models ms_in", "x = 1")
     assert str(saved.ref) == "tiny@2" and saved.approach == "update" and saved.base == "tiny@1"
@@ -85,13 +85,19 @@ def test_save_last_expression_recover_show_diff(ip: Any, tmp_path: Path) -> None
     assert repr(diff).splitlines()[0] == "tiny@1 -> tiny@2: 1 changed, 1 added, 0 dropped, 3 unchanged"
     info = ip.run_line_magic("modelset", "show tiny@2")
     text = repr(info)
-    assert "tiny@2: update" in text and "models: 5 (m0, m1, m2, m3, m9)" in text and "source Tiny" in text
+    assert "tiny@2: update" in text and "models: 5 (m0, m1, m2, m3, m9)" in text
+    assert "architecture: module tree of Tiny (notebook source: Tiny)" in text
     assert repr(info) == repr(ip.run_line_magic("modelset", "show tiny@2"))  # deterministic
     listing = ip.run_line_magic("modelset", "list")
     assert list(listing["version"]) == [1, 2] and list(listing["approach"]) == ["baseline", "update"]
-    # the class defined in a cell is recorded as source: a fresh process rebuilds the module
+    # the class defined in a cell is recorded as source: a fresh process rebuilds the module once
+    # the store is trusted (without trust it refuses to run the recorded class)
     store = tmp_path / "store"
-    out = run_python("import sys, mm_jupyter as mm\nm = mm.Store(sys.argv[1]).recover_set('tiny@2')['m1']\n"
+    refused = run_python("import sys, mm_jupyter as mm\nmm.Store(sys.argv[1]).recover_set('tiny@2')['m1']",
+                         str(store), check=False)
+    assert refused.returncode == 1 and "TrustError: set 'tiny@2' would run code" in refused.stderr
+    out = run_python("import sys, mm_jupyter as mm\n"
+                     "m = mm.Store(sys.argv[1], trust_code=True).recover_set('tiny@2')['m1']\n"
                      "print(type(m).__name__, m.l.bias.tolist())", str(store)).stdout.split(maxsplit=1)
     assert out[0] == "Tiny"
     assert json.loads(out[1]) == pytest.approx(src["m1"].l.bias.tolist())
@@ -180,8 +186,9 @@ def test_provenance_cell_is_the_recorded_training_code(ip: Any, tmp_path: Path) 
 
     source = record(store, store.row("cells@2"))["train"]["source"]
     assert "LR = 0.01" in source and "def train_cell(model, data, config):" in source
-    # a fresh interpreter retrains from the recorded cell and gets the same bits
-    code = ("import sys, torch, mm_jupyter as mm\nms = mm.Store(sys.argv[1]).recover_set('cells@2')\n"
+    # a fresh interpreter retrains from the recorded cell (once trusted) and gets the same bits
+    code = ("import sys, torch, mm_jupyter as mm\n"
+            "ms = mm.Store(sys.argv[1], trust_code=True).recover_set('cells@2')\n"
             "print(';'.join(n + ':' + ','.join(str(float(t.double().sum())) for t in ms.state_dict(n).values())"
             " for n in ms.names))")
     fresh = run_python(code, str(tmp_path / "store")).stdout.strip().split(";")

@@ -46,12 +46,16 @@ def named(models: list[torch.nn.Module]) -> dict[str, torch.nn.Module]:
 
 
 RECOVER = r"""
-import hashlib, json, sys
+import hashlib, json, os, sys
 import mm_jupyter as mm
-store = mm.Store(sys.argv[1])
+store = mm.Store(sys.argv[1], trust_code=os.environ.get("MM_TEST_TRUST") == "1")
 out = {}
 for ref in sys.argv[2:]:
-    ms = store.recover_set(ref)
+    try:
+        ms = store.recover_set(ref)
+    except mm.TrustError as e:
+        out[ref] = {"error": str(e)}
+        continue
     ms.load()
     out[ref] = {"approach": ms.approach, "models": {
         name: {k: hashlib.sha256(f"{v.dtype}{tuple(v.shape)}".encode() + v.contiguous().numpy().tobytes()).hexdigest()
@@ -74,8 +78,8 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> dict
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def recover_fresh(store: mm.Store, *refs: str) -> dict:
-    return run_python(RECOVER, str(store.root), *refs)
+def recover_fresh(store: mm.Store, *refs: str, trust: bool = False) -> dict:
+    return run_python(RECOVER, str(store.root), *refs, env={"MM_TEST_TRUST": "1" if trust else "0"})
 
 
 def object_files(store: mm.Store) -> list[str]:
@@ -375,5 +379,10 @@ def test_training_function_from_a_notebook_cell_is_recorded_as_source(tmp_path: 
     finally:
         store.close()
 
-    got = recover_fresh(mm.Store(path), "nb@2")  # plain python: no IPython, no notebook namespace
+    # plain python: no IPython, no notebook namespace. The recorded cell code is shown, not run ...
+    refused = recover_fresh(mm.Store(path), "nb@2")["nb@2"]["error"]
+    assert "set 'nb@2' would run code recorded in the store" in refused and "def my_train(" in refused
+    assert "--trust-code" in refused
+    # ... until the store is trusted
+    got = recover_fresh(mm.Store(path), "nb@2", trust=True)
     assert got["nb@2"]["models"] == saved["new"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mm_jupyter as mm
+from mm_jupyter.store import trust
 import mm_jupyter.usecases.models as usecase_models
 import store_models as sm
 from mm_jupyter.store.objects import chunk_size_for, header_size_for
@@ -39,6 +40,8 @@ class CountBuilds:
             return real(*a, **k)
 
         monkeypatch.setattr(usecase_models, "ffnn", counted)
+        # the stand-in must be registered like the factory it replaces, or stores may not call it
+        monkeypatch.setitem(trust._REGISTERED, "mm_jupyter.usecases.models:ffnn", counted)
 
 
 def test_one_model_of_2000_reads_one_chunk(big):

@@ -41,10 +41,11 @@ def test_importable_factories_and_classes(store, store_path):
     assert arch["ref"] == "store_models:mlp" and arch["kwargs"] == {"width": 7}
     arch = save(mk(sm.tagged_mlp, width=6), "decorated")  # no architecture= needed
     assert arch == {"kind": "factory", "ref": "store_models:tagged_mlp", "kwargs": {"width": 6, "inputs": 4}}
-    arch = save(mk(sm.MLP), "class")
-    assert arch == {"kind": "factory", "ref": "store_models:MLP", "kwargs": {}}
+    arch = save(mk(sm.MLP), "class")  # a plain class: its structure, no constructor call, no source
+    assert arch["kind"] == "structure" and arch["structure"]["classes"][0] == "store_models:MLP"
+    assert arch["structure"]["source"] is None
     arch = save(mk(sm.TiedNet), "tied-class")
-    assert arch["ref"] == "store_models:TiedNet"
+    assert arch["structure"]["classes"][0] == "store_models:TiedNet"
     arch = save({"x": sm.fill_(sm.NeedsArgs(3), 1)}, "class-kwargs",
                 architecture=mm.Architecture.factory(sm.NeedsArgs, width=3))
     assert arch == {"kind": "factory", "ref": "store_models:NeedsArgs", "kwargs": {"width": 3}}
@@ -61,14 +62,20 @@ def test_importable_factories_and_classes(store, store_path):
 def test_architecture_records_are_checked():
     with pytest.raises(mm.ArchitectureError, match="not importable"):
         mm.Architecture.factory(lambda: sm.MLP())
+    with pytest.raises(mm.ArchitectureError, match="not registered"):
+        mm.Architecture.factory(sm.plain_factory, width=3)
+    with pytest.raises(mm.ArchitectureError, match="not registered"):
+        mm.Architecture.factory("store_models:plain_factory", width=3)
     with pytest.raises(mm.ArchitectureError, match="cannot import"):
         mm.Architecture.factory("store_models:nope")
     with pytest.raises(mm.ArchitectureError, match="module:qualname"):
         mm.Architecture.factory("store_models.MLP")
     with pytest.raises(mm.ArchitectureError, match="JSON"):
         mm.Architecture.factory(sm.mlp, width=torch.tensor(3))
-    with pytest.raises(mm.ArchitectureError, match="not an nn.Module"):
-        mm.Architecture.factory("builtins:dict").build()
+    with pytest.raises(mm.ArchitectureError, match="refused"):
+        mm.Architecture.factory("builtins:dict")
+    with pytest.raises(mm.ArchitectureError, match="refused"):
+        mm.Architecture("factory", "builtins:dict").build()
     with pytest.raises(mm.ArchitectureError):
         mm.Architecture.from_json({"kind": "pickle", "ref": "x"})
 
@@ -219,25 +226,35 @@ def test_class_defined_in_a_notebook_cell(shell, store_path):
         assert result.error_in_exec is None, result.error_in_exec
     ns = shell.user_ns
     arch = ns["store"].row(ns["ref"]).manifest["architecture"]
-    assert arch["kind"] == "source" and arch["ref"] == "Net"
-    assert "class Block" in arch["source"] and "def act" in arch["source"] and "WIDTH = 6" in arch["source"]
+    assert arch["kind"] == "structure" and arch["ref"] == "Net"
+    src = arch["structure"]["source"]
+    assert src["names"] == ["Net", "Block"]
+    assert "class Block" in src["code"] and "def act" in src["code"] and "WIDTH = 6" in src["code"]
     arch2 = ns["store"].row(ns["ref2"]).manifest["architecture"]
-    assert "WIDTH = 5" in arch2["source"] and "Block" not in arch2["source"]
+    src2 = arch2["structure"]["source"]["code"]
+    assert "WIDTH = 5" in src2 and "Block" not in src2
     # a cell using a global that cannot be recorded fails cleanly and stores nothing
     before = len(ns["store"].sets())
     result = shell.run_cell(BAD_CELL)
     assert isinstance(result.error_in_exec, mm.ArchitectureError), result.error_in_exec
     assert "OFFSET" in str(result.error_in_exec)
     assert len(ns["store"].sets()) == before
-    # a fresh process without IPython rebuilds both versions of the class from their sources
-    report = sm.fresh_report(store_path, ["nb@1", "nb2@1"])
-    check_report(report, "nb@1", ns["models"])
-    check_report(report, "nb2@1", ns["models2"])
-    assert report["nb2@1"]["names"] == ["first", "second"]
-    # and so does this process, after the notebook's definitions are gone
+    # the session that defined the classes recovers them without being asked for trust: the current
+    # Net is its own class (identical source), the older one source this process recorded itself
     x = torch.linspace(-1, 1, 8).reshape(2, 4)
     with torch.no_grad():
         want = [sm.tensor_bytes(m.eval()(x)) for m in ns["models"]]
+        assert type(ns["store"].recover_set("nb2")[0]) is ns["Net"]
+        assert [sm.tensor_bytes(m(x)) for m in ns["store"].recover_set("nb")] == want
+    # a fresh process rebuilds both versions from their sources once the store is trusted ...
+    report = sm.fresh_report(store_path, ["nb@1", "nb2@1"], trust=True)
+    check_report(report, "nb@1", ns["models"])
+    check_report(report, "nb2@1", ns["models2"])
+    assert report["nb2@1"]["names"] == ["first", "second"]
+    # ... and refuses to run the recorded code without trust, while tensors stay readable
+    report = sm.fresh_report(store_path, ["nb2@1"])
+    assert report["nb2@1"]["error"].startswith("TrustError: set 'nb2@1' would run code recorded in the store")
+    # and so does this process, after the notebook's definitions are gone
     assert shell.run_cell("del Net, Block, act, WIDTH, SCALE").error_in_exec is None
     ms = mm.Store(store_path).recover_set("nb")
     with torch.no_grad():
@@ -279,8 +296,10 @@ def test_class_defined_in_a_script(tmp_path, store_path):
     assert ref == "script@1"
     store = mm.Store(store_path)
     arch = store.row("script@1").manifest["architecture"]
-    assert arch["kind"] == "source" and "HIDDEN = 3" in arch["source"]
-    ms = store.recover_set("script@1")
+    assert arch["kind"] == "structure" and "HIDDEN = 3" in arch["structure"]["source"]["code"]
+    with pytest.raises(mm.TrustError, match="class ScriptNet"):  # another process's code
+        store.recover_set("script@1")[0]
+    ms = store.recover_set("script@1", trust_code=True)
     assert type(ms[0]).__name__ == "ScriptNet"
     assert [sm.sd_digests(ms[i].state_dict()) for i in range(2)] == json.loads(digests)
     assert ms.state_dict(1)["on"].tolist() == [True, False]

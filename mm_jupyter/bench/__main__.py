@@ -238,7 +238,39 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search]
+# -- materialize ---------------------------------------------------------------------------------------
+MATERIALIZE_COLUMNS = [
+    ("record", "record", "str"),
+    ("variant", "variant", "str"),
+    ("s", "median s", "s"),
+    ("min_s", "min s", "s"),
+    ("max_s", "max s", "s"),
+    ("per_model_us", "us/model", "str"),
+    ("vs_construct", "vs construct+load", "x"),
+]
+
+
+def add_materialize(sub: Any) -> None:
+    p = sub.add_parser("materialize", help="list(ms) vs constructing models and loading their state",
+                       description="Build every module of a stored set, against the plain construct-and-load loop.")
+    p.add_argument("--models", "-n", type=int, default=5000, help="models per set (default 5000)")
+    p.add_argument("--repeat", type=int, default=5, help="interleaved repetitions, median reported (default 5)")
+    p.set_defaults(func=cmd_materialize)
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    from .materialize import run_materialize
+
+    r = run_materialize(models=args.models, repeat=args.repeat, progress=_say)
+    print(f"materialize: {r.models} FFNN-48 models per set, median of {r.repeat} interleaved runs")
+    rows = [dict(row, per_model_us=f"{row['per_model_us']:.1f}") for row in r.rows]
+    print(format_table(rows, MATERIALIZE_COLUMNS))
+    print("targets (this run):")
+    print(format_targets(r.targets))
+    return 0
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize]
 
 
 def build_parser() -> argparse.ArgumentParser:

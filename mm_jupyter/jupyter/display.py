@@ -87,4 +87,7 @@ def _describe(arch: Any) -> str:
     if arch.kind == "factory":
         args = ", ".join(f"{k}={v!r}" for k, v in arch.kwargs.items())
         return f"factory {arch.ref}({args})"
+    if arch.kind == "structure":
+        src = (arch.structure or {}).get("source")
+        return f"module tree of {arch.ref}" + (f" (notebook source: {', '.join(src['names'])})" if src else "")
     return f"{arch.kind} {arch.ref}".strip()

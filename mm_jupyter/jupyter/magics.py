@@ -66,6 +66,9 @@ def _modelset_parsers() -> dict[str, MagicArgumentParser]:
     recover = p["recover"] = _parser("%modelset recover", "Recover a stored version (lazily: models build on access).")
     recover.add_argument("ref", help="name (latest) or name@version")
     recover.add_argument("-o", "--out", default=None, metavar="VAR", help="also assign the ModelSet to VAR")
+    recover.add_argument("--trust-code", action="store_true",
+                         help="allow code recorded in the store (notebook classes, provenance training code and "
+                              "dataset loaders) to run; only for stores whose writers you trust")
     recover.add_argument("--store", default=None, help=STORE_HELP)
     lst = p["list"] = _parser("%modelset list", "Every stored version.")
     lst.add_argument("--store", default=None, help=STORE_HELP)
@@ -193,7 +196,7 @@ class ModelMagics(Magics):
         import mm_jupyter as mm
 
         from ..errors import ArchitectureError
-        from ..store.architectures import _load_source, capture_code
+        from ..store.architectures import capture_code, exec_source
 
         if args.datasets is None:
             raise UsageError("--approach provenance needs --datasets VAR: {model name: mm.DatasetRef or file}")
@@ -203,7 +206,7 @@ class ModelMagics(Magics):
         config = self._config(args.config)
         try:
             source = capture_code(train_function_source(self.shell, cell), TRAIN_NAME, self.shell.user_ns)
-            _load_source(source, TRAIN_NAME)
+            exec_source(source, TRAIN_NAME)  # the user's own cell, checked to run in a fresh namespace
         except ArchitectureError as e:
             raise StoreError(f"cannot record the cell as training code: {e}") from None
         base = args.base or args.name
@@ -240,7 +243,7 @@ class ModelMagics(Magics):
         return value
 
     def _recover(self, args: Any) -> Any:
-        ms = self._store(args.store).recover_set(args.ref)
+        ms = self._store(args.store).recover_set(args.ref, trust_code=args.trust_code or None)
         if args.out is not None:
             if not args.out.isidentifier():
                 raise UsageError(f"-o must be a variable name, not {args.out!r}")

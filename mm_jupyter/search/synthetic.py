@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SearchError
+from ..store.architectures import architecture
 from .blocks import Split, split_model
 
 ARCHS = ("resnet18", "resnet152", "vit", "bert", "mlp")
@@ -114,6 +115,7 @@ def _build(arch: str, reduced: bool, classes: int, image_size: int | None = None
     return tf.BertForSequenceClassification(cfg)
 
 
+@architecture
 def base_model(arch: str, *, reduced: bool = True, classes: int = 10, seed: int = 0,
                image_size: int | None = None) -> nn.Module:
     """A randomly initialised model of ``arch`` (eval mode); the same seed gives the same weights."""

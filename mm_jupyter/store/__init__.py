@@ -7,5 +7,7 @@ from .lineage import Lineage
 from .modelset import ModelSet, SetRef
 from .provenance import DatasetRef, Provenance
 from .store import Store
+from .trust import allow_functions, trusted
 
-__all__ = ["Architecture", "DatasetRef", "Lineage", "ModelSet", "Provenance", "SetRef", "Store", "architecture"]
+__all__ = ["Architecture", "DatasetRef", "Lineage", "ModelSet", "Provenance", "SetRef", "Store", "allow_functions",
+           "architecture", "trusted"]

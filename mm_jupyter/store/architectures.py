@@ -1,13 +1,13 @@
 """Architectures recorded without pickle, and rebuilt from that record.
 
-Four forms, tried in this order when none is given:
+Tried in this order when none is given:
 1. a module built by a factory decorated with ``mm.architecture`` (it tags the module with the
    factory's ``module:qualname`` and JSON kwargs);
 2. a Hugging Face ``transformers`` model: its class path and ``config.to_dict()``;
-3. an importable class with a no-argument constructor;
-4. a class defined in ``__main__`` (a notebook cell or script): its source, plus the imports,
-   constants and helper classes/functions it refers to, so a fresh process can rebuild it.
-Anything else needs ``architecture=Architecture.factory(fn, **kwargs)``.
+3. any other module: its structure (:mod:`.structure`) — classes, plain attributes, children and
+   tensor specs — so a plain ``nn.Module`` never needs a decorator.
+``Architecture.factory(fn, **kwargs)`` and ``Architecture.from_source(klass, **kwargs)`` record a
+constructor call explicitly. What a record may import or run is decided by :mod:`.trust`.
 """
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import ArchitectureError
+from . import structure, trust
 
 if TYPE_CHECKING:
     from torch import nn
 
 TAG = "__mm_architecture__"
+KINDS = ("factory", "hf", "source", "structure")
 
 
 def _json(value: Any, what: str) -> Any:
@@ -41,7 +43,7 @@ def _json(value: Any, what: str) -> Any:
 
 
 def import_ref(ref: str) -> Any:
-    """Resolve ``module:qualname``."""
+    """Resolve ``module:qualname`` (for callers that have already decided to trust it)."""
     if ":" not in ref:
         raise ArchitectureError(f"reference {ref!r} is not of the form 'module:qualname'")
     mod, qual = ref.split(":", 1)
@@ -69,32 +71,58 @@ def ref_of(obj: Any) -> str | None:
     return f"{mod}:{qual}" if found is target else None
 
 
+def _factory_target(ref: str) -> Callable[..., Any]:
+    """What a factory record may call: a registered ``@mm.architecture`` function or an
+    ``nn.Module`` class (its constructor, with the recorded JSON arguments)."""
+    import torch
+
+    mod, _ = trust._split(ref)
+    if trust._stdlib(mod):
+        raise ArchitectureError(f"factory {ref!r} is not a registered @mm.architecture function; refused")
+    obj = trust._import(ref)
+    if trust.is_registered(ref, obj) or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        return obj
+    raise ArchitectureError(
+        f"factory {ref!r} is not registered: only functions decorated with @mm.architecture (or nn.Module "
+        "classes) may be called to rebuild a model; refused")
+
+
+def allow_hint(subject: str) -> str:
+    """How to allow recorded code for ``subject`` ("set 'name@3'")."""
+    if subject.startswith("set "):
+        ref = subject[4:]
+        return (f"store.recover_set({ref}, trust_code=True), mm.Store(path, trust_code=True), "
+                f"or %modelset recover {ref.strip(chr(39))} --trust-code")
+    return "mm.Store(path, trust_code=True) or recover_set(..., trust_code=True)"
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """How to build an empty model of a set. ``kind`` is factory, hf or source."""
+    """How to build an empty model of a set. ``kind`` is factory, hf, source or structure."""
 
     kind: str
     ref: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     source: str | None = None
+    structure: dict[str, Any] | None = None
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
     def factory(cls, fn: Callable[..., Any] | str, **kwargs: Any) -> "Architecture":
-        """An importable callable (or ``'module:qualname'``) plus JSON kwargs."""
+        """A registered ``@mm.architecture`` function or an ``nn.Module`` class (or their
+        ``'module:qualname'``) plus JSON kwargs. A class defined in a notebook is recorded as source."""
         if isinstance(fn, str):
-            ref = fn
-            import_ref(ref)
-        else:
-            ref = ref_of(fn)  # type: ignore[assignment]
-            if ref is None:
-                if isinstance(fn, type):
-                    return cls.from_source(fn, **kwargs)
-                raise ArchitectureError(
-                    f"{getattr(fn, '__qualname__', fn)!r} is not importable; define it in a module "
-                    "or pass a class (its source is recorded)"
-                )
+            _factory_target(fn)
+            return cls("factory", fn, _json(kwargs, "architecture kwargs"))
+        ref = ref_of(fn)
+        if ref is None:
+            if isinstance(fn, type):
+                return cls.from_source(fn, **kwargs)
+            raise ArchitectureError(
+                f"{getattr(fn, '__qualname__', fn)!r} is not importable; define it in a module and decorate it "
+                "with @mm.architecture, or pass a class (its source is recorded)")
+        _factory_target(ref)
         return cls("factory", ref, _json(kwargs, "architecture kwargs"))
 
     @classmethod
@@ -107,9 +135,15 @@ class Architecture:
 
     @classmethod
     def from_source(cls, klass: type, **kwargs: Any) -> "Architecture":
-        """A class defined in a notebook cell or script, recorded as source code."""
+        """A class defined in a notebook cell or script, recorded as source code (rebuilding runs it,
+        so it needs ``trust_code`` unless the same class is defined in the recovering session)."""
         code = capture_source(klass)
         return cls("source", klass.__name__, _json(kwargs, "architecture kwargs"), None, code)
+
+    @classmethod
+    def structural(cls, model: "nn.Module") -> "Architecture":
+        """The module tree of ``model`` (any ``nn.Module``; see :mod:`.structure`)."""
+        return cls("structure", type(model).__name__, {}, None, None, structure.record(model))
 
     @classmethod
     def infer(cls, model: "nn.Module") -> "Architecture":
@@ -119,28 +153,7 @@ class Architecture:
         klass = type(model)
         if klass.__module__.startswith("transformers.") and hasattr(model, "config"):
             return cls.hf(model)
-        if klass.__module__ == "torch.nn.modules.container":
-            raise ArchitectureError(
-                f"an nn.{klass.__name__} cannot be rebuilt from its class alone; build it in an "
-                "@mm.architecture factory or pass architecture=mm.Architecture.factory(fn, **kwargs)"
-            )
-        try:
-            params = inspect.signature(klass.__init__).parameters
-        except (TypeError, ValueError):
-            params = {}
-        required = [
-            p.name for p in list(params.values())[1:]
-            if p.default is inspect.Parameter.empty
-            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        ]
-        if required:
-            raise ArchitectureError(
-                f"cannot tell how to rebuild {klass.__name__}: its constructor needs {required}; pass "
-                "architecture=mm.Architecture.factory(fn_or_class, **kwargs) or build the models with "
-                "an @mm.architecture factory"
-            )
-        ref = ref_of(klass)
-        return cls("factory", ref, {}) if ref else cls.from_source(klass)
+        return cls.structural(model)
 
     # -- record -----------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -149,64 +162,129 @@ class Architecture:
             out["config"] = self.config
         if self.source is not None:
             out["source"] = self.source
+        if self.structure is not None:
+            out["structure"] = self.structure
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Architecture":
-        if data.get("kind") not in ("factory", "hf", "source"):
-            raise ArchitectureError(f"unknown architecture record kind {data.get('kind')!r}")
+        if not isinstance(data, dict) or data.get("kind") not in KINDS:
+            kind = data.get("kind") if isinstance(data, dict) else data
+            raise ArchitectureError(f"unknown architecture record kind {kind!r}")
+        if data["kind"] == "structure" and not isinstance(data.get("structure"), dict):
+            raise ArchitectureError("structural architecture record without its structure")
         return cls(data["kind"], data.get("ref", ""), data.get("kwargs", {}), data.get("config"),
-                   data.get("source"))
+                   data.get("source"), data.get("structure"))
 
     def describe(self) -> str:
         if self.kind == "source":
             return f"{self.ref} (source, {len(self.source or '')} chars)"
+        if self.kind == "structure":
+            return f"{self.ref} (structure)"
         return self.ref
 
+    def recorded_code(self) -> list[tuple[str, str]]:
+        """(title, code) of the recorded source rebuilding would run (empty: none)."""
+        if self.kind == "source":
+            return [(f"class {self.ref}", self.source or "")]
+        src = (self.structure or {}).get("source")
+        if self.kind == "structure" and src:
+            return [(f"definitions of {', '.join(src['names'])}", src["code"])]
+        return []
+
     # -- build ------------------------------------------------------------------------------
-    def build(self) -> "nn.Module":
-        """A freshly initialised module of this architecture."""
+    def build(self, *, trusted: bool = False, subject: str = "this set", meta: bool = False) -> "nn.Module":
+        """A module of this architecture. Recorded source runs only with ``trusted`` (or when the
+        running session defines identical source); factories must be registered."""
         import torch
 
-        if self.kind == "factory":
-            model = import_ref(self.ref)(**self.kwargs)
-        elif self.kind == "hf":
-            klass = import_ref(self.ref)
-            config = klass.config_class.from_dict(self.config)
-            model = klass(config)
+        if self.kind == "structure":
+            model = structure.build(self.structure or {}, meta=meta, trusted=trusted, subject=subject,
+                                    allow=allow_hint(subject))
         else:
-            klass = _load_source(self.source or "", self.ref)
-            model = klass(**self.kwargs)
+            make = self._constructor(trusted, subject)
+            if meta:
+                with torch.device("meta"):
+                    model = make()
+            else:
+                model = make()
         if not isinstance(model, torch.nn.Module):
             raise ArchitectureError(f"{self.describe()} built a {type(model).__name__}, not an nn.Module")
         return model
 
-    def build_meta(self) -> "nn.Module":
-        """Build without allocating parameter memory (for checking shapes)."""
-        import torch
+    def _constructor(self, trusted: bool, subject: str) -> Callable[[], Any]:
+        if self.kind == "factory":
+            target = _factory_target(self.ref)
+            return lambda: target(**self.kwargs)
+        if self.kind == "hf":
+            klass = trust.module_class(self.ref, "Hugging Face model class")
+            if not hasattr(klass, "config_class") or not hasattr(klass.config_class, "from_dict"):
+                raise ArchitectureError(f"{self.ref!r} is not a Hugging Face model class; refused")
+            return lambda: klass(klass.config_class.from_dict(self.config))
+        klass = source_class(self.source or "", self.ref, trusted, subject)
+        return lambda: klass(**self.kwargs)
 
-        with torch.device("meta"):
-            return self.build()
+    def build_meta(self, *, trusted: bool = False, subject: str = "this set") -> "nn.Module":
+        """Build without allocating parameter memory (for checking keys, shapes and dtypes)."""
+        return self.build(trusted=trusted, subject=subject, meta=True)
+
+
+def session_namespaces() -> list[Mapping[str, Any]]:
+    """Where the running session defines its classes: ``__main__`` and IPython's user namespace."""
+    out: list[Mapping[str, Any]] = []
+    main = sys.modules.get("__main__")
+    if main is not None:
+        out.append(vars(main))
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None) if ipython is not None else None
+    shell = get() if get is not None else None
+    if shell is not None and all(shell.user_ns is not ns for ns in out):
+        out.append(shell.user_ns)
+    return out
+
+
+def source_class(code: str, name: str, trusted: bool, subject: str) -> Any:
+    """The class or function ``name`` defined by recorded ``code``: the session's own definition
+    when its captured source is identical (nothing runs), otherwise the executed code — only when
+    trusted."""
+    for ns in session_namespaces():
+        obj = ns.get(name)
+        if isinstance(obj, (type, types.FunctionType)):
+            try:
+                if capture_source(obj) == code:
+                    return obj
+            except ArchitectureError:
+                continue
+    if not trusted and not trust.is_own(code):
+        kind = "class" if f"class {name}" in code else "function"
+        raise trust.refuse(subject, [(f"{kind} {name}", code)], allow_hint(subject))
+    mod = exec_source(code, name)
+    if name not in mod:
+        raise ArchitectureError(f"recorded source does not define {name}")
+    return mod[name]
 
 
 @functools.lru_cache(maxsize=64)
-def _load_source(code: str, name: str) -> type:
+def _exec_cached(code: str, name: str) -> types.ModuleType:
     digest = hashlib.sha256(code.encode()).hexdigest()[:12]
     mod = types.ModuleType(f"mm_jupyter_source_{digest}")
     mod.__dict__["__builtins__"] = builtins
     try:
-        exec(compile(code, f"<mm_jupyter architecture {name}>", "exec"), mod.__dict__)
-    except Exception as e:  # the recorded code itself failed: say so, with its own message
+        exec(compile(code, f"<mm_jupyter recorded source {name}>", "exec"), mod.__dict__)  # trust checked by callers
+    except Exception as e:  # noqa: BLE001 - the recorded code itself failed: say so, with its own message
         raise ArchitectureError(f"recorded source of {name} failed to run: {type(e).__name__}: {e}") from None
     sys.modules[mod.__name__] = mod
-    klass = mod.__dict__.get(name)
-    if klass is None:
-        raise ArchitectureError(f"recorded source does not define {name}")
-    return klass
+    return mod
+
+
+def exec_source(code: str, name: str) -> dict[str, Any]:
+    """Run recorded source in a fresh module (once per distinct source). Callers decide trust."""
+    return _exec_cached(code, name).__dict__
 
 
 def architecture(fn: Callable[..., "nn.Module"]) -> Callable[..., "nn.Module"]:
-    """Decorator for model factories: modules they build remember how they were built.
+    """Decorator for model factories: modules they build remember how they were built, and stores
+    may call the factory to rebuild them (it is registered with the trust gate).
 
     The factory must be importable and its arguments JSON-serialisable.
     """
@@ -220,7 +298,7 @@ def architecture(fn: Callable[..., "nn.Module"]) -> Callable[..., "nn.Module"]:
         object.__setattr__(model, TAG, Architecture("factory", ref, _json(dict(bound.arguments), f"{ref} arguments")))
         return model
 
-    return build
+    return trust.register(build, f"{fn.__module__}:{fn.__qualname__}")
 
 
 # -- capturing the source of notebook classes ------------------------------------------------------
@@ -355,4 +433,4 @@ def capture_code(code: str, name: str, env: Mapping[str, Any]) -> str:
 
     done.add(name)
     add_code(code, name)
-    return "\n".join(imports + consts + [""] + defs)
+    return trust.remember_own("\n".join(imports + consts + [""] + defs))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from ..errors import StoreError
 from .architectures import Architecture
 from .objects import ObjectReader, ObjectStore
+from .structure import make_cloner
 from .tensors import Layout, TensorSpec, torch_dtype, view_tensor
 
 if TYPE_CHECKING:
@@ -72,14 +73,17 @@ def default_names(n: int) -> list[str]:
 class ModelSet:
     """A recovered set of same-architecture models. Nothing is read until asked for."""
 
-    def __init__(self, ref: SetRef, approach: str, resolved: Resolved, objects: ObjectStore) -> None:
+    def __init__(self, ref: SetRef, approach: str, resolved: Resolved, objects: ObjectStore,
+                 trust_code: bool = False) -> None:
         self.ref = ref
         self.approach = approach
+        self.trust_code = trust_code
         self._r = resolved
         self._objects = objects
         self._readers: dict[str, ObjectReader] = {}
         self._index = {name: i for i, name in enumerate(resolved.names)}
         self._template: "nn.Module | None" = None
+        self._make: "Callable[[list[torch.Tensor]], nn.Module] | None" = None
         self._stacked: dict[int, "torch.Tensor"] = {}
 
     # -- basic protocol -------------------------------------------------------------------------
@@ -235,13 +239,21 @@ class ModelSet:
 
     # -- modules ---------------------------------------------------------------------------------
     def model(self, item: int | str) -> "nn.Module":
-        """Build model ``item`` as a fresh module holding its own copy of the parameters."""
+        """Build model ``item`` as a fresh module (eval mode) holding its own copy of the parameters.
+
+        The architecture is built once per set (recorded code runs only if the set's store is
+        trusted, see :mod:`.trust`); every model is then a compiled copy of that template.
+        """
         import torch
 
         sd = self.state_dict(item)
         if self._template is None:
-            self._template = self._r.architecture.build()
-            _match_dtypes(self._template, self._r.layout)
+            template = self._r.architecture.build(trusted=self.trust_code, subject=f"set '{self.ref}'")
+            _match_dtypes(template, self._r.layout)
+            self._make = make_cloner(template, self._r.layout.keys)
+            self._template = template
+        if self._make is not None:
+            return self._make(list(sd.values()))
         module = copy.deepcopy(self._template)
         with torch.no_grad():
             module.load_state_dict(sd, strict=True)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import numpy as np
 
 from ..errors import ArchitectureError, StoreError
-from .architectures import _json, _load_source, capture_source, import_ref, ref_of
+from . import trust
+from .architectures import _json, allow_hint, capture_source, import_ref, ref_of, source_class
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +77,7 @@ class DatasetRef:
         )
 
     def load(self) -> Any:
+        """Load the data (the caller decided to trust the loader: recovery checks first)."""
         fn = import_ref(self.loader)
         return fn(**self.kwargs)
 
@@ -90,6 +92,7 @@ class DatasetRef:
         return cls(data[0], data[1])
 
 
+@trust.trusted
 def load_file(path: str) -> Any:
     """Loader behind ``DatasetRef.file``: arrays and tensors without pickle, else raw bytes."""
     p = Path(path)
@@ -239,15 +242,58 @@ class Provenance:
             if name not in models:
                 raise StoreError(f"no model named {name!r} to train")
             data = self.datasets[name].load()
-            out[name] = train_one(resolve_train(self.train_record()), copy.deepcopy(models[name]),
+            out[name] = train_one(resolve_train(self.train_record(), trusted=True), copy.deepcopy(models[name]),
                                   data, self.config_for(name), model_seed(self.seed, name))
         return out
 
 
-def resolve_train(record: dict[str, Any]) -> TrainFn:
+def _registered(ref: str) -> bool:
+    try:
+        trust.registered(ref, "function")
+    except ArchitectureError:
+        return False
+    return True
+
+
+def untrusted_code(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(title, code) of everything recovering a provenance record would run that is neither
+    registered (``@mm.trusted``) nor defined identically in the running session."""
+    items: list[tuple[str, str]] = []
+    train = record["train"]
+    if "ref" in train:
+        if not _registered(train["ref"]):
+            items.append((f"training function {train['ref']}", f"{train['ref']}(model, data, config)"))
+    else:
+        try:
+            source_class(train["source"], train["name"], False, "")
+        except ArchitectureError:
+            items.append((f"training function {train['name']}", train["source"]))
+    seen: set[str] = set()
+    for loader, kwargs in record.get("datasets", []):
+        if loader in seen or _registered(loader):
+            continue
+        seen.add(loader)
+        items.append((f"dataset loader {loader}", f"{loader}(**{kwargs!r})"))
+    return items
+
+
+def check_trusted(record: dict[str, Any], subject: str) -> None:
+    """TrustError before anything runs, unless all code a provenance recovery would run is
+    allowed (registered, defined in the session, or the store is trusted)."""
+    if trust.current():
+        return
+    items = untrusted_code(record)
+    if items:
+        raise trust.refuse(subject, items, allow_hint(subject))
+
+
+def resolve_train(record: dict[str, Any], trusted: bool = False, subject: str = "this set") -> TrainFn:
+    """The recorded training function (callers check trust first; see ``check_trusted``)."""
     if "ref" in record:
-        return import_ref(record["ref"])
-    return _load_source(record["source"], record["name"])  # type: ignore[return-value]
+        if trusted or _registered(record["ref"]):
+            return import_ref(record["ref"])
+        raise trust.refuse(subject, [(f"training function {record['ref']}", record["ref"])], allow_hint(subject))
+    return source_class(record["source"], record["name"], trusted, subject)  # type: ignore[no-any-return]
 
 
 def train_one(train: TrainFn, model: "nn.Module", data: Any, config: dict[str, Any], seed: int) -> "nn.Module":

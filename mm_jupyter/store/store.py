@@ -12,7 +12,8 @@ import numpy as np
 from ..errors import RefError, StoreError
 from . import approaches
 from .approaches.common import SaveInput, Saved
-from .architectures import Architecture
+from . import trust
+from .architectures import TAG, Architecture
 from .catalog import Catalog, SetRow
 from .environment import environment
 from .lineage import Lineage, build_lineage
@@ -43,9 +44,14 @@ class Store:
 
     ``max_chain`` bounds how many derived versions (update/provenance) may stack on a
     self-contained one; the next version is then stored in full, so time-to-recover stays bounded.
+    ``trust_code``: whether code recorded in the store (classes defined in notebooks, provenance
+    training code and dataset loaders) may run when recovering; like Hugging Face's
+    ``trust_remote_code``, only set it for stores whose writers you trust.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_chain: int = 8) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_chain: int = 8,
+                 trust_code: bool = False) -> None:
+        self.trust_code = bool(trust_code)
         self.root = Path(path) if path is not None else default_path()
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store path {str(self.root)!r} exists and is not a folder")
@@ -117,6 +123,8 @@ class Store:
             raise StoreError(f"architecture must be an mm.Architecture, not {type(arch).__name__}")
         layout, rows = extract_states(mods, names)
         _check_architecture(arch, layout)
+        if architecture is None:
+            check_same_architecture(arch, mods, names)
         base_row = self._base_row(name, approach, base)
         inp = SaveInput(name, names, explicit, layout, rows, arch, environment(), base_row, provenance)
         requested = approach
@@ -191,10 +199,18 @@ class Store:
         return SetRef(pending, inp.name, version)
 
     # -- recovery ----------------------------------------------------------------------------
-    def recover_set(self, ref: SetRef | str) -> ModelSet:
-        """A lazy ModelSet for ``ref``; nothing but the catalog and small index objects is read."""
+    def recover_set(self, ref: SetRef | str, *, trust_code: bool | None = None) -> ModelSet:
+        """A lazy ModelSet for ``ref``; nothing but the catalog and small index objects is read.
+
+        ``trust_code`` (default: the store's) allows code recorded in the store to run: notebook
+        classes when a model is built, provenance training code and dataset loaders now. Without it
+        a ``TrustError`` shows the code and how to allow it, before anything runs.
+        """
         row = self.row(ref)
-        return ModelSet(self._ref(row), row.approach, self.resolve_row(row), self.objects)
+        trusted = self.trust_code if trust_code is None else bool(trust_code)
+        with trust.scope(trusted):
+            resolved = self.resolve_row(row)
+        return ModelSet(self._ref(row), row.approach, resolved, self.objects, trust_code=trusted)
 
     def resolve_row(self, row: SetRow) -> Resolved:
         return approaches.MODULES[row.approach].resolve(self, row)
@@ -311,23 +327,56 @@ def _normalise(models: Any) -> tuple[list[str], list[Any], bool]:
 
 
 def check_rebuilds(arch: Architecture, model: "nn.Module") -> None:
-    """StoreError unless ``arch`` builds a module with ``model``'s state-dict keys and shapes."""
+    """StoreError unless ``arch`` builds a module with ``model``'s state-dict keys, shapes and dtypes."""
     layout, _ = extract_states([model], ["model"])
     _check_architecture(arch, layout)
 
 
 def _check_architecture(arch: Architecture, layout: Layout) -> None:
-    """Build the architecture on the meta device and compare keys and shapes with the models."""
+    """Rebuild the record on the meta device (the saving session's own code may run: it is the
+    user's) and compare keys, shapes and dtypes with the models."""
+    from .modelset import _match_dtypes
+    from .tensors import dtype_name
+
     try:
-        probe = arch.build_meta().state_dict()
+        probe_module = arch.build_meta(trusted=True, subject="the models being saved")
+        _match_dtypes(probe_module, layout)
+        probe = probe_module.state_dict()
     except StoreError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the user's factory or class failed: name it, one line
         raise StoreError(f"architecture {arch.describe()} cannot be built: {type(e).__name__}: {e}") from None
-    want = [(s.name, s.shape) for s in layout.specs]
-    got = [(k, tuple(v.shape)) for k, v in probe.items()]
+    want = [(s.name, s.shape, s.dtype) for s in layout.specs]
+    got = [(k, tuple(v.shape), dtype_name(v.dtype)) for k, v in probe.items()]
     if want != got:
         diff = next((g for g, w in zip(got, want) if g != w), None) or (got[len(want):] or want[len(got):])[0]
         raise StoreError(
             f"architecture {arch.describe()} does not rebuild these models: first difference at {diff[0]!r}"
         )
+
+
+def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], names: Sequence[str]) -> None:
+    """ArchitectureError unless every model is described by the record inferred from the first:
+    the same factory call, Hugging Face config, or module tree with the same attribute values
+    (e.g. an activation that differs between models, which the state dicts cannot show)."""
+    from ..errors import ArchitectureError
+    from .structure import SameArchitecture, json_clean
+
+    if arch.kind == "structure":
+        check = SameArchitecture(models[0], names[0])
+        for model, name in zip(models[1:], names[1:]):
+            check.check(model, name)
+        return
+    for model, name in zip(models[1:], names[1:]):
+        if arch.kind == "factory":
+            other = getattr(model, TAG, None)
+            if other != arch:
+                raise ArchitectureError(
+                    f"all models of a set must share one architecture: model {name!r} was built by "
+                    f"{other.ref if other else 'no @mm.architecture factory'} {other.kwargs if other else ''}, model "
+                    f"{names[0]!r} by {arch.ref} {arch.kwargs}")
+        elif arch.kind == "hf" and model.config is not models[0].config and \
+                json_clean(model.config.to_dict(), "the model config") != arch.config:
+            raise ArchitectureError(
+                f"all models of a set must share one architecture: model {name!r} has another Hugging Face config "
+                f"than model {names[0]!r}")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..store.provenance import DatasetRef
+from ..store.trust import trusted
 
 if TYPE_CHECKING:
     import torch
@@ -253,6 +254,7 @@ def cell_dataset(cell: int, version: int = 0, steps: int = 256, seed: int = 0) -
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+@trusted
 def load_cell(cell: int, version: int = 0, steps: int = 256, seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Dataset loader recorded in provenance: the same as ``cell_dataset``."""
     return cell_dataset(cell, version, steps, seed)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..store.provenance import DatasetRef
+from ..store.trust import trusted
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +42,7 @@ def image_arrays(seed: int, n: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x, dtype=np.float32), y
 
 
+@trusted
 def random_images(seed: int, n: int = 32) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Deterministic image classification data: ``(X float32 (n, 3, 32, 32), y int64 (n,))``."""
     import torch

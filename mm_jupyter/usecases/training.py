@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..store.trust import trusted
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -39,6 +41,7 @@ def last_linear(model: "nn.Module") -> "nn.Module":
     return layers[-1]
 
 
+@trusted
 def train(model: "nn.Module", data: tuple["torch.Tensor", "torch.Tensor"], config: dict[str, Any]) -> None:
     """Train ``model`` in place on ``data = (X, y)`` with mini-batch Adam on the MSE loss.
 

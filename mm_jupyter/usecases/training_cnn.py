@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..store.trust import trusted
 from .training import SCOPES, last_linear
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ def _config(config: dict[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
+@trusted
 def train(model: "nn.Module", data: tuple["torch.Tensor", "torch.Tensor"], config: dict[str, Any]) -> None:
     """Train ``model`` in place on ``data = (X (n, C, H, W), y int64 (n,))``: SGD with momentum on
     the cross-entropy loss.

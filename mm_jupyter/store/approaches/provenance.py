@@ -16,7 +16,8 @@ from ...errors import RecoveryError, StoreError
 from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ModelSet, Resolved, SetRef, _match_dtypes, require_layout
-from ..provenance import DatasetRef, dataset_hash, model_seed, resolve_train, train_one
+from .. import trust
+from ..provenance import DatasetRef, check_trusted, dataset_hash, model_seed, resolve_train, train_one
 from ..tensors import Layout, digest_rows, pack_arrays, tensor_digest, unpack_arrays
 from .common import SaveInput, Saved, head, match_base, names_of
 
@@ -106,11 +107,14 @@ def digests(store: "Store", row: SetRow) -> tuple[list[str], np.ndarray]:
 
 
 def resolve(store: "Store", row: SetRow) -> Resolved:
-    """Rebuild the base, check every dataset, then retrain the updated models and verify them."""
+    """Check that the recorded code may run, rebuild the base, check every dataset, then retrain
+    the updated models and verify them."""
+    rec = record(store, row)
+    subject = f"set '{row.name}@{row.version}'"
+    check_trusted(rec, subject)
     base_row = store.catalog.get(row.base_id)  # type: ignore[arg-type]
     base = store.resolve_row(base_row)
     src, arrays = _index(store, row)
-    rec = record(store, row)
     m = row.manifest
     names = names_of(m)
     updated = arrays["updated"].astype(np.int64)
@@ -132,9 +136,9 @@ def resolve(store: "Store", row: SetRow) -> Resolved:
 
     layout = Layout.from_json(m["layout"])
     arch = Architecture.from_json(m["architecture"])
-    train = resolve_train(rec["train"])
+    train = resolve_train(rec["train"], trusted=True)
     base_set = ModelSet(SetRef(base_row.id, base_row.name, base_row.version), base_row.approach, base, store.objects)
-    template = arch.build()
+    template = arch.build(trusted=trust.current(), subject=subject)
     _match_dtypes(template, layout)
     import copy
 
