@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import ArchitectureError
 from . import structure, trust
+from .trust import import_ref
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,20 +41,6 @@ def _json(value: Any, what: str) -> Any:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as e:
         raise ArchitectureError(f"{what} must be JSON-serialisable: {e}") from None
-
-
-def import_ref(ref: str) -> Any:
-    """Resolve ``module:qualname`` (for callers that have already decided to trust it)."""
-    if ":" not in ref:
-        raise ArchitectureError(f"reference {ref!r} is not of the form 'module:qualname'")
-    mod, qual = ref.split(":", 1)
-    try:
-        obj: Any = importlib.import_module(mod)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ArchitectureError(f"cannot import {ref!r}: {e}") from None
-    return obj
 
 
 def ref_of(obj: Any) -> str | None:
@@ -79,7 +66,7 @@ def _factory_target(ref: str) -> Callable[..., Any]:
     mod, _ = trust._split(ref)
     if trust._stdlib(mod):
         raise ArchitectureError(f"factory {ref!r} is not a registered @mm.architecture function; refused")
-    obj = trust._import(ref)
+    obj = import_ref(ref)
     if trust.is_registered(ref, obj) or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         return obj
     raise ArchitectureError(

@@ -87,7 +87,8 @@ def _split(ref: str) -> tuple[str, str]:
     return mod, qual
 
 
-def _import(ref: str) -> Any:
+def import_ref(ref: str) -> Any:
+    """Resolve ``module:qualname`` (callers decide first whether the reference may be imported)."""
     mod, qual = _split(ref)
     try:
         obj: Any = importlib.import_module(mod)
@@ -110,7 +111,7 @@ def module_class(ref: str, what: str = "class") -> type:
     mod, _ = _split(ref)
     if _stdlib(mod):
         raise ArchitectureError(f"{what} {ref!r} is not an nn.Module class (standard-library reference refused)")
-    obj = _import(ref)
+    obj = import_ref(ref)
     if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         raise ArchitectureError(f"{what} {ref!r} is a {type(obj).__name__}, not an nn.Module class; refused")
     return obj
@@ -121,7 +122,7 @@ def config_class(ref: str) -> type:
     mod, _ = _split(ref)
     if _stdlib(mod):
         raise ArchitectureError(f"config class {ref!r} refused (standard-library reference)")
-    obj = _import(ref)
+    obj = import_ref(ref)
     bases = _hf_config_bases()
     if not (isinstance(obj, type) and bases and issubclass(obj, bases)):
         raise ArchitectureError(f"{ref!r} is not a Hugging Face configuration class; refused")
@@ -148,7 +149,7 @@ def function(ref: str) -> Callable[..., Any]:
             f"mm.allow_functions({mod!r}) before saving and recovering")
     if mod == "torch" and qual.split(".")[-1] in _DENIED_TORCH:
         raise ArchitectureError(f"function {ref!r} is refused: it touches files, the network or global state")
-    obj = _import(ref)
+    obj = import_ref(ref)
     if isinstance(obj, type) or not callable(obj) or type(obj).__name__ not in (
             "function", "builtin_function_or_method", "method_descriptor"):
         raise ArchitectureError(f"{ref!r} is a {type(obj).__name__}, not a function; refused")
@@ -160,7 +161,7 @@ def registered(ref: str, what: str) -> Callable[..., Any]:
     mod, _ = _split(ref)
     if _stdlib(mod):
         raise ArchitectureError(f"{what} {ref!r} is not a registered function; refused")
-    obj = _import(ref)
+    obj = import_ref(ref)
     if not is_registered(ref, obj):
         raise ArchitectureError(
             f"{what} {ref!r} is not registered; only functions decorated with "
@@ -178,7 +179,7 @@ def function_ref(fn: Any) -> str | None:
             if not m or not n or "<" in n or m == "__main__":
                 continue
             try:
-                if _import(f"{m}:{n}") is fn:
+                if import_ref(f"{m}:{n}") is fn:
                     return f"{m}:{n}"
             except ArchitectureError:
                 continue
