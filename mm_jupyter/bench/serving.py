@@ -96,7 +96,8 @@ def at_bound(steps: Sequence[dict[str, Any]], p99_ms: float) -> float:
 def run_serving_bench(models: int = 5000, modes: Sequence[str] = tuple(MODES), spreads: Sequence[str] = SPREADS,
                       repeat: float = 0.3, cache_size: int = 10_000, max_batch: int = 256, max_wait_ms: float = 2.0,
                       p99_ms: float = 50.0, step_s: float = 1.5, probe_s: float = 1.0,
-                      fractions: Sequence[float] = FRACTIONS, threads: int | None = 1, seed: int = 0,
+                      fractions: Sequence[float] = FRACTIONS, min_requests: int = 100,
+                      threads: int | None = 1, seed: int = 0,
                       out: str | os.PathLike[str] | None = DEFAULT_OUT,
                       progress: Progress = lambda m: None) -> ServingBench:
     """Run every (mode, spread, cache) configuration; return the latency curves, the throughput at
@@ -144,7 +145,7 @@ def run_serving_bench(models: int = 5000, modes: Sequence[str] = tuple(MODES), s
                         server.cache.resize(cache_size if cached else 0)
                         for k, frac in enumerate(fractions):
                             rate = max(1.0, cap * frac)
-                            n = max(200, int(rate * step_s))
+                            n = max(min_requests, int(rate * step_s))
                             work = make_workload(models, n, len(pool), spread=spread, repeat=repeat,
                                                  seed=seed + 100 + k)
                             server.cache.clear()
@@ -171,7 +172,8 @@ def run_serving_bench(models: int = 5000, modes: Sequence[str] = tuple(MODES), s
     ratios = _ratios(rows)
     config = {"models": models, "modes": list(modes), "spreads": list(spreads), "repeat": repeat,
               "cache_size": cache_size, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "p99_ms": p99_ms,
-              "step_s": step_s, "probe_s": probe_s, "fractions": list(fractions), "threads": threads,
+              "step_s": step_s, "probe_s": probe_s, "fractions": list(fractions), "min_requests": min_requests,
+              "threads": threads,
               "python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count()}
     result = ServingBench(steps, rows, ratios, _targets(ratios, p99_ms), config, time.perf_counter() - t_start)
     if out is not None:

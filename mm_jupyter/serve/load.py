@@ -129,10 +129,10 @@ def open_loop(server: "Server", workload: Workload, inputs: Sequence[Any], rate:
 def capacity(server: "Server", workload: Workload, inputs: Sequence[Any], seconds: float = 1.0,
              names: Sequence[str] | None = None, window: int | None = None) -> float:
     """Answers per second with the queue kept busy for about ``seconds`` (closed loop: ``window``
-    requests in flight, default twice ``max_batch``, cycling through ``workload``): an upper bound
-    that places the open-loop rates."""
+    requests in flight — default twice ``max_batch``, or 4 for one-at-a-time serving, which a deeper
+    queue would only slow to drain — cycling through ``workload``): what places the open-loop rates."""
     names = list(names) if names is not None else server.models
-    window = window or 2 * server.max_batch
+    window = window or (2 * server.max_batch if server.batching != "none" else 4)
     models = [names[i] for i in workload.models.tolist()]
     rows = workload.rows.tolist()
     inflight: deque[Any] = deque()
