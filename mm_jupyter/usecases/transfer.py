@@ -405,7 +405,8 @@ class OptimisationRun:
     model: nn.Module = field(repr=False, compare=False)
 
 
-def optimisation_runs(task: TransferTask, pretrained: nn.Module, *, strategies: Sequence[str] = ("freeze-most", "probe"),
+def optimisation_runs(task: TransferTask, pretrained: nn.Module, *,
+                      strategies: Sequence[str] = ("freeze-most", "probe"),
                       optimisations: Sequence[str] = OPTIMISATIONS[:-1], lrs: Sequence[float] = (LR,),
                       epochs: int = TARGET_EPOCHS, seed: int = 0) -> list[OptimisationRun]:
     """Every (strategy, optimisation, learning rate) trained from the same prepared model on the
