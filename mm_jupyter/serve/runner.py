@@ -96,9 +96,9 @@ class Runner:
             except (ValueError, TypeError) as e:
                 raise BadInputError(f"input is not a numeric array: {e}") from None
             if arr.dtype.kind not in "iuf":
-                raise BadInputError("input must be an array of numbers" +
-                                    (" (found nested lists of different lengths)" if arr.dtype.kind == "O"
-                                     else f", not {arr.dtype.name} values"))
+                found = {"O": "nested lists of different lengths or non-numbers", "U": "text", "S": "text",
+                         "b": "true/false values"}.get(arr.dtype.kind, f"{arr.dtype.name} values")
+                raise BadInputError(f"input must be an array of numbers, not {found}")
         arr = np.array(arr, dtype=self.np_dtype, copy=True, order="C")
         shape, item = arr.shape, self.input_shape
         if shape == item:
