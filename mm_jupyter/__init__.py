@@ -14,6 +14,7 @@ from .errors import (
     RecoveryError,
     RefError,
     SearchError,
+    ServeError,
     StoreError,
     TrustError,
 )
@@ -38,13 +39,13 @@ _LAZY = {
 
 __all__ = [
     "ArchitectureError", "IntegrityError", "MMError", "RecoveryError", "RefError", "SearchError",
-    "StoreError", "TrustError", "__version__", "search", *_LAZY,
+    "ServeError", "StoreError", "TrustError", "__version__", "search", "serve", *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "search":  # the package is callable: mm.search(...) runs a model search
-        value = import_module("mm_jupyter.search")
+    if name in ("search", "serve"):  # callable packages: mm.search(...) searches, mm.serve(...) serves
+        value = import_module(f"mm_jupyter.{name}")
         globals()[name] = value
         return value
     if name in _LAZY:

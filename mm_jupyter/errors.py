@@ -41,6 +41,10 @@ class SearchError(MMError):
     """Bad input to model search or a search that cannot run."""
 
 
+class ServeError(MMError):
+    """A serving request that cannot be answered (bad input, unknown model, full queue, closed server)."""
+
+
 __all__ = [
     "MMError",
     "StoreError",
@@ -50,4 +54,5 @@ __all__ = [
     "IntegrityError",
     "RecoveryError",
     "SearchError",
+    "ServeError",
 ]

@@ -270,7 +270,99 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize]
+# -- serving -------------------------------------------------------------------------------------------
+SERVING_COLUMNS = [
+    ("mode", "mode", "str"),
+    ("spread", "spread", "str"),
+    ("cache", "cache", "str"),
+    ("capacity", "capacity/s", "str"),
+    ("at_p99", "at p99 bound/s", "str"),
+    ("hits", "cache hits", "str"),
+]
+CURVE_COLUMNS = [
+    ("config", "configuration", "str"),
+    ("offered", "offered/s", "str"),
+    ("answered", "answered/s", "str"),
+    ("p50", "p50 ms", "str"),
+    ("p95", "p95 ms", "str"),
+    ("p99", "p99 ms", "str"),
+    ("rejected", "rejected", "str"),
+    ("hits", "hits", "str"),
+]
+
+
+def add_serving(sub: Any) -> None:
+    from .serving import DEFAULT_OUT, MODES, SPREADS
+
+    p = sub.add_parser("serving", help="serving 5,000 FFNN-48 models: one at a time, per-model, multi-model batching",
+                       description="Open-loop Poisson load at rising rates; throughput at a p99 bound, latency curves.")
+    p.add_argument("--models", "-n", type=int, default=None,
+                   help="models in the set (default 5000; 500 with --quick)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
+    p.add_argument("--spreads", default=",".join(SPREADS), help="uniform, zipf or both (default both)")
+    p.add_argument("--repeat", type=float, default=0.3,
+                   help="fraction of requests repeating an earlier one (default 0.3)")
+    p.add_argument("--p99-ms", type=float, default=50.0, help="the p99 latency bound (default 50 ms)")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--step-s", type=float, default=None,
+                   help="seconds of load per rate (default 1.5; 0.4 with --quick)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--quick", action="store_true", help="500 models, two rates per configuration, short steps")
+    p.set_defaults(func=cmd_serving)
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def cmd_serving(args: argparse.Namespace) -> int:
+    from .serving import FRACTIONS, QUICK, run_serving_bench
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    spreads = [s.strip() for s in args.spreads.split(",") if s.strip()]
+    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 5000)
+    step_s = args.step_s if args.step_s is not None else (QUICK["step_s"] if args.quick else 1.5)
+    print(f"serving: {models} x FFNN-48 (baseline set), modes {', '.join(modes)}; spreads {', '.join(spreads)}; "
+          f"repeat rate {args.repeat:g} (cache off / on); max_batch {args.max_batch}, "
+          f"max_wait {args.max_wait_ms:g} ms; p99 bound {args.p99_ms:g} ms; torch threads {args.threads or 'default'}")
+    try:
+        res = run_serving_bench(models=models, modes=modes, spreads=spreads, repeat=args.repeat,
+                                max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, p99_ms=args.p99_ms,
+                                step_s=step_s, probe_s=QUICK["probe_s"] if args.quick else 1.0,
+                                fractions=QUICK["fractions"] if args.quick else FRACTIONS,
+                                threads=args.threads or None, seed=args.seed, out=args.out, progress=_say)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("latency curves (open-loop Poisson arrivals; latency = scheduled arrival to answer):")
+    curve = [{"config": f"{s['mode']}, {s['spread']}, cache {'on' if s['cache'] else 'off'}",
+              "offered": f"{s['offered_rps']:,.0f}", "answered": f"{s['throughput_rps']:,.0f}",
+              "p50": _ms(s["p50_ms"]), "p95": _ms(s["p95_ms"]), "p99": _ms(s["p99_ms"]),
+              "rejected": str(s["rejected"]), "hits": f"{100 * s['hit_rate']:.0f}%"} for s in res.steps]
+    print(format_table(curve, CURVE_COLUMNS))
+    print()
+    print(f"throughput at p99 <= {args.p99_ms:g} ms (capacity: closed loop, cache off):")
+    rows = [{"mode": r["mode"], "spread": r["spread"], "cache": "on" if r["cache"] else "off",
+             "capacity": f"{r['capacity_rps']:,.0f}", "at_p99": f"{r['at_p99_rps']:,.0f}",
+             "hits": f"{100 * r['hit_rate']:.0f}%"} for r in res.rows]
+    print(format_table(rows, SERVING_COLUMNS))
+    print()
+    for r in res.ratios:
+        vs = "-" if r["vs_one_at_a_time"] is None else f"{r['vs_one_at_a_time']:.1f}x"
+        warm = "-" if r["vs_warm"] is None else f"{r['vs_warm']:.1f}x"
+        print(f"multi-model / one-at-a-time ({r['spread']}, cache {'on' if r['cache'] else 'off'}): {vs} "
+              f"(vs one-at-a-time warm: {warm})")
+    print()
+    print("targets (this run):")
+    print(format_targets(res.targets))
+    print(f"results: {', '.join(res.files)}")
+    return 0
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -338,4 +338,7 @@ def register(shell: Any) -> ModelMagics:
     shell.register_magics(magics)
     if magics not in shell.configurables:
         shell.configurables.append(magics)
+    from .serve_magics import register as register_serve
+
+    register_serve(shell, magics)
     return magics

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -288,9 +288,208 @@ def model_zoo(n: int, task: TransferTask, pretrained: nn.Module, *, epochs: int 
     return zoo
 
 
+# -- Exercise 2's optimisation task -------------------------------------------------------------------
+#: What ``train_run`` can do differently from the plain loop of ``fit``.
+OPTIMISATIONS: tuple[str, ...] = ("none", "cached-features", "bf16", "channels-last", "compile")
+RUN_LOADER = "mm_jupyter.usecases.transfer:load_target_train"
+
+
+class FeatureCache:
+    """Outputs of frozen block prefixes, keyed by the prefix's block ids (content hashes, as Alsatian
+    keys its cached intermediates) and a digest of the input: computed once, then reused by every
+    epoch and every run that trains on top of the same frozen prefix and data."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[tuple[str, ...], str], Tensor] = {}
+        self.computed = 0
+        self.reused = 0
+
+    def features(self, blocks: Sequence[nn.Module], x: Tensor) -> Tensor:
+        """``blocks`` applied to ``x`` (no gradients), from the cache when seen before."""
+        import hashlib
+
+        from ..search.blocks import Block
+        from ..search.hashing import block_id
+
+        key = (tuple(block_id(Block(b)) for b in blocks),
+               hashlib.sha256(x.detach().contiguous().numpy().tobytes()).hexdigest() + str(tuple(x.shape)))
+        if key in self._items:
+            self.reused += 1
+            return self._items[key]
+        with torch.no_grad():
+            h = x
+            for b in blocks:
+                h = b(h)
+        self._items[key] = h
+        self.computed += 1
+        return h
+
+    def clear(self) -> None:
+        """Forget every cached output and the counts."""
+        self._items.clear()
+        self.computed = self.reused = 0
+
+
+#: The cache ``train_run`` uses (module level, so separate runs — and recovery — share it).
+FEATURES = FeatureCache()
+
+
+def load_target_train(shots: int = 10, seed: int = 0) -> Data:
+    """Dataset loader recorded in provenance: the few labelled target images of ``transfer_task``."""
+    return transfer_task(shots, seed=seed).target_train
+
+
+def train_run(model: nn.Module, data: Data, config: dict[str, Any]) -> nn.Module:
+    """Train a prepared model (``prepare``) the way ``fit`` does, with one optimisation; the training
+    function recorded for every run in the store. ``config``: ``strategy`` (re-applies its frozen
+    prefix), ``optimisation`` (one of ``OPTIMISATIONS``), ``epochs``, ``lr``, ``batch_size``,
+    ``seed``; ``measured`` (what the run measured) is a record and does not change training.
+
+    Every variant draws the same mini-batches in the same order as ``fit``. ``cached-features``
+    runs the frozen prefix once (``FEATURES``) and trains the rest on its output: the same
+    arithmetic as ``fit``, since a frozen prefix gets no gradients and its output does not change.
+    ``bf16`` runs forward passes under CPU autocast (bfloat16 matmuls and convolutions);
+    ``channels-last`` stores activations and weights channels-last; ``compile`` trains a
+    ``torch.compile``-d model."""
+    strategy, optimisation = config["strategy"], config.get("optimisation", "none")
+    if optimisation not in OPTIMISATIONS:
+        raise ValueError(f"unknown optimisation {optimisation!r}; choose one of {', '.join(OPTIMISATIONS)}")
+    epochs, lr = int(config.get("epochs", TARGET_EPOCHS)), float(config.get("lr", LR))
+    batch_size, seed = int(config.get("batch_size", BATCH_SIZE)), int(config.get("seed", 0))
+    x, y = data
+    blocks = split_model(model).blocks
+    frozen = 0 if strategy == "scratch" else frozen_blocks(strategy, len(blocks))
+    model.requires_grad_(True)
+    for block in blocks[:frozen]:
+        block.module.requires_grad_(False)
+    net: nn.Module = model
+    if optimisation == "cached-features" and frozen:
+        prefix = [b.module.eval() for b in blocks[:frozen]]
+        x = FEATURES.features(prefix, x)
+        net = nn.Sequential(*[b.module for b in blocks[frozen:]], model[-1])
+    elif optimisation == "channels-last":
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif optimisation == "compile":
+        net = torch.compile(model)
+    params = [p for p in net.parameters() if p.requires_grad]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=optimisation == "bf16")
+    with _deterministic(seed):
+        opt = torch.optim.Adam(params, lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        net.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), batch_size):
+                idx = order[start:start + batch_size]
+                opt.zero_grad()
+                with autocast:
+                    logits = net(x[idx])
+                nn.functional.cross_entropy(logits.float(), y[idx]).backward()
+                opt.step()
+    model.to(memory_format=torch.contiguous_format)
+    model.requires_grad_(True)  # the frozen prefix was frozen for this run only
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class OptimisationRun:
+    """One training run of the optimisation task: what was run, how well and how fast it trained."""
+
+    run: str                 # "strategy/optimisation/lr=…"
+    strategy: str
+    optimisation: str
+    config: dict[str, Any]
+    accuracy: float
+    seconds: float           # training wall time, feature extraction included
+    model: nn.Module = field(repr=False, compare=False)
+
+
+def optimisation_runs(task: TransferTask, pretrained: nn.Module, *,
+                      strategies: Sequence[str] = ("freeze-most", "probe"),
+                      optimisations: Sequence[str] = OPTIMISATIONS[:-1], lrs: Sequence[float] = (LR,),
+                      epochs: int = TARGET_EPOCHS, seed: int = 0) -> list[OptimisationRun]:
+    """Every (strategy, optimisation, learning rate) trained from the same prepared model on the
+    few target images, tested on the target test set. The feature cache starts empty, so the first
+    ``cached-features`` run of a strategy pays for extracting the features and later ones reuse them.
+    One untimed epoch per (strategy, optimisation) first warms torch's kernels, so no run's time holds
+    first-call costs (except ``compile``, whose compilation is its cost)."""
+    runs = []
+    for strategy in strategies:
+        for optimisation in optimisations:
+            if optimisation not in ("cached-features", "compile"):
+                warm = {"strategy": strategy, "optimisation": optimisation, "epochs": 1, "seed": seed}
+                train_run(prepare(strategy, pretrained, task.target_n_classes, seed=seed), task.target_train, warm)
+    FEATURES.clear()
+    for strategy in strategies:
+        for optimisation in optimisations:
+            for lr in lrs:
+                config = {"strategy": strategy, "optimisation": optimisation, "epochs": epochs, "lr": lr,
+                          "batch_size": BATCH_SIZE, "seed": seed}
+                model = prepare(strategy, pretrained, task.target_n_classes, seed=seed)
+                t0 = time.perf_counter()
+                train_run(model, task.target_train, config)
+                seconds = time.perf_counter() - t0
+                runs.append(OptimisationRun(f"{strategy}/{optimisation}/lr={lr:g}", strategy, optimisation, config,
+                                            accuracy(model, task.target_test), seconds, model))
+    return runs
+
+
+def runs_frame(runs: Sequence[OptimisationRun]) -> pd.DataFrame:
+    """One row per run, with its speed-up and accuracy change against the unoptimised run of the
+    same strategy and learning rate."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{"run": r.run, "strategy": r.strategy, "optimisation": r.optimisation,
+                           "lr": r.config["lr"], "accuracy": r.accuracy, "seconds": r.seconds} for r in runs])
+    plain = frame[frame["optimisation"] == "none"].set_index(["strategy", "lr"])
+    key = list(zip(frame["strategy"], frame["lr"]))
+    frame["speedup"] = [plain.loc[k, "seconds"] / s if k in plain.index else float("nan")
+                        for k, s in zip(key, frame["seconds"])]
+    frame["accuracy_change"] = [a - plain.loc[k, "accuracy"] if k in plain.index else float("nan")
+                                for k, a in zip(key, frame["accuracy"])]
+    return frame
+
+
+def record_runs(store: Any, runs: Sequence[OptimisationRun], task: TransferTask, pretrained: nn.Module,
+                name: str = "ex2-runs", seed: int = 0) -> Any:
+    """Record the runs in the store, as Exercise 1's registry records trainings: version 1 (baseline)
+    holds every run's starting model, version 2 (provenance) the trained models with how each was
+    trained — ``train_run``, its configuration plus what it measured, and the content hash of the
+    training data. Recovering version 2 retrains every run and checks it bit for bit."""
+    from ..store.architectures import Architecture
+    from ..store.provenance import DatasetRef, Provenance
+
+    arch = Architecture.factory(digits_cnn, classes=task.target_n_classes)
+    start = {r.run: prepare(r.strategy, pretrained, task.target_n_classes, seed=seed) for r in runs}
+    base = store.save_set(start, name, approach="baseline", architecture=arch)
+    data = DatasetRef(RUN_LOADER, {"shots": task.shots, "seed": seed})
+    configs = {r.run: {**r.config, "measured": {"accuracy": r.accuracy, "seconds": round(r.seconds, 4)}}
+               for r in runs}
+    prov = Provenance(train=f"{__name__}:train_run", datasets={r.run: data for r in runs}, configs=configs,
+                      seed=seed)
+    return store.save_set({r.run: r.model for r in runs}, name, approach="provenance", base=base, provenance=prov,
+                          architecture=arch)
+
+
+def recorded_runs(store: Any, ref: Any) -> pd.DataFrame:
+    """The runs of a version saved by ``record_runs``, read back from the store: configuration and
+    measured results per run."""
+    import pandas as pd
+
+    from ..store.approaches.provenance import record
+
+    rec = record(store, store.row(ref))
+    rows = [{"run": run, **{k: v for k, v in cfg.items() if k != "measured"}, **cfg.get("measured", {})}
+            for run, cfg in rec["configs"].items()]
+    return pd.DataFrame(rows)
+
+
 __all__ = [
     "BATCH_SIZE",
+    "FEATURES",
     "LR",
+    "OPTIMISATIONS",
     "PRETRAIN_EPOCHS",
     "SOURCE_CLASSES",
     "STRATEGIES",
@@ -298,15 +497,23 @@ __all__ = [
     "TARGET_EPOCHS",
     "ZOO_FREEZES",
     "Exercise",
+    "FeatureCache",
+    "OptimisationRun",
     "StrategyResult",
     "TransferTask",
     "accuracy",
     "fit",
     "frozen_blocks",
+    "load_target_train",
     "model_zoo",
+    "optimisation_runs",
     "prepare",
     "pretrain",
+    "record_runs",
+    "recorded_runs",
     "run_exercise",
     "run_strategy",
+    "runs_frame",
+    "train_run",
     "transfer_task",
 ]

@@ -1,0 +1,117 @@
+"""The bounded request queue and dynamic batch formation.
+
+``put`` never blocks: a full queue raises ``QueueFullError`` at once (back-pressure the caller can
+see, instead of a silently dropped or endlessly waiting request). ``take`` hands the worker the next
+batch: after the oldest waiting request arrived it waits at most ``max_wait_s`` for the batch to
+fill up to ``max_batch`` rows, and returns earlier as soon as it is full.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import QueueFullError, ServerClosedError
+
+
+@dataclass(eq=False)
+class Request:
+    """One request: a model name, its input as ``(rows, *input_shape)`` and where the answer goes."""
+
+    model: str
+    x: np.ndarray
+    single: bool              # the caller sent one item (answer without the row dimension)
+    digest: bytes | None      # input digest for the cache (None: cache disabled)
+    t_submit: float
+    future: Future = field(default_factory=Future)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+
+class RequestQueue:
+    """FIFO of at most ``max_size`` requests; batches hold at most ``max_batch`` rows (a single
+    request larger than that is a batch of its own)."""
+
+    def __init__(self, max_size: int, max_batch: int, max_wait_s: float,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if max_size < 1 or max_batch < 1 or max_wait_s < 0:
+            raise ValueError("max_size and max_batch must be >= 1 and max_wait_s >= 0")
+        self.max_size, self.max_batch, self.max_wait_s = max_size, max_batch, max_wait_s
+        self._clock = clock
+        self._items: deque[Request] = deque()
+        self._rows = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, request: Request) -> int:
+        """Enqueue ``request``; returns the queue depth after it. Raises QueueFullError or
+        ServerClosedError instead of blocking."""
+        with self._cond:
+            if self._closed:
+                raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
+            if len(self._items) >= self.max_size:
+                raise QueueFullError(f"request queue full ({self.max_size} waiting): retry later, "
+                                     "or serve with a larger max_queue")
+            self._items.append(request)
+            self._rows += request.rows
+            depth = len(self._items)
+            # wake the worker only when it can act: a first request, or a full batch
+            if depth == 1 or self._rows >= self.max_batch:
+                self._cond.notify()
+        return depth
+
+    def take(self, batching: bool = True) -> list[Request] | None:
+        """The next batch (one request when ``batching`` is False); None once closed and empty."""
+        with self._cond:
+            while True:
+                while not self._items:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                if batching and self.max_wait_s > 0:
+                    deadline = self._items[0].t_submit + self.max_wait_s
+                    while self._items and self._rows < self.max_batch and not self._closed:
+                        remaining = deadline - self._clock()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                if self._items:  # (a close without draining may have emptied the queue meanwhile)
+                    break
+            batch = [self._items.popleft()]
+            rows = batch[0].rows
+            if batching:
+                while self._items and rows + self._items[0].rows <= self.max_batch:
+                    item = self._items.popleft()
+                    rows += item.rows
+                    batch.append(item)
+            self._rows -= rows
+            return batch
+
+    def close(self) -> None:
+        """Refuse new requests; the worker still answers those waiting (see ``drain``)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain(self) -> list[Request]:
+        """Remove and return every waiting request (to fail them when closing without answering)."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._rows = 0
+            self._cond.notify_all()
+        return items

@@ -1,0 +1,223 @@
+"""Answering requests with one version of a stored set, three ways.
+
+* ``none``  — one request at a time, each through its own module (``ms[i]``; built modules are kept in a
+  bounded LRU, ``max_modules=0`` builds every request's module anew, as a naive per-request server would);
+* ``model`` — per-model batching: the batch's requests are grouped by model, one module call per group;
+* ``multi`` — multi-model batching: one call for the whole batch. Each row's parameters are gathered
+  from the set's stacked tensors (``ModelSet.stacked``: zero-copy for baseline sets) with one
+  ``index_select`` per key. A ``Sequential`` of ``Linear`` layers and element-wise activations (the
+  battery FFNNs) then runs as one ``baddbmm`` per layer over all rows; any other architecture runs
+  through ``torch.func.vmap`` of ``functional_call`` on one template module. Either way requests for
+  thousands of different models cost one batched call per layer, not one module call per model.
+  (The ``baddbmm`` chain exists because vmap's Python dispatch costs ~1 ms per call and holds the
+  GIL that request threads need; for the FFNN it is several times faster than vmap.)
+
+Equality: the batched call runs the same operations as ``ms[i](x)`` but through batched kernels
+(``bmm`` instead of ``addmm``), whose summation order may differ, so answers agree with calling each
+model alone to float rounding, not bit for bit: ``torch.allclose(batched, ms[i](x), rtol=RTOL, atol=ATOL)``
+for float32 models (tested on FFNN-48; observed differences are ~1e-8).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import ServeError
+from .errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..store.modelset import ModelSet
+
+#: Tolerance of multi-model (and per-model) batched answers against ``ms[i](x)`` for float32 models.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def infer_input_shape(module: "nn.Module") -> tuple[int, ...]:
+    """The input shape of one item, when the first layer with parameters is an ``nn.Linear``."""
+    from torch import nn
+
+    for sub in module.modules():
+        if next(sub.parameters(recurse=False), None) is None:
+            continue
+        if isinstance(sub, nn.Linear):
+            return (sub.in_features,)
+        break
+    raise ServeError(f"cannot tell the input shape of {type(module).__name__} models (the first layer is not "
+                     "nn.Linear): pass input_shape=(...) for one item, e.g. (3, 32, 32)")
+
+
+class Runner:
+    """One version of a set, ready to answer: its names, input shape, modules and stacked tensors."""
+
+    def __init__(self, ms: "ModelSet", max_modules: int = 1024,
+                 input_shape: Sequence[int] | None = None) -> None:
+        import torch
+
+        self.ms = ms
+        self.ref = ms.ref
+        self.names = ms.names
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.max_modules = max_modules
+        self._modules: OrderedDict[int, "nn.Module"] = OrderedDict()
+        self._lock = threading.Lock()
+        self.template = ms[0]  # built from the store like every ms[i]; its tensors are swapped per call
+        self.input_shape = tuple(int(d) for d in input_shape) if input_shape is not None \
+            else infer_input_shape(self.template)
+        floats = [p.dtype for p in self.template.parameters() if p.is_floating_point()]
+        self.dtype = floats[0] if floats else torch.get_default_dtype()
+        #: the dtype requests travel in: the models' own where numpy has it (bfloat16: float32)
+        self.np_dtype = {torch.float16: np.float16, torch.float64: np.float64}.get(self.dtype, np.float32)
+        self._stacked: dict[str, "torch.Tensor"] | None = None
+        self._vmapped: Callable[..., "torch.Tensor"] | None = None
+        self.layers: list[Any] | None = None  # the baddbmm plan (see linear_chain), None: vmap
+        self.multi_error: str | None = None  # why multi-model batching fell back to per-model calls
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def as_input(self, x: Any, max_rows: int) -> tuple[np.ndarray, bool]:
+        """``x`` as a private C-contiguous ``(rows, *input_shape)`` numpy array, and whether it was
+        one item. Non-numeric or misshapen input raises BadInputError (non-finite values are found
+        per batch, see ``nonfinite``). Requests travel as numpy arrays because numpy's per-call cost
+        on tiny arrays is a fraction of torch's; a batch becomes one tensor."""
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_int(x.dtype)):
+                raise BadInputError(f"input must be real numbers, not a {x.dtype} tensor")
+            arr = (x if x.dtype != torch.bfloat16 else x.float()).detach().cpu().numpy()
+        else:
+            try:
+                arr = np.asarray(x)
+            except (ValueError, TypeError) as e:
+                raise BadInputError(f"input is not a numeric array: {e}") from None
+            if arr.dtype.kind not in "iuf":
+                found = {"O": "nested lists of different lengths or non-numbers", "U": "text", "S": "text",
+                         "b": "true/false values"}.get(arr.dtype.kind, f"{arr.dtype.name} values")
+                raise BadInputError(f"input must be an array of numbers, not {found}")
+        arr = np.array(arr, dtype=self.np_dtype, copy=True, order="C")
+        shape, item = arr.shape, self.input_shape
+        if shape == item:
+            return arr[None], True
+        if len(shape) == len(item) + 1 and shape[1:] == item and 1 <= shape[0] <= max_rows:
+            return arr, False
+        if len(shape) == len(item) + 1 and shape[1:] == item and shape[0] > max_rows:
+            raise BadInputError(f"input has {shape[0]} rows; at most {max_rows} per request")
+        raise BadInputError(f"input has shape {list(shape)}; the models of {self.ref} take one item of "
+                            f"shape {list(item)} or a batch of shape [rows, {', '.join(map(str, item))}]")
+
+    def batch(self, parts: Sequence[np.ndarray]) -> "torch.Tensor":
+        """Requests' arrays as one ``(rows, *input_shape)`` tensor of the models' dtype."""
+        import torch
+
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return torch.from_numpy(x).to(self.dtype)
+
+    # -- one model at a time ---------------------------------------------------------------------------
+    def module(self, i: int) -> "nn.Module":
+        """Model ``i`` as a module: from the LRU of built modules, else built by ``ms[i]``."""
+        with self._lock:
+            m = self._modules.get(i)
+            if m is not None:
+                self._modules.move_to_end(i)
+                return m
+        m = self.ms[i]
+        if self.max_modules:
+            with self._lock:
+                self._modules[i] = m
+                while len(self._modules) > self.max_modules:
+                    self._modules.popitem(last=False)
+        return m
+
+    def warm(self, indices: Sequence[int]) -> int:
+        """Build the modules of ``indices`` now (at most ``max_modules``); returns how many are kept."""
+        for i in list(indices)[: self.max_modules]:
+            self.module(int(i))
+        return len(self._modules)
+
+    def run_one(self, i: int, x: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        with torch.no_grad():
+            return self.module(i)(x)
+
+    # -- many models in one call -----------------------------------------------------------------------
+    def prepare_multi(self) -> None:
+        """Map every key of every model as a (models, *shape) tensor and build the batched call."""
+        if self._stacked is not None:
+            return
+        from torch.func import functional_call, vmap
+
+        template = self.template
+
+        def one(params: dict[str, "torch.Tensor"], x: "torch.Tensor") -> "torch.Tensor":
+            return functional_call(template, params, (x.unsqueeze(0),)).squeeze(0)
+
+        self.layers = linear_chain(template)
+        self._vmapped = vmap(one)
+        self._stacked = {key: self.ms.stacked(key) for key in self.ms.layout.keys}
+
+    def run_multi(self, idx: "torch.Tensor", x: "torch.Tensor") -> "torch.Tensor":
+        """Row ``r`` of ``x`` through model ``idx[r]``, all rows in one batched call."""
+        import torch
+
+        self.prepare_multi()
+        assert self._stacked is not None and self._vmapped is not None
+        with torch.no_grad():
+            if self.layers is None:
+                params = {key: s.index_select(0, idx) for key, s in self._stacked.items()}
+                return self._vmapped(params, x)
+            h = x.unsqueeze(1)  # (rows, 1, features): every row is a batch of one for its own model
+            for layer in self.layers:
+                if isinstance(layer, tuple):
+                    w = self._stacked[layer[0]].index_select(0, idx).transpose(1, 2)
+                    if layer[1] is None:
+                        h = torch.bmm(h, w)
+                    else:
+                        h = torch.baddbmm(self._stacked[layer[1]].index_select(0, idx).unsqueeze(1), h, w)
+                else:
+                    h = layer(h)
+            return h.squeeze(1)
+
+    def close(self) -> None:
+        """Drop the readers; tensors still in use keep their mappings alive (see ObjectReader.close)."""
+        self.ms.close()
+
+
+def linear_chain(module: "nn.Module") -> list[Any] | None:
+    """``module`` as a list of ``(weight key, bias key or None)`` for each ``nn.Linear`` and the
+    element-wise activation modules between them, when it is a (nested) ``nn.Sequential`` of just
+    those; None otherwise. Only exact classes qualify: a subclass may override ``forward``."""
+    from torch import nn
+
+    elementwise = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                   nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity)
+    if module.training:
+        return None
+
+    def walk(m: "nn.Module", prefix: str) -> list[Any] | None:
+        if type(m) is nn.Sequential:
+            out: list[Any] = []
+            for name, child in m.named_children():
+                part = walk(child, f"{prefix}{name}.")
+                if part is None:
+                    return None
+                out += part
+            return out
+        if type(m) is nn.Linear:
+            return [(f"{prefix}weight", f"{prefix}bias" if m.bias is not None else None)]
+        if type(m) in elementwise or type(m) is nn.Dropout:  # dropout is the identity in eval mode
+            return [m] if type(m) is not nn.Dropout else []
+        return None
+
+    return walk(module, "")
+
+
+def _is_int(dtype: "torch.dtype") -> bool:
+    import torch
+
+    return dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
