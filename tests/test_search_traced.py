@@ -80,6 +80,62 @@ def test_tuples_moved_batch_axis_constants_and_buffers() -> None:
         assert "transpose" not in code or code.count("transpose") == 2
 
 
+class _MnistNet(nn.Module):
+    """The PyTorch MNIST example: functional pooling, ``view(-1, 320)``, dropout by ``self.training``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, 5)
+        self.conv2 = nn.Conv2d(10, 20, 5)
+        self.fc1 = nn.Linear(320, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        x = F.dropout(F.relu(self.fc1(x.view(-1, 320))), training=self.training)
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class _LstmClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(self.embed(ids))
+        return self.fc(h[-1])  # the hidden state has the batch on axis 1; its last layer puts it first
+
+
+class _TransformerClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 16)
+        self.pos = nn.Parameter(torch.randn(1, 12, 16))
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) + self.pos[:, : ids.size(1)]  # no batch axis: a constant per size
+        return self.fc(self.encoder(h).mean(dim=1))
+
+
+@pytest.mark.parametrize("model, x, blocks", [
+    (_MnistNet, torch.randn(3, 1, 28, 28), 3),
+    (_LstmClassifier, torch.randint(0, 30, (3, 7)), 2),
+    (_TransformerClassifier, torch.randint(0, 30, (3, 12)), 2),
+])
+def test_models_as_tutorials_write_them(model: type, x: torch.Tensor, blocks: int) -> None:
+    torch.manual_seed(0)
+    m = model().eval()
+    split = split_model(m)
+    assert len(split.blocks) == blocks and split.head is not None
+    _check_composes(m, x)
+
+
 class _Gate(nn.Module):
     """Data-dependent control flow: cannot be traced, so it is kept whole (run as it is)."""
 

@@ -139,24 +139,26 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     if hasattr(named, "engine_candidates"):
         return named.engine_candidates(sample, shared=shared, device=device)  # type: ignore[union-attr]
     t0 = time.perf_counter()
-    out = []
-    ids_of: dict[int, str] = {}
+    splits = {}
     for name, model in named.items():
         model.eval().to(device)
         try:
             split = split_model(model)
         except SearchError as e:
             raise SearchError(f"candidate {name!r}: {e}") from None
-        sizes = output_sizes(split, sample.to(device), name)
-        blocks = split.blocks
+        splits[name] = (split, output_sizes(split, sample.to(device), name))
+    out = []
+    ids_of: dict[int, str] = {}
+    for name, (split, sizes) in splits.items():
         ids = None
-        if shared:
+        if shared:  # only once every candidate took the data
             ids = []
-            for b in blocks:  # the same block object in several candidates is hashed once
+            for b in split.blocks:  # the same block object in several candidates is hashed once
                 if id(b.module) not in ids_of:
                     ids_of[id(b.module)] = block_id(b)
                 ids.append(ids_of[id(b.module)])
-        out.append(Candidate(name, blocks.__getitem__, len(blocks), split.context, ids, sizes if shared else None))
+        out.append(Candidate(name, split.blocks.__getitem__, len(split.blocks), split.context, ids,
+                             sizes if shared else None))
     meter.add("prepare model", time.perf_counter() - t0)
     return out
 
@@ -226,7 +228,10 @@ def search(
     _positive_int(eta, "eta (the halving factor)", 2)
     _positive_int(batch_size, "batch_size")
     if cache_budget is not None:
-        _positive_int(cache_budget, "cache_budget (bytes)")
+        if isinstance(cache_budget, bool) or not isinstance(cache_budget, (int, float)) or not (
+                1 <= cache_budget < float("inf")):
+            raise SearchError(f"cache_budget must be a number of bytes >= 1 (or None), not {cache_budget!r}")
+        cache_budget = int(cache_budget)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise SearchError(f"test_fraction must be a number between 0 and 1, not {test_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):

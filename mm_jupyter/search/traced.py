@@ -114,8 +114,9 @@ def chain(module: nn.Module) -> list[nn.Module] | None:
 
     Tracing is remembered per class, submodule tree and scalar attributes, which is all a
     forward's call pattern can depend on besides data (a search splits many copies of one stage)."""
-    scalars = tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"
-                           and isinstance(v, (bool, int, float, str, type(None)))))
+    plain = (bool, int, float, str, type(None))
+    scalars = tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_") and k != "training" and (
+        isinstance(v, plain) or (isinstance(v, tuple) and all(isinstance(e, plain) for e in v)))))
     key = (type(module), tuple((n, type(m)) for n, m in module.named_modules()), scalars)
     if key not in _CHAINS:
         if len(_CHAINS) >= 1024:
@@ -250,11 +251,24 @@ class _Axes:
     def compute(self, n: fx.Node) -> Axis:
         if n.op == "placeholder":
             return 0
+        inputs = [self.of(a) for a in _nodes_in((n.args, n.kwargs)) if a in self.dependent]
+        if inputs and all(ax == _NT for ax in inputs):  # depends on the input through sizes only
+            return self._unbatched(n)
         if n.op == "call_module":
             return self._module(n, self.gm.get_submodule(str(n.target)))
         if n.op not in ("call_function", "call_method"):
             return None
         return self._function(n, _name(n))
+
+    def _unbatched(self, n: fx.Node) -> Axis:
+        """A node whose only input dependence is through sizes (``pos[:, :x.size(1)]``) holds no
+        batch axis, unless it makes one of the batch size (``cls.expand(x.shape[0], -1, -1)``)."""
+        name = _name(n)
+        if name in ("expand", "zeros", "ones", "empty", "full"):
+            sizes = n.args[1:] if name == "expand" else n.args
+            sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+            return 0 if sizes and self._batch_size(sizes[0]) else _NT
+        return _NT
 
     def _module(self, n: fx.Node, mod: nn.Module) -> Axis:
         a = self.of(n.args[0]) if n.args else None
@@ -290,12 +304,6 @@ class _Axes:
             return a if attr in ("data", "mT", "real", "imag") and a == 0 else None
         if name in _NON_TENSOR:
             return _NT
-        if name in ("expand", "zeros", "ones", "empty", "full") and a == _NT:
-            sizes = args[1:] if name == "expand" else args
-            sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
-            return 0 if sizes and self._batch_size(sizes[0]) else None  # e.g. a CLS token per item
-        if a == _NT and name not in ("cat", "concat", "concatenate", "stack"):
-            return self._common(n)
         if name == "permute":
             dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
             return list(dims).index(a) if isinstance(a, int) and a in dims else None
