@@ -56,81 +56,143 @@ class SearchResult:
         return "\n".join(lines)
 
 
+def _as_tensor(value: Any, what: str) -> "torch.Tensor":
+    """A tensor from a tensor, NumPy array or (nested) list of numbers; anything else is refused."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, list, tuple)):
+        try:
+            out = torch.as_tensor(np.asarray(value) if not isinstance(value, np.ndarray) else value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SearchError(f"{what} cannot be made a tensor: {str(e).splitlines()[0]}") from None
+        return out
+    raise SearchError(f"{what} must be a tensor, a NumPy array or a list of numbers, not {type(value).__name__}")
+
+
 def _as_data(data: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(X, y)``: inputs with a leading item axis and 1-d integer class labels, checked."""
     import torch
 
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = data
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        items = [data[i] for i in range(len(data))]
-        if not items or not isinstance(items[0], (tuple, list)) or len(items[0]) != 2:
+        x, y = _as_tensor(data[0], "data X"), _as_tensor(data[1], "labels y")
+    elif isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")
+                                                        and not isinstance(data, (str, bytes, dict))):
+        try:
+            items = [data[i] for i in range(len(data))]
+        except Exception as e:  # noqa: BLE001 - a user's Dataset failing is reported as bad data
+            raise SearchError(f"reading the Dataset failed: {type(e).__name__}: {e}") from None
+        if not items or not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
             raise SearchError("a Dataset for search must yield (input, label) pairs")
-        x = torch.stack([torch.as_tensor(a) for a, _ in items])
-        y = torch.as_tensor([int(b) for _, b in items])
+        try:
+            x = torch.stack([_as_tensor(a, "a Dataset input") for a, _ in items])
+            y = torch.as_tensor([int(b) for _, b in items])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SearchError(f"the Dataset's items do not stack into (X, y): {str(e).splitlines()[0]}") from None
     else:
         raise SearchError(f"data must be (X, y) tensors or a torch Dataset, not {type(data).__name__}")
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if x.dim() == 0:
+        raise SearchError("data X must have a leading item axis, got a 0-d tensor")
     check_items(x, y)
-    if y.dtype.is_floating_point or y.dim() != 1:
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.dim() != 1:
         raise SearchError(f"labels must be a 1-d integer tensor of class indices, got {y.dtype}{list(y.shape)}")
+    if int(y.min()) < 0:
+        raise SearchError(f"labels must be class indices >= 0, found {int(y.min())}")
+    if (x.dtype.is_floating_point or x.dtype.is_complex) and not bool(torch.isfinite(x).all()):
+        raise SearchError("data X holds NaN or infinite values")
     return x, y.long()
 
 
 def _named(candidates: Any) -> dict[str, Any]:
+    """Candidates by name; every in-memory one must be an ``nn.Module``."""
+    from torch import nn
+
     if isinstance(candidates, Mapping):
         named = {str(k): v for k, v in candidates.items()}
     elif isinstance(candidates, (list, tuple)):
         named = {str(i): m for i, m in enumerate(candidates)}
     elif hasattr(candidates, "engine_candidates"):
+        if not len(candidates):
+            raise SearchError("no candidates to search")
         return candidates  # stored candidates resolve themselves
+    elif isinstance(candidates, nn.Module):
+        raise SearchError("candidates must be a list or dict of models; wrap a single model as [model]")
     else:
         raise SearchError(f"candidates must be a list or dict of models, not {type(candidates).__name__}")
     if not named:
         raise SearchError("no candidates to search")
+    for name, model in named.items():
+        if not isinstance(model, nn.Module):
+            raise SearchError(f"candidate {name!r} is a {type(model).__name__}, not an nn.Module")
     return named
 
 
 def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device: str,
              meter: Meter) -> list[Candidate]:
-    """Split every candidate into blocks (and, for sharing, hash them and size their outputs)."""
+    """Split every candidate into blocks, run one item through them (the data must fit every
+    candidate before any real work starts), and for sharing hash the blocks."""
     from .blocks import split_model, output_sizes
     from .hashing import block_id
 
     if hasattr(named, "engine_candidates"):
         return named.engine_candidates(sample, shared=shared, device=device)  # type: ignore[union-attr]
     t0 = time.perf_counter()
+    splits = {}
+    for name, model in named.items():
+        model.eval().to(device)
+        try:
+            split = split_model(model)
+        except SearchError as e:
+            raise SearchError(f"candidate {name!r}: {e}") from None
+        splits[name] = (split, output_sizes(split, sample.to(device), name))
     out = []
     ids_of: dict[int, str] = {}
-    for name, model in named.items():
-        from torch import nn
-
-        if not isinstance(model, nn.Module):
-            raise SearchError(f"candidate {name!r} is a {type(model).__name__}, not an nn.Module")
-        model.eval().to(device)
-        split = split_model(model)
-        blocks = split.blocks
-        ids = sizes = None
-        if shared:
+    for name, (split, sizes) in splits.items():
+        ids = None
+        if shared:  # only once every candidate took the data
             ids = []
-            for b in blocks:  # the same block object in several candidates is hashed once
+            for b in split.blocks:  # the same block object in several candidates is hashed once
                 if id(b.module) not in ids_of:
                     ids_of[id(b.module)] = block_id(b)
                 ids.append(ids_of[id(b.module)])
-            sizes = output_sizes(split, sample.to(device))
-        out.append(Candidate(name, blocks.__getitem__, len(blocks), split.context, ids, sizes))
+        out.append(Candidate(name, split.blocks.__getitem__, len(split.blocks), split.context, ids,
+                             sizes if shared else None))
     meter.add("prepare model", time.perf_counter() - t0)
     return out
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` becomes CUDA when present, else CPU; an unavailable CUDA device is an error."""
+    """``"auto"`` becomes CUDA when present, else CPU; a device that torch does not know, or that
+    this machine lacks, is an error."""
     import torch
 
+    if not isinstance(device, str):
+        raise SearchError(f"device must be a string such as 'auto', 'cpu' or 'cuda', not {type(device).__name__}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SearchError(f"device {device!r} requested but CUDA is not available")
-    return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SearchError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return device
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SearchError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SearchError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+        return device
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise SearchError(f"device {device!r} is not available for search; use 'auto', 'cpu' or 'cuda'")
+
+
+def _positive_int(value: Any, what: str, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SearchError(f"{what} must be an integer >= {least}, not {value!r}")
 
 
 def search(
@@ -162,12 +224,23 @@ def search(
     if approach not in APPROACHES:
         raise SearchError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACHES)}")
     score_fn = get_proxy(proxy)
-    if not isinstance(k, int) or k < 1:
-        raise SearchError(f"k must be a positive integer, not {k!r}")
-    if cache_budget is not None and cache_budget <= 0:
-        raise SearchError(f"cache_budget must be a positive number of bytes, not {cache_budget}")
-    if not 0 < test_fraction < 1:
-        raise SearchError(f"test_fraction must be between 0 and 1, not {test_fraction}")
+    _positive_int(k, "k")
+    _positive_int(eta, "eta (the halving factor)", 2)
+    _positive_int(batch_size, "batch_size")
+    if cache_budget is not None:
+        if isinstance(cache_budget, bool) or not isinstance(cache_budget, (int, float)) or not (
+                1 <= cache_budget < float("inf")):
+            raise SearchError(f"cache_budget must be a number of bytes >= 1 (or None), not {cache_budget!r}")
+        cache_budget = int(cache_budget)
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise SearchError(f"test_fraction must be a number between 0 and 1, not {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SearchError(f"seed must be an integer, not {seed!r}")
+    if halving is not None and not isinstance(halving, bool):
+        raise SearchError(f"halving must be True, False or None, not {halving!r}")
+    if progress is not None and not callable(progress):
+        raise SearchError(f"progress must be a callable or None, not {type(progress).__name__}")
+    dev = resolve_device(device)
     meter = Meter()
     emit = progress or (lambda event: None)
     t0 = time.perf_counter()
@@ -176,7 +249,6 @@ def search(
     if k > n_models:
         raise SearchError(f"k={k} is larger than the number of candidates ({n_models})")
     x, y = _as_data(data)
-    dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=gen)
     n_test = max(1, int(round(len(x) * test_fraction)))

@@ -6,9 +6,9 @@ cut is chosen at *parameterised* steps: a parameter-free step (activation, pooli
 dropout) has no identity of its own and is merged into the block before it, so two candidates share
 a block exactly when they share its parameters.
 
-Supported forms: ``nn.Sequential``/``nn.ModuleList`` (expanded recursively), the Hugging Face
-ResNet, ViT, DINOv2 and BERT backbones (and their classification models), and custom models that
-declare their blocks (``mm_blocks()`` or the :class:`Blocks` wrapper).
+Forms, tried in this order: custom models that declare their blocks (``mm_blocks()`` or the
+:class:`Blocks` wrapper); ``nn.Sequential``/``nn.ModuleList`` (expanded recursively); Hugging Face
+models by one generic rule (``hf.py``); any other model by tracing its forward (``traced.py``).
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ from ..errors import SearchError
 
 #: How a block is applied to the previous output ``h`` and the batch context ``ctx``:
 #: ``plain``: ``module(h)``; ``hf-layer``: ``module(h)``, first element if it returns a tuple;
-#: ``hf-masked-layer``: ``module(h, ctx.get("attention_mask"))``, first element of a tuple.
-CALLS = ("plain", "hf-layer", "hf-masked-layer")
+#: ``hf-masked-layer``: ``module(h, attention_mask=ctx.get("attention_mask"))``, first element of a tuple;
+#: ``hf-grid-layer``: ``module(h, (rows, cols))`` with the token grid of ``h`` (Swin), first element;
+#: ``hf-last-token``: ``module(h)`` at each row's last (non-pad) position.
+CALLS = ("plain", "hf-layer", "hf-masked-layer", "hf-grid-layer", "hf-last-token")
 
 
 def _first(out: object) -> Tensor:
@@ -55,7 +57,24 @@ class Block:
             return self.module(h)
         if self.call == "hf-layer":
             return _first(self.module(h))
-        return _first(self.module(h, ctx.get("attention_mask")))
+        if self.call == "hf-masked-layer":
+            return _first(self.module(h, attention_mask=ctx.get("attention_mask")))
+        if self.call == "hf-grid-layer":
+            return _first(self.module(h, _grid(ctx["grid"], h.shape[1])))
+        out = self.module(h)
+        last = ctx.get("last_index")
+        return out[:, -1] if last is None else out[torch.arange(out.shape[0], device=out.device), last]
+
+
+def _grid(start: Tensor, tokens: int) -> tuple[int, int]:
+    """The (rows, cols) token grid of a sequence of ``tokens``: the first grid, halved (rounding
+    up, as patch merging pads odd sides) until it holds that many tokens."""
+    rows, cols = (int(v) for v in start.tolist())
+    while rows * cols > tokens and (rows, cols) != (1, 1):
+        rows, cols = (rows + 1) // 2, (cols + 1) // 2
+    if rows * cols != tokens:
+        raise SearchError(f"a sequence of {tokens} tokens fits no token grid of the input image")
+    return rows, cols
 
 
 def _no_context(raw: Tensor) -> dict[str, Tensor]:
@@ -99,22 +118,42 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
             m.training = flag
 
 
-def output_sizes(split: Split, sample: Tensor) -> list[int]:
+def _failed(index: int | None, block: Block | None, exc: BaseException) -> str:
+    where = "preparing the batch context" if block is None else f"block {index} ({type(block.module).__name__})"
+    lines = str(exc).strip().splitlines()
+    return f"{where} raised {type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def block_failure(candidate: str, index: int | None, block: Block | None, exc: BaseException) -> SearchError:
+    """One line naming the candidate, the block and what went wrong inside it."""
+    return SearchError(f"candidate {candidate!r}: {_failed(index, block, exc)}")
+
+
+def output_sizes(split: Split, sample: Tensor, candidate: str | None = None) -> list[int]:
     """Bytes per item of each block's output, measured by a one-item forward pass (shape propagation),
-    so the planner's cache accounting matches what the engine will hold."""
+    so the planner's cache accounting matches what the engine will hold. It is also the check that
+    the data fits the model: a block that fails on the item is a SearchError naming it."""
     if sample.dim() == 0 or sample.shape[0] == 0:
         raise SearchError("output_sizes needs a sample batch with at least one item")
     one = sample[:1]
+    who = f"candidate {candidate!r}" if candidate is not None else "the model"
+    fits = f"cannot take the data (one item: shape {tuple(one.shape)}, {one.dtype})"
     sizes: list[int] = []
     with torch.no_grad(), eval_mode(split.modules()):
-        ctx = split.context(one)
+        try:
+            ctx = split.context(one)
+        except Exception as e:  # noqa: BLE001 - reported as the data not fitting
+            raise SearchError(f"{who} {fits}: {_failed(None, None, e)}") from None
         h = one
-        for block in split.blocks:
-            h = block(h, ctx)
-            if h.dim() == 0 or h.shape[0] != 1:
-                raise SearchError(
-                    f"block {len(sizes)} does not keep the batch dimension (output shape {tuple(h.shape)})"
-                )
+        for i, block in enumerate(split.blocks):
+            try:
+                h = block(h, ctx)
+            except Exception as e:  # noqa: BLE001 - reported as the data not fitting
+                raise SearchError(f"{who} {fits}: {_failed(i, block, e)}") from None
+            if not isinstance(h, Tensor) or h.dim() == 0 or h.shape[0] != 1:
+                got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+                raise SearchError(f"{who}: block {i} ({type(block.module).__name__}) does not keep the batch "
+                                  f"dimension (output {got} for one item)")
             sizes.append(h.numel() * h.element_size())
     return sizes
 
@@ -168,7 +207,8 @@ def _declared(model: nn.Module) -> Split:
 # Sequential models
 
 
-def _has_state(module: nn.Module) -> bool:
+def has_state(module: nn.Module) -> bool:
+    """Parameters or buffers: a step with an identity of its own."""
     return next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
 
 
@@ -201,7 +241,7 @@ def _sequential(model: nn.Module) -> Split:
     groups: list[list[nn.Module]] = []
     lead: list[nn.Module] = []
     for step in steps:
-        if _has_state(step):
+        if has_state(step):
             groups.append(lead + [step])
             lead = []
         elif groups:
@@ -218,7 +258,7 @@ def _sequential(model: nn.Module) -> Split:
 
 
 # --------------------------------------------------------------------------------------------
-# Hugging Face transformers
+# Pieces the Hugging Face rule (hf.py) builds its feature step from
 
 
 class ClsToken(nn.Module):
@@ -228,113 +268,12 @@ class ClsToken(nn.Module):
         return h[:, 0]
 
 
-class PooledClassifier(nn.Module):
-    """BERT's classification head on CLS features: pooler dense + activation, dropout, classifier.
-    It holds the model's own modules (no copies), so ``head(features)`` equals the model's logits."""
-
-    def __init__(self, dense: nn.Module, activation: nn.Module, dropout: nn.Module, classifier: nn.Module) -> None:
-        super().__init__()
-        self.dense = dense
-        self.activation = activation
-        self.dropout = dropout
-        self.classifier = classifier
-
-    def forward(self, cls: Tensor) -> Tensor:
-        return self.classifier(self.dropout(self.activation(self.dense(cls))))
-
-
-def _encoder_layers(backbone: nn.Module) -> list[nn.Module]:
-    """Encoder layers live in ``encoder.layer`` (4.x, BERT, DINOv2) or ``layers`` (ViT in 5.x)."""
-    layers = getattr(backbone, "layers", None)
-    if layers is None:
-        encoder = getattr(backbone, "encoder", None)
-        layers = getattr(encoder, "layer", None)
-    if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
-        raise SearchError(f"cannot split {type(backbone).__name__} into blocks: no encoder layer list found")
-    return list(layers)
-
-
-def _resnet(backbone: nn.Module, head: nn.Module | None) -> Split:
-    blocks = [Block(backbone.embedder)]
-    for stage in backbone.encoder.stages:
-        blocks.extend(Block(layer) for layer in stage.layers)
-    blocks.append(Block(nn.Sequential(backbone.pooler, nn.Flatten(1))))
-    return Split(blocks, head, "hf-resnet")
-
-
-def _vit_like(backbone: nn.Module, head: nn.Module | None, kind: str) -> Split:
-    blocks = [Block(backbone.embeddings)]
-    blocks.extend(Block(layer, "hf-layer") for layer in _encoder_layers(backbone))
-    blocks.append(Block(nn.Sequential(backbone.layernorm, ClsToken())))
-    return Split(blocks, head, kind)
-
-
-class _BertContext:
-    """Per-batch attention mask from the raw token ids, prepared exactly as the backbone prepares it."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        self.backbone = backbone
-
-    def __call__(self, raw: Tensor) -> dict[str, Tensor]:
-        config = self.backbone.config
-        pad = config.pad_token_id
-        mask = (raw != pad).long() if pad is not None else torch.ones_like(raw)
-        dtype = self.backbone.embeddings.word_embeddings.weight.dtype
-        try:
-            from transformers.masking_utils import create_bidirectional_mask
-        except ImportError:  # transformers 4.x
-            prepared = self.backbone.get_extended_attention_mask(mask, raw.shape)
-        else:
-            shape_only = torch.zeros((1, 1, 1), dtype=dtype, device=raw.device).expand(raw.shape[0], raw.shape[1], 1)
-            prepared = create_bidirectional_mask(config=config, inputs_embeds=shape_only, attention_mask=mask)
-        if prepared is None:  # no padding and an attention kernel that needs no mask
-            return {}
-        if not isinstance(prepared, Tensor):
-            raise SearchError(f"unsupported attention implementation {config._attn_implementation!r} for BERT blocks")
-        return {"attention_mask": prepared}
-
-
-def _bert(backbone: nn.Module, head: nn.Module | None) -> Split:
-    if getattr(backbone.config, "is_decoder", False):
-        raise SearchError(f"cannot split {type(backbone).__name__} into blocks: decoder (causal) BERT is not supported")
-    blocks = [Block(backbone.embeddings)]
-    blocks.extend(Block(layer, "hf-masked-layer") for layer in _encoder_layers(backbone))
-    blocks.append(Block(ClsToken()))
-    return Split(blocks, head, "hf-bert", _BertContext(backbone))
-
-
-def _huggingface(model: nn.Module) -> Split | None:
-    """Split a supported transformers model (or a subclass); None when it is not one of them."""
-    import transformers as tf
-
-    if not isinstance(model, tf.PreTrainedModel):
-        return None
-    if isinstance(model, tf.ResNetForImageClassification):
-        return _resnet(model.resnet, model.classifier)
-    if isinstance(model, tf.ResNetModel):
-        return _resnet(model, None)
-    if isinstance(model, tf.ViTForImageClassification):
-        return _vit_like(model.vit, model.classifier, "hf-vit")
-    if isinstance(model, tf.ViTModel):
-        return _vit_like(model, None, "hf-vit")
-    if isinstance(model, tf.Dinov2Model):
-        return _vit_like(model, None, "hf-dinov2")
-    if isinstance(model, tf.BertForSequenceClassification):
-        bert = model.bert
-        if bert.pooler is None:
-            raise SearchError(f"cannot split {type(model).__name__} into blocks: its BERT has no pooler")
-        head = PooledClassifier(bert.pooler.dense, bert.pooler.activation, model.dropout, model.classifier)
-        return _bert(bert, head)
-    if isinstance(model, tf.BertModel):
-        return _bert(model, None)
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 
 
 def split_model(model: nn.Module) -> Split:
-    """The block view of ``model``; a SearchError naming the class when it has none."""
+    """The block view of ``model``: declared blocks, the Sequential rule, the Hugging Face rule, or
+    else the traced graph (``traced.py``); a SearchError naming the class when it has none."""
     if not isinstance(model, nn.Module):
         raise SearchError(f"cannot split {type(model).__name__} into blocks: not an nn.Module")
     if callable(getattr(model, "mm_blocks", None)):
@@ -342,16 +281,18 @@ def split_model(model: nn.Module) -> Split:
     if _is_sequence(model):
         return _sequential(model)
     if "transformers" in sys.modules:  # a transformers model implies the library is loaded: never import it here
-        split = _huggingface(model)
+        from .hf import split_hf
+
+        split = split_hf(model)
         if split is not None:
             return split
-    raise SearchError(
-        f"cannot split {type(model).__name__} into blocks: it is neither an nn.Sequential, a supported Hugging Face "
-        "model (ResNet, ViT, DINOv2, BERT) nor a model that declares its blocks; make it an nn.Sequential, give it "
-        "mm_blocks(), or wrap it in mm_jupyter.search.Blocks"
-    )
+    from .traced import traced_blocks
+
+    blocks, head = traced_blocks(model)
+    return Split([Block(b) for b in blocks], head, "traced")
 
 
 __all__ = [
-    "CALLS", "Block", "Blocks", "ClsToken", "PooledClassifier", "Split", "eval_mode", "output_sizes", "split_model",
+    "CALLS", "Block", "Blocks", "ClsToken", "Split", "block_failure", "eval_mode", "has_state", "output_sizes",
+    "split_model",
 ]

@@ -113,19 +113,33 @@ def chunk_ranges(batches: list[tuple[int, int]], chunk_items: int) -> list[list[
     return chunks
 
 
+def _context(cand: Candidate, raw: "torch.Tensor", device: str) -> dict:
+    from .blocks import block_failure
+
+    try:
+        return {k: v.to(device) for k, v in cand.context(raw).items()}
+    except Exception as e:  # noqa: BLE001 - one line naming the candidate
+        raise block_failure(cand.name, None, None, e) from None
+
+
 def _apply(block: "Block", h: "torch.Tensor", raw: "torch.Tensor", batches: list[tuple[int, int]],
-           context: Callable, device: str) -> "torch.Tensor":
+           cand: Candidate, depth: int, device: str) -> "torch.Tensor":
     """Run one block over a chunk, batch by batch (``batches`` relative to the chunk)."""
     import torch
+
+    from .blocks import block_failure
 
     out = None
     with torch.inference_mode():
         for a, b in batches:
-            ctx = {k: v.to(device) for k, v in context(raw[a:b]).items()}
-            o = block(h[a:b].to(device), ctx)
-            if out is None:
-                out = torch.empty((len(h), *o.shape[1:]), dtype=o.dtype, device=o.device)
-            out[a:b] = o
+            ctx = _context(cand, raw[a:b], device)
+            try:
+                o = block(h[a:b].to(device), ctx)
+                if out is None:
+                    out = torch.empty((len(h), *o.shape[1:]), dtype=o.dtype, device=o.device)
+                out[a:b] = o
+            except Exception as e:  # noqa: BLE001 - one line naming the candidate and block
+                raise block_failure(cand.name, depth, block, e) from None
     assert out is not None
     return out
 
@@ -136,6 +150,8 @@ def extract_whole(cand: Candidate, segments: list["torch.Tensor"], *, batch_size
     batch (no sharing): the ``base`` and ``shift`` path."""
     import torch
 
+    from .blocks import block_failure
+
     t0 = time.perf_counter()
     blocks = [cand.block(i, meter) for i in range(cand.count)]
     meter.add("prepare model", time.perf_counter() - t0)
@@ -145,10 +161,13 @@ def extract_whole(cand: Candidate, segments: list["torch.Tensor"], *, batch_size
     with torch.inference_mode():
         for a, b in batch_ranges([len(s) for s in segments], batch_size):
             batch = raw[a:b]
-            ctx = {k: v.to(device) for k, v in cand.context(batch).items()}
+            ctx = _context(cand, batch, device)
             h = batch.to(device)
-            for blk in blocks:
-                h = blk(h, ctx)
+            for depth, blk in enumerate(blocks):
+                try:
+                    h = blk(h, ctx)
+                except Exception as e:  # noqa: BLE001 - one line naming the candidate and block
+                    raise block_failure(cand.name, depth, blk, e) from None
             f = h.reshape(len(batch), -1).float().cpu()
             if feats is None:
                 feats = torch.empty((len(raw), f.shape[1]), dtype=f.dtype)
@@ -249,7 +268,7 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
                             meter.add("prepare model", time.perf_counter() - t0)
                         t0 = time.perf_counter()
                         parent = cache.get(node.parent, device)  # type: ignore[arg-type]
-                        out = _apply(loaded[key], parent, piece, local, cand.context, device)
+                        out = _apply(loaded[key], parent, piece, local, cand, depth, device)
                         del parent
                         cache.put(st.node, out)
                         meter.add("inference", time.perf_counter() - t0)

@@ -2,9 +2,11 @@
 loaded and run once) by a hash of what determines their output.
 
 The id covers the call tag, the module structure (every submodule's class, ``extra_repr()`` and
-scalar hyperparameter attributes, with names relative to the block) and every parameter and buffer
-(name relative to the block, dtype, shape, raw bytes). Nothing positional enters it, so the same
-layer, or an identical copy, has the same id at any position of any model.
+scalar hyperparameter attributes, with names relative to the block), the generated code of every
+traced piece (``fx.GraphModule``: its operations, their targets and constants, with canonical
+names) and every parameter and buffer (name relative to the block, dtype, shape, raw bytes).
+Nothing positional enters it, so the same layer, or an identical copy, has the same id at any
+position of any model.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import hashlib
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..errors import SearchError
 from .blocks import Block
@@ -76,6 +78,9 @@ def block_id(block: Block) -> str:
         _put(h, f"{cls.__module__}:{cls.__qualname__}")
         _put(h, module.extra_repr())
         _put(h, _scalar_attrs(module))
+        if isinstance(module, fx.GraphModule):
+            _put(h, "code")
+            _put(h, module.code)
     tensors: list[tuple[str, str, Any]] = [("param", n, t) for n, t in block.module.named_parameters()]
     tensors += [("buffer", n, t) for n, t in block.module.named_buffers()]
     for kind, name, t in tensors:

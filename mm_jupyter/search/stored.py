@@ -158,7 +158,8 @@ class StoredCandidates:
 
     def engine_candidates(self, sample: "torch.Tensor", shared: bool, device: str) -> list["Candidate"]:
         """Engine view: ids and output sizes from the manifest and a skeleton (no parameter bytes
-        read); a block's bytes are read when the engine asks for that block."""
+        read; the skeleton's one-item forward checks that the data fits); a block's bytes are
+        read when the engine asks for that block."""
         from .blocks import Block, output_sizes
         from .engine import Candidate
 
@@ -168,8 +169,8 @@ class StoredCandidates:
             skel = self._skeleton(entry)
             if len(skel.blocks) != len(entry["blocks"]):
                 raise SearchError(f"stored candidate {entry['name']!r} no longer splits like it did when stored")
-            if shared and id(skel) not in sizes_of:
-                sizes_of[id(skel)] = output_sizes(skel, sample)
+            if id(skel) not in sizes_of:  # also the check that the data fits this architecture
+                sizes_of[id(skel)] = output_sizes(skel, sample, entry["name"])
 
             def block(i: int, entry: dict[str, Any] = entry, skel: Any = skel) -> Block:
                 module = self._load(skel.blocks[i].module, entry["blocks"][i]).to(device)
