@@ -311,3 +311,44 @@ def test_materialize_benchmark_runs():
     from mm_jupyter.bench.__main__ import main
 
     assert main(["materialize", "--models", "20", "--repeat", "1"]) == 0
+
+
+def test_stored_candidates_of_script_classes_need_trust_in_another_process(tmp_path: Path):
+    save = r"""
+import sys, torch
+from torch import nn
+import mm_jupyter as mm
+
+class Tower(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.body = nn.ModuleList([nn.Linear(6, width), nn.Linear(width, width)])
+        self.head = nn.Linear(width, 3)
+    def forward(self, x):
+        for layer in self.body:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+torch.manual_seed(0)
+mm.add_candidates(mm.Store(sys.argv[1]), {f"t{i}": Tower(8) for i in range(3)}, "towers")
+"""
+    search = r"""
+import sys, torch, mm_jupyter as mm
+store = mm.Store(sys.argv[1])
+cands = mm.load_candidates(store, "towers", trust_code=sys.argv[2] == "trust")
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)
+try:
+    print(list(mm.search(cands, (x, y), k=1).ranking["model"]))
+except mm.TrustError as e:
+    print("TrustError", str(e).splitlines()[1].strip())
+"""
+    script = tmp_path / "save_towers.py"  # a script, so the class has source to record
+    script.write_text(save)
+    sm.run_python(f"import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+                  str(script), str(tmp_path / "s"))
+    refused = sm.run_python(search, str(tmp_path / "s"), "no").stdout.strip().splitlines()[-1]
+    assert refused == "TrustError definitions of Tower:"
+    ranking = json.loads(sm.run_python(search, str(tmp_path / "s"), "trust").stdout.strip().splitlines()[-1]
+                         .replace("'", '"'))
+    assert sorted(ranking) == ["t0", "t1", "t2"]

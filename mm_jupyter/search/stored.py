@@ -90,7 +90,7 @@ def add_candidates(
 class StoredCandidates:
     """A stored candidate set as ``mm.search`` input; blocks are read on first use."""
 
-    def __init__(self, store: "Store", name: str, version: int | None = None) -> None:
+    def __init__(self, store: "Store", name: str, version: int | None = None, trust_code: bool | None = None) -> None:
         found = store.catalog.find_candidates(name, version)
         if found is None:
             raise RefError(f"no candidate set {name!r}" + (f" version {version}" if version else "")
@@ -99,7 +99,13 @@ class StoredCandidates:
         self.store = store
         self.ref = CandidateSetRef(name, v)
         self.entries: list[dict[str, Any]] = manifest["candidates"]
+        self.trust_code = store.trust_code if trust_code is None else bool(trust_code)
         self._skeletons: dict[str, Any] = {}
+
+    def _build(self, entry: dict[str, Any]) -> "nn.Module":
+        """A module of the entry's architecture (recorded code runs only when trusted)."""
+        arch = Architecture.from_json(entry["architecture"])
+        return arch.build(trusted=self.trust_code, subject=f"candidate set '{self.ref}'").eval()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -118,8 +124,7 @@ class StoredCandidates:
 
         key = repr(sorted(entry["architecture"].items()))
         if key not in self._skeletons:
-            model = Architecture.from_json(entry["architecture"]).build().eval()
-            self._skeletons[key] = split_model(model)
+            self._skeletons[key] = split_model(self._build(entry))
         return self._skeletons[key]
 
     def _load(self, skeleton_module: "nn.Module", record: dict[str, Any]) -> "nn.Module":
@@ -146,7 +151,7 @@ class StoredCandidates:
         entry = next((e for e in self.entries if e["name"] == name), None)
         if entry is None:
             raise RefError(f"candidate set {self.ref} has no candidate {name!r}")
-        model = Architecture.from_json(entry["architecture"]).build().eval()
+        model = self._build(entry)
         from .blocks import split_model
 
         split = split_model(model)
@@ -185,6 +190,8 @@ class StoredCandidates:
         return out
 
 
-def load_candidates(store: "Store", name: str, version: int | None = None) -> StoredCandidates:
-    """A stored candidate set, ready for ``mm.search``."""
-    return StoredCandidates(store, name, version)
+def load_candidates(store: "Store", name: str, version: int | None = None, *,
+                    trust_code: bool | None = None) -> StoredCandidates:
+    """A stored candidate set, ready for ``mm.search``; ``trust_code`` (default: the store's) lets
+    classes recorded as notebook source run when their blocks are rebuilt."""
+    return StoredCandidates(store, name, version, trust_code)

@@ -80,6 +80,8 @@ def allow_hint(subject: str) -> str:
         ref = subject[4:]
         return (f"store.recover_set({ref}, trust_code=True), mm.Store(path, trust_code=True), "
                 f"or %modelset recover {ref.strip(chr(39))} --trust-code")
+    if subject.startswith("candidate set "):
+        return f"mm.load_candidates(store, {subject[14:]}, trust_code=True) or mm.Store(path, trust_code=True)"
     return "mm.Store(path, trust_code=True) or recover_set(..., trust_code=True)"
 
 
