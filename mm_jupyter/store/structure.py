@@ -65,6 +65,11 @@ def internal_attributes() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=1)
+def _fresh_containers() -> tuple[tuple[str, type], ...]:
+    return tuple((k, v) for k, v in _fresh_bookkeeping() if isinstance(v, type))
+
+
+@functools.lru_cache(maxsize=1)
 def _fresh_bookkeeping() -> tuple[tuple[str, Any], ...]:
     """(name, empty container type or scalar) for the hook registries of a fresh module."""
     from torch import nn
@@ -640,8 +645,10 @@ class _Node:
 def _immutable(v: Any) -> bool:
     import torch
 
-    if v is None or type(v) in (bool, int, float, str, bytes, torch.Size):
-        return True
+    from .architectures import Architecture
+
+    if v is None or type(v) in (bool, int, float, str, bytes, torch.Size, Architecture):
+        return True  # an Architecture (a factory's tag) is a frozen record nobody mutates
     if isinstance(v, (torch.dtype, torch.device, type, *_FUNCTION_TYPES)):
         return True
     if type(v) in (tuple, frozenset):
@@ -713,7 +720,8 @@ class Cloner:
                     children.append((n, node_of[id(c)]))
                 else:
                     children.append((n, visit(c, _join(path, n))))
-            shared: dict[str, Any] = {"training": False}
+            shared: dict[str, Any] = {k: v for k, v in _fresh_bookkeeping() if not isinstance(v, type)}
+            shared["training"] = False
             deep: list[tuple[str, Any]] = []
             for k, v in mod.__dict__.items():
                 if k in internal:
@@ -756,11 +764,10 @@ class Cloner:
         mods = [object.__new__(n.cls) for n in self.nodes]
         for i, mod_id in enumerate(self.originals):
             memo[mod_id] = mods[i]
-        fresh = _fresh_bookkeeping()
+        containers = _fresh_containers()
         for mod, node in zip(mods, self.nodes):
-            d = dict(node.shared)
-            for k, kind in fresh:
-                d[k] = kind() if isinstance(kind, type) else kind
+            d = dict(node.shared)  # attributes and the scalar bookkeeping
+            d.update({k: kind() for k, kind in containers})  # empty hook registries of its own
             pc, bc, mc = node.containers
             d["_parameters"] = pc((n, None if s is None else new_slots[s]) for n, s in node.params)
             d["_buffers"] = bc((n, None if s is None else new_slots[s]) for n, s in node.buffers)
