@@ -92,8 +92,9 @@ class Store:
         self.catalog.close()
 
     @contextmanager
-    def _writing(self, what: str) -> Iterator[None]:
-        """A save: holds the store's save lock shared (garbage collection waits for it), creates
+    def writing(self, what: str) -> Iterator[None]:
+        """Wrap code that writes objects and then commits them (a save, the search's block store):
+        holds the store's save lock shared (garbage collection waits for it), creates
         the writer folders, removes temp files of writers that are gone, and names the save in
         an out-of-space error."""
         if self.catalog.read_only is not None and is_read_only(self.root):
@@ -103,8 +104,8 @@ class Store:
                 self.objects.prepare()
                 self.objects.clean_temp()
                 yield
-        except OutOfSpace as e:
-            raise e.about(what) from None
+        except OutOfSpace as e:  # a plain StoreError for the caller, naming what was being saved
+            raise StoreError(str(e.about(what))) from None
 
     # -- references -------------------------------------------------------------------------
     def row(self, ref: SetRef | str) -> SetRow:
@@ -152,7 +153,7 @@ class Store:
         a version whose retraining does not reproduce its weights is refused.
         """
         t0 = time.perf_counter()
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not valid_name(name):
             raise StoreError(f"set name {name!r} must be 1-200 letters, digits, spaces, '_', '.', '-'")
         if approach not in APPROACH_CHOICES:
             raise StoreError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACH_CHOICES)}")
@@ -166,7 +167,7 @@ class Store:
             raise StoreError(f"architecture must be an mm.Architecture, not {type(arch).__name__}")
         layout, rows = extract_states(mods, names)
         _check_architecture(arch, layout)
-        with self._writing(f"set {name!r}"):
+        with self.writing(f"set {name!r}"):
             base_row = self._base_row(name, approach, base)
             inp = SaveInput(name, names, explicit, layout, rows, arch, environment(), base_row, provenance, verify)
             requested = approach
@@ -389,6 +390,11 @@ class Store:
         from .maintenance import rebuild
 
         return rebuild(Path(path), wait_s)
+
+
+def valid_name(name: Any) -> bool:
+    """1-200 letters, digits, spaces, '_', '.', '-' (also the name of its ref file)."""
+    return isinstance(name, str) and _NAME.match(name) is not None
 
 
 def _valid_number(n: Any) -> bool:
