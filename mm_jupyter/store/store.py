@@ -83,6 +83,7 @@ class Store:
                 f"the catalog of store {str(self.root)!r} lacks {len(lost)} acknowledged version(s) that refs/ "
                 f"records ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); {rebuild_hint(self.root)}")
         self._save_lock = StoreLock(self.root / "locks" / "save")
+        self._prepared = False
         self._digests: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
 
     def __repr__(self) -> str:
@@ -101,7 +102,9 @@ class Store:
             raise StoreError(f"store {str(self.root)!r} is read-only ({self.catalog.read_only}); cannot save {what}")
         try:
             with self._save_lock.hold(False, LOCK_WAIT_S, f"cannot save {what}"):
-                self.objects.prepare()
+                if not self._prepared:
+                    self.objects.prepare()
+                    self._prepared = True
                 self.objects.clean_temp()
                 yield
         except OutOfSpace as e:  # a plain StoreError for the caller, naming what was being saved
