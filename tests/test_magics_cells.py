@@ -82,3 +82,16 @@ def test_exception_in_provenance_training_code(ip: Any, capsys: pytest.CaptureFi
     assert "provenance.py" not in text  # the training runner's frames are not the user's either
     assert lines[-1].startswith("AttributeError:")
     assert list(mm.Store(ip.magics_manager.registry["ModelMagics"].store).sets()["version"]) == [1]
+
+
+def test_nondeterministic_provenance_cell_is_refused(ip: Any) -> None:
+    """A cell whose training cannot be reproduced is refused at save (the trained weights stay in
+    the notebook variable), instead of saving a version that could never be recovered."""
+    ip.run_cell("import os\nfrom mm_jupyter.usecases.training import initial_models\n"
+                "from mm_jupyter.usecases.battery import cell_ref\nds = {'1': cell_ref(1, version=1)}")
+    ip.run_cell_magic("modelset", "save base", "initial_models(3, hidden=8)")
+    with pytest.raises(mm.StoreError, match=r"does not reproduce model '1'.*nothing was stored"):
+        ip.run_cell_magic("modelset", "save base --approach provenance --datasets ds --models trained",
+                          "with torch.no_grad():\n    next(model.parameters()).add_(os.urandom(1)[0] / 255 + 0.001)\n")
+    assert "1" in ip.user_ns["trained"]  # the models the cell trained are not lost
+    assert list(mm.Store(ip.magics_manager.registry["ModelMagics"].store).sets()["version"]) == [1]

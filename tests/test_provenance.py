@@ -221,6 +221,28 @@ def test_a_sample_is_verified_at_save_and_all_on_request(store: mm.Store, train_
         store.recover_set(ref)
 
 
+def test_verification_prefers_start_states_that_need_no_training(store: mm.Store, train_log: Path):
+    """On a provenance base, a model the base retrained would have to be retrained first to get its
+    start state; the sample takes a model whose start state is stored, unless all are asked for."""
+    base = named(initial_models(3, seed=33))
+    store.save_set(base, "cells", approach="baseline")
+    p2 = mm.Provenance(train=provenance_helpers.noisy_when_asked, config={"epochs": 1},
+                       datasets={"1": cell_ref(1, 1)}, seed=1)
+    v2 = base | p2.run(base)
+    store.save_set(v2, "cells", approach="provenance", provenance=p2)
+    p3 = mm.Provenance(train=provenance_helpers.noisy_when_asked, config={"epochs": 1},
+                       datasets={"0": cell_ref(0, 2), "1": cell_ref(1, 2)}, seed=2)
+    v3 = v2 | p3.run(v2)
+    start = len(calls(train_log))
+    store.save_set(v3, "cells", approach="provenance", provenance=p3)
+    assert len(calls(train_log)) - start == 1  # model '0' only: its start state is stored
+    start = len(calls(train_log))
+    ref = store.save_set(v3, "cells", approach="provenance", provenance=p3, base="cells@2", verify="all")
+    assert len(calls(train_log)) - start == 3  # v2's model '1' (a start state), then both models
+    assert [model_hashes({n: store.recover_set(ref)[n]})[n] for n in "01"] == [
+        model_hashes(v3)[n] for n in "01"]
+
+
 # -- 4. a chain of approaches ------------------------------------------------------------------
 def test_chain_baseline_provenance_update_provenance(store: mm.Store):
     v1 = named(initial_models(6, seed=40))

@@ -258,15 +258,19 @@ class Store:
         row = self.row(ref)
         return ModelSet(self._ref(row), row.approach, self.resolve_row(row), self.objects)
 
-    def resolve_row(self, row: SetRow) -> Resolved:
+    def resolve_row(self, row: SetRow, retrain: bool = True) -> Resolved:
         """Where every tensor of ``row`` lives: its chain is walked down to a self-contained
-        version and resolved upwards, iteratively (any chain length up to MAX_CHAIN)."""
+        version and resolved upwards, iteratively (any chain length up to MAX_CHAIN).
+        ``retrain=False``: provenance versions leave their retrained models out."""
         chain = [row]
         while approaches.derived(chain[-1]):
             chain.append(self._base(chain[-1], len(chain)))
         resolved = None
         for r in reversed(chain):
-            resolved = approaches.MODULES[r.approach].resolve(self, r, resolved)
+            if r.approach == "provenance":
+                resolved = approaches.provenance.resolve(self, r, resolved, retrain)
+            else:
+                resolved = approaches.MODULES[r.approach].resolve(self, r, resolved)
         assert resolved is not None
         return resolved
 

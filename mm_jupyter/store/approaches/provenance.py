@@ -111,13 +111,18 @@ def _verify_at_save(store: "Store", inp: SaveInput, record: dict, src: np.ndarra
     assert inp.base is not None
     rec = json.loads(json.dumps(record))  # what recovery will read back
     base_row = inp.base
-    base_set = ModelSet(SetRef(base_row.id, base_row.name, base_row.version), base_row.approach,
-                        store.resolve_row(base_row), store.objects)
+    # start states are the base's stored weights; a base model that is itself the result of
+    # provenance training must be retrained first, so prefer models whose start needs no training
+    base = store.resolve_row(base_row, retrain=False)
+    pool = [j for j in range(len(updated)) if (base.obj[src[updated[j]]] >= 0).all()]
+    if len(pool) < (len(updated) if inp.verify == "all" else min(int(inp.verify), len(updated))):
+        base, pool = store.resolve_row(base_row), list(range(len(updated)))
+    base_set = ModelSet(SetRef(base_row.id, base_row.name, base_row.version), base_row.approach, base, store.objects)
     try:
         template = Architecture.from_json(inp.architecture.to_json()).build()
         _match_dtypes(template, inp.layout)
         train = resolve_train(rec["train"])
-        for j in _sample(len(updated), inp.verify):
+        for j in [pool[x] for x in _sample(len(pool), inp.verify)]:
             i = int(updated[j])
             name = inp.names[i]
             ref = DatasetRef.from_json(rec["datasets"][j])
@@ -204,15 +209,24 @@ def digests(store: "Store", row: SetRow, base_digests: np.ndarray) -> tuple[list
     return names_of(row.manifest), out
 
 
-def resolve(store: "Store", row: SetRow, base: Resolved | None) -> Resolved:
-    """From the resolved base: check every dataset, then retrain the updated models and verify them."""
+def resolve(store: "Store", row: SetRow, base: Resolved | None, training: bool = True) -> Resolved:
+    """From the resolved base: check every dataset, then retrain the updated models and verify them.
+    ``training=False`` leaves the updated models out (``obj`` -1, nothing in memory): where the
+    other models' tensors live, for a save that needs some of them as training start states."""
     assert base is not None
-    base_row = store.catalog.get(row.base_id)  # type: ignore[arg-type]
     src, arrays = _index(store, row)
-    rec = record(store, row)
     m = row.manifest
     names = names_of(m)
     updated = arrays["updated"].astype(np.int64)
+    layout = Layout.from_json(m["layout"])
+    arch = Architecture.from_json(m["architecture"])
+    memory = {int(i): base.memory[int(src[i])] for i in range(len(src)) if int(src[i]) in base.memory}
+    if not training:
+        for i in updated:
+            memory.pop(int(i), None)
+        return _assemble(names, layout, arch, base, src, updated, arrays, memory)
+    base_row = store.catalog.get(row.base_id)  # type: ignore[arg-type]
+    rec = record(store, row)
 
     datas = []
     for j, i in enumerate(updated):
@@ -229,13 +243,10 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None) -> Resolved:
             )
         datas.append(data)
 
-    layout = Layout.from_json(m["layout"])
-    arch = Architecture.from_json(m["architecture"])
     train = resolve_train(rec["train"])
     base_set = ModelSet(SetRef(base_row.id, base_row.name, base_row.version), base_row.approach, base, store.objects)
     template = arch.build()
     _match_dtypes(template, layout)
-    memory = {int(i): base.memory[int(src[i])] for i in range(len(src)) if int(src[i]) in base.memory}
     changed = arrays["changed"]
     stored = iter(arrays["digests"])
     for j, i in enumerate(updated):
@@ -250,7 +261,11 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None) -> Resolved:
                 f"{row.name}@{row.version} (environment then: {rec['environment']})"
             )
         memory[int(i)] = tensors
-    n, kk = len(src), len(layout.specs)
+    return _assemble(names, layout, arch, base, src, updated, arrays, memory)
+
+
+def _assemble(names: list[str], layout: Layout, arch: Architecture, base: Resolved, src: np.ndarray,
+              updated: np.ndarray, arrays: dict[str, np.ndarray], memory: dict) -> Resolved:
     obj = base.obj[src].copy()
     off = base.off[src].copy()
     obj[updated] = -1
@@ -259,7 +274,6 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None) -> Resolved:
     if base.digests is not None:
         dig = base.digests[src].copy()
         block = dig[updated]
-        block[changed] = arrays["digests"]
+        block[arrays["changed"]] = arrays["digests"]
         dig[updated] = block
-    assert obj.shape == (n, kk)
     return Resolved(names, layout, arch, list(base.objects), obj, off, memory, dig)
