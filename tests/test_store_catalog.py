@@ -376,3 +376,17 @@ def test_every_digit_of_the_catalog_rows(plain, tmp_path):
     db.close()
     assert errors > len(cases) // 2  # most mutations are detected (the rest change nothing recovery uses)
     assert set(outcome(root, list(want), want).values()) == {"ok"}
+
+
+def test_the_store_browser_never_lists_a_store_that_lost_its_catalog(rich, tmp_path):
+    from mm_jupyter.jupyter.server import error_payload, sets_payload
+
+    src, want, _ = rich
+    root = copy_store(src, tmp_path / "store")
+    damage(root, "deleted-with-refs")
+    with pytest.raises(mm.StoreError) as err:
+        sets_payload(root)
+    status, payload = error_payload(err.value)
+    assert status == 400 and "rebuild" in payload["error"]
+    assert not (root / "catalog.sqlite").exists()  # a GET never creates a catalog
+    assert sets_payload(tmp_path / "nothing") == {"store": str(tmp_path / "nothing"), "exists": False, "sets": []}
