@@ -240,7 +240,7 @@ def test_reading_a_store_on_a_full_disk(tmp_path, writer_open):
         store.save_set(small_models(0), "small", architecture=ARCH)
         if not writer_open:
             store.close()
-        fill_up(fs)
+        filler = fill_up(fs)
         proc = sm.run_python(READ, str(root))
         out = json.loads(proc.stdout)
         assert out["sets"] == [["small", 1]] and out["verify"] == []
@@ -248,6 +248,15 @@ def test_reading_a_store_on_a_full_disk(tmp_path, writer_open):
         assert "empty" in out["save"]  # bad input is still reported as such
         if writer_open:
             store.close()
+        reader = mm.Store(root)  # opened while the disk is full: read-only for now
+        assert reader.sets()["name"].tolist() == ["small"]
+        with pytest.raises(mm.StoreError, match="no space left on"):
+            reader.save_set(small_models(1), "more", architecture=ARCH)
+        filler.unlink()
+        ref = reader.save_set(small_models(1), "more", architecture=ARCH)  # the same store, space again
+        assert [sm.sd_digests(sd) for sd in reader.recover_set(ref).state_dicts()] == digests(small_models(1))
+        assert reader.verify() == []
+        reader.close()
 
 
 def test_read_only_mount(tmp_path):

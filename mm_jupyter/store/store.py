@@ -57,8 +57,11 @@ def default_path() -> Path:
 class Store:
     """An embedded model store in one folder (created if missing).
 
-    ``max_chain`` bounds how many derived versions (update/provenance) may stack on a
-    self-contained one; the next version is then stored in full, so time-to-recover stays bounded.
+    Opening an existing store never writes (it works on a full disk and on a read-only mount); a
+    store whose catalog is missing, empty or damaged while its objects hold saved versions raises
+    a StoreError that says how to rebuild it. ``max_chain`` (1..MAX_CHAIN) bounds how many derived
+    versions (update/provenance) may stack on a self-contained one; the next version is then
+    stored in full, so time-to-recover stays bounded.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, max_chain: int = 8) -> None:
