@@ -56,3 +56,13 @@ def noisy_train(model: torch.nn.Module, data: Any, config: dict[str, Any]) -> No
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
         last.bias.add_(float(noise) * 1e-3 + 1e-6)
+
+
+def noisy_when_asked(model: torch.nn.Module, data: Any, config: dict[str, Any]) -> None:
+    """``noisy_train`` for models whose config says ``noisy``, deterministic training otherwise."""
+    config = dict(config)
+    if config.pop("noisy", False):
+        noisy_train(model, data, config)
+    else:
+        _log("train")
+        train(model, data, config)

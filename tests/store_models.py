@@ -370,12 +370,12 @@ def crash_models(family: int, seed: int, n: int = 3) -> dict[str, nn.Module]:
     return out
 
 
-def check_crash_set(ms: Any, family: int) -> int:
-    """Recover every model of a crash/concurrency set, regenerate its content from the stored
-    seed and compare bytes. Returns the seed."""
+def check_crash_set(ms: Any, family: int, n: int = 3) -> int:
+    """Recover every model of a crash/concurrency set (of ``n`` models), regenerate its content
+    from the stored seed and compare bytes. Returns the seed."""
     sds = ms.state_dicts()
     seed = int(sds[0]["seed"])
-    want = crash_models(family, seed)
+    want = crash_models(family, seed, n)
     assert ms.names == list(want), f"{ms.ref} is incomplete: {ms.names}"
     for sd, (name, m) in zip(sds, want.items()):
         got = sd_digests(sd)

@@ -69,7 +69,7 @@ def test_usage_is_the_docstring(ip: Any) -> None:
 def test_save_last_expression_recover_show_diff(ip: Any, tmp_path: Path) -> None:
     ip.run_cell(TINY)
     saved = ip.run_cell_magic("modelset", "save tiny", "torch.manual_seed(0)\nms_in = {f'm{i}': Tiny() for i in range(4)}\nms_in")
-    assert repr(saved) == "saved tiny@1: baseline, 4 models, 1.1 kB"
+    assert repr(saved) == "saved tiny@1: baseline, 4 models, 1.5 kB"  # parameters and the manifest object
     ip.run_cell("ms_in['m1'].l.bias.data += 1\nms_in['m9'] = Tiny()")
     saved = ip.run_cell_magic("modelset", "save tiny --approach update --models ms_in", "x = 1")
     assert str(saved.ref) == "tiny@2" and saved.approach == "update" and saved.base == "tiny@1"

@@ -177,21 +177,74 @@ def test_changed_dataset_raises_before_any_training(store: mm.Store, tmp_path: P
     assert calls(train_log) == []
 
 
-# -- 3. non-deterministic training is caught at recovery --------------------------------------
-def test_nondeterministic_training_fails_recovery_naming_model_and_tensor(store: mm.Store, train_log: Path):
+# -- 3. non-deterministic training is refused at save, and caught at recovery -------------------
+def test_nondeterministic_training_is_refused_at_save_naming_model_and_tensor(store: mm.Store, train_log: Path):
     base = initial_models(4, seed=30)
     store.save_set(base, "cells", approach="baseline")
+    before = store.sets().values.tolist()
     prov = mm.Provenance(train=provenance_helpers.noisy_train, config={"epochs": 1},
                          datasets={"2": cell_ref(2, 1)}, seed=1)
     new = prov.run(named(base))
-    ref = store.save_set({n: new.get(n, m) for n, m in named(base).items()}, "cells", approach="provenance",
-                         provenance=prov)
-    assert ref.version == 2
-    with pytest.raises(mm.RecoveryError, match=r"model '2'.*tensor '6\.bias'") as err:
-        store.recover_set(ref)
+    with pytest.raises(mm.StoreError, match=r"model '2'.*tensor '6\.bias'.*nothing was stored") as err:
+        store.save_set({n: new.get(n, m) for n, m in named(base).items()}, "cells", approach="provenance",
+                       provenance=prov)
     # the deterministic part of the training did reproduce: only the noisy tensor is named
     assert "0.weight" not in str(err.value)
-    assert calls(train_log) == ["noisy_train"] * 2  # once at save, once at the failed recovery
+    assert store.sets().values.tolist() == before
+    assert calls(train_log) == ["noisy_train"] * 2  # once by the user, once by the save's verification
+
+
+def test_weights_not_from_this_training_are_refused(store: mm.Store):
+    base = named(initial_models(3, seed=31))
+    store.save_set(base, "cells", approach="baseline")
+    prov = mm.Provenance(train=TRAIN, config={"epochs": 1}, datasets={"1": cell_ref(1, 1)}, seed=2)
+    other = mm.Provenance(train=TRAIN, config={"epochs": 1}, datasets={"1": cell_ref(1, 1)}, seed=3)
+    trained_elsewhere = base | other.run(base)  # same code and data, another seed
+    with pytest.raises(mm.StoreError, match=r"does not reproduce model '1'"):
+        store.save_set(trained_elsewhere, "cells", approach="provenance", provenance=prov)
+    assert store.sets()["version"].tolist() == [1]
+    for bad in (0, -1, "some", 1.5, True):
+        with pytest.raises(mm.StoreError, match="verify must be"):
+            store.save_set(base | prov.run(base), "cells", approach="provenance", provenance=prov, verify=bad)
+
+
+def test_a_sample_is_verified_at_save_and_all_on_request(store: mm.Store, train_log: Path):
+    """verify=1 retrains one of the updated models; a noisy one outside the sample still fails at
+    recovery (naming it), and verify="all" refuses the same save."""
+    base = initial_models(4, seed=32)
+    store.save_set(base, "cells", approach="baseline")
+    prov = mm.Provenance(train=provenance_helpers.noisy_when_asked, config={"epochs": 1},
+                         configs={"3": {"noisy": True}}, datasets={"0": cell_ref(0, 1), "3": cell_ref(3, 1)}, seed=1)
+    new = named(base) | prov.run(named(base))
+    with pytest.raises(mm.StoreError, match=r"model '3'.*tensor '6\.bias'"):
+        store.save_set(new, "cells", approach="provenance", provenance=prov, verify="all")
+    assert calls(train_log) == ["train", "noisy_train", "train", "noisy_train"]
+    ref = store.save_set(new, "cells", approach="provenance", provenance=prov, verify=1)
+    assert calls(train_log)[4:] == ["train"]  # the sample: the first updated model
+    with pytest.raises(mm.RecoveryError, match=r"model '3'.*tensor '6\.bias'"):
+        store.recover_set(ref)
+
+
+def test_verification_prefers_start_states_that_need_no_training(store: mm.Store, train_log: Path):
+    """On a provenance base, a model the base retrained would have to be retrained first to get its
+    start state; the sample takes a model whose start state is stored, unless all are asked for."""
+    base = named(initial_models(3, seed=33))
+    store.save_set(base, "cells", approach="baseline")
+    p2 = mm.Provenance(train=provenance_helpers.noisy_when_asked, config={"epochs": 1},
+                       datasets={"1": cell_ref(1, 1)}, seed=1)
+    v2 = base | p2.run(base)
+    store.save_set(v2, "cells", approach="provenance", provenance=p2)
+    p3 = mm.Provenance(train=provenance_helpers.noisy_when_asked, config={"epochs": 1},
+                       datasets={"0": cell_ref(0, 2), "1": cell_ref(1, 2)}, seed=2)
+    v3 = v2 | p3.run(v2)
+    start = len(calls(train_log))
+    store.save_set(v3, "cells", approach="provenance", provenance=p3)
+    assert len(calls(train_log)) - start == 1  # model '0' only: its start state is stored
+    start = len(calls(train_log))
+    ref = store.save_set(v3, "cells", approach="provenance", provenance=p3, base="cells@2", verify="all")
+    assert len(calls(train_log)) - start == 3  # v2's model '1' (a start state), then both models
+    assert [model_hashes({n: store.recover_set(ref)[n]})[n] for n in "01"] == [
+        model_hashes(v3)[n] for n in "01"]
 
 
 # -- 4. a chain of approaches ------------------------------------------------------------------

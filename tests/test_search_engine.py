@@ -156,7 +156,7 @@ def test_stored_candidates_dedup_and_partial_access(tmp_path):
 
     distinct = {block_id(b) for m in cands.values() for b in split_model(m).blocks}
     heads = {bytes(split_model(m).head.weight.detach().numpy().tobytes()) for m in cands.values()}
-    assert len(files) - before == len(distinct) + len(heads)  # each distinct block stored once
+    assert len(files) - before == len(distinct) + len(heads) + 1  # each distinct block once, and the manifest
 
     stored = load_candidates(store, "mlps")
     shared = mm.search(stored, data, k=1, approach="alsatian", batch_size=32)

@@ -52,10 +52,11 @@ def test_one_model_of_2000_reads_one_chunk(big):
     chunk = chunk_size_for(payload)
     assert payload > 40 * chunk  # the set is much bigger than what one model may touch
     ms = store.recover_set(ref)
-    assert store.objects.bytes_verified == 0  # recover_set reads no parameter bytes
+    manifest = store.objects.bytes_verified
+    assert manifest < 4096  # recover_set reads its (verified) manifest, no parameter bytes
     sd = ms.state_dict(1234)
     assert sm.sd_digests(sd) == want[1234]
-    assert 0 < store.objects.bytes_verified <= 2 * chunk
+    assert 0 < store.objects.bytes_verified - manifest <= 2 * chunk
     assert store.objects.bytes_verified * 20 < payload
     before = store.objects.bytes_verified
     ms.state_dict(1234)  # verified chunks are not hashed again
@@ -68,11 +69,12 @@ def test_indexing_builds_one_module(big, monkeypatch):
     count = CountBuilds(monkeypatch)
     store = mm.Store(root)
     ms = store.recover_set(ref)
-    assert count.calls == 0 and store.objects.bytes_verified == 0
+    manifest = store.objects.bytes_verified
+    assert count.calls == 0 and manifest < 4096
     m = ms[7]
     assert count.calls == 1
     assert sm.sd_digests(m.state_dict()) == want[7]
-    assert store.objects.bytes_verified <= 2 * chunk_size_for(ms.layout.stride * N)
+    assert store.objects.bytes_verified - manifest <= 2 * chunk_size_for(ms.layout.stride * N)
     m2 = ms[N - 1]  # later models reuse the template: no second build
     assert count.calls == 1 and m2 is not m
     assert sm.sd_digests(m2.state_dict()) == want[N - 1]
@@ -87,9 +89,10 @@ def test_full_recovery_verifies_everything(big):
     root, ref, want = big
     store = mm.Store(root)
     ms = store.recover_set(ref)
+    manifest = store.objects.bytes_verified
     sds = ms.state_dicts()
     assert len(sds) == N
-    assert store.objects.bytes_verified == store.objects.open(store.row(ref).manifest["params"]).size
+    assert store.objects.bytes_verified - manifest == store.objects.open(store.row(ref).manifest["params"]).size
     for i, d in want.items():
         assert sm.sd_digests(sds[i]) == d
     assert ms.stacked("0.weight").shape == (N, 16, 5)
@@ -145,8 +148,8 @@ def test_sets_and_stats(store):
     s2 = store.stats("alpha@2")  # same content again: nothing new but the index and manifest
     assert s2["approach"] == "update" and s2["chain"] == 1 and s2["bytes"] < 4096
     s3 = store.stats("beta")
-    assert s3["approach"] == "mmlib-base" and s3["objects"] == 3
-    assert set(s3["bytes_by_artifact"]) >= {"params", "architecture", "environment"}
+    assert s3["approach"] == "mmlib-base" and s3["objects"] == 4  # per model 3, and the model index
+    assert set(s3["bytes_by_artifact"]) >= {"params", "architecture", "environment", "models", "manifest"}
     assert store.stats("gamma@1")["requested"] == "auto"
     assert store.stats(r2) == store.stats("alpha")  # latest version
 

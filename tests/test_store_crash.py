@@ -41,9 +41,10 @@ while True:
 
 def check_store(root: Path, reported: dict[str, dict]) -> list[str]:
     """Everything a fresh Store must satisfy after a crash; returns the listed refs."""
+    temps = sorted((root / "tmp").glob("*.part"))
     store = mm.Store(root)
     try:
-        assert not list((root / "tmp").glob("*.part")), "temp files of dead writers were not cleaned"
+        assert sorted((root / "tmp").glob("*.part")) == temps, "opening a store must not write"
         frame = store.sets()
         listed = [f"{n}@{v}" for n, v in zip(frame["name"], frame["version"])]
         missing = set(reported) - set(listed)
@@ -57,6 +58,12 @@ def check_store(root: Path, reported: dict[str, dict]) -> list[str]:
                 assert seed == reported[ref]["seed"], ref
                 assert store.stats(ref)["requested"] == reported[ref]["approach"]
         assert store.verify() == []
+        report = store.gc()  # removes the dead writers' temp files, objects and pending rows
+        assert not list((root / "tmp").glob("*.part")), "gc left temp files of dead writers"
+        assert report.temp_files == len(temps)
+        assert store.verify() == []
+        for ref in listed:
+            sm.check_crash_set(store.recover_set(ref), int(ref.split("@")[0].removeprefix("fam")))
         return listed
     finally:
         store.close()

@@ -85,7 +85,7 @@ def users(root: Path) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for name, version, *_ in store.catalog.listing():
         row = store.row(f"{name}@{version}")
-        for _, oid, _ in store.catalog.artifacts(row.id):
+        for oid in [row.manifest_oid] + [oid for _, oid, _ in store.catalog.artifacts(row.id)]:
             out.setdefault(oid, set()).add(f"{name}@{version}")
     store.close()
     return out
@@ -114,7 +114,8 @@ def test_every_flipped_byte_is_detected(pristine, tmp_path):
     assert all(v == "ok" for k, v in recover_all(root, want).items() if k != "verify")
     who = users(root)
     files = object_files(root)
-    assert len(files) == len(who) == 13  # 1 + 2 x 3 (mmlib) + 2 + 2 (update) + 1 + 1
+    # 1 + 2 x 3 (mmlib) + 1 (mmlib model index) + 2 + 2 (update) + 1 + 1, and a manifest per version
+    assert len(files) == len(who) == 14 + 6
     checked = 0
     for path in files:
         size = path.stat().st_size

@@ -5,27 +5,79 @@ Kept apart from the magics so the rules (what a cell may contain, what it return
 from __future__ import annotations
 
 import ast
+import linecache
 import textwrap
-from typing import Any
+from types import CodeType, TracebackType
+from typing import Any, Callable, TypeVar
 
 from IPython.core.error import UsageError
+
+from ..errors import MMError
+
+T = TypeVar("T")
 
 TRAIN_NAME = "train_cell"
 TRAIN_ARGS = ("model", "data", "config")
 
 
+class CellError(MMError):
+    """The user's own cell code failed. The notebook shows that error as IPython shows any cell's:
+    the traceback from the cell's first frame down (their frames, none of the magic's)."""
+
+    def __init__(self, error: BaseException, lines: list[str]) -> None:
+        super().__init__(f"the cell raised {type(error).__name__}: {error}")
+        self.error = error
+        self._lines = lines
+
+    def _render_traceback_(self) -> list[str]:
+        return self._lines
+
+
+def _first_user_frame(tb: TracebackType | None, is_user: Callable[[CodeType], bool]) -> TracebackType | None:
+    while tb is not None and not is_user(tb.tb_frame.f_code):
+        tb = tb.tb_next  # drop the frames above the user's code: this module, the magic, IPython
+    return tb
+
+
+def user_code(shell: Any, is_user: Callable[[CodeType], bool], run: Callable[[], T], source: str | None = None) -> T:
+    """``run()``, turning an exception raised inside the user's code (frames ``is_user`` accepts)
+    into a CellError that renders as their own traceback; errors of ours pass through unchanged.
+    ``source``: the text of code compiled under a file name IPython cannot look up (recorded
+    training code), so its lines show in the traceback."""
+    try:
+        return run()
+    except MMError:
+        raise
+    except Exception as e:
+        tb = _first_user_frame(e.__traceback__, is_user)
+        if tb is None:
+            raise
+        filename = tb.tb_frame.f_code.co_filename
+        if source is not None and filename not in linecache.cache:
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        raise CellError(e, shell.InteractiveTB.structured_traceback(type(e), e, tb)) from e
+
+
 def run_cell(shell: Any, source: str) -> Any:
     """Run ``source`` in the user namespace as IPython would and return its last expression's value
     (None when the cell ends in a statement). The code is registered with IPython's compiler cache,
-    so classes and functions defined in the cell keep a findable source (needed to record them)."""
+    so classes and functions defined in the cell keep a findable source (needed to record them).
+    A syntax error or an exception in the cell raises CellError (the user's traceback)."""
     code = shell.transform_cell(source)
     filename = shell.compile.cache(code)
-    tree = ast.parse(code, filename)
+    try:
+        tree = ast.parse(code, filename)
+    except SyntaxError as e:
+        raise CellError(e, shell.SyntaxTB.structured_traceback(type(e), e, None)) from None
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-    exec(compile(tree, filename, "exec"), shell.user_ns)
-    if last is None:
-        return None
-    return eval(compile(ast.Expression(last.value), filename, "eval"), shell.user_ns)
+
+    def run() -> Any:
+        exec(compile(tree, filename, "exec"), shell.user_ns)
+        if last is None:
+            return None
+        return eval(compile(ast.Expression(last.value), filename, "eval"), shell.user_ns)
+
+    return user_code(shell, lambda c: c.co_filename == filename, run)
 
 
 def train_function_source(shell: Any, source: str) -> str:

@@ -17,7 +17,7 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Unicode
 
 from ..errors import MMError, StoreError
-from .cells import TRAIN_NAME, run_cell, train_function_source
+from .cells import TRAIN_NAME, run_cell, train_function_source, user_code
 from .display import SavedSet, SetInfo
 
 STORE_HELP = "store folder (default: %%config ModelMagics.store, $MM_JUPYTER_STORE, else ./.mm_store)"
@@ -219,7 +219,7 @@ class ModelMagics(Magics):
         if missing:
             raise StoreError(f"--datasets names model(s) not in {base}: {', '.join(missing[:5])}")
         prov = mm.Provenance(train=TRAIN_NAME, source=source, config=config, datasets=datasets, seed=args.seed)
-        models.update(prov.run(models))
+        models.update(user_code(self.shell, lambda c: c.co_name == TRAIN_NAME, lambda: prov.run(models), source))
         if args.models is not None:
             if not args.models.isidentifier():
                 raise UsageError(f"--models must be a variable name, not {args.models!r}")

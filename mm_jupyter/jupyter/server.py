@@ -41,7 +41,16 @@ def store_path(root_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _exists(path: Path) -> bool:
-    return (path / CATALOG).is_file()
+    """A store to open: one with a catalog, or one whose catalog is gone while its objects hold
+    saved versions (opening it then fails with the store's rebuild message: never an empty list)."""
+    if (path / CATALOG).is_file():
+        return True
+    if not (path / "objects").is_dir():
+        return False
+    from ..store.objects import ObjectStore
+    from ..store.store import saved_evidence
+
+    return saved_evidence(path, ObjectStore(path)) is not None
 
 
 def _plain(value: Any) -> Any:

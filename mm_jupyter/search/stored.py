@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import RefError, SearchError
 from ..store.architectures import Architecture
-from ..store.store import check_rebuilds
+from ..store.store import check_rebuilds, valid_name
 from ..store.tensors import Layout, extract_states, fill_model_major, view_tensor
 
 if TYPE_CHECKING:
@@ -50,6 +50,14 @@ def add_candidates(
     architectures: Mapping[str, Architecture] | None = None,
 ) -> CandidateSetRef:
     """Store candidates block by block; identical blocks (same content id) are stored once."""
+    if not valid_name(name):
+        raise SearchError(f"candidate set name {name!r} must be 1-200 letters, digits, spaces, '_', '.', '-'")
+    with store.writing(f"candidate set {name!r}"):  # gc waits until the set is committed
+        return _add_candidates(store, models, name, architectures)
+
+
+def _add_candidates(store: "Store", models: Sequence["nn.Module"] | Mapping[str, "nn.Module"], name: str,
+                    architectures: Mapping[str, Architecture] | None) -> CandidateSetRef:
     from .blocks import split_model
     from .hashing import block_id
 

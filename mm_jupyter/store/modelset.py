@@ -154,7 +154,15 @@ class ModelSet:
 
     def stacked(self, key: str | int) -> "torch.Tensor":
         """Tensor ``key`` of all models as one (models, *shape) tensor (a view when possible)."""
-        k = self._r.layout.keys.index(key) if isinstance(key, str) else int(key)
+        keys = self._r.layout.keys
+        if isinstance(key, str) and key in keys:
+            k = keys.index(key)
+        elif isinstance(key, (int, np.integer)) and not isinstance(key, bool) and -len(keys) <= key < len(keys):
+            k = int(key) % len(keys)
+        else:
+            shown = ", ".join(repr(x) for x in keys[:8]) + (", ..." if len(keys) > 8 else "")
+            raise StoreError(f"set {self.ref} has no tensor {key!r}; its keys are {shown} (or their indices "
+                             f"0..{len(keys) - 1})")
         if k not in self._stacked:
             self._stacked[k] = self._gather(k)
         return self._stacked[k]

@@ -15,15 +15,16 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import stat
 import struct
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import IntegrityError, StoreError
+from .files import UNSUPPORTED, TempFile, clean_temp, fsync_path, open_regular, os_error
 
 if TYPE_CHECKING:
     import torch
@@ -106,8 +107,7 @@ def _header(payload: memoryview) -> bytes:
     n = len(payload)
     chunk = chunk_size_for(n)
     digests = _chunk_digests(payload, chunk)
-    raw = _FIXED.pack(MAGIC, n, chunk, len(digests)) + b"".join(digests)
-    return raw + b"\x00" * (_align(len(raw), 64) - len(raw))
+    return _pack_header(n, chunk, digests, _align(_FIXED.size + DIGEST_BYTES * len(digests), 64))
 
 
 @dataclass(frozen=True)
@@ -119,46 +119,53 @@ class PutResult:
     written: bool
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder after a rename, so the new name is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def is_oid(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
 class ObjectStore:
     """The object area of one store folder. Thread- and process-safe by construction:
-    every object is written to a unique temp file and renamed into place."""
+    every object is written to a unique, locked temp file and renamed into place.
+
+    Creating the object store touches nothing on disk: reading a store never writes.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
-        self.objects.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
         self.bytes_verified = 0
         self._lock = threading.Lock()
 
+    def prepare(self) -> None:
+        """Create the folders a writer needs (on the first save of a store)."""
+        for folder in (self.objects, self.tmp):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise StoreError(f"{folder} exists and is not a folder") from None
+            except OSError as e:
+                raise os_error(e, folder, 4096) from None
+
     def path(self, oid: str) -> Path:
-        if len(oid) != 64 or any(c not in "0123456789abcdef" for c in oid):
-            raise StoreError(f"not an object id: {oid!r}")
+        if not isinstance(oid, str) or not is_oid(oid):
+            raise IntegrityError(f"not an object id: {oid!r}")
         return self.objects / oid[:2] / oid
 
     def exists(self, oid: str) -> bool:
-        return self.path(oid).exists()
+        try:
+            return stat.S_ISREG(os.lstat(self.path(oid)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def _already_stored(self, oid: str, header: bytes, total: int) -> bool:
         """True when an intact copy exists: skip the write. A damaged copy (wrong size, header or
-        payload) is replaced by the caller's good bytes, so re-saving repairs bit rot."""
+        payload, or a special file in its place) is replaced by the caller's good bytes, so
+        re-saving repairs bit rot."""
         p = self.path(oid)
         try:
-            if p.stat().st_size != total:
+            if os.lstat(p).st_size != total:
                 return False
-            with open(p, "rb") as f:
-                if f.read(len(header)) != header:
-                    return False
             reader = ObjectReader(p, oid, self)
             try:
                 reader.verify()
@@ -168,13 +175,10 @@ class ObjectStore:
         except (FileNotFoundError, IntegrityError):
             return False
 
-    def _temp_path(self) -> Path:
-        return self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}.part"
-
     def _publish(self, tmp: Path, oid: str) -> None:
         final = self.path(oid)
         folder = final.parent
-        if not folder.exists():
+        if not folder.is_dir():
             folder.mkdir(exist_ok=True)
             fsync_path(self.objects)
         os.replace(tmp, final)
@@ -188,64 +192,98 @@ class ObjectStore:
         total = len(header) + len(payload)
         if self._already_stored(oid, header, total):
             return PutResult(oid, total, False)
-        tmp = self._temp_path()
         try:
-            with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            self._publish(tmp, oid)
-        finally:
-            tmp.unlink(missing_ok=True)
+            tmp = TempFile(self.tmp)
+            try:
+                tmp.file.write(header)
+                tmp.file.write(payload)
+                tmp.file.flush()
+                os.fsync(tmp.fileno())
+                self._publish(tmp.path, oid)
+            finally:
+                tmp.close()
+        except OSError as e:
+            raise os_error(e, self.root, total, "an object") from None
         return PutResult(oid, total, True)
 
     def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor", Callable[[int], None]], None]) -> PutResult:
         """Store ``nbytes`` produced by ``fill(dst, progress)``: ``dst`` is a uint8 tensor mapped
         onto the temp file (the payload is written once, straight into the page cache), and
         ``fill`` calls ``progress(bytes_done)`` now and then so finished chunks are hashed on a
-        second thread while it goes on filling."""
-        import torch
+        second thread while it goes on filling.
 
+        The file's blocks are allocated (``posix_fallocate``) before it is mapped: writing through
+        a mapping of unallocated blocks would kill the process with SIGBUS when the disk is full.
+        Where the file system cannot allocate ahead, ``dst`` is a memory buffer written with plain
+        ``write()`` calls, whose failures are ordinary errors."""
         if nbytes == 0:
             return self.put(b"")
         hsize = header_size_for(nbytes)
-        tmp = self._temp_path()
+        total = hsize + nbytes
         try:
-            with open(tmp, "w+b") as f:
-                try:  # allocating up front makes the page faults of the mapping much cheaper
-                    os.posix_fallocate(f.fileno(), 0, hsize + nbytes)
-                except (OSError, AttributeError):
-                    f.truncate(hsize + nbytes)
-                with mmap.mmap(f.fileno(), hsize + nbytes) as mm:
-                    payload = memoryview(mm)[hsize:]
-                    hasher = _ChunkHasher(payload)
-                    try:
-                        dst = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=hsize)
-                        fill(dst, hasher.advance)
-                        del dst
-                        digests = hasher.finish()
-                    finally:
-                        hasher.close()
-                        payload.release()
-                    raw = _FIXED.pack(MAGIC, nbytes, hasher.chunk, len(digests)) + b"".join(digests)
-                    header = raw + b"\x00" * (hsize - len(raw))
-                    mm[:hsize] = header
-                os.fsync(f.fileno())  # writes back the mapping's dirty pages too
-            oid = hashlib.sha256(header).hexdigest()
-            if self._already_stored(oid, header, hsize + nbytes):
-                return PutResult(oid, hsize + nbytes, False)
-            self._publish(tmp, oid)
+            tmp = TempFile(self.tmp)
+            try:
+                if _allocate(tmp.fileno(), total):
+                    header = self._fill_mapped(tmp, hsize, nbytes, fill)
+                else:
+                    header = self._fill_written(tmp, hsize, nbytes, fill)
+                os.fsync(tmp.fileno())  # writes back the mapping's dirty pages too
+                oid = hashlib.sha256(header).hexdigest()
+                if self._already_stored(oid, header, total):
+                    return PutResult(oid, total, False)
+                self._publish(tmp.path, oid)
+            finally:
+                tmp.close()
+        except OSError as e:
+            raise os_error(e, self.root, total, "an object") from None
+        return PutResult(oid, total, True)
+
+    @staticmethod
+    def _fill_mapped(tmp: TempFile, hsize: int, nbytes: int, fill: Callable) -> bytes:
+        import torch
+
+        with mmap.mmap(tmp.fileno(), hsize + nbytes) as mm:
+            payload = memoryview(mm)[hsize:]
+            hasher = _ChunkHasher(payload)
+            try:
+                dst = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=hsize)
+                fill(dst, hasher.advance)
+                del dst
+                digests = hasher.finish()
+            finally:
+                hasher.close()
+                payload.release()
+            header = _pack_header(nbytes, hasher.chunk, digests, hsize)
+            mm[:hsize] = header
+        return header
+
+    @staticmethod
+    def _fill_written(tmp: TempFile, hsize: int, nbytes: int, fill: Callable) -> bytes:
+        import torch
+
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        payload = memoryview(buf.numpy())
+        hasher = _ChunkHasher(payload)
+        try:
+            fill(buf, hasher.advance)
+            digests = hasher.finish()
         finally:
-            tmp.unlink(missing_ok=True)
-        return PutResult(oid, hsize + nbytes, True)
+            hasher.close()
+        header = _pack_header(nbytes, hasher.chunk, digests, hsize)
+        tmp.file.write(header)
+        tmp.file.write(payload)
+        tmp.file.flush()
+        payload.release()
+        return header
 
     def open(self, oid: str) -> "ObjectReader":
-        """Open an object for verified reads; raises StoreError when it is missing."""
+        """Open an object for verified reads; raises IntegrityError when it is missing or is
+        not a regular file."""
         p = self.path(oid)
-        if not p.exists():
-            raise IntegrityError(f"object {oid[:12]}… is missing from {self.objects}")
-        return ObjectReader(p, oid, self)
+        try:
+            return ObjectReader(p, oid, self)
+        except FileNotFoundError:
+            raise IntegrityError(f"object {oid[:12]}… is missing from {self.objects}") from None
 
     def get(self, oid: str) -> bytes:
         """Whole object payload, verified."""
@@ -256,31 +294,63 @@ class ObjectStore:
             reader.close()
 
     def size(self, oid: str) -> int:
-        return self.path(oid).stat().st_size
+        return os.lstat(self.path(oid)).st_size
 
     def _count(self, n: int) -> None:
         with self._lock:
             self.bytes_verified += n
 
-    def clean_temp(self) -> int:
-        """Delete temp files left by killed writers (only files of processes no longer alive)."""
-        removed = 0
-        for p in self.tmp.glob("*.part"):
-            pid = int(p.name.split("-", 1)[0])
-            if pid != os.getpid() and not _pid_alive(pid):
-                p.unlink(missing_ok=True)
-                removed += 1
-        return removed
+    def clean_temp(self) -> tuple[int, int]:
+        """Remove temp files of writers that are gone; (files, bytes). See ``files.clean_temp``."""
+        return clean_temp(self.tmp)
+
+    def scan(self) -> Iterator[tuple[str, Path, int]]:
+        """(oid, path, bytes on disk) of every regular file named like an object."""
+        try:
+            fans = sorted(os.scandir(self.objects), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for fan in fans:
+            if len(fan.name) != 2 or not fan.is_dir(follow_symlinks=False):
+                continue
+            for entry in sorted(os.scandir(fan.path), key=lambda e: e.name):
+                if not is_oid(entry.name) or entry.name[:2] != fan.name:
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    yield entry.name, Path(entry.path), st.st_blocks * 512
+
+    def payload_prefix(self, oid: str, n: int) -> bytes:
+        """The first ``n`` payload bytes of an object, unverified (to tell manifests apart)."""
+        fd = open_regular(self.path(oid))
+        with os.fdopen(fd, "rb") as f:
+            fixed = f.read(_FIXED.size)
+            if len(fixed) < _FIXED.size:
+                return b""
+            magic, _, _, chunks = _FIXED.unpack(fixed)
+            if magic != MAGIC:
+                return b""
+            f.seek(_align(_FIXED.size + DIGEST_BYTES * chunks, 64))
+            return f.read(n)
 
 
-def _pid_alive(pid: int) -> bool:
+def _allocate(fd: int, nbytes: int) -> bool:
+    """Allocate the file's blocks; False where the file system cannot (then write, do not map).
+    ENOSPC/EDQUOT propagate as OSError: there is not enough room."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        os.posix_fallocate(fd, 0, nbytes)
         return True
-    return True
+    except AttributeError:  # no posix_fallocate on this platform
+        return False
+    except OSError as e:
+        if e.errno in UNSUPPORTED:
+            return False
+        raise
+
+
+def _pack_header(nbytes: int, chunk: int, digests: list[bytes], hsize: int) -> bytes:
+    raw = _FIXED.pack(MAGIC, nbytes, chunk, len(digests)) + b"".join(digests)
+    return raw + b"\x00" * (hsize - len(raw))
 
 
 class ObjectReader:
@@ -290,7 +360,7 @@ class ObjectReader:
     def __init__(self, path: Path, oid: str, owner: ObjectStore) -> None:
         self.oid = oid
         self._owner = owner
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             fixed = f.read(_FIXED.size)
             if len(fixed) < _FIXED.size:
                 raise IntegrityError(f"object {oid[:12]}… is truncated (no header)")

@@ -3,26 +3,35 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import RefError, StoreError
-from . import approaches
+from ..errors import IntegrityError, RefError, StoreError
+from . import approaches, refs
 from .approaches.common import SaveInput, Saved
 from . import trust
 from .architectures import TAG, Architecture
-from .catalog import Catalog, SetRow
+from .catalog import Catalog, EmptyCatalog, MissingCatalog, SetRow, now_iso, rebuild_hint
 from .environment import environment
+from .files import OutOfSpace, StoreLock, is_read_only, os_error
 from .lineage import Lineage, build_lineage
+from .manifest import MAGIC as MANIFEST_MAGIC
+from .manifest import is_manifest, seconds
 from .modelset import ModelSet, Resolved, SetRef
+from .objects import ObjectStore
 from .tensors import Layout, digest_model_major, digest_rows, extract_states, tensor_digest
 
 if TYPE_CHECKING:
-    from .diff import SetDiff
     import pandas as pd
+
+    from .diff import SetDiff
+    from .maintenance import GcReport, RebuildReport
     from torch import nn
 
     from .provenance import Provenance
@@ -34,6 +43,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-][A-Za-z0-9_.\- ]{0,199}$")
 #: bytes changed against the base; above it, a delta saves too little to be worth a longer chain.
 AUTO_UPDATE_MAX_CHANGED = 0.5
 
+#: Upper bound of ``max_chain``: chains are resolved iteratively, but time-to-recover grows with
+#: the chain, and a bound keeps a typo (``max_chain=10**9``) from silently disabling full versions.
+MAX_CHAIN = 10_000
+#: How long a save waits while a garbage collection or rebuild holds the store (seconds).
+LOCK_WAIT_S = 600.0
+_DIGEST_CACHE = 8
+
 
 def default_path() -> Path:
     return Path(os.environ.get("MM_JUPYTER_STORE") or ".mm_store")
@@ -42,28 +58,41 @@ def default_path() -> Path:
 class Store:
     """An embedded model store in one folder (created if missing).
 
-    ``max_chain`` bounds how many derived versions (update/provenance) may stack on a
-    self-contained one; the next version is then stored in full, so time-to-recover stays bounded.
-    ``trust_code``: whether code recorded in the store (classes defined in notebooks, provenance
-    training code and dataset loaders) may run when recovering; like Hugging Face's
-    ``trust_remote_code``, only set it for stores whose writers you trust.
+    Opening an existing store never writes (it works on a full disk and on a read-only mount); a
+    store whose catalog is missing, empty or damaged while its objects hold saved versions raises
+    a StoreError that says how to rebuild it. ``max_chain`` (1..MAX_CHAIN) bounds how many derived
+    versions (update/provenance) may stack on a self-contained one; the next version is then
+    stored in full, so time-to-recover stays bounded. ``trust_code``: whether code recorded in the
+    store (classes defined in notebooks, provenance training code and dataset loaders) may run when
+    recovering; like Hugging Face's ``trust_remote_code``, only for stores whose writers you trust.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, max_chain: int = 8,
                  trust_code: bool = False) -> None:
         self.trust_code = bool(trust_code)
-        self.root = Path(path) if path is not None else default_path()
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"store path {str(self.root)!r} exists and is not a folder")
-        self.root.mkdir(parents=True, exist_ok=True)
-        if max_chain < 1:
-            raise StoreError(f"max_chain must be at least 1, not {max_chain}")
+        if isinstance(max_chain, bool) or not isinstance(max_chain, int) or not 1 <= max_chain <= MAX_CHAIN:
+            raise StoreError(f"max_chain must be an integer from 1 to {MAX_CHAIN}, not {max_chain!r}")
         self.max_chain = max_chain
-        from .objects import ObjectStore
-
+        self.root = Path(path) if path is not None else default_path()
+        try:
+            mode = os.stat(self.root).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as e:
+            raise StoreError(f"cannot open store {str(self.root)!r}: {e.strerror or e}") from None
+        if mode is not None and not stat.S_ISDIR(mode):
+            raise StoreError(f"store path {str(self.root)!r} exists and is not a folder")
         self.objects = ObjectStore(self.root)
-        self.catalog = Catalog(self.root / "catalog.sqlite")
-        self.objects.clean_temp()
+        self.catalog = _open_catalog(self.root, self.objects, create=mode is None)
+        lost = self.catalog.lost_versions()
+        if lost:
+            self.catalog.close()
+            raise IntegrityError(
+                f"the catalog of store {str(self.root)!r} lacks {len(lost)} acknowledged version(s) that refs/ "
+                f"records ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); {rebuild_hint(self.root)}")
+        self._save_lock = StoreLock(self.root / "locks" / "save")
+        self._prepared = False
+        self._digests: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -71,10 +100,30 @@ class Store:
     def close(self) -> None:
         self.catalog.close()
 
+    @contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """Wrap code that writes objects and then commits them (a save, the search's block store):
+        holds the store's save lock shared (garbage collection waits for it), creates
+        the writer folders, removes temp files of writers that are gone, and names the save in
+        an out-of-space error."""
+        if self.catalog.read_only is not None and is_read_only(self.root):
+            raise StoreError(f"store {str(self.root)!r} is read-only ({self.catalog.read_only}); cannot save {what}")
+        try:
+            with self._save_lock.hold(False, LOCK_WAIT_S, f"cannot save {what}"):
+                if not self._prepared:
+                    self.objects.prepare()
+                    self._prepared = True
+                self.objects.clean_temp()
+                yield
+        except OutOfSpace as e:  # a plain StoreError for the caller, naming what was being saved
+            raise StoreError(str(e.about(what))) from None
+
     # -- references -------------------------------------------------------------------------
     def row(self, ref: SetRef | str) -> SetRow:
         """The catalog row of ``ref`` (SetRef, "name" for the latest, or "name@version")."""
         if isinstance(ref, SetRef):
+            if not (_valid_number(ref.version) and _valid_number(ref.id)):
+                raise RefError(f"set {ref} is not in store {str(self.root)!r}")
             row = self.catalog.find(ref.name, ref.version)
             if row is None or row.id != ref.id:
                 raise RefError(f"set {ref} is not in store {str(self.root)!r}")
@@ -84,7 +133,8 @@ class Store:
         name, at, version = ref.partition("@")
         if at and not (version.isascii() and version.isdigit()):
             raise RefError(f"bad set reference {ref!r}: the version after '@' must be a number")
-        row = self.catalog.find(name, int(version) if version else None)
+        number = int(version) if version else None
+        row = self.catalog.find(name, number) if number is None or _valid_number(number) else None
         if row is None:
             known = sorted({r[0] for r in self.catalog.listing()})
             hint = f"; stored sets: {', '.join(known[:10])}" if known else "; the store is empty"
@@ -104,19 +154,24 @@ class Store:
         base: SetRef | str | None = None,
         provenance: "Provenance | None" = None,
         architecture: Architecture | None = None,
+        verify: int | str = 1,
     ) -> SetRef:
         """Save a set of same-architecture models as a new version of ``name``.
 
         Validates everything before writing: mixed architectures, empty sets and non-modules
-        raise StoreError and store nothing.
+        raise StoreError and store nothing. ``verify`` (provenance only): how many updated models
+        are retrained at save time exactly as recovery would retrain them (``"all"``: every one);
+        a version whose retraining does not reproduce its weights is refused.
         """
         t0 = time.perf_counter()
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not valid_name(name):
             raise StoreError(f"set name {name!r} must be 1-200 letters, digits, spaces, '_', '.', '-'")
         if approach not in APPROACH_CHOICES:
             raise StoreError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACH_CHOICES)}")
         if provenance is not None and approach not in ("provenance", "auto"):
             raise StoreError(f"provenance was given but approach is {approach!r}; use 'provenance' or 'auto'")
+        if verify != "all" and (isinstance(verify, bool) or not isinstance(verify, int) or verify < 1):
+            raise StoreError(f"verify must be a number of models to retrain (at least 1) or 'all', not {verify!r}")
         names, mods, explicit = _normalise(models)
         arch = architecture if architecture is not None else Architecture.infer(mods[0])
         if not isinstance(arch, Architecture):
@@ -125,20 +180,21 @@ class Store:
         _check_architecture(arch, layout)
         if architecture is None:
             check_same_architecture(arch, mods, names)
-        base_row = self._base_row(name, approach, base)
-        inp = SaveInput(name, names, explicit, layout, rows, arch, environment(), base_row, provenance)
-        requested = approach
-        if approach == "auto":
-            approach = self._auto(inp)
-        lineage_base = base_row
-        if approach in ("update", "provenance") and base_row is not None and base_row.chain + 1 > self.max_chain:
-            approach, inp.base = "update", None  # chain too long: this version is stored in full
-        if approach == "mmlib-base":
-            return self._save_mmlib(inp, requested, t0)
-        saved = approaches.MODULES[approach].save(self, inp)
-        if saved.base_id is None and lineage_base is not None:
-            saved.base_id = lineage_base.id
-        return self._commit(inp, saved, requested, t0)
+        with self.writing(f"set {name!r}"), trust.scope(self.trust_code):  # a base may be retrained
+            base_row = self._base_row(name, approach, base)
+            inp = SaveInput(name, names, explicit, layout, rows, arch, environment(), base_row, provenance, verify)
+            requested = approach
+            if approach == "auto":
+                approach = self._auto(inp)
+            lineage_base = base_row
+            if approach in ("update", "provenance") and base_row is not None and base_row.chain + 1 > self.max_chain:
+                approach, inp.base = "update", None  # chain too long: this version is stored in full
+            if approach == "mmlib-base":
+                return self._save_mmlib(inp, requested, t0)
+            saved = approaches.MODULES[approach].save(self, inp)
+            if saved.base is None and lineage_base is not None:
+                saved.base = lineage_base  # a lineage edge only: this version is self-contained
+            return self._commit(inp, saved, requested, t0)
 
     def _base_row(self, name: str, approach: str, base: SetRef | str | None) -> SetRow | None:
         if base is not None:
@@ -165,38 +221,46 @@ class Store:
         frac = float((changed * sizes).sum() / max(1.0, sizes.sum() * inp.n))
         return "update" if frac <= AUTO_UPDATE_MAX_CHANGED else "baseline"
 
-    def _commit(self, inp: SaveInput, saved: Saved, requested: str, t0: float) -> SetRef:
+    def _commit(self, inp: SaveInput, saved: Saved, requested: str, t0: float, set_id: int | None = None) -> SetRef:
+        """Make a version visible: inside one write transaction take the next version number,
+        write the manifest object (durable) and insert the row; then checkpoint and write the ref."""
         nbytes = saved.new_bytes()
-        with self.catalog.transaction() as db:
-            tts = time.perf_counter() - t0
-            set_id, version = self.catalog.insert_set(
-                db, name=inp.name, approach=saved.approach, requested=requested, base_id=saved.base_id,
-                chain=saved.chain, n_models=inp.n, manifest=saved.manifest, nbytes=nbytes, tts_s=tts,
-            )
-            self.catalog.add_artifacts(db, set_id, [(r, p.oid, p.size) for r, p in saved.artifacts])
-        assert version is not None
-        return SetRef(set_id, inp.name, version)
+        base = saved.base
+        oid = ""
+        try:
+            with self.catalog.transaction() as db:
+                sid = set_id if set_id is not None else self.catalog.next_id(db)
+                version = self.catalog.next_version(db, inp.name)
+                m = {
+                    "kind": "set", "id": sid, "name": inp.name, "version": version, "approach": saved.approach,
+                    "requested": requested, "base_id": base.id if base else None,
+                    "base": base.manifest_oid if base else None, "chain": saved.chain, "n_models": inp.n,
+                    "bytes": nbytes, "tts": seconds(time.perf_counter() - t0), "created": now_iso(),
+                    "artifacts": [[r, p.oid, p.size] for r, p in saved.artifacts], "set": saved.manifest,
+                }
+                oid, size = self.catalog.put_manifest(m)
+                self.catalog.insert_set(db, m, oid, size)
+                self.catalog.add_artifacts(db, sid, [(r, p.oid, p.size) for r, p in saved.artifacts + saved.extra])
+        except BaseException:
+            if oid:
+                self.catalog.drop_manifest(oid)
+            raise
+        self.catalog.checkpoint()
+        try:
+            refs.write(self.root, "sets", inp.name, version, oid)
+        except OSError:
+            pass  # committed and durable in its manifest; gc writes missing refs
+        if saved.digests is not None:
+            self._remember(oid, (list(inp.names), saved.digests))
+        return SetRef(sid, inp.name, version)
 
     def _save_mmlib(self, inp: SaveInput, requested: str, t0: float) -> SetRef:
         from .approaches import mmlib_base
 
         with self.catalog.transaction() as db:
-            pending, _ = self.catalog.insert_set(
-                db, name=inp.name, approach="mmlib-base", requested=requested, base_id=None, chain=0,
-                n_models=inp.n, manifest={}, nbytes=0, tts_s=0.0, pending=True,
-            )
+            pending = self.catalog.insert_pending(db, inp.name, requested, inp.n)
         saved = mmlib_base.save(self, inp, pending)
-        import json
-
-        with self.catalog.transaction() as db:
-            version = self.catalog.next_version(db, inp.name)
-            tts = time.perf_counter() - t0
-            db.execute(
-                "UPDATE sets SET version=?, manifest=?, bytes=?, tts_s=? WHERE id=?",
-                (version, json.dumps(saved.manifest, separators=(",", ":")), saved.new_bytes(), tts, pending),
-            )
-            self.catalog.add_artifacts(db, pending, [(r, p.oid, p.size) for r, p in saved.artifacts])
-        return SetRef(pending, inp.name, version)
+        return self._commit(inp, saved, requested, t0, set_id=pending)
 
     # -- recovery ----------------------------------------------------------------------------
     def recover_set(self, ref: SetRef | str, *, trust_code: bool | None = None) -> ModelSet:
@@ -212,14 +276,63 @@ class Store:
             resolved = self.resolve_row(row)
         return ModelSet(self._ref(row), row.approach, resolved, self.objects, trust_code=trusted)
 
-    def resolve_row(self, row: SetRow) -> Resolved:
-        return approaches.MODULES[row.approach].resolve(self, row)
+    def resolve_row(self, row: SetRow, retrain: bool = True) -> Resolved:
+        """Where every tensor of ``row`` lives: its chain is walked down to a self-contained
+        version and resolved upwards, iteratively (any chain length up to MAX_CHAIN).
+        ``retrain=False``: provenance versions leave their retrained models out."""
+        chain = [row]
+        while approaches.derived(chain[-1]):
+            chain.append(self._base(chain[-1], len(chain)))
+        resolved = None
+        for r in reversed(chain):
+            if r.approach == "provenance":
+                resolved = approaches.provenance.resolve(self, r, resolved, retrain)
+            else:
+                resolved = approaches.MODULES[r.approach].resolve(self, r, resolved)
+        assert resolved is not None
+        return resolved
+
+    def _base(self, row: SetRow, depth: int) -> SetRow:
+        """The base version of a derived ``row``, checked against its manifest."""
+        if row.base_id is None or row.chain < 1 or depth > MAX_CHAIN + 1:
+            raise IntegrityError(f"{row.name}@{row.version} is derived but its chain is broken")
+        base = self.catalog.get(row.base_id)
+        if base.manifest_oid != row.base_oid or base.chain != row.chain - 1:
+            raise IntegrityError(f"the catalog's base of {row.name}@{row.version} is not the one its manifest "
+                                 f"names; {rebuild_hint(self.root)}")
+        return base
 
     def version_digests(self, row: SetRow) -> tuple[list[str], np.ndarray]:
         """(names, per-tensor digests) of a version, reading parameters only where no digests
-        were recorded (baseline and mmlib-base versions)."""
-        if row.approach in ("update", "provenance"):
-            return approaches.MODULES[row.approach].digests(self, row)
+        were recorded (baseline and mmlib-base versions). Iterative over the chain; recent
+        results are cached (versions never change), so saving version n+1 after n reads no chain."""
+        todo: list[SetRow] = []
+        cur = row
+        while True:
+            hit = self._digests.get(cur.manifest_oid)
+            if hit is not None:
+                names, digests = hit
+                break
+            if not approaches.derived(cur):
+                names, digests = self._own_digests(cur)
+                break
+            todo.append(cur)
+            cur = self._base(cur, len(todo))
+        for r in reversed(todo):
+            names, digests = approaches.MODULES[r.approach].digests(self, r, digests)
+        self._remember(row.manifest_oid, (names, digests))
+        return names, digests
+
+    def _remember(self, oid: str, value: tuple[list[str], np.ndarray]) -> None:
+        value[1].setflags(write=False)
+        self._digests[oid] = value
+        self._digests.move_to_end(oid)
+        while len(self._digests) > _DIGEST_CACHE:
+            self._digests.popitem(last=False)
+
+    def _own_digests(self, row: SetRow) -> tuple[list[str], np.ndarray]:
+        if row.approach == "update":
+            return approaches.MODULES["update"].digests(self, row, None)
         resolved = self.resolve_row(row)
         if row.approach == "baseline":
             reader = self.objects.open(row.manifest["params"])
@@ -262,10 +375,7 @@ class Store:
         by_role: dict[str, int] = {}
         for role, _, size in arts:
             by_role[role] = by_role.get(role, 0) + size
-        import json
-
-        manifest_bytes = len(json.dumps(row.manifest, separators=(",", ":")))
-        by_role["manifest"] = manifest_bytes
+        by_role["manifest"] = self.objects.size(row.manifest_oid)
         layout = Layout.from_json(row.manifest["layout"])
         return {
             "ref": f"{row.name}@{row.version}",
@@ -282,18 +392,83 @@ class Store:
         }
 
     def verify(self) -> list[str]:
-        """Hash every object of every visible set; returns one line per problem (empty: intact)."""
-        from ..errors import IntegrityError
+        """Check catalog against objects: every visible version's manifest and every object it
+        references verify by hash, catalog rows and artifact lists agree with the manifests, and
+        no acknowledged version is missing. One line per problem (empty: intact)."""
+        from .maintenance import verify
 
-        problems = []
-        for oid in self.catalog.all_objects():
-            try:
-                reader = self.objects.open(oid)
-                reader.verify()
-                reader.close()
-            except IntegrityError as e:
-                problems.append(str(e))
-        return problems
+        return verify(self)
+
+    def gc(self, wait_s: float = LOCK_WAIT_S) -> "GcReport":
+        """Remove what no version references — objects of killed or failed saves, their pending
+        catalog rows, temp files of writers that are gone — and write refs a killed writer left
+        out. Waits for saves in flight and holds new ones back while it runs, so it is safe while
+        other processes save."""
+        from .maintenance import gc
+
+        return gc(self, wait_s)
+
+    @staticmethod
+    def rebuild_catalog(path: str | os.PathLike[str], wait_s: float = LOCK_WAIT_S) -> "RebuildReport":
+        """Recreate the catalog of the store at ``path`` from its objects alone — versions, lineage,
+        names, mmlib-base model rows and candidate sets — as git can from its objects."""
+        from .maintenance import rebuild
+
+        return rebuild(Path(path), wait_s)
+
+
+def valid_name(name: Any) -> bool:
+    """1-200 letters, digits, spaces, '_', '.', '-' (also the name of its ref file)."""
+    return isinstance(name, str) and _NAME.match(name) is not None
+
+
+def _valid_number(n: Any) -> bool:
+    """A catalog id or version: a positive integer SQLite can hold."""
+    return isinstance(n, int) and not isinstance(n, bool) and 0 < n < 2**63
+
+
+def _open_catalog(root: Path, objects: ObjectStore, create: bool) -> Catalog:
+    """The catalog of an existing store (opened without writing), or of a new one. A catalog that is
+    missing or empty while the folder holds saved versions is an error that says how to rebuild:
+    never an empty store."""
+    if not create:
+        try:
+            return Catalog(root, objects)
+        except (MissingCatalog, EmptyCatalog) as e:
+            evidence = saved_evidence(root, objects)
+            if evidence:
+                state = "missing" if isinstance(e, MissingCatalog) else "empty"
+                raise StoreError(f"the catalog of store {str(root)!r} is {state}, but {evidence}; "
+                                 f"{rebuild_hint(root)}") from None
+    if is_read_only(root if root.exists() else root.parent):
+        raise StoreError(f"{str(root)!r} holds no store and one cannot be created there (read-only)")
+    init_store(root, objects)
+    return Catalog(root, objects, create=True)
+
+
+def init_store(root: Path, objects: ObjectStore) -> None:
+    """The folders of a new store."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for folder in [root / "locks"] + [refs.folder(root, k) for k in refs.KINDS]:
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, root, 4096, f"store {str(root)!r}") from None
+    objects.prepare()
+
+
+def saved_evidence(root: Path, objects: ObjectStore) -> str | None:
+    """Why a folder without a usable catalog still holds saved versions (None: it does not)."""
+    n = refs.any_refs(root)
+    if n:
+        return f"refs/ records {n} saved version(s)"
+    for oid, _, _ in objects.scan():
+        try:
+            if is_manifest(objects.payload_prefix(oid, len(MANIFEST_MAGIC))):
+                return "objects/ holds manifests of saved versions"
+        except (OSError, IntegrityError):
+            continue
+    return None
 
 
 def _normalise(models: Any) -> tuple[list[str], list[Any], bool]:

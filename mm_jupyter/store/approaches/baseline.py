@@ -19,5 +19,5 @@ def save(store: "Store", inp: SaveInput) -> Saved:
     return Saved(NAME, manifest, [("params", params)])
 
 
-def resolve(store: "Store", row: SetRow) -> Resolved:
+def resolve(store: "Store", row: SetRow, base: Resolved | None = None) -> Resolved:
     return resolve_full(row.manifest, row.manifest["params"])

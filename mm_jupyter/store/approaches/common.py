@@ -1,7 +1,6 @@
 """What every approach receives when saving and returns to the store."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ class SaveInput:
     env: dict[str, Any]
     base: SetRow | None
     provenance: "Provenance | None"
+    verify: int | str = 1
 
     @property
     def n(self) -> int:
@@ -41,17 +41,25 @@ class SaveInput:
 
 @dataclass
 class Saved:
-    """What an approach wrote: the catalog manifest and the objects it references."""
+    """What an approach wrote: its part of the manifest and the objects it references.
+
+    ``artifacts`` are listed in the manifest; ``extra`` are per-model objects an index object
+    (itself an artifact) already lists, so the manifest stays small for 5,000 mmlib-base models.
+    ``digests`` (all models' per-tensor digests, when the save computed them) are cached so the
+    next derived version needs no chain walk.
+    """
 
     approach: str
     manifest: dict[str, Any]
     artifacts: list[tuple[str, PutResult]] = field(default_factory=list)
     chain: int = 0
-    base_id: int | None = None
+    base: SetRow | None = None
+    extra: list[tuple[str, PutResult]] = field(default_factory=list)
+    digests: np.ndarray | None = None
 
     def new_bytes(self) -> int:
-        manifest = len(json.dumps(self.manifest, separators=(",", ":")))
-        return manifest + sum(p.size for _, p in self.artifacts if p.written)
+        """Bytes of the objects this save wrote (objects that already existed cost nothing)."""
+        return sum(p.size for _, p in self.artifacts + self.extra if p.written)
 
 
 def head(inp: SaveInput) -> dict[str, Any]:

@@ -13,13 +13,14 @@ from ...errors import IntegrityError
 from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ObjectShape, Resolved
-from ..tensors import Layout, fill_model_major
+from ..tensors import Layout, fill_model_major, pack_arrays, unpack_arrays
 from .common import SaveInput, Saved, head, names_of
 
 if TYPE_CHECKING:
     from ..store import Store
 
 NAME = "mmlib-base"
+ROLES = ("params", "architecture", "environment")
 
 
 def _record(payload: dict) -> bytes:
@@ -30,6 +31,8 @@ def save(store: "Store", inp: SaveInput, pending_id: int) -> Saved:
     lay = inp.layout
     arch = inp.architecture.to_json()
     saved = Saved(NAME, head(inp) | {"names": inp.names})
+    ids = np.zeros((inp.n, 3, 32), dtype=np.uint8)
+    sizes = np.zeros((inp.n, 3), dtype=np.int64)
     for i, name in enumerate(inp.names):
         model_id = uuid.uuid4().hex
         params = store.objects.put_filled(lay.stride, lambda dst, _, i=i: fill_model_major(dst, lay, [inp.rows[i]]))
@@ -41,16 +44,38 @@ def save(store: "Store", inp: SaveInput, pending_id: int) -> Saved:
                 "INSERT INTO models(set_id, idx, name, params, architecture, environment) VALUES (?,?,?,?,?,?)",
                 (pending_id, i, name, params.oid, arch_rec.oid, env_rec.oid),
             )
-        saved.artifacts += [("params", params), ("architecture", arch_rec), ("environment", env_rec)]
+        for j, put in enumerate((params, arch_rec, env_rec)):
+            ids[i, j] = np.frombuffer(bytes.fromhex(put.oid), dtype=np.uint8)
+            sizes[i, j] = put.size
+        saved.extra += [(role, put) for role, put in zip(ROLES, (params, arch_rec, env_rec))]
+    # the per-model documents' ids in one object: a catalog rebuild recreates the model rows from it
+    index = store.objects.put(pack_arrays({"objects": ids, "sizes": sizes}))
+    saved.manifest["models"] = index.oid
+    saved.artifacts.append(("models", index))
     return saved
 
 
-def resolve(store: "Store", row: SetRow) -> Resolved:
-    """Model by model: its catalog row, architecture and environment records, parameter file."""
+def model_index(store: "Store", row: SetRow) -> tuple[list[list[str]], np.ndarray]:
+    """Per model its (params, architecture, environment) object ids and their sizes."""
+    arrays = unpack_arrays(store.objects.get(row.manifest["models"]))
+    ids = [[bytes(x).hex() for x in model] for model in arrays["objects"]]
+    return ids, arrays["sizes"]
+
+
+def resolve(store: "Store", row: SetRow, base: Resolved | None = None) -> Resolved:
+    """Model by model: its catalog row, architecture and environment records, parameter file.
+    Each catalog row must name the objects the (verified) model index lists."""
     lay = Layout.from_json(row.manifest["layout"])
     rows = store.catalog.model_rows(row.id)
+    want, _ = model_index(store, row)
+    names = names_of(row.manifest)
+    if len(rows) != len(want):
+        raise IntegrityError(f"catalog lists {len(rows)} models of {row.name}@{row.version}, its manifest {len(want)}")
     objects, arch = [], None
-    for idx, name, params, arch_oid, env_oid in rows:
+    for i, ((idx, name, params, arch_oid, env_oid), ids) in enumerate(zip(rows, want)):
+        if [params, arch_oid, env_oid] != ids or (idx, name) != (i, names[i]):
+            raise IntegrityError(f"catalog row of model {i} of {row.name}@{row.version} does not match its "
+                                 "manifest's model index; rebuild the catalog")
         rec = json.loads(store.objects.get(arch_oid))
         json.loads(store.objects.get(env_oid))
         if rec["name"] != name:
@@ -60,5 +85,5 @@ def resolve(store: "Store", row: SetRow) -> Resolved:
     n, k = len(rows), len(lay.specs)
     obj = np.repeat(np.arange(n, dtype=np.int32)[:, None], k, axis=1)
     off = np.repeat(np.asarray(lay.offsets, dtype=np.int64)[None, :], n, axis=0)
-    return Resolved(names_of(row.manifest), lay, arch or Architecture.from_json(row.manifest["architecture"]),
+    return Resolved(names, lay, arch or Architecture.from_json(row.manifest["architecture"]),
                     objects, obj, off)

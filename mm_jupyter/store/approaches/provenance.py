@@ -3,12 +3,18 @@
 Per set, once: the training code, config, seed and environment (one compressed JSON object).
 Per updated model: its dataset reference and content hash, and the per-tensor digests of the
 trained result (binary arrays), so recovery can prove it retrained exactly what was saved.
+
+Only the digests of the trained weights are kept, so a version whose training does not reproduce
+them could never be recovered. Saving therefore retrains a sample of the updated models exactly
+as recovery will (``verify``: at least one, or ``"all"``) and refuses the version when a digest
+differs. Cost: one training run per verified model added to the time-to-save.
 """
 from __future__ import annotations
 
+import copy
 import json
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -22,6 +28,9 @@ from ..tensors import Layout, digest_rows, pack_arrays, tensor_digest, unpack_ar
 from .common import SaveInput, Saved, head, match_base, names_of
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from ..store import Store
 
 NAME = "provenance"
@@ -68,6 +77,7 @@ def save(store: "Store", inp: SaveInput) -> Saved:
         "environment": inp.env,
         "datasets": [r.to_json() for r in refs],
     }
+    _verify_at_save(store, inp, record, src, updated, changed, digests, hashes)
     rec = store.objects.put(zlib.compress(json.dumps(record, separators=(",", ":")).encode(), 9))
     arrays = {
         "updated": updated.astype(np.int32),
@@ -79,7 +89,103 @@ def save(store: "Store", inp: SaveInput) -> Saved:
         arrays["src"] = src
     index = store.objects.put(pack_arrays(arrays))
     manifest = head(inp) | {"record": rec.oid, "index": index.oid}
-    return Saved(NAME, manifest, [("record", rec), ("index", index)], chain=inp.base.chain + 1, base_id=inp.base.id)
+    full = base_digests[src].copy()
+    full[updated] = digests
+    return Saved(NAME, manifest, [("record", rec), ("index", index)], chain=inp.base.chain + 1, base=inp.base,
+                 digests=full)
+
+
+def _sample(count: int, verify: int | str) -> list[int]:
+    """Which updated models a save retrains: evenly spread over the set, first one included."""
+    if verify == "all" or int(verify) >= count:
+        return list(range(count))
+    return sorted({int(round(x)) for x in np.linspace(0, count - 1, int(verify))})
+
+
+def _verify_at_save(store: "Store", inp: SaveInput, record: dict, src: np.ndarray, updated: np.ndarray,
+                    changed: np.ndarray, digests: np.ndarray, hashes: np.ndarray) -> None:
+    """Retrain a sample of the updated models from what is about to be recorded — the JSON record,
+    the architecture record, the base version's stored weights — exactly as recovery will, and
+    refuse the save (StoreError naming model and tensor) when a result differs."""
+    if not len(updated):
+        return
+    assert inp.base is not None
+    rec = json.loads(json.dumps(record))  # what recovery will read back
+    base_row = inp.base
+    # start states are the base's stored weights; a base model that is itself the result of
+    # provenance training must be retrained first, so prefer models whose start needs no training
+    base = store.resolve_row(base_row, retrain=False)
+    pool = [j for j in range(len(updated)) if (base.obj[src[updated[j]]] >= 0).all()]
+    if len(pool) < (len(updated) if inp.verify == "all" else min(int(inp.verify), len(updated))):
+        base, pool = store.resolve_row(base_row), list(range(len(updated)))
+    base_set = ModelSet(SetRef(base_row.id, base_row.name, base_row.version), base_row.approach, base, store.objects)
+    try:
+        # the code being recorded is the saving user's own: it runs here like Provenance.run did
+        template = Architecture.from_json(inp.architecture.to_json()).build(trusted=True)
+        _match_dtypes(template, inp.layout)
+        train = resolve_train(rec["train"], trusted=True)
+        for j in [pool[x] for x in _sample(len(pool), inp.verify)]:
+            i = int(updated[j])
+            name = inp.names[i]
+            ref = DatasetRef.from_json(rec["datasets"][j])
+            try:
+                data = ref.load()
+                same_data = dataset_hash(data) == bytes(hashes[j]).hex()
+            except Exception as e:
+                raise StoreError(f"dataset of model {name!r} ({ref.loader}) cannot be loaded: {e}") from None
+            if not same_data:
+                raise StoreError(f"dataset of model {name!r} ({ref.loader}) loads different data than was hashed")
+            start = base_set.state_dict(int(src[i]))
+            try:
+                model = retrain(train, template, start, data, rec["config"] | rec["configs"].get(name, {}),
+                                model_seed(rec["seed"], name))
+            except Exception as e:
+                raise StoreError(f"retraining model {name!r} to verify its provenance failed: "
+                                 f"{type(e).__name__}: {e}") from None
+            _, bad = compare(model, inp.layout, changed[j], iter(digests[j][changed[j]]), start)
+            if bad is not None:
+                raise StoreError(
+                    f"provenance does not reproduce model {name!r}: retrained as recovery would retrain it, "
+                    f"tensor {bad!r} differs from the one given (training is not deterministic, or these "
+                    "weights did not come from this training code, data, config and seed); nothing was "
+                    "stored — save these weights with approach='update'")
+    finally:
+        base_set.close()
+
+
+def retrain(train: Any, template: "nn.Module", start: dict[str, "torch.Tensor"], data: Any,
+            config: dict, seed: int) -> "nn.Module":
+    """One model retrained from its base weights, as at save time so at recovery."""
+    import torch
+
+    model = copy.deepcopy(template)
+    with torch.no_grad():
+        model.load_state_dict(start, strict=True)
+    return train_one(train, model, data, config, seed)
+
+
+def compare(model: "nn.Module", layout: Layout, changed: np.ndarray, expected: Iterator[np.ndarray],
+            start: dict[str, "torch.Tensor"]) -> tuple[list["torch.Tensor"], str | None]:
+    """(tensors, first key that differs or None): a changed tensor must match its recorded digest
+    (``expected`` yields them in key order), an unchanged one must equal its base bytes."""
+    import torch
+
+    sd = model.state_dict()
+    tensors = []
+    for k, spec in enumerate(layout.specs):
+        t = sd.get(spec.name)
+        if t is None:
+            return tensors, spec.name
+        t = t.detach().contiguous()
+        if changed[k]:
+            same = tensor_digest(t) == bytes(next(expected))
+        else:
+            same = t.dtype == start[spec.name].dtype and torch.equal(
+                t.reshape(-1).view(torch.uint8), start[spec.name].reshape(-1).view(torch.uint8))
+        if not same:
+            return tensors, spec.name
+        tensors.append(t)
+    return tensors, None
 
 
 def record(store: "Store", row: SetRow) -> dict:
@@ -95,8 +201,7 @@ def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, dict[str, np.ndarra
     return src, arrays
 
 
-def digests(store: "Store", row: SetRow) -> tuple[list[str], np.ndarray]:
-    _, base_digests = store.version_digests(store.catalog.get(row.base_id))  # type: ignore[arg-type]
+def digests(store: "Store", row: SetRow, base_digests: np.ndarray) -> tuple[list[str], np.ndarray]:
     src, arrays = _index(store, row)
     out = base_digests[src].copy()
     updated = arrays["updated"].astype(np.int64)
@@ -106,18 +211,27 @@ def digests(store: "Store", row: SetRow) -> tuple[list[str], np.ndarray]:
     return names_of(row.manifest), out
 
 
-def resolve(store: "Store", row: SetRow) -> Resolved:
-    """Check that the recorded code may run, rebuild the base, check every dataset, then retrain
-    the updated models and verify them."""
-    rec = record(store, row)
-    subject = f"set '{row.name}@{row.version}'"
-    check_trusted(rec, subject)
-    base_row = store.catalog.get(row.base_id)  # type: ignore[arg-type]
-    base = store.resolve_row(base_row)
+def resolve(store: "Store", row: SetRow, base: Resolved | None, training: bool = True) -> Resolved:
+    """From the resolved base: check that the recorded code may run (trust gate, before anything
+    runs), check every dataset, then retrain the updated models and verify them.
+    ``training=False`` leaves the updated models out (``obj`` -1, nothing in memory): where the
+    other models' tensors live, for a save that needs some of them as training start states."""
+    assert base is not None
     src, arrays = _index(store, row)
     m = row.manifest
     names = names_of(m)
     updated = arrays["updated"].astype(np.int64)
+    layout = Layout.from_json(m["layout"])
+    arch = Architecture.from_json(m["architecture"])
+    memory = {int(i): base.memory[int(src[i])] for i in range(len(src)) if int(src[i]) in base.memory}
+    if not training:
+        for i in updated:
+            memory.pop(int(i), None)
+        return _assemble(names, layout, arch, base, src, updated, arrays, memory)
+    base_row = store.catalog.get(row.base_id)  # type: ignore[arg-type]
+    rec = record(store, row)
+    subject = f"set '{row.name}@{row.version}'"
+    check_trusted(rec, subject)
 
     datas = []
     for j, i in enumerate(updated):
@@ -134,47 +248,29 @@ def resolve(store: "Store", row: SetRow) -> Resolved:
             )
         datas.append(data)
 
-    layout = Layout.from_json(m["layout"])
-    arch = Architecture.from_json(m["architecture"])
-    train = resolve_train(rec["train"], trusted=True)
+    train = resolve_train(rec["train"], trusted=True)  # allowed by check_trusted above
     base_set = ModelSet(SetRef(base_row.id, base_row.name, base_row.version), base_row.approach, base, store.objects)
     template = arch.build(trusted=trust.current(), subject=subject)
     _match_dtypes(template, layout)
-    import copy
-
-    import torch
-
-    memory = {int(i): base.memory[int(src[i])] for i in range(len(src)) if int(src[i]) in base.memory}
     changed = arrays["changed"]
     stored = iter(arrays["digests"])
     for j, i in enumerate(updated):
         name = names[i]
-        model = copy.deepcopy(template)
         start = base_set.state_dict(int(src[i]))
-        with torch.no_grad():
-            model.load_state_dict(start, strict=True)
         config = rec["config"] | rec["configs"].get(name, {})
-        model = train_one(train, model, datas[j], config, model_seed(rec["seed"], name))
-        sd = model.state_dict()
-        tensors = []
-        for k, spec in enumerate(layout.specs):
-            t = sd.get(spec.name)
-            if t is None:
-                raise RecoveryError(f"retrained model {name!r} has no tensor {spec.name!r}")
-            t = t.detach().contiguous()
-            if changed[j, k]:
-                same = tensor_digest(t) == bytes(next(stored))
-            else:
-                same = t.dtype == start[spec.name].dtype and torch.equal(
-                    t.reshape(-1).view(torch.uint8), start[spec.name].reshape(-1).view(torch.uint8))
-            if not same:
-                raise RecoveryError(
-                    f"retraining model {name!r} did not reproduce tensor {spec.name!r} of "
-                    f"{row.name}@{row.version} (environment then: {rec['environment']})"
-                )
-            tensors.append(t)
+        model = retrain(train, template, start, datas[j], config, model_seed(rec["seed"], name))
+        tensors, bad = compare(model, layout, changed[j], stored, start)
+        if bad is not None:
+            raise RecoveryError(
+                f"retraining model {name!r} did not reproduce tensor {bad!r} of "
+                f"{row.name}@{row.version} (environment then: {rec['environment']})"
+            )
         memory[int(i)] = tensors
-    n, kk = len(src), len(layout.specs)
+    return _assemble(names, layout, arch, base, src, updated, arrays, memory)
+
+
+def _assemble(names: list[str], layout: Layout, arch: Architecture, base: Resolved, src: np.ndarray,
+              updated: np.ndarray, arrays: dict[str, np.ndarray], memory: dict) -> Resolved:
     obj = base.obj[src].copy()
     off = base.off[src].copy()
     obj[updated] = -1
@@ -183,7 +279,6 @@ def resolve(store: "Store", row: SetRow) -> Resolved:
     if base.digests is not None:
         dig = base.digests[src].copy()
         block = dig[updated]
-        block[changed] = arrays["digests"]
+        block[arrays["changed"]] = arrays["digests"]
         dig[updated] = block
-    assert obj.shape == (n, kk)
     return Resolved(names, layout, arch, list(base.objects), obj, off, memory, dig)

@@ -40,7 +40,7 @@ def save(store: "Store", inp: SaveInput) -> Saved:
         params = write_full(store, inp)
         dig = store.objects.put(pack_arrays({"digests": digests}))
         manifest = head(inp) | {"params": params.oid, "digests": dig.oid}
-        return Saved(NAME, manifest, [("params", params), ("digests", dig)])
+        return Saved(NAME, manifest, [("params", params), ("digests", dig)], digests=digests)
 
     require_layout(inp.layout, Layout.from_json(inp.base.manifest["layout"]), f"set {inp.name!r}")
     src, changed = changed_mask(store, inp, digests)
@@ -61,7 +61,7 @@ def save(store: "Store", inp: SaveInput) -> Saved:
         delta = store.objects.put_filled(size, lambda dst, _: fill_key_major(dst, lay, inp.rows, changed))
         manifest["delta"] = delta.oid
         artifacts.append(("delta", delta))
-    return Saved(NAME, manifest, artifacts, chain=inp.base.chain + 1, base_id=inp.base.id)
+    return Saved(NAME, manifest, artifacts, chain=inp.base.chain + 1, base=inp.base, digests=digests)
 
 
 def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,12 +73,13 @@ def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, np.ndarray, np.ndar
     return src.astype(np.int64), changed, arrays["digests"]
 
 
-def digests(store: "Store", row: SetRow) -> tuple[list[str], np.ndarray]:
-    """(names, digests) of a version without reading any parameters."""
+def digests(store: "Store", row: SetRow, base_digests: np.ndarray | None) -> tuple[list[str], np.ndarray]:
+    """(names, digests) of a version without reading any parameters; a derived version's are
+    its base's (``base_digests``) overlaid with the ones it stored."""
     m = row.manifest
     if "params" in m:
         return names_of(m), unpack_arrays(store.objects.get(m["digests"]))["digests"]
-    _, base_digests = store.version_digests(store.catalog.get(row.base_id))  # type: ignore[arg-type]
+    assert base_digests is not None
     src, changed, stored = _index(store, row)
     return names_of(m), overlay_digests(base_digests, src, changed, stored)
 
@@ -92,13 +93,13 @@ def overlay_digests(base: np.ndarray, src: np.ndarray, changed: np.ndarray, stor
     return out
 
 
-def resolve(store: "Store", row: SetRow) -> Resolved:
+def resolve(store: "Store", row: SetRow, base: Resolved | None) -> Resolved:
     m = row.manifest
     if "params" in m:
         r = resolve_full(m, m["params"])
         r.digests = unpack_arrays(store.objects.get(m["digests"]))["digests"]
         return r
-    base = store.resolve_row(store.catalog.get(row.base_id))  # type: ignore[arg-type]
+    assert base is not None
     src, changed, stored = _index(store, row)
     layout = Layout.from_json(m["layout"])
     n, k = len(src), len(layout.specs)
