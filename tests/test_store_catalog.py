@@ -255,7 +255,7 @@ from test_store_catalog import ARCH, models
 store = mm.Store(sys.argv[1])
 def die(*a, **k):
     os.kill(os.getpid(), signal.SIGKILL)
-catalog.Catalog.insert_set = staticmethod(die)
+catalog.SQLiteCatalog.insert_set = die
 store.save_set(models(5), "upd", architecture=ARCH, approach="update")
 """
 

@@ -135,7 +135,7 @@ elif point == "mmlib-second-model":  # model 0 is in the catalog under the pendi
         return out
     store.objects.put_filled = put_filled
 elif point == "inside-final-transaction":  # killed inside the transaction that makes it visible
-    catalog.Catalog.next_version = staticmethod(lambda db, name: die())
+    catalog.SQLiteCatalog.next_version = lambda self, tx, name: die()
 store.save_set(sm.crash_models(0, 2), "fam0", approach=approach)
 print("not killed", flush=True)
 """

@@ -161,17 +161,17 @@ def test_catalog_commit_on_a_full_disk(tmp_path, monkeypatch):
         store = mm.Store(root)
         store.save_set(small_models(0), "small", architecture=ARCH)
         store.gc()  # truncates the -wal file: the next transaction must allocate
-        real = catalog_mod.Catalog.insert_set
+        real = catalog_mod.SQLiteCatalog.insert_set
         fillers = []
 
-        def full_then_insert(db, m, oid, size):
+        def full_then_insert(self, tx, m, oid, size):
             fillers.append(fill_up(fs))
-            return real(db, m, oid, size)
+            return real(self, tx, m, oid, size)
 
-        monkeypatch.setattr(catalog_mod.Catalog, "insert_set", staticmethod(full_then_insert))
+        monkeypatch.setattr(catalog_mod.SQLiteCatalog, "insert_set", full_then_insert)
         with pytest.raises(mm.StoreError, match=rf"no space left on {fs} for set 'more'"):
             store.save_set(small_models(1), "more", architecture=ARCH)
-        monkeypatch.setattr(catalog_mod.Catalog, "insert_set", staticmethod(real))
+        monkeypatch.setattr(catalog_mod.SQLiteCatalog, "insert_set", real)
         assert store.sets()["name"].tolist() == ["small"]
         assert no_temps(root)
         fillers[0].unlink()

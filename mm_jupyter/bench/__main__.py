@@ -77,7 +77,8 @@ def add_modelsets(sub: Any) -> None:
     p.add_argument("--update-rate", type=float, default=0.10, help="fraction retrained per U3 step (default 0.10)")
     p.add_argument("--approaches", default=",".join(APPROACHES),
                    help=f"comma-separated subset of {','.join(APPROACHES)} (default: all)")
-    p.add_argument("--repeat", type=int, default=None, help="TTR/limit repetitions, median reported (default 3; 1 with --quick)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="TTR/limit repetitions, median reported (default 3; 1 with --quick)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs per retrained model (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,

@@ -468,7 +468,8 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[Target]:
     walks = [(s, lim["state_walk_s"] / lim["tts_s"]) for s, _, lim in pairs("baseline", LIMIT, steps)
              if lim.get("state_walk_s")]
     if walks:
-        d += "; reading the models' state alone takes " + ", ".join(f"{st}: {val:.3g}x" for st, val in walks) + " the limit"
+        d += ("; reading the models' state alone takes " + ", ".join(f"{st}: {val:.3g}x" for st, val in walks)
+              + " the limit")
     out.append(Target("Baseline TTS <= 1.5x limit write", v, 1.5, "<=", "x limit", d))
     v, d = worst([(s, m["tts_s"] / b["tts_s"]) for s, m, b in pairs("mmlib-base", "baseline", steps)], min)
     out.append(Target("Baseline TTS >= 15x faster than mmlib-base", v, 15.0, ">=", "x faster", d))

@@ -211,7 +211,8 @@ def _targets(by: dict[str, dict[str, Any]], distribution: str, planning: float, 
         out.append(Target("block inferences == unique edges", float(al["block_inferences"] - al["unique_edges"]),
                           0.0, "<=", "extra inferences"))
     if al is not None and "ranking_matches_shift" in al:
-        out.append(Target("alsatian ranking == shift ranking", float(al["ranking_matches_shift"]), 1.0, ">=", "(1 = yes)"))
+        out.append(Target("alsatian ranking == shift ranking", float(al["ranking_matches_shift"]), 1.0, ">=",
+                          "(1 = yes)"))
     lim = by.get("alsatian-budget")
     if lim is not None:
         c_min = al["cache_peak_bytes"] if al is not None else None

@@ -47,10 +47,10 @@ def _exists(path: Path) -> bool:
         return True
     if not (path / "objects").is_dir():
         return False
-    from ..store.objects import ObjectStore
-    from ..store.store import saved_evidence
+    from ..store.backends import saved_evidence
+    from ..store.objects import FolderObjects
 
-    return saved_evidence(path, ObjectStore(path)) is not None
+    return saved_evidence(FolderObjects(path)) is not None
 
 
 def _plain(value: Any) -> Any:

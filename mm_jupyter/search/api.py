@@ -133,7 +133,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
              meter: Meter) -> list[Candidate]:
     """Split every candidate into blocks, run one item through them (the data must fit every
     candidate before any real work starts), and for sharing hash the blocks."""
-    from .blocks import split_model, output_sizes
+    from .blocks import output_sizes, split_model
     from .hashing import block_id
 
     if hasattr(named, "engine_candidates"):

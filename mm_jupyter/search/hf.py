@@ -151,7 +151,7 @@ def _layer_list(child: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
 
 def _norm(module: nn.Module) -> bool:
     name = type(module).__name__
-    return isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm") or name.endswith("RMSNorm")
+    return isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm"))
 
 
 def _call(module: nn.Module) -> str:

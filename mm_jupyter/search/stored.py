@@ -102,7 +102,7 @@ class StoredCandidates:
         found = store.catalog.find_candidates(name, version)
         if found is None:
             raise RefError(f"no candidate set {name!r}" + (f" version {version}" if version else "")
-                           + f" in store {str(store.root)!r}")
+                           + f" in store {store.location!r}")
         _, v, manifest = found
         self.store = store
         self.ref = CandidateSetRef(name, v)

@@ -473,7 +473,7 @@ class TracedGraph:
                 base = _base(n.args[0])
                 mutated[base] = max(mutated.get(base, -1), self.pos[n])
         starts: dict[int, list[fx.Node]] = {}
-        for n, end in last.items():
+        for n in last:
             starts.setdefault(self.pos[n] + 1, []).append(n)
         live: set[fx.Node] = set()
         cuts: dict[int, fx.Node] = {}

@@ -61,14 +61,16 @@ class Prediction:
 
 
 def _open_store(store: "Store | str | os.PathLike[str] | None") -> "Store":
-    """A private Store on the same folder; a folder without a catalog is an error, never created."""
+    """A private Store on the same store; a folder without a catalog is an error, never created."""
     from ..store import Store
-    from ..store.store import default_path
+    from ..store.backends import default_location, is_database
 
-    root = store.root if isinstance(store, Store) else Path(store) if store is not None else default_path()
-    if not (Path(root) / "catalog.sqlite").is_file():
-        raise RefError(f"there is no model store at {str(root)!r} to serve from")
-    return Store(root)
+    if isinstance(store, Store):
+        return store.twin()
+    location = store if store is not None else default_location()
+    if not is_database(location) and not (Path(location) / "catalog.sqlite").is_file():
+        raise RefError(f"there is no model store at {str(location)!r} to serve from")
+    return Store(location)
 
 
 def _parse_ref(ref: Any) -> tuple[str, int | None]:

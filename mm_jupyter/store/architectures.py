@@ -15,7 +15,6 @@ import ast
 import builtins
 import functools
 import hashlib
-import importlib
 import inspect
 import json
 import linecache

@@ -1,4 +1,5 @@
-"""The SQLite catalog (WAL mode): an index over the manifests in the object area.
+"""The SQL catalog shared by every database backend, and its SQLite implementation (WAL mode):
+an index over the manifests in the object area.
 
 Each version's manifest is a verified object (``manifest.py``); the catalog row holds its id plus
 copies of the fields that listing needs. Recovery reads the manifest, never trusts a catalog
@@ -22,20 +23,17 @@ import sqlite3
 import stat
 import time
 import urllib.parse
-from collections import OrderedDict
+import uuid
+from abc import abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 from ..errors import IntegrityError, StoreError
-from . import manifest as manifests
-from . import refs
-from .files import OutOfSpace, is_read_only
-
-if TYPE_CHECKING:
-    from .objects import ObjectStore
+from .contracts import Catalog, Listed, Manifests, ObjectArea
+from .files import OutOfSpace, StoreLock, fsync_path, is_read_only, os_error
 
 SCHEMA_VERSION = 2
 FILE = "catalog.sqlite"
@@ -95,7 +93,6 @@ CREATE TABLE IF NOT EXISTS models(
 #: SQLite primary result codes (``sqlite3.Error.sqlite_errorcode & 0xff``)
 _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 8, 10, 11, 13, 14, 26
 _BUSY, _LOCKED = 5, 6
-_MANIFEST_CACHE = 20_000
 
 
 @dataclass(frozen=True)
@@ -125,9 +122,12 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def rebuild_hint(root: Path) -> str:
-    return (f"rebuild it from the objects with mm.Store.rebuild_catalog({str(root)!r}) "
-            f"or `python -m mm_jupyter store rebuild {shlex.quote(str(root))}`")
+def rebuild_hint(root: str | Path, objects: str | None = None) -> str:
+    """How to recreate the catalog at ``root`` (a folder or a database URL) from its objects."""
+    extra = f", objects={objects!r}" if objects else ""
+    flag = f" --objects {shlex.quote(objects)}" if objects else ""
+    return (f"rebuild it from the objects with mm.Store.rebuild_catalog({str(root)!r}{extra}) "
+            f"or `python -m mm_jupyter store rebuild {shlex.quote(str(root))}{flag}`")
 
 
 class MissingCatalog(StoreError):
@@ -142,17 +142,218 @@ def _code(e: sqlite3.Error) -> int:
     return (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
 
 
-class Catalog:
-    """Typed access to the catalog database of one store; every SQLite error becomes an MMError."""
+class SQLCatalog(Catalog):
+    """The catalog's queries, in SQL that SQLite and PostgreSQL both run (``?`` placeholders; a
+    backend whose driver wants another style rewrites them in ``_sql``). Subclasses provide the
+    connection: ``_rows``/``_one`` for reads, ``transaction`` and ``_run`` for writes."""
 
-    def __init__(self, root: Path, objects: "ObjectStore", *, create: bool = False) -> None:
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    @abstractmethod
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def _x(self, tx: Any, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        """Execute one statement inside a transaction; the cursor."""
+        return tx.execute(self._sql(sql), params)
+
+    def _xmany(self, tx: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            tx.cursor().executemany(self._sql(sql), rows)
+
+    # -- writes -----------------------------------------------------------------------------
+    def next_id(self, tx: Any, table: str = "sets") -> int:
+        assert table in ("sets", "candidate_sets")
+        (v,) = self._x(tx, f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()
+        return int(v) + 1
+
+    def next_version(self, tx: Any, name: str) -> int:
+        (v,) = self._x(tx, "SELECT COALESCE(MAX(version), 0) FROM sets WHERE name=?", (name,)).fetchone()
+        return int(v) + 1
+
+    def insert_set(self, tx: Any, m: dict[str, Any], oid: str, size: int) -> None:
+        values = (m["name"], m["version"], m["approach"], m["requested"], m["base_id"], m["chain"], m["n_models"],
+                  oid, m["bytes"] + size, float(m["tts"]), m["created"], m["id"])
+        updated = self._x(tx,
+            "UPDATE sets SET name=?, version=?, approach=?, requested=?, base_id=?, chain=?, n_models=?,"
+            " manifest=?, bytes=?, tts_s=?, created=? WHERE id=? AND version IS NULL", values).rowcount
+        if not updated:
+            self._x(tx, "INSERT INTO sets(name, version, approach, requested, base_id, chain, n_models, manifest,"
+                        " bytes, tts_s, created, id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", values)
+
+    def insert_pending(self, tx: Any, name: str, approach: str, n_models: int) -> int:
+        set_id = self.next_id(tx)
+        self._x(tx, "INSERT INTO sets(id, name, version, approach, requested, base_id, chain, n_models, manifest,"
+                    " bytes, tts_s, created) VALUES (?,?,NULL,?,?,NULL,0,?,'',0,0,?)",
+                (set_id, name, approach, approach, n_models, now_iso()))
+        return set_id
+
+    def add_artifacts(self, tx: Any, set_id: int, rows: list[Listed]) -> None:
+        self._xmany(tx, "INSERT INTO artifacts(set_id, role, object, bytes) VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
+                    [(set_id, role, oid, size) for role, oid, size in rows])
+
+    def add_model(self, tx: Any, set_id: int, idx: int, name: str, params: str, architecture: str,
+                  environment: str) -> None:
+        self._x(tx, "INSERT INTO models(set_id, idx, name, params, architecture, environment) VALUES (?,?,?,?,?,?)",
+                (set_id, idx, name, params, architecture, environment))
+
+    def delete_pending(self, tx: Any) -> int:
+        pending = [r[0] for r in self._x(tx, "SELECT id FROM sets WHERE version IS NULL").fetchall()]
+        for set_id in pending:
+            for table, column in (("models", "set_id"), ("artifacts", "set_id"), ("sets", "id")):
+                self._x(tx, f"DELETE FROM {table} WHERE {column}=?", (set_id,))
+        return len(pending)
+
+    def insert_candidates(self, name: str, manifest: dict[str, Any], nbytes: int,
+                          objects: list[Listed]) -> tuple[int, int]:
+        oid = ""
+        try:
+            with self.transaction() as tx:
+                (v,) = self._x(tx, "SELECT COALESCE(MAX(version), 0) FROM candidate_sets WHERE name=?",
+                               (name,)).fetchone()
+                set_id, version = self.next_id(tx, "candidate_sets"), int(v) + 1
+                m = {"kind": "candidates", "id": set_id, "name": name, "version": version, "bytes": nbytes,
+                     "created": now_iso(), "artifacts": [list(o) for o in objects], "set": manifest}
+                oid, size = self.put_manifest(m)
+                self._x(tx, "INSERT INTO candidate_sets(id, name, version, manifest, bytes, created)"
+                            " VALUES (?,?,?,?,?,?)", (set_id, name, version, oid, nbytes + size, m["created"]))
+                self._xmany(tx, "INSERT INTO candidate_objects(cset_id, role, object, bytes) VALUES (?,?,?,?)"
+                                " ON CONFLICT DO NOTHING", [(set_id, role, o, size) for role, o, size in objects])
+        except BaseException:
+            if oid:
+                self.drop_manifest(oid)
+            raise
+        self.checkpoint()
+        try:
+            self.objects.write_ref("candidates", name, version, oid)
+        except (OSError, StoreError):
+            pass  # the version is committed and its manifest durable; gc writes missing refs
+        return set_id, version
+
+    def write_all(self, tx: Any, sets: Manifests, cands: Manifests) -> None:
+        """Rows for every manifest of a rebuild (inside one transaction on an empty catalog)."""
+        from . import approaches
+
+        for oid in sorted(sets, key=lambda o: sets[o][0]["id"]):
+            m, size = sets[oid]
+            sid = m["id"]
+            self._x(tx, "INSERT INTO sets(id, name, version, approach, requested, base_id, chain, n_models, manifest,"
+                        " bytes, tts_s, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (sid, m["name"], m["version"], m["approach"], m["requested"], m["base_id"], m["chain"],
+                     m["n_models"], oid, m["bytes"] + size, float(m["tts"]), m["created"]))
+            approach = approaches.get(m["approach"])
+            self.add_artifacts(tx, sid, approaches.listed(self.objects, m))
+            self._xmany(tx, "INSERT INTO models(set_id, idx, name, params, architecture, environment)"
+                            " VALUES (?,?,?,?,?,?)", [(sid, *r) for r in approach.model_rows(self.objects, m["set"])])
+        for oid in sorted(cands, key=lambda o: cands[o][0]["id"]):
+            m, size = cands[oid]
+            cid = m["id"]
+            self._x(tx, "INSERT INTO candidate_sets(id, name, version, manifest, bytes, created) VALUES (?,?,?,?,?,?)",
+                    (cid, m["name"], m["version"], oid, m["bytes"] + size, m["created"]))
+            self._xmany(tx, "INSERT INTO candidate_objects(cset_id, role, object, bytes) VALUES (?,?,?,?)"
+                            " ON CONFLICT DO NOTHING", [(cid, r, o, int(s)) for r, o, s in m["artifacts"]])
+
+    # -- reads ------------------------------------------------------------------------------
+    def get(self, set_id: int) -> SetRow:
+        r = self._one(f"SELECT {_COLUMNS} FROM sets WHERE id=? AND version IS NOT NULL", (set_id,))
+        if r is None:
+            raise IntegrityError(f"catalog has no set with id {set_id}; {self.hint}")
+        return self.set_row(r)
+
+    def find(self, name: str, version: int | None) -> SetRow | None:
+        if version is None:
+            r = self._one(f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version IS NOT NULL"
+                          " ORDER BY version DESC LIMIT 1", (name,))
+        else:
+            r = self._one(f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version=?", (name, version))
+        return None if r is None else self.set_row(r)
+
+    def versions(self, name: str) -> list[SetRow]:
+        rows = self._rows(f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version IS NOT NULL ORDER BY version",
+                          (name,))
+        return [self.set_row(r) for r in rows]
+
+    def raw_rows(self) -> list[tuple[Any, ...]]:
+        return self._rows(f"SELECT {_COLUMNS} FROM sets WHERE version IS NOT NULL ORDER BY id")
+
+    def raw_candidates(self) -> list[tuple[Any, ...]]:
+        return self._rows("SELECT id, name, version, manifest, bytes, created FROM candidate_sets ORDER BY id")
+
+    def candidate_objects(self, cset_id: int) -> list[Listed]:
+        return [tuple(r) for r in self._rows(  # type: ignore[misc]
+            "SELECT role, object, bytes FROM candidate_objects WHERE cset_id=? ORDER BY role, object", (cset_id,))]
+
+    def listing(self) -> list[tuple[Any, ...]]:
+        return self._rows("SELECT name, version, approach, n_models, bytes, created, tts_s FROM sets"
+                          " WHERE version IS NOT NULL ORDER BY name, version")
+
+    def columns(self, set_id: int) -> tuple[Any, ...]:
+        r = self._one("SELECT approach, requested, chain, n_models, bytes, tts_s, created FROM sets WHERE id=?",
+                      (set_id,))
+        return tuple(r) if r is not None else ()
+
+    def artifacts(self, set_id: int) -> list[Listed]:
+        return [tuple(r) for r in self._rows(  # type: ignore[misc]
+            "SELECT role, object, bytes FROM artifacts WHERE set_id=? ORDER BY role, object", (set_id,))]
+
+    def model_rows(self, set_id: int, idx: int | None = None) -> list[tuple[Any, ...]]:
+        if idx is None:
+            return self._rows("SELECT idx, name, params, architecture, environment FROM models WHERE set_id=?"
+                              " ORDER BY idx", (set_id,))
+        return self._rows("SELECT idx, name, params, architecture, environment FROM models WHERE set_id=? AND idx=?",
+                          (set_id, idx))
+
+    def all_objects(self) -> list[str]:
+        visible = "JOIN sets ON sets.id = {t}.set_id WHERE sets.version IS NOT NULL"
+        rows = self._rows(
+            f"SELECT DISTINCT object FROM artifacts {visible.format(t='artifacts')}"
+            " UNION SELECT object FROM candidate_objects"
+            " UNION SELECT manifest FROM sets WHERE version IS NOT NULL"
+            " UNION SELECT manifest FROM candidate_sets"
+            + "".join(f" UNION SELECT {c} FROM models {visible.format(t='models')}"
+                      for c in ("params", "architecture", "environment")))
+        return sorted(r[0] for r in rows)
+
+    def visible_versions(self) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+        sets = {(n, int(v)) for n, v in self._rows("SELECT name, version FROM sets WHERE version IS NOT NULL")}
+        cands = {(n, int(v)) for n, v in self._rows("SELECT name, version FROM candidate_sets")}
+        return sets, cands
+
+    def find_candidates(self, name: str, version: int | None = None) -> tuple[int, int, dict[str, Any]] | None:
+        if version is None:
+            r = self._one("SELECT id, version, manifest FROM candidate_sets WHERE name=? ORDER BY version DESC LIMIT 1",
+                          (name,))
+        else:
+            r = self._one("SELECT id, version, manifest FROM candidate_sets WHERE name=? AND version=?",
+                          (name, version))
+        if r is None:
+            return None
+        m = self.manifest(r[2])
+        if m["kind"] != "candidates" or (m["id"], m["name"], m["version"]) != (r[0], name, r[1]):
+            raise IntegrityError(f"catalog row of candidate set {name}@{r[1]} does not match its manifest; "
+                                 f"{self.hint}")
+        return r[0], r[1], m["set"]
+
+
+class SQLiteCatalog(SQLCatalog):
+    """The catalog database of one store folder; every SQLite error becomes an MMError."""
+
+    KIND: ClassVar[str] = "sqlite"
+
+    def __init__(self, root: Path, objects: ObjectArea, *, create: bool = False) -> None:
+        super().__init__(objects)
         self.root = Path(root)
+        self.location = str(self.root)
         self.path = self.root / FILE
-        self.objects = objects
+        self.hint = rebuild_hint(self.root, None if _same_folder(objects, self.root) else objects.location)
         self.read_only: str | None = None  # why writes are impossible, when they are
-        self._manifests: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._db: sqlite3.Connection | None = None
         self._ino = 0
+        self._lock = StoreLock(self.root / "locks" / "save")
         if create:
             self._create()
         else:
@@ -215,8 +416,8 @@ class Catalog:
                 failure = e
                 continue
             self._db = db
-            self.read_only = None if mode == "mode=rw" else (
-                "the file system is read-only" if not writable else f"the catalog could not be opened for writing ({failure})")
+            self.read_only = None if mode == "mode=rw" else ("the file system is read-only" if not writable else
+                                                             f"the catalog could not be opened for writing ({failure})")
             break
         if self._db is None:
             raise StoreError(f"cannot open catalog {self.path}: {failure}")
@@ -248,7 +449,7 @@ class Catalog:
             ino = os.lstat(self.path).st_ino
         except FileNotFoundError:
             raise StoreError(f"catalog {self.path} was deleted while the store was open; "
-                             f"{rebuild_hint(self.root)}") from None
+                             f"{self.hint}") from None
         if ino != self._ino:
             old = self._db
             self._db = None
@@ -280,7 +481,7 @@ class Catalog:
             page = 4096
             return OutOfSpace(self.path, 8 * page, "the catalog")
         if code in (_CORRUPT, _NOTADB):
-            return IntegrityError(f"catalog {self.path} is damaged ({e}); {rebuild_hint(self.root)}")
+            return IntegrityError(f"catalog {self.path} is damaged ({e}); {self.hint}")
         if code == _READONLY:
             return StoreError(f"store {self.root} is read-only ({e}); nothing can be saved")
         if code in (_BUSY, _LOCKED):
@@ -339,215 +540,70 @@ class Catalog:
             self._db.close()
             self._db = None
 
-    # -- manifests -----------------------------------------------------------------------------
-    def manifest(self, oid: str) -> dict[str, Any]:
-        """A verified, parsed manifest object (cached: objects never change)."""
-        m = self._manifests.get(oid)
-        if m is None:
-            m = manifests.decode(self.objects.get(oid), oid)
-            self._manifests[oid] = m
-            if len(self._manifests) > _MANIFEST_CACHE:
-                self._manifests.popitem(last=False)
-        return m
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        result: list[tuple[Any, ...]] = self._q(lambda db: db.execute(sql, params).fetchall())
+        return result
 
-    def put_manifest(self, m: dict[str, Any]) -> tuple[str, int]:
-        """Write a manifest object; (id, bytes on disk)."""
-        put = self.objects.put(manifests.encode(m))
-        self._manifests[put.oid] = m
-        return put.oid, put.size
+    def save_lock(self, exclusive: bool, wait_s: float, why: str) -> Iterator[None]:
+        return self._lock.hold(exclusive, wait_s, why)
 
-    def drop_manifest(self, oid: str) -> None:
-        """Remove the manifest of a transaction that did not commit (it is unique to that save)."""
-        self._manifests.pop(oid, None)
+    def check_writable(self, action: str) -> None:
+        if self.read_only is not None and is_read_only(self.root):
+            raise StoreError(f"store {str(self.root)!r} is read-only ({self.read_only}); {action}")
+
+    def compact(self) -> None:
         try:
-            self.objects.path(oid).unlink(missing_ok=True)
-        except OSError:
+            self._fresh().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
             pass
 
-    def set_row(self, r: tuple) -> SetRow:
-        set_id, name, version, oid, base_id, nbytes, tts, created = r
-        if not isinstance(oid, str) or not oid:
-            raise IntegrityError(f"catalog row of {name}@{version} names no manifest; {rebuild_hint(self.root)}")
-        m = self.manifest(oid)
-        if m["kind"] != "set" or (m["id"], m["name"], m["version"], m["base_id"]) != (set_id, name, version, base_id):
-            raise IntegrityError(f"catalog row of {name}@{version} does not match its manifest {oid[:12]}…; "
-                                 f"{rebuild_hint(self.root)}")
-        return SetRow(set_id, name, version, m["approach"], m["requested"], base_id, m["chain"], m["n_models"],
-                      m["set"], nbytes, tts, created, oid, m["base"])
+    @classmethod
+    @contextmanager
+    def rebuilding(cls, location: str, objects: ObjectArea, wait_s: float
+                   ) -> Iterator[Callable[[Manifests, Manifests], None]]:
+        """A complete catalog is written to a new file in one transaction and swapped in
+        atomically (the old ``-wal``/``-shm`` removed first, so an old log is never replayed)."""
+        root = Path(location)
+        if _same_folder(objects, root) and not (root / "objects").is_dir():
+            raise StoreError(f"{location!r} has no objects/ folder: there is nothing to rebuild a catalog from")
+        if is_read_only(root):
+            raise StoreError(f"{location!r} is read-only: a catalog cannot be rebuilt there")
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
 
-    # -- writes -----------------------------------------------------------------------------
-    @staticmethod
-    def next_id(db: sqlite3.Connection, table: str = "sets") -> int:
-        (v,) = db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()
-        return int(v) + 1
+        def write(sets: Manifests, cands: Manifests) -> None:
+            tmp = root / "tmp" / f"catalog-rebuild-{uuid.uuid4().hex}.sqlite"
+            try:
+                db = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("BEGIN")
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            db.execute(stmt)
+                    db.execute("INSERT INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),))
+                    writer = cls.__new__(cls)
+                    SQLCatalog.__init__(writer, objects)
+                    writer.write_all(db, sets, cands)
+                    db.execute("COMMIT")
+                except sqlite3.Error as e:
+                    raise StoreError(f"cannot write the rebuilt catalog {tmp}: {e}") from None
+                finally:
+                    db.close()  # the last connection checkpoints the log into the file and removes it
+                fsync_path(tmp)
+                for suffix in ("-wal", "-shm"):  # an old log must never be replayed onto the new file
+                    Path(f"{root / FILE}{suffix}").unlink(missing_ok=True)
+                os.replace(tmp, root / FILE)
+                fsync_path(root)
+            except OSError as e:
+                raise os_error(e, root, 0, "the rebuilt catalog") from None
+            finally:
+                for suffix in ("", "-journal", "-wal", "-shm"):
+                    Path(f"{tmp}{suffix}").unlink(missing_ok=True)
 
-    @staticmethod
-    def next_version(db: sqlite3.Connection, name: str) -> int:
-        (v,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM sets WHERE name=?", (name,)).fetchone()
-        return int(v) + 1
+        with StoreLock(root / "locks" / "save").hold(True, wait_s, "cannot rebuild the catalog"):
+            yield write
 
-    @staticmethod
-    def insert_set(db: sqlite3.Connection, m: dict[str, Any], oid: str, size: int) -> None:
-        """Insert (or, for a pending mmlib-base row, complete) the row of manifest ``m``."""
-        values = (m["name"], m["version"], m["approach"], m["requested"], m["base_id"], m["chain"], m["n_models"],
-                  oid, m["bytes"] + size, float(m["tts"]), m["created"], m["id"])
-        updated = db.execute(
-            "UPDATE sets SET name=?, version=?, approach=?, requested=?, base_id=?, chain=?, n_models=?,"
-            " manifest=?, bytes=?, tts_s=?, created=? WHERE id=? AND version IS NULL", values).rowcount
-        if not updated:
-            db.execute("INSERT INTO sets(name, version, approach, requested, base_id, chain, n_models, manifest,"
-                       " bytes, tts_s, created, id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", values)
 
-    @staticmethod
-    def insert_pending(db: sqlite3.Connection, name: str, requested: str, n_models: int) -> int:
-        set_id = Catalog.next_id(db)
-        db.execute("INSERT INTO sets(id, name, version, approach, requested, base_id, chain, n_models, manifest,"
-                   " bytes, tts_s, created) VALUES (?,?,NULL,'mmlib-base',?,NULL,0,?,'',0,0,?)",
-                   (set_id, name, requested, n_models, now_iso()))
-        return set_id
-
-    @staticmethod
-    def add_artifacts(db: sqlite3.Connection, set_id: int, rows: list[tuple[str, str, int]]) -> None:
-        db.executemany(
-            "INSERT OR IGNORE INTO artifacts(set_id, role, object, bytes) VALUES (?,?,?,?)",
-            [(set_id, role, oid, size) for role, oid, size in rows],
-        )
-
-    # -- reads ------------------------------------------------------------------------------
-    def get(self, set_id: int) -> SetRow:
-        r = self._q(lambda db: db.execute(
-            f"SELECT {_COLUMNS} FROM sets WHERE id=? AND version IS NOT NULL", (set_id,)).fetchone())
-        if r is None:
-            raise IntegrityError(f"catalog has no set with id {set_id}; {rebuild_hint(self.root)}")
-        return self.set_row(r)
-
-    def find(self, name: str, version: int | None) -> SetRow | None:
-        if version is None:
-            r = self._q(lambda db: db.execute(
-                f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version IS NOT NULL ORDER BY version DESC LIMIT 1",
-                (name,)).fetchone())
-        else:
-            r = self._q(lambda db: db.execute(
-                f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version=?", (name, version)).fetchone())
-        return None if r is None else self.set_row(r)
-
-    def versions(self, name: str) -> list[SetRow]:
-        rows = self._q(lambda db: db.execute(
-            f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version IS NOT NULL ORDER BY version", (name,)).fetchall())
-        return [self.set_row(r) for r in rows]
-
-    def raw_rows(self) -> list[tuple]:
-        """Every visible version's catalog columns, unchecked (``set_row`` checks one)."""
-        return self._q(lambda db: db.execute(
-            f"SELECT {_COLUMNS} FROM sets WHERE version IS NOT NULL ORDER BY id").fetchall())
-
-    def raw_candidates(self) -> list[tuple]:
-        """(id, name, version, manifest, bytes, created) of every candidate set."""
-        return self._q(lambda db: db.execute(
-            "SELECT id, name, version, manifest, bytes, created FROM candidate_sets ORDER BY id").fetchall())
-
-    def candidate_objects(self, cset_id: int) -> list[tuple[str, str, int]]:
-        return self._q(lambda db: db.execute(
-            "SELECT role, object, bytes FROM candidate_objects WHERE cset_id=? ORDER BY role, object",
-            (cset_id,)).fetchall())
-
-    def listing(self) -> list[tuple]:
-        """(name, version, approach, models, bytes, created, tts_s) of every visible set."""
-        return self._q(lambda db: db.execute(
-            "SELECT name, version, approach, n_models, bytes, created, tts_s FROM sets"
-            " WHERE version IS NOT NULL ORDER BY name, version").fetchall())
-
-    def columns(self, set_id: int) -> tuple:
-        """(approach, requested, chain, n_models, bytes, tts_s, created) as the row stores them."""
-        return self._q(lambda db: db.execute(
-            "SELECT approach, requested, chain, n_models, bytes, tts_s, created FROM sets WHERE id=?",
-            (set_id,)).fetchone())
-
-    def artifacts(self, set_id: int) -> list[tuple[str, str, int]]:
-        return self._q(lambda db: db.execute(
-            "SELECT role, object, bytes FROM artifacts WHERE set_id=? ORDER BY role, object", (set_id,)).fetchall())
-
-    def model_rows(self, set_id: int, idx: int | None = None) -> list[tuple]:
-        """(idx, name, params, architecture, environment) rows of an mmlib-base set."""
-        if idx is None:
-            return self._q(lambda db: db.execute(
-                "SELECT idx, name, params, architecture, environment FROM models WHERE set_id=? ORDER BY idx",
-                (set_id,)).fetchall())
-        return self._q(lambda db: db.execute(
-            "SELECT idx, name, params, architecture, environment FROM models WHERE set_id=? AND idx=?",
-            (set_id, idx)).fetchall())
-
-    def all_objects(self) -> list[str]:
-        """Every object referenced by a visible set or a candidate set, manifests included."""
-        rows = self._q(lambda db: db.execute(
-            "SELECT DISTINCT object FROM artifacts JOIN sets ON sets.id = artifacts.set_id"
-            " WHERE sets.version IS NOT NULL"
-            " UNION SELECT object FROM candidate_objects"
-            " UNION SELECT manifest FROM sets WHERE version IS NOT NULL"
-            " UNION SELECT manifest FROM candidate_sets"
-            " UNION SELECT params FROM models JOIN sets ON sets.id = models.set_id WHERE sets.version IS NOT NULL"
-            " UNION SELECT architecture FROM models JOIN sets ON sets.id = models.set_id"
-            " WHERE sets.version IS NOT NULL"
-            " UNION SELECT environment FROM models JOIN sets ON sets.id = models.set_id"
-            " WHERE sets.version IS NOT NULL").fetchall())
-        return sorted(r[0] for r in rows)
-
-    def lost_versions(self) -> list[str]:
-        """Versions that have a ref (were acknowledged) but no catalog row: the catalog lost them.
-
-        Refs are listed *before* the catalog is read: a ref is written after its row committed,
-        so any ref seen is already in the catalog snapshot read next."""
-        want = {k: refs.names(self.root, k) for k in refs.KINDS}
-        have_sets = set(self._q(lambda db: db.execute(
-            "SELECT name, version FROM sets WHERE version IS NOT NULL").fetchall()))
-        have_cands = set(self._q(lambda db: db.execute("SELECT name, version FROM candidate_sets").fetchall()))
-        lost = [f"{n}@{v}" for n, v in sorted(want["sets"] - have_sets)]
-        lost += [f"candidates {n}@{v}" for n, v in sorted(want["candidates"] - have_cands)]
-        return lost
-
-    # -- candidate sets (the search's block store) --------------------------------------------
-    def insert_candidates(self, name: str, manifest: dict[str, Any], nbytes: int,
-                          objects: list[tuple[str, str, int]]) -> tuple[int, int]:
-        """Record a candidate set (its block objects are already durable); returns (id, version)."""
-        oid = ""
-        try:
-            with self.transaction() as db:
-                (v,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM candidate_sets WHERE name=?",
-                                  (name,)).fetchone()
-                set_id, version = self.next_id(db, "candidate_sets"), int(v) + 1
-                m = {"kind": "candidates", "id": set_id, "name": name, "version": version, "bytes": nbytes,
-                     "created": now_iso(), "artifacts": [list(o) for o in objects], "set": manifest}
-                oid, size = self.put_manifest(m)
-                db.execute("INSERT INTO candidate_sets(id, name, version, manifest, bytes, created)"
-                           " VALUES (?,?,?,?,?,?)", (set_id, name, version, oid, nbytes + size, m["created"]))
-                db.executemany(
-                    "INSERT OR IGNORE INTO candidate_objects(cset_id, role, object, bytes) VALUES (?,?,?,?)",
-                    [(set_id, role, o, size) for role, o, size in objects])
-        except BaseException:
-            if oid:
-                self.drop_manifest(oid)
-            raise
-        self.checkpoint()
-        try:
-            refs.write(self.root, "candidates", name, version, oid)
-        except OSError:
-            pass  # the version is committed and its manifest durable; gc writes missing refs
-        return set_id, version
-
-    def find_candidates(self, name: str, version: int | None = None) -> tuple[int, int, dict[str, Any]] | None:
-        """(id, version, manifest) of a candidate set, the latest version by default."""
-        if version is None:
-            r = self._q(lambda db: db.execute(
-                "SELECT id, version, manifest FROM candidate_sets WHERE name=? ORDER BY version DESC LIMIT 1",
-                (name,)).fetchone())
-        else:
-            r = self._q(lambda db: db.execute(
-                "SELECT id, version, manifest FROM candidate_sets WHERE name=? AND version=?",
-                (name, version)).fetchone())
-        if r is None:
-            return None
-        m = self.manifest(r[2])
-        if m["kind"] != "candidates" or (m["id"], m["name"], m["version"]) != (r[0], name, r[1]):
-            raise IntegrityError(f"catalog row of candidate set {name}@{r[1]} does not match its manifest; "
-                                 f"{rebuild_hint(self.root)}")
-        return r[0], r[1], m["set"]
+def _same_folder(objects: ObjectArea, root: Path) -> bool:
+    """True when ``objects`` is the object area inside the catalog's own folder."""
+    return Path(objects.location).absolute() == root.absolute()

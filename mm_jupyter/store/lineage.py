@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from . import approaches
 from .approaches.common import names_of
 from .catalog import SetRow
 
@@ -85,39 +84,11 @@ class Lineage:
         return self.frame.to_html(index=False)
 
 
-def _changed(store: "Store", row: SetRow) -> int | None:
-    from ..store.tensors import unpack_arrays
-
-    m = row.manifest
-    if row.approach == "update" and "index" in m:
-        arrays = unpack_arrays(store.objects.get(m["index"]))
-        k = len(m["layout"]["keys"])
-        changed = np.unpackbits(arrays["changed"], count=m["n"] * k).reshape(m["n"], k)
-        return int(changed.any(axis=1).sum())
-    if row.approach == "provenance":
-        return int(len(unpack_arrays(store.objects.get(m["index"]))["updated"]))
-    return None
-
-
-def _datasets(store: "Store", row: SetRow) -> tuple[tuple[str, str, str], ...]:
-    if row.approach != "provenance":
-        return ()
-    from .approaches.provenance import record
-    from .tensors import unpack_arrays
-
-    rec = record(store, row)
-    arrays = unpack_arrays(store.objects.get(row.manifest["index"]))
-    names = names_of(row.manifest)
-    return tuple(
-        (names[int(i)], f"{ref[0]}({', '.join(f'{k}={v!r}' for k, v in ref[1].items())})", bytes(h).hex())
-        for i, ref, h in zip(arrays["updated"], rec["datasets"], arrays["hashes"])
-    )
-
-
 def build_lineage(store: "Store", rows: list[SetRow]) -> Lineage:
     by_id: dict[int, SetRow] = {r.id: r for r in rows}
     versions = []
     for r in rows:
+        approach = approaches.get(r.approach)
         base = by_id.get(r.base_id) if r.base_id is not None else None
         if base is None and r.base_id is not None:
             base = store.catalog.get(r.base_id)
@@ -131,6 +102,7 @@ def build_lineage(store: "Store", rows: list[SetRow]) -> Lineage:
             dropped = tuple(n for n in names_of(base.manifest) if n not in now)
         versions.append(Version(
             r.version, r.approach, r.requested, base.version if base is not None and base.name == r.name else None,
-            r.chain, r.n_models, added, dropped, _changed(store, r), _datasets(store, r), r.bytes, r.tts_s, r.created,
+            r.chain, r.n_models, added, dropped, approach.changed(store, r), approach.datasets(store, r), r.bytes,
+            r.tts_s, r.created,
         ))
     return Lineage(rows[0].name, tuple(versions))

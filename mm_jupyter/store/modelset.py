@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import StoreError
 from .architectures import Architecture
-from .objects import ObjectReader, ObjectStore
+from .contracts import ObjectArea
+from .objects import ObjectReader
 from .structure import make_cloner
 from .tensors import Layout, TensorSpec, torch_dtype, view_tensor
 
@@ -73,7 +74,7 @@ def default_names(n: int) -> list[str]:
 class ModelSet:
     """A recovered set of same-architecture models. Nothing is read until asked for."""
 
-    def __init__(self, ref: SetRef, approach: str, resolved: Resolved, objects: ObjectStore,
+    def __init__(self, ref: SetRef, approach: str, resolved: Resolved, objects: ObjectArea,
                  trust_code: bool = False) -> None:
         self.ref = ref
         self.approach = approach

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import IntegrityError, StoreError
+from . import refs
+from .contracts import REF_KINDS, ObjectArea
 from .files import UNSUPPORTED, TempFile, clean_temp, fsync_path, open_regular, os_error
 
 if TYPE_CHECKING:
@@ -103,7 +105,8 @@ class _ChunkHasher:
             self._pool.shutdown(wait=True)
 
 
-def _header(payload: memoryview) -> bytes:
+def header_of(payload: memoryview) -> bytes:
+    """The header of ``payload`` (its id is the header's sha256)."""
     n = len(payload)
     chunk = chunk_size_for(n)
     digests = _chunk_digests(payload, chunk)
@@ -123,7 +126,7 @@ def is_oid(name: str) -> bool:
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
-class ObjectStore:
+class FolderObjects(ObjectArea):
     """The object area of one store folder. Thread- and process-safe by construction:
     every object is written to a unique, locked temp file and renamed into place.
 
@@ -131,15 +134,15 @@ class ObjectStore:
     """
 
     def __init__(self, root: Path) -> None:
+        super().__init__()
         self.root = Path(root)
+        self.location = str(self.root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
-        self.bytes_verified = 0
-        self._lock = threading.Lock()
 
     def prepare(self) -> None:
         """Create the folders a writer needs (on the first save of a store)."""
-        for folder in (self.objects, self.tmp):
+        for folder in (self.objects, self.tmp, *(refs.folder(self.root, k) for k in REF_KINDS)):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except FileExistsError:
@@ -166,7 +169,7 @@ class ObjectStore:
         try:
             if os.lstat(p).st_size != total:
                 return False
-            reader = ObjectReader(p, oid, self)
+            reader = FolderReader(p, oid, self)
             try:
                 reader.verify()
             finally:
@@ -187,7 +190,7 @@ class ObjectStore:
     def put(self, data: bytes | bytearray | memoryview) -> PutResult:
         """Store bytes; returns the existing object when the same payload is already stored."""
         payload = memoryview(data).cast("B")
-        header = _header(payload)
+        header = header_of(payload)
         oid = hashlib.sha256(header).hexdigest()
         total = len(header) + len(payload)
         if self._already_stored(oid, header, total):
@@ -258,53 +261,44 @@ class ObjectStore:
         return header
 
     @staticmethod
-    def _fill_written(tmp: TempFile, hsize: int, nbytes: int, fill: Callable) -> bytes:
-        import torch
-
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        payload = memoryview(buf.numpy())
-        hasher = _ChunkHasher(payload)
-        try:
-            fill(buf, hasher.advance)
-            digests = hasher.finish()
-        finally:
-            hasher.close()
-        header = _pack_header(nbytes, hasher.chunk, digests, hsize)
-        tmp.file.write(header)
-        tmp.file.write(payload)
+    def _fill_written(tmp: TempFile, hsize: int, nbytes: int, fill: Callable[..., None]) -> bytes:
+        buf = fill_buffer(nbytes, fill)
+        tmp.file.write(buf)
         tmp.file.flush()
-        payload.release()
-        return header
+        return bytes(buf[:hsize])
 
     def open(self, oid: str) -> "ObjectReader":
         """Open an object for verified reads; raises IntegrityError when it is missing or is
         not a regular file."""
         p = self.path(oid)
         try:
-            return ObjectReader(p, oid, self)
+            return FolderReader(p, oid, self)
         except FileNotFoundError:
             raise IntegrityError(f"object {oid[:12]}… is missing from {self.objects}") from None
-
-    def get(self, oid: str) -> bytes:
-        """Whole object payload, verified."""
-        reader = self.open(oid)
-        try:
-            return reader.read_all()
-        finally:
-            reader.close()
 
     def size(self, oid: str) -> int:
         return os.lstat(self.path(oid)).st_size
 
-    def _count(self, n: int) -> None:
-        with self._lock:
-            self.bytes_verified += n
+    def delete(self, oid: str) -> bool:
+        try:
+            self.path(oid).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise os_error(e, self.path(oid)) from None
 
-    def clean_temp(self) -> tuple[int, int]:
-        """Remove temp files of writers that are gone; (files, bytes). See ``files.clean_temp``."""
+    def clean_temp(self, exclusive: bool = False) -> tuple[int, int]:
+        """Remove temp files of writers that are gone; (files, bytes). See ``files.clean_temp``
+        (a temp file's lock tells whether its writer is alive, so this is safe at any time)."""
         return clean_temp(self.tmp)
 
-    def scan(self) -> Iterator[tuple[str, Path, int]]:
+    def scan(self) -> Iterator[tuple[str, int]]:
+        """(oid, bytes on disk) of every regular file named like an object."""
+        for oid, _, size in self.scan_paths():
+            yield oid, size
+
+    def scan_paths(self) -> Iterator[tuple[str, Path, int]]:
         """(oid, path, bytes on disk) of every regular file named like an object."""
         try:
             fans = sorted(os.scandir(self.objects), key=lambda e: e.name)
@@ -333,6 +327,20 @@ class ObjectStore:
             f.seek(_align(_FIXED.size + DIGEST_BYTES * chunks, 64))
             return f.read(n)
 
+    # -- refs: refs/<kind>/<name>@<version> files beside the objects -------------------------------
+    def write_ref(self, kind: str, name: str, version: int, oid: str) -> None:
+        refs.write(self.root, kind, name, version, oid)
+
+    def ref_names(self, kind: str) -> set[tuple[str, int]]:
+        return refs.names(self.root, kind)
+
+    def read_ref(self, kind: str, name: str, version: int) -> str | None:
+        return refs.read(self.root, kind, name, version)
+
+    def remove_ref(self, kind: str, name: str, version: int) -> None:
+        refs.remove(self.root, kind, name, version)
+
+
 
 def _allocate(fd: int, nbytes: int) -> bool:
     """Allocate the file's blocks; False where the file system cannot (then write, do not map).
@@ -353,47 +361,68 @@ def _pack_header(nbytes: int, chunk: int, digests: list[bytes], hsize: int) -> b
     return raw + b"\x00" * (hsize - len(raw))
 
 
-class ObjectReader:
-    """A verified, memory-mapped view of one object. Chunks are hashed the first time any byte
-    of them is read; a mismatch raises IntegrityError naming the object and the chunk."""
+def fill_buffer(nbytes: int, fill: Callable[["torch.Tensor", Callable[[int], None]], None]) -> bytearray:
+    """A whole object — header, then the ``nbytes`` payload ``fill(dst, progress)`` writes — in
+    memory (chunks are hashed on a second thread while ``fill`` goes on): what a file system that
+    cannot allocate ahead, or an upload, writes in one piece."""
+    import torch
 
-    def __init__(self, path: Path, oid: str, owner: ObjectStore) -> None:
+    hsize = header_size_for(nbytes)
+    buf = bytearray(hsize + nbytes)
+    payload = memoryview(buf)[hsize:]
+    hasher = _ChunkHasher(payload)
+    try:
+        dst = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=hsize)
+        fill(dst, hasher.advance)
+        del dst
+        digests = hasher.finish()
+    finally:
+        hasher.close()
+        payload.release()
+    buf[:hsize] = _pack_header(nbytes, hasher.chunk, digests, hsize)
+    return buf
+
+
+def parse_header(oid: str, header: bytes, stored_size: int) -> tuple[int, int, int, list[bytes]]:
+    """(payload bytes, chunk bytes, header bytes, chunk digests) of an object whose stored copy
+    has ``stored_size`` bytes and starts with ``header`` (at least the whole header); checks magic,
+    id and size, so a reader never trusts an object it did not verify."""
+    if len(header) < _FIXED.size:
+        raise IntegrityError(f"object {oid[:12]}… is truncated (no header)")
+    magic, n, chunk, chunks = _FIXED.unpack(header[: _FIXED.size])
+    if magic != MAGIC:
+        raise IntegrityError(f"object {oid[:12]}… has a bad magic number")
+    hsize = _align(_FIXED.size + DIGEST_BYTES * chunks, 64)
+    if len(header) < hsize or hashlib.sha256(header[:hsize]).hexdigest() != oid:
+        raise IntegrityError(f"object {oid[:12]}… header does not match its id")
+    if stored_size != hsize + n:
+        raise IntegrityError(f"object {oid[:12]}… has {stored_size} bytes on disk, expected {hsize + n}")
+    digests = [bytes(header[_FIXED.size + i * DIGEST_BYTES: _FIXED.size + (i + 1) * DIGEST_BYTES])
+               for i in range(chunks)]
+    return n, chunk, hsize, digests
+
+
+#: bytes of the largest possible header (128 chunk digests)
+MAX_HEADER = _align(_FIXED.size + DIGEST_BYTES * MAX_CHUNKS, 64)
+
+
+class ObjectReader:
+    """A verified view of one object. Chunks are hashed the first time any byte of them is read;
+    a mismatch raises IntegrityError naming the object and the chunk. ``_buf`` holds the whole
+    stored object (header + payload); a subclass whose bytes are remote fills the chunks a read
+    needs in ``_fetch`` before they are hashed."""
+
+    _buf: "mmap.mmap | bytearray | None"
+
+    def __init__(self, oid: str, owner: ObjectArea, header: bytes, stored_size: int) -> None:
         self.oid = oid
         self._owner = owner
-        with os.fdopen(open_regular(path), "rb") as f:
-            fixed = f.read(_FIXED.size)
-            if len(fixed) < _FIXED.size:
-                raise IntegrityError(f"object {oid[:12]}… is truncated (no header)")
-            magic, n, chunk, chunks = _FIXED.unpack(fixed)
-            if magic != MAGIC:
-                raise IntegrityError(f"object {oid[:12]}… has a bad magic number")
-            hsize = _align(_FIXED.size + DIGEST_BYTES * chunks, 64)
-            header = fixed + f.read(hsize - _FIXED.size)
-            if hashlib.sha256(header).hexdigest() != oid:
-                raise IntegrityError(f"object {oid[:12]}… header does not match its id")
-            size = os.fstat(f.fileno()).st_size
-            if size != hsize + n:
-                raise IntegrityError(
-                    f"object {oid[:12]}… has {size} bytes on disk, expected {hsize + n}"
-                )
-            if n == 0:
-                self._mm: mmap.mmap | bytearray | None = None
-            elif hsize + n <= _MAP_AT_LEAST:
-                # small objects are read into memory: a mapping would hold a file descriptor per
-                # object, and a set of 5,000 per-model objects would exhaust the process's limit
-                f.seek(0)
-                self._mm = bytearray(f.read())
-            else:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        self.size = n
-        self._hsize = hsize
-        self._chunk = chunk
-        self._digests = [
-            header[_FIXED.size + i * DIGEST_BYTES : _FIXED.size + (i + 1) * DIGEST_BYTES]
-            for i in range(chunks)
-        ]
-        self._verified = bytearray(chunks)
+        self.size, self._chunk, self._hsize, self._digests = parse_header(oid, header, stored_size)
+        self._verified = bytearray(len(self._digests))
         self._lock = threading.Lock()
+
+    def _fetch(self, chunks: list[int]) -> None:
+        """Make the payload bytes of ``chunks`` present in ``_buf`` (local objects: always are)."""
 
     def _verify_range(self, offset: int, nbytes: int) -> None:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
@@ -407,8 +436,9 @@ class ObjectReader:
         todo = [c for c in range(first, last + 1) if not self._verified[c]]
         if not todo:
             return
-        assert self._mm is not None
-        view = memoryview(self._mm)
+        self._fetch(todo)
+        assert self._buf is not None
+        view = memoryview(self._buf)
         try:
             for c in todo:
                 a = self._hsize + c * self._chunk
@@ -421,7 +451,7 @@ class ObjectReader:
                     )
                 with self._lock:
                     self._verified[c] = 1
-                self._owner._count(b - a)
+                self._owner._count(verified=b - a)
         finally:
             view.release()
 
@@ -429,6 +459,7 @@ class ObjectReader:
         """Hash every chunk (used by full-set recovery and store.verify())."""
         if self.size:
             pending = [c for c in range(len(self._digests)) if not self._verified[c]]
+            self._fetch(pending)  # remote bytes: every missing chunk in one batch of ranged reads
             if len(pending) > 1 and self.size >= _PARALLEL_HASH_BYTES:
                 with ThreadPoolExecutor(max_workers=2) as pool:
                     list(pool.map(lambda c: self._verify_range(c * self._chunk, 1), pending))
@@ -444,14 +475,14 @@ class ObjectReader:
         self._verify_range(offset, nbytes)
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=self._hsize + offset)
+        return torch.frombuffer(self._buf, dtype=torch.uint8, count=nbytes, offset=self._hsize + offset)
 
     def read(self, offset: int, nbytes: int) -> bytes:
         self._verify_range(offset, nbytes)
         if nbytes == 0:
             return b""
-        assert self._mm is not None
-        return bytes(self._mm[self._hsize + offset : self._hsize + offset + nbytes])
+        assert self._buf is not None
+        return bytes(self._buf[self._hsize + offset : self._hsize + offset + nbytes])
 
     def read_all(self) -> bytes:
         return self.read(0, self.size)
@@ -460,4 +491,25 @@ class ObjectReader:
         """Drop this reader's mapping. Tensors from ``tensor()`` keep the mapping alive (they hold
         a reference to it), so it is unmapped only when the last of them is gone — never under
         them, which would make reading those tensors crash."""
-        self._mm = None
+        self._buf = None
+
+
+class FolderReader(ObjectReader):
+    """An object file, memory-mapped copy-on-write (small ones read into memory)."""
+
+    def __init__(self, path: Path, oid: str, owner: ObjectArea) -> None:
+        with os.fdopen(open_regular(path), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            fixed = f.read(_FIXED.size)
+            chunks = _FIXED.unpack(fixed)[3] if len(fixed) == _FIXED.size else 0
+            header = fixed + f.read(_align(_FIXED.size + DIGEST_BYTES * min(chunks, MAX_CHUNKS), 64) - len(fixed))
+            super().__init__(oid, owner, header, size)
+            if self.size == 0:
+                self._buf = None
+            elif size <= _MAP_AT_LEAST:
+                # small objects are read into memory: a mapping would hold a file descriptor per
+                # object, and a set of 5,000 per-model objects would exhaust the process's limit
+                f.seek(0)
+                self._buf = bytearray(f.read())
+            else:
+                self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .files import TempFile, fsync_path, read_small
 
-KINDS = ("sets", "candidates")
 _REF = re.compile(r"^(.+)@([1-9][0-9]{0,18})$")
 
 
@@ -63,7 +62,3 @@ def read(root: Path, kind: str, name: str, version: int) -> str | None:
 
 def remove(root: Path, kind: str, name: str, version: int) -> None:
     (folder(root, kind) / f"{name}@{version}").unlink(missing_ok=True)
-
-
-def any_refs(root: Path) -> int:
-    return sum(len(names(root, k)) for k in KINDS)

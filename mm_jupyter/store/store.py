@@ -1,9 +1,9 @@
-"""``Store``: one folder holding a SQLite catalog and a content-addressed object area."""
+"""``Store``: a catalog and a content-addressed object area — one folder (SQLite + files), or a
+team's PostgreSQL database and S3-compatible bucket (``backends.py`` picks them from the URLs)."""
 from __future__ import annotations
 
 import os
 import re
-import stat
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -13,30 +13,26 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import IntegrityError, RefError, StoreError
-from . import approaches, refs
-from .approaches.common import SaveInput, Saved
-from . import trust
+from . import approaches, backends, trust
+from .approaches.common import Saved, SaveInput
 from .architectures import TAG, Architecture
-from .catalog import Catalog, EmptyCatalog, MissingCatalog, SetRow, now_iso, rebuild_hint
+from .catalog import SetRow, now_iso
 from .environment import environment
-from .files import OutOfSpace, StoreLock, is_read_only, os_error
+from .files import OutOfSpace
 from .lineage import Lineage, build_lineage
-from .manifest import MAGIC as MANIFEST_MAGIC
-from .manifest import is_manifest, seconds
+from .manifest import seconds
 from .modelset import ModelSet, Resolved, SetRef
-from .objects import ObjectStore
-from .tensors import Layout, digest_model_major, digest_rows, extract_states, tensor_digest
+from .tensors import Layout, digest_rows, extract_states
 
 if TYPE_CHECKING:
     import pandas as pd
+    from torch import nn
 
     from .diff import SetDiff
     from .maintenance import GcReport, RebuildReport
-    from torch import nn
-
     from .provenance import Provenance
 
-APPROACH_CHOICES = approaches.APPROACHES + ("auto",)
+APPROACH_CHOICES = (*approaches.APPROACHES, "auto")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-][A-Za-z0-9_.\- ]{0,199}$")
 
 #: ``auto`` stores a derived version as ``update`` while at most this fraction of its parameter
@@ -51,12 +47,17 @@ LOCK_WAIT_S = 600.0
 _DIGEST_CACHE = 8
 
 
-def default_path() -> Path:
-    return Path(os.environ.get("MM_JUPYTER_STORE") or ".mm_store")
+def default_path() -> str | Path:
+    """$MM_JUPYTER_STORE (a folder or a database URL), else ``./.mm_store``."""
+    return backends.default_location()
 
 
 class Store:
-    """An embedded model store in one folder (created if missing).
+    """A model store: one folder (created if missing), or a database URL with an object area.
+
+    ``path``: a folder (SQLite catalog + object files), or ``"postgresql://..."`` (a team's shared
+    catalog) together with ``objects="s3://bucket/prefix"`` (or ``$MM_JUPYTER_OBJECTS``); None reads
+    ``$MM_JUPYTER_STORE``. ``objects`` may also put a folder store's objects in a bucket.
 
     Opening an existing store never writes (it works on a full disk and on a read-only mount); a
     store whose catalog is missing, empty or damaged while its objects hold saved versions raises
@@ -67,35 +68,38 @@ class Store:
     recovering; like Hugging Face's ``trust_remote_code``, only for stores whose writers you trust.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_chain: int = 8,
-                 trust_code: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, objects: str | os.PathLike[str] | None = None,
+                 max_chain: int = 8, trust_code: bool = False) -> None:
         self.trust_code = bool(trust_code)
         if isinstance(max_chain, bool) or not isinstance(max_chain, int) or not 1 <= max_chain <= MAX_CHAIN:
             raise StoreError(f"max_chain must be an integer from 1 to {MAX_CHAIN}, not {max_chain!r}")
         self.max_chain = max_chain
-        self.root = Path(path) if path is not None else default_path()
-        try:
-            mode = os.stat(self.root).st_mode
-        except FileNotFoundError:
-            mode = None
-        except OSError as e:
-            raise StoreError(f"cannot open store {str(self.root)!r}: {e.strerror or e}") from None
-        if mode is not None and not stat.S_ISDIR(mode):
-            raise StoreError(f"store path {str(self.root)!r} exists and is not a folder")
-        self.objects = ObjectStore(self.root)
-        self.catalog = _open_catalog(self.root, self.objects, create=mode is None)
+        where = path if path is not None else backends.default_location()
+        self._opened_with = (where, objects)
+        opened = backends.open_store(where, objects)
+        #: the folder of an embedded store (None for a database catalog)
+        self.root: Path | None = opened.root
+        #: where the store lives, for messages (a folder, or a URL without its password)
+        self.location = opened.location
+        self.objects = opened.objects
+        self.catalog = opened.catalog
         lost = self.catalog.lost_versions()
         if lost:
             self.catalog.close()
             raise IntegrityError(
-                f"the catalog of store {str(self.root)!r} lacks {len(lost)} acknowledged version(s) that refs/ "
-                f"records ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); {rebuild_hint(self.root)}")
-        self._save_lock = StoreLock(self.root / "locks" / "save")
+                f"the catalog of store {self.location!r} lacks {len(lost)} acknowledged version(s) that refs/ "
+                f"records ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); {self.catalog.hint}")
         self._prepared = False
         self._digests: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+        return f"Store({self.location!r})"
+
+    def twin(self) -> "Store":
+        """A second handle on the same store with its own connections (a server's watcher thread
+        reads through one, so its reads never run inside a transaction of the caller's)."""
+        where, objects = self._opened_with
+        return Store(where, objects=objects, max_chain=self.max_chain, trust_code=self.trust_code)
 
     def close(self) -> None:
         self.catalog.close()
@@ -106,10 +110,9 @@ class Store:
         holds the store's save lock shared (garbage collection waits for it), creates
         the writer folders, removes temp files of writers that are gone, and names the save in
         an out-of-space error."""
-        if self.catalog.read_only is not None and is_read_only(self.root):
-            raise StoreError(f"store {str(self.root)!r} is read-only ({self.catalog.read_only}); cannot save {what}")
+        self.catalog.check_writable(f"cannot save {what}")
         try:
-            with self._save_lock.hold(False, LOCK_WAIT_S, f"cannot save {what}"):
+            with self.catalog.save_lock(False, LOCK_WAIT_S, f"cannot save {what}"):
                 if not self._prepared:
                     self.objects.prepare()
                     self._prepared = True
@@ -123,10 +126,10 @@ class Store:
         """The catalog row of ``ref`` (SetRef, "name" for the latest, or "name@version")."""
         if isinstance(ref, SetRef):
             if not (_valid_number(ref.version) and _valid_number(ref.id)):
-                raise RefError(f"set {ref} is not in store {str(self.root)!r}")
+                raise RefError(f"set {ref} is not in store {self.location!r}")
             row = self.catalog.find(ref.name, ref.version)
             if row is None or row.id != ref.id:
-                raise RefError(f"set {ref} is not in store {str(self.root)!r}")
+                raise RefError(f"set {ref} is not in store {self.location!r}")
             return row
         if not isinstance(ref, str):
             raise RefError(f"a set reference is a SetRef or 'name[@version]', not {type(ref).__name__}")
@@ -138,7 +141,7 @@ class Store:
         if row is None:
             known = sorted({r[0] for r in self.catalog.listing()})
             hint = f"; stored sets: {', '.join(known[:10])}" if known else "; the store is empty"
-            raise RefError(f"no set {ref!r} in store {str(self.root)!r}{hint}")
+            raise RefError(f"no set {ref!r} in store {self.location!r}{hint}")
         return row
 
     @staticmethod
@@ -187,11 +190,9 @@ class Store:
             if approach == "auto":
                 approach = self._auto(inp)
             lineage_base = base_row
-            if approach in ("update", "provenance") and base_row is not None and base_row.chain + 1 > self.max_chain:
+            if approach in approaches.DELTA and base_row is not None and base_row.chain + 1 > self.max_chain:
                 approach, inp.base = "update", None  # chain too long: this version is stored in full
-            if approach == "mmlib-base":
-                return self._save_mmlib(inp, requested, t0)
-            saved = approaches.MODULES[approach].save(self, inp)
+            saved = approaches.REGISTRY[approach].save(self, inp)
             if saved.base is None and lineage_base is not None:
                 saved.base = lineage_base  # a lineage edge only: this version is self-contained
             return self._commit(inp, saved, requested, t0)
@@ -199,7 +200,7 @@ class Store:
     def _base_row(self, name: str, approach: str, base: SetRef | str | None) -> SetRow | None:
         if base is not None:
             return self.row(base)
-        if approach in ("update", "provenance", "auto"):
+        if approach in (*approaches.DELTA, "auto"):
             return self.catalog.find(name, None)
         return None
 
@@ -221,16 +222,16 @@ class Store:
         frac = float((changed * sizes).sum() / max(1.0, sizes.sum() * inp.n))
         return "update" if frac <= AUTO_UPDATE_MAX_CHANGED else "baseline"
 
-    def _commit(self, inp: SaveInput, saved: Saved, requested: str, t0: float, set_id: int | None = None) -> SetRef:
+    def _commit(self, inp: SaveInput, saved: Saved, requested: str, t0: float) -> SetRef:
         """Make a version visible: inside one write transaction take the next version number,
         write the manifest object (durable) and insert the row; then checkpoint and write the ref."""
         nbytes = saved.new_bytes()
         base = saved.base
         oid = ""
         try:
-            with self.catalog.transaction() as db:
-                sid = set_id if set_id is not None else self.catalog.next_id(db)
-                version = self.catalog.next_version(db, inp.name)
+            with self.catalog.transaction() as tx:
+                sid = saved.set_id if saved.set_id is not None else self.catalog.next_id(tx)
+                version = self.catalog.next_version(tx, inp.name)
                 m = {
                     "kind": "set", "id": sid, "name": inp.name, "version": version, "approach": saved.approach,
                     "requested": requested, "base_id": base.id if base else None,
@@ -239,28 +240,20 @@ class Store:
                     "artifacts": [[r, p.oid, p.size] for r, p in saved.artifacts], "set": saved.manifest,
                 }
                 oid, size = self.catalog.put_manifest(m)
-                self.catalog.insert_set(db, m, oid, size)
-                self.catalog.add_artifacts(db, sid, [(r, p.oid, p.size) for r, p in saved.artifacts + saved.extra])
+                self.catalog.insert_set(tx, m, oid, size)
+                self.catalog.add_artifacts(tx, sid, [(r, p.oid, p.size) for r, p in saved.artifacts + saved.extra])
         except BaseException:
             if oid:
                 self.catalog.drop_manifest(oid)
             raise
         self.catalog.checkpoint()
         try:
-            refs.write(self.root, "sets", inp.name, version, oid)
-        except OSError:
+            self.objects.write_ref("sets", inp.name, version, oid)
+        except (OSError, StoreError):
             pass  # committed and durable in its manifest; gc writes missing refs
         if saved.digests is not None:
             self._remember(oid, (list(inp.names), saved.digests))
         return SetRef(sid, inp.name, version)
-
-    def _save_mmlib(self, inp: SaveInput, requested: str, t0: float) -> SetRef:
-        from .approaches import mmlib_base
-
-        with self.catalog.transaction() as db:
-            pending = self.catalog.insert_pending(db, inp.name, requested, inp.n)
-        saved = mmlib_base.save(self, inp, pending)
-        return self._commit(inp, saved, requested, t0, set_id=pending)
 
     # -- recovery ----------------------------------------------------------------------------
     def recover_set(self, ref: SetRef | str, *, trust_code: bool | None = None) -> ModelSet:
@@ -285,10 +278,7 @@ class Store:
             chain.append(self._base(chain[-1], len(chain)))
         resolved = None
         for r in reversed(chain):
-            if r.approach == "provenance":
-                resolved = approaches.provenance.resolve(self, r, resolved, retrain)
-            else:
-                resolved = approaches.MODULES[r.approach].resolve(self, r, resolved)
+            resolved = approaches.get(r.approach).resolve(self, r, resolved, retrain)
         assert resolved is not None
         return resolved
 
@@ -299,7 +289,7 @@ class Store:
         base = self.catalog.get(row.base_id)
         if base.manifest_oid != row.base_oid or base.chain != row.chain - 1:
             raise IntegrityError(f"the catalog's base of {row.name}@{row.version} is not the one its manifest "
-                                 f"names; {rebuild_hint(self.root)}")
+                                 f"names; {self.catalog.hint}")
         return base
 
     def version_digests(self, row: SetRow) -> tuple[list[str], np.ndarray]:
@@ -314,12 +304,12 @@ class Store:
                 names, digests = hit
                 break
             if not approaches.derived(cur):
-                names, digests = self._own_digests(cur)
+                names, digests = approaches.get(cur.approach).digests(self, cur, None)
                 break
             todo.append(cur)
             cur = self._base(cur, len(todo))
         for r in reversed(todo):
-            names, digests = approaches.MODULES[r.approach].digests(self, r, digests)
+            names, digests = approaches.get(r.approach).digests(self, r, digests)
         self._remember(row.manifest_oid, (names, digests))
         return names, digests
 
@@ -329,23 +319,6 @@ class Store:
         self._digests.move_to_end(oid)
         while len(self._digests) > _DIGEST_CACHE:
             self._digests.popitem(last=False)
-
-    def _own_digests(self, row: SetRow) -> tuple[list[str], np.ndarray]:
-        if row.approach == "update":
-            return approaches.MODULES["update"].digests(self, row, None)
-        resolved = self.resolve_row(row)
-        if row.approach == "baseline":
-            reader = self.objects.open(row.manifest["params"])
-            digests = digest_model_major(reader.tensor(), resolved.layout, resolved.n)
-            reader.close()
-            return resolved.names, digests
-        ms = ModelSet(self._ref(row), row.approach, resolved, self.objects)
-        out = np.empty((resolved.n, len(resolved.layout.specs), 16), dtype=np.uint8)
-        for i in range(resolved.n):
-            for k, t in enumerate(ms.state_dict(i).values()):
-                out[i, k] = np.frombuffer(tensor_digest(t), dtype=np.uint8)
-        ms.close()
-        return resolved.names, out
 
     # -- listing -----------------------------------------------------------------------------
     def sets(self) -> "pd.DataFrame":
@@ -359,7 +332,7 @@ class Store:
         """The version graph of ``name``: bases, approaches, models added/dropped, datasets."""
         rows = self.catalog.versions(name)
         if not rows:
-            raise RefError(f"no set named {name!r} in store {str(self.root)!r}")
+            raise RefError(f"no set named {name!r} in store {self.location!r}")
         return build_lineage(self, rows)
 
     def diff(self, a: SetRef | str, b: SetRef | str) -> "SetDiff":
@@ -409,12 +382,15 @@ class Store:
         return gc(self, wait_s)
 
     @staticmethod
-    def rebuild_catalog(path: str | os.PathLike[str], wait_s: float = LOCK_WAIT_S) -> "RebuildReport":
-        """Recreate the catalog of the store at ``path`` from its objects alone — versions, lineage,
-        names, mmlib-base model rows and candidate sets — as git can from its objects."""
+    def rebuild_catalog(path: str | os.PathLike[str], wait_s: float = LOCK_WAIT_S, *,
+                        objects: str | os.PathLike[str] | None = None) -> "RebuildReport":
+        """Recreate the catalog of the store at ``path`` (a folder, or a database URL with its
+        ``objects``) from its objects alone — versions, lineage, names, mmlib-base model rows and
+        candidate sets — as git can from its objects."""
         from .maintenance import rebuild
 
-        return rebuild(Path(path), wait_s)
+        kind, location, area = backends.for_rebuild(path, objects)
+        return rebuild(kind, location, area, wait_s)
 
 
 def valid_name(name: Any) -> bool:
@@ -425,50 +401,6 @@ def valid_name(name: Any) -> bool:
 def _valid_number(n: Any) -> bool:
     """A catalog id or version: a positive integer SQLite can hold."""
     return isinstance(n, int) and not isinstance(n, bool) and 0 < n < 2**63
-
-
-def _open_catalog(root: Path, objects: ObjectStore, create: bool) -> Catalog:
-    """The catalog of an existing store (opened without writing), or of a new one. A catalog that is
-    missing or empty while the folder holds saved versions is an error that says how to rebuild:
-    never an empty store."""
-    if not create:
-        try:
-            return Catalog(root, objects)
-        except (MissingCatalog, EmptyCatalog) as e:
-            evidence = saved_evidence(root, objects)
-            if evidence:
-                state = "missing" if isinstance(e, MissingCatalog) else "empty"
-                raise StoreError(f"the catalog of store {str(root)!r} is {state}, but {evidence}; "
-                                 f"{rebuild_hint(root)}") from None
-    if is_read_only(root if root.exists() else root.parent):
-        raise StoreError(f"{str(root)!r} holds no store and one cannot be created there (read-only)")
-    init_store(root, objects)
-    return Catalog(root, objects, create=True)
-
-
-def init_store(root: Path, objects: ObjectStore) -> None:
-    """The folders of a new store."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for folder in [root / "locks"] + [refs.folder(root, k) for k in refs.KINDS]:
-            folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise os_error(e, root, 4096, f"store {str(root)!r}") from None
-    objects.prepare()
-
-
-def saved_evidence(root: Path, objects: ObjectStore) -> str | None:
-    """Why a folder without a usable catalog still holds saved versions (None: it does not)."""
-    n = refs.any_refs(root)
-    if n:
-        return f"refs/ records {n} saved version(s)"
-    for oid, _, _ in objects.scan():
-        try:
-            if is_manifest(objects.payload_prefix(oid, len(MANIFEST_MAGIC))):
-                return "objects/ holds manifests of saved versions"
-        except (OSError, IntegrityError):
-            continue
-    return None
 
 
 def _normalise(models: Any) -> tuple[list[str], list[Any], bool]:

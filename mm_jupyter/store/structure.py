@@ -20,8 +20,8 @@ Record (JSON)::
 
 The bytes are recorded for non-persistent buffers only (they are not in the state dict); strides
 only for non-contiguous tensors (a transposed weight gives other float rounding in a matmul, so
-the layout is part of what the model computes). Ordered name/value pairs are lists, not JSON objects, so a record survives key-sorting
-serialisers (the order of parameters and children is the order of the state dict).
+the layout is part of what the model computes). Ordered name/value pairs are lists, not JSON objects, so a record
+survives key-sorting serialisers (the order of parameters and children is the order of the state dict).
 
 Attribute values are JSON scalars and lists, or tagged: ``$tuple``, ``$dict``, ``$set``,
 ``$frozenset``, ``$float`` (non-finite), ``$dtype``, ``$device``, ``$size``, ``$fn`` (an
@@ -286,7 +286,8 @@ class _Recorder:
                 # settings chosen at model creation (e.g. the attention kernel) live in private
                 # attributes that to_dict() leaves out; they change what the model computes
                 private = {k: x for k, x in vars(v).items()
-                           if k.startswith("_") and k not in public and (x is None or type(x) in (bool, int, float, str))}
+                           if k.startswith("_") and k not in public
+                           and (x is None or type(x) in (bool, int, float, str))}
                 return {"$hfconfig": [ref, public, private]}
         raise ArchitectureError(
             f"attribute {where} is a {t.__module__}.{t.__qualname__}, which an architecture record cannot hold; "
@@ -482,7 +483,8 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
         if tag == "$hfconfig":
             config = trust.config_class(x[0]).from_dict(x[1])
             for k, v in (x[2] if len(x) > 2 else {}).items():
-                if not (isinstance(k, str) and k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))):
+                plain = v is None or isinstance(v, (bool, int, float, str))
+                if not (isinstance(k, str) and k.startswith("_") and plain):
                     raise ArchitectureError(f"attribute {where}: bad private config setting {k!r}")
                 setattr(config, k, v)
             return config
@@ -675,7 +677,6 @@ class Cloner:
     def of(cls, template: "nn.Module", keys: Sequence[str]) -> "Cloner | None":
         """A plan for ``template`` whose state-dict keys are ``keys``; None when the module has
         anything the plan does not reproduce (hooks, slots, custom state-dict logic)."""
-        from torch import nn
 
         from .statewalk import _plain
 

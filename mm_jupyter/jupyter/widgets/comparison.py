@@ -146,7 +146,7 @@ class ComparisonChart(widgets.VBox):
         step = version order; ``ttr=False`` skips recovering (TTR stays empty)."""
         rows = store_rows(store, names, ttr)
         if not rows:
-            raise StoreError(f"store {str(store.root)!r} has no sets to compare")
+            raise StoreError(f"store {store.location!r} has no sets to compare")
         return cls(rows)
 
     def _figure(self) -> go.Figure:

@@ -3,9 +3,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..catalog import SetRow
 from ..modelset import Resolved
-from .common import SaveInput, Saved, head, resolve_full, write_full
+from ..tensors import digest_model_major
+from .common import (
+    Saved,
+    SaveInput,
+    head,
+    no_datasets as datasets,
+    no_model_rows as model_rows,
+    not_recorded as changed,
+    nothing_listed as listed,
+    resolve_full,
+    self_contained as derived,
+    write_full,
+)
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -19,5 +33,18 @@ def save(store: "Store", inp: SaveInput) -> Saved:
     return Saved(NAME, manifest, [("params", params)])
 
 
-def resolve(store: "Store", row: SetRow, base: Resolved | None = None) -> Resolved:
+def resolve(store: "Store", row: SetRow, base: Resolved | None = None, retrain: bool = True) -> Resolved:
     return resolve_full(row.manifest, row.manifest["params"])
+
+
+def digests(store: "Store", row: SetRow, base: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+    """Hashed from the parameter object (baseline records no digests)."""
+    resolved = resolve(store, row)
+    reader = store.objects.open(row.manifest["params"])
+    try:
+        return resolved.names, digest_model_major(reader.tensor(), resolved.layout, resolved.n)
+    finally:
+        reader.close()
+
+
+__all__ = ["NAME", "changed", "datasets", "derived", "digests", "listed", "model_rows", "resolve", "save"]

@@ -8,9 +8,10 @@ import numpy as np
 
 from ..architectures import Architecture
 from ..catalog import SetRow
-from ..modelset import ObjectShape, Resolved, default_names
+from ..contracts import Listed, ObjectArea
+from ..modelset import ModelSet, ObjectShape, Resolved, SetRef, default_names
 from ..objects import PutResult
-from ..tensors import Layout, fill_model_major
+from ..tensors import Layout, fill_model_major, tensor_digest
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +57,8 @@ class Saved:
     base: SetRow | None = None
     extra: list[tuple[str, PutResult]] = field(default_factory=list)
     digests: np.ndarray | None = None
+    #: the catalog row the save already created (mmlib-base: pending until the commit)
+    set_id: int | None = None
 
     def new_bytes(self) -> int:
         """Bytes of the objects this save wrote (objects that already existed cost nothing)."""
@@ -80,7 +83,8 @@ def names_of(manifest: dict[str, Any]) -> list[str]:
 def write_full(store: "Store", inp: SaveInput) -> PutResult:
     """All models' parameters, model-major, in one object written straight into the page cache."""
     lay = inp.layout
-    return store.objects.put_filled(inp.n * lay.stride, lambda dst, progress: fill_model_major(dst, lay, inp.rows, progress))
+    return store.objects.put_filled(inp.n * lay.stride,
+                                    lambda dst, progress: fill_model_major(dst, lay, inp.rows, progress))
 
 
 def resolve_full(manifest: dict[str, Any], oid: str) -> Resolved:
@@ -103,3 +107,43 @@ def match_base(names: list[str], base_names: list[str]) -> np.ndarray:
     """For each model, the index of the same-named model in the base (-1: new model)."""
     where = {nm: i for i, nm in enumerate(base_names)}
     return np.array([where.get(nm, -1) for nm in names], dtype=np.int64)
+
+
+def digests_from_bytes(store: "Store", row: SetRow) -> tuple[list[str], np.ndarray]:
+    """Per-tensor digests of a version that recorded none, hashed from its stored tensors."""
+    resolved = store.resolve_row(row)
+    ms = ModelSet(SetRef(row.id, row.name, row.version), row.approach, resolved, store.objects)
+    out = np.empty((resolved.n, len(resolved.layout.specs), 16), dtype=np.uint8)
+    try:
+        for i in range(resolved.n):
+            for k, t in enumerate(ms.state_dict(i).values()):
+                out[i, k] = np.frombuffer(tensor_digest(t), dtype=np.uint8)
+    finally:
+        ms.close()
+    return resolved.names, out
+
+
+# -- defaults of the Approach protocol for approaches that record nothing of that kind ----------
+def self_contained(manifest: dict[str, Any]) -> bool:
+    """``derived`` of an approach whose versions never need their base."""
+    return False
+
+
+def nothing_listed(objects: ObjectArea, manifest: dict[str, Any]) -> list[Listed]:
+    """``listed``: the manifest's artifacts are all the objects."""
+    return []
+
+
+def no_model_rows(objects: ObjectArea, manifest: dict[str, Any]) -> list[tuple[int, str, str, str, str]]:
+    """``model_rows``: no per-model catalog rows."""
+    return []
+
+
+def not_recorded(store: "Store", row: SetRow) -> None:
+    """``changed``: the approach does not record which models changed."""
+    return None
+
+
+def no_datasets(store: "Store", row: SetRow) -> tuple[tuple[str, str, str], ...]:
+    """``datasets``: nothing was retrained."""
+    return ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,9 +14,19 @@ from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ObjectShape, Resolved
 from ..tensors import Layout, fill_model_major, pack_arrays, unpack_arrays
-from .common import SaveInput, Saved, head, names_of
+from .common import (
+    Saved,
+    SaveInput,
+    digests_from_bytes,
+    head,
+    names_of,
+    no_datasets as datasets,
+    not_recorded as changed,
+    self_contained as derived,
+)
 
 if TYPE_CHECKING:
+    from ..contracts import Listed, ObjectArea
     from ..store import Store
 
 NAME = "mmlib-base"
@@ -27,7 +37,17 @@ def _record(payload: dict) -> bytes:
     return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
 
 
-def save(store: "Store", inp: SaveInput, pending_id: int) -> Saved:
+def save(store: "Store", inp: SaveInput) -> Saved:
+    """A pending (invisible) set row first; then model by model, each in its own transaction; the
+    store makes the set visible in its final transaction."""
+    with store.catalog.transaction() as tx:
+        pending = store.catalog.insert_pending(tx, inp.name, NAME, inp.n)
+    saved = save_models(store, inp, pending)
+    saved.set_id = pending
+    return saved
+
+
+def save_models(store: "Store", inp: SaveInput, pending_id: int) -> Saved:
     lay = inp.layout
     arch = inp.architecture.to_json()
     saved = Saved(NAME, head(inp) | {"names": inp.names})
@@ -39,11 +59,8 @@ def save(store: "Store", inp: SaveInput, pending_id: int) -> Saved:
         arch_rec = store.objects.put(_record({"model": model_id, "name": name, "architecture": arch,
                                               "layout": lay.to_json()}))
         env_rec = store.objects.put(_record({"model": model_id, "name": name, "environment": inp.env}))
-        with store.catalog.transaction() as db:
-            db.execute(
-                "INSERT INTO models(set_id, idx, name, params, architecture, environment) VALUES (?,?,?,?,?,?)",
-                (pending_id, i, name, params.oid, arch_rec.oid, env_rec.oid),
-            )
+        with store.catalog.transaction() as tx:
+            store.catalog.add_model(tx, pending_id, i, name, params.oid, arch_rec.oid, env_rec.oid)
         for j, put in enumerate((params, arch_rec, env_rec)):
             ids[i, j] = np.frombuffer(bytes.fromhex(put.oid), dtype=np.uint8)
             sizes[i, j] = put.size
@@ -57,12 +74,33 @@ def save(store: "Store", inp: SaveInput, pending_id: int) -> Saved:
 
 def model_index(store: "Store", row: SetRow) -> tuple[list[list[str]], np.ndarray]:
     """Per model its (params, architecture, environment) object ids and their sizes."""
-    arrays = unpack_arrays(store.objects.get(row.manifest["models"]))
+    return _model_index(store.objects, row.manifest)
+
+
+def _model_index(objects: "ObjectArea", manifest: dict[str, Any]) -> tuple[list[list[str]], np.ndarray]:
+    arrays = unpack_arrays(objects.get(manifest["models"]))
     ids = [[bytes(x).hex() for x in model] for model in arrays["objects"]]
     return ids, arrays["sizes"]
 
 
-def resolve(store: "Store", row: SetRow, base: Resolved | None = None) -> Resolved:
+def listed(objects: "ObjectArea", manifest: dict[str, Any]) -> list["Listed"]:
+    """The per-model documents (the model index object lists them; the manifest stays small)."""
+    ids, sizes = _model_index(objects, manifest)
+    return [(role, oid, int(size)) for model, row in zip(ids, sizes) for role, oid, size in zip(ROLES, model, row)]
+
+
+def model_rows(objects: "ObjectArea", manifest: dict[str, Any]) -> list[tuple[int, str, str, str, str]]:
+    """The per-model catalog rows, as a rebuild restores them."""
+    ids, _ = _model_index(objects, manifest)
+    return [(i, name, ids[i][0], ids[i][1], ids[i][2]) for i, name in enumerate(names_of(manifest))]
+
+
+def digests(store: "Store", row: SetRow, base: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+    """Hashed from the per-model parameter objects (MMlib records no digests)."""
+    return digests_from_bytes(store, row)
+
+
+def resolve(store: "Store", row: SetRow, base: Resolved | None = None, retrain: bool = True) -> Resolved:
     """Model by model: its catalog row, architecture and environment records, parameter file.
     Each catalog row must name the objects the (verified) model index lists."""
     lay = Layout.from_json(row.manifest["layout"])
@@ -87,3 +125,6 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None = None) -> Resolv
     off = np.repeat(np.asarray(lay.offsets, dtype=np.int64)[None, :], n, axis=0)
     return Resolved(names, lay, arch or Architecture.from_json(row.manifest["architecture"]),
                     objects, obj, off)
+
+
+__all__ = ["NAME", "changed", "datasets", "derived", "digests", "listed", "model_rows", "resolve", "save"]

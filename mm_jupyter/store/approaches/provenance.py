@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from ...errors import RecoveryError, StoreError
+from .. import trust
 from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ModelSet, Resolved, SetRef, _match_dtypes, require_layout
-from .. import trust
 from ..provenance import DatasetRef, check_trusted, dataset_hash, model_seed, resolve_train, train_one
 from ..tensors import Layout, digest_rows, pack_arrays, tensor_digest, unpack_arrays
-from .common import SaveInput, Saved, head, match_base, names_of
+from .common import Saved, SaveInput, head, match_base, names_of, no_model_rows as model_rows, nothing_listed as listed
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from ..store import Store
 
 NAME = "provenance"
+
+
+def derived(manifest: dict[str, Any]) -> bool:
+    """A provenance version is retrained from its base: always derived."""
+    return True
 
 
 def save(store: "Store", inp: SaveInput) -> Saved:
@@ -137,7 +142,7 @@ def _verify_at_save(store: "Store", inp: SaveInput, record: dict, src: np.ndarra
                 raise StoreError(f"dataset of model {name!r} ({ref.loader}) loads different data than was hashed")
             start = base_set.state_dict(int(src[i]))
             try:
-                model = retrain(train, template, start, data, rec["config"] | rec["configs"].get(name, {}),
+                model = retrain_model(train, template, start, data, rec["config"] | rec["configs"].get(name, {}),
                                 model_seed(rec["seed"], name))
             except Exception as e:
                 raise StoreError(f"retraining model {name!r} to verify its provenance failed: "
@@ -153,7 +158,7 @@ def _verify_at_save(store: "Store", inp: SaveInput, record: dict, src: np.ndarra
         base_set.close()
 
 
-def retrain(train: Any, template: "nn.Module", start: dict[str, "torch.Tensor"], data: Any,
+def retrain_model(train: Any, template: "nn.Module", start: dict[str, "torch.Tensor"], data: Any,
             config: dict, seed: int) -> "nn.Module":
     """One model retrained from its base weights, as at save time so at recovery."""
     import torch
@@ -211,10 +216,26 @@ def digests(store: "Store", row: SetRow, base_digests: np.ndarray) -> tuple[list
     return names_of(row.manifest), out
 
 
-def resolve(store: "Store", row: SetRow, base: Resolved | None, training: bool = True) -> Resolved:
+def changed(store: "Store", row: SetRow) -> int | None:
+    """How many models this version retrained."""
+    return int(len(unpack_arrays(store.objects.get(row.manifest["index"]))["updated"]))
+
+
+def datasets(store: "Store", row: SetRow) -> tuple[tuple[str, str, str], ...]:
+    """(model, dataset loader call, content hash) of every retrained model."""
+    rec = record(store, row)
+    arrays = unpack_arrays(store.objects.get(row.manifest["index"]))
+    names = names_of(row.manifest)
+    return tuple(
+        (names[int(i)], f"{ref[0]}({', '.join(f'{k}={v!r}' for k, v in ref[1].items())})", bytes(h).hex())
+        for i, ref, h in zip(arrays["updated"], rec["datasets"], arrays["hashes"])
+    )
+
+
+def resolve(store: "Store", row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
     """From the resolved base: check that the recorded code may run (trust gate, before anything
     runs), check every dataset, then retrain the updated models and verify them.
-    ``training=False`` leaves the updated models out (``obj`` -1, nothing in memory): where the
+    ``retrain=False`` leaves the updated models out (``obj`` -1, nothing in memory): where the
     other models' tensors live, for a save that needs some of them as training start states."""
     assert base is not None
     src, arrays = _index(store, row)
@@ -224,7 +245,7 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None, training: bool =
     layout = Layout.from_json(m["layout"])
     arch = Architecture.from_json(m["architecture"])
     memory = {int(i): base.memory[int(src[i])] for i in range(len(src)) if int(src[i]) in base.memory}
-    if not training:
+    if not retrain:
         for i in updated:
             memory.pop(int(i), None)
         return _assemble(names, layout, arch, base, src, updated, arrays, memory)
@@ -258,7 +279,7 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None, training: bool =
         name = names[i]
         start = base_set.state_dict(int(src[i]))
         config = rec["config"] | rec["configs"].get(name, {})
-        model = retrain(train, template, start, datas[j], config, model_seed(rec["seed"], name))
+        model = retrain_model(train, template, start, datas[j], config, model_seed(rec["seed"], name))
         tensors, bad = compare(model, layout, changed[j], stored, start)
         if bad is not None:
             raise RecoveryError(
@@ -282,3 +303,7 @@ def _assemble(names: list[str], layout: Layout, arch: Architecture, base: Resolv
         block[arrays["changed"]] = arrays["digests"]
         dig[updated] = block
     return Resolved(names, layout, arch, list(base.objects), obj, off, memory, dig)
+
+
+__all__ = ["NAME", "changed", "compare", "datasets", "derived", "digests", "listed", "model_rows", "record",
+           "resolve", "retrain_model", "save"]

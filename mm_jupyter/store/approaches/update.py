@@ -7,7 +7,7 @@ digests of its changed tensors and inherits the rest, exactly like the tensors t
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,12 +15,28 @@ from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ObjectShape, Resolved, require_layout
 from ..tensors import Layout, digest_rows, fill_key_major, key_major_size, pack_arrays, unpack_arrays
-from .common import SaveInput, Saved, head, match_base, names_of, resolve_full, write_full
+from .common import (
+    Saved,
+    SaveInput,
+    head,
+    match_base,
+    names_of,
+    no_datasets as datasets,
+    no_model_rows as model_rows,
+    nothing_listed as listed,
+    resolve_full,
+    write_full,
+)
 
 if TYPE_CHECKING:
     from ..store import Store
 
 NAME = "update"
+
+
+def derived(manifest: dict[str, Any]) -> bool:
+    """A delta (no parameter object of its own) needs its base."""
+    return "params" not in manifest
 
 
 def changed_mask(store: "Store", inp: SaveInput, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +109,14 @@ def overlay_digests(base: np.ndarray, src: np.ndarray, changed: np.ndarray, stor
     return out
 
 
-def resolve(store: "Store", row: SetRow, base: Resolved | None) -> Resolved:
+def changed(store: "Store", row: SetRow) -> int | None:
+    """How many models have at least one tensor changed against the base (deltas only)."""
+    if not derived(row.manifest):
+        return None
+    return int(_index(store, row)[1].any(axis=1).sum())
+
+
+def resolve(store: "Store", row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
     m = row.manifest
     if "params" in m:
         r = resolve_full(m, m["params"])
@@ -119,3 +142,7 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None) -> Resolved:
             off[sel, kk] = m["starts"][kk] + np.arange(len(sel), dtype=np.int64) * spec.nbytes
     digests_ = overlay_digests(base.digests, src, changed, stored) if base.digests is not None else None
     return Resolved(names_of(m), layout, Architecture.from_json(m["architecture"]), objects, obj, off, memory, digests_)
+
+
+__all__ = ["NAME", "changed", "changed_mask", "datasets", "derived", "digests", "listed", "model_rows", "resolve",
+           "save"]
