@@ -91,17 +91,24 @@ def _named(candidates: Any) -> dict[str, Any]:
 
 
 def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device: str,
-             meter: Meter) -> list[Candidate]:
-    """Split every candidate into blocks (and, for sharing, hash them and size their outputs)."""
+             meter: Meter, emit: Callable[[dict[str, Any]], None]) -> list[Candidate]:
+    """Split every candidate into blocks (and, for sharing, hash them and size their outputs).
+    Emits ``prepare`` events (candidates done / total, distinct blocks hashed): on large candidates
+    this is the search's first, silent-looking phase."""
     from .blocks import split_model, output_sizes
     from .hashing import block_id
 
+    total = len(named)  # type: ignore[arg-type]
+    emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})
     if hasattr(named, "engine_candidates"):
-        return named.engine_candidates(sample, shared=shared, device=device)  # type: ignore[union-attr]
+        out = named.engine_candidates(sample, shared=shared, device=device)  # type: ignore[union-attr]
+        emit({"event": "prepare", "done": total, "total": total, "blocks": 0})
+        return out
     t0 = time.perf_counter()
     out = []
     ids_of: dict[int, str] = {}
-    for name, model in named.items():
+    distinct: set[str] = set()
+    for done, (name, model) in enumerate(named.items(), start=1):
         from torch import nn
 
         if not isinstance(model, nn.Module):
@@ -115,9 +122,11 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
             for b in blocks:  # the same block object in several candidates is hashed once
                 if id(b.module) not in ids_of:
                     ids_of[id(b.module)] = block_id(b)
+                    distinct.add(ids_of[id(b.module)])
                 ids.append(ids_of[id(b.module)])
             sizes = output_sizes(split, sample.to(device))
         out.append(Candidate(name, blocks.__getitem__, len(blocks), split.context, ids, sizes))
+        emit({"event": "prepare", "done": done, "total": total, "blocks": len(distinct)})
     meter.add("prepare model", time.perf_counter() - t0)
     return out
 
@@ -152,8 +161,8 @@ def search(
     """Rank ``candidates`` as base models for the labelled ``data``.
 
     ``cache_budget`` bounds the bytes of cached intermediate results (Alsatian chunks the data
-    when its plan needs more); ``progress`` receives events (rung start/end, model scored/pruned,
-    cache bytes) as dicts. ``halving`` defaults to True for alsatian and shift, False for base.
+    when its plan needs more); ``progress`` receives events (candidates prepared, rung start/end, model
+    scored/pruned, cache bytes) as dicts. ``halving`` defaults to True for alsatian and shift, False for base.
     """
     import torch
 
@@ -191,7 +200,7 @@ def search(
     meter.add("prepare data", time.perf_counter() - t0)
 
     shared = approach == "alsatian"
-    cands = {c.name: c for c in _prepare(named, x[:1], shared, dev, meter)}
+    cands = {c.name: c for c in _prepare(named, x[:1], shared, dev, meter, emit)}
     active = list(cands)
     test_feats: dict[str, torch.Tensor] = {}
     train_feats: dict[str, list[torch.Tensor]] = {name: [] for name in cands}

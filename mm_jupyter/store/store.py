@@ -34,8 +34,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-][A-Za-z0-9_.\- ]{0,199}$")
 AUTO_UPDATE_MAX_CHANGED = 0.5
 
 
-def default_path() -> Path:
-    return Path(os.environ.get("MM_JUPYTER_STORE") or ".mm_store")
+def default_path(root: str | os.PathLike[str] | None = None) -> Path:
+    """The store used when none is named: ``$MM_JUPYTER_STORE``, else ``.mm_store``; a relative path
+    is taken from ``root`` (default: the working directory). The one rule shared by ``Store()``, the
+    magics (root: the kernel's folder) and the JupyterLab server extension (root: the notebook's folder)."""
+    env = os.environ.get("MM_JUPYTER_STORE")
+    path = Path(env).expanduser() if env else Path(".mm_store")
+    return path if root is None or path.is_absolute() else Path(root).expanduser() / path
 
 
 class Store:
