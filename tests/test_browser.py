@@ -56,9 +56,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = base / "root"
     (root / "notebooks").mkdir(parents=True)
     shutil.copy(ROOT / TOUR, root / TOUR)
-    settings = base / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)  # no news pop-up over the notebook (and no request for it)
-    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    settings = base / "settings" / "@jupyterlab"
+    for plugin, values in (("apputils-extension/notification", '{"fetchNews": "false", "checkForUpdates": false}'),
+                           ("docmanager-extension/plugin", '{"autosave": false}')):  # no news pop-up;
+        file = settings / f"{plugin}.jupyterlab-settings"  # the notebook on disk changes only when saved
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(values)
     (base / "tmp").mkdir()
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(base / "settings"),
            "JUPYTERLAB_WORKSPACES_DIR": str(base / "ws"), "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
@@ -212,6 +215,7 @@ def test_tour_runs_and_its_pictures_render(page: Any, lab: dict[str, Any]) -> No
 def test_pictures_survive_a_reload(page: Any, lab: dict[str, Any]) -> None:
     _command(page, "docmanager:save")
     page.wait_for_function(f"() => !{NOTEBOOK}.context.model.dirty")
+    _assert_saved_outputs(lab)
     page.reload()
     page.wait_for_function(f"() => {APP} && {NOTEBOOK} && {NOTEBOOK}.context && {NOTEBOOK}.context.isReady")
     page.wait_for_function(KERNEL_IDLE)
@@ -219,6 +223,15 @@ def test_pictures_survive_a_reload(page: Any, lab: dict[str, Any]) -> None:
     search = _search_output(page)
     _assert_leaderboard(search, static=False)  # the kernel still holds the widget: it is live again
     _shot(page, "2-reload-search", search)
+    _assert_no_widget_errors(page)
+
+
+def test_a_kernel_restart_leaves_the_static_picture(page: Any) -> None:
+    page.evaluate(f"{NOTEBOOK}.sessionContext.restartKernel()")
+    page.wait_for_function(KERNEL_IDLE)
+    search = _search_output(page)
+    search.locator("table").first.wait_for()
+    _assert_leaderboard(search, static=True)  # the widget died with the kernel; its picture stays
     _assert_no_widget_errors(page)
 
 
@@ -233,16 +246,21 @@ def _outputs_of(nb: Any, source: str) -> list[dict[str, Any]]:
     return cell.outputs
 
 
-def test_saved_notebook_on_a_fresh_kernel(page: Any, lab: dict[str, Any]) -> None:
+def _assert_saved_outputs(lab: dict[str, Any]) -> None:
+    """The saved tour: figures as plotly JSON plus pictures, the search widget with its final static
+    picture and leaderboard text, no widget state."""
     nb = _saved_tour(lab)
-    assert "widgets" not in nb.metadata  # no widget state saved with the notebook
+    assert "widgets" not in nb.metadata
     (lineage,) = _outputs_of(nb, "%modelset lineage cells")
     assert PLOTLY_MIME in lineage.data and lineage.data["text/html"].startswith('<img src="data:image/png;base64,')
     assert lineage.data["image/png"]  # the snapshot JupyterLab's plotly renderer took of the drawn graph
     search = [o for o in _outputs_of(nb, "%modelsearch candidates data") if WIDGET_MIME in o.get("data", {})]
-    assert len(search) == 1 and "<table" in search[0].data["text/html"] and "<b>search</b>: done" in search[0].data["text/html"]
+    assert len(search) == 1, search
+    assert "<table" in search[0].data["text/html"] and "<b>search</b>: done" in search[0].data["text/html"]
     assert "selected" in search[0].data["text/plain"]  # the leaderboard as text
 
+
+def test_saved_notebook_on_a_fresh_kernel(page: Any, lab: dict[str, Any]) -> None:
     # a new kernel: the old one is shut down, the page reopens the notebook and starts another
     page.evaluate(f"{NOTEBOOK}.sessionContext.session.shutdown()")
     page.wait_for_function(f"() => !{NOTEBOOK}.sessionContext.session")

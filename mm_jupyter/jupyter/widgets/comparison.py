@@ -137,10 +137,11 @@ def make_panel(use_case: str, metric: str, title: str, unit: str, frame: pd.Data
     step = _nice_step(top)
     linear_vals = [i * step for i in range(int(top / step) + 2) if i * step <= top * 1.15]
     linear = Axis("linear", linear_vals, [fmt(v) for v in linear_vals], [0.0, top * 1.15])
-    # whole decades, each one labelled; the lowest bar keeps some height (a log bar grows from the bottom)
-    first, last = math.floor(math.log10(low) - 0.05), math.ceil(math.log10(top) + 0.05)
-    decades = [10.0 ** e for e in range(first, last + 1)]
-    log = Axis("log", decades, [fmt(v) for v in decades], [float(first), float(last)])
+    # from the decade below the lowest value (a log bar grows from the bottom: the lowest keeps some
+    # height) to just above the tallest; every decade in between labelled with its unit
+    first, last = math.floor(math.log10(low) - 0.05), math.log10(top) + 0.15
+    decades = [10.0 ** e for e in range(first, math.floor(last) + 1)]
+    log = Axis("log", decades, [fmt(v) for v in decades], [float(first), last])
     return Panel(use_case, metric, title, unit, list(dict.fromkeys(frame["label"])), top,
                  top / low > LOG_RANGE, {"linear": linear, "log": log})
 
@@ -242,7 +243,7 @@ class ComparisonChart(FigureOutput):
         """The figure as plotly JSON: the subplot grid from ``make_subplots``, traces and axes as plain
         dicts (45 traces through plotly's validators take seconds; the dict is what is displayed)."""
         n_rows, n_cols = len(self.use_cases), len(self.metrics)
-        grid = make_subplots(rows=n_rows, cols=n_cols, horizontal_spacing=0.1, vertical_spacing=0.12 / n_rows,
+        grid = make_subplots(rows=n_rows, cols=n_cols, horizontal_spacing=0.1, vertical_spacing=60 / (250 * n_rows),
                              column_titles=[title for _, title, _ in self.metrics],
                              row_titles=self.use_cases if n_rows > 1 else None)
         layout = grid.layout.to_plotly_json()
