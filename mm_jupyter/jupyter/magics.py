@@ -20,6 +20,7 @@ from traitlets import Unicode
 from ..errors import MMError, RefError, StoreError
 from .cells import TRAIN_NAME, run_cell, train_function_source
 from .display import EmptyStore, SavedSet, SetInfo, StoreInfo
+from .server import store_exists
 
 STORE_HELP = "store folder (default: %%config ModelMagics.store, $MM_JUPYTER_STORE, else ./.mm_store)"
 APPROACHES = ("baseline", "update", "provenance", "mmlib-base", "auto")
@@ -343,11 +344,6 @@ def store_location(path: str | None = None, configured: str | None = None) -> Pa
 
     chosen = path or configured
     return Path(os.path.abspath(os.path.expanduser(chosen))) if chosen else default_path(os.getcwd()).resolve()
-
-
-def store_exists(path: str | os.PathLike[str]) -> bool:
-    """A store exists once its catalog does (an empty folder is not a store yet)."""
-    return (Path(path) / "catalog.sqlite").is_file()
 
 
 def kernel_store() -> StoreInfo:

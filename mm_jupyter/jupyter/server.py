@@ -57,8 +57,9 @@ def store_path(root_dir: str | os.PathLike[str] | None = None, store: str | None
     return default_path(root)
 
 
-def _exists(path: Path) -> bool:
-    return (path / CATALOG).is_file()
+def store_exists(path: str | os.PathLike[str]) -> bool:
+    """A store exists once its catalog does (an empty folder is not a store yet)."""
+    return (Path(path) / CATALOG).is_file()
 
 
 def _size(n: Any) -> str | None:
@@ -93,7 +94,7 @@ def _plain(value: Any) -> Any:
 
 
 def _open_store(path: Path) -> Any:
-    """The one place the server opens a store (only after ``_exists``: reading never creates one)."""
+    """The one place the server opens a store (only after ``store_exists``: reading never creates one)."""
     from ..store import Store
 
     return Store(path)
@@ -106,7 +107,7 @@ def sets_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
     reported as an empty store and is not created.
     """
     path = Path(path)
-    if not _exists(path):
+    if not store_exists(path):
         return {"store": str(path), "exists": False, "sets": []}
     store = _open_store(path)
     try:
@@ -128,7 +129,7 @@ def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str,
     path = Path(path)
     if not name:
         raise PayloadError(400, "lineage needs a set name: lineage?name=NAME")
-    if not _exists(path):
+    if not store_exists(path):
         raise PayloadError(404, f"no set named {name!r}: there is no store at {str(path)!r}")
     store = _open_store(path)
     try:
