@@ -29,10 +29,15 @@ ENV_OBJECTS = "MM_JUPYTER_OBJECTS"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
-def default_location() -> str | Path:
-    """``$MM_JUPYTER_STORE`` (a folder or a database URL), else ``./.mm_store``."""
+def default_location(root: str | os.PathLike[str] | None = None) -> str | Path:
+    """``$MM_JUPYTER_STORE`` (a folder or a database URL), else ``.mm_store``; a relative folder is
+    taken from ``root`` (default: the working directory)."""
     env = os.environ.get(ENV_STORE)
-    return env if is_database(env) else Path(env or ".mm_store")
+    if is_database(env):
+        assert env is not None
+        return env
+    path = Path(env).expanduser() if env else Path(".mm_store")
+    return path if root is None or path.is_absolute() else Path(root).expanduser() / path
 
 
 def is_database(location: object) -> bool:

@@ -47,9 +47,12 @@ LOCK_WAIT_S = 600.0
 _DIGEST_CACHE = 8
 
 
-def default_path() -> str | Path:
-    """$MM_JUPYTER_STORE (a folder or a database URL), else ``./.mm_store``."""
-    return backends.default_location()
+def default_path(root: str | os.PathLike[str] | None = None) -> str | Path:
+    """The store used when none is named: ``$MM_JUPYTER_STORE`` (a folder or a database URL), else
+    ``.mm_store``; a relative folder is taken from ``root`` (default: the working directory). The one
+    rule shared by ``Store()``, the magics (root: the kernel's folder) and the JupyterLab server
+    extension (root: the notebook's folder)."""
+    return backends.default_location(root)
 
 
 class Store:
