@@ -167,7 +167,8 @@ def test_a_flipped_byte_is_an_integrity_error(backend: Backend) -> None:
 
 
 WRITER = r"""
-import json, sys
+import faulthandler, json, sys
+faulthandler.dump_traceback_later(150, exit=True)  # a hang fails the test with every thread's stack
 import mm_jupyter as mm
 import store_models as sm
 store = mm.Store(sys.argv[1], objects=sys.argv[2] or None)
@@ -205,7 +206,7 @@ def test_two_processes_save_and_recover_at_once(backend: Backend) -> None:
     reported: dict[str, dict[str, Any]] = {"shared@1": {"seed": 99}}
     for p in procs:
         out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0, err[-6000:]
         for line in out.splitlines():
             x = json.loads(line)
             if "ref" in x:

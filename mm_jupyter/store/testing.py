@@ -125,12 +125,15 @@ class S3Server:
 @contextmanager
 def s3_server() -> Iterator[S3Server]:
     """moto's S3 emulator in a subprocess (its own interpreter: no GIL shared with the client).
-    Sets moto's throwaway credentials in this process's environment when none are set."""
+    Sets moto's throwaway credentials in this process's environment when none are set. Its log
+    (one line per request) goes to a temporary file: a pipe nobody reads would fill up and stop
+    the server in the middle of a test."""
     for key, value in S3_ENV.items():
         os.environ.setdefault(key, value)
     port = free_port()
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -140,7 +143,8 @@ def s3_server() -> Iterator[S3Server]:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    log.seek(0)
+                    err = log.read().decode(errors="replace")
                     raise ServiceError(f"moto's S3 server did not start: {err[-2000:]}") from None
                 time.sleep(0.1)
         yield S3Server(endpoint)
@@ -151,5 +155,4 @@ def s3_server() -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        log.close()
