@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 run: install
 	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) --LabApp.default_url=/lab/tree/notebooks/00_tour.ipynb
 
-# The unit tests and the strict notebooks in one run, then the notebooks whose outputs hold timings.
+# Lint and types first (ruff: httpx's rule set on the package; mypy: [tool.mypy] in pyproject.toml),
+# then the unit tests and the strict notebooks in one run, then the notebooks whose outputs hold timings.
 test: install
+	$(VENV)/bin/ruff check mm_jupyter
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -n 2 --dist loadfile --nbval $(NBVAL) tests $(STRICT_NOTEBOOKS) $(PYTEST_ARGS)
 	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax $(NBVAL) $(LAX_NOTEBOOKS) $(PYTEST_ARGS)
 

@@ -7,9 +7,19 @@ set -eu
 VENV="${1:-.venv}"
 # The browser test (tests/test_browser.py) drives Debian's Chromium through Playwright; Playwright's own
 # browser download is not used. Installed when missing and apt-get can run (CI runs as root).
+# The team-store tests and `bench modelsets --store postgresql+s3` start a throwaway PostgreSQL server
+# (initdb + pg_ctl, mm_jupyter/store/testing.py) from Debian's packages, installed the same way.
 CHROMIUM="${MM_JUPYTER_CHROMIUM:-/usr/bin/chromium}"
-if [ ! -x "$CHROMIUM" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-liberation fonts-dejavu-core >/dev/null
+APT=""
+if [ ! -x "$CHROMIUM" ]; then
+    APT="chromium fonts-liberation fonts-dejavu-core"
+fi
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    APT="$APT postgresql"
+fi
+if [ -n "$APT" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    # shellcheck disable=SC2086 # a list of package names
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $APT >/dev/null
 fi
 PYTHON="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then

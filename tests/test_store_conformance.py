@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import store_models as sm
 import torch
 from torch import nn
 
 import mm_jupyter as mm
-import store_models as sm
 from mm_jupyter.store import testing
 from mm_jupyter.store.objects import chunk_size_for
 from mm_jupyter.store.s3 import PROBE

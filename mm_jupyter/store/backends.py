@@ -92,7 +92,8 @@ def open_store(path: str | os.PathLike[str] | None, objects: str | os.PathLike[s
         return Opened(None, display(location), area, PostgresCatalog(location, area))
     if isinstance(location, str) and _URL.match(location) and not location.startswith("file://"):
         raise StoreError(f"unknown store location {display(location)!r}: a folder or postgresql://...")
-    root = Path(urllib.parse.urlsplit(location).path if str(location).startswith("file://") else location)
+    text = os.fspath(location)
+    root = Path(urllib.parse.urlsplit(text).path if text.startswith("file://") else text)
     try:
         mode: int | None = os.stat(root).st_mode
     except FileNotFoundError:

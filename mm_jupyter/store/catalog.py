@@ -25,7 +25,7 @@ import time
 import urllib.parse
 import uuid
 from abc import abstractmethod
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -284,7 +284,7 @@ class SQLCatalog(Catalog):
         return self._rows("SELECT id, name, version, manifest, bytes, created FROM candidate_sets ORDER BY id")
 
     def candidate_objects(self, cset_id: int) -> list[Listed]:
-        return [tuple(r) for r in self._rows(  # type: ignore[misc]
+        return [(r[0], r[1], r[2]) for r in self._rows(
             "SELECT role, object, bytes FROM candidate_objects WHERE cset_id=? ORDER BY role, object", (cset_id,))]
 
     def listing(self) -> list[tuple[Any, ...]]:
@@ -297,7 +297,7 @@ class SQLCatalog(Catalog):
         return tuple(r) if r is not None else ()
 
     def artifacts(self, set_id: int) -> list[Listed]:
-        return [tuple(r) for r in self._rows(  # type: ignore[misc]
+        return [(r[0], r[1], r[2]) for r in self._rows(
             "SELECT role, object, bytes FROM artifacts WHERE set_id=? ORDER BY role, object", (set_id,))]
 
     def model_rows(self, set_id: int, idx: int | None = None) -> list[tuple[Any, ...]]:
@@ -544,7 +544,7 @@ class SQLiteCatalog(SQLCatalog):
         result: list[tuple[Any, ...]] = self._q(lambda db: db.execute(sql, params).fetchall())
         return result
 
-    def save_lock(self, exclusive: bool, wait_s: float, why: str) -> Iterator[None]:
+    def save_lock(self, exclusive: bool, wait_s: float, why: str) -> AbstractContextManager[None]:
         return self._lock.hold(exclusive, wait_s, why)
 
     def check_writable(self, action: str) -> None:

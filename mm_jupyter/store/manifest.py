@@ -47,7 +47,8 @@ def decode(payload: bytes, oid: str) -> dict[str, Any]:
     kind = m.get("kind") if isinstance(m, dict) else None
     if kind not in KINDS or any(f not in m for f in _FIELDS[kind]):
         raise IntegrityError(f"manifest {oid[:12]}… lacks fields of a {kind or 'known'} manifest")
-    return m
+    out: dict[str, Any] = m
+    return out
 
 
 def is_manifest(prefix: bytes) -> bool:

@@ -18,7 +18,7 @@ import os
 import stat
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -79,7 +79,7 @@ class _ChunkHasher:
         self._next = 0
         # one-chunk payloads (small objects) are hashed inline: no thread for them
         self._pool = ThreadPoolExecutor(max_workers=1) if self.count > 1 else None
-        self._futures: list = []
+        self._futures: list[Future[bytes]] = []
 
     def _one(self, c: int) -> bytes:
         view = self.payload[c * self.chunk : (c + 1) * self.chunk]
@@ -242,7 +242,7 @@ class FolderObjects(ObjectArea):
         return PutResult(oid, total, True)
 
     @staticmethod
-    def _fill_mapped(tmp: TempFile, hsize: int, nbytes: int, fill: Callable) -> bytes:
+    def _fill_mapped(tmp: TempFile, hsize: int, nbytes: int, fill: Callable[..., None]) -> bytes:
         import torch
 
         with mmap.mmap(tmp.fileno(), hsize + nbytes) as mm:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 from ..errors import StoreError
@@ -111,7 +111,7 @@ class PostgresCatalog(SQLCatalog):
             except psycopg.Error as e:
                 raise self._translate(e) from None
 
-    def save_lock(self, exclusive: bool, wait_s: float, why: str) -> Iterator[None]:
+    def save_lock(self, exclusive: bool, wait_s: float, why: str) -> AbstractContextManager[None]:
         return self._hold(exclusive, wait_s, why)
 
     @contextmanager

@@ -107,7 +107,9 @@ class S3Objects(ObjectArea):
             raise StoreError("S3 objects need boto3: pip install 'mm_jupyter[team]'") from None
         config = Config(max_pool_connections=2 * THREADS, retries={"max_attempts": 5, "mode": "standard"},
                         s3={"addressing_style": "path"} if "endpoint_url" in options else None)
-        self.client: Any = boto3.session.Session().client("s3", config=config, **options)
+        self.client: Any = boto3.session.Session().client("s3", config=config,
+                                                          endpoint_url=options.get("endpoint_url"),
+                                                          region_name=options.get("region_name"))
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 

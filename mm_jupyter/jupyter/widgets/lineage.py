@@ -133,8 +133,9 @@ class LineageGraph(FigureOutput):
                 arrowcolor="#666", standoff=11, startstandoff=11, text="",
             )
         numbers = [v.version for v in versions]
-        fig.update_xaxes(title_text=None if self.compact else "version", tickvals=numbers, ticktext=[f"v{n}" for n in numbers],
-                         zeroline=False, range=[min(numbers, default=1) - 0.5, max(numbers, default=1) + 0.5])
+        fig.update_xaxes(title_text=None if self.compact else "version", tickvals=numbers,
+                         ticktext=[f"v{n}" for n in numbers], zeroline=False,
+                         range=[min(numbers, default=1) - 0.5, max(numbers, default=1) + 0.5])
         fig.update_yaxes(title_text="branch" if self.n_lanes > 1 else None, showticklabels=False, zeroline=False,
                          range=[self.n_lanes - 0.5, -0.7], tickvals=list(range(self.n_lanes)), fixedrange=True)
         if self.compact:
