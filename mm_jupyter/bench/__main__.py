@@ -87,6 +87,9 @@ def add_modelsets(sub: Any) -> None:
     p.add_argument("--keep", action="store_true", help="keep the stores and the limit files")
     p.add_argument("--check", action="store_true", help="verify every recovered set bit for bit")
     p.add_argument("--quick", action="store_true", help="500 models, repeat 1")
+    p.add_argument("--store", choices=("local", "postgresql+s3"), default="local",
+                   help="postgresql+s3: also save baseline and update into a team store (a PostgreSQL server and "
+                        "moto's S3 emulator started for the run) beside a local one: TTS, TTR, bytes for one model")
     p.set_defaults(func=cmd_modelsets)
 
 
@@ -122,10 +125,41 @@ def cmd_modelsets(args: argparse.Namespace) -> int:
           + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items()
                       if k not in ("initialise_s", "retrain_s", "total_s")))
     print(f"total {t['total_s']:.1f} s; results: {', '.join(result.files)}")
+    if args.store == "postgresql+s3":
+        print_team(args, models, repeat)
     if args.check and any(r.get("verified") is False for r in result.rows):
         print("error: a recovered set did not match the saved models", file=sys.stderr)
         return 1
     return 0
+
+
+TEAM_COLUMNS = [
+    ("step", "step", "str"),
+    ("approach", "approach", "str"),
+    ("store", "store", "str"),
+    ("bytes", "set B", "bytes"),
+    ("tts_s", "TTS s", "s"),
+    ("ttr_s", "TTR s", "s"),
+    ("tts_vs_local", "TTS/local", "x"),
+    ("ttr_vs_local", "TTR/local", "x"),
+    ("one_model_fetched", "1 model fetched B", "bytes"),
+    ("one_model_verified", "1 model verified B", "bytes"),
+]
+
+
+def print_team(args: argparse.Namespace, models: int, repeat: int) -> None:
+    """The same workload (built again from the same seed) in a local store and a PostgreSQL + S3 store."""
+    from .modelsets import build_workload
+    from .team import run_team
+
+    print()
+    print("team store: PostgreSQL (local server) + S3 (moto's emulator on localhost, not a real object store)")
+    workload = build_workload(args.arch, models, args.steps, args.update_rate, args.seed, args.epochs, _say)
+    rows = run_team(workload, repeat=repeat, progress=_say)
+    rows.sort(key=lambda r: (r["step"], r["approach"], r["store"] != "local"))
+    print(format_table(rows, TEAM_COLUMNS))
+    print("1 model fetched = payload bytes received from S3 by ranged GETs to recover one model in a fresh handle "
+          "(0 for a local folder: mapped); verified = bytes hashed (its chunks)")
 
 
 # -- catalog -------------------------------------------------------------------------------------------
