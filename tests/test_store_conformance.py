@@ -335,3 +335,32 @@ def test_the_two_urls_from_the_environment(team: Team, monkeypatch: pytest.Monke
         mm.Store()
     twin.close()
     store.close()
+
+
+def test_notebooks_point_at_the_team_store(team: Team, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``%config ModelMagics.store/objects`` and the server extension's resolver keep a database URL
+    (no folder made of it); the sidebar's payload lists what the magics saved."""
+    from IPython.testing import globalipapp
+
+    from mm_jupyter.jupyter.magics import store_location
+    from mm_jupyter.jupyter.server import sets_payload, store_path
+
+    url, objects = team.pg.database(), team.s3.bucket_url()
+    globalipapp.start_ipython()
+    ip = globalipapp.get_ipython()
+    ip.run_line_magic("load_ext", "mm_jupyter")
+    ip.run_line_magic("config", f"ModelMagics.store = {url!r}")
+    ip.run_line_magic("config", f"ModelMagics.objects = {objects!r}")
+    try:
+        ip.run_cell("import store_models as sm\nmodels = sm.crash_models(0, 6)")
+        ip.run_cell_magic("modelset", "save team", "models")
+        assert store_location(None, url) == url and store_path(store=url) == url
+        monkeypatch.setenv("MM_JUPYTER_OBJECTS", objects)  # the server's own setting
+        payload = sets_payload(store_path(store=url))
+        assert [(s["name"], s["version"], s["models"]) for s in payload["sets"]] == [("team", 1, 3)]
+        again = mm.Store(url, objects=objects)
+        assert sm.check_crash_set(again.recover_set("team@1"), 0) == 6
+        again.close()
+    finally:
+        ip.run_line_magic("config", "ModelMagics.store = None")
+        ip.run_line_magic("config", "ModelMagics.objects = None")

@@ -129,8 +129,10 @@ def _usage() -> str:
 class ModelMagics(Magics):
     """The mm_jupyter magics. ``%config ModelMagics.store = "path"`` picks the store folder."""
 
-    store = Unicode(None, allow_none=True, help="Folder of the model store the magics use "
-                    "(default: $MM_JUPYTER_STORE, else ./.mm_store)").tag(config=True)
+    store = Unicode(None, allow_none=True, help="Folder of the model store the magics use, or a team's "
+                    "postgresql://... catalog (default: $MM_JUPYTER_STORE, else ./.mm_store)").tag(config=True)
+    objects = Unicode(None, allow_none=True, help="Object area of a postgresql:// store: s3://bucket/prefix "
+                      "(default: $MM_JUPYTER_OBJECTS)").tag(config=True)
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell=shell)
@@ -143,11 +145,12 @@ class ModelMagics(Magics):
         from ..store import Store
 
         resolved = str(store_location(path, self.store))
-        if resolved not in self._stores:
+        key = f"{resolved} {self.objects or ''}"
+        if key not in self._stores:
             if not create and not store_exists(resolved):
                 raise RefError(f"there is no model store at {resolved!r} yet: save a set with %%modelset save NAME")
-            self._stores[resolved] = Store(resolved)
-        return self._stores[resolved]
+            self._stores[key] = Store(resolved, objects=self.objects or None)
+        return self._stores[key]
 
     def _var(self, name: str, what: str) -> Any:
         if not name.isidentifier():
@@ -340,13 +343,20 @@ ModelMagics.modelset.__doc__ = _usage()
 ModelMagics.modelsearch.__doc__ = SEARCH.format_help()
 
 
-def store_location(path: str | None = None, configured: str | None = None) -> Path:
+def store_location(path: str | None = None, configured: str | None = None) -> str | Path:
     """Where the magics' store is: ``--store`` > ``%config ModelMagics.store`` > the default rule
-    (``$MM_JUPYTER_STORE`` or ``.mm_store``, relative to the kernel's working directory)."""
+    (``$MM_JUPYTER_STORE`` or ``.mm_store``, relative to the kernel's working directory); a
+    ``postgresql://`` URL is kept as it is."""
+    from ..store.backends import is_database
     from ..store.store import default_path
 
     chosen = path or configured
-    return Path(os.path.abspath(os.path.expanduser(chosen))) if chosen else default_path(os.getcwd()).resolve()
+    if is_database(chosen):
+        return str(chosen)
+    if chosen:
+        return Path(os.path.abspath(os.path.expanduser(chosen)))
+    found = default_path(os.getcwd())
+    return found if isinstance(found, str) else found.resolve()
 
 
 def kernel_store() -> StoreInfo:

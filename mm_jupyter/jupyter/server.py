@@ -36,16 +36,20 @@ class PayloadError(Exception):
 
 
 def store_path(root_dir: str | os.PathLike[str] | None = None, store: str | None = None,
-               notebook: str | None = None) -> Path:
-    """The store a request means: ``store`` (an absolute path the kernel reported), else the default
-    store of the folder of ``notebook`` (a path under ``root_dir``), else that of ``root_dir``.
+               notebook: str | None = None) -> str | Path:
+    """The store a request means: ``store`` (an absolute path or a database URL the kernel reported),
+    else the default store of the folder of ``notebook`` (a path under ``root_dir``), else that of
+    ``root_dir``.
 
     Raises ``PayloadError`` (400) for a relative ``store`` or a notebook path outside the root.
     """
+    from ..store.backends import is_database
     from ..store.store import default_path
 
     root = Path(root_dir).expanduser() if root_dir else Path.cwd()
     if store:
+        if is_database(store):  # a team's shared catalog: the URL the kernel reported
+            return store
         if not Path(store).is_absolute():
             raise PayloadError(400, f"store={store!r} must be an absolute path")
         return Path(store)
@@ -60,7 +64,11 @@ def store_path(root_dir: str | os.PathLike[str] | None = None, store: str | None
 def store_exists(path: str | os.PathLike[str]) -> bool:
     """A store to open: one with a catalog, or one whose catalog is gone while its objects hold
     saved versions (opening it then fails with the store's rebuild message: never an empty list).
-    An empty folder is not a store yet."""
+    An empty folder is not a store yet; a database URL is (opening it reports what is wrong)."""
+    from ..store.backends import is_database
+
+    if is_database(path):
+        return True
     path = Path(path)
     if (path / CATALOG).is_file():
         return True
@@ -103,7 +111,14 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _open_store(path: Path) -> Any:
+def _location(path: str | os.PathLike[str]) -> str | Path:
+    """A store location as ``Store`` takes it: a database URL stays a string."""
+    from ..store.backends import is_database
+
+    return path if isinstance(path, str) and is_database(path) else Path(path)
+
+
+def _open_store(path: str | Path) -> Any:
     """The one place the server opens a store (only after ``store_exists``: reading never creates one)."""
     from ..store import Store
 
@@ -116,7 +131,7 @@ def sets_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``size`` is ``bytes`` in the notebook's units (``human_bytes``). A folder without a catalog is
     reported as an empty store and is not created.
     """
-    path = Path(path)
+    path = _location(path)
     if not store_exists(path):
         return {"store": str(path), "exists": False, "sets": []}
     store = _open_store(path)
@@ -136,7 +151,7 @@ def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str,
 
     Raises ``PayloadError`` (400 without a name, 404 for an unknown name or a missing store).
     """
-    path = Path(path)
+    path = _location(path)
     if not name:
         raise PayloadError(400, "lineage needs a set name: lineage?name=NAME")
     if not store_exists(path):
