@@ -18,12 +18,13 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Unicode
 
 from ..errors import MMError, RefError, StoreError
+from ..store.store import APPROACH_CHOICES as APPROACHES  # the store's registry, plus "auto"
 from .cells import TRAIN_NAME, run_cell, train_function_source, user_code
 from .display import EmptyStore, SavedSet, SetInfo, StoreInfo
 from .server import store_exists
 
-STORE_HELP = "store folder (default: %%config ModelMagics.store, $MM_JUPYTER_STORE, else ./.mm_store)"
-APPROACHES = ("baseline", "update", "provenance", "mmlib-base", "auto")
+STORE_HELP = ("store folder or postgresql:// URL (default: %%config ModelMagics.store, $MM_JUPYTER_STORE, "
+              "else ./.mm_store)")
 SEARCH_APPROACHES = ("alsatian", "shift", "base")
 PROXIES = ("linear", "knn", "logme")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
