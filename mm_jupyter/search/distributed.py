@@ -229,14 +229,9 @@ class RayExecutor:
         ray = _ray()
         if not ray.is_initialized():
             if self.address is not None:
-                ray.init(address=self.address, log_to_driver=False)
+                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
             else:
-                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports sent anywhere
-                os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU workers keep CUDA_VISIBLE_DEVICES
-                ray.init(num_cpus=self.workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                         _node_ip_address="127.0.0.1", object_store_memory=self.object_store_memory,
-                         logging_level=logging.WARNING)
-                self._started_ray = True
+                self._started_ray = start_local_ray(self.workers, self.object_store_memory)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         use_gpus = bool(gpus) if self.gpus is None else self.gpus
@@ -271,6 +266,20 @@ class RayExecutor:
         if self._started_ray:
             _ray().shutdown()
             self._started_ray = False
+
+
+def start_local_ray(cpus: int | None = None, object_store_memory: int | None = None) -> bool:
+    """Start a private local Ray with ``cpus`` CPU slots (default: this machine's) unless Ray is
+    initialised already; returns whether it started one. No dashboard, no usage statistics,
+    bound to 127.0.0.1, workers' output not copied to the caller's."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports sent anywhere
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU workers keep CUDA_VISIBLE_DEVICES
+    ray.init(num_cpus=cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", object_store_memory=object_store_memory, logging_level=logging.WARNING)
+    return True
 
 
 _OPEN: list[RayExecutor] = []  # started and not closed, oldest first
