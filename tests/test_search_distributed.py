@@ -138,6 +138,8 @@ def test_executor_arguments_are_checked(ray2):
         mm.search(cands, data, device="cuda", executor=ray2)
     with pytest.raises(mm.SearchError, match="3 Ray worker"):
         RayExecutor(3).start()  # the cluster has two CPU slots
+    with pytest.raises(mm.SearchError, match="need 4 CPU slots"):
+        RayExecutor(2, threads=2).start()  # a worker reserves a slot per thread
     # a block failing inside a worker is the usual one-line SearchError naming candidate and block
     bad = {"a": cands["m0"], "b": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))}
     with pytest.raises(mm.SearchError, match="candidate 'b'"):

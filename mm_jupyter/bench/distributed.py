@@ -64,7 +64,7 @@ def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = 
     progress(f"built {models} {arch} candidates ({distribution}) and {items} items in {time.perf_counter() - t0:.1f} s")
     store_dir = Path(tempfile.mkdtemp(prefix="mm_ray_bench_"))
     before = torch.get_num_threads()
-    started = start_local_ray(max(workers, 2))
+    started = start_local_ray(workers + 1 if workers > 1 else 1)  # a slot per 1-thread worker of both executors
     times: dict[str, list[float]] = {}
     results: dict[str, Any] = {}
     try:

@@ -193,8 +193,8 @@ class RayExecutor:
     ``address``: an existing cluster (``ray.init(address=...)``); without it, and when Ray is not
     initialised yet, a local Ray starts with ``workers`` CPUs (default: this machine's), without
     dashboard and usage statistics, bound to 127.0.0.1. ``gpus``: one worker per GPU (None: when
-    the cluster has GPUs). ``threads``: torch threads per CPU worker (default: the cluster's CPUs
-    divided by the workers). Use as a context manager, or ``close()``. ``executor="ray"`` uses
+    the cluster has GPUs). ``threads``: torch threads per CPU worker, and the CPU slots it reserves
+    (default: the cluster's CPUs divided by the workers). Use as a context manager, or ``close()``. ``executor="ray"`` uses
     the executor started last and still open, else starts a default one that stays up for later
     searches."""
 
@@ -242,11 +242,15 @@ class RayExecutor:
         if workers > slots or workers < 1:
             raise SearchError(f"{workers} Ray worker(s) requested but the cluster has {slots} "
                               f"{'GPU' if use_gpus else 'CPU'} slot(s)")
-        share = max(1, int(resources.get("CPU", 1)) // workers)  # CPUs each CPU worker reserves
+        # CPUs each CPU worker reserves: its threads (so executors of 1-thread workers can coexist)
+        share = self.threads or max(1, int(resources.get("CPU", 1)) // workers)
+        if not use_gpus and workers * share > slots:
+            raise SearchError(f"{workers} Ray worker(s) of {share} thread(s) need {workers * share} CPU slots but "
+                              f"the cluster has {slots}")
         self.device = "cuda" if use_gpus else "cpu"
         options = {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": share}
         remote = ray.remote(Worker).options(**options)
-        self.actors = [remote.remote(self.threads or share, self.device) for _ in range(workers)]
+        self.actors = [remote.remote(share, self.device) for _ in range(workers)]
         try:
             _get([a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
         except SearchError:
