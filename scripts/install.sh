@@ -5,6 +5,12 @@
 # Users elsewhere are not pinned: pyproject.toml only asks for torch>=2.1.
 set -eu
 VENV="${1:-.venv}"
+# The browser test (tests/test_browser.py) drives Debian's Chromium through Playwright; Playwright's own
+# browser download is not used. Installed when missing and apt-get can run (CI runs as root).
+CHROMIUM="${MM_JUPYTER_CHROMIUM:-/usr/bin/chromium}"
+if [ ! -x "$CHROMIUM" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-liberation fonts-dejavu-core >/dev/null
+fi
 PYTHON="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"

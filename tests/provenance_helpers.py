@@ -58,6 +58,7 @@ def noisy_train(model: torch.nn.Module, data: Any, config: dict[str, Any]) -> No
         last.bias.add_(float(noise) * 1e-3 + 1e-6)
 
 
+@mm.trusted
 def noisy_when_asked(model: torch.nn.Module, data: Any, config: dict[str, Any]) -> None:
     """``noisy_train`` for models whose config says ``noisy``, deterministic training otherwise."""
     config = dict(config)

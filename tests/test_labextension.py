@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+from lab_server import TOKEN, jupyter
 
+from mm_jupyter.jupyter.display import human_bytes
 from mm_jupyter.jupyter.server import (
     PayloadError,
     error_payload,
@@ -26,7 +27,7 @@ from mm_jupyter.jupyter.server import (
 ROOT = Path(__file__).resolve().parents[1]
 PREBUILT = ROOT / "mm_jupyter" / "labextension"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-SET_KEYS = ["name", "version", "approach", "models", "bytes", "created", "tts_s"]
+SET_KEYS = ["name", "version", "approach", "models", "bytes", "size", "created", "tts_s"]
 
 
 def _jupyter(*args: str, timeout: float = 120) -> str:
@@ -69,7 +70,11 @@ def test_prebuilt_extension_is_committed_and_complete() -> None:
     for text in ("mm-jupyter:plugin", "mm-jupyter:open-tour", "mm-jupyter:insert-save-cell",
                  "mm-jupyter:insert-search-cell", "Model store", "notebooks/00_tour.ipynb",
                  "%%modelset save NAME --approach baseline", "%modelsearch CANDIDATES DATA -k 1 -o result",
-                 "lineage", "sets"):
+                 "lineage", "sets",
+                 # the sidebar asks the kernel which store its magics use, and draws lineage with plotly
+                 "kernel_store()", "user_expressions", "application/vnd.plotly.v1+json",
+                 # widget outputs whose model is gone show their static picture
+                 "jupyter.widget", "application/vnd.jupyter.widget-view+json"):
         assert text in bundle, f"{text!r} is not in the prebuilt bundle: rebuild it (labextension/README.md)"
     # the source points its build output at the committed folder, under the same name
     source = json.loads((ROOT / "labextension" / "package.json").read_text())
@@ -105,6 +110,7 @@ def test_sets_payload_lists_every_version_as_plain_json(demo_store: Path) -> Non
     for r in rows:
         assert type(r["version"]) is int and type(r["models"]) is int and type(r["bytes"]) is int
         assert r["bytes"] > 0 and isinstance(r["tts_s"], float) and r["created"].startswith("20")
+        assert r["size"] == human_bytes(r["bytes"])  # the notebook's units (kB, MB), not KiB
 
 
 def test_lineage_payload_has_versions_edges_and_lists(demo_store: Path) -> None:
@@ -115,7 +121,12 @@ def test_lineage_payload_has_versions_edges_and_lists(demo_store: Path) -> None:
     assert (v1["version"], v1["base"], v1["approach"], v1["models"]) == (1, None, "baseline", 2)
     assert (v2["version"], v2["base"], v2["approach"], v2["models"]) == (2, 1, "update", 3)
     assert v2["added"] == ["c"] and v2["dropped"] == [] and isinstance(v2["datasets"], list)
-    assert v1["bytes"] == sets_payload(demo_store)["sets"][0]["bytes"]
+    assert v1["bytes"] == sets_payload(demo_store)["sets"][0]["bytes"] and v1["size"] == human_bytes(v1["bytes"])
+    # the notebook's lineage graph, laid out for the sidebar
+    figure = payload["figure"]
+    assert [t["name"] for t in figure["data"]] == ["baseline", "update"]
+    assert [t["customdata"] for t in figure["data"]] == [[1], [2]]
+    assert figure["layout"]["legend"]["orientation"] == "h" and "title" not in figure["layout"]
 
 
 def test_missing_store_lists_empty_and_is_not_created(tmp_path: Path) -> None:
@@ -145,13 +156,41 @@ def test_lineage_errors_become_error_payloads(demo_store: Path) -> None:
     assert error_payload(ValueError("boom"))[0] == 500
 
 
-def test_store_path_env_then_root_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_path_kernel_then_notebook_folder_then_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MM_JUPYTER_STORE", raising=False)
     assert store_path(tmp_path) == tmp_path / ".mm_store"
+    # a notebook's store is the one the magics use in its folder (the kernel's working directory)
+    assert store_path(tmp_path, notebook="course/week1/ex.ipynb") == tmp_path / "course" / "week1" / ".mm_store"
+    # what the kernel reported wins
+    assert store_path(tmp_path, store="/data/stores/x", notebook="ex.ipynb") == Path("/data/stores/x")
     monkeypatch.setenv("MM_JUPYTER_STORE", str(tmp_path / "elsewhere"))
     assert store_path(tmp_path / "root") == tmp_path / "elsewhere"
+    assert store_path(tmp_path, notebook="a/b.ipynb") == tmp_path / "elsewhere"
     monkeypatch.setenv("MM_JUPYTER_STORE", "rel/store")
     assert store_path(tmp_path) == tmp_path / "rel" / "store"
+    assert store_path(tmp_path, notebook="a/b.ipynb") == tmp_path / "a" / "rel" / "store"
+    with pytest.raises(PayloadError, match="absolute") as e:
+        store_path(tmp_path, store="relative/store")
+    assert e.value.status == 400
+    with pytest.raises(PayloadError, match="outside"):
+        store_path(tmp_path / "root", notebook="../../etc/x.ipynb")
+
+
+def test_one_resolver_for_magics_server_and_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Store(), the magics and the server pick the same store for a notebook in a folder."""
+    from mm_jupyter.jupyter.magics import store_location
+    from mm_jupyter.store.store import default_path
+
+    folder = tmp_path / "course"
+    folder.mkdir()
+    monkeypatch.chdir(folder)  # a kernel's working directory is its notebook's folder
+    for env in (None, "rel/store", str(tmp_path / "abs")):
+        if env is None:
+            monkeypatch.delenv("MM_JUPYTER_STORE", raising=False)
+        else:
+            monkeypatch.setenv("MM_JUPYTER_STORE", env)
+        api = default_path().resolve()
+        assert store_location() == api == store_path(tmp_path, notebook="course/nb.ipynb").resolve()
 
 
 def test_payloads_do_not_import_torch(demo_store: Path) -> None:
@@ -165,12 +204,6 @@ def test_payloads_do_not_import_torch(demo_store: Path) -> None:
 
 
 # -- one real server round trip ---------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str, token: str | None) -> tuple[int, dict]:
     req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
     try:
@@ -187,37 +220,29 @@ def _get(url: str, token: str | None) -> tuple[int, dict]:
 def test_server_round_trip(tmp_path: Path) -> None:
     root = tmp_path / "root"
     _save_demo(root / ".mm_store")  # the default store under the server's root folder
-    token, port = "mm-test-token", _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MM_JUPYTER_STORE"}
-    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "server", f"--ServerApp.root_dir={root}", "--ServerApp.ip=127.0.0.1",
-         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.open_browser=False",
-         f"--IdentityProvider.token={token}", "--ServerApp.base_url=/base/", "--allow-root",
-         "--ServerApp.jpserver_extensions", "mm_jupyter=True"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}/base"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if _get(f"{base}/api/status", token)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(0.2)
-
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    with jupyter("server", root, tmp_path / "server.log", ("--ServerApp.jpserver_extensions", "mm_jupyter=True"),
+                 env=env, base_url="/base/") as base:
+        token = TOKEN
         status, body = _get(f"{base}/mm-jupyter/sets", token)
         assert status == 200, body
         assert body == json.loads(json.dumps(sets_payload(root / ".mm_store")))
         assert [r["version"] for r in body["sets"]] == [1, 2]
 
         status, body = _get(f"{base}/mm-jupyter/lineage?name=demo", token)
-        assert status == 200 and body["edges"] == [[1, 2]], body
+        assert status == 200 and body["edges"] == [[1, 2]] and body["figure"]["data"], body
+
+        # the store a kernel reported, and the store of a notebook's folder
+        other = tmp_path / "kernel-store"
+        _save_demo(other)
+        status, body = _get(f"{base}/mm-jupyter/sets?store={urllib.parse.quote(str(other))}", token)
+        assert status == 200 and body["store"] == str(other) and len(body["sets"]) == 2, body
+        status, body = _get(f"{base}/mm-jupyter/sets?path=course/nb.ipynb", token)
+        assert status == 200 and body == {"store": str((root / "course").resolve() / ".mm_store"),
+                                          "exists": False, "sets": []}, body
+        assert not (root / "course").exists()  # listing a missing store created nothing
+        status, body = _get(f"{base}/mm-jupyter/sets?store=relative", token)
+        assert status == 400 and "absolute" in body["error"], body
 
         status, body = _get(f"{base}/mm-jupyter/lineage?name=nope", token)
         assert status == 404 and "nope" in body["error"], body
@@ -239,11 +264,3 @@ def test_server_round_trip(tmp_path: Path) -> None:
         assert entry["load"] == committed, "the installed copy is stale: re-run pip install -e . after a rebuild"
         with urllib.request.urlopen(f"{base}/lab/extensions/mm-jupyter/{entry['load']}", timeout=30) as resp:
             assert resp.status == 200 and b"mm-jupyter" in resp.read()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-        log.close()

@@ -4,6 +4,7 @@ errors (UsageError for bad arguments, MMError for failures) that store nothing."
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,45 @@ def test_load_ext_registers_magics_without_importing_torch() -> None:
     run_python(code)
 
 
-def test_usage_is_the_docstring(ip: Any) -> None:
+def test_usage_is_the_docstring_with_the_right_prefixes(ip: Any) -> None:
     doc = ip.find_line_magic("modelset").__doc__
     for part in ("%%modelset save", "%modelset recover", "%modelset diff", "%modelset lineage",
                  "%modelset compare", "--approach", "--datasets"):
         assert part in doc
-    assert "--budget" in ip.find_line_magic("modelsearch").__doc__
+    usages = re.findall(r"^  (%+\w+(?: \w+)?)", doc, re.MULTILINE)
+    assert usages == ["%%modelset save", "%modelset recover", "%modelset list", "%modelset show", "%modelset diff",
+                      "%modelset lineage", "%modelset compare"]  # a cell magic has %%, a line magic one %
+    search = ip.find_line_magic("modelsearch").__doc__
+    assert "--budget" in search and re.findall(r"^  (%+\w+)", search, re.MULTILINE) == ["%modelsearch"]
+
+
+def test_commands_that_only_read_create_nothing(ip: Any, tmp_path: Path) -> None:
+    missing = tmp_path / "store"  # the fixture's %config store: not created yet
+    empty = ip.run_line_magic("modelset", "list")
+    assert repr(empty) == (f"no model sets: no store yet at {str(missing)!r}; save one with %%modelset save NAME")
+    assert "<i>" in empty._repr_html_()
+    for line in ("show x", "recover x", "diff x@1 x@2", "lineage x", "compare", "compare x"):
+        with pytest.raises(mm.RefError, match="there is no model store at"):
+            ip.run_line_magic("modelset", line)
+    ip.run_cell("xy = (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))")
+    with pytest.raises(mm.RefError, match="there is no model store at"):
+        ip.run_line_magic("modelsearch", "store:x xy")
+    assert not missing.exists()
+    mm.Store(missing).close()  # an existing store without sets says so too
+    assert repr(ip.run_line_magic("modelset", "list")).startswith(f"no model sets: the store {str(missing)!r}")
+
+
+def test_kernel_store_tells_the_sidebar_which_store(ip: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mm_jupyter.jupyter.magics import kernel_store
+
+    info = kernel_store()
+    assert info._repr_json_() == {"store": str(tmp_path / "store"), "exists": False}
+    ip.run_line_magic("config", "ModelMagics.store = None")
+    monkeypatch.delenv("MM_JUPYTER_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert kernel_store()._repr_json_()["store"] == str((tmp_path / ".mm_store").resolve())
+    monkeypatch.setenv("MM_JUPYTER_STORE", "elsewhere")
+    assert kernel_store()._repr_json_()["store"] == str((tmp_path / "elsewhere").resolve())
 
 
 def test_save_last_expression_recover_show_diff(ip: Any, tmp_path: Path) -> None:

@@ -118,7 +118,8 @@ def test_progress_events(runs):
     events = []
     mm.search(cands, data, k=2, approach="alsatian", progress=events.append, batch_size=32)
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "rung_start" and kinds[-1] == "done"
+    first_rung = kinds.index("rung_start")
+    assert kinds[:first_rung] == ["prepare"] * (len(cands) + 1) and kinds[-1] == "done"  # preparation first
     assert {"model_scored", "model_pruned", "rung_end", "cache"} <= set(kinds)
     scored = [e for e in events if e["event"] == "model_scored" and e["rung"] == 0]
     assert len(scored) == len(cands)

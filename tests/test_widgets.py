@@ -1,6 +1,9 @@
-"""The notebook widgets: state checked without a browser (widget state, plotly trace data)."""
+"""The notebook widgets: state checked without a browser (display bundles, plotly figure data, widget
+state, the static pictures a saved notebook keeps). tests/test_browser.py checks them drawn in JupyterLab."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import re
@@ -12,11 +15,15 @@ import pytest
 import mm_jupyter as mm
 from mm_jupyter.jupyter.display import human_bytes
 from mm_jupyter.jupyter.widgets import APPROACH_COLOURS, ComparisonChart, LineageGraph, SearchProgress
+from mm_jupyter.jupyter.widgets._static import PLOTLY_MIME, WIDGET_MIME
+from mm_jupyter.jupyter.widgets.comparison import tick_bytes, tick_seconds
 from mm_jupyter.jupyter.widgets.lineage import LIMIT_COLOUR, lanes
+from mm_jupyter.jupyter.widgets.progress import natural_key
 from mm_jupyter.store.lineage import Lineage, Version
 
-LEADERBOARD_ROW = re.compile(r"<tr( style=\"color:#999\")?><td>\d+</td><td>([^<]*)</td><td>[^<]*</td>"
-                             r"<td>(\d+)</td><td>([^<]*)</td></tr>")
+_TD = r"<td[^>]*>"
+LEADERBOARD_ROW = re.compile(rf"<tr( style=\"color:#999\")?>{_TD}\d+</td>{_TD}([^<]*)</td>{_TD}[^<]*</td>"
+                             rf"{_TD}(\d+)</td>{_TD}([^<]*)</td></tr>")
 
 
 def leaderboard(widget: SearchProgress) -> list[tuple[str, bool, int, str]]:
@@ -27,6 +34,26 @@ def leaderboard(widget: SearchProgress) -> list[tuple[str, bool, int, str]]:
 def test_widgets_do_not_import_torch():
     code = "import sys, mm_jupyter.jupyter.widgets; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _png(bundle: dict) -> tuple[int, int]:
+    """Size of the PNG inside the bundle's HTML fallback (it must decode)."""
+    from PIL import Image
+
+    found = re.fullmatch(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="[^"]*" style="max-width:100%">',
+                         bundle["text/html"])
+    assert found, bundle["text/html"][:200]
+    return Image.open(io.BytesIO(base64.b64decode(found.group(1)))).size
+
+
+def _figure_bundle(output) -> dict:
+    """The display bundle of a figure output: plotly JSON, an HTML picture, text; no kernel state."""
+    bundle = output._repr_mimebundle_()
+    assert set(bundle) == {PLOTLY_MIME, "text/html", "text/plain"}
+    assert bundle["text/plain"] == repr(output)
+    json.dumps(bundle[PLOTLY_MIME], allow_nan=False)  # plain JSON, as a saved notebook holds it
+    assert _png(bundle) == output.png_size
+    return bundle
 
 
 # -- lineage --------------------------------------------------------------------------------------
@@ -93,10 +120,18 @@ def test_lineage_graph_of_a_store(lineage_store):
     assert "models: 6" in hover and f"changed: {v2.changed}" in hover and v2.changed >= 2
     assert human_bytes(v2.bytes) in hover and "added 1: m5" in hover and "← v1" in hover
     assert "models: 5" in nodes[3][4] and "added" not in nodes[3][4]
-    assert "3 version(s), 2 edge(s)" in graph.summary.value
+    assert "3 version(s), 2 edge(s)" in graph.summary
+    assert [list(t.text) for t in graph.figure.data] == [[human_bytes(lineage.versions[0].bytes)],
+                                                        [human_bytes(v.bytes) for v in lineage.versions[1:]]]
     assert repr(graph) == repr(lineage)
-    state = graph.get_state()
-    assert state["children"] == [f"IPY_MODEL_{graph.summary.model_id}", f"IPY_MODEL_{graph.figure.model_id}"]
+    bundle = _figure_bundle(graph)
+    figure = bundle[PLOTLY_MIME]
+    assert [t["name"] for t in figure["data"]] == ["baseline", "update"]
+    assert figure["layout"]["title"]["text"].startswith("Lineage of lin: 3 version(s)")
+    assert figure["layout"]["xaxis"]["ticktext"] == ["v1", "v2", "v3"]
+    compact = LineageGraph(lineage, compact=True).figure
+    assert compact.layout.title.text is None and compact.layout.legend.orientation == "h"
+    assert compact.layout.xaxis.title.text is None  # the sidebar's narrow panel: no overlap with the legend
 
 
 def _version(n: int, approach: str, base: int | None, **kw) -> Version:
@@ -144,8 +179,18 @@ def bench(tmp_path_factory):
     return out, result
 
 
-def _traces(chart: ComparisonChart) -> dict[tuple[str, str], object]:
-    return {(t.name, t.meta): t for t in chart.figure.data}
+def _traces(chart: ComparisonChart) -> dict[tuple[str, str, str], dict]:
+    """(approach, metric, use case) -> trace; the use case is the row of panels the trace sits in."""
+    out = {}
+    for t in chart.figure["data"]:
+        n = int(t["yaxis"][1:] or 1)  # "y" is panel 1, "y5" panel 5, row-major
+        out[(t["name"], t["meta"], chart.use_cases[(n - 1) // len(chart.metrics)])] = t
+    return out
+
+
+def _yaxis(chart: ComparisonChart, row: int, col: int) -> dict:
+    n = row * len(chart.metrics) + col + 1
+    return chart.figure["layout"]["yaxis" if n == 1 else f"yaxis{n}"]
 
 
 def test_comparison_chart_from_benchmark_json(bench):
@@ -153,22 +198,26 @@ def test_comparison_chart_from_benchmark_json(bench):
     chart = ComparisonChart.from_benchmark(out / "results.json")
     traces = _traces(chart)
     assert chart.approaches == ["baseline", "update", "limit"]
-    assert set(traces) == {(a, m) for a in chart.approaches for m in ("bytes", "tts_s", "ttr_s")}
+    assert set(traces) == {(a, m, "ffnn48") for a in chart.approaches for m in ("bytes", "tts_s", "ttr_s")}
     by = {(r["approach"], r["step"]): r for r in result.rows}
     for approach in chart.approaches:
         for metric in ("bytes", "tts_s", "ttr_s"):
-            t = traces[(approach, metric)]
-            assert list(t.x) == ["ffnn48 U1", "ffnn48 U3-1"]
-            assert list(t.y) == pytest.approx([by[(approach, s)][metric] for s in (0, 1)])
+            t = traces[(approach, metric, "ffnn48")]
+            assert t["x"] == ["U1", "U3-1"]  # a benchmark's steps keep the paper's names
+            assert t["y"] == pytest.approx([by[(approach, s)][metric] for s in (0, 1)])
         colour = LIMIT_COLOUR if approach == "limit" else APPROACH_COLOURS[approach]
-        assert traces[(approach, "bytes")].marker.color == colour
-        assert list(traces[(approach, "bytes")].customdata) == [human_bytes(by[(approach, s)]["bytes"]) for s in (0, 1)]
-    assert [t.showlegend for t in chart.figure.data].count(True) == 3  # one legend entry per approach
-    assert chart.figure.layout.yaxis.type == "log" and chart.figure.layout.yaxis3.type == "linear"
-    # the update step stores far less than the full baseline version
-    assert traces[("update", "bytes")].y[1] < traces[("baseline", "bytes")].y[1] / 5
+        assert traces[(approach, "bytes", "ffnn48")]["marker"]["color"] == colour
+        assert traces[(approach, "bytes", "ffnn48")]["customdata"] == [human_bytes(by[(approach, s)]["bytes"])
+                                                                      for s in (0, 1)]
+    assert [t["showlegend"] for t in chart.figure["data"]].count(True) == 3  # one legend entry per approach
+    # the update step stores far less than the full baseline version: storage spans > 10x, a log axis
+    assert traces[("update", "bytes", "ffnn48")]["y"][1] < traces[("baseline", "bytes", "ffnn48")]["y"][1] / 10
+    storage = _yaxis(chart, 0, 0)
+    assert storage["type"] == "log" and storage["title"]["text"] == "bytes stored (log scale)"
+    assert all(t.endswith("B") for t in storage["ticktext"])  # every tick carries its unit
     assert list(chart.frame.columns) == ["arch", "step", "approach", "bytes", "tts_s", "ttr_s", "label"]
     assert len(chart.frame) == 6
+    assert _figure_bundle(chart)[PLOTLY_MIME]["data"][0]["type"] == "bar"
 
 
 def test_comparison_chart_from_csv_and_folder_match_json(bench):
@@ -180,7 +229,7 @@ def test_comparison_chart_from_csv_and_folder_match_json(bench):
         assert list(frame["ttr_s"]) == pytest.approx(list(from_json["ttr_s"]), rel=1e-5)
 
 
-def test_comparison_chart_combines_use_cases_of_a_folder(bench, tmp_path):
+def test_comparison_chart_facets_one_row_per_use_case(bench, tmp_path):
     out, _ = bench
     doc = json.loads((out / "results.json").read_text())
     for arch in ("ffnn48", "cnn"):
@@ -191,12 +240,62 @@ def test_comparison_chart_combines_use_cases_of_a_folder(bench, tmp_path):
     (tmp_path / "search" / "results.json").write_text(json.dumps({"experiment": "search", "rows": [{"a": 1}]}))
     chart = ComparisonChart.from_benchmark(tmp_path)
     assert chart.use_cases == ["cnn", "ffnn48"]
-    bytes_trace = _traces(chart)[("baseline", "bytes")]
-    assert list(bytes_trace.x) == ["cnn U1", "cnn U3-1", "ffnn48 U1", "ffnn48 U3-1"]
-    chart.picker.value = "cnn"
-    assert list(bytes_trace.x) == ["cnn U1", "cnn U3-1"]
-    assert list(bytes_trace.y) == [2 * r["bytes"] for r in doc["rows"] if r["approach"] == "baseline"]
-    assert chart.children[0] is chart.picker
+    traces = _traces(chart)
+    # one panel per (use case, metric): each bar trace holds only its use case's steps
+    assert traces[("baseline", "bytes", "cnn")]["x"] == traces[("baseline", "bytes", "ffnn48")]["x"] == ["U1", "U3-1"]
+    assert traces[("baseline", "bytes", "cnn")]["y"] == [2 * r["bytes"] for r in doc["rows"]
+                                                         if r["approach"] == "baseline"]
+    assert len(chart.figure["data"]) == 2 * 3 * 3
+    layout = chart.figure["layout"]
+    titles = [a["text"] for a in layout["annotations"]]
+    assert titles == ["Storage", "Time to save", "Time to recover", "cnn", "ffnn48"]  # columns, then rows
+    assert chart.png_size[1] > ComparisonChart.from_benchmark(out).png_size[1]  # taller, not thinner bars
+
+
+def test_comparison_chart_log_axes_ticks_labels_and_toggle():
+    rows = [{"arch": "u", "step": s, "label": f"v{s + 1}", "approach": a, "bytes": b, "tts_s": t, "ttr_s": r}
+            for s, a, b, t, r in ((0, "baseline", 782, 0.004, 2.0), (1, "update", 1154, 0.5, 2.2),
+                                  (2, "mmlib-base", 100_000, 3.0, 0.004))]
+    chart = ComparisonChart(rows)
+    storage, tts, ttr = (_yaxis(chart, 0, c) for c in range(3))
+    # 782 B vs 100 kB spans > 10x: log, decades labelled with units; times too
+    assert storage["type"] == "log" and storage["ticktext"] == ["100 B", "1 kB", "10 kB", "100 kB"]
+    assert tts["type"] == ttr["type"] == "log"
+    assert tts["ticktext"] == ["1 ms", "10 ms", "0.1 s", "1 s"] and tts["title"]["text"] == "seconds (log scale)"
+    # from the decade below the lowest value to just above the tallest
+    assert storage["range"] == pytest.approx([2, 5.15]) and tts["range"] == pytest.approx([-3, math.log10(3) + 0.15])
+    (menu,) = chart.figure["layout"]["updatemenus"]
+    log, linear = menu["buttons"]
+    assert (log["label"], linear["label"]) == ("log axes", "linear axes")
+    assert linear["args"][1]["yaxis.type"] == "linear" and linear["args"][1]["yaxis2.title"]["text"] == "seconds"
+    assert log["args"][1]["yaxis.type"] == "log" and log["args"][1]["yaxis.ticktext"] == storage["ticktext"]
+    assert linear["args"][1]["yaxis.ticktext"][:3] == ["0 B", "25 kB", "50 kB"]
+    # small bars get their values as text on the linear axes only (a log axis shows them all)
+    texts = dict(zip([(t["name"], t["meta"]) for t in chart.figure["data"]], linear["args"][0]["text"]))
+    assert texts[("baseline", "bytes")] == ["782 B"] and texts[("mmlib-base", "bytes")] == [""]
+    assert texts[("baseline", "tts_s")] == ["4 ms"] and texts[("update", "tts_s")] == [""]
+    assert all(text == [""] for text in log["args"][0]["text"])
+    # a store's versions keep their own labels, not the paper's U1 / U3-1
+    assert {t["name"]: t["x"] for t in chart.figure["data"][:3]} == {"baseline": ["v1"], "update": ["v2"], "mmlib-base": ["v3"]}
+
+
+def test_comparison_chart_linear_when_the_range_is_small():
+    rows = [{"arch": "u", "step": s, "approach": "baseline", "bytes": b, "tts_s": 0.2 + s, "ttr_s": 0.1}
+            for s, b in ((0, 782), (1, 1154))]
+    chart = ComparisonChart(rows)
+    storage = _yaxis(chart, 0, 0)
+    # 782 B vs 1,154 B: a linear axis from zero, so the bars compare by height
+    assert storage["type"] == "linear" and storage["range"][0] == 0 and storage["title"]["text"] == "bytes stored"
+    assert storage["ticktext"][0] == "0 B" and all(t.endswith("B") for t in storage["ticktext"])
+    assert "updatemenus" not in chart.figure["layout"]  # nothing to toggle
+    assert [t["text"] for t in chart.figure["data"]] == [["", ""]] * 3
+
+
+def test_tick_labels():
+    assert [tick_bytes(v) for v in (0, 782, 1000, 1154, 2.5e6, 1e9)] == ["0 B", "782 B", "1 kB", "1.15 kB",
+                                                                         "2.5 MB", "1 GB"]
+    assert [tick_seconds(v) for v in (0, 0.0004, 0.004, 0.05, 0.1, 0.25, 20)] == ["0", "0.4 ms", "4 ms", "50 ms",
+                                                                                   "0.1 s", "0.25 s", "20 s"]
 
 
 def test_comparison_chart_repr_is_deterministic(bench):
@@ -216,14 +315,17 @@ def test_comparison_chart_from_store(lineage_store):
     chart = ComparisonChart.from_store(lineage_store)
     lineage = lineage_store.lineage("lin")
     frame = chart.frame
-    assert list(frame["label"]) == ["lin U1", "lin U3-1", "lin U3-2"]
+    assert list(frame["label"]) == ["v1", "v2", "v3"]  # the user's versions
     assert list(frame["approach"]) == ["baseline", "update", "update"]
     assert list(frame["bytes"]) == [v.bytes for v in lineage.versions]
     assert list(frame["tts_s"]) == pytest.approx([v.tts_s for v in lineage.versions])
     assert all(t > 0 and math.isfinite(t) for t in frame["ttr_s"])
+    assert repr(chart).splitlines()[1].startswith("  lin v1: baseline")
     skipped = ComparisonChart.from_store(lineage_store, names=["lin"], ttr=False)
     assert skipped.frame["ttr_s"].isna().all()
+    assert [title for _, title, _ in skipped.metrics] == ["Storage", "Time to save"]  # no empty TTR panel
     assert repr(skipped) == repr(chart)
+    _figure_bundle(skipped)
 
 
 def test_comparison_chart_errors(bench, tmp_path):
@@ -400,6 +502,93 @@ def test_progress_of_a_real_alsatian_search():
     assert [b.max for b in bars] == [r.models for r in result.rungs]
     assert [b.value for b in bars] == [r.models for r in result.rungs]
     assert len(result.rungs) >= 2 and widget.state == "done"
-    assert set(result.timings) <= set(re.findall(r"<td>([^<]+)</td><td>[\d.]+ s</td>", widget.summary.value))
+    assert set(result.timings) <= set(re.findall(rf"{_TD}([^<]+)</td>{_TD}[\d.]+ s</td>", widget.summary.value))
     assert widget.cache_peak > 0
     assert repr(widget).endswith(f"best: {result.best!r}")
+
+
+def test_progress_shows_model_preparation_before_the_first_rung():
+    widget = SearchProgress(clock=Clock(), throttle=0.0)
+    assert widget.preparation.layout.display == "none"  # nothing to prepare yet
+    widget({"event": "prepare", "done": 0, "total": 12, "blocks": 0})
+    assert widget.status.value.endswith("preparing candidates: 0/12")
+    widget({"event": "prepare", "done": 5, "total": 12, "blocks": 40})
+    assert widget.status.value.endswith("preparing candidates: 5/12 (40 distinct blocks)")
+    assert (widget.preparation.value, widget.preparation.max) == (5, 12)
+    assert widget.preparation.layout.display is None  # visible while preparing
+    widget({"event": "prepare", "done": 12, "total": 12, "blocks": 81})
+    assert widget.preparation.bar_style == "success"
+    widget({"event": "rung_start", "rung": 0, "models": ["a"], "items": 10, "rungs": 1})
+    assert widget.preparation.layout.display == "none" and "running rung 0" in widget.status.value
+
+
+def test_search_emits_preparation_events():
+    import torch
+    from search_models import mlp
+
+    events = []
+    torch.manual_seed(0)
+    candidates = {f"m{i}": mlp() for i in range(3)}
+    mm.search(candidates, (torch.randn(80, 16), torch.randint(0, 4, (80,))), progress=events.append)
+    prepared = [(e["done"], e["total"]) for e in events if e["event"] == "prepare"]
+    assert prepared == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    first_rung = next(i for i, e in enumerate(events) if e["event"] == "rung_start")
+    assert all(e["event"] == "prepare" for e in events[:first_rung])
+    assert events[first_rung - 1]["blocks"] > 0  # distinct blocks hashed for sharing
+
+
+def test_leaderboard_sorts_names_by_their_numbers():
+    widget = SearchProgress(clock=Clock(), throttle=0.0)
+    models = [str(i) for i in (10, 2, 0, 11, 1)]
+    widget({"event": "rung_start", "rung": 0, "models": models, "items": 10, "rungs": 1})
+    assert [m for m, *_ in leaderboard(widget)] == ["0", "1", "2", "10", "11"]  # not 0, 1, 10, 11, 2
+    for m, score in (("10", 0.5), ("2", 0.5), ("11", 0.9)):
+        widget({"event": "model_scored", "rung": 0, "model": m, "score": score, "loss": 0.1})
+    assert [m for m, *_ in leaderboard(widget)] == ["11", "2", "10", "0", "1"]  # score first, then numbers
+    assert sorted(["c-10", "c-9", "b", "c-9a"], key=natural_key) == ["b", "c-9", "c-9a", "c-10"]
+
+
+class Handle:
+    """Stands in for IPython's DisplayHandle: records what the display was updated to."""
+
+    def __init__(self) -> None:
+        self.updates: list[dict] = []
+
+    def update(self, obj) -> None:
+        self.updates.append(obj._repr_mimebundle_())
+
+
+def test_progress_bundle_carries_a_static_picture_refreshed_at_the_end(monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **kw: shown.append(kw) or Handle())
+    widget = SearchProgress(clock=Clock(), throttle=0.0)
+    widget.display_live()
+    assert shown == [{"display_id": True}]
+    bundle = widget._repr_mimebundle_()
+    assert bundle[WIDGET_MIME]["model_id"] == widget.model_id  # the live view ...
+    assert "search</b>: waiting" in bundle["text/html"]  # ... and its static picture
+    scores = {"cand-2": 0.4, "cand-10": 0.9, "cand-1": 0.1}
+    _rung(widget, 0, list(scores), scores, keep=1, rungs=1)
+    assert widget._handle.updates == []  # the saved picture is refreshed when the search ends ...
+    widget({"event": "done", "timings": {"inference": 0.5}, "stats": {"block_inferences": 3}})
+    (final,) = widget._handle.updates  # ... once
+    assert final[WIDGET_MIME]["model_id"] == widget.model_id
+    html = final["text/html"]
+    assert "search</b>: done" in html and "rung 0: 3 models on 64 items, 3 scored &rarr; 1 survivors" in html
+    assert html.index(">cand-10<") < html.index(">cand-2<") < html.index(">cand-1<") and "pruned in rung 0" in html
+    assert "block_inferences" in html and "<script" not in html
+    text = final["text/plain"].splitlines()
+    assert text[0] == "SearchProgress: done, 1 rung(s), 3 models"
+    assert [line.split()[1] for line in text[-3:]] == ["cand-10", "cand-2", "cand-1"]  # the leaderboard as text
+    assert text[-3].split()[-1] == "selected" and text[-1].endswith("pruned in rung 0")
+
+
+def test_interrupted_search_refreshes_its_static_picture():
+    widget = SearchProgress(clock=Clock())
+    widget._handle = Handle()
+    widget({"event": "rung_start", "rung": 0, "models": ["a", "b"], "items": 50, "rungs": 2})
+    widget.interrupted()
+    (final,) = widget._handle.updates
+    assert "search</b>: interrupted" in final["text/html"]

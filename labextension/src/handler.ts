@@ -8,6 +8,8 @@ export interface ISetRow {
   approach: string;
   models: number;
   bytes: number;
+  /** `bytes` in the notebook's units (decimal: kB, MB), formatted by the server. */
+  size: string;
   created: string;
   tts_s: number;
 }
@@ -32,6 +34,7 @@ export interface ILineageVersion {
   changed: number | null;
   datasets: [string, string, string][];
   bytes: number;
+  size: string;
   tts_s: number;
   created: string;
 }
@@ -42,6 +45,18 @@ export interface ILineagePayload {
   name: string;
   versions: ILineageVersion[];
   edges: [number, number][];
+  /** The notebook's lineage graph (plotly JSON), laid out for a narrow panel. */
+  figure: Record<string, unknown>;
+}
+
+/**
+ * Which store a request means: `store` (an absolute path the kernel reported)
+ * or `path` (a notebook: the store the magics use in its folder); neither
+ * means the server root's default store.
+ */
+export interface IStoreSource {
+  store?: string;
+  path?: string;
 }
 
 /**

@@ -1,30 +1,23 @@
+import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import {
   SidePanel,
   ToolbarButton,
   refreshIcon
 } from '@jupyterlab/ui-components';
-import { Message } from '@lumino/messaging';
+import { Message, MessageLoop } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
 import {
   ILineagePayload,
   ISetRow,
   ISetsPayload,
+  IStoreSource,
   requestAPI
 } from './handler';
 import { storeIcon } from './icons';
 
-/** `1536` -> `1.5 KiB`. */
-export function formatBytes(n: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = n;
-  let unit = 0;
-  while (Math.abs(value) >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit += 1;
-  }
-  return unit === 0 ? `${n} B` : `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
-}
+/** The plotly figure's mime type (drawn by the plotly renderer JupyterLab has for notebooks). */
+export const PLOTLY_MIME = 'application/vnd.plotly.v1+json';
 
 /** An ISO timestamp in the browser's locale (the raw text when it does not parse). */
 export function formatCreated(created: string): string {
@@ -47,34 +40,46 @@ function element<K extends keyof HTMLElementTagNameMap>(
   return node;
 }
 
-function table(headers: string[], rows: (string | HTMLElement)[][]): HTMLTableElement {
+function table(
+  headers: string[],
+  rows: { cells: (string | HTMLElement)[]; title?: string }[],
+  numeric: number[] = []
+): HTMLTableElement {
   const node = element('table', 'mm-store-table');
   const head = node.createTHead().insertRow();
-  for (const header of headers) {
-    head.appendChild(element('th', '', header));
-  }
+  headers.forEach((header, i) => {
+    head.appendChild(element('th', numeric.includes(i) ? 'mm-store-num' : '', header));
+  });
   const body = node.createTBody();
   for (const row of rows) {
     const tr = body.insertRow();
-    for (const cell of row) {
+    if (row.title) {
+      tr.title = row.title;
+    }
+    row.cells.forEach((cell, i) => {
       const td = tr.insertCell();
+      if (numeric.includes(i)) {
+        td.className = 'mm-store-num';
+      }
       if (typeof cell === 'string') {
         td.textContent = cell;
       } else {
         td.appendChild(cell);
       }
-    }
+    });
   }
   return node;
 }
 
 /**
- * The body of the "Model store" side panel: the store path, a table of its
- * model sets and, after a click on a set name, that set's lineage.
+ * The body of the "Model store" side panel: which store (the active
+ * notebook's), its model sets and, after a click on a set, that set's lineage
+ * drawn as the notebook's lineage graph.
  */
 export class StoreBrowser extends Widget {
-  constructor() {
+  constructor(rendermime: IRenderMimeRegistry | null = null) {
     super();
+    this._rendermime = rendermime;
     this.addClass('mm-store-browser');
     this.node.append(this._path, this._message, this._sets, this._lineage);
   }
@@ -84,18 +89,42 @@ export class StoreBrowser extends Widget {
     return this._selected;
   }
 
+  /** Which store the panel shows (see `IStoreSource`). */
+  get source(): IStoreSource {
+    return this._source;
+  }
+
+  /** Show another store; refreshes when it differs from the current one. */
+  async setSource(source: IStoreSource): Promise<void> {
+    const same = source.store === this._source.store && source.path === this._source.path;
+    this._source = source;
+    if (!same && this._selected !== null) {
+      this._clearLineage();
+    }
+    await this.refresh();
+  }
+
   /** Fetch the list of sets (and the shown lineage) again. */
   async refresh(): Promise<void> {
-    this._showMessage('Loading…');
+    const request = ++this._requests;
+    if (!this._loaded) {
+      this._showMessage('Loading…');
+    }
     let payload: ISetsPayload;
     try {
-      payload = await requestAPI<ISetsPayload>('sets');
+      payload = await requestAPI<ISetsPayload>('sets', this._query());
     } catch (error) {
-      this._path.textContent = '';
-      this._sets.replaceChildren();
-      this._showMessage(`Cannot list the model store: ${(error as Error).message}`, true);
+      if (request === this._requests) {
+        this._path.textContent = '';
+        this._sets.replaceChildren();
+        this._showMessage(`Cannot list the model store: ${(error as Error).message}`, true);
+      }
       return;
     }
+    if (request !== this._requests) {
+      return; // a newer refresh is under way
+    }
+    this._loaded = true;
     this._path.textContent = `Store: ${payload.store}`;
     this._path.title = payload.store;
     this._renderSets(payload.sets);
@@ -110,13 +139,15 @@ export class StoreBrowser extends Widget {
     }
     const names = new Set(payload.sets.map(row => row.name));
     if (this._selected !== null && names.has(this._selected)) {
-      await this.showLineage(this._selected);
+      if (this._lineageKey(payload, this._selected) !== this._shownKey) {
+        await this.showLineage(this._selected); // redraw only when the set got new versions
+      }
     } else {
       this._clearLineage();
     }
   }
 
-  /** Show the versions of `name` (base → derived, approach, models, bytes). */
+  /** Show the lineage graph of `name` (the plotly figure of the notebook's lineage widget). */
   async showLineage(name: string): Promise<void> {
     this._selected = name;
     const heading = element('div', 'mm-store-heading');
@@ -127,8 +158,9 @@ export class StoreBrowser extends Widget {
     heading.appendChild(close);
     let payload: ILineagePayload;
     try {
-      payload = await requestAPI<ILineagePayload>('lineage', { name });
+      payload = await requestAPI<ILineagePayload>('lineage', { ...this._query(), name });
     } catch (error) {
+      this._disposeGraph();
       this._lineage.replaceChildren(
         heading,
         element('div', 'mm-store-message mm-store-error', (error as Error).message)
@@ -138,23 +170,71 @@ export class StoreBrowser extends Widget {
     if (this._selected !== name) {
       return; // another set was clicked meanwhile
     }
-    const rows = payload.versions.map(v => [
-      `v${v.version}`,
-      v.base === null ? '—' : `v${v.base} → v${v.version}`,
-      v.approach === v.requested ? v.approach : `${v.approach} (${v.requested})`,
-      String(v.models),
-      formatBytes(v.bytes)
-    ]);
-    this._lineage.replaceChildren(
-      heading,
-      table(['version', 'base → derived', 'approach', 'models', 'size'], rows)
+    const total = payload.versions.length;
+    const summary = element(
+      'div',
+      'mm-store-summary',
+      `${total} version${total === 1 ? '' : 's'}, ${payload.edges.length} edge${payload.edges.length === 1 ? '' : 's'}`
     );
+    const host = element('div', 'mm-store-graph');
+    this._disposeGraph();
+    this._lineage.replaceChildren(heading, summary, host);
+    if (!(await this._renderFigure(payload.figure, host))) {
+      host.appendChild(this._lineageTable(payload));
+    }
+    this._shownKey = `${payload.store}|${name}|${payload.versions.map(v => v.version).join(',')}`;
   }
+
+  /** Called when the panel opens (the plugin points the panel at the active notebook's store). */
+  shown: (() => void) | null = null;
 
   /** Every time the panel opens, the list is fetched again. */
   protected onAfterShow(msg: Message): void {
     super.onAfterShow(msg);
-    void this.refresh();
+    if (this.shown) {
+      this.shown();
+    } else {
+      void this.refresh();
+    }
+  }
+
+  /**
+   * Draw a plotly figure into `host` (attached first, so the graph takes the
+   * panel's width); false when JupyterLab has no plotly renderer.
+   */
+  private async _renderFigure(figure: Record<string, unknown>, host: HTMLElement): Promise<boolean> {
+    const rendermime = this._rendermime;
+    const data = { [PLOTLY_MIME]: figure as any };
+    if (rendermime === null || rendermime.preferredMimeType(data, 'any') !== PLOTLY_MIME) {
+      return false;
+    }
+    const renderer = rendermime.createRenderer(PLOTLY_MIME);
+    this._graph = renderer;
+    Widget.attach(renderer, host);
+    await renderer.renderModel(rendermime.createModel({ data, trusted: true }));
+    return true;
+  }
+
+  /** The graph follows the panel's width. */
+  protected onResize(msg: Widget.ResizeMessage): void {
+    super.onResize(msg);
+    if (this._graph !== null) {
+      MessageLoop.sendMessage(this._graph, Widget.ResizeMessage.UnknownSize);
+    }
+  }
+
+  /** The versions as a table: the graph's fallback without a plotly renderer. */
+  private _lineageTable(payload: ILineagePayload): HTMLTableElement {
+    const rows = payload.versions.map(v => ({
+      cells: [
+        `v${v.version}`,
+        v.base === null ? '—' : `v${v.base}`,
+        v.approach === v.requested ? v.approach : `${v.approach} (${v.requested})`,
+        String(v.models),
+        v.size
+      ]
+    }));
+    return table(['version', 'base', 'approach', 'models', 'size'], rows, [3, 4]);
   }
 
   private _renderSets(sets: ISetRow[]): void {
@@ -163,25 +243,42 @@ export class StoreBrowser extends Widget {
       return;
     }
     const rows = sets.map(row => {
-      const link = element('button', 'mm-store-link', row.name);
+      const link = element('button', 'mm-store-link', `${row.name}@${row.version}`);
       link.title = `Show the lineage of ${row.name}`;
       link.onclick = () => void this.showLineage(row.name);
-      return [
-        link,
-        `v${row.version}`,
-        row.approach,
-        String(row.models),
-        formatBytes(row.bytes),
-        formatCreated(row.created)
-      ];
+      return {
+        cells: [link, row.approach, String(row.models), row.size],
+        title: `${row.name}@${row.version}: saved ${formatCreated(row.created)} in ${row.tts_s.toFixed(3)} s`
+      };
     });
-    this._sets.replaceChildren(
-      table(['name', 'version', 'approach', 'models', 'size', 'created'], rows)
-    );
+    this._sets.replaceChildren(table(['set', 'approach', 'models', 'size'], rows, [2, 3]));
+  }
+
+  /** Identifies what a lineage drawing shows: store, name and versions. */
+  private _lineageKey(payload: ISetsPayload, name: string): string {
+    const versions = payload.sets.filter(row => row.name === name).map(row => row.version);
+    return `${payload.store}|${name}|${versions.join(',')}`;
+  }
+
+  private _query(): Record<string, string> {
+    const query: Record<string, string> = {};
+    if (this._source.store) {
+      query.store = this._source.store;
+    } else if (this._source.path) {
+      query.path = this._source.path;
+    }
+    return query;
+  }
+
+  private _disposeGraph(): void {
+    this._graph?.dispose();
+    this._graph = null;
   }
 
   private _clearLineage(): void {
     this._selected = null;
+    this._shownKey = '';
+    this._disposeGraph();
     this._lineage.replaceChildren();
   }
 
@@ -191,7 +288,13 @@ export class StoreBrowser extends Widget {
     this._message.hidden = text === '';
   }
 
+  private _rendermime: IRenderMimeRegistry | null;
+  private _source: IStoreSource = {};
   private _selected: string | null = null;
+  private _graph: Widget | null = null;
+  private _shownKey = '';
+  private _loaded = false;
+  private _requests = 0;
   private _path = element('div', 'mm-store-path');
   private _message = element('div', 'mm-store-message');
   private _sets = element('div', 'mm-store-sets');
@@ -199,7 +302,9 @@ export class StoreBrowser extends Widget {
 }
 
 /** The left-sidebar panel: title, refresh button and a `StoreBrowser`. */
-export function createStorePanel(): { panel: SidePanel; browser: StoreBrowser } {
+export function createStorePanel(
+  rendermime: IRenderMimeRegistry | null = null
+): { panel: SidePanel; browser: StoreBrowser } {
   const panel = new SidePanel();
   panel.id = 'mm-jupyter-store';
   panel.addClass('mm-store-panel');
@@ -207,7 +312,8 @@ export function createStorePanel(): { panel: SidePanel; browser: StoreBrowser } 
   panel.title.caption = 'Model store';
   const title = new Widget({ node: element('h2', 'mm-store-title', 'Model store') });
   panel.header.addWidget(title);
-  const browser = new StoreBrowser();
+  const browser = new StoreBrowser(rendermime);
+  browser.title.label = 'Sets and lineage';
   panel.toolbar.addItem(
     'refresh',
     new ToolbarButton({

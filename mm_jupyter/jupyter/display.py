@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def human_bytes(n: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as the benchmark tables use)."""
+def human_bytes(n: float, short: bool = False) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as the benchmark tables use; every view of sizes uses them).
+    ``short``: at most three significant digits, no trailing zeros (axis ticks: '1 kB', '2.5 MB')."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
+            if short:
+                return f"{n:.3g} {unit}"
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
@@ -91,3 +94,29 @@ def _describe(arch: Any) -> str:
         src = (arch.structure or {}).get("source")
         return f"module tree of {arch.ref}" + (f" (notebook source: {', '.join(src['names'])})" if src else "")
     return f"{arch.kind} {arch.ref}".strip()
+
+
+@dataclass(frozen=True)
+class EmptyStore:
+    """``%modelset list`` of a store that holds nothing (or does not exist yet): one clear line."""
+
+    path: str
+    exists: bool
+
+    def __repr__(self) -> str:
+        where = "the store" if self.exists else "no store yet at"
+        return f"no model sets: {where} {self.path!r}; save one with %%modelset save NAME"
+
+    def _repr_html_(self) -> str:
+        return f"<p><i>{html.escape(repr(self))}</i></p>"
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """The store a kernel uses, as JSON (``application/json``) for the JupyterLab sidebar."""
+
+    store: str
+    exists: bool
+
+    def _repr_json_(self) -> dict[str, Any]:
+        return {"store": self.store, "exists": self.exists}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from pathlib import Path
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
@@ -16,9 +17,10 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Unicode
 
-from ..errors import MMError, StoreError
+from ..errors import MMError, RefError, StoreError
 from .cells import TRAIN_NAME, run_cell, train_function_source, user_code
-from .display import SavedSet, SetInfo
+from .display import EmptyStore, SavedSet, SetInfo, StoreInfo
+from .server import store_exists
 
 STORE_HELP = "store folder (default: %%config ModelMagics.store, $MM_JUPYTER_STORE, else ./.mm_store)"
 APPROACHES = ("baseline", "update", "provenance", "mmlib-base", "auto")
@@ -42,12 +44,14 @@ def parse_size(text: str) -> int:
 
 
 def _parser(prog: str, description: str) -> MagicArgumentParser:
+    """IPython's help formatter puts one ``%`` before ``prog``: a line magic's prog has none, a cell
+    magic's one, so the usage reads ``%modelset list`` / ``%%modelset save``."""
     return MagicArgumentParser(prog=prog, description=description, add_help=False)
 
 
 def _modelset_parsers() -> dict[str, MagicArgumentParser]:
     p: dict[str, MagicArgumentParser] = {}
-    save = p["save"] = _parser("%%modelset save", "Run the cell and save the models it produces as a new "
+    save = p["save"] = _parser("%modelset save", "Run the cell and save the models it produces as a new "
                                "version of NAME (the cell's last expression, or --models VAR). With "
                                "--approach provenance the cell is the training code for one model: it trains "
                                "`model` on `data` with `config`; it runs once per entry of --datasets on a "
@@ -63,26 +67,26 @@ def _modelset_parsers() -> dict[str, MagicArgumentParser]:
                       help="provenance: training config as JSON or the name of a dict variable")
     save.add_argument("--seed", type=int, default=0, help="provenance: seed of the deterministic training")
     save.add_argument("--store", default=None, help=STORE_HELP)
-    recover = p["recover"] = _parser("%modelset recover", "Recover a stored version (lazily: models build on access).")
+    recover = p["recover"] = _parser("modelset recover", "Recover a stored version (lazily: models build on access).")
     recover.add_argument("ref", help="name (latest) or name@version")
     recover.add_argument("-o", "--out", default=None, metavar="VAR", help="also assign the ModelSet to VAR")
     recover.add_argument("--trust-code", action="store_true",
                          help="allow code recorded in the store (notebook classes, provenance training code and "
                               "dataset loaders) to run; only for stores whose writers you trust")
     recover.add_argument("--store", default=None, help=STORE_HELP)
-    lst = p["list"] = _parser("%modelset list", "Every stored version.")
+    lst = p["list"] = _parser("modelset list", "Every stored version.")
     lst.add_argument("--store", default=None, help=STORE_HELP)
-    show = p["show"] = _parser("%modelset show", "Storage, approach and models of one version.")
+    show = p["show"] = _parser("modelset show", "Storage, approach and models of one version.")
     show.add_argument("ref", help="name (latest) or name@version")
     show.add_argument("--store", default=None, help=STORE_HELP)
-    diff = p["diff"] = _parser("%modelset diff", "Which models were added, dropped or changed, and which tensors.")
+    diff = p["diff"] = _parser("modelset diff", "Which models were added, dropped or changed, and which tensors.")
     diff.add_argument("a", help="older version (name@version)")
     diff.add_argument("b", help="newer version (name@version)")
     diff.add_argument("--store", default=None, help=STORE_HELP)
-    lineage = p["lineage"] = _parser("%modelset lineage", "The version graph of a set, as a widget.")
+    lineage = p["lineage"] = _parser("modelset lineage", "The version graph of a set, as a widget.")
     lineage.add_argument("name", help="set name")
     lineage.add_argument("--store", default=None, help=STORE_HELP)
-    compare = p["compare"] = _parser("%modelset compare", "Storage / TTS / TTR chart: from the store's records "
+    compare = p["compare"] = _parser("modelset compare", "Storage / TTS / TTR chart: from the store's records "
                                      "(TTR measured now by recovering each version) or from a benchmark file.")
     compare.add_argument("names", nargs="*", help="set names (default: every set in the store)")
     compare.add_argument("--file", "-f", default=None,
@@ -93,7 +97,7 @@ def _modelset_parsers() -> dict[str, MagicArgumentParser]:
 
 
 def _search_parser() -> MagicArgumentParser:
-    p = _parser("%modelsearch", "Rank candidate models as base models for a labelled dataset (Alsatian "
+    p = _parser("modelsearch", "Rank candidate models as base models for a labelled dataset (Alsatian "
                 "model search) with a live successive-halving widget; returns the SearchResult.")
     p.add_argument("candidates", help="variable holding a list/dict of nn.Module or stored candidates, "
                    "or store:NAME for candidates saved with mm.add_candidates")
@@ -133,13 +137,15 @@ class ModelMagics(Magics):
         self._stores: dict[str, Any] = {}
 
     # -- helpers ----------------------------------------------------------------------------
-    def _store(self, path: str | None) -> Any:
+    def _store(self, path: str | None, create: bool = True) -> Any:
+        """The open store at ``--store`` / ``%config`` / the default; a command that only reads
+        (``create=False``) never creates one: a missing store raises ``RefError``."""
         from ..store import Store
-        from ..store.store import default_path
 
-        chosen = path or self.store or None
-        resolved = str(os.path.abspath(os.path.expanduser(chosen))) if chosen else str(default_path().resolve())
+        resolved = str(store_location(path, self.store))
         if resolved not in self._stores:
+            if not create and not store_exists(resolved):
+                raise RefError(f"there is no model store at {resolved!r} yet: save a set with %%modelset save NAME")
             self._stores[resolved] = Store(resolved)
         return self._stores[resolved]
 
@@ -243,7 +249,7 @@ class ModelMagics(Magics):
         return value
 
     def _recover(self, args: Any) -> Any:
-        ms = self._store(args.store).recover_set(args.ref, trust_code=args.trust_code or None)
+        ms = self._store(args.store, create=False).recover_set(args.ref, trust_code=args.trust_code or None)
         if args.out is not None:
             if not args.out.isidentifier():
                 raise UsageError(f"-o must be a variable name, not {args.out!r}")
@@ -251,18 +257,24 @@ class ModelMagics(Magics):
         return ms
 
     def _list(self, args: Any) -> Any:
-        return self._store(args.store).sets()
+        """Every stored version (a DataFrame); a missing or empty store says so in one line."""
+        try:
+            store = self._store(args.store, create=False)
+        except RefError:
+            return EmptyStore(str(store_location(args.store, self.store)), exists=False)
+        listing = store.sets()
+        return EmptyStore(str(store.root), exists=True) if listing.empty else listing
 
     def _show(self, args: Any) -> SetInfo:
-        return SetInfo.of(self._store(args.store), args.ref)
+        return SetInfo.of(self._store(args.store, create=False), args.ref)
 
     def _diff(self, args: Any) -> Any:
-        return self._store(args.store).diff(args.a, args.b)
+        return self._store(args.store, create=False).diff(args.a, args.b)
 
     def _lineage(self, args: Any) -> Any:
         from .widgets import LineageGraph
 
-        return LineageGraph(self._store(args.store).lineage(args.name))
+        return LineageGraph(self._store(args.store, create=False).lineage(args.name))
 
     def _compare(self, args: Any) -> Any:
         from .widgets import ComparisonChart
@@ -271,7 +283,8 @@ class ModelMagics(Magics):
             if args.names:
                 raise UsageError("give either set names (from the store) or --file, not both")
             return ComparisonChart.from_benchmark(args.file)
-        return ComparisonChart.from_store(self._store(args.store), names=args.names or None, ttr=not args.no_ttr)
+        return ComparisonChart.from_store(self._store(args.store, create=False), names=args.names or None,
+                                          ttr=not args.no_ttr)
 
     # -- %modelsearch --------------------------------------------------------------------------
     @line_magic
@@ -284,7 +297,7 @@ class ModelMagics(Magics):
         import mm_jupyter as mm
 
         if args.candidates.startswith("store:"):
-            candidates = mm.load_candidates(self._store(args.store), args.candidates[len("store:"):])
+            candidates = mm.load_candidates(self._store(args.store, create=False), args.candidates[len("store:"):])
         else:
             candidates = self._var(args.candidates, "candidates")
         data = self._var(args.data, "data")
@@ -295,12 +308,10 @@ class ModelMagics(Magics):
             raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
         progress = None
         if not args.no_widget:
-            from IPython.display import display
-
             from .widgets import SearchProgress
 
             progress = SearchProgress()
-            display(progress)
+            progress.display_live()
         try:
             result = mm.search(candidates, data, k=args.k, approach=args.approach, cache_budget=budget,
                                device=args.device, proxy=args.proxy, progress=progress,
@@ -327,6 +338,26 @@ def _as_models(value: Any) -> Any:
 
 ModelMagics.modelset.__doc__ = _usage()
 ModelMagics.modelsearch.__doc__ = SEARCH.format_help()
+
+
+def store_location(path: str | None = None, configured: str | None = None) -> Path:
+    """Where the magics' store is: ``--store`` > ``%config ModelMagics.store`` > the default rule
+    (``$MM_JUPYTER_STORE`` or ``.mm_store``, relative to the kernel's working directory)."""
+    from ..store.store import default_path
+
+    chosen = path or configured
+    return Path(os.path.abspath(os.path.expanduser(chosen))) if chosen else default_path(os.getcwd()).resolve()
+
+
+def kernel_store() -> StoreInfo:
+    """The store this kernel's magics use right now. The JupyterLab sidebar asks the kernel for it
+    (a silent ``user_expressions`` request), so the panel lists what the notebook saves."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    magics = shell.magics_manager.registry.get(ModelMagics.__name__) if shell is not None else None
+    path = store_location(None, magics.store if isinstance(magics, ModelMagics) else None)
+    return StoreInfo(str(path), store_exists(path))
 
 
 def register(shell: Any) -> ModelMagics:

@@ -1,8 +1,11 @@
 """The server side of the JupyterLab extension: read-only REST endpoints over the model store.
 
 ``GET <base_url>/mm-jupyter/sets`` lists every stored version, ``GET <base_url>/mm-jupyter/lineage?name=NAME``
-the version graph of one set. The store is ``$MM_JUPYTER_STORE`` or ``.mm_store`` under the server's root
-folder. A GET never creates a store: a missing one lists as empty.
+the version graph of one set (its versions, and the same plotly figure as the notebook's lineage graph).
+Which store: ``?store=ABSOLUTE_PATH`` (what the notebook's kernel reported it uses), else ``?path=NOTEBOOK``
+(the store the magics would use in that notebook's folder: ``$MM_JUPYTER_STORE`` or ``.mm_store``, relative
+to the folder — ``store.store.default_path``, the rule the magics and ``mm.Store()`` follow), else the
+server's root folder by the same rule. A GET never creates a store: a missing one lists as empty.
 
 The payload builders (``sets_payload``, ``lineage_payload``) are plain functions so that they can be tested
 without a server. Nothing here imports torch: the store's catalog and lineage are read without it.
@@ -32,17 +35,33 @@ class PayloadError(Exception):
         self.message = message
 
 
-def store_path(root_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``$MM_JUPYTER_STORE`` (relative paths resolve against ``root_dir``), else ``root_dir/.mm_store``."""
+def store_path(root_dir: str | os.PathLike[str] | None = None, store: str | None = None,
+               notebook: str | None = None) -> Path:
+    """The store a request means: ``store`` (an absolute path the kernel reported), else the default
+    store of the folder of ``notebook`` (a path under ``root_dir``), else that of ``root_dir``.
+
+    Raises ``PayloadError`` (400) for a relative ``store`` or a notebook path outside the root.
+    """
+    from ..store.store import default_path
+
     root = Path(root_dir).expanduser() if root_dir else Path.cwd()
-    env = os.environ.get("MM_JUPYTER_STORE")
-    path = Path(env).expanduser() if env else Path(".mm_store")
-    return path if path.is_absolute() else root / path
+    if store:
+        if not Path(store).is_absolute():
+            raise PayloadError(400, f"store={store!r} must be an absolute path")
+        return Path(store)
+    if notebook:
+        folder = (root / notebook).parent.resolve()
+        if not folder.is_relative_to(root.resolve()):
+            raise PayloadError(400, f"path={notebook!r} is outside the server's root folder")
+        return default_path(folder)
+    return default_path(root)
 
 
-def _exists(path: Path) -> bool:
+def store_exists(path: str | os.PathLike[str]) -> bool:
     """A store to open: one with a catalog, or one whose catalog is gone while its objects hold
-    saved versions (opening it then fails with the store's rebuild message: never an empty list)."""
+    saved versions (opening it then fails with the store's rebuild message: never an empty list).
+    An empty folder is not a store yet."""
+    path = Path(path)
     if (path / CATALOG).is_file():
         return True
     if not (path / "objects").is_dir():
@@ -51,6 +70,12 @@ def _exists(path: Path) -> bool:
     from ..store.store import saved_evidence
 
     return saved_evidence(path, ObjectStore(path)) is not None
+
+
+def _size(n: Any) -> str | None:
+    from .display import human_bytes
+
+    return human_bytes(n) if isinstance(n, (int, float)) else None
 
 
 def _plain(value: Any) -> Any:
@@ -79,18 +104,20 @@ def _plain(value: Any) -> Any:
 
 
 def _open_store(path: Path) -> Any:
+    """The one place the server opens a store (only after ``store_exists``: reading never creates one)."""
     from ..store import Store
 
     return Store(path)
 
 
 def sets_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{"store": path, "exists": bool, "sets": [{name, version, approach, models, bytes, created, tts_s}]}``.
+    """``{"store": path, "exists": bool, "sets": [{name, version, approach, models, bytes, size, created, tts_s}]}``.
 
-    A folder without a catalog is reported as an empty store and is not created.
+    ``size`` is ``bytes`` in the notebook's units (``human_bytes``). A folder without a catalog is
+    reported as an empty store and is not created.
     """
     path = Path(path)
-    if not _exists(path):
+    if not store_exists(path):
         return {"store": str(path), "exists": False, "sets": []}
     store = _open_store(path)
     try:
@@ -98,18 +125,21 @@ def sets_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
     finally:
         store.close()
     rows = [_plain(row) for row in frame.to_dict(orient="records")]
+    rows = [{**{k: v for k, v in row.items() if k not in ("created", "tts_s")}, "size": _size(row["bytes"]),
+             "created": row["created"], "tts_s": row["tts_s"]} for row in rows]
     return {"store": str(path), "exists": True, "sets": rows}
 
 
 def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str, Any]:
-    """``{"store", "name", "versions": [Version as dict, tuples as lists], "edges": [[base, derived]]}``.
+    """``{"store", "name", "versions": [Version as dict, tuples as lists], "edges": [[base, derived]],
+    "figure": plotly JSON}``: ``figure`` is the notebook's lineage graph, laid out for a narrow panel.
 
     Raises ``PayloadError`` (400 without a name, 404 for an unknown name or a missing store).
     """
     path = Path(path)
     if not name:
         raise PayloadError(400, "lineage needs a set name: lineage?name=NAME")
-    if not _exists(path):
+    if not store_exists(path):
         raise PayloadError(404, f"no set named {name!r}: there is no store at {str(path)!r}")
     store = _open_store(path)
     try:
@@ -120,11 +150,15 @@ def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str,
         raise PayloadError(400, str(e)) from None
     finally:
         store.close()
+    from .widgets._static import figure_json
+    from .widgets.lineage import LineageGraph
+
     return {
         "store": str(path),
         "name": lineage.name,
-        "versions": [_plain(asdict(v)) for v in lineage.versions],
+        "versions": [{**_plain(asdict(v)), "size": _size(v.bytes)} for v in lineage.versions],
         "edges": _plain(lineage.edges),
+        "figure": figure_json(LineageGraph(lineage, compact=True).figure),
     }
 
 
@@ -148,8 +182,10 @@ def _handlers(serverapp: Any) -> list[tuple[str, type, dict[str, Any]]]:
 
     class _StoreHandler(APIHandler):
         async def _reply(self, build: Any) -> None:
+            store = self.get_query_argument("store", default="") or None
+            notebook = self.get_query_argument("path", default="") or None
             try:  # in a worker thread: a slow disk or a busy catalog never blocks the server
-                payload = await asyncio.to_thread(build, store_path(root_dir))
+                payload = await asyncio.to_thread(lambda: build(store_path(root_dir, store, notebook)))
             except Exception as e:  # every failure becomes {"error": ...}, never an HTML page
                 status, payload = error_payload(e)
                 if status == 500:

@@ -130,16 +130,22 @@ def _named(candidates: Any) -> dict[str, Any]:
 
 
 def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device: str,
-             meter: Meter, costs: bool = False) -> list[Candidate]:
+             meter: Meter, emit: Callable[[dict[str, Any]], None], costs: bool = False) -> list[Candidate]:
     """Split every candidate into blocks, run one item through them (the data must fit every
-    candidate before any real work starts), and for sharing hash the blocks. ``costs``: also
-    count each block's work (a distributed search balances its workers by it)."""
+    candidate before any real work starts), and for sharing hash the blocks. Emits ``prepare``
+    events (candidates done / total, distinct blocks hashed): on large candidates this is the
+    search's first, silent-looking phase. ``costs``: also count each block's work (a distributed
+    search balances its workers by it)."""
     from .blocks import block_costs, output_sizes, split_model
     from .hashing import block_id
 
+    total = len(named)  # type: ignore[arg-type]
+    emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})
     if hasattr(named, "engine_candidates"):
-        return named.engine_candidates(sample, shared=shared, device=device,  # type: ignore[union-attr]
-                                       costs=costs)
+        out = named.engine_candidates(sample, shared=shared, device=device,  # type: ignore[union-attr]
+                                      costs=costs)
+        emit({"event": "prepare", "done": total, "total": total, "blocks": 0})
+        return out
     t0 = time.perf_counter()
     splits = {}
     for name, model in named.items():
@@ -152,13 +158,15 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     out = []
     ids_of: dict[int, str] = {}
     costs_of: dict[tuple, list[float]] = {}  # work depends on the architecture, not on the weights
-    for name, (split, sizes) in splits.items():
+    distinct: set[str] = set()
+    for done, (name, (split, sizes)) in enumerate(splits.items(), start=1):
         ids = None
         if shared:  # only once every candidate took the data
             ids = []
             for b in split.blocks:  # the same block object in several candidates is hashed once
                 if id(b.module) not in ids_of:
                     ids_of[id(b.module)] = block_id(b)
+                    distinct.add(ids_of[id(b.module)])
                 ids.append(ids_of[id(b.module)])
         work = None
         if costs:
@@ -169,6 +177,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
             work = costs_of[shape]
         out.append(Candidate(name, split.blocks.__getitem__, len(split.blocks), split.context, ids,
                              sizes if shared else None, costs=work))
+        emit({"event": "prepare", "done": done, "total": total, "blocks": len(distinct)})
     meter.add("prepare model", time.perf_counter() - t0)
     return out
 
@@ -225,8 +234,8 @@ def search(
     """Rank ``candidates`` as base models for the labelled ``data``.
 
     ``cache_budget`` bounds the bytes of cached intermediate results (Alsatian chunks the data
-    when its plan needs more); ``progress`` receives events (rung start/end, model scored/pruned,
-    cache bytes) as dicts. ``halving`` defaults to True for alsatian and shift, False for base.
+    when its plan needs more); ``progress`` receives events (candidates prepared, rung start/end, model
+    scored/pruned, cache bytes) as dicts. ``halving`` defaults to True for alsatian and shift, False for base.
     ``executor``: ``"ray"`` (a local Ray started on demand, or the cluster ``ray.init`` connected
     to) or a ``RayExecutor`` runs each rung on several workers, each taking whole subtrees of the
     task tree; pruning stays global, and scores and rankings are those of the single-process run.
@@ -281,7 +290,7 @@ def search(
     meter.add("prepare data", time.perf_counter() - t0)
 
     shared = approach == "alsatian"
-    cands = {c.name: c for c in _prepare(named, x[:1], shared, dev, meter, costs=executor is not None)}
+    cands = {c.name: c for c in _prepare(named, x[:1], shared, dev, meter, emit, costs=executor is not None)}
     remote = None
     if executor is not None:
         from .distributed import RaySearch

@@ -323,6 +323,7 @@ def sample_data(arch: str, n: int, *, seed: int = 0, reduced: bool = True,
 FREEZES = ("early", "most", "probe")
 
 
+@architecture
 def digits_cnn(classes: int = 10) -> nn.Sequential:
     """The small CNN of ``trained_candidates`` (8x8 single-channel digits): four blocks and a head."""
     return nn.Sequential(

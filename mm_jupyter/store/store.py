@@ -51,8 +51,13 @@ LOCK_WAIT_S = 600.0
 _DIGEST_CACHE = 8
 
 
-def default_path() -> Path:
-    return Path(os.environ.get("MM_JUPYTER_STORE") or ".mm_store")
+def default_path(root: str | os.PathLike[str] | None = None) -> Path:
+    """The store used when none is named: ``$MM_JUPYTER_STORE``, else ``.mm_store``; a relative path
+    is taken from ``root`` (default: the working directory). The one rule shared by ``Store()``, the
+    magics (root: the kernel's folder) and the JupyterLab server extension (root: the notebook's folder)."""
+    env = os.environ.get("MM_JUPYTER_STORE")
+    path = Path(env).expanduser() if env else Path(".mm_store")
+    return path if root is None or path.is_absolute() else Path(root).expanduser() / path
 
 
 class Store:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..search.blocks import split_model
 from ..search.synthetic import clone_module, digits, digits_cnn
+from ..store.trust import trusted
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -334,11 +335,13 @@ class FeatureCache:
 FEATURES = FeatureCache()
 
 
+@trusted
 def load_target_train(shots: int = 10, seed: int = 0) -> Data:
     """Dataset loader recorded in provenance: the few labelled target images of ``transfer_task``."""
     return transfer_task(shots, seed=seed).target_train
 
 
+@trusted
 def train_run(model: nn.Module, data: Data, config: dict[str, Any]) -> nn.Module:
     """Train a prepared model (``prepare``) the way ``fit`` does, with one optimisation; the training
     function recorded for every run in the store. ``config``: ``strategy`` (re-applies its frozen

@@ -4,41 +4,52 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-import ipywidgets as widgets
 import pandas as pd
-import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from ...errors import StoreError
 from ..display import human_bytes
+from ._static import FigureOutput
 from .lineage import approach_order, colour_of
 
 if TYPE_CHECKING:
     from ...store import Store
 
 COLUMNS = ("arch", "step", "approach", "bytes", "tts_s", "ttr_s")
-#: (column, subplot title, axis title) of the three panels, left to right.
-METRICS = (("bytes", "Storage", "bytes"), ("tts_s", "Time to save", "seconds"),
+#: (column, panel title, axis unit) of the three panels, left to right.
+METRICS = (("bytes", "Storage", "bytes stored"), ("tts_s", "Time to save", "seconds"),
            ("ttr_s", "Time to recover", "seconds"))
-ALL = "all use cases"
+#: A panel whose values span more than this factor starts on a log axis (the toggle switches it).
+LOG_RANGE = 10.0
+#: A bar lower than this share of its panel's tallest is labelled with its value, so it can be read.
+SMALL = 0.05
+#: Pixels above the panels (legend and scale buttons, then column titles) and below them.
+HEAD, FOOT = 120, 40
 
 
-def step_label(arch: str, step: int) -> str:
-    """The papers' names: step 0 is U1 (initial models), step i the i-th U3 update."""
-    return f"{arch} U1" if step == 0 else f"{arch} U3-{step}"
+def step_label(step: int) -> str:
+    """The papers' names for a benchmark step: step 0 is U1 (initial models), step i the i-th U3 update."""
+    return "U1" if step == 0 else f"U3-{step}"
 
 
 def normalise(rows: Any, source: str = "rows") -> pd.DataFrame:
-    """Rows (dicts or a DataFrame) as a typed, ordered frame; ``source`` names them in errors."""
+    """Rows (dicts or a DataFrame) as a typed, ordered frame; ``source`` names them in errors.
+
+    An optional ``label`` column names the steps (``v1``, ``v2`` for a store's versions); without it
+    steps get the papers' names (``U1``, ``U3-1``), which is what benchmark files hold.
+    """
     frame = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     if frame.empty:
         raise StoreError(f"{source}: no rows to compare")
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise StoreError(f"{source}: missing column(s) {', '.join(missing)} (need {', '.join(COLUMNS)})")
+    labels = frame["label"].astype(str) if "label" in frame.columns else None
     frame = frame[list(COLUMNS)].copy()
     try:
         frame["arch"] = frame["arch"].astype(str)
@@ -49,12 +60,90 @@ def normalise(rows: Any, source: str = "rows") -> pd.DataFrame:
             frame[col] = pd.to_numeric(frame[col]).astype(float)
     except (TypeError, ValueError) as e:
         raise StoreError(f"{source}: bad values ({e})") from None
+    frame["label"] = labels if labels is not None else [step_label(s) for s in frame["step"]]
     arch_rank = {a: i for i, a in enumerate(dict.fromkeys(frame["arch"]))}  # order of appearance
     approach_rank = {a: i for i, a in enumerate(approach_order(set(frame["approach"])))}
     frame = (frame.assign(_arch=frame["arch"].map(arch_rank), _approach=frame["approach"].map(approach_rank))
              .sort_values(["_arch", "step", "_approach"], kind="stable").drop(columns=["_arch", "_approach"]))
-    frame["label"] = [step_label(a, s) for a, s in zip(frame["arch"], frame["step"])]
     return frame.reset_index(drop=True)
+
+
+def tick_bytes(n: float) -> str:
+    """Short byte label for an axis tick or a bar: ``1 kB``, ``2.5 MB`` (the notebook's decimal units)."""
+    return human_bytes(n, short=True)
+
+
+def tick_seconds(s: float) -> str:
+    """Short time label for an axis tick: ``5 ms``, ``0.25 s``... ``20 s``."""
+    if s == 0:
+        return "0"
+    if abs(s) < 0.1:
+        return f"{s * 1000:.3g} ms"
+    return f"{s:.3g} s"
+
+
+def _nice_step(top: float, ticks: int = 4) -> float:
+    raw = top / ticks
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """Ticks of one value axis in one scale: positions, labels, range (log ranges in decades)."""
+
+    type: str
+    tickvals: list[float]
+    ticktext: list[str]
+    range: list[float]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One facet: a use case's metric over its steps, and both scales of its value axis."""
+
+    use_case: str
+    metric: str
+    title: str
+    unit: str
+    steps: list[str]
+    top: float
+    log: bool
+    axes: dict[str, Axis]
+
+    def axis(self, log: bool) -> Axis:
+        return self.axes["log" if log else "linear"]
+
+    def title_of(self, log: bool) -> str:
+        return f"{self.unit} (log scale)" if log else self.unit
+
+    def exact(self, value: float) -> str:
+        """The value as a hover shows it."""
+        return human_bytes(value) if self.metric == "bytes" else f"{value:.3f} s"
+
+    def labels(self, values: list[float], log: bool) -> list[str]:
+        """Texts on the bars: on a linear axis, the values of bars too small to read against the
+        panel's tallest (a log axis shows every bar at a readable height)."""
+        fmt = tick_bytes if self.metric == "bytes" else tick_seconds
+        return ["" if log or not (math.isfinite(v) and v < SMALL * self.top) else fmt(v) for v in values]
+
+
+def make_panel(use_case: str, metric: str, title: str, unit: str, frame: pd.DataFrame) -> Panel:
+    """Scales and ticks of one facet, from its positive finite values."""
+    values = [v for v in frame[metric] if math.isfinite(v) and v > 0]
+    fmt = tick_bytes if metric == "bytes" else tick_seconds
+    top = max(values, default=1.0)
+    low = min(values, default=1.0)
+    step = _nice_step(top)
+    linear_vals = [i * step for i in range(int(top / step) + 2) if i * step <= top * 1.15]
+    linear = Axis("linear", linear_vals, [fmt(v) for v in linear_vals], [0.0, top * 1.15])
+    # from the decade below the lowest value (a log bar grows from the bottom: the lowest keeps some
+    # height) to just above the tallest; every decade in between labelled with its unit
+    first, last = math.floor(math.log10(low) - 0.05), math.log10(top) + 0.15
+    decades = [10.0 ** e for e in range(first, math.floor(last) + 1)]
+    log = Axis("log", decades, [fmt(v) for v in decades], [float(first), last])
+    return Panel(use_case, metric, title, unit, list(dict.fromkeys(frame["label"])), top,
+                 top / low > LOG_RANGE, {"linear": linear, "log": log})
 
 
 def _read(file: Path) -> pd.DataFrame:
@@ -88,7 +177,8 @@ def _result_files(folder: Path) -> list[Path]:
 
 
 def store_rows(store: "Store", names: Iterable[str] | None = None, ttr: bool = True) -> list[dict[str, Any]]:
-    """One row per stored version; TTR is measured now by recovering and materialising it."""
+    """One row per stored version, labelled with its version (``v1``); TTR is measured now by
+    recovering and materialising it."""
     listing = store.sets()
     wanted = list(dict.fromkeys(listing["name"])) if names is None else list(names)
     rows = []
@@ -103,35 +193,35 @@ def store_rows(store: "Store", names: Iterable[str] | None = None, ttr: bool = T
                 finally:
                     ms.close()
                 ttr_s = time.perf_counter() - t0
-            rows.append({"arch": name, "step": step, "approach": v.approach, "bytes": v.bytes,
-                         "tts_s": v.tts_s, "ttr_s": ttr_s})
+            rows.append({"arch": name, "step": step, "label": f"v{v.version}", "approach": v.approach,
+                         "bytes": v.bytes, "tts_s": v.tts_s, "ttr_s": ttr_s})
     return rows
 
 
-class ComparisonChart(widgets.VBox):
-    """Grouped bars per approach (storage on a log axis, TTS, TTR) for each use case and step.
+class ComparisonChart(FigureOutput):
+    """Grouped bars per approach: storage, time to save and time to recover (columns) for each use
+    case (rows) and its steps.
 
-    ``frame`` holds the normalised rows; with several use cases a dropdown narrows the chart to one.
+    A panel whose values span more than ``LOG_RANGE`` starts on a log axis; the figure's "log / linear"
+    buttons switch those panels (they work without a kernel). Bars too small to see carry their value.
+    ``frame`` holds the normalised rows, ``panels`` the facets as drawn.
     """
 
     def __init__(self, rows: Any) -> None:
-        super().__init__()
         self.frame = normalise(rows)
         self.approaches = approach_order(set(self.frame["approach"]))
         self.use_cases = list(dict.fromkeys(self.frame["arch"]))
-        self.figure = go.FigureWidget(self._figure())
-        children: list[widgets.Widget] = [self.figure]
-        if len(self.use_cases) > 1:
-            self.picker = widgets.Dropdown(options=[ALL, *self.use_cases], value=ALL, description="use case")
-            self.picker.observe(lambda change: self.show(change["new"]), names="value")
-            children.insert(0, self.picker)
-        self.show(ALL)
-        self.children = children
+        self.metrics = [m for m in METRICS if self.frame[m[0]].notna().any()]  # --no-ttr: no TTR column
+        self.panels = [[make_panel(uc, metric, title, unit, self.frame[self.frame["arch"] == uc])
+                        for metric, title, unit in self.metrics] for uc in self.use_cases]
+        self._groups = {key: rows for key, rows in self.frame.groupby(["arch", "approach"], sort=False)}
+        self.png_size = (1000, HEAD + FOOT + 250 * len(self.use_cases))
+        self.figure = self._figure()
 
     @classmethod
     def from_benchmark(cls, path: str | Path) -> "ComparisonChart":
         """Rows of ``python -m mm_jupyter.bench modelsets``: a results.json, a results.csv, or a
-        folder (every modelsets results.json below it, so several use cases show together)."""
+        folder (every modelsets results.json below it, one row of panels per use case)."""
         path = Path(path)
         if not path.exists():
             raise StoreError(f"{path}: no such benchmark results file or folder")
@@ -142,47 +232,119 @@ class ComparisonChart(widgets.VBox):
 
     @classmethod
     def from_store(cls, store: "Store", names: Iterable[str] | None = None, ttr: bool = True) -> "ComparisonChart":
-        """Every version of the named sets (default: all) from ``store``: use case = set name,
-        step = version order; ``ttr=False`` skips recovering (TTR stays empty)."""
+        """Every version of the named sets (default: all) from ``store``: use case = set name, steps =
+        versions (``v1``, ``v2``...); ``ttr=False`` skips recovering (no TTR panel)."""
         rows = store_rows(store, names, ttr)
         if not rows:
             raise StoreError(f"store {str(store.root)!r} has no sets to compare")
         return cls(rows)
 
-    def _figure(self) -> go.Figure:
-        fig = make_subplots(rows=1, cols=3, subplot_titles=[title for _, title, _ in METRICS],
-                            horizontal_spacing=0.07)
-        for col, (metric, _, unit) in enumerate(METRICS, start=1):
-            for approach in self.approaches:
-                fig.add_bar(name=approach, legendgroup=approach, showlegend=col == 1,
-                            marker_color=colour_of(approach), meta=metric, row=1, col=col)
-            fig.update_yaxes(title_text=unit, type="log" if metric == "bytes" else "linear", row=1, col=col)
-        fig.update_layout(barmode="group", height=420, template="plotly_white", legend_title_text="approach",
-                          margin={"l": 40, "r": 20, "t": 50, "b": 80})
-        fig.update_xaxes(tickangle=-30)
-        return fig
+    def _figure(self) -> dict[str, Any]:
+        """The figure as plotly JSON: the subplot grid from ``make_subplots``, traces and axes as plain
+        dicts (45 traces through plotly's validators take seconds; the dict is what is displayed)."""
+        n_rows, n_cols = len(self.use_cases), len(self.metrics)
+        grid = make_subplots(rows=n_rows, cols=n_cols, horizontal_spacing=0.1, vertical_spacing=60 / (250 * n_rows),
+                             column_titles=[title for _, title, _ in self.metrics],
+                             row_titles=self.use_cases if n_rows > 1 else None)
+        layout = grid.layout.to_plotly_json()
+        traces: list[dict[str, Any]] = []
+        texts: dict[str, list[list[str]]] = {"log": [], "linear": []}
+        axes: dict[str, dict[str, dict[str, Any]]] = {"log": {}, "linear": {}}
+        for r, row in enumerate(self.panels):
+            for c, panel in enumerate(row):
+                n = r * n_cols + c + 1
+                xaxis, yaxis = ("xaxis", "yaxis") if n == 1 else (f"xaxis{n}", f"yaxis{n}")
+                for approach in self.approaches:
+                    rows = self._groups.get((panel.use_case, approach))
+                    if rows is None:
+                        continue
+                    values = [float(v) for v in rows[panel.metric]]
+                    for scale in texts:
+                        texts[scale].append(panel.labels(values, log=panel.log and scale == "log"))
+                    traces.append({
+                        "type": "bar", "x": list(rows["label"]), "y": values, "name": approach,
+                        "legendgroup": approach, "showlegend": r == 0 and c == 0, "meta": panel.metric,
+                        "marker": {"color": colour_of(approach)}, "text": texts["log"][-1],
+                        "textposition": "outside", "textangle": -90, "constraintext": "none",
+                        "textfont": {"size": 10}, "cliponaxis": False,
+                        "customdata": [panel.exact(v) for v in values],
+                        "hovertemplate": f"{approach}<br>{panel.use_case} %{{x}}: %{{customdata}}<extra></extra>",
+                        "xaxis": xaxis.replace("axis", ""), "yaxis": yaxis.replace("axis", ""),
+                    })
+                layout[xaxis].update(type="category", categoryorder="array", categoryarray=panel.steps)
+                for scale in axes:
+                    log = panel.log and scale == "log"
+                    ticks = panel.axis(log)
+                    axes[scale][yaxis] = {"type": ticks.type, "tickmode": "array", "tickvals": ticks.tickvals,
+                                          "ticktext": ticks.ticktext, "range": ticks.range,
+                                          "title": {"text": panel.title_of(log), "standoff": 4,
+                                                    "font": {"size": 12}}}
+                layout[yaxis].update(axes["log"][yaxis])
+        # legend and buttons sit on one line in the head, below the corner plotly's mode bar takes on hover
+        top = 1 + 60 / (self.png_size[1] - HEAD - FOOT)
+        layout.update(barmode="group", height=self.png_size[1], template=pio.templates["plotly_white"].to_plotly_json(),
+                      legend={"orientation": "h", "x": 0, "y": top, "yanchor": "bottom", "title": {"text": "approach"}},
+                      margin={"l": 60, "r": 40 if n_rows > 1 else 20, "t": HEAD, "b": FOOT})
+        if any(p.log for row in self.panels for p in row):
+            def relayout(scale: str) -> dict[str, Any]:
+                return {f"{axis}.{key}": value for axis, keys in axes[scale].items() for key, value in keys.items()}
 
-    def show(self, use_case: str = ALL) -> None:
-        """Narrow the bars to one use case (``ALL``: every use case, side by side)."""
-        frame = self.frame if use_case == ALL else self.frame[self.frame["arch"] == use_case]
-        with self.figure.batch_update():
-            self.figure.update_xaxes(categoryorder="array", categoryarray=list(dict.fromkeys(frame["label"])))
-            for trace in self.figure.data:
-                rows = frame[frame["approach"] == trace.name]
-                trace.x = list(rows["label"])
-                trace.y = list(rows[trace.meta])
-                if trace.meta == "bytes":
-                    trace.customdata = [human_bytes(b) for b in rows["bytes"]]
-                    trace.hovertemplate = f"{trace.name}<br>%{{x}}: %{{customdata}}<extra></extra>"
+            layout["updatemenus"] = [{
+                "type": "buttons", "direction": "right", "x": 1, "xanchor": "right", "y": top, "yanchor": "bottom",
+                "showactive": True, "active": 0, "pad": {"t": 0, "r": 0},
+                "buttons": [{"label": f"{scale} axes", "method": "update",
+                             "args": [{"text": texts[scale]}, relayout(scale)]} for scale in ("log", "linear")],
+            }]
+        return {"data": traces, "layout": layout}
+
+    def draw_png(self, fig: Any) -> None:
+        """The same panels with matplotlib, in their default scales (the toggle needs a browser)."""
+        n_rows, n_cols = len(self.use_cases), len(self.metrics)
+        width, height = self.png_size
+        axes = fig.subplots(n_rows, n_cols, squeeze=False)
+        fig.subplots_adjust(left=75 / width, right=1 - 35 / width, top=1 - 110 / height, bottom=35 / height,
+                            wspace=0.42, hspace=0.35)
+        bar = 0.8 / len(self.approaches)
+        for r, row in enumerate(self.panels):
+            for c, panel in enumerate(row):
+                ax = axes[r][c]
+                for i, approach in enumerate(self.approaches):
+                    rows = self._groups.get((panel.use_case, approach))
+                    if rows is None:
+                        continue
+                    xs = [panel.steps.index(s) + (i - (len(self.approaches) - 1) / 2) * bar for s in rows["label"]]
+                    values = [float(v) for v in rows[panel.metric]]
+                    bars = ax.bar(xs, values, bar, color=colour_of(approach), label=approach)
+                    ax.bar_label(bars, panel.labels(values, log=panel.log), fontsize=7, padding=2, rotation=90)
+                ticks = panel.axis(panel.log)
+                if panel.log:
+                    ax.set_yscale("log")
+                    ax.set_ylim(10 ** ticks.range[0], 10 ** ticks.range[1])
                 else:
-                    trace.hovertemplate = f"{trace.name}<br>%{{x}}: %{{y:.3f}} s<extra></extra>"
+                    ax.set_ylim(*ticks.range)
+                ax.set_yticks(ticks.tickvals, ticks.ticktext, fontsize=8)
+                ax.minorticks_off()
+                ax.set_xticks(range(len(panel.steps)), panel.steps, fontsize=8)
+                ax.set_ylabel(panel.title_of(panel.log), fontsize=9)
+                ax.grid(axis="y", color="#e5e5e5")
+                ax.set_axisbelow(True)
+                for side in ("top", "right"):
+                    ax.spines[side].set_visible(False)
+                if r == 0:
+                    ax.set_title(panel.title, fontsize=11)
+                if c == n_cols - 1 and n_rows > 1:
+                    ax.annotate(panel.use_case, (1.03, 0.5), xycoords="axes fraction", rotation=-90,
+                                va="center", fontsize=10)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper left", ncol=len(labels), frameon=False, title="approach",
+                   alignment="left", fontsize=9)
 
     def __repr__(self) -> str:
         steps = self.frame["step"].nunique()
         head = (f"ComparisonChart: {len(self.use_cases)} use case(s) ({', '.join(self.use_cases)}), "
                 f"approaches {', '.join(self.approaches)}, {steps} step(s)")
         lines = [head]
-        for label, rows in self.frame.groupby("label", sort=False):
+        for (arch, label), rows in self.frame.groupby(["arch", "label"], sort=False):
             sizes = ", ".join(f"{a} {human_bytes(b)}" for a, b in zip(rows["approach"], rows["bytes"]))
-            lines.append(f"  {label}: {sizes}")
+            lines.append(f"  {arch} {label}: {sizes}")
         return "\n".join(lines)

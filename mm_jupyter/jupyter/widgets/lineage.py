@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import ipywidgets as widgets
 import plotly.graph_objects as go
 
 from ..display import human_bytes
+from ._static import FigureOutput
 
 if TYPE_CHECKING:
     from ...store.lineage import Lineage, Version
@@ -85,31 +85,43 @@ def hover_text(v: "Version") -> str:
     return "<br>".join(lines)
 
 
-class LineageGraph(widgets.VBox):
-    """The version graph of one set name as an interactive plotly figure plus an HTML summary.
+class LineageGraph(FigureOutput):
+    """The version graph of one set name: a plotly figure (hover tells each version's story), a PNG of
+    the same graph and the lineage's text.
 
-    Versions are nodes (x: version number, y: branch lane), arrows run from base to derived
-    version, one trace per approach so the legend names the colours.
+    Versions are nodes (x: version number, y: branch lane) labelled with the bytes they added, arrows
+    run from base to derived version, one trace per approach so the legend names the colours.
+    ``compact`` fits a narrow panel (the JupyterLab sidebar): no title, the legend below the graph.
     """
 
-    def __init__(self, lineage: "Lineage") -> None:
-        super().__init__()
+    def __init__(self, lineage: "Lineage", compact: bool = False) -> None:
         self.lineage = lineage
+        self.compact = compact
         self.lanes = lanes(lineage.versions)
-        self.figure = go.FigureWidget(self._figure())
-        self.summary = widgets.HTML(self._summary())
-        self.children = [self.summary, self.figure]
+        self.n_lanes = max(self.lanes.values(), default=0) + 1
+        self.png_size = (820, 200 + 60 * self.n_lanes)
+        self.figure = self._figure()
+
+    @property
+    def summary(self) -> str:
+        """One line: versions, edges and bytes stored in all versions together."""
+        versions = self.lineage.versions
+        return (f"{self.lineage.name}: {len(versions)} version(s), {len(self.lineage.edges)} edge(s), "
+                f"{human_bytes(sum(v.bytes for v in versions))} stored")
+
+    def _by_approach(self) -> list[tuple[str, list["Version"]]]:
+        versions = self.lineage.versions
+        return [(a, [v for v in versions if v.approach == a]) for a in approach_order({v.approach for v in versions})]
 
     def _figure(self) -> go.Figure:
         versions = self.lineage.versions
         fig = go.Figure()
-        for approach in approach_order({v.approach for v in versions}):
-            nodes = [v for v in versions if v.approach == approach]
+        for approach, nodes in self._by_approach():
             fig.add_scatter(
                 x=[v.version for v in nodes], y=[self.lanes[v.version] for v in nodes],
-                mode="markers+text", name=approach, text=[f"v{v.version}" for v in nodes],
-                textposition="top center", customdata=[v.version for v in nodes],
-                hovertext=[hover_text(v) for v in nodes], hoverinfo="text",
+                mode="markers+text", name=approach, text=[human_bytes(v.bytes) for v in nodes],
+                textposition="top center", textfont={"size": 11, "color": "#555"},
+                customdata=[v.version for v in nodes], hovertext=[hover_text(v) for v in nodes], hoverinfo="text",
                 marker={"size": 18, "color": colour_of(approach), "line": {"width": 1, "color": "#333"}},
             )
         for base, derived in self.lineage.edges:
@@ -120,27 +132,49 @@ class LineageGraph(widgets.VBox):
                 axref="x", ayref="y", showarrow=True, arrowhead=2, arrowsize=1.2, arrowwidth=1.5,
                 arrowcolor="#666", standoff=11, startstandoff=11, text="",
             )
-        n_lanes = max(self.lanes.values(), default=0) + 1
-        fig.update_layout(
-            title=f"Lineage of {self.lineage.name!r}", height=220 + 70 * n_lanes, template="plotly_white",
-            legend_title_text="approach", margin={"l": 30, "r": 20, "t": 60, "b": 40},
-        )
-        fig.update_xaxes(title_text="version", tickvals=[v.version for v in versions],
-                         ticktext=[f"v{v.version}" for v in versions], zeroline=False)
-        fig.update_yaxes(title_text="branch", showticklabels=False, zeroline=False, autorange="reversed",
-                         tickvals=list(range(n_lanes)))
+        numbers = [v.version for v in versions]
+        fig.update_xaxes(title_text=None if self.compact else "version", tickvals=numbers, ticktext=[f"v{n}" for n in numbers],
+                         zeroline=False, range=[min(numbers, default=1) - 0.5, max(numbers, default=1) + 0.5])
+        fig.update_yaxes(title_text="branch" if self.n_lanes > 1 else None, showticklabels=False, zeroline=False,
+                         range=[self.n_lanes - 0.5, -0.7], tickvals=list(range(self.n_lanes)), fixedrange=True)
+        if self.compact:
+            fig.update_layout(height=150 + 45 * self.n_lanes, margin={"l": 10, "r": 10, "t": 10, "b": 40},
+                              legend={"orientation": "h", "y": -0.2, "x": 0, "yanchor": "top"}, template="plotly_white")
+        else:
+            fig.update_layout(title=f"Lineage of {self.summary}", height=self.png_size[1],
+                              template="plotly_white", legend_title_text="approach",
+                              margin={"l": 30, "r": 20, "t": 60, "b": 40})
         return fig
 
-    def _summary(self) -> str:
-        versions = self.lineage.versions
-        total = sum(v.bytes for v in versions)
-        legend = " ".join(
-            f'<span style="color:{colour_of(a)}">&#9679;</span> {html.escape(a)} '
-            f"({sum(v.approach == a for v in versions)})"
-            for a in approach_order({v.approach for v in versions})
-        )
-        return (f"<b>{html.escape(self.lineage.name)}</b>: {len(versions)} version(s), "
-                f"{len(self.lineage.edges)} edge(s), {human_bytes(total)} stored<br>{legend}")
+    def draw_png(self, fig: Any) -> None:
+        """The same graph with matplotlib: nodes, size labels, base -> derived arrows, legend."""
+        ax = fig.add_subplot()
+        for approach, nodes in self._by_approach():
+            xs, ys = [v.version for v in nodes], [self.lanes[v.version] for v in nodes]
+            ax.scatter(xs, ys, s=220, color=colour_of(approach), edgecolors="#333", linewidths=1, label=approach,
+                       zorder=3)
+            for v, x, y in zip(nodes, xs, ys):
+                ax.annotate(human_bytes(v.bytes), (x, y), xytext=(0, 13), textcoords="offset points",
+                            ha="center", fontsize=9, color="#555")
+        for base, derived in self.lineage.edges:
+            if base in self.lanes:
+                ax.annotate("", (derived, self.lanes[derived]), (base, self.lanes[base]),
+                            arrowprops={"arrowstyle": "-|>", "color": "#666", "lw": 1.5, "shrinkA": 10,
+                                        "shrinkB": 10}, zorder=2)
+        numbers = [v.version for v in self.lineage.versions]
+        ax.set_xticks(numbers, [f"v{n}" for n in numbers])
+        ax.set_xlim(min(numbers, default=1) - 0.5, max(numbers, default=1) + 0.5)
+        ax.set_ylim(self.n_lanes - 0.5, -0.7)
+        ax.set_yticks([])
+        ax.set_xlabel("version")
+        if self.n_lanes > 1:
+            ax.set_ylabel("branch")
+        ax.grid(axis="x", color="#eee")
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+        ax.set_title(f"Lineage of {self.summary}", loc="left", fontsize=12)
+        ax.legend(title="approach", loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        fig.tight_layout()
 
     def __repr__(self) -> str:
         return repr(self.lineage)

@@ -1,13 +1,17 @@
-"""Live progress of a successive-halving model search: per-rung bars, leaderboard, cache, timings.
+"""Live progress of a successive-halving model search: model preparation, per-rung bars, leaderboard,
+cache, timings.
 
 The widget is the ``progress=`` callback of ``mm.search``. Every event updates its state at once;
 the widgets are redrawn at most once per ``throttle`` seconds, because a search over thousands of
-candidates emits far more events than a browser can draw.
+candidates emits far more events than a browser can draw. Its output also carries the same view as
+static HTML and text (``StaticFallback``), refreshed when the search ends, so a saved notebook shows
+the final leaderboard without a kernel.
 """
 from __future__ import annotations
 
 import html
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -15,10 +19,14 @@ from typing import Any, Callable, ClassVar
 import ipywidgets as widgets
 
 from ..display import human_bytes
+from ._static import StaticFallback
 
 #: Clock ticks are floats: a tick that lands a rounding error short of ``throttle`` still renders.
 _TICK = 1e-9
 PRUNED_STYLE = "color:#999"
+#: Leaderboard cells: padded, numbers right-aligned (the notebook's table styles do not reach widgets).
+CELL = ' style="padding:1px 8px;text-align:left"'
+NUM = ' style="padding:1px 8px;text-align:right"'
 
 
 @dataclass
@@ -43,15 +51,22 @@ class Entry:
     pruned: int | None = None
 
     def key(self) -> tuple:
-        """Best first, in the order of ``SearchResult.ranking``: later rung, not pruned, score, loss."""
-        return (-self.rung, self.pruned is not None, -self.score, self.loss, self.model)
+        """Best first, in the order of ``SearchResult.ranking``: later rung, not pruned, score, loss,
+        then the name with its numbers compared as numbers (candidates 2 before 10)."""
+        return (-self.rung, self.pruned is not None, -self.score, self.loss, natural_key(self.model))
 
 
-class SearchProgress(widgets.VBox):
+def natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
+    """``"cand-10"`` sorts after ``"cand-2"``: digit runs compare as numbers, the rest as text."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
+
+
+class SearchProgress(StaticFallback, widgets.VBox):
     """Callable progress widget for ``mm.search(..., progress=SearchProgress())``.
 
     ``renders`` counts redraws (the throttle is testable with an injected ``clock``); call
     ``interrupted()`` when the search is stopped so the widget does not keep saying "running".
+    Shown with ``display_live()``, the end of the search also refreshes the output's static picture.
     """
 
     def __init__(self, throttle: float = 0.1, clock: Callable[[], float] = time.monotonic,
@@ -61,6 +76,8 @@ class SearchProgress(widgets.VBox):
         self.max_rows = max_rows
         self.renders = 0
         self.state = "waiting"
+        self.prepared: tuple[int, int] | None = None  # (candidates prepared, candidates)
+        self.blocks = 0  # distinct blocks hashed while preparing
         self.total_rungs: int | None = None
         self.rungs: dict[int, RungState] = {}
         self.entries: dict[str, Entry] = {}
@@ -72,11 +89,14 @@ class SearchProgress(widgets.VBox):
         self._clock = clock
         self._last: float | None = None
         self.status = widgets.HTML()
+        self.preparation = widgets.IntProgress(min=0, max=1, description="preparing candidates",
+                                               style={"description_width": "initial"},
+                                               layout={"display": "none"})
         self.bars = widgets.VBox()
         self.cache = widgets.HTML()
         self.leaderboard = widgets.HTML()
         self.summary = widgets.HTML()
-        self.children = [self.status, self.bars, self.cache, self.leaderboard, self.summary]
+        self.children = [self.status, self.preparation, self.bars, self.cache, self.leaderboard, self.summary]
         self.flush()
 
     # -- events ------------------------------------------------------------------------------
@@ -94,6 +114,14 @@ class SearchProgress(widgets.VBox):
         if name == "done" or self._last is None or now - self._last >= self.throttle - _TICK:
             self._last = now
             self.flush()
+        if name == "done":
+            self.refresh_static()
+
+    def _prepare(self, e: dict[str, Any]) -> None:
+        done, total = int(e["done"]), int(e["total"])
+        self.prepared = (done, total)
+        self.blocks = int(e.get("blocks", self.blocks))
+        self.state = "preparing"
 
     def _rung_start(self, e: dict[str, Any]) -> None:
         rung, items, total = int(e["rung"]), int(e["items"]), int(e["rungs"])
@@ -134,7 +162,7 @@ class SearchProgress(widgets.VBox):
         self.timings, self.stats, self.state = timings, stats, "done"
 
     _HANDLERS: ClassVar[dict[str, Callable[["SearchProgress", dict[str, Any]], None]]] = {
-        "rung_start": _rung_start, "model_scored": _model_scored, "model_pruned": _model_pruned,
+        "prepare": _prepare, "rung_start": _rung_start, "model_scored": _model_scored, "model_pruned": _model_pruned,
         "rung_end": _rung_end, "cache": _cache, "done": _done,
     }
 
@@ -143,6 +171,7 @@ class SearchProgress(widgets.VBox):
         if self.state != "done":
             self.state = "interrupted"
         self.flush()
+        self.refresh_static()
 
     # -- derived state -----------------------------------------------------------------------
     @property
@@ -161,6 +190,7 @@ class SearchProgress(widgets.VBox):
         """Redraw every part of the widget from the current state."""
         self.renders += 1
         self.status.value = f"<b>search</b>: {html.escape(self._status_text())}"
+        self._draw_preparation()
         self._draw_bars()
         self.cache.value = (f"cache: peak {human_bytes(self.cache_bytes)} in this rung · "
                             f"{human_bytes(self.cache_peak)} overall · {self.chunks} chunk(s)"
@@ -172,7 +202,21 @@ class SearchProgress(widgets.VBox):
         if self.state == "running" and self.rungs:
             rung = max(self.rungs)
             return f"running rung {rung} ({rung + 1}/{self.total_rungs}), {len(self.rungs[rung].models)} models"
+        if self.state == "preparing" and self.prepared is not None:
+            done, total = self.prepared
+            blocks = f" ({self.blocks} distinct blocks)" if self.blocks else ""
+            return f"preparing candidates: {done}/{total}{blocks}"
         return self.state
+
+    def _draw_preparation(self) -> None:
+        """The preparation bar: shown from the first ``prepare`` event until the first rung starts."""
+        if self.prepared is None:
+            return
+        done, total = self.prepared
+        self.preparation.max = max(1, total)
+        self.preparation.value = done
+        self.preparation.bar_style = "success" if done >= total else ""
+        self.preparation.layout.display = "none" if self.rungs else None
 
     def _draw_bars(self) -> None:
         bars = list(self.bars.children)
@@ -198,29 +242,61 @@ class SearchProgress(widgets.VBox):
             else:
                 note, style = ("selected" if e.model in finalists else "active"), ""
             score = f"{e.score:.4f}" if math.isfinite(e.score) else "–"
-            rows.append(f"<tr{style}><td>{i}</td><td>{html.escape(e.model)}</td><td>{score}</td>"
-                        f"<td>{e.rung}</td><td>{note}</td></tr>")
+            rows.append(f"<tr{style}><td{NUM}>{i}</td><td{CELL}>{html.escape(e.model)}</td><td{NUM}>{score}</td>"
+                        f"<td{NUM}>{e.rung}</td><td{CELL}>{note}</td></tr>")
         more = len(ranking) - self.max_rows
         if more > 0:
-            rows.append(f'<tr style="{PRUNED_STYLE}"><td colspan="5">… {more} more</td></tr>')
-        return ("<table><thead><tr><th>#</th><th>model</th><th>score</th><th>rung</th><th></th></tr></thead>"
+            rows.append(f'<tr style="{PRUNED_STYLE}"><td colspan="5"{CELL}>… {more} more</td></tr>')
+        head = "".join(f"<th{NUM if h in ('#', 'score', 'rung') else CELL}>{h}</th>"
+                       for h in ("#", "model", "score", "rung", ""))
+        return (f'<table style="border-collapse:collapse"><thead><tr>{head}</tr></thead>'
                 f"<tbody>{''.join(rows)}</tbody></table>")
 
     def _summary_html(self) -> str:
         total = sum(self.timings.values()) or 1.0
         times = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{v:.3f} s</td><td><div style=\"background:#1f77b4;"
+            f"<tr><td{CELL}>{html.escape(k)}</td><td{NUM}>{v:.3f} s</td><td{CELL}><div style=\"background:#1f77b4;"
             f"height:0.8em;width:{100 * v / total:.0f}px\"></div></td></tr>"
             for k, v in self.timings.items()
         )
         stats = "".join(
-            f"<tr><td>{html.escape(str(k))}</td><td>"
+            f"<tr><td{CELL}>{html.escape(str(k))}</td><td{NUM}>"
             f"{human_bytes(v) if 'bytes' in str(k) and isinstance(v, (int, float)) else html.escape(str(v))}"
             "</td></tr>"
             for k, v in self.stats.items()
         )
         return (f"<b>time breakdown</b> ({sum(self.timings.values()):.3f} s)<table>{times}</table>"
                 f"<b>stats</b><table>{stats}</table>")
+
+    # -- the static picture ------------------------------------------------------------------
+    def static_bundle(self) -> dict[str, Any]:
+        """The widget's state as HTML and text, for viewers without the live widget (saved notebooks)."""
+        rungs = "".join(
+            f"<li>rung {r.index}: {len(r.models)} models on {r.items} items, {len(r.scored)} scored"
+            + (f" &rarr; {len(r.survivors)} survivors" if r.survivors is not None else "") + "</li>"
+            for r in sorted(self.rungs.values(), key=lambda r: r.index)
+        )
+        parts = [self.status.value, f"<ul>{rungs}</ul>" if rungs else "", self.cache.value,
+                 self.leaderboard.value, self.summary.value]
+        return {"text/html": "<div>" + "".join(f"<div>{p}</div>" for p in parts if p) + "</div>",
+                "text/plain": "\n".join([repr(self), *self.leaderboard_lines()])}
+
+    def leaderboard_lines(self) -> list[str]:
+        """The leaderboard as aligned text lines (best first, at most ``max_rows``)."""
+        if not self.entries:
+            return []
+        finalists = set(self.survivors) if self.state == "done" else set()
+        ranking = self.ranking
+        width = max(len(e.model) for e in ranking[: self.max_rows])
+        lines = [f"  {'#':>3}  {'model':<{width}}  {'score':>7}  rung"]
+        for i, e in enumerate(ranking[: self.max_rows], start=1):
+            note = (f"pruned in rung {e.pruned}" if e.pruned is not None
+                    else "selected" if e.model in finalists else "active")
+            score = f"{e.score:.4f}" if math.isfinite(e.score) else "–"
+            lines.append(f"  {i:>3}  {e.model:<{width}}  {score:>7}  {e.rung:>4}  {note}")
+        if len(ranking) > self.max_rows:
+            lines.append(f"  … {len(ranking) - self.max_rows} more")
+        return lines
 
     def __repr__(self) -> str:
         lines = [f"SearchProgress: {self.state}, {len(self.rungs)} rung(s), {len(self.entries)} models"]
