@@ -395,6 +395,10 @@ def _search_ray(args: argparse.Namespace, models: int, items: int) -> int:
                         seed=args.seed, repeat=args.repeat, budget=args.budget, out=args.out, progress=_say)
     print(format_table(res.rows, RAY_COLUMNS))
     print("same scores: bit-identical to one process with 1 thread (workers run 1 thread each)")
+    for r in res.rows:
+        if r["rung_balance"]:
+            print(f"{r['run']}: modelled balance per rung (most loaded worker / mean) {r['rung_balance']}, "
+                  f"busy s per worker {[round(s, 1) for s in r['worker_seconds']]}")
     print()
     print("targets (this run):")
     print(format_targets(res.targets))

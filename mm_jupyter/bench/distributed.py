@@ -115,7 +115,9 @@ def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = 
                      "max_s": max(times[label]), "t_inference": res.timings["inference"],
                      "t_proxy": res.timings["proxy"], "block_inferences": res.stats["block_inferences"],
                      "bytes_loaded": res.stats["bytes_loaded"], "transfer_bytes": d.get("transfer_bytes"),
-                     "balance": max(d["modelled_balance"], default=None) if d else None, "best": res.best,
+                     "balance": max(d["modelled_balance"], default=None) if d else None,
+                     "rung_balance": d.get("modelled_balance"), "worker_seconds": d.get("worker_seconds"),
+                     "best": res.best,
                      "same_ranking": list(res.ranking["model"]) == list(ref.ranking["model"]),
                      "same_scores": res.ranking["score"].tolist() == ref.ranking["score"].tolist()})
     by = {r["run"]: r for r in rows}
