@@ -420,6 +420,7 @@ PARTITION_COLUMNS = [
     ("queue_cheaper_dup", "q:cheaper dup", "%"),
     ("queue_cheaper_bytes", "q:cheaper B/item", "bytes"),
     ("queue_cheaper_speedup", "q:cheaper speed-up", "x"),
+    ("queue_cheaper_balance", "q:cheaper balance", "x"),
     ("overhead_ratio", "q:cheaper/ours overhead", "x"),
 ]
 
@@ -450,7 +451,8 @@ def cmd_partition(args: argparse.Namespace) -> int:
     print(f"cost model: a block step costs its counted FLOPs; moving a byte costs {args.flops:g}/{args.bandwidth:g} "
           "FLOPs (FLOP/s over bytes/s); the trunk runs before the subtrees; queue = shared queue of block steps in "
           "DFS order (recompute / transfer / cheaper of the two when the parent output is elsewhere)")
-    print("dup = recomputed block work as a share of the unique work; subtree partitioning recomputes nothing")
+    print("dup = recomputed block work as a share of the unique work; subtree partitioning recomputes nothing; "
+          "balance = busiest worker's work / mean work; speed-up = unique work / modelled makespan")
     print(format_table(res.rows, PARTITION_COLUMNS))
     print()
     print("targets (this run):")

@@ -240,7 +240,7 @@ def run_partition_sim(models: int = 500, workers: Sequence[int] = (8, 64, 512), 
             "queue_recompute_speedup": unique / redo.makespan,
             "queue_bytes": move.transfer_bytes, "queue_transfer_speedup": unique / move.makespan,
             "queue_cheaper_dup": cheap.duplicated / unique, "queue_cheaper_bytes": cheap.transfer_bytes,
-            "queue_cheaper_speedup": unique / cheap.makespan,
+            "queue_cheaper_speedup": unique / cheap.makespan, "queue_cheaper_balance": cheap.balance,
             "overhead_ratio": _ratio(cheap.duplicated + cheap.transfer_bytes * byte_cost, ours_overhead),
             "bytes_ratio": _ratio(move.transfer_bytes, moved),
         })
