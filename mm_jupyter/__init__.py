@@ -35,6 +35,7 @@ _LAZY = {
     "SearchResult": "mm_jupyter.search.api",
     "add_candidates": "mm_jupyter.search.stored",
     "load_candidates": "mm_jupyter.search.stored",
+    "RayExecutor": "mm_jupyter.search.distributed",
 }
 
 __all__ = [

@@ -238,6 +238,10 @@ def add_search(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="8 candidates, 400 items, --scale small")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="ray: alsatian on Ray with --workers workers vs 1 worker vs one process (1 and N threads)")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers for --executor ray (default 2)")
+    p.add_argument("--repeat", type=int, default=1, help="interleaved rounds for --executor ray, median reported")
     p.set_defaults(func=cmd_search)
 
 
@@ -248,6 +252,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.scale = "small"
     models = args.models if args.models is not None else (QUICK["models"] if args.quick else 35)
     items = args.items if args.items is not None else (QUICK["items"] if args.quick else 2000)
+    if args.executor == "ray":
+        return _search_ray(args, models, items)
     approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
     print(f"search: {models} x {args.arch} ({args.distribution}), {items} items, approaches "
           f"{', '.join(approaches)}, budget {args.budget or 'unlimited'}, scale {args.scale}")
@@ -397,7 +403,101 @@ def cmd_serving(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving]
+RAY_COLUMNS = [
+    ("run", "run", "str"),
+    ("seconds", "median s", "s"),
+    ("min_s", "min s", "s"),
+    ("max_s", "max s", "s"),
+    ("t_inference", "inference s", "s"),
+    ("t_proxy", "proxy s", "s"),
+    ("vs_ray_1", "vs ray 1 worker", "x"),
+    ("block_inferences", "block inf.", "str"),
+    ("bytes_loaded", "bytes loaded", "bytes"),
+    ("transfer_bytes", "handed on B", "bytes"),
+    ("same_ranking", "same ranking", "str"),
+    ("same_scores", "same scores", "str"),
+]
+
+
+def _search_ray(args: argparse.Namespace, models: int, items: int) -> int:
+    from .distributed import run_ray_bench
+
+    print(f"search on Ray: {models} x {args.arch} ({args.distribution}), {items} items, alsatian, "
+          f"{args.workers} workers vs 1 worker vs one process; scale {args.scale}, {args.repeat} round(s)")
+    res = run_ray_bench(arch=args.arch, models=models, distribution=args.distribution, items=items,
+                        workers=args.workers, reduced=args.scale == "small",
+                        image_size=args.resolution if args.scale == "cpu" else None, batch_size=args.batch_size,
+                        seed=args.seed, repeat=args.repeat, budget=args.budget, out=args.out, progress=_say)
+    print(format_table(res.rows, RAY_COLUMNS))
+    print("same scores: bit-identical to one process with 1 thread (workers run 1 thread each)")
+    for r in res.rows:
+        if r["rung_balance"]:
+            print(f"{r['run']}: modelled balance per rung (most loaded worker / mean) {r['rung_balance']}, "
+                  f"busy s per worker {[round(s, 1) for s in r['worker_seconds']]}")
+    print()
+    print("targets (this run):")
+    print(format_targets(res.targets))
+    print(f"results: {', '.join(res.files)}")
+    return 0
+
+
+PARTITION_COLUMNS = [
+    ("workers", "workers", "str"),
+    ("trunk_blocks", "trunk", "str"),
+    ("subtrees", "subtrees", "str"),
+    ("ours_balance", "balance", "x"),
+    ("ours_bytes", "moved B/item", "bytes"),
+    ("ours_speedup", "speed-up", "x"),
+    ("queue_dup", "q:recompute dup", "%"),
+    ("queue_recompute_speedup", "q:recompute speed-up", "x"),
+    ("queue_bytes", "q:transfer B/item", "bytes"),
+    ("queue_transfer_speedup", "q:transfer speed-up", "x"),
+    ("queue_cheaper_dup", "q:cheaper dup", "%"),
+    ("queue_cheaper_bytes", "q:cheaper B/item", "bytes"),
+    ("queue_cheaper_speedup", "q:cheaper speed-up", "x"),
+    ("queue_cheaper_balance", "q:cheaper balance", "x"),
+    ("overhead_ratio", "q:cheaper/ours overhead", "x"),
+]
+
+
+def add_partition(sub: Any) -> None:
+    p = sub.add_parser("partition", help="distributed search, simulated: subtree partitioning vs a shared queue",
+                       description="A mixed candidate set's task tree split over many workers (no model runs).")
+    p.add_argument("--models", type=int, default=500, help="candidates (default 500)")
+    p.add_argument("--workers", default="8,64,512", help="worker counts (default 8,64,512)")
+    p.add_argument("--archs", default="resnet18,resnet152,vit,bert", help="architectures mixed in the set")
+    p.add_argument("--flops", type=float, default=1e13, help="FLOP/s of one worker (default 1e13)")
+    p.add_argument("--bandwidth", type=float, default=1e10, help="bytes/s between workers (default 1e10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_results/distributed")
+    p.set_defaults(func=cmd_partition)
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from .distributed import run_partition_sim
+
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    res = run_partition_sim(models=args.models, workers=workers, archs=archs, flops=args.flops,
+                            bandwidth=args.bandwidth, seed=args.seed, out=args.out, progress=_say)
+    t = res.tree
+    print(f"partition: {t['candidates']} candidates ({', '.join(archs)}; top-layers/top-25/top-50 mixed), "
+          f"{t['edges']} task-tree edges, {t['unique_gflop_per_item']:.1f} GFLOP per item of unique block work")
+    print(f"cost model: a block step costs its counted FLOPs; moving a byte costs {args.flops:g}/{args.bandwidth:g} "
+          "FLOPs (FLOP/s over bytes/s); the trunk runs before the subtrees; queue = shared queue of block steps in "
+          "DFS order (recompute / transfer / cheaper of the two when the parent output is elsewhere)")
+    print("dup = recomputed block work as a share of the unique work; subtree partitioning recomputes nothing; "
+          "balance = busiest worker's work / mean work; speed-up = unique work / modelled makespan")
+    print(format_table(res.rows, PARTITION_COLUMNS))
+    print()
+    print("targets (this run):")
+    print(format_targets(res.targets))
+    print(f"results: {', '.join(res.files)}")
+    return 0
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving,
+                                         add_partition]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,12 +21,12 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["APPROACHES", "Blocks", "SearchResult", "add_candidates", "block_id", "load_candidates", "search",
-           "split_model"]
+__all__ = ["APPROACHES", "Blocks", "RayExecutor", "SearchResult", "add_candidates", "block_id", "load_candidates",
+           "search", "split_model"]
 _LAZY = {
     "search": "api", "SearchResult": "api", "APPROACHES": "api",
     "Blocks": "blocks", "split_model": "blocks", "block_id": "hashing",
-    "add_candidates": "stored", "load_candidates": "stored",
+    "add_candidates": "stored", "load_candidates": "stored", "RayExecutor": "distributed",
 }
 
 

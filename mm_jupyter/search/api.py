@@ -130,18 +130,20 @@ def _named(candidates: Any) -> dict[str, Any]:
 
 
 def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device: str,
-             meter: Meter, emit: Callable[[dict[str, Any]], None]) -> list[Candidate]:
+             meter: Meter, emit: Callable[[dict[str, Any]], None], costs: bool = False) -> list[Candidate]:
     """Split every candidate into blocks, run one item through them (the data must fit every
     candidate before any real work starts), and for sharing hash the blocks. Emits ``prepare``
     events (candidates done / total, distinct blocks hashed): on large candidates this is the
-    search's first, silent-looking phase."""
-    from .blocks import output_sizes, split_model
+    search's first, silent-looking phase. ``costs``: also count each block's work (a distributed
+    search balances its workers by it)."""
+    from .blocks import block_costs, output_sizes, split_model
     from .hashing import block_id
 
     total = len(named)  # type: ignore[arg-type]
     emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})
     if hasattr(named, "engine_candidates"):
-        out = named.engine_candidates(sample, shared=shared, device=device)  # type: ignore[union-attr]
+        out = named.engine_candidates(sample, shared=shared, device=device,  # type: ignore[union-attr]
+                                      costs=costs)
         emit({"event": "prepare", "done": total, "total": total, "blocks": 0})
         return out
     t0 = time.perf_counter()
@@ -155,6 +157,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
         splits[name] = (split, output_sizes(split, sample.to(device), name))
     out = []
     ids_of: dict[int, str] = {}
+    costs_of: dict[tuple, list[float]] = {}  # work depends on the architecture, not on the weights
     distinct: set[str] = set()
     for done, (name, (split, sizes)) in enumerate(splits.items(), start=1):
         ids = None
@@ -165,8 +168,15 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
                     ids_of[id(b.module)] = block_id(b)
                     distinct.add(ids_of[id(b.module)])
                 ids.append(ids_of[id(b.module)])
+        work = None
+        if costs:
+            shape = (tuple(sizes), tuple(tuple((k, tuple(v.shape)) for k, v in b.module.state_dict().items())
+                                         for b in split.blocks))
+            if shape not in costs_of:
+                costs_of[shape] = block_costs(split, sample.to(device))
+            work = costs_of[shape]
         out.append(Candidate(name, split.blocks.__getitem__, len(split.blocks), split.context, ids,
-                             sizes if shared else None))
+                             sizes if shared else None, costs=work))
         emit({"event": "prepare", "done": done, "total": total, "blocks": len(distinct)})
     meter.add("prepare model", time.perf_counter() - t0)
     return out
@@ -213,6 +223,7 @@ def search(
     device: str = "auto",
     proxy: str = "linear",
     progress: Callable[[dict[str, Any]], None] | None = None,
+    executor: Any = None,
     *,
     eta: int = 2,
     batch_size: int = 64,
@@ -225,6 +236,9 @@ def search(
     ``cache_budget`` bounds the bytes of cached intermediate results (Alsatian chunks the data
     when its plan needs more); ``progress`` receives events (candidates prepared, rung start/end, model
     scored/pruned, cache bytes) as dicts. ``halving`` defaults to True for alsatian and shift, False for base.
+    ``executor``: ``"ray"`` (a local Ray started on demand, or the cluster ``ray.init`` connected
+    to) or a ``RayExecutor`` runs each rung on several workers, each taking whole subtrees of the
+    task tree; pruning stays global, and scores and rankings are those of the single-process run.
     """
     import torch
 
@@ -249,7 +263,11 @@ def search(
         raise SearchError(f"halving must be True, False or None, not {halving!r}")
     if progress is not None and not callable(progress):
         raise SearchError(f"progress must be a callable or None, not {type(progress).__name__}")
-    dev = resolve_device(device)
+    if executor is not None:
+        from .distributed import resolve_executor
+
+        pool = resolve_executor(executor)
+    dev = resolve_device(device) if executor is None else "cpu"  # the driver only probes; workers run
     meter = Meter()
     emit = progress or (lambda event: None)
     t0 = time.perf_counter()
@@ -272,7 +290,30 @@ def search(
     meter.add("prepare data", time.perf_counter() - t0)
 
     shared = approach == "alsatian"
-    cands = {c.name: c for c in _prepare(named, x[:1], shared, dev, meter, emit)}
+    cands = {c.name: c for c in _prepare(named, x[:1], shared, dev, meter, emit, costs=executor is not None)}
+    remote = None
+    if executor is not None:
+        from .distributed import RaySearch
+
+        t1 = time.perf_counter()
+        remote = RaySearch(pool, named, list(cands.values()), x[:1], device, shared=shared, batch_size=batch_size,
+                           budget=cache_budget, proxy=proxy, seed=seed)
+        meter.add("prepare model", time.perf_counter() - t1)
+    try:
+        return _run(named, cands, x_train, y_train, x_test, y_test, rungs, approach, k, shared, dev, meter, emit,
+                    score_fn, batch_size, cache_budget, seed, remote)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_train: "torch.Tensor",
+         x_test: "torch.Tensor", y_test: "torch.Tensor", rungs: list[Rung], approach: str, k: int, shared: bool,
+         dev: str, meter: Meter, emit: Callable[[dict[str, Any]], None], score_fn: Callable[..., Any],
+         batch_size: int, cache_budget: int | None, seed: int, remote: Any) -> SearchResult:
+    """The rungs: extract new features, score, prune (locally or on the Ray workers)."""
+    import torch
+
     active = list(cands)
     test_feats: dict[str, torch.Tensor] = {}
     train_feats: dict[str, list[torch.Tensor]] = {name: [] for name in cands}
@@ -289,6 +330,8 @@ def search(
         group = [cands[n] for n in active]
         if not segments:
             per_segment: list[dict] = []
+        elif remote is not None:
+            per_segment = remote.extract(group, segments, meter, emit)
         elif shared:
             per_segment = extract_shared(group, segments, batch_size=batch_size, device=dev,
                                          budget=cache_budget, meter=meter, progress=emit, resident=resident)
@@ -303,12 +346,15 @@ def search(
                 else:
                     train_feats[name].append(f)
         done_items = rung.items
-        scores = {}
         t1 = time.perf_counter()
+        if remote is not None:
+            scores = remote.score([(n, torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in active],
+                                  y_train[: rung.items], y_test)
+        else:
+            scores = {n: score_fn(torch.cat(train_feats[n])[: rung.items], y_train[: rung.items], test_feats[n],
+                                  y_test, seed=seed) for n in active}
         for name in active:
-            tr = torch.cat(train_feats[name])[: rung.items]
-            s = score_fn(tr, y_train[: rung.items], test_feats[name], y_test, seed=seed)
-            scores[name] = s
+            s = scores[name]
             results[name] = {"model": name, "score": s.score, "loss": s.loss, "rung": rung.index}
             emit({"event": "model_scored", "rung": rung.index, "model": name, "score": s.score, "loss": s.loss})
         meter.add("proxy", time.perf_counter() - t1)
@@ -326,6 +372,8 @@ def search(
                 del resident[key]
     ranking = _ranking(results, active)
     stats = meter.stats()
+    if remote is not None:
+        stats["distributed"] = remote.stats
     emit({"event": "done", "timings": dict(meter.timings), "stats": stats})
     return SearchResult(approach, ranking, dict(meter.timings), stats, rungs, k,
                         {n: named[n] for n in named} if isinstance(named, dict) else {})

@@ -158,6 +158,25 @@ def output_sizes(split: Split, sample: Tensor, candidate: str | None = None) -> 
     return sizes
 
 
+def block_costs(split: Split, sample: Tensor) -> list[float]:
+    """Per-item cost of each block, the cost model that distributed search balances workers by:
+    the floating-point operations of a one-item forward (torch's ``FlopCounterMode``: matrix
+    products and convolutions), at least the block's output elements, so that a lookup or
+    element-wise block is not free. Counted, not timed: the same on every machine and run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = sample[:1]
+    costs: list[float] = []
+    with torch.no_grad(), eval_mode(split.modules()):
+        ctx = split.context(one)
+        h = one
+        for block in split.blocks:
+            with FlopCounterMode(display=False) as counter:
+                h = block(h, ctx)
+            costs.append(float(max(counter.get_total_flops(), h.numel())))
+    return costs
+
+
 # --------------------------------------------------------------------------------------------
 # Declared blocks
 

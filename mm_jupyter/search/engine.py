@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Collection, Hashable
 
 from ..errors import SearchError
 from .cache import TieredCache
@@ -65,9 +65,10 @@ class Candidate:
     """One candidate as the engine sees it: named blocks, their ids and output sizes, and how to
     get a block (in memory, or loaded from a store on first use)."""
 
-    def __init__(self, name: str, blocks: Callable[[int], "Block"], count: int,
+    def __init__(self, name: Hashable, blocks: Callable[[int], "Block"], count: int,
                  context: Callable[["torch.Tensor"], dict], ids: list[str] | None = None,
-                 sizes: list[int] | None = None, nbytes: Callable[[int], int] | None = None) -> None:
+                 sizes: list[int] | None = None, nbytes: Callable[[int], int] | None = None,
+                 costs: list[float] | None = None) -> None:
         self.name = name
         self._blocks = blocks
         self.count = count
@@ -75,10 +76,18 @@ class Candidate:
         self.ids = ids
         self.sizes = sizes
         self._nbytes = nbytes or (lambda i: 0)
+        self.costs = costs  # per-item cost of each block (distributed runs balance by it)
 
     def block(self, i: int, meter: Meter) -> "Block":
         meter.bytes_loaded += self._nbytes(i)
         return self._blocks(i)
+
+    def prefix(self, depth: int, name: Hashable) -> "Candidate":
+        """The first ``depth`` blocks as a candidate called ``name``: its "features" are the
+        intermediate output at that depth (what a distributed trunk hands to other workers)."""
+        assert self.ids is not None and self.sizes is not None
+        return Candidate(name, self._blocks, depth, self.context, self.ids[:depth], self.sizes[:depth],
+                         self._nbytes)
 
 
 def batch_ranges(lengths: list[int], batch_size: int) -> list[tuple[int, int]]:
@@ -189,14 +198,15 @@ def _split(feats: "torch.Tensor", segments: list["torch.Tensor"]) -> list["torch
 
 
 def plan_for(cands: list[Candidate], raw: "torch.Tensor", budget: int | None,
-             meter: Meter) -> tuple[TaskTree, Plan]:
-    """Task tree of ``cands`` over the items of ``raw`` and its DFS+ plan."""
+             meter: Meter, start: int = 0) -> tuple[TaskTree, Plan]:
+    """Task tree of ``cands`` (their blocks from depth ``start`` on) over the items of ``raw``
+    (the input at that depth) and its DFS+ plan."""
     t0 = time.perf_counter()
     per_item = raw[:1].element_size() * max(1, raw[:1].numel())
     tree = TaskTree(per_item)
     for c in cands:
         assert c.ids is not None and c.sizes is not None
-        tree.add_model(c.name, c.ids, c.sizes)
+        tree.add_model(c.name, c.ids[start:], c.sizes[start:])
     plan = plan_tree(tree, max(1, len(raw)), budget)
     meter.add("planning", time.perf_counter() - t0)
     meter.unique_edges += tree.edges
@@ -206,25 +216,31 @@ def plan_for(cands: list[Candidate], raw: "torch.Tensor", budget: int | None,
 def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, batch_size: int, device: str,
                    budget: int | None, meter: Meter, progress: Progress | None = None,
                    host_budget: int | None = None,
-                   resident: dict[tuple[str, ...], "Block"] | None = None) -> list[dict[Hashable, "torch.Tensor"]]:
+                   resident: dict[tuple[str, ...], "Block"] | None = None, from_depth: int = 0,
+                   inputs: "torch.Tensor | None" = None,
+                   exports: Collection[Hashable] = ()) -> list[dict[Hashable, "torch.Tensor"]]:
     """Features of all candidates per segment, every shared block run once per chunk (Alsatian):
     one task tree, one DFS+ plan, and the same batches as the whole-model path.
 
     ``resident`` keeps loaded blocks across calls (rungs), keyed by their block-id path from the
-    root, so a block still needed by surviving candidates is not loaded again."""
+    root, so a block still needed by surviving candidates is not loaded again. A subtree starts at
+    depth ``from_depth`` from ``inputs`` (the candidates' shared first ``from_depth`` blocks' output on
+    the items of ``segments``, which still give the batches and the blocks' context); candidates
+    named in ``exports`` yield their last output as it is (not flattened to features)."""
     import torch
 
     if not cands:
         return [{} for _ in segments]
     raw = torch.cat(segments) if len(segments) > 1 else segments[0]
-    tree, plan = plan_for(cands, raw, budget, meter)
+    root = raw if inputs is None else inputs
+    tree, plan = plan_for(cands, root, budget, meter, from_depth)
     chunk_items = plan.chunk_items
     if batch_size <= chunk_items < len(raw):
         chunk_items = chunk_items // batch_size * batch_size  # whole batches per chunk
     chunks = chunk_ranges(batch_ranges([len(s) for s in segments], batch_size), max(1, chunk_items))
     source: dict[int, tuple[Candidate, int]] = {}
     for c in cands:
-        for depth, nid in enumerate(tree.path(c.name)[1:]):
+        for depth, nid in enumerate(tree.path(c.name)[1:], from_depth):
             source.setdefault(nid, (c, depth))
     uses: dict[int, list[int]] = {}
     for pos, st in enumerate(plan.steps):
@@ -241,7 +257,7 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
     devices = [device] if device == "cpu" else [device, "cpu"]
     budgets: list[int | None] = [budget] if device == "cpu" else [budget, host_budget]
     loaded: dict[tuple[str, ...], Block] = resident if resident is not None else {}
-    prefix: dict[int, tuple[str, ...]] = {0: ()}
+    prefix: dict[int, tuple[str, ...]] = {0: tuple(cands[0].ids[:from_depth])}  # type: ignore[index]
     for nid in sorted(tree.nodes):
         node = tree.nodes[nid]
         for block, child in node.children.items():
@@ -255,7 +271,7 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
             cache = TieredCache(devices, budgets, next_use)
             meter.chunks += 1
             try:
-                cache.put(0, piece.to(device))
+                cache.put(0, root[start:stop].to(device))
                 for pos, st in enumerate(plan.steps):
                     now[0] = pos
                     node = tree.nodes[st.node]
@@ -274,9 +290,10 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
                         meter.add("inference", time.perf_counter() - t0)
                         meter.ran(depth, len(piece))
                     elif st.kind == "score":
-                        f = cache.get(st.node, device).reshape(len(piece), -1).float().cpu()
+                        f = cache.get(st.node, device)
+                        f = f.cpu() if st.model in exports else f.reshape(len(piece), -1).float().cpu()
                         if st.model not in feats:
-                            feats[st.model] = torch.empty((len(raw), f.shape[1]), dtype=f.dtype)
+                            feats[st.model] = torch.empty((len(raw), *f.shape[1:]), dtype=f.dtype)
                         feats[st.model][start:stop] = f
                     else:
                         cache.release(st.node)

@@ -169,21 +169,26 @@ class StoredCandidates:
             split.head.load_state_dict(self._load(split.head, entry["head"]).state_dict())
         return model
 
-    def engine_candidates(self, sample: "torch.Tensor", shared: bool, device: str) -> list["Candidate"]:
+    def engine_candidates(self, sample: "torch.Tensor", shared: bool, device: str,
+                          costs: bool = False) -> list["Candidate"]:
         """Engine view: ids and output sizes from the manifest and a skeleton (no parameter bytes
         read; the skeleton's one-item forward checks that the data fits); a block's bytes are
-        read when the engine asks for that block."""
-        from .blocks import Block, output_sizes
+        read when the engine asks for that block. ``costs``: also count each block's work on the
+        skeleton (the same for every candidate of an architecture)."""
+        from .blocks import Block, block_costs, output_sizes
         from .engine import Candidate
 
         out = []
         sizes_of: dict[int, list[int]] = {}
+        costs_of: dict[int, list[float]] = {}
         for entry in self.entries:
             skel = self._skeleton(entry)
             if len(skel.blocks) != len(entry["blocks"]):
                 raise SearchError(f"stored candidate {entry['name']!r} no longer splits like it did when stored")
             if id(skel) not in sizes_of:  # also the check that the data fits this architecture
                 sizes_of[id(skel)] = output_sizes(skel, sample, entry["name"])
+                if costs:
+                    costs_of[id(skel)] = block_costs(skel, sample)
 
             def block(i: int, entry: dict[str, Any] = entry, skel: Any = skel) -> Block:
                 module = self._load(skel.blocks[i].module, entry["blocks"][i]).to(device)
@@ -194,7 +199,7 @@ class StoredCandidates:
 
             ids = [b["id"] for b in entry["blocks"]] if shared else None
             out.append(Candidate(entry["name"], block, len(entry["blocks"]), skel.context, ids,
-                                 sizes_of.get(id(skel)) if shared else None, nbytes))
+                                 sizes_of.get(id(skel)) if shared else None, nbytes, costs_of.get(id(skel))))
         return out
 
 

@@ -1,0 +1,520 @@
+"""Model search on Ray: ``mm.search(..., executor="ray")`` or ``executor=RayExecutor(...)``.
+
+Per rung the driver builds the surviving candidates' task tree, splits it into whole subtrees, one
+set per worker, balanced by the block cost model (``partition.py``), and sends each worker its
+subtrees; a worker runs them with the DFS+ planner under its own cache budget. A stem shared too
+widely to split (the *trunk*) runs first on one worker, and its outputs at the cut nodes go
+through Ray's object store to the workers whose subtrees start there. Workers return features; the
+driver keeps them, has the workers score the candidates (the proxy is a pure function, so where it
+runs does not change the score) and prunes globally, exactly as the single-process search does.
+Batches are cut as in the single-process run (every subtree batches its items from the start of
+each segment), so features, scores and rankings are the same.
+
+Candidates stored with ``add_candidates`` are read by the workers themselves from the store
+(through ``Store``/``load_candidates`` and the object area's verified reads, so only the blocks a
+worker's subtrees need are fetched); in-memory candidates are put into Ray's object store once per
+distinct block. Ray's transport pickles task arguments between the driver and its own workers;
+nothing read from a model store is ever unpickled.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
+
+from ..errors import MMError, SearchError
+from .engine import Candidate, Meter, extract_shared, extract_whole
+from .partition import Partition, partition_tree
+from .tree import TaskTree
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..store import Store
+    from .proxies import ProxyScore
+
+Progress = Callable[[dict[str, Any]], None]
+START_TIMEOUT_S = 600.0  # workers import torch; on a busy machine that takes a while
+
+
+def store_address(store: "Store") -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments that open ``store`` again in another process (a Ray worker)."""
+    return (str(store.root),), {"trust_code": store.trust_code}
+
+
+# -- what travels to a worker -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoredSource:
+    """Candidates a worker loads itself from a store (blocks read on first use)."""
+
+    store: tuple[tuple[Any, ...], dict[str, Any]]
+    name: str
+    version: int
+    trust_code: bool
+
+
+@dataclass(frozen=True)
+class MemorySource:
+    """In-memory candidates: per candidate its block ids, output sizes and object references of
+    its blocks and batch context in Ray's object store."""
+
+    entries: tuple[tuple[str, tuple[str, ...] | None, tuple[int, ...] | None, tuple[Any, ...], Any], ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Work for one worker call: ``names`` get features; a shared job starts at depth ``start``
+    from the trunk output ``source`` (a block-id path; None: the raw items) and hands on the
+    intermediates ``exports`` ((candidate, depth) pairs); a whole job runs each candidate alone."""
+
+    names: tuple[str, ...]
+    start: int = 0
+    source: tuple[str, ...] | None = None
+    exports: tuple[tuple[str, int], ...] = ()
+    whole: bool = False
+
+
+@dataclass
+class WorkerResult:
+    features: list[dict[Hashable, "torch.Tensor"]]
+    exports: dict[tuple[str, ...], "torch.Tensor"] = field(default_factory=dict)
+    meter: Meter = field(default_factory=Meter)
+    seconds: float = 0.0
+
+
+# -- the worker (a Ray actor) -----------------------------------------------------------------------
+class Worker:
+    """One search worker: a CPU slot (``threads`` intra-op threads) or one GPU."""
+
+    def __init__(self, threads: int, device: str) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.device = device
+        self.cands: dict[str, Candidate] = {}
+        self.resident: dict[tuple[str, ...], Any] = {}
+        self._store: Any = None
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def setup(self, source: StoredSource | MemorySource, sample: "torch.Tensor", shared: bool) -> None:
+        """Candidates for the search that starts (ids and sizes as the driver computed them)."""
+        self.reset()
+        if isinstance(source, StoredSource):
+            from .. import Store
+            from .stored import load_candidates
+
+            args, kwargs = source.store
+            self._store = Store(*args, **kwargs)
+            stored = load_candidates(self._store, source.name, source.version, trust_code=source.trust_code)
+            self.cands = {str(c.name): c for c in stored.engine_candidates(sample, shared=shared, device=self.device)}
+            return
+        import ray
+
+        for name, ids, sizes, blocks, context in source.entries:
+            fetch = _Fetch(blocks, self.device)
+            self.cands[name] = Candidate(name, fetch, len(blocks), ray.get(context),
+                                         list(ids) if ids is not None else None,
+                                         list(sizes) if sizes is not None else None)
+
+    def extract(self, jobs: Sequence[Job], segments: list["torch.Tensor"], trunk: WorkerResult | None,
+                batch_size: int, budget: int | None) -> WorkerResult:
+        """Run ``jobs`` one after another; features per segment, exported intermediates, counters."""
+        import torch
+
+        t0 = time.perf_counter()
+        meter = Meter()
+        features: list[dict[Hashable, torch.Tensor]] = [{} for _ in segments]
+        exports: dict[tuple[str, ...], torch.Tensor] = {}
+        needed: set[tuple[str, ...]] = set()
+        for job in jobs:
+            cands = [self.cands[n] for n in job.names]
+            if job.whole:
+                for c in cands:
+                    for i, f in enumerate(extract_whole(c, segments, batch_size=batch_size, device=self.device,
+                                                        meter=meter)):
+                        features[i][c.name] = f
+                continue
+            cuts = {tuple(self.cands[n].ids[:d]): self.cands[n].prefix(d, ("cut", n, d))  # type: ignore[index]
+                    for n, d in job.exports}
+            group = cands + list(cuts.values())
+            inputs = None if job.source is None else trunk.exports[job.source]  # type: ignore[union-attr]
+            per_segment = extract_shared(group, segments, batch_size=batch_size, device=self.device, budget=budget,
+                                         meter=meter, resident=self.resident, from_depth=job.start, inputs=inputs,
+                                         exports={c.name for c in cuts.values()})
+            for key, cut in cuts.items():
+                exports[key] = torch.cat([seg[cut.name] for seg in per_segment])
+            for i, seg in enumerate(per_segment):
+                features[i].update({n: f for n, f in seg.items() if isinstance(n, str)})
+            needed |= {tuple(c.ids[: d + 1]) for c in group for d in range(job.start, c.count)}  # type: ignore[index]
+        for key in [k for k in self.resident if k not in needed]:
+            del self.resident[key]
+        return WorkerResult(features, exports, meter, time.perf_counter() - t0)
+
+    def score(self, items: Sequence[tuple[str, "torch.Tensor", "torch.Tensor"]], y_train: "torch.Tensor",
+              y_test: "torch.Tensor", proxy: str, seed: int) -> dict[str, "ProxyScore"]:
+        """Proxy scores of candidates from their train and test features."""
+        from .proxies import get_proxy
+
+        score_fn = get_proxy(proxy)
+        return {name: score_fn(tr, y_train[: len(tr)], te, y_test, seed=seed) for name, tr, te in items}
+
+    def reset(self) -> None:
+        """Forget the last search's candidates and loaded blocks."""
+        self.cands.clear()
+        self.resident.clear()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+class _Fetch:
+    """A worker's access to in-memory blocks: fetched from Ray's object store when first run."""
+
+    def __init__(self, refs: Sequence[Any], device: str) -> None:
+        self.refs = refs
+        self.device = device
+
+    def __call__(self, i: int) -> Any:
+        import ray
+
+        block = ray.get(self.refs[i])
+        block.module.to(self.device)
+        return block
+
+
+# -- the executor ------------------------------------------------------------------------------------
+class RayExecutor:
+    """Ray workers for ``mm.search(..., executor=...)``: one actor per CPU slot or GPU.
+
+    ``address``: an existing cluster (``ray.init(address=...)``); without it, and when Ray is not
+    initialised yet, a local Ray starts with ``workers`` CPUs (default: this machine's), without
+    dashboard and usage statistics, bound to 127.0.0.1. ``gpus``: one worker per GPU (None: when
+    the cluster has GPUs). ``threads``: torch threads per CPU worker, and the CPU slots it reserves
+    (default: the cluster's CPUs divided by the workers). Use as a context manager, or ``close()``. ``executor="ray"`` uses
+    the executor started last and still open, else starts a default one that stays up for later
+    searches."""
+
+    def __init__(self, workers: int | None = None, *, address: str | None = None, gpus: bool | None = None,
+                 threads: int | None = None, object_store_memory: int | None = None) -> None:
+        for value, what in ((workers, "workers"), (threads, "threads")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SearchError(f"{what} must be an integer >= 1 (or None), not {value!r}")
+        self.workers = workers
+        self.address = address
+        self.gpus = gpus
+        self.threads = threads
+        self.object_store_memory = object_store_memory
+        self.actors: list[Any] = []
+        self.device = "cpu"
+        self._started_ray = False
+
+    def __enter__(self) -> "RayExecutor":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RayExecutor({len(self.actors) or self.workers or 'auto'} workers, {self.device})"
+
+    def start(self) -> None:
+        """Connect to (or start) Ray and start the workers; waits until every worker is up."""
+        if self.actors:
+            return
+        ray = _ray()
+        if not ray.is_initialized():
+            if self.address is not None:
+                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                self._started_ray = start_local_ray(self.workers, self.object_store_memory)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        use_gpus = bool(gpus) if self.gpus is None else self.gpus
+        if use_gpus and not gpus:
+            raise SearchError("RayExecutor(gpus=True) but the Ray cluster has no GPUs")
+        slots = gpus if use_gpus else int(resources.get("CPU", 0))
+        workers = self.workers or slots
+        if workers > slots or workers < 1:
+            raise SearchError(f"{workers} Ray worker(s) requested but the cluster has {slots} "
+                              f"{'GPU' if use_gpus else 'CPU'} slot(s)")
+        # CPUs each CPU worker reserves: its threads (so executors of 1-thread workers can coexist)
+        share = self.threads or max(1, int(resources.get("CPU", 1)) // workers)
+        if not use_gpus and workers * share > slots:
+            raise SearchError(f"{workers} Ray worker(s) of {share} thread(s) need {workers * share} CPU slots but "
+                              f"the cluster has {slots}")
+        self.device = "cuda" if use_gpus else "cpu"
+        options = {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": share}
+        remote = ray.remote(Worker).options(**options)
+        self.actors = [remote.remote(share, self.device) for _ in range(workers)]
+        try:
+            _get([a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
+        except SearchError:
+            self.close()
+            raise
+        _OPEN.append(self)
+
+    def close(self) -> None:
+        """Stop the workers (and Ray, if this executor started it)."""
+        if self in _OPEN:
+            _OPEN.remove(self)
+        if self.actors:
+            ray = _ray()
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []
+        if self._started_ray:
+            _ray().shutdown()
+            self._started_ray = False
+
+
+def start_local_ray(cpus: int | None = None, object_store_memory: int | None = None) -> bool:
+    """Start a private local Ray with ``cpus`` CPU slots (default: this machine's) unless Ray is
+    initialised already; returns whether it started one. No dashboard, no usage statistics,
+    bound to 127.0.0.1, workers' output not copied to the caller's."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports sent anywhere
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU workers keep CUDA_VISIBLE_DEVICES
+    ray.init(num_cpus=cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", object_store_memory=object_store_memory, logging_level=logging.WARNING)
+    return True
+
+
+_OPEN: list[RayExecutor] = []  # started and not closed, oldest first
+
+
+def resolve_executor(executor: Any) -> RayExecutor:
+    """``"ray"`` -> the executor started last (a default one if none is open); a RayExecutor is
+    started if it is not yet."""
+    if isinstance(executor, RayExecutor):
+        executor.start()
+        return executor
+    if isinstance(executor, str) and executor == "ray":
+        if not _OPEN:
+            RayExecutor().start()
+        return _OPEN[-1]
+    raise SearchError(f"executor must be None, 'ray' or a RayExecutor, not {executor!r}")
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise SearchError("executor='ray' needs Ray: pip install 'mm_jupyter[ray]'") from None
+    return ray
+
+
+def _get(refs: Any, timeout: float | None = None) -> Any:
+    """``ray.get``, with a worker's failure as one MMError line."""
+    ray = _ray()
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise SearchError(f"the Ray workers did not start within {timeout:g} s (does the cluster have free "
+                          "CPU/GPU slots?)") from None
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause
+        if isinstance(cause, MMError):
+            raise cause from None
+        raise SearchError(f"a Ray worker failed: {type(cause).__name__}: {cause}") from None
+    except ray.exceptions.RayError as e:
+        first = str(e).strip().splitlines()
+        raise SearchError(f"a Ray worker was lost: {type(e).__name__}: {first[0] if first else ''}") from None
+
+
+# -- one search on the executor -----------------------------------------------------------------------
+class RaySearch:
+    """The distributed half of one ``mm.search`` call: ships the candidates, runs each rung's
+    extraction and scoring on the workers, and keeps which worker held which candidates, so a
+    later rung hands a subtree to the worker that already loaded its blocks."""
+
+    def __init__(self, executor: RayExecutor, named: Any, cands: list[Candidate], sample: "torch.Tensor",
+                 device: str, *, shared: bool, batch_size: int, budget: int | None, proxy: str, seed: int) -> None:
+        if device not in ("auto", "cpu") and not (device.startswith("cuda") and executor.device == "cuda"):
+            raise SearchError(f"device {device!r} is not what the Ray workers have ({executor.device}); "
+                              "use device='auto'")
+        self.executor = executor
+        self.cands = {str(c.name): c for c in cands}
+        self.shared = shared
+        self.batch_size = batch_size
+        self.budget = budget
+        self.proxy = proxy
+        self.seed = seed
+        self.held: dict[str, int] = {}  # candidate -> worker that last extracted it
+        self.stats: dict[str, Any] = {"workers": len(executor.actors), "transfer_bytes": 0, "trunk_blocks": 0,
+                                      "worker_seconds": [0.0] * len(executor.actors), "modelled_balance": []}
+        source = self._source(named, cands)
+        _get([a.setup.remote(source, sample, shared) for a in executor.actors])
+
+    def _source(self, named: Any, cands: list[Candidate]) -> StoredSource | MemorySource:
+        ray = _ray()
+        if hasattr(named, "engine_candidates"):
+            return StoredSource(store_address(named.store), named.ref.name, named.ref.version, named.trust_code)
+        refs: dict[Any, Any] = {}
+        entries = []
+        meter = Meter()
+        for c in cands:
+            blocks = []
+            for i in range(c.count):
+                block = c.block(i, meter)
+                key = c.ids[i] if c.ids is not None else id(block.module)
+                if key not in refs:
+                    refs[key] = ray.put(block)
+                blocks.append(refs[key])
+            if ("context", id(c.context)) not in refs:
+                refs["context", id(c.context)] = ray.put(c.context)
+            ctx = refs["context", id(c.context)]
+            entries.append((str(c.name), tuple(c.ids) if c.ids is not None else None,
+                            tuple(c.sizes) if c.sizes is not None else None, tuple(blocks), ctx))
+        return MemorySource(tuple(entries))
+
+    # -- extraction ---------------------------------------------------------------------------------
+    def extract(self, group: list[Candidate], segments: list["torch.Tensor"], meter: Meter,
+                progress: Progress) -> list[dict[Hashable, "torch.Tensor"]]:
+        """Features of ``group`` per segment, computed by the workers."""
+        ray = _ray()
+        t0 = time.perf_counter()
+        trunk_job, jobs, trunk_worker = self._plan(group, segments, meter)
+        meter.add("planning", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        actors = self.executor.actors
+        segs = ray.put(segments)
+        trunk_ref = None
+        if trunk_job is not None:
+            trunk_ref = actors[trunk_worker].extract.remote([trunk_job], segs, None, self.batch_size, self.budget)
+        calls = {w: actors[w].extract.remote(js, segs, trunk_ref if any(j.source for j in js) else None,
+                                             self.batch_size, self.budget)
+                 for w, js in enumerate(jobs) if js}
+        results: list[tuple[int, WorkerResult]] = list(zip(calls, _get(list(calls.values()))))
+        if trunk_ref is not None:
+            results.append((trunk_worker, _get(trunk_ref)))
+        meter.add("inference", time.perf_counter() - t0)
+        out: list[dict[Hashable, torch.Tensor]] = [{} for _ in segments]
+        for w, res in results:
+            _absorb(meter, res.meter)
+            self.stats["worker_seconds"][w] += res.seconds
+            progress({"event": "cache", "bytes": res.meter.cache_peak_bytes, "chunk": meter.chunks, "worker": w})
+            for i, feats in enumerate(res.features):
+                out[i].update(feats)
+                self.held.update({str(n): w for n in feats})
+        missing = [c.name for c in group if segments and c.name not in out[0]]
+        if missing:
+            raise SearchError(f"the Ray workers returned no features for {missing[:3]}")
+        return out
+
+    def _plan(self, group: list[Candidate], segments: list["torch.Tensor"],
+              meter: Meter) -> tuple[Job | None, list[list[Job]], int]:
+        """Jobs per worker (and the trunk job with its worker) for one rung."""
+        workers = len(self.executor.actors)
+        if not self.shared:
+            tree = TaskTree(1)
+            cost = {}
+            for c in group:  # each candidate is a subtree of its own
+                leaf = tree.add_model(c.name, [str(c.name)], [1])
+                cost[leaf] = sum(c.costs or [1.0])
+            part = partition_tree(tree, cost, workers)
+            order = self._match(part, tree)
+            return None, [[Job(tuple(str(n) for r in part.bins[b] for n in tree.nodes[r].ends), whole=True)]
+                          if part.bins[b] else [] for b in order], 0
+        per_item = segments[0][:1].element_size() * max(1, segments[0][:1].numel())
+        tree = TaskTree(per_item)
+        cost: dict[int, float] = {}
+        for c in group:
+            assert c.ids is not None and c.sizes is not None and c.costs is not None
+            tree.add_model(c.name, c.ids, c.sizes)
+            for depth, nid in enumerate(tree.path(c.name)[1:]):
+                cost[nid] = c.costs[depth]
+        part = partition_tree(tree, cost, workers)
+        self.stats["modelled_balance"].append(round(part.balance, 4))
+        self.stats["trunk_blocks"] += len(part.trunk)
+        items = sum(len(s) for s in segments)
+        self.stats["transfer_bytes"] += part.transfer_bytes(tree) * items
+        order = self._match(part, tree)
+        path = _paths(tree)
+        trunk = set(part.trunk)
+        trunk_job = None
+        if trunk:
+            ends = tuple(str(m) for n in part.trunk for m in tree.nodes[n].ends)
+            exports = tuple((str(min(tree.nodes[p].models, key=str)), len(path[p])) for p in part.cuts(tree))
+            trunk_job = Job(ends, exports=exports)
+        jobs: list[list[Job]] = []
+        for b in order:
+            by_parent: dict[int, list[int]] = {}
+            for r in part.bins[b]:
+                by_parent.setdefault(tree.nodes[r].parent, []).append(r)  # type: ignore[arg-type]
+            jobs.append([Job(tuple(sorted({str(m) for r in roots for m in tree.nodes[r].models})), len(path[p]),
+                             path[p] if p else None) for p, roots in sorted(by_parent.items())])
+        return trunk_job, jobs, order.index(part.trunk_worker)
+
+    def _match(self, part: Partition, tree: TaskTree) -> list[int]:
+        """``order[w]``: the bin worker ``w`` runs. Bins are interchangeable, so each goes to the
+        worker that extracted most of its candidates last rung (its blocks are still loaded there)."""
+        workers = len(part.bins)
+        overlap = []
+        for b, roots in enumerate(part.bins):
+            names = {str(m) for r in roots for m in tree.nodes[r].models}
+            for w in range(workers):
+                overlap.append((-sum(self.held.get(n) == w for n in names), b, w))
+        order = [-1] * workers
+        used: set[int] = set()
+        for _, b, w in sorted(overlap):
+            if order[w] < 0 and b not in used:
+                order[w] = b
+                used.add(b)
+        return order
+
+    # -- scoring ----------------------------------------------------------------------------------------
+    def score(self, items: list[tuple[str, "torch.Tensor", "torch.Tensor"]], y_train: "torch.Tensor",
+              y_test: "torch.Tensor") -> dict[str, "ProxyScore"]:
+        """Proxy scores, candidates spread over the workers (largest feature matrices first)."""
+        ray = _ray()
+        workers = len(self.executor.actors)
+        bins: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[] for _ in range(workers)]
+        loads = [0] * workers
+        for item in sorted(items, key=lambda it: -it[1].numel()):
+            w = min(range(workers), key=lambda i: (loads[i], i))
+            bins[w].append(item)
+            loads[w] += item[1].numel()
+        ys = ray.put(y_train), ray.put(y_test)
+        calls = [a.score.remote(b, ys[0], ys[1], self.proxy, self.seed)
+                 for a, b in zip(self.executor.actors, bins) if b]
+        out: dict[str, ProxyScore] = {}
+        for part in _get(calls):
+            out.update(part)
+        return out
+
+    def close(self) -> None:
+        """Let the workers drop this search's candidates and blocks."""
+        if self.executor.actors:
+            _get([a.reset.remote() for a in self.executor.actors])
+
+
+def _paths(tree: TaskTree) -> dict[int, tuple[str, ...]]:
+    """Block-id path from the root to every node (a node's identity across workers)."""
+    out: dict[int, tuple[str, ...]] = {0: ()}
+    stack = [0]
+    while stack:
+        nid = stack.pop()
+        for block, child in tree.nodes[nid].children.items():
+            out[child] = out[nid] + (block,)
+            stack.append(child)
+    return out
+
+
+def _absorb(meter: Meter, other: Meter) -> None:
+    """Add a worker's counters to the search's (its timings stay the worker's own)."""
+    meter.block_inferences += other.block_inferences
+    meter.unique_edges += other.unique_edges
+    meter.cache_peak_bytes = max(meter.cache_peak_bytes, other.cache_peak_bytes)
+    meter.bytes_loaded += other.bytes_loaded
+    meter.spilled_bytes += other.spilled_bytes
+    meter.chunks += other.chunks
+    for depth, items in other.depth_items.items():
+        meter.depth_items[depth] = meter.depth_items.get(depth, 0) + items
+
