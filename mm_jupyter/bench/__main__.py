@@ -362,7 +362,15 @@ def cmd_serving(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving]
+# -- alsatian (the paper's evaluation artefacts; parser and printing in alsatian_cli.py) ------------------
+def add_alsatian(sub: Any) -> None:
+    from .alsatian_cli import add_parser
+
+    add_parser(sub, format_table, _say)
+
+
+COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving,
+                                         add_alsatian]
 
 
 def build_parser() -> argparse.ArgumentParser:
