@@ -299,8 +299,8 @@ def search_set(arch: str, models: int, distribution: str, items: int, scale: str
 
 SEARCH_SIZES = {
     # scale: (archs, models, items, dataset sizes (top-layers), repeats)
-    "quick": (("resnet18",), 4, 160, (160, 320), 1),
-    "cpu": (SEARCH_ARCHS, 12, 600, (300, 600, 1200), 3),
+    "quick": (("resnet18",), 4, 128, (128, 256), 1),
+    "cpu": (SEARCH_ARCHS, 8, 256, (128, 256, 512), 3),
     "full": (SEARCH_ARCHS, 35, 4000, (1000, 2000, 4000, 8000), 3),
 }
 
@@ -429,9 +429,9 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
         "distilbert": lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
             vocab_size=vocab, **small(dim=32, n_layers=3, n_heads=2, hidden_dim=64, max_position_embeddings=64),
             num_labels=10)),
-        "gpt2": lambda: tf.GPT2ForSequenceClassification(tf.GPT2Config(
-            vocab_size=vocab, **small(n_embd=32, n_layer=3, n_head=2, n_positions=64), pad_token_id=0,
-            num_labels=10)),
+        "gpt2": lambda: tf.GPT2ForSequenceClassification(tf.GPT2Config(  # its own vocabulary at full size
+            **small(vocab_size=vocab, n_embd=32, n_layer=3, n_head=2, n_positions=64, bos_token_id=1,
+                    eos_token_id=2), pad_token_id=0, num_labels=10)),
     }
     out = {}
     for i, (family, build) in enumerate({**image, **text}.items()):

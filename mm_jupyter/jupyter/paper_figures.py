@@ -39,6 +39,12 @@ class Panel:
     log_y: bool = False
     log_x: bool = False
 
+    @property
+    def disjoint(self) -> bool:
+        """No two series share a category (e.g. one bar per approach): bars need no group offsets."""
+        names = [str(x) for s in self.series for x in s.x]
+        return len(names) == len(set(names))
+
 
 def colour(name: str, i: int) -> str:
     """Fixed colours for the approaches (also inside labels such as 'alsatian 25%'), else the palette."""
@@ -88,26 +94,29 @@ class PaperChart(FigureOutput):
                 if panel.kind == "line":
                     fig.add_scatter(mode="lines+markers", line_color=colour(s.name, i), error_y=err, **common,
                                     row=r, col=c)
-                else:
-                    fig.add_bar(marker_color=colour(s.name, i), error_y=err, **common, row=r, col=c)
+                else:  # series on categories of their own (one bar per approach) sit centred, not grouped
+                    fig.add_bar(marker_color=colour(s.name, i), error_y=err, **common, row=r, col=c,
+                                offsetgroup="0" if panel.disjoint else None)
             fig.update_yaxes(title_text=panel.y_title, type="log" if panel.log_y else None, row=r, col=c)
             fig.update_xaxes(title_text=panel.x_title, type="log" if panel.log_x else None, row=r, col=c)
-        fig.update_layout(title=self.title, template="plotly_white", height=self.png_size[1],
+        fig.update_layout(title=self.title, template="plotly_white", height=self.png_size[1], showlegend=self.legend,
                           barmode="stack" if any(p.kind == "stack" for p in self.panels) else "group",
                           margin={"t": 90})
         return fig
 
     def draw_png(self, fig: Any) -> None:
+        from matplotlib import ticker
+
         rows, cols = self.grid
         axes = fig.subplots(rows, cols, squeeze=False)
-        fig.subplots_adjust(left=0.07, right=0.98, top=1 - 90 / self.png_size[1], bottom=0.16 / rows,
-                            wspace=0.3, hspace=0.65)
+        fig.subplots_adjust(left=0.07, right=0.98, top=1 - 90 / self.png_size[1], bottom=75 / self.png_size[1],
+                            wspace=0.3, hspace=0.75)
         fig.suptitle(self.title, fontsize=11)
         handles: dict[str, Any] = {}
         for n, panel in enumerate(self.panels):
             ax = axes[n // cols][n % cols]
             cats = list(dict.fromkeys(str(x) for s in panel.series for x in s.x))
-            width = 0.8 / max(1, len(panel.series))
+            width = 0.6 if panel.disjoint else 0.8 / max(1, len(panel.series))
             bottom = [0.0] * len(cats)
             for i, s in enumerate(panel.series):
                 yerr = None
@@ -123,16 +132,18 @@ class PaperChart(FigureOutput):
                         for p, y in zip(pos, s.y):
                             bottom[p] += y
                     else:
-                        xs = [p + (i - (len(panel.series) - 1) / 2) * width for p in pos]
+                        shift = 0 if panel.disjoint else (i - (len(panel.series) - 1) / 2) * width
+                        xs = [p + shift for p in pos]
                         h = ax.bar(xs, s.y, width, color=colour(s.name, i), yerr=yerr, capsize=2,
                                    error_kw={"elinewidth": 0.8})
                 handles.setdefault(s.name, h)
             if panel.kind != "line":
                 ax.set_xticks(range(len(cats)), cats, fontsize=7, rotation=20 if len(cats) > 3 else 0)
-            if panel.log_y:
-                ax.set_yscale("log")
-            if panel.log_x:
-                ax.set_xscale("log")
+            for log, axis, scale in ((panel.log_y, ax.yaxis, ax.set_yscale), (panel.log_x, ax.xaxis, ax.set_xscale)):
+                if log:
+                    scale("log")
+                    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                    axis.set_minor_formatter(ticker.NullFormatter())
             ax.set_title(panel.title, fontsize=9)
             ax.set_xlabel(panel.x_title, fontsize=8)
             ax.set_ylabel(panel.y_title, fontsize=8)
@@ -141,8 +152,14 @@ class PaperChart(FigureOutput):
             ax.set_axisbelow(True)
         for n in range(len(self.panels), rows * cols):
             axes[n // cols][n % cols].set_visible(False)
-        fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(6, len(handles)),
-                   fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1 - 30 / self.png_size[1]))
+        if self.legend:
+            fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(6, len(handles)),
+                       fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1 - 30 / self.png_size[1]))
+
+    @property
+    def legend(self) -> bool:
+        """A legend only where a panel has several series (Table 1's panels each show one quantity)."""
+        return any(len(p.series) > 1 for p in self.panels)
 
     def __repr__(self) -> str:
         return "\n".join([self.title] + [f"  {p.title}: " + ", ".join(s.name for s in p.series)
