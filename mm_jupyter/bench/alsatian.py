@@ -277,15 +277,17 @@ SEARCH_ARCHS = ("resnet18", "resnet152", "efficientnet", "vit", "bert")
 def search_set(arch: str, models: int, distribution: str, items: int, scale: str, *,
                seed: int = 0) -> tuple[list[Any], tuple[Any, Any]]:
     """``models`` candidates of ``arch`` drawn with ``distribution`` and ``items`` labelled inputs.
-    ``cpu``: reduced widths at 32 px, 32 tokens (ResNet-152 keeps its 50 blocks); ``quick``: the
-    same at 16 px; ``full``: full widths at 224 px, 128 tokens."""
+    ``quick`` and ``cpu``: reduced widths at 16 px (EfficientNet 32 px), 32 tokens (ResNet-152 keeps its 50 blocks: the
+    cpu default of every figure must finish in minutes on a busy 2-core machine); ``full``: full
+    widths at 224 px, 128 tokens."""
     import transformers as tf
 
     from ..search.synthetic import _seeded, derived_candidates, sample_data, synthetic_candidates
 
     reduced = scale != "full"
-    side = {"quick": 16, "cpu": 32}.get(scale, 224)
+    side = 16 if reduced else 224
     if arch == "efficientnet":
+        side = 32 if reduced else 224  # its 5x5 kernels need at least 32 px
         with _seeded(seed):
             base = tf.EfficientNetForImageClassification(tf.EfficientNetConfig(
                 image_size=side, width_coefficient=0.25 if reduced else 1.0,
@@ -300,9 +302,11 @@ def search_set(arch: str, models: int, distribution: str, items: int, scale: str
 SEARCH_SIZES = {
     # scale: (archs, models, items, dataset sizes (top-layers), repeats)
     "quick": (("resnet18",), 4, 128, (128, 256), 1),
-    "cpu": (SEARCH_ARCHS, 8, 256, (128, 256, 512), 3),
+    "cpu": (SEARCH_ARCHS, 8, 256, (128, 512), 3),
     "full": (SEARCH_ARCHS, 35, 4000, (1000, 2000, 4000, 8000), 3),
 }
+#: Figs. 10-12 run 25 configurations at the cpu scale (5 architectures x 5), so fewer candidates and items.
+FIG10_CPU = (SEARCH_ARCHS, 6, 160, (80, 320), 3)
 
 
 def fig10(scale: str = "cpu", *, device: str = "auto", repeats: int | None = None,
@@ -311,7 +315,7 @@ def fig10(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
     several dataset sizes; base vs shift vs alsatian."""
     from ..search.synthetic import DISTRIBUTIONS
 
-    default_archs, models, items, sizes, default_repeats = SEARCH_SIZES[scale]
+    default_archs, models, items, sizes, default_repeats = FIG10_CPU if scale == "cpu" else SEARCH_SIZES[scale]
     repeats = repeats or default_repeats
     rows, checks = [], {}
     for arch in archs or default_archs:

@@ -97,7 +97,8 @@ class PaperChart(FigureOutput):
                 else:  # series on categories of their own (one bar per approach) sit centred, not grouped
                     fig.add_bar(marker_color=colour(s.name, i), error_y=err, **common, row=r, col=c,
                                 offsetgroup="0" if panel.disjoint else None)
-            fig.update_yaxes(title_text=panel.y_title, type="log" if panel.log_y else None, row=r, col=c)
+            fig.update_yaxes(title_text=panel.y_title + (", log scale" if panel.log_y else ""),
+                             type="log" if panel.log_y else None, row=r, col=c)
             fig.update_xaxes(title_text=panel.x_title, type="log" if panel.log_x else None, row=r, col=c)
         fig.update_layout(title=self.title, template="plotly_white", height=self.png_size[1], showlegend=self.legend,
                           barmode="stack" if any(p.kind == "stack" for p in self.panels) else "group",
@@ -146,7 +147,7 @@ class PaperChart(FigureOutput):
                     axis.set_minor_formatter(ticker.NullFormatter())
             ax.set_title(panel.title, fontsize=9)
             ax.set_xlabel(panel.x_title, fontsize=8)
-            ax.set_ylabel(panel.y_title, fontsize=8)
+            ax.set_ylabel(panel.y_title + (", log scale" if panel.log_y else ""), fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(axis="y", color="#e5e5e5")
             ax.set_axisbelow(True)
