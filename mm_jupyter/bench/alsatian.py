@@ -362,7 +362,7 @@ def fig5(scale: str = "cpu", *, device: str = "auto", repeats: int | None = None
 # --------------------------------------------------------------------------------------------
 # Real fine-tuned candidates (Figs. 13-14)
 
-TRAINED = {"quick": (4, 300, 1), "cpu": (24, 1200, 3), "full": (60, 4000, 3)}  # models, text items, repeats
+TRAINED = {"quick": (4, 300, 1), "cpu": (12, 800, 3), "full": (60, 4000, 3)}  # models, text items, repeats
 
 
 def fig13(scale: str = "cpu", *, device: str = "auto", repeats: int | None = None,
@@ -444,7 +444,7 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
     return out
 
 
-ZOO = {"quick": (1, 160, 1), "cpu": (10, 400, 3), "full": (45, 2000, 3)}  # per family, items, repeats
+ZOO = {"quick": (1, 160, 1), "cpu": (10, 192, 3), "full": (45, 2000, 3)}  # per family, items, repeats
 
 
 def fig15(scale: str = "cpu", *, device: str = "auto", repeats: int | None = None,
