@@ -506,7 +506,7 @@ def fig16(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
                     [{"quantity": "time under limited memory", "paper": None, "source": PAPER_NOT_FOUND}])
 
 
-BERT_SIZES = {"quick": (4, (160,), 1), "cpu": (8, (200, 400), 3), "full": (35, (2000, 8000), 3)}
+BERT_SIZES = {"quick": (4, (160,), 1), "cpu": (8, (200,), 3), "full": (35, (2000, 8000), 3)}
 
 
 def fig17(scale: str = "cpu", *, device: str = "auto", repeats: int | None = None,
