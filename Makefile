@@ -7,7 +7,8 @@ NBVAL := --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 # small notebooks with deterministic outputs: compared strictly; notebooks holding timings: run, lax
 STRICT_NOTEBOOKS := notebooks/00_tour.ipynb notebooks/01_exercise_model_registry.ipynb
 LAX_NOTEBOOKS := notebooks/02_exercise_transfer_learning.ipynb notebooks/03_paper_multi_model_management.ipynb \
-	notebooks/04_paper_alsatian.ipynb notebooks/05_exercise_model_serving.ipynb
+	notebooks/04_paper_alsatian.ipynb notebooks/05_exercise_model_serving.ipynb \
+	notebooks/06_paper_alsatian_evaluation.ipynb
 
 .PHONY: install run test bench clean
 

@@ -496,8 +496,16 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# -- alsatian (the paper's evaluation artefacts; parser and printing in alsatian_cli.py) ------------------
+def add_alsatian(sub: Any) -> None:
+    from .alsatian_cli import add_parser
+
+    add_parser(sub, format_table, _say)
+
+
 COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving,
-                                         add_partition]
+                                         add_partition, add_alsatian]
 
 
 def build_parser() -> argparse.ArgumentParser:

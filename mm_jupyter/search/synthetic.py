@@ -399,8 +399,79 @@ def trained_candidates(n: int, *, seed: int = 0) -> tuple[list[nn.Module], tuple
     return models, (x, y)
 
 
+# --------------------------------------------------------------------------------------------
+# Any base model, and trained text candidates (the Alsatian evaluation, mm_jupyter.bench.alsatian)
+
+
+def derived_candidates(base: nn.Module, n: int, distribution: str = "top-layers", *,
+                       seed: int = 0) -> list[nn.Module]:
+    """``synthetic_candidates`` for a given base model (any architecture ``split_model`` splits, e.g.
+    a Hugging Face model built from a config): ``base`` itself, then ``n - 1`` copies of random
+    earlier candidates with their last parameterised blocks (and head) re-initialised."""
+    base = base.eval()
+    plan = generation_plan(n, len(parameterised(split_model(base))), distribution, seed=seed)
+    models: list[nn.Module] = [base]
+    for step in plan:
+        model = clone_module(models[step.source])
+        split = split_model(model)
+        with _seeded(step.seed):
+            for i in parameterised(split)[-step.reinit:]:
+                reinitialise(split.blocks[i].module)
+            if split.head is not None:
+                reinitialise(split.head)
+        models.append(model.eval())
+    return models
+
+
+def trained_text_candidates(n: int, *, items: int = 1200, seed: int = 0) -> tuple[list[nn.Module],
+                                                                                    tuple[Tensor, Tensor]]:
+    """The text counterpart of ``trained_candidates``: a small BERT (``base_model("bert")``) trained
+    for a few steps on the generated topic task of ``sample_data("bert")``, then ``n - 1`` fine-tunes
+    of it on random subsets (10-50%) with a new head and a frozen block prefix per ``FREEZES``.
+    Returns the models and ``items`` fresh labelled sequences of the same task (the search data)."""
+    if n < 1:
+        raise SearchError(f"n must be at least 1, got {n}")
+    x, y = sample_data("bert", 2 * items, seed=seed + 1)
+    rng = np.random.default_rng([seed, 29])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _seeded(seed):
+            gen = torch.Generator().manual_seed(seed)
+            base = base_model("bert", seed=seed).train()
+            half = torch.from_numpy(rng.permutation(len(x))[: len(x) // 2])
+            _train(_Logits(base), x[half], y[half], epochs=1, lr=3e-3, gen=gen)
+            base.eval()
+            blocks = len(split_model(base).blocks)
+            models: list[nn.Module] = [base]
+            for i in range(1, n):
+                model = clone_module(base)
+                split = split_model(model)
+                reinitialise(split.head)  # type: ignore[arg-type]  # BERT's classifier
+                for block in split.blocks[:frozen_prefix(i, blocks)]:
+                    block.module.requires_grad_(False)
+                subset = torch.from_numpy(rng.permutation(len(x))[: int(len(x) * rng.uniform(0.1, 0.5))])
+                _train(_Logits(model), x[subset], y[subset], epochs=1, lr=2e-3, gen=gen)
+                model.requires_grad_(True)
+                models.append(model.eval())
+    finally:
+        torch.set_num_threads(threads)
+    return models, sample_data("bert", items, seed=seed + 2)
+
+
+class _Logits(nn.Module):
+    """A Hugging Face classifier seen as a plain ``inputs -> logits`` module (what ``_train`` calls)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).logits
+
+
 __all__ = [
-    "ARCHS", "DISTRIBUTIONS", "FREEZES", "Derivation", "Shape", "base_model", "digits", "digits_cnn",
-    "frozen_prefix", "generation_plan", "input_shape", "parameterised", "reinitialise", "sample_data",
-    "synthetic_candidates", "trained_candidates",
+    "ARCHS", "DISTRIBUTIONS", "FREEZES", "Derivation", "Shape", "base_model", "derived_candidates", "digits",
+    "digits_cnn", "frozen_prefix", "generation_plan", "input_shape", "parameterised", "reinitialise",
+    "sample_data", "synthetic_candidates", "trained_candidates", "trained_text_candidates",
 ]

@@ -1,0 +1,97 @@
+"""``python -m mm_jupyter.bench alsatian --figure ...``: the Alsatian evaluation's artefacts as tables."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+from .alsatian import FIGURES, SCALES, Artefact, default_scale, run_artefact
+
+Table = Callable[[Sequence[dict[str, Any]], Sequence[tuple[str, str, str]]], str]
+
+TIMING = [("approach", "approach", "str"), ("seconds", "median s", "s"), ("min_s", "min s", "s"),
+          ("max_s", "max s", "s"), ("t_inference", "inference s", "s"), ("t_proxy", "proxy s", "s"),
+          ("vs_base", "vs base", "x"), ("vs_shift", "vs shift", "x"), ("block_inferences", "block inf.", "str"),
+          ("cache_peak_bytes", "cache peak B", "bytes"), ("chunks", "chunks", "str"), ("best", "best", "str")]
+KEYS = {"fig10": ["arch", "distribution", "items"], "fig13": ["set", "models"], "fig15": ["modality", "models"],
+        "fig16": [], "fig17": ["distribution", "items"], "fig5": ["arch"]}
+TABLE1 = [("architecture", "architecture", "str"), ("params", "parameters", "bytes"),
+          ("reference_params", "reference", "bytes"), ("blocks", "blocks", "str"),
+          ("model_bytes", "model B", "bytes"), ("block_ms_mean", "ms/item/block (mean)", "ms"),
+          ("block_ms_max", "(max)", "ms"), ("model_ms", "ms/item (model)", "ms"),
+          ("inter_bytes_mean", "intermediate B/item (mean)", "bytes"), ("inter_bytes_max", "(max)", "bytes")]
+
+
+def columns(figure: str) -> list[tuple[str, str, str]]:
+    """The printed table's columns of an artefact: (row key, header, kind)."""
+    if figure == "table1":
+        return TABLE1
+    keys = [(k, k, "str") for k in KEYS[figure]]
+    if figure == "fig5":
+        from .alsatian import PARTS
+
+        return keys + TIMING[:4] + [(f"share_{p}", f"{p} %", "%") for p in PARTS]
+    if figure == "fig16":
+        return keys + [TIMING[0], ("budget", "budget B", "bytes")] + TIMING[1:]
+    return keys + TIMING
+
+
+def _cells(row: dict[str, Any], cols: Sequence[tuple[str, str, str]]) -> dict[str, Any]:
+    """Rows with ``ms`` columns (and percentages) formatted here; the table formats the rest."""
+    out = dict(row)
+    for key, _, kind in cols:
+        if kind == "ms" and row.get(key) is not None:
+            out[key] = f"{row[key]:.3f}"
+    return out
+
+
+def report(art: Artefact, table: Table) -> str:
+    """The artefact as text: title, table, checks and the paper's values."""
+    cols = columns(art.figure)
+    printable = [(k, h, "str" if kind == "ms" else kind) for k, h, kind in cols]
+    lines = [art.title, f"config: {art.config}", table([_cells(r, cols) for r in art.rows], printable), "checks:"]
+    lines += [f"  [{'ok' if ok else 'FAILED'}] {name}" for name, ok in art.checks.items()]
+    lines.append("paper:")
+    for p in art.paper:
+        ours = {k: v for k, v in p.items() if k.startswith("ours")}
+        ours_text = ", ".join(f"{k}: {v:.2f}x" if isinstance(v, float) else f"{k}: {v}" for k, v in ours.items())
+        lines.append(f"  {p['quantity']}: paper {p['paper'] or '-'}" + (f"; {ours_text}" if ours_text else "")
+                     + f" ({p['source']})")
+    lines.append(f"[{art.figure} took {art.seconds:.1f} s; results: {', '.join(art.files)}]")
+    return "\n".join(lines)
+
+
+def add_parser(sub: Any, table: Table, say: Callable[[str], None]) -> None:
+    from .alsatian import DEFAULT_OUT
+
+    p = sub.add_parser("alsatian", help="the Alsatian paper's evaluation: Table 1, Figs. 5, 10-17",
+                       description="Run one or every artefact of the Alsatian evaluation and print its table.")
+    p.add_argument("--figure", default="all", choices=list(FIGURES) + ["all"],
+                   help="table1, fig5, fig10 (Figs. 10-12), fig13 (13-14), fig15, fig16, fig17 or all")
+    p.add_argument("--scale", choices=SCALES, default=None,
+                   help="quick (seconds), cpu (default; minutes) or full (the paper's sizes; "
+                        "the default when MM_JUPYTER_FULL=1)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats, median shown (default 3; 1 quick)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1, steadier on a busy machine; 0: torch's default)")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.set_defaults(func=lambda args: cmd(args, table, say))
+
+
+def cmd(args: argparse.Namespace, table: Table, say: Callable[[str], None]) -> int:
+    figures = FIGURES if args.figure == "all" else (args.figure,)
+    scale = args.scale or default_scale()
+    failed = []
+    for figure in figures:
+        extra = {} if args.repeats is None else {"repeats": args.repeats}
+        art = run_artefact(figure, scale, out=args.out, threads=args.threads or None, progress=say,
+                           device=args.device, **extra)
+        print(report(art, table))
+        print()
+        if not art.ok:
+            failed.append(figure)
+    if failed:
+        print(f"error: a correctness check failed in {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
