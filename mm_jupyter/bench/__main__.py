@@ -59,6 +59,8 @@ MODELSET_COLUMNS = [
     ("bytes", "storage B", "bytes"),
     ("tts_s", "TTS s", "s"),
     ("ttr_s", "TTR s", "s"),
+    ("ttr_min_s", "TTR min", "s"),
+    ("ttr_max_s", "TTR max", "s"),
     ("tts_vs_limit", "TTS/limit", "x"),
     ("mmlib_tts_speedup", "mmlib TTS/TTS", "x"),
     ("mmlib_ttr_speedup", "mmlib TTR/TTR", "x"),
