@@ -191,9 +191,9 @@ def add_search(sub: Any) -> None:
     p = sub.add_parser("search", help="Alsatian model search: base vs shift vs alsatian",
                        description="Search a synthetic candidate set with every approach and compare.")
     p.add_argument("--arch", default="resnet18", help="resnet18, resnet152, vit, bert or mlp (default resnet18)")
-    p.add_argument("--models", type=int, default=None, help="candidates (default 35; 8 with --quick)")
+    p.add_argument("--models", type=int, default=None, help="candidates (default 20; 8 with --quick)")
     p.add_argument("--distribution", default="top-layers", help="top-layers, top-25 or top-50")
-    p.add_argument("--items", type=int, default=None, help="data items (default 2000; 400 with --quick)")
+    p.add_argument("--items", type=int, default=None, help="data items (default 600; 400 with --quick)")
     p.add_argument("--approaches", default=",".join(APPROACHES))
     p.add_argument("--budget", type=int, default=None, help="cache budget in bytes for alsatian")
     p.add_argument("--budget-fraction", type=float, default=None,
@@ -201,7 +201,10 @@ def add_search(sub: Any) -> None:
     p.add_argument("--scale", choices=["small", "cpu", "full"], default="cpu",
                    help="small: reduced widths at 32 px (tests); cpu: the real architecture at reduced "
                         "resolution (default; --resolution); full: real architecture and resolution (GPU)")
-    p.add_argument("--resolution", type=int, default=64, help="image size for --scale cpu (default 64)")
+    p.add_argument("--resolution", type=int, default=32, help="image size for --scale cpu (default 32)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared, loaded CPU more threads spin against "
+                        "each other and make timings erratic; 0 keeps torch's setting)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -217,8 +220,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.scale = "small"
-    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 35)
-    items = args.items if args.items is not None else (QUICK["items"] if args.quick else 2000)
+    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 20)
+    items = args.items if args.items is not None else (QUICK["items"] if args.quick else 600)
     approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
     print(f"search: {models} x {args.arch} ({args.distribution}), {items} items, approaches "
           f"{', '.join(approaches)}, budget {args.budget or 'unlimited'}, scale {args.scale}, "
@@ -227,7 +230,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                            approaches=approaches, budget=args.budget, reduced=args.scale == "small",
                            image_size=args.resolution if args.scale == "cpu" else None, device=args.device,
                            batch_size=args.batch_size, seed=args.seed, budget_fraction=args.budget_fraction,
-                           repeat=args.repeat, out=args.out, progress=_say)
+                           repeat=args.repeat, threads=args.threads or None, out=args.out, progress=_say)
     print(format_table(res.rows, SEARCH_COLUMNS))
     al = next((r for r in res.rows if r["approach"] == "alsatian"), None)
     if al is not None:

@@ -60,6 +60,12 @@ class SearchBench:
     files: list[str] = field(default_factory=list)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def plan_seconds(models: int = 500, blocks: int = 20, seed: int = 0) -> float:
     """Time to build the task tree of ``models`` synthetic candidates and plan it (DFS+)."""
     import numpy as np
@@ -85,14 +91,33 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
                      items: int = 2000, approaches: Sequence[str] = APPROACHES, budget: int | None = None,
                      reduced: bool = True, image_size: int | None = None, device: str = "auto",
                      batch_size: int = 64, seed: int = 0, budget_fraction: float | None = None,
-                     repeat: int = 3, out: str | os.PathLike[str] = DEFAULT_OUT,
+                     repeat: int = 3, threads: int | None = None, out: str | os.PathLike[str] = DEFAULT_OUT,
                      progress: Progress = lambda m: None) -> SearchBench:
     """Run every approach ``repeat`` times, interleaved, on the same candidates and data; return
     rows (medians, with min and max) and targets.
 
     ``budget_fraction`` (needs alsatian among the approaches) adds a row ``alsatian-budget``: alsatian
     again with a cache budget of that fraction of the peak the unlimited run needed (its C_min), so
-    the plan must chunk the data."""
+    the plan must chunk the data. ``threads`` sets torch's intra-op threads for the run (default:
+    leave torch's setting)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        torch.set_num_threads(threads)
+    try:
+        return _run_search_bench(arch, models, distribution, items, approaches, budget, reduced, image_size, device,
+                                 batch_size, seed, budget_fraction, repeat, out, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_search_bench(arch: str, models: int, distribution: str, items: int, approaches: Sequence[str],
+                      budget: int | None, reduced: bool, image_size: int | None, device: str, batch_size: int,
+                      seed: int, budget_fraction: float | None, repeat: int, out: str | os.PathLike[str],
+                      progress: Progress) -> SearchBench:
     import mm_jupyter as mm
 
     from ..search.api import resolve_device
@@ -162,7 +187,7 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
     planning = plan_seconds(500)
     targets = _targets(by, distribution, planning, budget)
     config = {"arch": arch, "models": models, "distribution": distribution, "items": items, "budget": budget,
-              "budget_fraction": budget_fraction, "repeat": repeat,
+              "budget_fraction": budget_fraction, "repeat": repeat, "threads": torch_threads(),
               "reduced": reduced, "image_size": image_size, "device": device, "batch_size": batch_size, "seed": seed}
     bench = SearchBench(rows, targets, planning, config, med, list(zip(lo, hi)))
     folder = Path(out)
