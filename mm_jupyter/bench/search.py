@@ -60,12 +60,6 @@ class SearchBench:
     files: list[str] = field(default_factory=list)
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def plan_seconds(models: int = 500, blocks: int = 20, seed: int = 0) -> float:
     """Time to build the task tree of ``models`` synthetic candidates and plan it (DFS+)."""
     import numpy as np
@@ -138,6 +132,7 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
     # the paper's setting: candidates live in a model store (blocks stored once, ids computed at
     # storage time); every approach loads what it needs from there
     store_dir = Path(tempfile.mkdtemp(prefix="mm_search_bench_"))
+    store = None
     try:
         store = mm.Store(store_dir)
         t0 = time.perf_counter()
@@ -165,6 +160,8 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
                              label="alsatian-budget"))
         calibrate.sample()
     finally:
+        if store is not None:
+            store.close()
         shutil.rmtree(store_dir, ignore_errors=True)
     results = {a: rs[0][1] for a, rs in runs.items()}
     rows = [_row(a, rs) | ({"budget": limited} if a == "alsatian-budget" else {}) for a, rs in runs.items()]
@@ -187,7 +184,7 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
     planning = plan_seconds(500)
     targets = _targets(by, distribution, planning, budget)
     config = {"arch": arch, "models": models, "distribution": distribution, "items": items, "budget": budget,
-              "budget_fraction": budget_fraction, "repeat": repeat, "threads": torch_threads(),
+              "budget_fraction": budget_fraction, "repeat": repeat, "threads": _torch_threads(),
               "reduced": reduced, "image_size": image_size, "device": device, "batch_size": batch_size, "seed": seed}
     bench = SearchBench(rows, targets, planning, config, med, list(zip(lo, hi)))
     folder = Path(out)
@@ -268,6 +265,12 @@ def block_costs(model: Any, x: Any, batch_size: int = 64, device: str = "cpu", r
     for _ in range(repeat):
         cal.sample()
     return cal.ranges()[1]
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def modelled_inference(items_per_depth: Sequence[int], costs: Sequence[float]) -> float:
