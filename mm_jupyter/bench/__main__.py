@@ -191,9 +191,9 @@ def add_search(sub: Any) -> None:
     p = sub.add_parser("search", help="Alsatian model search: base vs shift vs alsatian",
                        description="Search a synthetic candidate set with every approach and compare.")
     p.add_argument("--arch", default="resnet18", help="resnet18, resnet152, vit, bert or mlp (default resnet18)")
-    p.add_argument("--models", type=int, default=None, help="candidates (default 20; 8 with --quick)")
+    p.add_argument("--models", type=int, default=None, help="candidates (default 16; 8 with --quick)")
     p.add_argument("--distribution", default="top-layers", help="top-layers, top-25 or top-50")
-    p.add_argument("--items", type=int, default=None, help="data items (default 600; 400 with --quick)")
+    p.add_argument("--items", type=int, default=None, help="data items (default 400; 400 with --quick)")
     p.add_argument("--approaches", default=",".join(APPROACHES))
     p.add_argument("--budget", type=int, default=None, help="cache budget in bytes for alsatian")
     p.add_argument("--budget-fraction", type=float, default=None,
@@ -220,8 +220,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.scale = "small"
-    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 20)
-    items = args.items if args.items is not None else (QUICK["items"] if args.quick else 600)
+    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 16)
+    items = args.items if args.items is not None else (QUICK["items"] if args.quick else 400)
     approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
     print(f"search: {models} x {args.arch} ({args.distribution}), {items} items, approaches "
           f"{', '.join(approaches)}, budget {args.budget or 'unlimited'}, scale {args.scale}, "
