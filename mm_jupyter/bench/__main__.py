@@ -59,6 +59,8 @@ MODELSET_COLUMNS = [
     ("bytes", "storage B", "bytes"),
     ("tts_s", "TTS s", "s"),
     ("ttr_s", "TTR s", "s"),
+    ("ttr_min_s", "TTR min", "s"),
+    ("ttr_max_s", "TTR max", "s"),
     ("tts_vs_limit", "TTS/limit", "x"),
     ("mmlib_tts_speedup", "mmlib TTS/TTS", "x"),
     ("mmlib_ttr_speedup", "mmlib TTR/TTR", "x"),
@@ -200,6 +202,8 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 SEARCH_COLUMNS = [
     ("approach", "approach", "str"),
     ("seconds", "total s", "s"),
+    ("seconds_min", "min s", "s"),
+    ("seconds_max", "max s", "s"),
     ("t_prepare data", "data s", "s"),
     ("t_prepare model", "model s", "s"),
     ("t_inference", "inference s", "s"),
@@ -222,9 +226,9 @@ def add_search(sub: Any) -> None:
     p = sub.add_parser("search", help="Alsatian model search: base vs shift vs alsatian",
                        description="Search a synthetic candidate set with every approach and compare.")
     p.add_argument("--arch", default="resnet18", help="resnet18, resnet152, vit, bert or mlp (default resnet18)")
-    p.add_argument("--models", type=int, default=None, help="candidates (default 35; 8 with --quick)")
+    p.add_argument("--models", type=int, default=None, help="candidates (default 16; 8 with --quick)")
     p.add_argument("--distribution", default="top-layers", help="top-layers, top-25 or top-50")
-    p.add_argument("--items", type=int, default=None, help="data items (default 2000; 400 with --quick)")
+    p.add_argument("--items", type=int, default=None, help="data items (default 400; 400 with --quick)")
     p.add_argument("--approaches", default=",".join(APPROACHES))
     p.add_argument("--budget", type=int, default=None, help="cache budget in bytes for alsatian")
     p.add_argument("--budget-fraction", type=float, default=None,
@@ -232,16 +236,21 @@ def add_search(sub: Any) -> None:
     p.add_argument("--scale", choices=["small", "cpu", "full"], default="cpu",
                    help="small: reduced widths at 32 px (tests); cpu: the real architecture at reduced "
                         "resolution (default; --resolution); full: real architecture and resolution (GPU)")
-    p.add_argument("--resolution", type=int, default=64, help="image size for --scale cpu (default 64)")
+    p.add_argument("--resolution", type=int, default=32, help="image size for --scale cpu (default 32)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared, loaded CPU more threads spin against "
+                        "each other and make timings erratic; 0 keeps torch's setting)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=None,
+                   help="interleaved rounds of every approach; medians reported, min-max shown "
+                        "(default 3; 1 for --executor ray)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="8 candidates, 400 items, --scale small")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="ray: alsatian on Ray with --workers workers vs 1 worker vs one process (1 and N threads)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers for --executor ray (default 2)")
-    p.add_argument("--repeat", type=int, default=1, help="interleaved rounds for --executor ray, median reported")
     p.set_defaults(func=cmd_search)
 
 
@@ -250,27 +259,37 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.scale = "small"
-    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 35)
-    items = args.items if args.items is not None else (QUICK["items"] if args.quick else 2000)
+    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 16)
+    items = args.items if args.items is not None else (QUICK["items"] if args.quick else 400)
+    if args.repeat is None:
+        args.repeat = 1 if args.executor == "ray" else 3
     if args.executor == "ray":
         return _search_ray(args, models, items)
     approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
     print(f"search: {models} x {args.arch} ({args.distribution}), {items} items, approaches "
-          f"{', '.join(approaches)}, budget {args.budget or 'unlimited'}, scale {args.scale}")
+          f"{', '.join(approaches)}, budget {args.budget or 'unlimited'}, scale {args.scale}, "
+          f"{args.repeat} interleaved rounds (medians; min-max of the totals shown)")
     res = run_search_bench(arch=args.arch, models=models, distribution=args.distribution, items=items,
                            approaches=approaches, budget=args.budget, reduced=args.scale == "small",
                            image_size=args.resolution if args.scale == "cpu" else None, device=args.device,
                            batch_size=args.batch_size, seed=args.seed, budget_fraction=args.budget_fraction,
-                           out=args.out, progress=_say)
+                           repeat=args.repeat, threads=args.threads or None, out=args.out, progress=_say)
     print(format_table(res.rows, SEARCH_COLUMNS))
     al = next((r for r in res.rows if r["approach"] == "alsatian"), None)
     if al is not None:
         print(f"ranking matches shift: {al.get('ranking_matches_shift')}; "
               f"best matches base: {al.get('best_matches_base')}")
         if "sharing_bound_vs_shift" in al:
-            print(f"inference vs shift: measured {al['inference_vs_shift']:.2f}x; the work alone allows "
-                  f"{al['sharing_bound_vs_shift']:.2f}x (per-item block costs "
-                  f"{', '.join(f'{1e6 * c:.0f}' for c in res.block_costs)} us by depth)")
+            runs = al["inference_vs_shift_runs"]
+            verdict = ("holds" if al["bound_holds"] else "EXCEEDED: noise or work outside the blocks") + (
+                "" if al["bound_holds_every_round"] else "; exceeded in a round")
+            print(f"inference vs shift: measured {al['inference_vs_shift']:.2f}x (rounds {min(runs):.2f}-"
+                  f"{max(runs):.2f}x); bound from the work (counts only) {al['sharing_bound_vs_shift']:.2f}x "
+                  f"({verdict})")
+            print(f"  estimate from calibrated block costs {al['sharing_estimate_vs_shift']:.2f}x, its error "
+                  f"{100 * al['sharing_estimate_error']:+.0f}% (per-item costs by depth, min/median/max us: "
+                  + ", ".join(f"{1e6 * lo:.1f}/{1e6 * m:.1f}/{1e6 * hi:.1f}"
+                              for (lo, hi), m in zip(res.cost_range, res.block_costs)) + ")")
     print(f"planning a 500-candidate task tree: {res.planning_500_s:.3f} s")
     print()
     print("targets (this run):")

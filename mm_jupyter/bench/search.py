@@ -1,27 +1,44 @@
 """The Alsatian paper's search experiment: base vs shift vs alsatian on a synthetic candidate set.
 
-Per approach: end-to-end time, its breakdown, speedups against base and shift, block inferences,
-cache peak, and whether the rankings match (alsatian against shift on the same rungs, and the
-selected model against base). Also the planner's time for a 500-candidate task tree.
+Per approach: end-to-end time (median of ``repeat`` runs, min–max kept), its breakdown, speedups
+against base and shift, block inferences, cache peak, and whether the rankings match (alsatian
+against shift on the same rungs, and the selected model against base). Also the planner's time for
+a 500-candidate task tree.
 
-The limit for sharing: every candidate has the base model's architecture, so a block at depth
-``d`` costs about the same per item in every candidate. The benchmark times each depth once on one
-batch (``block_costs``) and turns each run's ``items_per_depth`` into a modelled inference time.
-The ratio of two approaches' modelled times is the speedup their *work* allows, whatever the code
-around it does: for alsatian against shift it is the bound that sharing exactly the unique task
-tree edges can reach, and measured inference over modelled shows how close the engine gets.
+**A noisy machine.** The approaches are *interleaved*: each of ``repeat`` rounds runs every approach
+once, in an order rotated per round, so a burst of load hits all of them alike; the block costs
+are calibrated again before every round and once after the last, so they see the same machine.
+
+**The sharing bound.** A run's work is its ``items_per_depth``: how many items went through the
+blocks at each depth. Sharing can make alsatian's inference at most
+
+    bound = max_d shift_items[d] / alsatian_items[d]
+
+times faster than shift's: its inference time is a sum over depths of items times a per-item cost
+that both approaches pay alike (the same blocks, the same batches), and a ratio of two such sums
+can never exceed the largest ratio of their terms, whatever the costs are. The bound comes from
+counts alone, so no timing noise can move it; a measured ratio above it can only be noise or
+work outside the blocks, and the benchmark says so (``bound_holds``, checked per round too).
+
+The *estimate* prices the work with calibrated per-depth costs instead: the block costs are timed
+once per round (interleaved with the runs, fastest of ``inner`` timings each, since the machine
+can only slow a timing down) and their medians turn each run's work into a modelled inference
+time. It is closer to what a quiet machine measures but carries no guarantee, so every run prints
+its error against the measured ratio.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..errors import SearchError
 from .modelsets import Target
 
 APPROACHES = ("base", "shift", "alsatian")
@@ -38,7 +55,8 @@ class SearchBench:
     targets: list[Target]
     planning_500_s: float
     config: dict[str, Any]
-    block_costs: list[float] = field(default_factory=list)
+    block_costs: list[float] = field(default_factory=list)   # median per-item seconds by depth
+    cost_range: list[tuple[float, float]] = field(default_factory=list)  # (c_lo, c_hi) by depth
     files: list[str] = field(default_factory=list)
 
 
@@ -67,12 +85,33 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
                      items: int = 2000, approaches: Sequence[str] = APPROACHES, budget: int | None = None,
                      reduced: bool = True, image_size: int | None = None, device: str = "auto",
                      batch_size: int = 64, seed: int = 0, budget_fraction: float | None = None,
-                     out: str | os.PathLike[str] = DEFAULT_OUT, progress: Progress = lambda m: None) -> SearchBench:
-    """Run every approach once on the same candidates and data; return rows and targets.
+                     repeat: int = 3, threads: int | None = None, out: str | os.PathLike[str] = DEFAULT_OUT,
+                     progress: Progress = lambda m: None) -> SearchBench:
+    """Run every approach ``repeat`` times, interleaved, on the same candidates and data; return
+    rows (medians, with min and max) and targets.
 
     ``budget_fraction`` (needs alsatian among the approaches) adds a row ``alsatian-budget``: alsatian
     again with a cache budget of that fraction of the peak the unlimited run needed (its C_min), so
-    the plan must chunk the data."""
+    the plan must chunk the data. ``threads`` sets torch's intra-op threads for the run (default:
+    leave torch's setting)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        torch.set_num_threads(threads)
+    try:
+        return _run_search_bench(arch, models, distribution, items, approaches, budget, reduced, image_size, device,
+                                 batch_size, seed, budget_fraction, repeat, out, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_search_bench(arch: str, models: int, distribution: str, items: int, approaches: Sequence[str],
+                      budget: int | None, reduced: bool, image_size: int | None, device: str, batch_size: int,
+                      seed: int, budget_fraction: float | None, repeat: int, out: str | os.PathLike[str],
+                      progress: Progress) -> SearchBench:
     import mm_jupyter as mm
 
     from ..search.api import resolve_device
@@ -80,13 +119,20 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
     from ..search.synthetic import base_model, sample_data, synthetic_candidates
     from ..store.architectures import Architecture
 
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
+    if budget_fraction is not None and "alsatian" not in approaches:
+        raise ValueError("budget_fraction needs the alsatian approach")
     t0 = time.perf_counter()
     cands = synthetic_candidates(arch, models, distribution, seed=seed, reduced=reduced, image_size=image_size)
     data = sample_data(arch, items, seed=seed, reduced=reduced, image_size=image_size)
     progress(f"built {models} {arch} candidates ({distribution}) and {items} items in {time.perf_counter() - t0:.1f} s")
+    dev = resolve_device(device)
+    calibrate = CostCalibration(cands[0], data[0], batch_size, dev)
     # the paper's setting: candidates live in a model store (blocks stored once, ids computed at
     # storage time); every approach loads what it needs from there
     store_dir = Path(tempfile.mkdtemp(prefix="mm_search_bench_"))
+    store = None
     try:
         store = mm.Store(store_dir)
         t0 = time.perf_counter()
@@ -98,103 +144,178 @@ def run_search_bench(arch: str = "resnet18", models: int = 35, distribution: str
         # warm-up (first-call costs of torch and the proxy), untimed, on a small slice
         mm.search(cands[:2], (data[0][:128], data[1][:128]), k=1, approach="alsatian", device=device,
                   batch_size=batch_size, seed=seed)
-        results, rows = _run_all(stored, data, approaches, budget, device, batch_size, seed, progress)
-        costs = block_costs(cands[0], data[0], batch_size, resolve_device(device))
-        if budget_fraction is not None:
-            if "alsatian" not in results:
-                raise ValueError("budget_fraction needs the alsatian approach")
-            limited = max(1, int(results["alsatian"].stats["cache_peak_bytes"] * budget_fraction))
-            more, extra = _run_all(stored, data, ["alsatian"], limited, device, batch_size, seed, progress)
-            results["alsatian-budget"] = more["alsatian"]
-            rows.append(extra[0] | {"approach": "alsatian-budget", "budget": limited})
+        runs: dict[str, list[Any]] = {a: [] for a in approaches}
+        limited: int | None = None
+        for r in range(repeat):
+            calibrate.sample()
+            order = list(approaches[r % len(approaches):]) + list(approaches[:r % len(approaches)])
+            for a in order:
+                runs[a].append(_run_one(stored, data, a, budget if a == "alsatian" else None, device, batch_size,
+                                        seed, progress, r))
+            if budget_fraction is not None:
+                if limited is None:  # C_min: the cache peak of the unlimited alsatian run
+                    limited = max(1, int(runs["alsatian"][0][1].stats["cache_peak_bytes"] * budget_fraction))
+                runs.setdefault("alsatian-budget", []).append(
+                    _run_one(stored, data, "alsatian", limited, device, batch_size, seed, progress, r,
+                             label="alsatian-budget"))
+        calibrate.sample()
     finally:
+        if store is not None:
+            store.close()
         shutil.rmtree(store_dir, ignore_errors=True)
+    results = {a: rs[0][1] for a, rs in runs.items()}
+    rows = [_row(a, rs) | ({"budget": limited} if a == "alsatian-budget" else {}) for a, rs in runs.items()]
+    lo, med, hi = calibrate.ranges()
     for r in rows:
-        r["modelled_inference_s"] = modelled_inference(r["items_per_depth"], costs)
+        r["modelled_inference_s"] = modelled_inference(r["items_per_depth"], med)
     by = {r["approach"]: r for r in rows}
     if "alsatian" in by and "shift" in by:
-        al, sh = by["alsatian"], by["shift"]
-        al["sharing_bound_vs_shift"] = sh["modelled_inference_s"] / al["modelled_inference_s"]
-        al["inference_vs_shift"] = sh["t_inference"] / al["t_inference"]
+        _sharing(by["alsatian"], by["shift"], runs["alsatian"], runs["shift"])
     for r in rows:
         r["speedup_vs_base"] = by["base"]["seconds"] / r["seconds"] if "base" in by else None
         r["speedup_vs_shift"] = by["shift"]["seconds"] / r["seconds"] if "shift" in by else None
-    if "alsatian" in results and "shift" in results:
-        a, s = results["alsatian"].ranking, results["shift"].ranking
-        same = list(a["model"]) == list(s["model"]) and bool(
-            (abs(a["score"].values - s["score"].values) <= 1e-6).all())
-        by["alsatian"]["ranking_matches_shift"] = same
-    if "alsatian-budget" in results and "shift" in results:
-        a, s = results["alsatian-budget"].ranking, results["shift"].ranking
-        by["alsatian-budget"]["ranking_matches_shift"] = list(a["model"]) == list(s["model"]) and bool(
-            (abs(a["score"].values - s["score"].values) <= 1e-6).all())
+    for name in ("alsatian", "alsatian-budget"):
+        if name in results and "shift" in results:
+            a, s = results[name].ranking, results["shift"].ranking
+            by[name]["ranking_matches_shift"] = list(a["model"]) == list(s["model"]) and bool(
+                (abs(a["score"].values - s["score"].values) <= 1e-6).all())
     if "alsatian" in results and "base" in results:
         by["alsatian"]["best_matches_base"] = results["alsatian"].best == results["base"].best
     planning = plan_seconds(500)
     targets = _targets(by, distribution, planning, budget)
     config = {"arch": arch, "models": models, "distribution": distribution, "items": items, "budget": budget,
-              "budget_fraction": budget_fraction,
+              "budget_fraction": budget_fraction, "repeat": repeat, "threads": _torch_threads(),
               "reduced": reduced, "image_size": image_size, "device": device, "batch_size": batch_size, "seed": seed}
-    bench = SearchBench(rows, targets, planning, config, costs)
+    bench = SearchBench(rows, targets, planning, config, med, list(zip(lo, hi)))
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"search-{arch}-{distribution}-{models}.json"
-    path.write_text(json.dumps({"config": config, "rows": rows, "planning_500_s": planning, "block_costs_s": costs,
+    path.write_text(json.dumps({"config": config, "rows": rows, "planning_500_s": planning, "block_costs_s": med,
+                                "block_cost_range_s": bench.cost_range, "cost_samples": calibrate.count,
                                 "targets": [t.to_json() for t in targets]}, indent=2, default=str))
     bench.files.append(str(path))
     return bench
 
 
+class CostCalibration:
+    """Per-item seconds of each feature-extractor block of ``model``, calibrated again and again.
+
+    Each ``sample()`` (one per benchmark round, interleaved with the runs) times every block
+    ``inner`` times on one batch of ``x`` and keeps the fastest timing per depth (a timing can only
+    be slowed by the machine, never sped up). ``ranges()`` gives per depth the lowest, median and
+    highest of these samples: the spread shows how noisy the machine was."""
+
+    def __init__(self, model: Any, x: Any, batch_size: int = 64, device: str = "cpu", inner: int = 3) -> None:
+        import torch
+
+        from ..search.blocks import split_model
+
+        self.device, self.inner = device, inner
+        split = split_model(model)
+        self.blocks = split.blocks
+        batch = x[:batch_size].to(device)
+        self.ctx = {k: v.to(device) for k, v in split.context(batch).items()}
+        self.inputs = []
+        with torch.inference_mode():  # the input of every depth, computed once (warms every block up)
+            h = batch
+            for block in self.blocks:
+                block.module.to(device).eval()
+                self.inputs.append(h)
+                h = block(h, self.ctx)
+        self.samples: list[list[float]] = [[] for _ in self.blocks]
+
+    @property
+    def count(self) -> int:
+        return len(self.samples[0]) if self.blocks else 0
+
+    def sample(self) -> None:
+        import torch
+
+        sync = torch.cuda.synchronize if self.device != "cpu" else (lambda: None)
+        with torch.inference_mode():
+            for block, h, got in zip(self.blocks, self.inputs, self.samples):
+                best = float("inf")
+                for _ in range(self.inner):
+                    sync()
+                    t0 = time.perf_counter()
+                    block(h, self.ctx)
+                    sync()
+                    best = min(best, time.perf_counter() - t0)
+                got.append(best / len(h))
+
+    def ranges(self) -> tuple[list[float], list[float], list[float]]:
+        """(lowest, median, highest) per-item seconds by depth."""
+        return ([min(s) for s in self.samples], [statistics.median(s) for s in self.samples],
+                [max(s) for s in self.samples])
+
+
+def sharing_bound(shift_items: Sequence[int], alsatian_items: Sequence[int]) -> float:
+    """The largest speedup over shift that alsatian's inference can reach with this work: the
+    largest per-depth ratio of items (a ratio of sums of non-negative terms never exceeds it)."""
+    ratios = [s / a for s, a in zip(shift_items, alsatian_items) if a > 0]
+    if any(s > 0 and a == 0 for s, a in zip(shift_items, alsatian_items)):
+        return float("inf")
+    return max(ratios, default=1.0)
+
+
 def block_costs(model: Any, x: Any, batch_size: int = 64, device: str = "cpu", repeat: int = 3) -> list[float]:
-    """Seconds per item of each feature-extractor block of ``model`` (min over ``repeat`` runs on
-    one batch of ``x``, after a warm-up run)."""
+    """Median seconds per item of each feature-extractor block of ``model`` over ``repeat``
+    calibration rounds (see :class:`CostCalibration`)."""
+    cal = CostCalibration(model, x, batch_size, device)
+    for _ in range(repeat):
+        cal.sample()
+    return cal.ranges()[1]
+
+
+def _torch_threads() -> int:
     import torch
 
-    from ..search.blocks import split_model
-
-    split = split_model(model)
-    batch = x[:batch_size].to(device)
-    ctx = {k: v.to(device) for k, v in split.context(batch).items()}
-    costs, h = [], batch
-    with torch.inference_mode():
-        for block in split.blocks:
-            block.module.to(device).eval()
-            out = block(h, ctx)
-            best = float("inf")
-            for _ in range(repeat):
-                if device != "cpu":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                block(h, ctx)
-                if device != "cpu":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
-            costs.append(best / len(batch))
-            h = out
-    return costs
+    return torch.get_num_threads()
 
 
 def modelled_inference(items_per_depth: Sequence[int], costs: Sequence[float]) -> float:
-    """Inference seconds the work of a run would take at the calibrated per-item block costs."""
+    """Inference seconds the work of a run would take at the given per-item block costs."""
     return float(sum(n * c for n, c in zip(items_per_depth, costs)))
 
 
-def _run_all(candidates: Any, data: Any, approaches: Sequence[str], budget: int | None, device: str,
-             batch_size: int, seed: int, progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _sharing(al: dict[str, Any], sh: dict[str, Any], al_runs: list[Any], sh_runs: list[Any]) -> None:
+    """Alsatian's inference speedup over shift: measured (median of the rounds' times, and each
+    round's ratio), the bound its work allows and the calibrated estimate with its error."""
+    ratios = [s[1].timings["inference"] / a[1].timings["inference"] for a, s in zip(al_runs, sh_runs)]
+    al["inference_vs_shift"] = sh["t_inference"] / al["t_inference"]
+    al["inference_vs_shift_runs"] = ratios
+    al["sharing_bound_vs_shift"] = sharing_bound(sh["items_per_depth"], al["items_per_depth"])
+    al["sharing_estimate_vs_shift"] = sh["modelled_inference_s"] / al["modelled_inference_s"]
+    al["sharing_estimate_error"] = al["inference_vs_shift"] / al["sharing_estimate_vs_shift"] - 1.0
+    al["bound_holds"] = al["inference_vs_shift"] <= al["sharing_bound_vs_shift"]
+    al["bound_holds_every_round"] = max(ratios) <= al["sharing_bound_vs_shift"]
+
+
+def _run_one(candidates: Any, data: Any, approach: str, budget: int | None, device: str, batch_size: int,
+             seed: int, progress: Progress, round_: int, label: str | None = None) -> tuple[float, Any]:
     import mm_jupyter as mm
 
-    results, rows = {}, []
-    for a in approaches:
-        t1 = time.perf_counter()
-        res = mm.search(candidates, data, k=1, approach=a, cache_budget=budget if a == "alsatian" else None,
-                        device=device, batch_size=batch_size, seed=seed)
-        took = time.perf_counter() - t1
-        results[a] = res
-        rows.append({"approach": a, "seconds": took, **{f"t_{k}": v for k, v in res.timings.items()},
-                     **res.stats, "best": res.best, "rungs": len(res.rungs)})
-        progress(f"{a}: {took:.2f} s, best {res.best}, {res.stats['block_inferences']} block inferences, "
-                 f"{res.stats['bytes_loaded']:,} bytes loaded")
-    return results, rows
+    t1 = time.perf_counter()
+    res = mm.search(candidates, data, k=1, approach=approach, cache_budget=budget, device=device,
+                    batch_size=batch_size, seed=seed)
+    took = time.perf_counter() - t1
+    progress(f"round {round_ + 1}, {label or approach}: {took:.2f} s, best {res.best}, "
+             f"{res.stats['block_inferences']} block inferences, {res.stats['bytes_loaded']:,} bytes loaded")
+    return took, res
+
+
+def _row(approach: str, runs: list[tuple[float, Any]]) -> dict[str, Any]:
+    """One approach's row: medians of the rounds' times (min and max of the total kept), the
+    statistics of its first run (the same in every round: the work is deterministic)."""
+    first = runs[0][1]
+    for _, res in runs[1:]:
+        if res.stats["items_per_depth"] != first.stats["items_per_depth"] or res.best != first.best:
+            raise SearchError(f"{approach}: repeated runs of the benchmark did different work")
+    seconds = [took for took, _ in runs]
+    timings = {f"t_{k}": statistics.median(res.timings[k] for _, res in runs) for k in first.timings}
+    return {"approach": approach, "seconds": statistics.median(seconds), "seconds_min": min(seconds),
+            "seconds_max": max(seconds), "seconds_runs": seconds, **timings, **first.stats, "best": first.best,
+            "rungs": len(first.rungs)}
 
 
 def _targets(by: dict[str, dict[str, Any]], distribution: str, planning: float, budget: int | None) -> list[Target]:
@@ -210,6 +331,12 @@ def _targets(by: dict[str, dict[str, Any]], distribution: str, planning: float, 
     if al is not None and budget is None:
         out.append(Target("block inferences == unique edges", float(al["block_inferences"] - al["unique_edges"]),
                           0.0, "<=", "extra inferences"))
+    if al is not None and "sharing_bound_vs_shift" in al:
+        out.append(Target("alsatian inference vs shift <= sharing bound", al["inference_vs_shift"],
+                          al["sharing_bound_vs_shift"], "<=", "x faster",
+                          f"rounds {', '.join(f'{r:.2f}x' for r in al['inference_vs_shift_runs'])}; calibrated "
+                          f"estimate {al['sharing_estimate_vs_shift']:.2f}x "
+                          f"(error {100 * al['sharing_estimate_error']:+.0f}%)"))
     if al is not None and "ranking_matches_shift" in al:
         out.append(Target("alsatian ranking == shift ranking", float(al["ranking_matches_shift"]), 1.0, ">=",
                           "(1 = yes)"))
