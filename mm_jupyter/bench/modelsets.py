@@ -516,7 +516,8 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[Target]:
                  max)
     out.append(Target("MMlib-base storage per version within 15% of the paper's (FFNN-48)", v, 15.0, "<=",
                       "% off", d + f"; paper: {PAPER_MMLIB_BYTES_PER_MODEL:,.0f} B per model" if v is not None else d))
-    v, d = worst([(s, abs(100.0 * (1 - b["bytes"] / m["bytes"]) - 30.0)) for s, m, b in pairs("mmlib-base", "baseline", steps)
+    v, d = worst([(s, abs(100.0 * (1 - b["bytes"] / m["bytes"]) - 30.0))
+                  for s, m, b in pairs("mmlib-base", "baseline", steps)
                   if m.get("arch", "ffnn48") == "ffnn48"], max)
     if v is not None:
         d += "; savings per step: " + ", ".join(f"{st}: {100 * (1 - b['bytes'] / m['bytes']):.1f}%"
