@@ -91,6 +91,28 @@ def test_shared_stem_runs_once_and_is_handed_on(ray2):
     assert dist.stats["items_per_depth"][0] == len(data[0])  # the stem ran once over every item
 
 
+def test_uneven_rungs_split_their_items_and_equal_one_process(ray2):
+    # every candidate shares its first two blocks: late rungs are a trunk and one or two leaves, no
+    # even subtree partition, so the workers split the items (whole batches) and run the whole tree
+    cands, data = family(6, seed=3), blobs(500)
+    first = cands["m0"]
+    for m in cands.values():
+        for a, b in list(zip(m, first))[:-4]:
+            a.load_state_dict(b.state_dict())
+    for approach in ("alsatian", "shift"):
+        local = mm.search(cands, data, k=1, approach=approach, batch_size=32)
+        dist = mm.search(cands, data, k=1, approach=approach, batch_size=32, executor=ray2)
+        same(dist, local, work=False)
+        d = dist.stats["distributed"]
+        assert d["item_split_rungs"] >= 1 and all(s > 0 for s in d["worker_seconds"])
+        assert dist.stats["items_per_depth"] == local.stats["items_per_depth"]  # no item ran twice
+        assert dist.stats["unique_edges"] == local.stats["unique_edges"]
+        # each worker runs every block on its own items: more block calls, the same block work
+        assert dist.stats["block_inferences"] > local.stats["block_inferences"]
+        if approach == "alsatian":
+            assert d["trunk_blocks"] >= 1 and len(d["modelled_balance"]) == len(dist.rungs)
+
+
 def test_shift_and_a_tight_budget_on_two_workers(ray2):
     cands, data = family(8, seed=1), blobs(400)
     for approach, budget in (("shift", None), ("alsatian", 20_000)):

@@ -5,7 +5,9 @@ import itertools
 
 import pytest
 
-from mm_jupyter.search.partition import dfs_order, partition_tree, simulate_queue, subtree_costs
+from mm_jupyter.search.engine import batch_ranges
+from mm_jupyter.search.partition import (dfs_order, items_balance, partition_tree, simulate_queue, split_batches,
+                                        subtree_costs)
 from mm_jupyter.search.tree import TaskTree
 
 
@@ -72,6 +74,18 @@ def test_one_worker_keeps_the_whole_tree_and_more_workers_never_model_slower():
         assert part.makespan >= total / w  # no partition beats perfect balance
     with pytest.raises(ValueError):
         partition_tree(tree, cost, 0)
+
+
+def test_item_split_cuts_at_batch_ends_into_contiguous_even_ranges():
+    batches = batch_ranges([100, 70], 32)  # segments batched from their own starts
+    ends = {b for _, b in batches}
+    ranges = split_batches(batches, 2)
+    assert ranges == [(0, 96), (96, 170)] and items_balance(ranges) == pytest.approx(192 / 170)
+    three = split_batches(batches, 3)
+    assert three[0][0] == 0 and three[-1][1] == 170 and all(b in ends for _, b in three)
+    assert all(x[1] == y[0] for x, y in zip(three, three[1:]))
+    # fewer batches than workers: some get empty ranges
+    assert split_batches(batch_ranges([40], 32), 3) == [(0, 32), (32, 32), (32, 40)]
 
 
 def test_shared_queue_duplicates_or_moves_what_subtrees_keep_local():

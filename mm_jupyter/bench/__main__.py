@@ -452,6 +452,7 @@ def _search_ray(args: argparse.Namespace, models: int, items: int) -> int:
     for r in res.rows:
         if r["rung_balance"]:
             print(f"{r['run']}: modelled balance per rung (most loaded worker / mean) {r['rung_balance']}, "
+                  f"{r['item_split_rungs']} rung(s) split by items, "
                   f"busy s per worker {[round(s, 1) for s in r['worker_seconds']]}")
     print()
     print("targets (this run):")

@@ -117,6 +117,7 @@ def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = 
                      "bytes_loaded": res.stats["bytes_loaded"], "transfer_bytes": d.get("transfer_bytes"),
                      "balance": max(d["modelled_balance"], default=None) if d else None,
                      "rung_balance": d.get("modelled_balance"), "worker_seconds": d.get("worker_seconds"),
+                     "item_split_rungs": d.get("item_split_rungs"),
                      "best": res.best,
                      "same_ranking": list(res.ranking["model"]) == list(ref.ranking["model"]),
                      "same_scores": res.ranking["score"].tolist() == ref.ranking["score"].tolist()})

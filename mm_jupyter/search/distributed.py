@@ -8,7 +8,10 @@ through Ray's object store to the workers whose subtrees start there. Workers re
 driver keeps them, has the workers score the candidates (the proxy is a pure function, so where it
 runs does not change the score) and prunes globally, exactly as the single-process search does.
 Batches are cut as in the single-process run (every subtree batches its items from the start of
-each segment), so features, scores and rankings are the same.
+each segment), so features, scores and rankings are the same. When no subtree partition is even
+enough (late rungs: few survivors, one subtree or only a trunk), the rung's items are split
+instead: each worker runs the whole tree on a contiguous run of whole batches (cut where the
+single-process run cuts them), and the driver concatenates the features in item order.
 
 Candidates stored with ``add_candidates`` are read by the workers themselves from the store
 (through ``Store``/``load_candidates`` and the object area's verified reads, so only the blocks a
@@ -25,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 from ..errors import MMError, SearchError
-from .engine import Candidate, Meter, extract_shared, extract_whole
-from .partition import Partition, partition_tree
+from .engine import Candidate, Meter, batch_ranges, extract_shared, extract_whole
+from .partition import BALANCE_LIMIT, Partition, items_balance, partition_tree, split_batches
 from .tree import TaskTree
 
 if TYPE_CHECKING:
@@ -348,6 +351,7 @@ class RaySearch:
         self.seed = seed
         self.held: dict[str, int] = {}  # candidate -> worker that last extracted it
         self.stats: dict[str, Any] = {"workers": len(executor.actors), "transfer_bytes": 0, "trunk_blocks": 0,
+                                      "item_split_rungs": 0,
                                       "worker_seconds": [0.0] * len(executor.actors), "modelled_balance": []}
         source = self._source(named, cands)
         _get([a.setup.remote(source, sample, shared) for a in executor.actors])
@@ -378,39 +382,58 @@ class RaySearch:
     def extract(self, group: list[Candidate], segments: list["torch.Tensor"], meter: Meter,
                 progress: Progress) -> list[dict[Hashable, "torch.Tensor"]]:
         """Features of ``group`` per segment, computed by the workers."""
+        import torch
+
         ray = _ray()
         t0 = time.perf_counter()
-        trunk_job, jobs, trunk_worker = self._plan(group, segments, meter)
+        trunk_job, jobs, trunk_worker, ranges = self._plan(group, segments, meter)
         meter.add("planning", time.perf_counter() - t0)
         t0 = time.perf_counter()
         actors = self.executor.actors
-        segs = ray.put(segments)
         trunk_ref = None
-        if trunk_job is not None:
-            trunk_ref = actors[trunk_worker].extract.remote([trunk_job], segs, None, self.batch_size, self.budget)
-        calls = {w: actors[w].extract.remote(js, segs, trunk_ref if any(j.source for j in js) else None,
-                                             self.batch_size, self.budget)
-                 for w, js in enumerate(jobs) if js}
+        # where[w]: (segment, start, stop) of each item range worker w gets features for
+        where: dict[int, list[tuple[int, int, int]]] = {}
+        if ranges is not None:
+            for w, (a, b) in enumerate(ranges):
+                if b > a:
+                    where[w] = _pieces([len(s) for s in segments], a, b)
+            calls = {w: actors[w].extract.remote(jobs[w], [segments[i][a:b].clone() for i, a, b in p], None,
+                                                 self.batch_size, self.budget) for w, p in where.items()}
+        else:
+            segs = ray.put(segments)
+            if trunk_job is not None:
+                trunk_ref = actors[trunk_worker].extract.remote([trunk_job], segs, None, self.batch_size, self.budget)
+            calls = {w: actors[w].extract.remote(js, segs, trunk_ref if any(j.source for j in js) else None,
+                                                 self.batch_size, self.budget)
+                     for w, js in enumerate(jobs) if js}
+            where = {w: [(i, 0, len(s)) for i, s in enumerate(segments)] for w in range(len(actors))}
         results: list[tuple[int, WorkerResult]] = list(zip(calls, _get(list(calls.values()))))
         if trunk_ref is not None:
             results.append((trunk_worker, _get(trunk_ref)))
         meter.add("inference", time.perf_counter() - t0)
-        out: list[dict[Hashable, torch.Tensor]] = [{} for _ in segments]
-        for w, res in results:
+        parts: list[dict[Hashable, list[torch.Tensor]]] = [{} for _ in segments]
+        for w, res in results:  # workers in order, so an item split's ranges come in item order
             _absorb(meter, res.meter)
             self.stats["worker_seconds"][w] += res.seconds
             progress({"event": "cache", "bytes": res.meter.cache_peak_bytes, "chunk": meter.chunks, "worker": w})
-            for i, feats in enumerate(res.features):
-                out[i].update(feats)
+            for (i, _, _), feats in zip(where[w], res.features):
+                for n, f in feats.items():
+                    parts[i].setdefault(n, []).append(f)
                 self.held.update({str(n): w for n in feats})
+        if ranges is not None:  # every worker ran the same tree: its edges are counted once
+            edges = [res.meter.unique_edges for _, res in results]
+            meter.unique_edges -= sum(edges) - max(edges)
+        out: list[dict[Hashable, torch.Tensor]] = [
+            {n: fs[0] if len(fs) == 1 else torch.cat(fs) for n, fs in seg.items()} for seg in parts]
         missing = [c.name for c in group if segments and c.name not in out[0]]
         if missing:
             raise SearchError(f"the Ray workers returned no features for {missing[:3]}")
         return out
 
     def _plan(self, group: list[Candidate], segments: list["torch.Tensor"],
-              meter: Meter) -> tuple[Job | None, list[list[Job]], int]:
-        """Jobs per worker (and the trunk job with its worker) for one rung."""
+              meter: Meter) -> tuple[Job | None, list[list[Job]], int, list[tuple[int, int]] | None]:
+        """Jobs per worker (and the trunk job with its worker) for one rung; with an item split,
+        every worker's jobs are the whole tree and ``ranges[w]`` are worker ``w``'s items."""
         workers = len(self.executor.actors)
         if not self.shared:
             tree = TaskTree(1)
@@ -419,9 +442,12 @@ class RaySearch:
                 leaf = tree.add_model(c.name, [str(c.name)], [1])
                 cost[leaf] = sum(c.costs or [1.0])
             part = partition_tree(tree, cost, workers)
+            ranges, _ = self._item_split(part, segments)
+            if ranges is not None:
+                return None, [[Job(tuple(str(c.name) for c in group), whole=True)]] * workers, 0, ranges
             order = self._match(part, tree)
             return None, [[Job(tuple(str(n) for r in part.bins[b] for n in tree.nodes[r].ends), whole=True)]
-                          if part.bins[b] else [] for b in order], 0
+                          if part.bins[b] else [] for b in order], 0, None
         per_item = segments[0][:1].element_size() * max(1, segments[0][:1].numel())
         tree = TaskTree(per_item)
         cost: dict[int, float] = {}
@@ -431,7 +457,10 @@ class RaySearch:
             for depth, nid in enumerate(tree.path(c.name)[1:]):
                 cost[nid] = c.costs[depth]
         part = partition_tree(tree, cost, workers)
-        self.stats["modelled_balance"].append(round(part.balance, 4))
+        ranges, balance = self._item_split(part, segments)
+        self.stats["modelled_balance"].append(round(balance, 4))
+        if ranges is not None:
+            return None, [[Job(tuple(str(c.name) for c in group))]] * workers, 0, ranges
         self.stats["trunk_blocks"] += len(part.trunk)
         items = sum(len(s) for s in segments)
         self.stats["transfer_bytes"] += part.transfer_bytes(tree) * items
@@ -450,7 +479,20 @@ class RaySearch:
                 by_parent.setdefault(tree.nodes[r].parent, []).append(r)  # type: ignore[arg-type]
             jobs.append([Job(tuple(sorted({str(m) for r in roots for m in tree.nodes[r].models})), len(path[p]),
                              path[p] if p else None) for p, roots in sorted(by_parent.items())])
-        return trunk_job, jobs, order.index(part.trunk_worker)
+        return trunk_job, jobs, order.index(part.trunk_worker), None
+
+    def _item_split(self, part: Partition,
+                    segments: list["torch.Tensor"]) -> tuple[list[tuple[int, int]] | None, float]:
+        """Items per worker, in whole batches, when the subtree partition ``part`` is too uneven
+        and splitting the items is more even (else None), and the modelled balance taken."""
+        if part.balance <= BALANCE_LIMIT:
+            return None, part.balance
+        ranges = split_batches(batch_ranges([len(s) for s in segments], self.batch_size), part.workers)
+        balance = items_balance(ranges)
+        if balance >= part.balance:
+            return None, part.balance
+        self.stats["item_split_rungs"] += 1
+        return ranges, balance
 
     def _match(self, part: Partition, tree: TaskTree) -> list[int]:
         """``order[w]``: the bin worker ``w`` runs. Bins are interchangeable, so each goes to the
@@ -504,6 +546,17 @@ def _paths(tree: TaskTree) -> dict[int, tuple[str, ...]]:
         for block, child in tree.nodes[nid].children.items():
             out[child] = out[nid] + (block,)
             stack.append(child)
+    return out
+
+
+def _pieces(lengths: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """Items ``start:stop`` of the concatenated segments as (segment, start, stop) within each."""
+    out, base = [], 0
+    for i, n in enumerate(lengths):
+        a, b = max(start, base), min(stop, base + n)
+        if a < b:
+            out.append((i, a - base, b - base))
+        base += n
     return out
 
 

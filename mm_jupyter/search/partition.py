@@ -18,6 +18,11 @@ greedily: start with the root's children; repeatedly move the most expensive sub
 the trunk (its children become subtrees); pack the subtrees longest first onto the least loaded
 worker (LPT); keep the partition with the lowest modelled makespan ``trunk + max(load)``.
 
+**Item split.** Late rungs keep few candidates, often one subtree or only a trunk, so no subtree
+partition is even. When the best one's balance exceeds ``BALANCE_LIMIT``, the rung's items are
+split instead: every worker runs the whole tree on a contiguous run of whole batches
+(``split_batches``), as even in items as the batches allow.
+
 **Shared queue** (the baseline, after Renggli et al.): the block steps in DFS order are one queue;
 whichever worker is free takes the next step whose parent output exists somewhere. A step whose
 parent output is not on that worker either recomputes the missing prefix (duplicated block work)
@@ -30,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .tree import TaskTree
+
+BALANCE_LIMIT = 1.25  # a subtree partition less even than this gives way to the item split
 
 
 def subtree_costs(tree: TaskTree, cost: Mapping[int, float]) -> dict[int, float]:
@@ -134,6 +141,26 @@ def partition_tree(tree: TaskTree, cost: Mapping[int, float], workers: int) -> P
     worker = min(range(workers), key=lambda w: (loads[w], w))
     return Partition(workers, tuple(chosen), tuple(tuple(b) for b in bins), tuple(loads),
                      sum(cost[n] for n in chosen), total, worker)
+
+
+def split_batches(batches: list[tuple[int, int]], workers: int) -> list[tuple[int, int]]:
+    """Item range per worker: contiguous runs of whole ``batches`` (consecutive, covering the
+    items from 0), their ends as near to even shares as the batch ends allow; a worker left
+    without a batch gets an empty range."""
+    total = batches[-1][1] if batches else 0
+    ends = [b for _, b in batches]
+    cuts = [0]
+    for w in range(1, workers):
+        target = total * w / workers
+        cuts.append(max(cuts[-1], min(ends, key=lambda e: (abs(e - target), e), default=0)))
+    cuts.append(total)
+    return [(cuts[w], cuts[w + 1]) for w in range(workers)]
+
+
+def items_balance(ranges: list[tuple[int, int]]) -> float:
+    """Most items on one worker over the mean (1.0 = even)."""
+    total = sum(b - a for a, b in ranges)
+    return max(b - a for a, b in ranges) * len(ranges) / total if total else 1.0
 
 
 @dataclass
