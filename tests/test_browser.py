@@ -106,7 +106,8 @@ def _output(page: Any, source: str, which: int = 0) -> Any:
     assert index >= 0, source
     page.evaluate(f"i => {NOTEBOOK}.content.scrollToItem(i, 'start')", index)
     cell = page.locator(f".jp-Notebook .jp-Cell[data-windowed-list-index='{index}']")
-    return cell.locator(".jp-OutputArea-output").nth(which)
+    # a hidden output is one a renderer is being swapped out of (e.g. a dead widget's view)
+    return cell.locator(".jp-OutputArea-output:not(.lm-mod-hidden)").nth(which)
 
 
 def _traces(output: Any) -> list[dict[str, Any]]:
@@ -230,7 +231,14 @@ def test_a_kernel_restart_leaves_the_static_picture(page: Any) -> None:
     page.evaluate(f"{NOTEBOOK}.sessionContext.restartKernel()")
     page.wait_for_function(KERNEL_IDLE)
     search = _search_output(page)
-    search.locator("table").first.wait_for()
+    # the dead widget's view is replaced by its static picture: wait until that swap has happened
+    page.wait_for_function(
+        """src => { const i = %s.content.model.sharedModel.cells.findIndex(c => c.getSource().includes(src));
+                    const cell = document.querySelector(`.jp-Notebook .jp-Cell[data-windowed-list-index='${i}']`);
+                    const out = cell && cell.querySelector('.jp-OutputArea-output:not(.lm-mod-hidden)');
+                    return !!out && !out.querySelector('.jupyter-widgets')
+                           && out.querySelectorAll('table tbody tr').length >= 12; }""" % NOTEBOOK,
+        arg="%modelsearch candidates data")
     _assert_leaderboard(search, static=True)  # the widget died with the kernel; its picture stays
     _assert_no_widget_errors(page)
 

@@ -197,9 +197,9 @@ class RayExecutor:
     initialised yet, a local Ray starts with ``workers`` CPUs (default: this machine's), without
     dashboard and usage statistics, bound to 127.0.0.1. ``gpus``: one worker per GPU (None: when
     the cluster has GPUs). ``threads``: torch threads per CPU worker, and the CPU slots it reserves
-    (default: the cluster's CPUs divided by the workers). Use as a context manager, or ``close()``. ``executor="ray"`` uses
-    the executor started last and still open, else starts a default one that stays up for later
-    searches."""
+    (default: the cluster's CPUs divided by the workers). Use as a context manager, or ``close()``.
+    ``executor="ray"`` uses the executor started last and still open, else starts a default one
+    that stays up for later searches."""
 
     def __init__(self, workers: int | None = None, *, address: str | None = None, gpus: bool | None = None,
                  threads: int | None = None, object_store_memory: int | None = None) -> None:
