@@ -137,12 +137,17 @@ class PaperChart(FigureOutput):
                         xs = [p + shift for p in pos]
                         h = ax.bar(xs, s.y, width, color=colour(s.name, i), yerr=yerr, capsize=2,
                                    error_kw={"elinewidth": 0.8})
+                        if sum(len(t.y) for t in panel.series) <= 12:  # values on the bars while they fit
+                            ax.bar_label(h, labels=[f"{y:.3g}" for y in s.y], fontsize=6, padding=1)
+                            ax.margins(y=0.12)  # room above the tallest bar's label
                 handles.setdefault(s.name, h)
             if panel.kind != "line":
                 ax.set_xticks(range(len(cats)), cats, fontsize=7, rotation=20 if len(cats) > 3 else 0)
             for log, axis, scale in ((panel.log_y, ax.yaxis, ax.set_yscale), (panel.log_x, ax.xaxis, ax.set_xscale)):
                 if log:
                     scale("log")
+                    # 1-2-5 ticks: a range under a decade still gets several labels
+                    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
                     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
                     axis.set_minor_formatter(ticker.NullFormatter())
             ax.set_title(panel.title, fontsize=9)
