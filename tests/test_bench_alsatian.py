@@ -140,3 +140,10 @@ def test_cli_prints_the_table_checks_and_writes_json(tmp_path: object, capsys: p
     assert "Fig. 16" in out and "alsatian 5%" in out and "[ok] alsatian 25% ranking == shift" in out
     assert "median s" in out and "vs shift" in out
     assert (tmp_path / "fig16-quick.json").exists()  # type: ignore[operator]
+
+
+def test_cli_needs_an_artefact_named(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--figure all` at the cpu scale takes about an hour, so there is no implicit default."""
+    with pytest.raises(SystemExit) as exc:
+        main(["alsatian"])
+    assert exc.value.code == 2 and "--figure" in capsys.readouterr().err

@@ -180,3 +180,10 @@ def test_catalog_small_scale(tmp_path, capsys):
     assert set(data["recover"]) == {"baseline", "mmlib-base"}
     assert len(data["targets"]) == 2 and all(t["status"] in ("PASS", "FAIL") for t in data["targets"])
     assert not (tmp_path / "store").exists()
+
+
+def test_default_size_is_the_cpu_scale_unless_mm_jupyter_full(monkeypatch):
+    monkeypatch.delenv("MM_JUPYTER_FULL", raising=False)
+    assert M.default_models() == 1000
+    monkeypatch.setenv("MM_JUPYTER_FULL", "1")
+    assert M.default_models() == 5000

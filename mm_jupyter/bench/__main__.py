@@ -74,7 +74,8 @@ def add_modelsets(sub: Any) -> None:
     p = sub.add_parser("modelsets", help="Efficient Multi-Model Management: storage, TTS, TTR of the four approaches",
                        description="U1 (N models) then U3 retraining steps, saved by every approach.")
     p.add_argument("--arch", choices=sorted(ARCHS), default="ffnn48", help="model architecture (default ffnn48)")
-    p.add_argument("--models", "-n", type=int, default=None, help="models per set (default 5000; 500 with --quick)")
+    p.add_argument("--models", "-n", type=int, default=None,
+                   help="models per set (default 1000; the paper's 5000 with MM_JUPYTER_FULL=1; 500 with --quick)")
     p.add_argument("--steps", type=int, default=3, help="U3 update steps (default 3)")
     p.add_argument("--update-rate", type=float, default=0.10, help="fraction retrained per U3 step (default 0.10)")
     p.add_argument("--approaches", default=",".join(APPROACHES),
@@ -96,14 +97,14 @@ def add_modelsets(sub: Any) -> None:
 
 
 def cmd_modelsets(args: argparse.Namespace) -> int:
-    from .modelsets import APPROACHES, QUICK, run_modelsets
+    from .modelsets import APPROACHES, QUICK, default_models, run_modelsets
 
     approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
     bad = [a for a in approaches if a not in APPROACHES]
     if bad:
         print(f"error: unknown approach(es) {', '.join(bad)}; choose from {', '.join(APPROACHES)}", file=sys.stderr)
         return 2
-    models = args.models if args.models is not None else (QUICK["models"] if args.quick else 5000)
+    models = args.models if args.models is not None else (QUICK["models"] if args.quick else default_models())
     repeat = args.repeat if args.repeat is not None else (QUICK["repeat"] if args.quick else 3)
     print(f"modelsets: {models} x {args.arch}, {args.steps} U3 steps at update rate {args.update_rate:g}, "
           f"approaches {', '.join(approaches)}, repeat {repeat}")

@@ -60,6 +60,16 @@ LIMIT = "limit"
 DEFAULT_OUT = Path("bench_results") / "modelsets"
 #: ``--quick``: a small run for tests and smoke checks.
 QUICK: dict[str, int] = {"models": 500, "repeat": 1}
+#: models per set by default: the paper's 5,000 with ``MM_JUPYTER_FULL=1``; 1,000 otherwise, so that the default
+#: (every approach, three U3 steps, three recoveries, faithful MMlib-base) finishes in minutes on a 2-core machine.
+#: The storage targets are per model, so they hold at either size.
+DEFAULT_MODELS = 1000
+FULL_MODELS = 5000
+
+
+def default_models() -> int:
+    """Models per set when ``--models`` is not given: ``FULL_MODELS`` under ``MM_JUPYTER_FULL=1``."""
+    return FULL_MODELS if os.environ.get("MM_JUPYTER_FULL") == "1" else DEFAULT_MODELS
 
 Progress = Callable[[str], None]
 
