@@ -143,7 +143,7 @@ def test_cli_prints_the_table_checks_and_writes_json(tmp_path: object, capsys: p
 
 
 def test_cli_needs_an_artefact_named(capsys: pytest.CaptureFixture[str]) -> None:
-    """`--figure all` at the cpu scale takes about an hour, so there is no implicit default."""
+    """`--figure all` at the cpu scale takes longer than a default may (10 minutes), so none is implied."""
     with pytest.raises(SystemExit) as exc:
         main(["alsatian"])
     assert exc.value.code == 2 and "--figure" in capsys.readouterr().err

@@ -315,7 +315,7 @@ def add_materialize(sub: Any) -> None:
     p = sub.add_parser("materialize", help="list(ms) vs constructing models and loading their state",
                        description="Build every module of a stored set, against the plain construct-and-load loop.")
     p.add_argument("--models", "-n", type=int, default=5000, help="models per set (default 5000)")
-    p.add_argument("--repeat", type=int, default=5, help="interleaved repetitions, median reported (default 5)")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions, median reported (default 3)")
     p.set_defaults(func=cmd_materialize)
 
 

@@ -66,9 +66,9 @@ def add_parser(sub: Any, table: Table, say: Callable[[str], None]) -> None:
 
     p = sub.add_parser("alsatian", help="the Alsatian paper's evaluation: Table 1, Figs. 5, 10-17",
                        description="Run one artefact of the Alsatian evaluation (or all of them) and print its "
-                                   "table. Each artefact's cpu default takes minutes; `--figure all` runs them "
-                                   "one after another (about an hour at the cpu scale; use --scale quick for a "
-                                   "smoke run), so the artefact is named, not defaulted.")
+                                   "table. Each artefact's cpu default takes 0.5-6 minutes on a 2-core machine; "
+                                   "`--figure all` runs them one after another (about 15 minutes at the cpu scale; "
+                                   "--scale quick for a smoke run), so the artefact is named, not defaulted.")
     p.add_argument("--figure", required=True, choices=list(FIGURES) + ["all"],
                    help="table1, fig5, fig10 (Figs. 10-12), fig13 (13-14), fig15, fig16, fig17 or all")
     p.add_argument("--scale", choices=SCALES, default=None,

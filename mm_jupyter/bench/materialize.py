@@ -48,7 +48,7 @@ def _plain_ffnn(hidden: int = 48, inputs: int = 5, layers: int = 3) -> Any:
     return nn.Sequential(*mods)
 
 
-def run_materialize(models: int = 5000, repeat: int = 5, progress: Progress = _silent) -> MaterializeResult:
+def run_materialize(models: int = 5000, repeat: int = 3, progress: Progress = _silent) -> MaterializeResult:
     """Save two N-model sets, then time ``list(ms)``, the construct-and-load loop and the
     deepcopy-and-load loop, interleaved, ``repeat`` times each."""
     import torch
