@@ -206,9 +206,10 @@ class Architecture:
             return lambda: target(**self.kwargs)
         if self.kind == "hf":
             klass = trust.module_class(self.ref, "Hugging Face model class")
-            if not hasattr(klass, "config_class") or not hasattr(klass.config_class, "from_dict"):
+            config_class = getattr(klass, "config_class", None)
+            if config_class is None or not hasattr(config_class, "from_dict"):
                 raise ArchitectureError(f"{self.ref!r} is not a Hugging Face model class; refused")
-            return lambda: klass(klass.config_class.from_dict(self.config))
+            return lambda: klass(config_class.from_dict(self.config))
         klass = source_class(self.source or "", self.ref, trusted, subject)
         return lambda: klass(**self.kwargs)
 
@@ -362,12 +363,13 @@ def _is_constant(v: Any) -> bool:
     return False
 
 
-def capture_source(klass: type) -> str:
-    """Self-contained source for ``klass``: imports, constants and helpers it needs, then it."""
+def capture_source(klass: type | Callable[..., Any]) -> str:
+    """Self-contained source for ``klass`` (a class or function): imports, constants and helpers
+    it needs, then it."""
     return capture_code(_definition_source(klass), klass.__name__, _defining_namespace(klass))
 
 
-def _defining_namespace(klass: type) -> Mapping[str, Any]:
+def _defining_namespace(klass: type | Callable[..., Any]) -> Mapping[str, Any]:
     """The globals the class's methods see: the notebook's namespace for a class from a cell (also
     where ``sys.modules['__main__']`` is another module), else its module's namespace."""
     for v in vars(klass).values():

@@ -227,7 +227,7 @@ class Provenance:
         if ref is not None:
             return {"ref": ref}
         try:
-            return {"source": capture_source(self.train), "name": self.train.__name__}  # type: ignore[arg-type]
+            return {"source": capture_source(self.train), "name": self.train.__name__}
         except ArchitectureError as e:
             raise StoreError(f"cannot record training function: {e}") from None
 
@@ -293,7 +293,7 @@ def resolve_train(record: dict[str, Any], trusted: bool = False, subject: str = 
         if trusted or _registered(record["ref"]):
             return import_ref(record["ref"])
         raise trust.refuse(subject, [(f"training function {record['ref']}", record["ref"])], allow_hint(subject))
-    return source_class(record["source"], record["name"], trusted, subject)  # type: ignore[no-any-return]
+    return source_class(record["source"], record["name"], trusted, subject)
 
 
 def train_one(train: TrainFn, model: "nn.Module", data: Any, config: dict[str, Any], seed: int) -> "nn.Module":

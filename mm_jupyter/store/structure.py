@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .trust import HFConfigClass
+
 #: A non-persistent buffer or plain tensor attribute is recorded by value up to this size.
 MAX_INLINE_BYTES = 1 << 20
 _KEEP = ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
@@ -120,7 +122,7 @@ def _tensor_from(dtype: str, shape: Sequence[int], data: str, where: str) -> "to
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dt).reshape(tuple(shape)).clone()
 
 
-def _hf_config_types() -> tuple[type, ...]:
+def _hf_config_types() -> tuple[HFConfigClass, ...]:
     import sys
 
     tf = sys.modules.get("transformers")
@@ -634,7 +636,7 @@ def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str]) -> bool:
 # -- fast materialisation -----------------------------------------------------------------------------------
 @dataclass
 class _Node:
-    cls: type
+    cls: type[nn.Module]
     shared: dict[str, Any]  # immutable attribute values, shared by every copy
     deep: list[tuple[str, Any]]  # mutable attribute values, deep-copied per copy
     params: list[tuple[str, int | None]]  # slot index of each parameter (None: empty slot)
@@ -668,10 +670,10 @@ class Cloner:
     """
 
     def __init__(self, nodes: list[_Node], slots: list[tuple["torch.Tensor", int, bool, bool]],
-                 originals: list[Any]) -> None:
+                 originals: list[int]) -> None:
         self.nodes = nodes
         self.slots = slots  # (template tensor, state index or -1, is parameter, requires_grad)
-        self.originals = originals  # template objects by node index then slot (for the deepcopy memo)
+        self.originals = originals  # id() of the template module of each node (for the deepcopy memo)
 
     @classmethod
     def of(cls, template: "nn.Module", keys: Sequence[str]) -> "Cloner | None":
@@ -713,7 +715,7 @@ class Cloner:
                       for n, p in mod._parameters.items()]
             buffers = [(n, None if b is None else tensor_slot(b, _join(path, n), False, n not in np_set))
                        for n, b in mod._buffers.items()]
-            children = []
+            children: list[tuple[str, int | None]] = []
             for n, c in mod._modules.items():
                 if c is None:
                     children.append((n, None))
@@ -741,7 +743,7 @@ class Cloner:
             return None
         if covered != set(keys):
             return None
-        originals = [None] * len(nodes)
+        originals = [0] * len(nodes)  # node_of covers every node
         for mod_id, i in node_of.items():
             originals[i] = mod_id
         return cls(nodes, slots, originals)
@@ -774,8 +776,8 @@ class Cloner:
             d["_buffers"] = bc((n, None if s is None else new_slots[s]) for n, s in node.buffers)
             d["_non_persistent_buffers_set"] = set(node.nonpersistent)
             d["_modules"] = mc((n, None if c is None else mods[c]) for n, c in node.children)
-            for k, v in node.deep:
-                d[k] = _copy_value(v, memo)
+            for name, v in node.deep:
+                d[name] = _copy_value(v, memo)
             object.__setattr__(mod, "__dict__", d)
         return mods[0]
 

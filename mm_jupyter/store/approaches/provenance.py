@@ -84,7 +84,7 @@ def save(store: "Store", inp: SaveInput) -> Saved:
     }
     _verify_at_save(store, inp, record, src, updated, changed, digests, hashes)
     rec = store.objects.put(zlib.compress(json.dumps(record, separators=(",", ":")).encode(), 9))
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "updated": updated.astype(np.int32),
         "hashes": hashes.reshape(-1, 32),
         "changed": np.packbits(changed.reshape(-1)),
@@ -176,7 +176,7 @@ def compare(model: "nn.Module", layout: Layout, changed: np.ndarray, expected: I
     import torch
 
     sd = model.state_dict()
-    tensors = []
+    tensors: list[torch.Tensor] = []
     for k, spec in enumerate(layout.specs):
         t = sd.get(spec.name)
         if t is None:
