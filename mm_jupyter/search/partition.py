@@ -93,7 +93,7 @@ class Partition:
                 continue
             for p in {tree.nodes[r].parent for r in roots}:
                 if p:
-                    out += tree.nodes[p].item_bytes  # type: ignore[index]
+                    out += tree.nodes[p].item_bytes
         return out
 
 
