@@ -107,7 +107,7 @@ class Worker:
         """Candidates for the search that starts (ids and sizes as the driver computed them)."""
         self.reset()
         if isinstance(source, StoredSource):
-            from .. import Store
+            from ..store import Store
             from .stored import load_candidates
 
             args, kwargs = source.store

@@ -22,7 +22,7 @@ import sys
 import textwrap
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, ParamSpec, TypeVar
 
 from ..errors import ArchitectureError
 from . import structure, trust
@@ -271,7 +271,11 @@ def exec_source(code: str, name: str) -> dict[str, Any]:
     return _exec_cached(code, name).__dict__
 
 
-def architecture(fn: Callable[..., "nn.Module"]) -> Callable[..., "nn.Module"]:
+P = ParamSpec("P")
+M = TypeVar("M", bound="nn.Module")
+
+
+def architecture(fn: Callable[P, M]) -> Callable[P, M]:
     """Decorator for model factories: modules they build remember how they were built, and stores
     may call the factory to rebuild them (it is registered with the trust gate).
 
@@ -279,7 +283,7 @@ def architecture(fn: Callable[..., "nn.Module"]) -> Callable[..., "nn.Module"]:
     """
 
     @functools.wraps(fn)
-    def build(*args: Any, **kwargs: Any) -> "nn.Module":
+    def build(*args: P.args, **kwargs: P.kwargs) -> M:
         bound = inspect.signature(fn).bind(*args, **kwargs)
         bound.apply_defaults()
         model = fn(*args, **kwargs)
