@@ -388,7 +388,8 @@ def trained_candidates(n: int, *, seed: int = 0) -> tuple[list[nn.Module], tuple
             for i in range(1, n):
                 model = clone_module(base)
                 split = split_model(model)
-                reinitialise(split.head)  # type: ignore[arg-type]  # digits_cnn has a Linear head
+                assert split.head is not None  # digits_cnn has a Linear head
+                reinitialise(split.head)
                 frozen = frozen_prefix(i, blocks)
                 for block in split.blocks[:frozen]:
                     block.module.requires_grad_(False)
@@ -449,7 +450,8 @@ def trained_text_candidates(n: int, *, items: int = 1200, seed: int = 0) -> tupl
             for i in range(1, n):
                 model = clone_module(base)
                 split = split_model(model)
-                reinitialise(split.head)  # type: ignore[arg-type]  # BERT's classifier
+                assert split.head is not None  # BERT's classifier
+                reinitialise(split.head)
                 for block in split.blocks[:frozen_prefix(i, blocks)]:
                     block.module.requires_grad_(False)
                 subset = torch.from_numpy(rng.permutation(len(x))[: int(len(x) * rng.uniform(0.1, 0.5))])

@@ -65,7 +65,7 @@ def _factory_target(ref: str) -> Callable[..., Any]:
     mod, _ = trust._split(ref)
     if trust._stdlib(mod):
         raise ArchitectureError(f"factory {ref!r} is not a registered @mm.architecture function; refused")
-    obj = import_ref(ref)
+    obj: Callable[..., Any] = import_ref(ref)
     if trust.is_registered(ref, obj) or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         return obj
     raise ArchitectureError(

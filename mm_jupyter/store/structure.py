@@ -40,7 +40,7 @@ import types
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
 
 from ..errors import ArchitectureError, StoreError
 from . import trust
@@ -373,7 +373,7 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
     if struct.get("source"):
         local = _source_namespace(struct["source"], trusted, subject, allow)
 
-    def klass(ref: str) -> type:
+    def klass(ref: str) -> type[nn.Module]:
         if ref.startswith("@"):
             obj = local.get(ref[1:])
             if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
@@ -399,7 +399,7 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
         return torch.zeros(shape, dtype=dtype)
 
     def make(node: Mapping[str, Any], path: str) -> nn.Module:
-        mod = object.__new__(classes[node["c"]])
+        mod: nn.Module = object.__new__(classes[node["c"]])
         nn.Module.__init__(mod)  # bookkeeping only: the recorded class's own __init__ never runs
         modules[path] = mod
         for name, spec in node["p"]:
@@ -554,9 +554,10 @@ class SameArchitecture:
         for node in self.nodes:
             mod = model
             for part in node.names:
-                mod = mod._modules.get(part)  # type: ignore[assignment]
-                if mod is None:
+                child = mod._modules.get(part)
+                if child is None:
                     self._fail(name, f"has no module {node.path}")
+                mod = child
             where = node.path or "(root)"
             if type(mod) is not node.type:
                 self._fail(name, f"module {where} is a {type(mod).__name__}, not a {node.type.__name__}")
@@ -580,7 +581,7 @@ class SameArchitecture:
                 if not _same(d.get(k, _MISSING), v0, paths, self._paths0):
                     self._fail(name, f"attribute {_join(node.path, k)} differs")
 
-    def _fail(self, name: str, what: str) -> None:
+    def _fail(self, name: str, what: str) -> NoReturn:
         raise ArchitectureError(
             f"all models of a set must share one architecture: model {name!r} {what} (compared with model "
             f"{self.first_name!r}); save them as separate sets")

@@ -33,7 +33,7 @@ _DTYPE_NAMES = [
 def torch_dtype(name: str) -> "torch.dtype":
     import torch
 
-    dt = getattr(torch, name, None) if name in _DTYPE_NAMES else None
+    dt: torch.dtype | None = getattr(torch, name, None) if name in _DTYPE_NAMES else None
     if dt is None:
         raise StoreError(f"unsupported dtype {name!r}")
     return dt
@@ -98,7 +98,7 @@ class Layout:
     def from_json(cls, data: dict[str, Any]) -> "Layout":
         return cls.of([TensorSpec(k, d, tuple(shape)) for k, d, shape in data["keys"]])
 
-    def signature(self) -> tuple:
+    def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         return tuple((s.name, s.dtype, s.shape) for s in self.specs)
 
 

@@ -156,7 +156,7 @@ def function(ref: str) -> Callable[..., Any]:
             f"mm.allow_functions({mod!r}) before saving and recovering")
     if mod == "torch" and qual.split(".")[-1] in _DENIED_TORCH:
         raise ArchitectureError(f"function {ref!r} is refused: it touches files, the network or global state")
-    obj = import_ref(ref)
+    obj: Callable[..., Any] = import_ref(ref)
     if isinstance(obj, type) or not callable(obj) or type(obj).__name__ not in (
             "function", "builtin_function_or_method", "method_descriptor"):
         raise ArchitectureError(f"{ref!r} is a {type(obj).__name__}, not a function; refused")
@@ -168,7 +168,7 @@ def registered(ref: str, what: str) -> Callable[..., Any]:
     mod, _ = _split(ref)
     if _stdlib(mod):
         raise ArchitectureError(f"{what} {ref!r} is not a registered function; refused")
-    obj = import_ref(ref)
+    obj: Callable[..., Any] = import_ref(ref)
     if not is_registered(ref, obj):
         raise ArchitectureError(
             f"{what} {ref!r} is not registered; only functions decorated with "
