@@ -375,7 +375,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
         emit({"event": "rung_end", "rung": rung.index, "survivors": list(keep)})
         active = keep
         if shared:
-            needed = {tuple(cands[n].ids[: d + 1]) for n in active for d in range(cands[n].count)}  # type: ignore[index]
+            needed = {tuple(ids[: d + 1]) for n in active if (ids := cands[n].ids) is not None
+                      for d in range(cands[n].count)}  # shared candidates all have ids
             for key in [key for key in resident if key not in needed]:
                 del resident[key]
     ranking = _ranking(results, active)

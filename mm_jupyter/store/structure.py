@@ -684,7 +684,7 @@ class Cloner:
         from .statewalk import _plain
 
         index = {k: i for i, k in enumerate(keys)}
-        nodes: list[_Node] = []
+        nodes: list[_Node | None] = []
         slots: list[tuple[Any, int, bool, bool]] = []
         slot_of: dict[int, int] = {}
         node_of: dict[int, int] = {}
@@ -710,7 +710,7 @@ class Cloner:
                 raise LookupError(path)
             node_of[id(mod)] = len(nodes)
             me = len(nodes)
-            nodes.append(None)  # type: ignore[arg-type]
+            nodes.append(None)  # its place in pre-order; filled below
             np_set = frozenset(mod._non_persistent_buffers_set)
             params = [(n, None if p is None else tensor_slot(p, _join(path, n), True, True))
                       for n, p in mod._parameters.items()]
@@ -747,7 +747,7 @@ class Cloner:
         originals = [0] * len(nodes)  # node_of covers every node
         for mod_id, i in node_of.items():
             originals[i] = mod_id
-        return cls(nodes, slots, originals)
+        return cls([n for n in nodes if n is not None], slots, originals)  # every visit filled its place
 
     def make(self, state: Sequence["torch.Tensor"]) -> "nn.Module":
         """A fresh module in eval mode holding copies of ``state`` (tensors in key order)."""
