@@ -17,14 +17,14 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Unicode
 
-if TYPE_CHECKING:
-    from IPython.core.interactiveshell import InteractiveShell
-
 from ..errors import MMError, RefError, StoreError
 from ..store.store import APPROACH_CHOICES as APPROACHES  # the store's registry, plus "auto"
 from .cells import TRAIN_NAME, run_cell, train_function_source, user_code
 from .display import EmptyStore, SavedSet, SetInfo, StoreInfo
 from .server import store_exists
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 STORE_HELP = ("store folder or postgresql:// URL (default: %%config ModelMagics.store, $MM_JUPYTER_STORE, "
               "else ./.mm_store)")
