@@ -175,7 +175,7 @@ def table1_model(name: str, scale: str = "cpu") -> tuple[Any, Any]:
     import torch
     import transformers as tf
 
-    from ..search.synthetic import _seeded, base_model
+    from ..search.synthetic import _seeded, base_model, hf_config, input_shape
 
     quick = scale == "quick"
     side = 32 if quick else 224
@@ -187,20 +187,20 @@ def table1_model(name: str, scale: str = "cpu") -> tuple[Any, Any]:
         elif name == "ResNet-152":
             model = base_model("resnet152", reduced=quick, classes=1000, image_size=side)
         elif name == "EfficientNet-B0":
-            cfg = tf.EfficientNetConfig(image_size=side, width_coefficient=0.25 if quick else 1.0,
-                                        depth_coefficient=0.25 if quick else 1.0, hidden_dim=320 if quick else 1280,
-                                        num_labels=1000)
+            cfg = hf_config(tf.EfficientNetConfig, image_size=side, width_coefficient=0.25 if quick else 1.0,
+                            depth_coefficient=0.25 if quick else 1.0, hidden_dim=320 if quick else 1280,
+                            num_labels=1000)
             model = tf.EfficientNetForImageClassification(cfg)
         elif name == "ViT-L/32":
             width = 1024 if scale == "full" else (64 if quick else 256)
-            cfg = tf.ViTConfig(image_size=side, patch_size=8 if quick else 32, hidden_size=width,
-                               num_hidden_layers=4 if quick else 24, num_attention_heads=4 if quick else 16,
-                               intermediate_size=4 * width, num_labels=1000)
-            model = tf.ViTForImageClassification(cfg)
+            vit = hf_config(tf.ViTConfig, image_size=side, patch_size=8 if quick else 32, hidden_size=width,
+                            num_hidden_layers=4 if quick else 24, num_attention_heads=4 if quick else 16,
+                            intermediate_size=4 * width, num_labels=1000)
+            model = tf.ViTForImageClassification(vit)
         elif name == "BERT-base":
             model = base_model("bert", reduced=quick, classes=2)
             length = 32 if quick else 128
-            ids = torch.randint(200, model.config.vocab_size, (batch, length),
+            ids = torch.randint(200, input_shape("bert", reduced=quick).vocab, (batch, length),
                                 generator=torch.Generator().manual_seed(0))
             ids[:, 0] = 101
             return model.eval(), ids
@@ -282,14 +282,14 @@ def search_set(arch: str, models: int, distribution: str, items: int, scale: str
     widths at 224 px, 128 tokens."""
     import transformers as tf
 
-    from ..search.synthetic import _seeded, derived_candidates, sample_data, synthetic_candidates
+    from ..search.synthetic import _seeded, derived_candidates, hf_config, sample_data, synthetic_candidates
 
     reduced = scale != "full"
     side = 16 if reduced else 224
     if arch == "efficientnet":
         side = 32 if reduced else 224  # its 5x5 kernels need at least 32 px
         with _seeded(seed):
-            base = tf.EfficientNetForImageClassification(tf.EfficientNetConfig(
+            base = tf.EfficientNetForImageClassification(hf_config(tf.EfficientNetConfig,
                 image_size=side, width_coefficient=0.25 if reduced else 1.0,
                 depth_coefficient=0.5 if reduced else 1.0, hidden_dim=320 if reduced else 1280, num_labels=10))
         cands = derived_candidates(base, models, distribution, seed=seed)
@@ -395,7 +395,7 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
     model). Tiny widths below ``full``; ``full`` uses the families' default (base-size) configs."""
     import transformers as tf
 
-    from ..search.synthetic import _seeded
+    from ..search.synthetic import _seeded, hf_config
 
     full = scale == "full"
     side = 224 if full else 32
@@ -405,35 +405,35 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
         return {} if full else kw
 
     image = {
-        "resnet": lambda: tf.ResNetForImageClassification(tf.ResNetConfig(
+        "resnet": lambda: tf.ResNetForImageClassification(hf_config(tf.ResNetConfig,
             **small(embedding_size=8, hidden_sizes=[8, 16, 32], depths=[1, 1, 1]), num_labels=10)),
-        "convnext": lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
+        "convnext": lambda: tf.ConvNextForImageClassification(hf_config(tf.ConvNextConfig,
             **small(hidden_sizes=[8, 16, 32], depths=[1, 1, 2], num_stages=3), num_labels=10)),
-        "regnet": lambda: tf.RegNetForImageClassification(tf.RegNetConfig(
+        "regnet": lambda: tf.RegNetForImageClassification(hf_config(tf.RegNetConfig,
             **small(embedding_size=8, hidden_sizes=[8, 16, 32], depths=[1, 1, 2], groups_width=8), num_labels=10)),
-        "mobilenet_v2": lambda: tf.MobileNetV2ForImageClassification(tf.MobileNetV2Config(
+        "mobilenet_v2": lambda: tf.MobileNetV2ForImageClassification(hf_config(tf.MobileNetV2Config,
             image_size=side, **small(depth_multiplier=0.25, finegrained_output=False), num_labels=10)),
-        "efficientnet": lambda: tf.EfficientNetForImageClassification(tf.EfficientNetConfig(
+        "efficientnet": lambda: tf.EfficientNetForImageClassification(hf_config(tf.EfficientNetConfig,
             image_size=side, **small(width_coefficient=0.1, depth_coefficient=0.2, hidden_dim=128),
             num_labels=10)),
-        "swin": lambda: tf.SwinForImageClassification(tf.SwinConfig(
+        "swin": lambda: tf.SwinForImageClassification(hf_config(tf.SwinConfig,
             image_size=side, **small(patch_size=2, embed_dim=8, depths=[1, 2, 1], num_heads=[1, 2, 2],
                                      window_size=4), num_labels=10)),
-        "deit": lambda: tf.DeiTForImageClassification(tf.DeiTConfig(
+        "deit": lambda: tf.DeiTForImageClassification(hf_config(tf.DeiTConfig,
             image_size=side, **small(patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                                      intermediate_size=64), num_labels=10)),
     }
     text = {
-        "bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(
+        "bert": lambda: tf.BertForSequenceClassification(hf_config(tf.BertConfig,
             vocab_size=vocab, **small(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                                       intermediate_size=64, max_position_embeddings=64), num_labels=10)),
-        "roberta": lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(
+        "roberta": lambda: tf.RobertaForSequenceClassification(hf_config(tf.RobertaConfig,
             vocab_size=vocab, **small(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                                       intermediate_size=64, max_position_embeddings=72), num_labels=10)),
-        "distilbert": lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+        "distilbert": lambda: tf.DistilBertForSequenceClassification(hf_config(tf.DistilBertConfig,
             vocab_size=vocab, **small(dim=32, n_layers=3, n_heads=2, hidden_dim=64, max_position_embeddings=64),
             num_labels=10)),
-        "gpt2": lambda: tf.GPT2ForSequenceClassification(tf.GPT2Config(  # its own vocabulary at full size
+        "gpt2": lambda: tf.GPT2ForSequenceClassification(hf_config(tf.GPT2Config,  # its own vocabulary at full size
             **small(vocab_size=vocab, n_embd=32, n_layer=3, n_head=2, n_positions=64, bos_token_id=1,
                     eos_token_id=2), pad_token_id=0, num_labels=10)),
     }

@@ -123,8 +123,8 @@ def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = 
                      "same_scores": res.ranking["score"].tolist() == ref.ranking["score"].tolist()})
     by = {r["run"]: r for r in rows}
     many = by[f"ray, {workers} workers"] if workers > 1 else by["ray, 1 worker"]
-    for r in rows:
-        r["vs_ray_1"] = by["ray, 1 worker"]["seconds"] / r["seconds"]
+    for row in rows:
+        row["vs_ray_1"] = by["ray, 1 worker"]["seconds"] / row["seconds"]
     targets = [
         Target(f"ray {workers} workers vs ray 1 worker", many["vs_ray_1"], 1.6, ">=", "x faster"),
         Target(f"ray {workers} workers vs 1 process, 1 thread",

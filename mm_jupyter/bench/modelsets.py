@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..store.environment import environment as store_environment
-from ..store.objects import fsync_path
+from ..store.files import fsync_path
 from ..store.tensors import extract_states
 
 if TYPE_CHECKING:

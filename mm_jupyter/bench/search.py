@@ -146,17 +146,17 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
                   batch_size=batch_size, seed=seed)
         runs: dict[str, list[Any]] = {a: [] for a in approaches}
         limited: int | None = None
-        for r in range(repeat):
+        for rnd in range(repeat):
             calibrate.sample()
-            order = list(approaches[r % len(approaches):]) + list(approaches[:r % len(approaches)])
+            order = list(approaches[rnd % len(approaches):]) + list(approaches[:rnd % len(approaches)])
             for a in order:
                 runs[a].append(_run_one(stored, data, a, budget if a == "alsatian" else None, device, batch_size,
-                                        seed, progress, r))
+                                        seed, progress, rnd))
             if budget_fraction is not None:
                 if limited is None:  # C_min: the cache peak of the unlimited alsatian run
                     limited = max(1, int(runs["alsatian"][0][1].stats["cache_peak_bytes"] * budget_fraction))
                 runs.setdefault("alsatian-budget", []).append(
-                    _run_one(stored, data, "alsatian", limited, device, batch_size, seed, progress, r,
+                    _run_one(stored, data, "alsatian", limited, device, batch_size, seed, progress, rnd,
                              label="alsatian-budget"))
         calibrate.sample()
     finally:

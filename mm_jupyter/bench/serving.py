@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypedDict
 
 from .modelsets import Target
 
@@ -49,7 +49,16 @@ BASELINE, WARM, MULTI = "one-at-a-time", "one-at-a-time warm", "multi-model batc
 SPREADS = ("uniform", "zipf")
 #: Open-loop rates as fractions of the measured capacity: the latency curve's steps.
 FRACTIONS = (0.25, 0.5, 0.7, 0.85, 1.0, 1.2)
-QUICK = {"models": 500, "step_s": 0.4, "probe_s": 0.3, "fractions": (0.5, 1.0)}
+
+
+class _Quick(TypedDict):
+    models: int
+    step_s: float
+    probe_s: float
+    fractions: tuple[float, ...]
+
+
+QUICK: _Quick = {"models": 500, "step_s": 0.4, "probe_s": 0.3, "fractions": (0.5, 1.0)}
 TARGET_RATIO = 20.0
 Progress = Callable[[str], None]
 
@@ -107,9 +116,8 @@ def run_serving_bench(models: int = 5000, modes: Sequence[str] = tuple(MODES), s
     import numpy as np
     import torch
 
-    import mm_jupyter as mm
-
     from ..serve.load import capacity, make_workload, open_loop
+    from ..serve.server import serve
 
     unknown = [m for m in modes if m not in MODES] + [s for s in spreads if s not in SPREADS]
     if unknown:
@@ -130,7 +138,7 @@ def run_serving_bench(models: int = 5000, modes: Sequence[str] = tuple(MODES), s
             options = dict(MODES[mode])
             if "max_modules" in options and options["max_modules"] is None:
                 options["max_modules"] = models
-            server = mm.serve(store, "cells@latest", max_batch=max_batch, max_wait_ms=max_wait_ms,
+            server = serve(store, "cells@latest", max_batch=max_batch, max_wait_ms=max_wait_ms,
                               cache_size=cache_size, watch_s=None, **options)
             try:
                 t0 = time.perf_counter()

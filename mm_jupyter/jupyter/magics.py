@@ -10,7 +10,7 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
@@ -22,6 +22,9 @@ from ..store.store import APPROACH_CHOICES as APPROACHES  # the store's registry
 from .cells import TRAIN_NAME, run_cell, train_function_source, user_code
 from .display import EmptyStore, SavedSet, SetInfo, StoreInfo
 from .server import store_exists
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 STORE_HELP = ("store folder or postgresql:// URL (default: %%config ModelMagics.store, $MM_JUPYTER_STORE, "
               "else ./.mm_store)")
@@ -130,6 +133,8 @@ def _usage() -> str:
 class ModelMagics(Magics):
     """The mm_jupyter magics. ``%config ModelMagics.store = "path"`` picks the store folder."""
 
+    shell: InteractiveShell  # always given (Magics allows None for magics made without a shell)
+
     store = Unicode(None, allow_none=True, help="Folder of the model store the magics use, or a team's "
                     "postgresql://... catalog (default: $MM_JUPYTER_STORE, else ./.mm_store)").tag(config=True)
     objects = Unicode(None, allow_none=True, help="Object area of a postgresql:// store: s3://bucket/prefix "
@@ -182,12 +187,13 @@ class ModelMagics(Magics):
         if command == "save" and cell is None and (args.models is None or args.approach == "provenance"):
             raise UsageError("save runs a cell: write %%modelset save NAME at the top of a cell "
                              "(the line form %modelset save NAME --models VAR saves a variable)")
-        handler: Callable[[Any], Any] = getattr(self, f"_{command}")
+        handler: Callable[..., Any] = getattr(self, f"_{command}")
         return handler(args, cell) if command == "save" else handler(args)
 
     def _save(self, args: Any, cell: str | None) -> SavedSet:
         store = self._store(args.store)
         if args.approach == "provenance":
+            assert cell is not None  # modelset() refuses a provenance save without a cell
             ref = self._save_provenance(store, args, cell)
         else:
             for flag in ("datasets", "config"):
@@ -203,10 +209,9 @@ class ModelMagics(Magics):
         return SavedSet.of(store, ref)
 
     def _save_provenance(self, store: Any, args: Any, cell: str) -> Any:
-        import mm_jupyter as mm
-
         from ..errors import ArchitectureError
         from ..store.architectures import capture_code, exec_source
+        from ..store.provenance import Provenance
 
         if args.datasets is None:
             raise UsageError("--approach provenance needs --datasets VAR: {model name: mm.DatasetRef or file}")
@@ -228,7 +233,7 @@ class ModelMagics(Magics):
         missing = [str(k) for k in datasets if str(k) not in models]
         if missing:
             raise StoreError(f"--datasets names model(s) not in {base}: {', '.join(missing[:5])}")
-        prov = mm.Provenance(train=TRAIN_NAME, source=source, config=config, datasets=datasets, seed=args.seed)
+        prov = Provenance(train=TRAIN_NAME, source=source, config=config, datasets=datasets, seed=args.seed)
         models.update(user_code(self.shell, lambda c: c.co_name == TRAIN_NAME, lambda: prov.run(models), source))
         if args.models is not None:
             if not args.models.isidentifier():
@@ -298,10 +303,11 @@ class ModelMagics(Magics):
         except ValueError as e:
             raise UsageError(f"%modelsearch: {e}") from None
         args = self._parse(SEARCH, argv)
-        import mm_jupyter as mm
+        from ..search.api import search
+        from ..search.stored import load_candidates
 
         if args.candidates.startswith("store:"):
-            candidates = mm.load_candidates(self._store(args.store, create=False), args.candidates[len("store:"):])
+            candidates = load_candidates(self._store(args.store, create=False), args.candidates[len("store:"):])
         else:
             candidates = self._var(args.candidates, "candidates")
         data = self._var(args.data, "data")
@@ -317,7 +323,7 @@ class ModelMagics(Magics):
             progress = SearchProgress()
             progress.display_live()
         try:
-            result = mm.search(candidates, data, k=args.k, approach=args.approach, cache_budget=budget,
+            result = search(candidates, data, k=args.k, approach=args.approach, cache_budget=budget,
                                device=args.device, proxy=args.proxy, progress=progress,
                                batch_size=args.batch_size, seed=args.seed)
         except (KeyboardInterrupt, MMError):

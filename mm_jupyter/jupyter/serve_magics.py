@@ -13,11 +13,14 @@ ModelMagics.store``, ``$MM_JUPYTER_STORE``, ``./.mm_store``). Registered by ``ma
 from __future__ import annotations
 
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 STORE_HELP = "store folder (default: %%config ModelMagics.store, $MM_JUPYTER_STORE, else ./.mm_store)"
 BATCHING = ("multi", "model", "none")
@@ -73,6 +76,8 @@ PARSERS = _parsers()
 class ServeMagics(Magics):
     """``%modelserve``; shares the store resolver of ``ModelMagics``."""
 
+    shell: InteractiveShell  # always given (Magics allows None for magics made without a shell)
+
     def __init__(self, shell: Any, model_magics: Any) -> None:
         super().__init__(shell=shell)
         self._model_magics = model_magics
@@ -100,14 +105,14 @@ class ServeMagics(Magics):
         return self.servers[ref]
 
     def _start(self, args: Any) -> Any:
-        import mm_jupyter as mm
+        from ..serve.server import serve
 
         if args.out is not None and not args.out.isidentifier():
             raise UsageError(f"-o must be a variable name, not {args.out!r}")
         store = self._model_magics._store(args.store)
         if args.ref in self.servers:
             self.servers.pop(args.ref).close()
-        server = mm.serve(store, args.ref, batching=args.batching, max_batch=args.max_batch,
+        server = serve(store, args.ref, batching=args.batching, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, cache_size=args.cache, max_queue=args.queue,
                           max_modules=args.modules, watch_s=args.watch if args.watch > 0 else None)
         self.servers[args.ref] = server

@@ -78,8 +78,7 @@ def _as_data(data: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
 
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = _as_tensor(data[0], "data X"), _as_tensor(data[1], "labels y")
-    elif isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")
-                                                        and not isinstance(data, (str, bytes, dict))):
+    elif _dataset_like(data):
         try:
             items = [data[i] for i in range(len(data))]
         except Exception as e:  # noqa: BLE001 - a user's Dataset failing is reported as bad data
@@ -103,6 +102,14 @@ def _as_data(data: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
     if (x.dtype.is_floating_point or x.dtype.is_complex) and not bool(torch.isfinite(x).all()):
         raise SearchError("data X holds NaN or infinite values")
     return x, y.long()
+
+
+def _dataset_like(data: Any) -> bool:
+    """A torch Dataset, or anything indexable with a length that is not a string or a dict."""
+    import torch
+
+    return isinstance(data, torch.utils.data.Dataset) or (
+        hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, dict)))
 
 
 def _named(candidates: Any) -> dict[str, Any]:
@@ -139,10 +146,10 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     from .blocks import block_costs, output_sizes, split_model
     from .hashing import block_id
 
-    total = len(named)  # type: ignore[arg-type]
+    total = len(named)
     emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})
     if hasattr(named, "engine_candidates"):
-        out = named.engine_candidates(sample, shared=shared, device=device,  # type: ignore[union-attr]
+        out = named.engine_candidates(sample, shared=shared, device=device,
                                       costs=costs)
         emit({"event": "prepare", "done": total, "total": total, "blocks": 0})
         return out
@@ -290,7 +297,8 @@ def search(
     meter.add("prepare data", time.perf_counter() - t0)
 
     shared = approach == "alsatian"
-    cands = {c.name: c for c in _prepare(named, x[:1], shared, dev, meter, emit, costs=executor is not None)}
+    # str(): the names are already str (_named); Candidate allows any hashable name
+    cands = {str(c.name): c for c in _prepare(named, x[:1], shared, dev, meter, emit, costs=executor is not None)}
     remote = None
     if executor is not None:
         from .distributed import RaySearch
@@ -367,7 +375,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
         emit({"event": "rung_end", "rung": rung.index, "survivors": list(keep)})
         active = keep
         if shared:
-            needed = {tuple(cands[n].ids[: d + 1]) for n in active for d in range(cands[n].count)}  # type: ignore[index]
+            needed = {tuple(ids[: d + 1]) for n in active if (ids := cands[n].ids) is not None
+                      for d in range(cands[n].count)}  # shared candidates all have ids
             for key in [key for key in resident if key not in needed]:
                 del resident[key]
     ranking = _ranking(results, active)

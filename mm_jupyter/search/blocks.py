@@ -13,9 +13,10 @@ models by one generic rule (``hf.py``); any other model by tracing its forward (
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -124,7 +125,7 @@ def _failed(index: int | None, block: Block | None, exc: BaseException) -> str:
     return f"{where} raised {type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def block_failure(candidate: str, index: int | None, block: Block | None, exc: BaseException) -> SearchError:
+def block_failure(candidate: Hashable, index: int | None, block: Block | None, exc: BaseException) -> SearchError:
     """One line naming the candidate, the block and what went wrong inside it."""
     return SearchError(f"candidate {candidate!r}: {_failed(index, block, exc)}")
 
@@ -231,7 +232,7 @@ def has_state(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
 
 
-def _is_sequence(module: nn.Module) -> bool:
+def _is_sequence(module: nn.Module) -> TypeGuard[nn.ModuleList | nn.Sequential]:
     """A Sequential whose forward is the plain chain (a subclass overriding forward is one step),
     or a ModuleList (only ever iterated in order when used as a model's body)."""
     if isinstance(module, nn.ModuleList):

@@ -66,8 +66,9 @@ class TieredCache:
             return e.tensor if str(e.tensor.device) == device else e.tensor.to(device)
         import torch
 
-        raw = np.fromfile(e.path, dtype=np.uint8)  # type: ignore[arg-type]
-        t = torch.from_numpy(raw).view(e.dtype).view(e.shape)  # type: ignore[arg-type]
+        assert e.path is not None and e.dtype is not None  # not in memory: spilled to disk (_to_disk)
+        raw = np.fromfile(e.path, dtype=np.uint8)
+        t = torch.from_numpy(raw).view(e.dtype).view(e.shape)
         return t.to(device)
 
     def release(self, key: int) -> None:

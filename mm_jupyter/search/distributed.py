@@ -107,7 +107,7 @@ class Worker:
         """Candidates for the search that starts (ids and sizes as the driver computed them)."""
         self.reset()
         if isinstance(source, StoredSource):
-            from .. import Store
+            from ..store import Store
             from .stored import load_candidates
 
             args, kwargs = source.store
@@ -437,7 +437,7 @@ class RaySearch:
         workers = len(self.executor.actors)
         if not self.shared:
             tree = TaskTree(1)
-            cost = {}
+            cost: dict[int, float] = {}
             for c in group:  # each candidate is a subtree of its own
                 leaf = tree.add_model(c.name, [str(c.name)], [1])
                 cost[leaf] = sum(c.costs or [1.0])
@@ -450,7 +450,7 @@ class RaySearch:
                           if part.bins[b] else [] for b in order], 0, None
         per_item = segments[0][:1].element_size() * max(1, segments[0][:1].numel())
         tree = TaskTree(per_item)
-        cost: dict[int, float] = {}
+        cost = {}
         for c in group:
             assert c.ids is not None and c.sizes is not None and c.costs is not None
             tree.add_model(c.name, c.ids, c.sizes)

@@ -61,7 +61,7 @@ def _tensor_bytes(name: str, t: torch.Tensor) -> memoryview:
         flat = flat.resolve_conj()
     if flat.is_neg():
         flat = flat.resolve_neg()
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def block_id(block: Block) -> str:

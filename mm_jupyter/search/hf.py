@@ -94,7 +94,7 @@ class _TextContext:
         self.masked = masked
 
     def __call__(self, raw: Tensor) -> dict[str, Tensor]:
-        config = self.backbone.config
+        config: Any = self.backbone.config  # torch types module attributes as Tensor | Module
         pad = config.pad_token_id
         keep = (raw != pad).long() if pad is not None else torch.ones_like(raw)
         ctx: dict[str, Tensor] = {}
@@ -115,7 +115,7 @@ class _TextContext:
         except ImportError:  # transformers 4.x
             if self.causal:
                 raise SearchError("blocks of causal language models need transformers >= 4.53") from None
-            return self.backbone.get_extended_attention_mask(keep, raw.shape)
+            return self.backbone.get_extended_attention_mask(keep, raw.shape)  # type: ignore[operator]
         dtype = next(self.backbone.parameters()).dtype
         shape_only = torch.zeros((1, 1, 1), dtype=dtype, device=raw.device).expand(raw.shape[0], raw.shape[1], 1)
         if self.causal:
@@ -137,7 +137,7 @@ class _ImageContext:
         return {"grid": torch.tensor(grid)}
 
 
-def _layer_list(child: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
+def _layer_list(child: nn.Module) -> tuple[nn.ModuleList | nn.Sequential, list[nn.Module]] | None:
     """``child`` itself when it is a list of layers, or a ``ModuleList`` it holds (and the
     children it holds after that list)."""
     if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) and has_state(child):
@@ -257,19 +257,20 @@ def split_hf(model: nn.Module) -> Split | None:
         blocks.append(Block(final))
     else:
         causal = any(vars(m).get("is_causal") is True for m in layers[0].modules())
-        found = _sequence_tail(tail, causal)
-        if found is None:
+        sequence = _sequence_tail(tail, causal)
+        if sequence is None:
             return None
-        final_block, pooler = found
+        final_block, pooler = sequence
         blocks.append(final_block)
     calls = {b.call for b in blocks}
+    config: Any = backbone.config  # torch types module attributes as Tensor | Module
     if getattr(model, "main_input_name", "") == "input_ids":
         context: Any = _TextContext(backbone, causal, "hf-masked-layer" in calls)
     elif "hf-grid-layer" in calls:
-        context = _ImageContext(backbone.config.patch_size)
+        context = _ImageContext(config.patch_size)
     else:
         context = None
-    split = Split(blocks, _head(model, backbone, pooler), f"hf-{backbone.config.model_type}")
+    split = Split(blocks, _head(model, backbone, pooler), f"hf-{config.model_type}")
     if context is not None:
         split.context = context
     return split

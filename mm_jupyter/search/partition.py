@@ -93,7 +93,7 @@ class Partition:
                 continue
             for p in {tree.nodes[r].parent for r in roots}:
                 if p:
-                    out += tree.nodes[p].item_bytes  # type: ignore[index]
+                    out += tree.nodes[p].item_bytes
         return out
 
 
@@ -199,26 +199,27 @@ def simulate_queue(tree: TaskTree, cost: Mapping[int, float], workers: int, orde
     held: list[set[int]] = [{0} for _ in range(workers)]
     free = [(0.0, w) for w in range(workers)]
     busy = [0.0] * workers
-    done_at: dict[int, float] = {0: 0.0}
+    done_at: dict[int | None, float] = {0: 0.0}  # by node id (looked up by parent ids: only the root's is None)
     avail = sorted(tree.nodes[0].children.values(), key=pos.__getitem__)
     duplicated = 0.0
     moved = transfers = recomputed = 0
     end = 0.0
     while avail:
         t, w = heapq.heappop(free)
-        ready = [n for n in avail if done_at[tree.nodes[n].parent] <= t]  # type: ignore[index]
+        ready = [n for n in avail if done_at[tree.nodes[n].parent] <= t]
         step = min(ready, key=pos.__getitem__) if ready else min(
-            avail, key=lambda n: (done_at[tree.nodes[n].parent], pos[n]))  # type: ignore[index]
+            avail, key=lambda n: (done_at[tree.nodes[n].parent], pos[n]))
         avail.remove(step)
         parent = tree.nodes[step].parent
         assert parent is not None
         start = max(t, done_at[parent])
         extra = 0.0
         if parent not in held[w]:
-            missing, a = [], parent
-            while a not in held[w]:
+            missing: list[int] = []
+            a: int | None = parent
+            while a is not None and a not in held[w]:  # every worker holds the root (0)
                 missing.append(a)
-                a = tree.nodes[a].parent  # type: ignore[assignment]
+                a = tree.nodes[a].parent
             redo = sum(cost[n] for n in missing)
             receive = tree.nodes[parent].item_bytes * byte_cost
             if policy == "recompute" or (policy == "cheaper" and redo < receive):

@@ -476,8 +476,8 @@ def logme_proxy(
             # |Fm - y|^2 = |y|^2 - sum(z2 (sigma + 2t) / (sigma + t)^2): no division by sigma
             zj, yj = z2[:, j], float(y2[j])
 
-            def residual(t: float, zj: np.ndarray = zj, yj: float = yj) -> float:
-                return max(yj - float(np.sum(zj * (sigma + 2.0 * t) / (sigma + t) ** 2)), 0.0)
+            def residual(t: float, col: np.ndarray = zj, rest: float = yj) -> float:
+                return max(rest - float(np.sum(col * (sigma + 2.0 * t) / (sigma + t) ** 2)), 0.0)
 
         else:
             # |Fm - y|^2 = sum(proj^2 (t / (sigma + t))^2) + |y outside span(U)|^2: exact when the
@@ -485,8 +485,8 @@ def logme_proxy(
             pj = proj_sq[:, j]
             outside = max(float(y2[j]) - float(np.sum(pj)), 0.0)
 
-            def residual(t: float, pj: np.ndarray = pj, outside: float = outside) -> float:
-                return float(np.sum(pj * (t / (sigma + t)) ** 2)) + outside
+            def residual(t: float, col: np.ndarray = pj, rest: float = outside) -> float:
+                return float(np.sum(col * (t / (sigma + t)) ** 2)) + rest
 
         values.append(_logme_evidence(sigma, z2[:, j], residual, n, dim))
     value = float(np.mean(values))

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ DISTRIBUTIONS: dict[str, tuple[float, float]] = {
 }
 
 MLP_FEATURES = 16
+C = TypeVar("C")
 _BERT_CLS, _BERT_SEP, _BERT_FIRST_WORD = 101, 102, 200
 
 
@@ -83,6 +84,13 @@ def _mlp(classes: int) -> nn.Sequential:
     )
 
 
+def hf_config(cls: type[C], **kwargs: Any) -> C:
+    """``cls(**kwargs)`` for a transformers config class: transformers 5's config dataclasses take
+    ``num_labels`` (and other ``PretrainedConfig`` settings) through ``**kwargs`` that their
+    signatures omit, so a direct call does not type-check while it works."""
+    return cls(**kwargs)
+
+
 def _build(arch: str, reduced: bool, classes: int, image_size: int | None = None) -> nn.Module:
     if arch == "mlp":
         return _mlp(classes)
@@ -90,29 +98,30 @@ def _build(arch: str, reduced: bool, classes: int, image_size: int | None = None
 
     if arch == "resnet18":
         sizes = [16, 32, 64, 128] if reduced else [64, 128, 256, 512]
-        cfg = tf.ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=sizes,
-                              embedding_size=sizes[0], num_labels=classes)
+        cfg = hf_config(tf.ResNetConfig, layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=sizes,
+                        embedding_size=sizes[0], num_labels=classes)
         return tf.ResNetForImageClassification(cfg)
     if arch == "resnet152":
         # reduced: the real 3-8-36-3 bottleneck structure (so B is ResNet-152's), an eighth of the widths
         sizes = [32, 64, 128, 256] if reduced else [256, 512, 1024, 2048]
-        cfg = tf.ResNetConfig(layer_type="bottleneck", depths=[3, 8, 36, 3], hidden_sizes=sizes,
-                              embedding_size=16 if reduced else 64, num_labels=classes)
+        cfg = hf_config(tf.ResNetConfig, layer_type="bottleneck", depths=[3, 8, 36, 3], hidden_sizes=sizes,
+                        embedding_size=16 if reduced else 64, num_labels=classes)
         return tf.ResNetForImageClassification(cfg)
     if arch == "vit":
         if reduced:
-            cfg = tf.ViTConfig(image_size=image_size or 32, patch_size=8, hidden_size=64, num_hidden_layers=4,
-                               num_attention_heads=4, intermediate_size=128, num_labels=classes)
+            vit = hf_config(tf.ViTConfig, image_size=image_size or 32, patch_size=8, hidden_size=64,
+                            num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, num_labels=classes)
         else:
-            cfg = tf.ViTConfig(image_size=image_size or 224, patch_size=16, num_labels=classes)  # ViT-B/16
-        return tf.ViTForImageClassification(cfg)
+            vit = hf_config(tf.ViTConfig, image_size=image_size or 224, patch_size=16, num_labels=classes)
+        return tf.ViTForImageClassification(vit)
     shape = input_shape("bert", reduced=reduced)
     if reduced:
-        cfg = tf.BertConfig(vocab_size=shape.vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=128, max_position_embeddings=64, num_labels=classes)
+        bert = hf_config(tf.BertConfig, vocab_size=shape.vocab, hidden_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                         num_labels=classes)
     else:
-        cfg = tf.BertConfig(vocab_size=shape.vocab, num_labels=classes)  # BERT-base
-    return tf.BertForSequenceClassification(cfg)
+        bert = hf_config(tf.BertConfig, vocab_size=shape.vocab, num_labels=classes)  # BERT-base
+    return tf.BertForSequenceClassification(bert)
 
 
 @architecture
@@ -386,7 +395,8 @@ def trained_candidates(n: int, *, seed: int = 0) -> tuple[list[nn.Module], tuple
             for i in range(1, n):
                 model = clone_module(base)
                 split = split_model(model)
-                reinitialise(split.head)  # type: ignore[arg-type]  # digits_cnn has a Linear head
+                assert split.head is not None  # digits_cnn has a Linear head
+                reinitialise(split.head)
                 frozen = frozen_prefix(i, blocks)
                 for block in split.blocks[:frozen]:
                     block.module.requires_grad_(False)
@@ -447,7 +457,8 @@ def trained_text_candidates(n: int, *, items: int = 1200, seed: int = 0) -> tupl
             for i in range(1, n):
                 model = clone_module(base)
                 split = split_model(model)
-                reinitialise(split.head)  # type: ignore[arg-type]  # BERT's classifier
+                assert split.head is not None  # BERT's classifier
+                reinitialise(split.head)
                 for block in split.blocks[:frozen_prefix(i, blocks)]:
                     block.module.requires_grad_(False)
                 subset = torch.from_numpy(rng.permutation(len(x))[: int(len(x) * rng.uniform(0.1, 0.5))])

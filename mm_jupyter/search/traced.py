@@ -26,7 +26,7 @@ import os
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import fx, nn
@@ -265,7 +265,7 @@ class _Axes:
         batch axis, unless it makes one of the batch size (``cls.expand(x.shape[0], -1, -1)``)."""
         name = _name(n)
         if name in ("expand", "zeros", "ones", "empty", "full"):
-            sizes = n.args[1:] if name == "expand" else n.args
+            sizes: Sequence[Any] = n.args[1:] if name == "expand" else n.args
             sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
             return 0 if sizes and self._batch_size(sizes[0]) else _NT
         return _NT
@@ -342,6 +342,8 @@ class _Axes:
             return 0 if a == 0 and _keeps_zero(dim) else None
         if name in ("cat", "concat", "concatenate", "stack"):
             tensors = args[0] if args else n.kwargs.get("tensors", ())
+            if not isinstance(tensors, (tuple, list)):  # a list built at run time: unknown
+                return None
             axes = {self.of(t) for t in tensors if isinstance(t, fx.Node) and t in self.dependent}
             dim = _dim_arg(n, 1, 0)
             return 0 if axes == {0} and _keeps_zero(dim) else None
@@ -400,7 +402,7 @@ def _inplace(n: fx.Node, gm: fx.GraphModule) -> bool:
         return True
     if n.kwargs.get("inplace") is True:
         return True
-    if getattr(n.target, "__module__", "") == "torch.nn.functional":
+    if callable(n.target) and getattr(n.target, "__module__", "") == "torch.nn.functional":
         try:
             bound = inspect.signature(n.target).bind(*n.args, **n.kwargs)
         except (TypeError, ValueError):
@@ -574,7 +576,7 @@ class TracedGraph:
             args = fx.node.map_arg(n.args, env.__getitem__)
             kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
             target = canonical(n.op, str(n.target)) if n.op in ("call_module", "get_attr") else n.target
-            env[n] = graph.create_node(n.op, target, args, kwargs, name=f"v{i}")  # type: ignore[arg-type]
+            env[n] = graph.create_node(n.op, target, args, kwargs, name=f"v{i}")
         graph.output(env[piece.result])
         return fx.GraphModule(attrs, graph, class_name="TracedBlock")
 

@@ -12,11 +12,14 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .errors import QueueFullError, ServerClosedError
+
+if TYPE_CHECKING:
+    from .server import Prediction
 
 
 @dataclass(eq=False)
@@ -28,11 +31,11 @@ class Request:
     single: bool              # the caller sent one item (answer without the row dimension)
     digest: bytes | None      # input digest for the cache (None: cache disabled)
     t_submit: float
-    future: Future = field(default_factory=Future)
+    future: Future[Prediction] = field(default_factory=Future)
 
     @property
     def rows(self) -> int:
-        return self.x.shape[0]
+        return int(self.x.shape[0])
 
 
 class RequestQueue:

@@ -143,7 +143,8 @@ class Runner:
         import torch
 
         with torch.no_grad():
-            return self.module(i)(x)
+            out: torch.Tensor = self.module(i)(x)
+        return out
 
     # -- many models in one call -----------------------------------------------------------------------
     def prepare_multi(self) -> None:
@@ -155,7 +156,8 @@ class Runner:
         template = self.template
 
         def one(params: dict[str, "torch.Tensor"], x: "torch.Tensor") -> "torch.Tensor":
-            return functional_call(template, params, (x.unsqueeze(0),)).squeeze(0)
+            out: torch.Tensor = functional_call(template, params, (x.unsqueeze(0),))
+            return out.squeeze(0)
 
         self.layers = linear_chain(template)
         self._vmapped = vmap(one)

@@ -22,7 +22,7 @@ import sys
 import textwrap
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, ParamSpec, TypeVar
 
 from ..errors import ArchitectureError
 from . import structure, trust
@@ -65,7 +65,7 @@ def _factory_target(ref: str) -> Callable[..., Any]:
     mod, _ = trust._split(ref)
     if trust._stdlib(mod):
         raise ArchitectureError(f"factory {ref!r} is not a registered @mm.architecture function; refused")
-    obj = import_ref(ref)
+    obj: Callable[..., Any] = import_ref(ref)
     if trust.is_registered(ref, obj) or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         return obj
     raise ArchitectureError(
@@ -206,9 +206,10 @@ class Architecture:
             return lambda: target(**self.kwargs)
         if self.kind == "hf":
             klass = trust.module_class(self.ref, "Hugging Face model class")
-            if not hasattr(klass, "config_class") or not hasattr(klass.config_class, "from_dict"):
+            config_class = getattr(klass, "config_class", None)
+            if config_class is None or not hasattr(config_class, "from_dict"):
                 raise ArchitectureError(f"{self.ref!r} is not a Hugging Face model class; refused")
-            return lambda: klass(klass.config_class.from_dict(self.config))
+            return lambda: klass(config_class.from_dict(self.config))
         klass = source_class(self.source or "", self.ref, trusted, subject)
         return lambda: klass(**self.kwargs)
 
@@ -270,7 +271,11 @@ def exec_source(code: str, name: str) -> dict[str, Any]:
     return _exec_cached(code, name).__dict__
 
 
-def architecture(fn: Callable[..., "nn.Module"]) -> Callable[..., "nn.Module"]:
+P = ParamSpec("P")
+M = TypeVar("M", bound="nn.Module")
+
+
+def architecture(fn: Callable[P, M]) -> Callable[P, M]:
     """Decorator for model factories: modules they build remember how they were built, and stores
     may call the factory to rebuild them (it is registered with the trust gate).
 
@@ -278,7 +283,7 @@ def architecture(fn: Callable[..., "nn.Module"]) -> Callable[..., "nn.Module"]:
     """
 
     @functools.wraps(fn)
-    def build(*args: Any, **kwargs: Any) -> "nn.Module":
+    def build(*args: P.args, **kwargs: P.kwargs) -> M:
         bound = inspect.signature(fn).bind(*args, **kwargs)
         bound.apply_defaults()
         model = fn(*args, **kwargs)
@@ -362,12 +367,13 @@ def _is_constant(v: Any) -> bool:
     return False
 
 
-def capture_source(klass: type) -> str:
-    """Self-contained source for ``klass``: imports, constants and helpers it needs, then it."""
+def capture_source(klass: type | Callable[..., Any]) -> str:
+    """Self-contained source for ``klass`` (a class or function): imports, constants and helpers
+    it needs, then it."""
     return capture_code(_definition_source(klass), klass.__name__, _defining_namespace(klass))
 
 
-def _defining_namespace(klass: type) -> Mapping[str, Any]:
+def _defining_namespace(klass: type | Callable[..., Any]) -> Mapping[str, Any]:
     """The globals the class's methods see: the notebook's namespace for a class from a cell (also
     where ``sys.modules['__main__']`` is another module), else its module's namespace."""
     for v in vars(klass).values():

@@ -61,8 +61,9 @@ class Approach(Protocol):
         """True when a version needs its base to be resolved."""
 
     def digests(self, store: "Store", row: "SetRow", base: "np.ndarray | None"
-                ) -> "tuple[list[str], np.ndarray] | None":
-        """(names, per-tensor digests) the version recorded, or None when it recorded none."""
+                ) -> "tuple[list[str], np.ndarray]":
+        """(names, per-tensor digests) of the version: the recorded ones, hashed from its stored
+        tensors when it recorded none, or its base's (``base``) overlaid with its own."""
 
     def listed(self, objects: "ObjectArea", manifest: dict[str, Any]) -> list[Listed]:
         """Objects the version references beyond its manifest's artifacts (per-model documents)."""

@@ -126,7 +126,7 @@ class PostgresCatalog(SQLCatalog):
                     fn = "pg_try_advisory_lock" if exclusive else "pg_try_advisory_lock_shared"
                     deadline = time.monotonic() + wait_s
                     delay = 0.005
-                    while not conn.execute(f"SELECT {fn}(%s)", (SAVE_KEY,)).fetchone()[0]:  # type: ignore[index]
+                    while not _first(conn.execute(f"SELECT {fn}(%s)", (SAVE_KEY,)).fetchone()):
                         if time.monotonic() > deadline:
                             raise StoreError(f"{why}: the store at {self.location} is busy (waited {wait_s:.0f} s "
                                              "for its save lock)")
@@ -173,3 +173,8 @@ class PostgresCatalog(SQLCatalog):
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _first(row: tuple[Any, ...] | None) -> Any:
+    """The first column of a fetched row (None when there is no row)."""
+    return None if row is None else row[0]

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import ArchitectureError, StoreError
 from . import trust
-from .architectures import _json, allow_hint, capture_source, import_ref, ref_of, source_class
+from .architectures import _json, allow_hint, capture_source, ref_of, source_class
+from .trust import import_ref
 
 if TYPE_CHECKING:
     import torch
@@ -227,7 +228,7 @@ class Provenance:
         if ref is not None:
             return {"ref": ref}
         try:
-            return {"source": capture_source(self.train), "name": self.train.__name__}  # type: ignore[arg-type]
+            return {"source": capture_source(self.train), "name": self.train.__name__}
         except ArchitectureError as e:
             raise StoreError(f"cannot record training function: {e}") from None
 
@@ -291,9 +292,11 @@ def resolve_train(record: dict[str, Any], trusted: bool = False, subject: str = 
     """The recorded training function (callers check trust first; see ``check_trusted``)."""
     if "ref" in record:
         if trusted or _registered(record["ref"]):
-            return import_ref(record["ref"])
+            fn: TrainFn = import_ref(record["ref"])
+            return fn
         raise trust.refuse(subject, [(f"training function {record['ref']}", record["ref"])], allow_hint(subject))
-    return source_class(record["source"], record["name"], trusted, subject)  # type: ignore[no-any-return]
+    recorded: TrainFn = source_class(record["source"], record["name"], trusted, subject)
+    return recorded
 
 
 def train_one(train: TrainFn, model: "nn.Module", data: Any, config: dict[str, Any], seed: int) -> "nn.Module":

@@ -31,7 +31,7 @@ class _Node:
     empty: tuple[tuple[bool, str], ...]  # (is_param, name) of slots holding None (state_dict skips them)
 
 
-def _plain(klass: type) -> bool:
+def _plain(klass: type[nn.Module]) -> bool:
     from torch import nn
 
     return (
@@ -104,6 +104,8 @@ class StatePlan:
         try:
             for node in self.nodes:
                 mod = model if node.parent < 0 else mods[node.parent]._modules[node.name]
+                if mod is None:  # a child slot set to None: state_dict skips it, the plan does not
+                    return None
                 params, buffers = mod._parameters, mod._buffers
                 if (
                     type(mod) is not node.type

@@ -470,7 +470,7 @@ def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], n
     the same factory call, Hugging Face config, or module tree with the same attribute values
     (e.g. an activation that differs between models, which the state dicts cannot show)."""
     from ..errors import ArchitectureError
-    from .structure import SameArchitecture, json_clean
+    from .structure import SameArchitecture
 
     if arch.kind == "structure":
         check = SameArchitecture(models[0], names[0])
@@ -485,8 +485,16 @@ def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], n
                     f"all models of a set must share one architecture: model {name!r} was built by "
                     f"{other.ref if other else 'no @mm.architecture factory'} {other.kwargs if other else ''}, model "
                     f"{names[0]!r} by {arch.ref} {arch.kwargs}")
-        elif arch.kind == "hf" and model.config is not models[0].config and \
-                json_clean(model.config.to_dict(), "the model config") != arch.config:
+        elif arch.kind == "hf" and not _same_hf_config(model, models[0], arch):
             raise ArchitectureError(
                 f"all models of a set must share one architecture: model {name!r} has another Hugging Face config "
                 f"than model {names[0]!r}")
+
+
+def _same_hf_config(model: Any, first: Any, arch: Architecture) -> bool:
+    """True when transformers model ``model`` shares ``first``'s config or has an equal one (typed
+    Any: torch's stubs type every module attribute as ``Tensor | Module``)."""
+    from .structure import json_clean
+
+    return bool(model.config is first.config
+                or json_clean(model.config.to_dict(), "the model config") == arch.config)

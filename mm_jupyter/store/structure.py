@@ -40,7 +40,7 @@ import types
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
 
 from ..errors import ArchitectureError, StoreError
 from . import trust
@@ -49,6 +49,8 @@ from .tensors import torch_dtype
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from .trust import HFConfigClass
 
 #: A non-persistent buffer or plain tensor attribute is recorded by value up to this size.
 MAX_INLINE_BYTES = 1 << 20
@@ -120,7 +122,7 @@ def _tensor_from(dtype: str, shape: Sequence[int], data: str, where: str) -> "to
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dt).reshape(tuple(shape)).clone()
 
 
-def _hf_config_types() -> tuple[type, ...]:
+def _hf_config_types() -> tuple[HFConfigClass, ...]:
     import sys
 
     tf = sys.modules.get("transformers")
@@ -371,7 +373,7 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
     if struct.get("source"):
         local = _source_namespace(struct["source"], trusted, subject, allow)
 
-    def klass(ref: str) -> type:
+    def klass(ref: str) -> type[nn.Module]:
         if ref.startswith("@"):
             obj = local.get(ref[1:])
             if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
@@ -397,7 +399,7 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
         return torch.zeros(shape, dtype=dtype)
 
     def make(node: Mapping[str, Any], path: str) -> nn.Module:
-        mod = object.__new__(classes[node["c"]])
+        mod: nn.Module = object.__new__(classes[node["c"]])
         nn.Module.__init__(mod)  # bookkeeping only: the recorded class's own __init__ never runs
         modules[path] = mod
         for name, spec in node["p"]:
@@ -552,9 +554,10 @@ class SameArchitecture:
         for node in self.nodes:
             mod = model
             for part in node.names:
-                mod = mod._modules.get(part)  # type: ignore[assignment]
-                if mod is None:
+                child = mod._modules.get(part)
+                if child is None:
                     self._fail(name, f"has no module {node.path}")
+                mod = child
             where = node.path or "(root)"
             if type(mod) is not node.type:
                 self._fail(name, f"module {where} is a {type(mod).__name__}, not a {node.type.__name__}")
@@ -578,7 +581,7 @@ class SameArchitecture:
                 if not _same(d.get(k, _MISSING), v0, paths, self._paths0):
                     self._fail(name, f"attribute {_join(node.path, k)} differs")
 
-    def _fail(self, name: str, what: str) -> None:
+    def _fail(self, name: str, what: str) -> NoReturn:
         raise ArchitectureError(
             f"all models of a set must share one architecture: model {name!r} {what} (compared with model "
             f"{self.first_name!r}); save them as separate sets")
@@ -634,7 +637,7 @@ def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str]) -> bool:
 # -- fast materialisation -----------------------------------------------------------------------------------
 @dataclass
 class _Node:
-    cls: type
+    cls: type[nn.Module]
     shared: dict[str, Any]  # immutable attribute values, shared by every copy
     deep: list[tuple[str, Any]]  # mutable attribute values, deep-copied per copy
     params: list[tuple[str, int | None]]  # slot index of each parameter (None: empty slot)
@@ -668,10 +671,10 @@ class Cloner:
     """
 
     def __init__(self, nodes: list[_Node], slots: list[tuple["torch.Tensor", int, bool, bool]],
-                 originals: list[Any]) -> None:
+                 originals: list[int]) -> None:
         self.nodes = nodes
         self.slots = slots  # (template tensor, state index or -1, is parameter, requires_grad)
-        self.originals = originals  # template objects by node index then slot (for the deepcopy memo)
+        self.originals = originals  # id() of the template module of each node (for the deepcopy memo)
 
     @classmethod
     def of(cls, template: "nn.Module", keys: Sequence[str]) -> "Cloner | None":
@@ -681,7 +684,7 @@ class Cloner:
         from .statewalk import _plain
 
         index = {k: i for i, k in enumerate(keys)}
-        nodes: list[_Node] = []
+        nodes: list[_Node | None] = []
         slots: list[tuple[Any, int, bool, bool]] = []
         slot_of: dict[int, int] = {}
         node_of: dict[int, int] = {}
@@ -707,13 +710,13 @@ class Cloner:
                 raise LookupError(path)
             node_of[id(mod)] = len(nodes)
             me = len(nodes)
-            nodes.append(None)  # type: ignore[arg-type]
+            nodes.append(None)  # its place in pre-order; filled below
             np_set = frozenset(mod._non_persistent_buffers_set)
             params = [(n, None if p is None else tensor_slot(p, _join(path, n), True, True))
                       for n, p in mod._parameters.items()]
             buffers = [(n, None if b is None else tensor_slot(b, _join(path, n), False, n not in np_set))
                        for n, b in mod._buffers.items()]
-            children = []
+            children: list[tuple[str, int | None]] = []
             for n, c in mod._modules.items():
                 if c is None:
                     children.append((n, None))
@@ -741,10 +744,10 @@ class Cloner:
             return None
         if covered != set(keys):
             return None
-        originals = [None] * len(nodes)
+        originals = [0] * len(nodes)  # node_of covers every node
         for mod_id, i in node_of.items():
             originals[i] = mod_id
-        return cls(nodes, slots, originals)
+        return cls([n for n in nodes if n is not None], slots, originals)  # every visit filled its place
 
     def make(self, state: Sequence["torch.Tensor"]) -> "nn.Module":
         """A fresh module in eval mode holding copies of ``state`` (tensors in key order)."""
@@ -774,8 +777,8 @@ class Cloner:
             d["_buffers"] = bc((n, None if s is None else new_slots[s]) for n, s in node.buffers)
             d["_non_persistent_buffers_set"] = set(node.nonpersistent)
             d["_modules"] = mc((n, None if c is None else mods[c]) for n, c in node.children)
-            for k, v in node.deep:
-                d[k] = _copy_value(v, memo)
+            for name, v in node.deep:
+                d[name] = _copy_value(v, memo)
             object.__setattr__(mod, "__dict__", d)
         return mods[0]
 

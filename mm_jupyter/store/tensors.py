@@ -33,7 +33,7 @@ _DTYPE_NAMES = [
 def torch_dtype(name: str) -> "torch.dtype":
     import torch
 
-    dt = getattr(torch, name, None) if name in _DTYPE_NAMES else None
+    dt: torch.dtype | None = getattr(torch, name, None) if name in _DTYPE_NAMES else None
     if dt is None:
         raise StoreError(f"unsupported dtype {name!r}")
     return dt
@@ -98,7 +98,7 @@ class Layout:
     def from_json(cls, data: dict[str, Any]) -> "Layout":
         return cls.of([TensorSpec(k, d, tuple(shape)) for k, d, shape in data["keys"]])
 
-    def signature(self) -> tuple:
+    def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         return tuple((s.name, s.dtype, s.shape) for s in self.specs)
 
 
@@ -210,19 +210,18 @@ def fill_model_major(dst: "torch.Tensor", layout: Layout, rows: Sequence[Sequenc
 
 
 def fill_key_major(dst: "torch.Tensor", layout: Layout, rows: Sequence[Sequence["torch.Tensor"]],
-                   changed: np.ndarray) -> list[int]:
-    """Copy the changed (model, key) tensors into ``dst`` key by key; returns each key's start."""
+                   changed: np.ndarray) -> None:
+    """Copy the changed (model, key) tensors into ``dst`` key by key (each key's changed models
+    back to back)."""
     base = _addr(dst)
     memmove = ctypes.memmove
-    starts, pos = [], 0
+    pos = 0
     for k, spec in enumerate(layout.specs):
-        starts.append(pos)
         n = spec.nbytes
-        for i in np.flatnonzero(changed[:, k]):
+        for i in np.flatnonzero(changed[:, k]).tolist():
             if n:
                 memmove(base + pos, rows[i][k].data_ptr(), n)
             pos += n
-    return starts
 
 
 def key_major_size(layout: Layout, changed: np.ndarray) -> int:
@@ -244,7 +243,7 @@ def tensor_digest(t: "torch.Tensor") -> bytes:
     if t.numel() == 0:
         return hashlib.sha256(b"").digest()[:DIGEST_BYTES]
     raw = t.detach().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(raw).digest()[:DIGEST_BYTES]
+    return hashlib.sha256(raw.data).digest()[:DIGEST_BYTES]
 
 
 def digest_model_major(buf: "torch.Tensor", layout: Layout, n: int) -> np.ndarray:
@@ -257,7 +256,7 @@ def digest_model_major(buf: "torch.Tensor", layout: Layout, n: int) -> np.ndarra
         at = i * layout.stride
         for k, (spec, off) in enumerate(zip(layout.specs, layout.offsets)):
             nb = spec.nbytes
-            d = sha(raw[at + off : at + off + nb]).digest()[:DIGEST_BYTES] if nb else empty
+            d = sha(raw[at + off : at + off + nb].data).digest()[:DIGEST_BYTES] if nb else empty
             out[i, k] = np.frombuffer(d, dtype=np.uint8)
     return out
 

@@ -92,12 +92,13 @@ def postgres_server(durable: bool = True) -> Iterator[PostgresServer]:
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
     if not durable:
         options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    run = {"check": True, "capture_output": True, "text": True, "timeout": 120}
+
+    def run(cmd: list[str]) -> None:
+        subprocess.run(_as_server_user(cmd), check=True, capture_output=True, text=True, timeout=120)
+
     try:
-        subprocess.run(_as_server_user([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "mm",
-                                        "-E", "UTF8", "--no-sync"]), **run)  # type: ignore[call-overload]
-        subprocess.run(_as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"),
-                                        "-o", options, "-w", "start"]), **run)  # type: ignore[call-overload]
+        run([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "mm", "-E", "UTF8", "--no-sync"])
+        run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-o", options, "-w", "start"])
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as e:
         log = (folder / "log").read_text() if (folder / "log").exists() else ""
         shutil.rmtree(folder, ignore_errors=True)

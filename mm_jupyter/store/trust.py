@@ -23,9 +23,16 @@ import hashlib
 import importlib
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from ..errors import ArchitectureError, TrustError
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import GenerationConfig, PretrainedConfig
+
+    #: What a ``$hfconfig`` record names (transformers is imported only when a record needs it).
+    HFConfigClass = type[PretrainedConfig] | type[GenerationConfig]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,7 +111,7 @@ def _stdlib(mod: str) -> bool:
     return top in sys.stdlib_module_names and mod not in ALLOWED_FUNCTION_MODULES
 
 
-def module_class(ref: str, what: str = "class") -> type:
+def module_class(ref: str, what: str = "class") -> type[nn.Module]:
     """An ``nn.Module`` subclass by reference; anything else is refused before it can run."""
     import torch
 
@@ -117,7 +124,7 @@ def module_class(ref: str, what: str = "class") -> type:
     return obj
 
 
-def config_class(ref: str) -> type:
+def config_class(ref: str) -> HFConfigClass:
     """A Hugging Face configuration class (``PretrainedConfig``/``GenerationConfig``) by reference."""
     mod, _ = _split(ref)
     if _stdlib(mod):
@@ -129,7 +136,7 @@ def config_class(ref: str) -> type:
     return obj
 
 
-def _hf_config_bases() -> tuple[type, ...]:
+def _hf_config_bases() -> tuple[HFConfigClass, ...]:
     if "transformers" not in sys.modules:
         try:
             importlib.import_module("transformers")
@@ -149,7 +156,7 @@ def function(ref: str) -> Callable[..., Any]:
             f"mm.allow_functions({mod!r}) before saving and recovering")
     if mod == "torch" and qual.split(".")[-1] in _DENIED_TORCH:
         raise ArchitectureError(f"function {ref!r} is refused: it touches files, the network or global state")
-    obj = import_ref(ref)
+    obj: Callable[..., Any] = import_ref(ref)
     if isinstance(obj, type) or not callable(obj) or type(obj).__name__ not in (
             "function", "builtin_function_or_method", "method_descriptor"):
         raise ArchitectureError(f"{ref!r} is a {type(obj).__name__}, not a function; refused")
@@ -161,7 +168,7 @@ def registered(ref: str, what: str) -> Callable[..., Any]:
     mod, _ = _split(ref)
     if _stdlib(mod):
         raise ArchitectureError(f"{what} {ref!r} is not a registered function; refused")
-    obj = import_ref(ref)
+    obj: Callable[..., Any] = import_ref(ref)
     if not is_registered(ref, obj):
         raise ArchitectureError(
             f"{what} {ref!r} is not registered; only functions decorated with "

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ LR = 3e-3
 BATCH_SIZE = 32
 
 Data = tuple[Tensor, Tensor]
+M = TypeVar("M", bound=nn.Module)
 
 
 @contextmanager
@@ -128,8 +129,8 @@ def transfer_task(shots: int = 10, *, source_classes: Sequence[int] = SOURCE_CLA
 
 
 # -- training -----------------------------------------------------------------------------------------
-def fit(model: nn.Module, data: Data, *, epochs: int, lr: float = LR, batch_size: int = BATCH_SIZE,
-        seed: int = 0) -> nn.Module:
+def fit(model: M, data: Data, *, epochs: int, lr: float = LR, batch_size: int = BATCH_SIZE,
+        seed: int = 0) -> M:
     """Train the parameters of ``model`` that require grad (Adam, cross-entropy) in place and
     return it in eval mode. Parameters without grad are not given to the optimizer, so they stay
     bit-identical (the CNN has no batch-norm statistics that could drift)."""
@@ -184,8 +185,8 @@ def prepare(strategy: str, pretrained: nn.Module, classes: int, *, seed: int = 0
             return digits_cnn(classes)
         model = clone_module(pretrained)
         split = split_model(model)
-        if not isinstance(split.head, nn.Linear):
-            raise TypeError("the pre-trained model needs a final nn.Linear head")
+        if not isinstance(model, nn.Sequential) or not isinstance(split.head, nn.Linear):
+            raise TypeError("the pre-trained model needs a final nn.Linear head (as digits_cnn's Sequential)")
         head = nn.Linear(split.head.in_features, classes)
         model[-1] = head  # digits_cnn is a Sequential whose last module is the head
         for block in split.blocks[:frozen_blocks(strategy, len(split.blocks))]:
@@ -278,8 +279,8 @@ def model_zoo(n: int, task: TransferTask, pretrained: nn.Module, *, epochs: int 
     for i in range(1, n):
         strategy = ZOO_FREEZES[(i - 1) % len(ZOO_FREEZES)]
         group = tuple(sorted(int(c) for c in rng.choice(10, size=int(rng.integers(3, 6)), replace=False)))
-        idx = np.flatnonzero(np.isin(y.numpy(), group))
-        idx = torch.from_numpy(np.sort(rng.permutation(idx)[: int(len(idx) * rng.uniform(0.3, 0.6))]))
+        members = np.flatnonzero(np.isin(y.numpy(), group))
+        idx = torch.from_numpy(np.sort(rng.permutation(members)[: int(len(members) * rng.uniform(0.3, 0.6))]))
         model_seed = seed * 1000 + i
         model = prepare(strategy, pretrained, len(group), seed=model_seed)
         fit(model, (x[idx], _remap(y[idx], group)), epochs=epochs, seed=model_seed)
@@ -367,14 +368,16 @@ def train_run(model: nn.Module, data: Data, config: dict[str, Any]) -> nn.Module
         block.module.requires_grad_(False)
     net: nn.Module = model
     if optimisation == "cached-features" and frozen:
+        if not isinstance(model, nn.Sequential):
+            raise TypeError("cached-features trains a Sequential whose last module is the head (digits_cnn)")
         prefix = [b.module.eval() for b in blocks[:frozen]]
         x = FEATURES.features(prefix, x)
         net = nn.Sequential(*[b.module for b in blocks[frozen:]], model[-1])
     elif optimisation == "channels-last":
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
         x = x.contiguous(memory_format=torch.channels_last)
     elif optimisation == "compile":
-        net = torch.compile(model)
+        net = torch.compile(model)  # type: ignore[assignment]  # an OptimizedModule; stubs say Callable
     params = [p for p in net.parameters() if p.requires_grad]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=optimisation == "bf16")
     with _deterministic(seed):
@@ -390,7 +393,7 @@ def train_run(model: nn.Module, data: Data, config: dict[str, Any]) -> nn.Module
                     logits = net(x[idx])
                 nn.functional.cross_entropy(logits.float(), y[idx]).backward()
                 opt.step()
-    model.to(memory_format=torch.contiguous_format)
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # torch's stubs omit it
     model.requires_grad_(True)  # the frozen prefix was frozen for this run only
     return model.eval()
 

@@ -57,7 +57,7 @@ MODEL_ID_BYTES = 16
 _LIBRARIES = ("torch", "transformers", "builtins")
 
 
-def _record(payload: dict) -> bytes:
+def _record(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
 
 

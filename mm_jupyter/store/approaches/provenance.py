@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ...errors import RecoveryError, StoreError
+from ...errors import IntegrityError, RecoveryError, StoreError
 from .. import trust
 from ..architectures import Architecture
 from ..catalog import SetRow
@@ -84,7 +84,7 @@ def save(store: "Store", inp: SaveInput) -> Saved:
     }
     _verify_at_save(store, inp, record, src, updated, changed, digests, hashes)
     rec = store.objects.put(zlib.compress(json.dumps(record, separators=(",", ":")).encode(), 9))
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "updated": updated.astype(np.int32),
         "hashes": hashes.reshape(-1, 32),
         "changed": np.packbits(changed.reshape(-1)),
@@ -107,7 +107,7 @@ def _sample(count: int, verify: int | str) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, count - 1, int(verify))})
 
 
-def _verify_at_save(store: "Store", inp: SaveInput, record: dict, src: np.ndarray, updated: np.ndarray,
+def _verify_at_save(store: "Store", inp: SaveInput, record: dict[str, Any], src: np.ndarray, updated: np.ndarray,
                     changed: np.ndarray, digests: np.ndarray, hashes: np.ndarray) -> None:
     """Retrain a sample of the updated models from what is about to be recorded — the JSON record,
     the architecture record, the base version's stored weights — exactly as recovery will, and
@@ -159,7 +159,7 @@ def _verify_at_save(store: "Store", inp: SaveInput, record: dict, src: np.ndarra
 
 
 def retrain_model(train: Any, template: "nn.Module", start: dict[str, "torch.Tensor"], data: Any,
-            config: dict, seed: int) -> "nn.Module":
+            config: dict[str, Any], seed: int) -> "nn.Module":
     """One model retrained from its base weights, as at save time so at recovery."""
     import torch
 
@@ -176,7 +176,7 @@ def compare(model: "nn.Module", layout: Layout, changed: np.ndarray, expected: I
     import torch
 
     sd = model.state_dict()
-    tensors = []
+    tensors: list[torch.Tensor] = []
     for k, spec in enumerate(layout.specs):
         t = sd.get(spec.name)
         if t is None:
@@ -193,8 +193,9 @@ def compare(model: "nn.Module", layout: Layout, changed: np.ndarray, expected: I
     return tensors, None
 
 
-def record(store: "Store", row: SetRow) -> dict:
-    return json.loads(zlib.decompress(store.objects.get(row.manifest["record"])))
+def record(store: "Store", row: SetRow) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(zlib.decompress(store.objects.get(row.manifest["record"])))
+    return out
 
 
 def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -249,7 +250,9 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None, retrain: bool = 
         for i in updated:
             memory.pop(int(i), None)
         return _assemble(names, layout, arch, base, src, updated, arrays, memory)
-    base_row = store.catalog.get(row.base_id)  # type: ignore[arg-type]
+    if row.base_id is None:
+        raise IntegrityError(f"{row.name}@{row.version} is a provenance version without a base")
+    base_row = store.catalog.get(row.base_id)
     rec = record(store, row)
     subject = f"set '{row.name}@{row.version}'"
     check_trusted(rec, subject)
@@ -291,7 +294,7 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None, retrain: bool = 
 
 
 def _assemble(names: list[str], layout: Layout, arch: Architecture, base: Resolved, src: np.ndarray,
-              updated: np.ndarray, arrays: dict[str, np.ndarray], memory: dict) -> Resolved:
+              updated: np.ndarray, arrays: dict[str, np.ndarray], memory: dict[int, list[torch.Tensor]]) -> Resolved:
     obj = base.obj[src].copy()
     off = base.off[src].copy()
     obj[updated] = -1
