@@ -3,15 +3,19 @@
 Per rung the driver builds the surviving candidates' task tree, splits it into whole subtrees, one
 set per worker, balanced by the block cost model (``partition.py``), and sends each worker its
 subtrees; a worker runs them with the DFS+ planner under its own cache budget. A stem shared too
-widely to split (the *trunk*) runs first on one worker, and its outputs at the cut nodes go
-through Ray's object store to the workers whose subtrees start there. Workers return features; the
-driver keeps them, has the workers score the candidates (the proxy is a pure function, so where it
-runs does not change the score) and prunes globally, exactly as the single-process search does.
+widely to split (the *trunk*) runs first, on every worker, each on its own run of whole batches
+(so no worker waits for a serial stem), and its outputs at the cut nodes go through Ray's object
+store to the workers whose subtrees start there, concatenated in item order. Workers return
+features; the driver keeps them, has the workers score the candidates (the proxy is a pure
+function, so where it runs does not change the score) and prunes globally, exactly as the
+single-process search does.
 Batches are cut as in the single-process run (every subtree batches its items from the start of
 each segment), so features, scores and rankings are the same. When no subtree partition is even
-enough (late rungs: few survivors, one subtree or only a trunk), the rung's items are split
-instead: each worker runs the whole tree on a contiguous run of whole batches (cut where the
-single-process run cuts them), and the driver concatenates the features in item order.
+enough (modelled time, trunk included, above ``BALANCE_LIMIT`` times an even share; late rungs:
+few survivors, one subtree or only a trunk), the rung's items are split instead: each worker runs
+the whole tree on a contiguous run of whole batches (cut where the single-process run cuts them),
+and the driver concatenates the features in item order. Workers keep loaded blocks across rungs
+while a surviving candidate needs them, and a stored set's skeletons across searches.
 
 Candidates stored with ``add_candidates`` are read by the workers themselves from the store
 (through ``Store``/``load_candidates`` and the object area's verified reads, so only the blocks a
