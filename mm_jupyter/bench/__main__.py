@@ -230,7 +230,7 @@ def add_search(sub: Any) -> None:
                    help="candidates (default 16; 8 with --quick; 35 with --executor ray)")
     p.add_argument("--distribution", default="top-layers", help="top-layers, top-25 or top-50")
     p.add_argument("--items", type=int, default=None,
-                   help="data items (default 400; 400 with --quick; 2000 with --executor ray)")
+                   help="data items (default 400; 400 with --quick; 1500 with --executor ray)")
     p.add_argument("--approaches", default=",".join(APPROACHES))
     p.add_argument("--budget", type=int, default=None, help="cache budget in bytes for alsatian")
     p.add_argument("--budget-fraction", type=float, default=None,

@@ -39,7 +39,7 @@ Progress = Callable[[str], None]
 
 # -- measured: a search on Ray -------------------------------------------------------------------------
 RAY_TARGET = 1.6  # the speed-up of 2 workers over 1 on this 2-core machine
-WARMUP_ITEMS = 128
+WARMUP_ITEMS = 64
 
 
 @dataclass
@@ -62,7 +62,7 @@ class RayBench:
         return not busy and not starved
 
 
-def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = "top-layers", items: int = 2000,
+def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = "top-layers", items: int = 1500,
                   workers: int = 2, reduced: bool = False, image_size: int | None = 64, batch_size: int = 64,
                   seed: int = 0, repeat: int = 3, budget: int | None = None,
                   out: str | os.PathLike[str] = DEFAULT_OUT, progress: Progress = lambda m: None) -> RayBench:
