@@ -227,9 +227,11 @@ def add_search(sub: Any) -> None:
     p = sub.add_parser("search", help="Alsatian model search: base vs shift vs alsatian",
                        description="Search a synthetic candidate set with every approach and compare.")
     p.add_argument("--arch", default="resnet18", help="resnet18, resnet152, vit, bert or mlp (default resnet18)")
-    p.add_argument("--models", type=int, default=None, help="candidates (default 16; 8 with --quick)")
+    p.add_argument("--models", type=int, default=None,
+                   help="candidates (default 16; 8 with --quick; 35 with --executor ray)")
     p.add_argument("--distribution", default="top-layers", help="top-layers, top-25 or top-50")
-    p.add_argument("--items", type=int, default=None, help="data items (default 400; 400 with --quick)")
+    p.add_argument("--items", type=int, default=None,
+                   help="data items (default 400; 400 with --quick; 1500 with --executor ray)")
     p.add_argument("--approaches", default=",".join(APPROACHES))
     p.add_argument("--budget", type=int, default=None, help="cache budget in bytes for alsatian")
     p.add_argument("--budget-fraction", type=float, default=None,
@@ -237,7 +239,8 @@ def add_search(sub: Any) -> None:
     p.add_argument("--scale", choices=["small", "cpu", "full"], default="cpu",
                    help="small: reduced widths at 32 px (tests); cpu: the real architecture at reduced "
                         "resolution (default; --resolution); full: real architecture and resolution (GPU)")
-    p.add_argument("--resolution", type=int, default=32, help="image size for --scale cpu (default 32)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size for --scale cpu (default 32; 64 with --executor ray)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: on a shared, loaded CPU more threads spin against "
                         "each other and make timings erratic; 0 keeps torch's setting)")
@@ -246,7 +249,7 @@ def add_search(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=None,
                    help="interleaved rounds of every approach; medians reported, min-max shown "
-                        "(default 3; 1 for --executor ray)")
+                        "(default 3)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="8 candidates, 400 items, --scale small")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -260,10 +263,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.scale = "small"
+    if args.repeat is None:
+        args.repeat = 3
+    if args.executor == "ray" and not args.quick:  # the Ray benchmark's own defaults: a CPU-bound search
+        return _search_ray(args, args.models, args.items)
     models = args.models if args.models is not None else (QUICK["models"] if args.quick else 16)
     items = args.items if args.items is not None else (QUICK["items"] if args.quick else 400)
-    if args.repeat is None:
-        args.repeat = 1 if args.executor == "ray" else 3
+    if args.resolution is None:
+        args.resolution = 32
     if args.executor == "ray":
         return _search_ray(args, models, items)
     approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
@@ -431,6 +438,7 @@ RAY_COLUMNS = [
     ("t_inference", "inference s", "s"),
     ("t_proxy", "proxy s", "s"),
     ("vs_ray_1", "vs ray 1 worker", "x"),
+    ("cpu_share", "CPU share", "%"),
     ("block_inferences", "block inf.", "str"),
     ("bytes_loaded", "bytes loaded", "bytes"),
     ("transfer_bytes", "handed on B", "bytes"),
@@ -439,26 +447,40 @@ RAY_COLUMNS = [
 ]
 
 
-def _search_ray(args: argparse.Namespace, models: int, items: int) -> int:
+def _search_ray(args: argparse.Namespace, models: int | None, items: int | None) -> int:
     from .distributed import run_ray_bench
 
-    print(f"search on Ray: {models} x {args.arch} ({args.distribution}), {items} items, alsatian, "
-          f"{args.workers} workers vs 1 worker vs one process; scale {args.scale}, {args.repeat} round(s)")
-    res = run_ray_bench(arch=args.arch, models=models, distribution=args.distribution, items=items,
-                        workers=args.workers, reduced=args.scale == "small",
-                        image_size=args.resolution if args.scale == "cpu" else None, batch_size=args.batch_size,
-                        seed=args.seed, repeat=args.repeat, budget=args.budget, out=args.out, progress=_say)
+    given = {k: v for k, v in (("models", models), ("items", items), ("image_size", args.resolution)) if v is not None}
+    if args.scale != "cpu":
+        given["image_size"] = None
+    res = run_ray_bench(arch=args.arch, distribution=args.distribution, workers=args.workers,
+                        reduced=args.scale == "small", batch_size=args.batch_size, seed=args.seed, repeat=args.repeat,
+                        budget=args.budget, out=args.out, progress=_say, **given)
+    c = res.config
+    size = f"{c['image_size']} px" if c["image_size"] else "its input size"
+    print(f"search on Ray: {c['models']} x {args.arch} ({args.distribution}), {c['items']} items at {size}, "
+          f"alsatian; {args.workers} Ray workers vs 1 worker vs one process; {args.repeat} interleaved rounds "
+          "(order rotating), medians with min-max")
+    print("timed: the mm.search call (shipping candidates to the workers included); worker start-up and a "
+          f"{c['warmup_items']}-item warm-up search per run excluded alike; 1 torch thread per worker")
     print(format_table(res.rows, RAY_COLUMNS))
     print("same scores: bit-identical to one process with 1 thread (workers run 1 thread each)")
     for r in res.rows:
         if r["rung_balance"]:
-            print(f"{r['run']}: modelled balance per rung (most loaded worker / mean) {r['rung_balance']}, "
-                  f"{r['item_split_rungs']} rung(s) split by items, "
-                  f"busy s per worker {[round(s, 1) for s in r['worker_seconds']]}")
+            print(f"{r['run']}: modelled balance per rung (modelled time / even share) {r['rung_balance']}, "
+                  f"{r['item_split_rungs']} rung(s) split by items, trunk blocks {r['trunk_blocks']}, busy s per "
+                  f"worker {[round(s, 1) for s in r['worker_seconds']]} "
+                  f"(CPU s {[round(s, 1) for s in r['worker_cpu_seconds']]})")
+    print(f"per round, ray 1 worker / ray {args.workers} workers: {[round(x, 3) for x in res.ratios]}")
+    print(f"load average (1 min) per measurement: {[round(r['load'], 2) for r in res.rounds]} on {c['cpus']} CPUs")
+    if not res.quiet:
+        print("NOTE: the machine was busy (load average above its CPUs + 1, or Ray workers got < 90% of a CPU): "
+              "these timings measure contention as much as the search; re-run on a quiet machine")
     print()
     print("targets (this run):")
     print(format_targets(res.targets))
     print(f"results: {', '.join(res.files)}")
+    print(f"benchmark wall time: {res.seconds:.0f} s")
     return 0
 
 

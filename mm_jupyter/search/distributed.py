@@ -3,15 +3,19 @@
 Per rung the driver builds the surviving candidates' task tree, splits it into whole subtrees, one
 set per worker, balanced by the block cost model (``partition.py``), and sends each worker its
 subtrees; a worker runs them with the DFS+ planner under its own cache budget. A stem shared too
-widely to split (the *trunk*) runs first on one worker, and its outputs at the cut nodes go
-through Ray's object store to the workers whose subtrees start there. Workers return features; the
-driver keeps them, has the workers score the candidates (the proxy is a pure function, so where it
-runs does not change the score) and prunes globally, exactly as the single-process search does.
+widely to split (the *trunk*) runs first, on every worker, each on its own run of whole batches
+(so no worker waits for a serial stem), and its outputs at the cut nodes go through Ray's object
+store to the workers whose subtrees start there, concatenated in item order. Workers return
+features; the driver keeps them, has the workers score the candidates (the proxy is a pure
+function, so where it runs does not change the score) and prunes globally, exactly as the
+single-process search does.
 Batches are cut as in the single-process run (every subtree batches its items from the start of
 each segment), so features, scores and rankings are the same. When no subtree partition is even
-enough (late rungs: few survivors, one subtree or only a trunk), the rung's items are split
-instead: each worker runs the whole tree on a contiguous run of whole batches (cut where the
-single-process run cuts them), and the driver concatenates the features in item order.
+enough (modelled time, trunk included, above ``BALANCE_LIMIT`` times an even share; late rungs:
+few survivors, one subtree or only a trunk), the rung's items are split instead: each worker runs
+the whole tree on a contiguous run of whole batches (cut where the single-process run cuts them),
+and the driver concatenates the features in item order. Workers keep loaded blocks across rungs
+while a surviving candidate needs them, and a stored set's skeletons across searches.
 
 Candidates stored with ``add_candidates`` are read by the workers themselves from the store
 (through ``Store``/``load_candidates`` and the object area's verified reads, so only the blocks a
@@ -84,7 +88,21 @@ class WorkerResult:
     features: list[dict[Hashable, "torch.Tensor"]]
     exports: dict[tuple[str, ...], "torch.Tensor"] = field(default_factory=dict)
     meter: Meter = field(default_factory=Meter)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock time of the call in the worker
+    cpu_seconds: float = 0.0  # the worker process's CPU time in it (below ``seconds``: the CPU was busy elsewhere)
+
+
+@dataclass
+class RungPlan:
+    """How the workers run one rung. ``ranges[w]``: worker ``w``'s items (whole batches, in item
+    order). Item split (``split``): worker ``w`` runs ``jobs[w]`` (the whole tree) on its items.
+    Otherwise the ``trunk`` (if any) runs on every worker, each on its own items, and then worker
+    ``w`` runs the whole subtrees ``jobs[w]`` on every item, starting from the trunk's outputs."""
+
+    jobs: list[list[Job]]
+    ranges: list[tuple[int, int]]
+    trunk: Job | None = None
+    split: bool = False
 
 
 # -- the worker (a Ray actor) -----------------------------------------------------------------------
@@ -98,23 +116,30 @@ class Worker:
         self.device = device
         self.cands: dict[str, Candidate] = {}
         self.resident: dict[tuple[str, ...], Any] = {}
-        self._store: Any = None
+        self._stored: tuple[StoredSource, Any] | None = None  # the last stored set and its open store
 
     def ready(self) -> int:
         return os.getpid()
 
     def setup(self, source: StoredSource | MemorySource, sample: "torch.Tensor", shared: bool) -> None:
-        """Candidates for the search that starts (ids and sizes as the driver computed them)."""
+        """Candidates for the search that starts (ids and sizes as the driver computed them). A
+        stored set stays open between searches, with its architectures' skeletons built, as in a
+        driver that searches the same ``load_candidates`` object again; its blocks are not kept."""
         self.reset()
         if isinstance(source, StoredSource):
-            from ..store import Store
-            from .stored import load_candidates
+            if self._stored is None or self._stored[0] != source:
+                from ..store import Store
+                from .stored import load_candidates
 
-            args, kwargs = source.store
-            self._store = Store(*args, **kwargs)
-            stored = load_candidates(self._store, source.name, source.version, trust_code=source.trust_code)
+                self.forget()
+                args, kwargs = source.store
+                store = Store(*args, **kwargs)
+                self._stored = source, load_candidates(store, source.name, source.version,
+                                                       trust_code=source.trust_code)
+            stored = self._stored[1]
             self.cands = {str(c.name): c for c in stored.engine_candidates(sample, shared=shared, device=self.device)}
             return
+        self.forget()
         import ray
 
         for name, ids, sizes, blocks, context in source.entries:
@@ -123,16 +148,22 @@ class Worker:
                                          list(ids) if ids is not None else None,
                                          list(sizes) if sizes is not None else None)
 
-    def extract(self, jobs: Sequence[Job], segments: list["torch.Tensor"], trunk: WorkerResult | None,
-                batch_size: int, budget: int | None) -> WorkerResult:
-        """Run ``jobs`` one after another; features per segment, exported intermediates, counters."""
+    def extract(self, jobs: Sequence[Job], segments: list["torch.Tensor"], live: Sequence[str], batch_size: int,
+                budget: int | None, *trunk: WorkerResult) -> WorkerResult:
+        """Run ``jobs`` one after another; features per segment, exported intermediates, counters.
+        ``trunk``: the trunk's results, one per worker that ran it on its share of the items, in
+        item order (a shared job starting at a cut takes their outputs there, concatenated).
+        Loaded blocks stay while a ``live`` candidate (this rung's) still needs them."""
         import torch
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
+        keep = {tuple(c.ids[: d + 1]) for c in map(self.cands.__getitem__, live) if c.ids is not None
+                for d in range(c.count)}
+        for key in [k for k in self.resident if k not in keep]:
+            del self.resident[key]
         meter = Meter()
         features: list[dict[Hashable, torch.Tensor]] = [{} for _ in segments]
         exports: dict[tuple[str, ...], torch.Tensor] = {}
-        needed: set[tuple[str, ...]] = set()
         for job in jobs:
             cands = [self.cands[n] for n in job.names]
             if job.whole:
@@ -144,7 +175,10 @@ class Worker:
             cuts = {tuple(self.cands[n].ids[:d]): self.cands[n].prefix(d, ("cut", n, d))  # type: ignore[index]
                     for n, d in job.exports}
             group = cands + list(cuts.values())
-            inputs = None if job.source is None else trunk.exports[job.source]  # type: ignore[union-attr]
+            inputs = None
+            if job.source is not None:
+                parts = [t.exports[job.source] for t in trunk]
+                inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
             per_segment = extract_shared(group, segments, batch_size=batch_size, device=self.device, budget=budget,
                                          meter=meter, resident=self.resident, from_depth=job.start, inputs=inputs,
                                          exports={c.name for c in cuts.values()})
@@ -152,10 +186,7 @@ class Worker:
                 exports[key] = torch.cat([seg[cut.name] for seg in per_segment])
             for i, seg in enumerate(per_segment):
                 features[i].update({n: f for n, f in seg.items() if isinstance(n, str)})
-            needed |= {tuple(c.ids[: d + 1]) for c in group for d in range(job.start, c.count)}  # type: ignore[index]
-        for key in [k for k in self.resident if k not in needed]:
-            del self.resident[key]
-        return WorkerResult(features, exports, meter, time.perf_counter() - t0)
+        return WorkerResult(features, exports, meter, time.perf_counter() - t0, time.process_time() - c0)
 
     def score(self, items: Sequence[tuple[str, "torch.Tensor", "torch.Tensor"]], y_train: "torch.Tensor",
               y_test: "torch.Tensor", proxy: str, seed: int) -> dict[str, "ProxyScore"]:
@@ -169,9 +200,12 @@ class Worker:
         """Forget the last search's candidates and loaded blocks."""
         self.cands.clear()
         self.resident.clear()
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+
+    def forget(self) -> None:
+        """Close the stored set kept from earlier searches."""
+        if self._stored is not None:
+            self._stored[1].store.close()
+            self._stored = None
 
 
 class _Fetch:
@@ -352,7 +386,8 @@ class RaySearch:
         self.held: dict[str, int] = {}  # candidate -> worker that last extracted it
         self.stats: dict[str, Any] = {"workers": len(executor.actors), "transfer_bytes": 0, "trunk_blocks": 0,
                                       "item_split_rungs": 0,
-                                      "worker_seconds": [0.0] * len(executor.actors), "modelled_balance": []}
+                                      "worker_seconds": [0.0] * len(executor.actors),
+                                      "worker_cpu_seconds": [0.0] * len(executor.actors), "modelled_balance": []}
         source = self._source(named, cands)
         _get([a.setup.remote(source, sample, shared) for a in executor.actors])
 
@@ -386,42 +421,43 @@ class RaySearch:
 
         ray = _ray()
         t0 = time.perf_counter()
-        trunk_job, jobs, trunk_worker, ranges = self._plan(group, segments, meter)
+        plan = self._plan(group, segments)
         meter.add("planning", time.perf_counter() - t0)
         t0 = time.perf_counter()
         actors = self.executor.actors
-        trunk_ref = None
-        # where[w]: (segment, start, stop) of each item range worker w gets features for
-        where: dict[int, list[tuple[int, int, int]]] = {}
-        if ranges is not None:
-            for w, (a, b) in enumerate(ranges):
-                if b > a:
-                    where[w] = _pieces([len(s) for s in segments], a, b)
-            calls = {w: actors[w].extract.remote(jobs[w], [segments[i][a:b].clone() for i, a, b in p], None,
-                                                 self.batch_size, self.budget) for w, p in where.items()}
-        else:
+        lengths = [len(s) for s in segments]
+        live = tuple(str(c.name) for c in group)
+        # (worker, its items as (segment, start, stop) pieces, result reference); the calls on
+        # the workers' own items come first and in worker order, so their pieces are in item order
+        calls: list[tuple[int, list[tuple[int, int, int]], Any]] = []
+        for w, (a, b) in enumerate(plan.ranges):
+            jobs = plan.jobs[w] if plan.split else [plan.trunk] if plan.trunk is not None else []
+            if b > a and jobs:
+                pieces = _pieces(lengths, a, b)
+                calls.append((w, pieces, actors[w].extract.remote(
+                    jobs, [segments[i][s:e].clone() for i, s, e in pieces], live, self.batch_size, self.budget)))
+        ranged = len(calls)  # these ran the same tree (the trunk, or all of it on an item split)
+        if not plan.split:
+            trunk = [ref for _, _, ref in calls]
             segs = ray.put(segments)
-            if trunk_job is not None:
-                trunk_ref = actors[trunk_worker].extract.remote([trunk_job], segs, None, self.batch_size, self.budget)
-            calls = {w: actors[w].extract.remote(js, segs, trunk_ref if any(j.source for j in js) else None,
-                                                 self.batch_size, self.budget)
-                     for w, js in enumerate(jobs) if js}
-            where = {w: [(i, 0, len(s)) for i, s in enumerate(segments)] for w in range(len(actors))}
-        results: list[tuple[int, WorkerResult]] = list(zip(calls, _get(list(calls.values()))))
-        if trunk_ref is not None:
-            results.append((trunk_worker, _get(trunk_ref)))
+            every = [(i, 0, n) for i, n in enumerate(lengths)]
+            calls += [(w, every, actors[w].extract.remote(js, segs, live, self.batch_size, self.budget,
+                                                           *(trunk if any(j.source for j in js) else ())))
+                      for w, js in enumerate(plan.jobs) if js]
+        results: list[WorkerResult] = _get([ref for _, _, ref in calls])
         meter.add("inference", time.perf_counter() - t0)
         parts: list[dict[Hashable, list[torch.Tensor]]] = [{} for _ in segments]
-        for w, res in results:  # workers in order, so an item split's ranges come in item order
+        for (w, pieces, _), res in zip(calls, results):
             _absorb(meter, res.meter)
             self.stats["worker_seconds"][w] += res.seconds
+            self.stats["worker_cpu_seconds"][w] += res.cpu_seconds
             progress({"event": "cache", "bytes": res.meter.cache_peak_bytes, "chunk": meter.chunks, "worker": w})
-            for (i, _, _), feats in zip(where[w], res.features):
+            for (i, _, _), feats in zip(pieces, res.features):
                 for n, f in feats.items():
                     parts[i].setdefault(n, []).append(f)
                 self.held.update({str(n): w for n in feats})
-        if ranges is not None:  # every worker ran the same tree: its edges are counted once
-            edges = [res.meter.unique_edges for _, res in results]
+        edges = [res.meter.unique_edges for res in results[:ranged]]
+        if edges:  # a tree several workers ran on their own items: its edges are counted once
             meter.unique_edges -= sum(edges) - max(edges)
         out: list[dict[Hashable, torch.Tensor]] = [
             {n: fs[0] if len(fs) == 1 else torch.cat(fs) for n, fs in seg.items()} for seg in parts]
@@ -430,69 +466,61 @@ class RaySearch:
             raise SearchError(f"the Ray workers returned no features for {missing[:3]}")
         return out
 
-    def _plan(self, group: list[Candidate], segments: list["torch.Tensor"],
-              meter: Meter) -> tuple[Job | None, list[list[Job]], int, list[tuple[int, int]] | None]:
-        """Jobs per worker (and the trunk job with its worker) for one rung; with an item split,
-        every worker's jobs are the whole tree and ``ranges[w]`` are worker ``w``'s items."""
+    def _plan(self, group: list[Candidate], segments: list["torch.Tensor"]) -> RungPlan:
+        """How the workers run one rung: whole subtrees per worker after a trunk split by items,
+        or (when that is too uneven and splitting every item is more even) the whole tree per
+        worker on its own items. Modelled balance: the modelled time over an even share of the
+        work (1.0 = every worker busy all the time)."""
         workers = len(self.executor.actors)
+        lengths = [len(s) for s in segments]
+        ranges = split_batches(batch_ranges(lengths, self.batch_size), workers)
+        share = max(b - a for a, b in ranges) / max(1, sum(lengths))  # the largest worker's share of the items
         if not self.shared:
             tree = TaskTree(1)
             cost: dict[int, float] = {}
             for c in group:  # each candidate is a subtree of its own
                 leaf = tree.add_model(c.name, [str(c.name)], [1])
                 cost[leaf] = sum(c.costs or [1.0])
-            part = partition_tree(tree, cost, workers)
-            ranges, _ = self._item_split(part, segments)
-            if ranges is not None:
-                return None, [[Job(tuple(str(c.name) for c in group), whole=True)]] * workers, 0, ranges
-            order = self._match(part, tree)
-            return None, [[Job(tuple(str(n) for r in part.bins[b] for n in tree.nodes[r].ends), whole=True)]
-                          if part.bins[b] else [] for b in order], 0, None
-        per_item = segments[0][:1].element_size() * max(1, segments[0][:1].numel())
-        tree = TaskTree(per_item)
-        cost = {}
-        for c in group:
-            assert c.ids is not None and c.sizes is not None and c.costs is not None
-            tree.add_model(c.name, c.ids, c.sizes)
-            for depth, nid in enumerate(tree.path(c.name)[1:]):
-                cost[nid] = c.costs[depth]
+        else:
+            tree = TaskTree(segments[0][:1].element_size() * max(1, segments[0][:1].numel()))
+            cost = {}
+            for c in group:
+                assert c.ids is not None and c.sizes is not None and c.costs is not None
+                tree.add_model(c.name, c.ids, c.sizes)
+                for depth, nid in enumerate(tree.path(c.name)[1:]):
+                    cost[nid] = c.costs[depth]
         part = partition_tree(tree, cost, workers)
-        ranges, balance = self._item_split(part, segments)
+        # the trunk runs on every worker, each on its own items, before the subtrees start
+        span = part.trunk_cost * share + max(part.loads, default=0.0)
+        balance = span * workers / part.total if part.total else 1.0
+        if balance > BALANCE_LIMIT and items_balance(ranges) < balance:
+            self.stats["item_split_rungs"] += 1
+            self.stats["modelled_balance"].append(round(items_balance(ranges), 4))
+            return RungPlan([[Job(tuple(str(c.name) for c in group), whole=not self.shared)]] * workers, ranges,
+                            split=True)
         self.stats["modelled_balance"].append(round(balance, 4))
-        if ranges is not None:
-            return None, [[Job(tuple(str(c.name) for c in group))]] * workers, 0, ranges
-        self.stats["trunk_blocks"] += len(part.trunk)
-        items = sum(len(s) for s in segments)
-        self.stats["transfer_bytes"] += part.transfer_bytes(tree) * items
         order = self._match(part, tree)
+        if not self.shared:
+            return RungPlan([[Job(tuple(str(n) for r in part.bins[b] for n in tree.nodes[r].ends), whole=True)]
+                             if part.bins[b] else [] for b in order], ranges)
+        self.stats["trunk_blocks"] += len(part.trunk)
         path = _paths(tree)
-        trunk = set(part.trunk)
-        trunk_job = None
-        if trunk:
+        trunk = None
+        if part.trunk:
             ends = tuple(str(m) for n in part.trunk for m in tree.nodes[n].ends)
             exports = tuple((str(min(tree.nodes[p].models, key=str)), len(path[p])) for p in part.cuts(tree))
-            trunk_job = Job(ends, exports=exports)
+            trunk = Job(ends, exports=exports)
         jobs: list[list[Job]] = []
-        for b in order:
+        for w, b in enumerate(order):
             by_parent: dict[int, list[int]] = {}
             for r in part.bins[b]:
                 by_parent.setdefault(tree.nodes[r].parent, []).append(r)  # type: ignore[arg-type]
+            # a worker receives the trunk's outputs at its cuts for the items other workers ran
+            others = sum(lengths) - (ranges[w][1] - ranges[w][0])
+            self.stats["transfer_bytes"] += sum(tree.nodes[p].item_bytes for p in by_parent if p) * others
             jobs.append([Job(tuple(sorted({str(m) for r in roots for m in tree.nodes[r].models})), len(path[p]),
                              path[p] if p else None) for p, roots in sorted(by_parent.items())])
-        return trunk_job, jobs, order.index(part.trunk_worker), None
-
-    def _item_split(self, part: Partition,
-                    segments: list["torch.Tensor"]) -> tuple[list[tuple[int, int]] | None, float]:
-        """Items per worker, in whole batches, when the subtree partition ``part`` is too uneven
-        and splitting the items is more even (else None), and the modelled balance taken."""
-        if part.balance <= BALANCE_LIMIT:
-            return None, part.balance
-        ranges = split_batches(batch_ranges([len(s) for s in segments], self.batch_size), part.workers)
-        balance = items_balance(ranges)
-        if balance >= part.balance:
-            return None, part.balance
-        self.stats["item_split_rungs"] += 1
-        return ranges, balance
+        return RungPlan(jobs, ranges, trunk)
 
     def _match(self, part: Partition, tree: TaskTree) -> list[int]:
         """``order[w]``: the bin worker ``w`` runs. Bins are interchangeable, so each goes to the
