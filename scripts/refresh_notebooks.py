@@ -2,8 +2,11 @@
 
     python scripts/refresh_notebooks.py [notebooks/NN_name.ipynb ...]
 
-Cells marked ``# NBVAL_IGNORE_OUTPUT`` (timings, live widgets) are stored without outputs, widget
-state is never stored (``metadata.widgets`` is dropped), so commits hold only deterministic text.
+Widget state and widget outputs are never stored (``metadata.widgets`` is dropped; a live widget's cell
+keeps its static picture only when it displayed one of its own), so a saved notebook shows its tables and
+figures without a kernel. Cells marked ``# NBVAL_IGNORE_OUTPUT`` (timings, float results checked with a
+tolerance in a later cell) keep their outputs for the reader; nbval does not compare them. ``# NBVAL_SKIP``
+cells are stored without outputs.
 """
 from __future__ import annotations
 
@@ -21,20 +24,24 @@ NOISE = re.compile(r"\[IPKernelApp\] WARNING \| Kernel is running over TCP witho
 
 
 def clean(nb: nbformat.NotebookNode) -> None:
-    """Drop widget state, widget outputs and the outputs of cells nbval ignores."""
+    """Drop widget state, widget views (a live widget's static picture stays), execution timestamps and the
+    outputs of cells nbval skips."""
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         cell.metadata.pop("execution", None)
-        if "NBVAL_IGNORE_OUTPUT" in cell.source or "NBVAL_SKIP" in cell.source:
+        if "NBVAL_SKIP" in cell.source:
             cell.outputs = []
             cell.execution_count = None
             continue
         outputs = []
         for o in cell.outputs:
-            if WIDGET_MIME in o.get("data", {}):
-                continue
+            data = o.get("data", {})
+            if WIDGET_MIME in data:
+                data.pop(WIDGET_MIME)
+                if set(data) <= {"text/plain"}:  # a widget without a static picture of its own
+                    continue
             if o.get("output_type") == "stream":
                 o.text = NOISE.sub("", o.text)
                 if not o.text:
