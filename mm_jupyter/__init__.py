@@ -1,6 +1,8 @@
 """mm_jupyter: manage and search sets of deep-learning models from Jupyter.
 
-``import mm_jupyter`` is light: the store, search and torch load on first use of a name below.
+``import mm_jupyter`` is light: the store, search and torch load on first use of a name below
+(``mm.search`` is ``modelsearch.api.search`` and ``mm.serve`` is ``serving.server.serve``: plain functions,
+so ``help(mm.search)``, ``mm.search?`` and Shift-Tab show their parameters).
 """
 from __future__ import annotations
 
@@ -32,23 +34,21 @@ _LAZY = {
     "allow_functions": "mm_jupyter.store",
     "Provenance": "mm_jupyter.store",
     "DatasetRef": "mm_jupyter.store",
-    "SearchResult": "mm_jupyter.search.api",
-    "add_candidates": "mm_jupyter.search.stored",
-    "load_candidates": "mm_jupyter.search.stored",
-    "RayExecutor": "mm_jupyter.search.distributed",
+    "search": "mm_jupyter.modelsearch.api",
+    "SearchResult": "mm_jupyter.modelsearch.api",
+    "add_candidates": "mm_jupyter.modelsearch.stored",
+    "load_candidates": "mm_jupyter.modelsearch.stored",
+    "RayExecutor": "mm_jupyter.modelsearch.distributed",
+    "serve": "mm_jupyter.serving.server",
 }
 
 __all__ = [
     "ArchitectureError", "IntegrityError", "MMError", "RecoveryError", "RefError", "SearchError",
-    "ServeError", "StoreError", "TrustError", "__version__", "search", "serve", *_LAZY,
+    "ServeError", "StoreError", "TrustError", "__version__", *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("search", "serve"):  # callable packages: mm.search(...) searches, mm.serve(...) serves
-        value = import_module(f"mm_jupyter.{name}")
-        globals()[name] = value
-        return value
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -18,7 +18,7 @@ import torch
 
 import mm_jupyter as mm
 import store_models as sm
-from mm_jupyter.search.stored import add_candidates, load_candidates
+from mm_jupyter.modelsearch.stored import add_candidates, load_candidates
 from mm_jupyter.store import catalog as catalog_mod
 from mm_jupyter.usecases.battery import cell_ref
 from mm_jupyter.usecases.training import initial_models

@@ -175,7 +175,7 @@ def table1_model(name: str, scale: str = "cpu") -> tuple[Any, Any]:
     import torch
     import transformers as tf
 
-    from ..search.synthetic import _seeded, base_model, hf_config, input_shape
+    from ..modelsearch.synthetic import _seeded, base_model, hf_config, input_shape
 
     quick = scale == "quick"
     side = 32 if quick else 224
@@ -214,7 +214,7 @@ def describe_model(name: str, model: Any, x: Any, *, device: str = "cpu", repeat
     median of ``repeats`` timed runs after a warm-up) and intermediate output bytes per item."""
     import torch
 
-    from ..search.blocks import output_sizes, split_model
+    from ..modelsearch.blocks import output_sizes, split_model
 
     split = split_model(model)
     params = sum(p.numel() for p in model.parameters())
@@ -251,7 +251,7 @@ def describe_model(name: str, model: Any, x: Any, *, device: str = "cpu", repeat
 def table1(scale: str = "cpu", *, device: str = "auto", repeats: int = 3, archs: Sequence[str] = TABLE1,
            progress: Progress = lambda m: None) -> Artefact:
     """Table 1: one row per architecture."""
-    from ..search.api import resolve_device
+    from ..modelsearch.api import resolve_device
 
     dev = resolve_device(device)
     rows, checks = [], {}
@@ -282,7 +282,7 @@ def search_set(arch: str, models: int, distribution: str, items: int, scale: str
     widths at 224 px, 128 tokens."""
     import transformers as tf
 
-    from ..search.synthetic import _seeded, derived_candidates, hf_config, sample_data, synthetic_candidates
+    from ..modelsearch.synthetic import _seeded, derived_candidates, hf_config, sample_data, synthetic_candidates
 
     reduced = scale != "full"
     side = 16 if reduced else 224
@@ -313,7 +313,7 @@ def fig10(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
           archs: Sequence[str] | None = None, progress: Progress = lambda m: None) -> Artefact:
     """Figs. 10-12: per architecture, the three distributions at one dataset size, and top-layers at
     several dataset sizes; base vs shift vs alsatian."""
-    from ..search.synthetic import DISTRIBUTIONS
+    from ..modelsearch.synthetic import DISTRIBUTIONS
 
     default_archs, models, items, sizes, default_repeats = FIG10_CPU if scale == "cpu" else SEARCH_SIZES[scale]
     repeats = repeats or default_repeats
@@ -369,7 +369,7 @@ def fig13(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
           progress: Progress = lambda m: None) -> Artefact:
     """Figs. 13-14: the digits fine-tunes (CNNs) and their text counterpart (small BERTs fine-tuned
     on a generated topic task); search time and rankings equal to the baselines'."""
-    from ..search.synthetic import trained_candidates, trained_text_candidates
+    from ..modelsearch.synthetic import trained_candidates, trained_text_candidates
 
     models, items, default_repeats = TRAINED[scale]
     repeats = repeats or default_repeats
@@ -395,7 +395,7 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
     model). Tiny widths below ``full``; ``full`` uses the families' default (base-size) configs."""
     import transformers as tf
 
-    from ..search.synthetic import _seeded, hf_config
+    from ..modelsearch.synthetic import _seeded, hf_config
 
     full = scale == "full"
     side = 224 if full else 32
@@ -451,7 +451,7 @@ def fig15(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
           progress: Progress = lambda m: None) -> Artefact:
     """Fig. 15: candidates of eleven Hugging Face families (each family a base model and its
     derivations, top-25), searched together per input modality."""
-    from ..search.synthetic import derived_candidates, sample_data
+    from ..modelsearch.synthetic import derived_candidates, sample_data
 
     per_family, items, default_repeats = ZOO[scale]
     repeats = repeats or default_repeats
@@ -513,7 +513,7 @@ def fig17(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
           progress: Progress = lambda m: None) -> Artefact:
     """Fig. 17: BERT candidates (reduced on CPU, BERT-base at ``full``) on the generated topic task,
     every distribution, alsatian vs base vs shift."""
-    from ..search.synthetic import DISTRIBUTIONS
+    from ..modelsearch.synthetic import DISTRIBUTIONS
 
     models, sizes, default_repeats = BERT_SIZES[scale]
     repeats = repeats or default_repeats

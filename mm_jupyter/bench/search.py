@@ -64,8 +64,8 @@ def plan_seconds(models: int = 500, blocks: int = 20, seed: int = 0) -> float:
     """Time to build the task tree of ``models`` synthetic candidates and plan it (DFS+)."""
     import numpy as np
 
-    from ..search.planner import plan_tree
-    from ..search.tree import TaskTree
+    from ..modelsearch.planner import plan_tree
+    from ..modelsearch.tree import TaskTree
 
     rng = np.random.default_rng(seed)
     paths = [[f"b0_{j}" for j in range(blocks)]]
@@ -114,9 +114,9 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
                       progress: Progress) -> SearchBench:
     import mm_jupyter as mm
 
-    from ..search.api import resolve_device
-    from ..search.stored import add_candidates, load_candidates
-    from ..search.synthetic import base_model, sample_data, synthetic_candidates
+    from ..modelsearch.api import resolve_device
+    from ..modelsearch.stored import add_candidates, load_candidates
+    from ..modelsearch.synthetic import base_model, sample_data, synthetic_candidates
     from ..store.architectures import Architecture
 
     if repeat < 1:
@@ -208,7 +208,7 @@ class CostCalibration:
     def __init__(self, model: Any, x: Any, batch_size: int = 64, device: str = "cpu", inner: int = 3) -> None:
         import torch
 
-        from ..search.blocks import split_model
+        from ..modelsearch.blocks import split_model
 
         self.device, self.inner = device, inner
         split = split_model(model)

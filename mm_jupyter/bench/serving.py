@@ -116,8 +116,8 @@ def run_serving_bench(models: int = 5000, modes: Sequence[str] = tuple(MODES), s
     import numpy as np
     import torch
 
-    from ..serve.load import capacity, make_workload, open_loop
-    from ..serve.server import serve
+    from ..serving.load import capacity, make_workload, open_loop
+    from ..serving.server import serve
 
     unknown = [m for m in modes if m not in MODES] + [s for s in spreads if s not in SPREADS]
     if unknown:

@@ -303,8 +303,8 @@ class ModelMagics(Magics):
         except ValueError as e:
             raise UsageError(f"%modelsearch: {e}") from None
         args = self._parse(SEARCH, argv)
-        from ..search.api import search
-        from ..search.stored import load_candidates
+        from ..modelsearch.api import search
+        from ..modelsearch.stored import load_candidates
 
         if args.candidates.startswith("store:"):
             candidates = load_candidates(self._store(args.store, create=False), args.candidates[len("store:"):])

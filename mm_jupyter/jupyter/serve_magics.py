@@ -105,7 +105,7 @@ class ServeMagics(Magics):
         return self.servers[ref]
 
     def _start(self, args: Any) -> Any:
-        from ..serve.server import serve
+        from ..serving.server import serve
 
         if args.out is not None and not args.out.isidentifier():
             raise UsageError(f"-o must be a variable name, not {args.out!r}")
@@ -152,7 +152,7 @@ class ServeMagics(Magics):
     def _load(self, args: Any) -> Any:
         import torch
 
-        from ..serve.load import make_workload, open_loop
+        from ..serving.load import make_workload, open_loop
 
         server = self._server(args.ref)
         if args.rate <= 0 or args.requests < 1 or not 0 <= args.repeat < 1:

@@ -62,11 +62,11 @@ def _factory_target(ref: str) -> Callable[..., Any]:
     ``nn.Module`` class (its constructor, with the recorded JSON arguments)."""
     import torch
 
-    mod, _ = trust._split(ref)
+    mod, qual = trust._split(ref)
     if trust._stdlib(mod):
         raise ArchitectureError(f"factory {ref!r} is not a registered @mm.architecture function; refused")
     obj: Callable[..., Any] = import_ref(ref)
-    if trust.is_registered(ref, obj) or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+    if trust.is_registered(f"{mod}:{qual}", obj) or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         return obj
     raise ArchitectureError(
         f"factory {ref!r} is not registered: only functions decorated with @mm.architecture (or nn.Module "

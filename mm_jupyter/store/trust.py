@@ -85,13 +85,25 @@ def is_registered(ref: str, obj: Any) -> bool:
 
 
 # -- importing by reference -----------------------------------------------------------------------
+#: Packages that were renamed: records written before name the old module (stores stay readable).
+RENAMED_PACKAGES = {"mm_jupyter.search": "mm_jupyter.modelsearch", "mm_jupyter.serve": "mm_jupyter.serving"}
+
+
+def _current_module(mod: str) -> str:
+    for old, new in RENAMED_PACKAGES.items():
+        if mod == old or mod.startswith(old + "."):
+            return new + mod[len(old):]
+    return mod
+
+
 def _split(ref: str) -> tuple[str, str]:
+    """(module, qualname) of a reference, with a renamed package's old name replaced by its new one."""
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise ArchitectureError(f"reference {ref!r} is not of the form 'module:qualname'")
     mod, qual = ref.split(":")
     if not mod or not qual or not all(p.isidentifier() for p in mod.split(".") + qual.split(".")):
         raise ArchitectureError(f"reference {ref!r} is not of the form 'module:qualname'")
-    return mod, qual
+    return _current_module(mod), qual
 
 
 def import_ref(ref: str) -> Any:
@@ -165,11 +177,11 @@ def function(ref: str) -> Callable[..., Any]:
 
 def registered(ref: str, what: str) -> Callable[..., Any]:
     """A callable the record calls with recorded arguments: must be registered by its module."""
-    mod, _ = _split(ref)
+    mod, qual = _split(ref)
     if _stdlib(mod):
         raise ArchitectureError(f"{what} {ref!r} is not a registered function; refused")
     obj: Callable[..., Any] = import_ref(ref)
-    if not is_registered(ref, obj):
+    if not is_registered(f"{mod}:{qual}", obj):
         raise ArchitectureError(
             f"{what} {ref!r} is not registered; only functions decorated with "
             f"{'@mm.architecture' if what == 'factory' else '@mm.trusted'} may be called from a store record")

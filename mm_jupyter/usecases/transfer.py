@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..search.blocks import split_model
-from ..search.synthetic import clone_module, digits, digits_cnn
+from ..modelsearch.blocks import split_model
+from ..modelsearch.synthetic import clone_module, digits, digits_cnn
 from ..store.trust import trusted
 
 if TYPE_CHECKING:
@@ -310,8 +310,8 @@ class FeatureCache:
         """``blocks`` applied to ``x`` (no gradients), from the cache when seen before."""
         import hashlib
 
-        from ..search.blocks import Block
-        from ..search.hashing import block_id
+        from ..modelsearch.blocks import Block
+        from ..modelsearch.hashing import block_id
 
         key = (tuple(block_id(Block(b)) for b in blocks),
                hashlib.sha256(x.detach().contiguous().numpy().tobytes()).hexdigest() + str(tuple(x.shape)))

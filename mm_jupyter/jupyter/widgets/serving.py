@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:
-    from ...serve import Server
+    from ...serving import Server
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 LATENCY_COLOURS = {"p50": "#2ca02c", "p95": "#ff7f0e", "p99": "#d62728"}

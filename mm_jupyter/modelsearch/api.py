@@ -1,0 +1,426 @@
+"""``mm.search``: pick the best base models for a task by feature-based model search.
+
+Approaches (same proxy, same splits, same batches — so the same scores on the same rungs):
+* ``alsatian``: successive halving; per rung the surviving candidates' blocks form a task tree,
+  every shared block runs once, intermediates live in a budgeted tiered cache (DFS+ plan);
+* ``shift``: successive halving, every candidate run whole, nothing shared;
+* ``base``: every candidate run whole on all data, no halving.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from ..errors import SearchError
+from .engine import Candidate, Meter, check_items, extract_shared, extract_whole
+from .halving import Rung, schedule
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from torch import nn
+
+APPROACHES = ("alsatian", "shift", "base")
+MIN_RUNG_ITEMS = 32
+
+
+@dataclass
+class SearchResult:
+    """Outcome of a search: ``ranking`` (best first), ``best``, ``timings``, ``stats``, ``rungs``."""
+
+    approach: str
+    ranking: "pd.DataFrame"
+    timings: dict[str, float]
+    stats: dict[str, int]
+    rungs: list[Rung]
+    k: int
+    models: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def best(self) -> str:
+        """Name of the best candidate."""
+        return str(self.ranking.iloc[0]["model"])
+
+    @property
+    def top(self) -> list[str]:
+        """Names of the ``k`` selected candidates."""
+        return [str(m) for m in self.ranking["model"].iloc[: self.k]]
+
+    def __repr__(self) -> str:
+        head = self.ranking.head(5)
+        lines = [f"SearchResult({self.approach}: best {self.best!r} of {len(self.ranking)}, "
+                 f"{len(self.rungs)} rung(s), {self.stats['block_inferences']} block inferences)"]
+        for _, r in head.iterrows():
+            lines.append(f"  {r['model']}: score {r['score']:.4f} (rung {r['rung']})")
+        return "\n".join(lines)
+
+
+def _as_tensor(value: Any, what: str) -> "torch.Tensor":
+    """A tensor from a tensor, NumPy array or (nested) list of numbers; anything else is refused."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, list, tuple)):
+        try:
+            out = torch.as_tensor(np.asarray(value) if not isinstance(value, np.ndarray) else value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SearchError(f"{what} cannot be made a tensor: {str(e).splitlines()[0]}") from None
+        return out
+    raise SearchError(f"{what} must be a tensor, a NumPy array or a list of numbers, not {type(value).__name__}")
+
+
+def _as_data(data: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(X, y)``: inputs with a leading item axis and 1-d integer class labels, checked."""
+    import torch
+
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = _as_tensor(data[0], "data X"), _as_tensor(data[1], "labels y")
+    elif _dataset_like(data):
+        try:
+            items = [data[i] for i in range(len(data))]
+        except Exception as e:  # noqa: BLE001 - a user's Dataset failing is reported as bad data
+            raise SearchError(f"reading the Dataset failed: {type(e).__name__}: {e}") from None
+        if not items or not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
+            raise SearchError("a Dataset for search must yield (input, label) pairs")
+        try:
+            x = torch.stack([_as_tensor(a, "a Dataset input") for a, _ in items])
+            y = torch.as_tensor([int(b) for _, b in items])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SearchError(f"the Dataset's items do not stack into (X, y): {str(e).splitlines()[0]}") from None
+    else:
+        raise SearchError(f"data must be (X, y) tensors or a torch Dataset, not {type(data).__name__}")
+    if x.dim() == 0:
+        raise SearchError("data X must have a leading item axis, got a 0-d tensor")
+    check_items(x, y)
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.dim() != 1:
+        raise SearchError(f"labels must be a 1-d integer tensor of class indices, got {y.dtype}{list(y.shape)}")
+    if int(y.min()) < 0:
+        raise SearchError(f"labels must be class indices >= 0, found {int(y.min())}")
+    if (x.dtype.is_floating_point or x.dtype.is_complex) and not bool(torch.isfinite(x).all()):
+        raise SearchError("data X holds NaN or infinite values")
+    return x, y.long()
+
+
+def _dataset_like(data: Any) -> bool:
+    """A torch Dataset, or anything indexable with a length that is not a string or a dict."""
+    import torch
+
+    return isinstance(data, torch.utils.data.Dataset) or (
+        hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, dict)))
+
+
+def _named(candidates: Any) -> dict[str, Any]:
+    """Candidates by name; every in-memory one must be an ``nn.Module``."""
+    from torch import nn
+
+    if isinstance(candidates, Mapping):
+        named = {str(k): v for k, v in candidates.items()}
+    elif isinstance(candidates, (list, tuple)):
+        named = {str(i): m for i, m in enumerate(candidates)}
+    elif hasattr(candidates, "engine_candidates"):
+        if not len(candidates):
+            raise SearchError("no candidates to search")
+        return candidates  # stored candidates resolve themselves
+    elif isinstance(candidates, nn.Module):
+        raise SearchError("candidates must be a list or dict of models; wrap a single model as [model]")
+    else:
+        raise SearchError(f"candidates must be a list or dict of models, not {type(candidates).__name__}")
+    if not named:
+        raise SearchError("no candidates to search")
+    for name, model in named.items():
+        if not isinstance(model, nn.Module):
+            raise SearchError(f"candidate {name!r} is a {type(model).__name__}, not an nn.Module")
+    return named
+
+
+def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device: str,
+             meter: Meter, emit: Callable[[dict[str, Any]], None], costs: bool = False) -> list[Candidate]:
+    """Split every candidate into blocks, run one item through them (the data must fit every
+    candidate before any real work starts), and for sharing hash the blocks. Emits ``prepare``
+    events (candidates done / total, distinct blocks hashed): on large candidates this is the
+    search's first, silent-looking phase. ``costs``: also count each block's work (a distributed
+    search balances its workers by it)."""
+    from .blocks import block_costs, output_sizes, split_model
+    from .hashing import block_id
+
+    total = len(named)
+    emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})
+    if hasattr(named, "engine_candidates"):
+        out = named.engine_candidates(sample, shared=shared, device=device,
+                                      costs=costs)
+        emit({"event": "prepare", "done": total, "total": total, "blocks": 0})
+        return out
+    t0 = time.perf_counter()
+    splits = {}
+    for name, model in named.items():
+        model.eval().to(device)
+        try:
+            split = split_model(model)
+        except SearchError as e:
+            raise SearchError(f"candidate {name!r}: {e}") from None
+        splits[name] = (split, output_sizes(split, sample.to(device), name))
+    out = []
+    ids_of: dict[int, str] = {}
+    costs_of: dict[tuple, list[float]] = {}  # work depends on the architecture, not on the weights
+    distinct: set[str] = set()
+    for done, (name, (split, sizes)) in enumerate(splits.items(), start=1):
+        ids = None
+        if shared:  # only once every candidate took the data
+            ids = []
+            for b in split.blocks:  # the same block object in several candidates is hashed once
+                if id(b.module) not in ids_of:
+                    ids_of[id(b.module)] = block_id(b)
+                    distinct.add(ids_of[id(b.module)])
+                ids.append(ids_of[id(b.module)])
+        work = None
+        if costs:
+            shape = (tuple(sizes), tuple(tuple((k, tuple(v.shape)) for k, v in b.module.state_dict().items())
+                                         for b in split.blocks))
+            if shape not in costs_of:
+                costs_of[shape] = block_costs(split, sample.to(device))
+            work = costs_of[shape]
+        out.append(Candidate(name, split.blocks.__getitem__, len(split.blocks), split.context, ids,
+                             sizes if shared else None, costs=work))
+        emit({"event": "prepare", "done": done, "total": total, "blocks": len(distinct)})
+    meter.add("prepare model", time.perf_counter() - t0)
+    return out
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` becomes CUDA when present, else CPU; a device that torch does not know, or that
+    this machine lacks, is an error."""
+    import torch
+
+    if not isinstance(device, str):
+        raise SearchError(f"device must be a string such as 'auto', 'cpu' or 'cuda', not {type(device).__name__}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SearchError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return device
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SearchError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SearchError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+        return device
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise SearchError(f"device {device!r} is not available for search; use 'auto', 'cpu' or 'cuda'")
+
+
+def _positive_int(value: Any, what: str, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SearchError(f"{what} must be an integer >= {least}, not {value!r}")
+
+
+def search(
+    candidates: Sequence["nn.Module"] | Mapping[str, "nn.Module"] | Any,
+    data: Any,
+    k: int = 1,
+    approach: str = "alsatian",
+    cache_budget: int | None = None,
+    device: str = "auto",
+    proxy: str = "linear",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    executor: Any = None,
+    *,
+    eta: int = 2,
+    batch_size: int = 64,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    halving: bool | None = None,
+) -> SearchResult:
+    """Rank ``candidates`` as base models for the labelled ``data`` (Alsatian model search).
+
+    Args:
+        candidates: a list or dict of ``nn.Module`` (any models: cut into blocks automatically), or stored
+            candidates (``mm.load_candidates(store, name)``).
+        data: ``(X, y)`` tensors, arrays or lists (``y``: integer class labels) or a torch ``Dataset`` of
+            ``(input, label)`` pairs; split into a proxy train/test part and halving rungs internally.
+        k: how many candidates to select (halving stops at ``k``).
+        approach: ``"alsatian"`` (shared blocks run once, DFS+ plan, successive halving), ``"shift"``
+            (successive halving, every candidate whole) or ``"base"`` (every candidate on all data).
+        cache_budget: bytes of cached intermediate results at most (None: unbounded); the data is chunked
+            when the plan needs more.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:n]"``.
+        proxy: the score of a candidate's features: ``"linear"`` (a linear classifier) or another of
+            ``modelsearch.proxies``.
+        progress: called with event dicts (candidates prepared, rung start/end, model scored/pruned, cache).
+        executor: ``"ray"`` or a ``RayExecutor``: each rung on several workers, each taking whole subtrees of
+            the task tree; pruning stays global, scores and ranking are the single process's.
+        eta: the halving factor (keep ``1/eta`` per rung).
+        batch_size: items per inference batch.
+        test_fraction: the part of ``data`` the proxy is scored on.
+        seed: the seed of the data split and the proxy.
+        halving: successive halving on or off (default: on for alsatian and shift, off for base).
+
+    Returns:
+        A ``SearchResult``: ``ranking`` (a DataFrame, best first), ``best``, ``top``, ``timings``, ``stats``
+        (``block_inferences``, ``unique_edges``, ``cache_peak_bytes``, ``bytes_loaded``) and ``rungs``.
+
+    Raises:
+        SearchError: bad candidates, data or options, or a model whose blocks cannot be split.
+
+    Example:
+        >>> result = mm.search({"a": net_a, "b": net_b}, (X, y), k=1)
+        >>> result.best, result.ranking.head()
+    """
+    import torch
+
+    from .proxies import get_proxy
+
+    if approach not in APPROACHES:
+        raise SearchError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACHES)}")
+    score_fn = get_proxy(proxy)
+    _positive_int(k, "k")
+    _positive_int(eta, "eta (the halving factor)", 2)
+    _positive_int(batch_size, "batch_size")
+    if cache_budget is not None:
+        if isinstance(cache_budget, bool) or not isinstance(cache_budget, (int, float)) or not (
+                1 <= cache_budget < float("inf")):
+            raise SearchError(f"cache_budget must be a number of bytes >= 1 (or None), not {cache_budget!r}")
+        cache_budget = int(cache_budget)
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise SearchError(f"test_fraction must be a number between 0 and 1, not {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SearchError(f"seed must be an integer, not {seed!r}")
+    if halving is not None and not isinstance(halving, bool):
+        raise SearchError(f"halving must be True, False or None, not {halving!r}")
+    if progress is not None and not callable(progress):
+        raise SearchError(f"progress must be a callable or None, not {type(progress).__name__}")
+    if executor is not None:
+        from .distributed import resolve_executor
+
+        pool = resolve_executor(executor)
+    dev = resolve_device(device) if executor is None else "cpu"  # the driver only probes; workers run
+    meter = Meter()
+    emit = progress or (lambda event: None)
+    t0 = time.perf_counter()
+    named = _named(candidates)
+    n_models = len(named)
+    if k > n_models:
+        raise SearchError(f"k={k} is larger than the number of candidates ({n_models})")
+    x, y = _as_data(data)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=gen)
+    n_test = max(1, int(round(len(x) * test_fraction)))
+    if len(x) - n_test < 2:
+        raise SearchError(f"{len(x)} items are too few to split into training and test data")
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    x_test, y_test = x[test_idx], y[test_idx]
+    x_train, y_train = x[train_idx], y[train_idx]
+    use_halving = (approach != "base") if halving is None else halving
+    rungs = schedule(n_models, k, len(x_train), eta, use_halving)
+    rungs = [Rung(r.index, r.models, max(r.items, min(len(x_train), MIN_RUNG_ITEMS)), r.keep) for r in rungs]
+    meter.add("prepare data", time.perf_counter() - t0)
+
+    shared = approach == "alsatian"
+    # str(): the names are already str (_named); Candidate allows any hashable name
+    cands = {str(c.name): c for c in _prepare(named, x[:1], shared, dev, meter, emit, costs=executor is not None)}
+    remote = None
+    if executor is not None:
+        from .distributed import RaySearch
+
+        t1 = time.perf_counter()
+        remote = RaySearch(pool, named, list(cands.values()), x[:1], device, shared=shared, batch_size=batch_size,
+                           budget=cache_budget, proxy=proxy, seed=seed)
+        meter.add("prepare model", time.perf_counter() - t1)
+    try:
+        return _run(named, cands, x_train, y_train, x_test, y_test, rungs, approach, k, shared, dev, meter, emit,
+                    score_fn, batch_size, cache_budget, seed, remote)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_train: "torch.Tensor",
+         x_test: "torch.Tensor", y_test: "torch.Tensor", rungs: list[Rung], approach: str, k: int, shared: bool,
+         dev: str, meter: Meter, emit: Callable[[dict[str, Any]], None], score_fn: Callable[..., Any],
+         batch_size: int, cache_budget: int | None, seed: int, remote: Any) -> SearchResult:
+    """The rungs: extract new features, score, prune (locally or on the Ray workers)."""
+    import torch
+
+    active = list(cands)
+    test_feats: dict[str, torch.Tensor] = {}
+    train_feats: dict[str, list[torch.Tensor]] = {name: [] for name in cands}
+    done_items = 0
+    results: dict[str, dict[str, Any]] = {}
+    resident: dict[tuple[str, ...], Any] = {}  # loaded blocks, kept while survivors still need them
+    for rung in rungs:
+        emit({"event": "rung_start", "rung": rung.index, "models": list(active), "items": rung.items,
+              "rungs": len(rungs)})
+        pairs = ([("test", x_test)] if rung.index == 0 else []) + [("train", x_train[done_items:rung.items])]
+        pairs = [(label, seg) for label, seg in pairs if len(seg)]
+        labels = [label for label, _ in pairs]
+        segments = [seg for _, seg in pairs]
+        group = [cands[n] for n in active]
+        if not segments:
+            per_segment: list[dict] = []
+        elif remote is not None:
+            per_segment = remote.extract(group, segments, meter, emit)
+        elif shared:
+            per_segment = extract_shared(group, segments, batch_size=batch_size, device=dev,
+                                         budget=cache_budget, meter=meter, progress=emit, resident=resident)
+        else:
+            per_model = {c.name: extract_whole(c, segments, batch_size=batch_size, device=dev, meter=meter)
+                         for c in group}
+            per_segment = [{n: f[i] for n, f in per_model.items()} for i in range(len(segments))]
+        for label, feats in zip(labels, per_segment):
+            for name, f in feats.items():
+                if label == "test":
+                    test_feats[name] = f
+                else:
+                    train_feats[name].append(f)
+        done_items = rung.items
+        t1 = time.perf_counter()
+        if remote is not None:
+            scores = remote.score([(n, torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in active],
+                                  y_train[: rung.items], y_test)
+        else:
+            scores = {n: score_fn(torch.cat(train_feats[n])[: rung.items], y_train[: rung.items], test_feats[n],
+                                  y_test, seed=seed) for n in active}
+        for name in active:
+            s = scores[name]
+            results[name] = {"model": name, "score": s.score, "loss": s.loss, "rung": rung.index}
+            emit({"event": "model_scored", "rung": rung.index, "model": name, "score": s.score, "loss": s.loss})
+        meter.add("proxy", time.perf_counter() - t1)
+        ranked = sorted(active, key=lambda n: (-scores[n].score, scores[n].loss, n))
+        keep = ranked[: rung.keep]
+        for name in ranked[rung.keep:]:
+            emit({"event": "model_pruned", "rung": rung.index, "model": name, "score": scores[name].score})
+        for name in ranked[rung.keep:]:
+            train_feats[name] = []
+        emit({"event": "rung_end", "rung": rung.index, "survivors": list(keep)})
+        active = keep
+        if shared:
+            needed = {tuple(ids[: d + 1]) for n in active if (ids := cands[n].ids) is not None
+                      for d in range(cands[n].count)}  # shared candidates all have ids
+            for key in [key for key in resident if key not in needed]:
+                del resident[key]
+    ranking = _ranking(results, active)
+    stats = meter.stats()
+    if remote is not None:
+        stats["distributed"] = remote.stats
+    emit({"event": "done", "timings": dict(meter.timings), "stats": stats})
+    return SearchResult(approach, ranking, dict(meter.timings), stats, rungs, k,
+                        {n: named[n] for n in named} if isinstance(named, dict) else {})
+
+
+def _ranking(results: dict[str, dict[str, Any]], survivors: list[str]) -> "pd.DataFrame":
+    """Survivors by final score, then candidates pruned later before those pruned earlier."""
+    import pandas as pd
+
+    rows = sorted(results.values(), key=lambda r: (-r["rung"], r["model"] not in survivors, -r["score"],
+                                                   r["loss"], r["model"]))
+    frame = pd.DataFrame(rows, columns=["model", "score", "loss", "rung"])
+    frame["selected"] = frame["model"].isin(survivors)
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    return frame.reset_index(drop=True)

@@ -1,0 +1,178 @@
+"""Block ids: position- and prefix-independent, sensitive to every byte, dtype, shape and hyperparameter."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mm_jupyter.errors import SearchError
+from mm_jupyter.modelsearch.blocks import Block, split_model
+from mm_jupyter.modelsearch.hashing import block_id, block_ids
+from mm_jupyter.modelsearch.synthetic import generation_plan, parameterised, synthetic_candidates
+
+
+def _ids(model: nn.Module) -> list[str]:
+    return block_ids(split_model(model).blocks)
+
+
+def test_same_block_at_two_positions_and_models_has_one_id() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    m1 = nn.Sequential(layer, nn.ReLU(), nn.Linear(4, 2))
+    m2 = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), copy.deepcopy(layer), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+    ids1, ids2 = _ids(m1), _ids(m2)
+    assert ids1[0] == ids2[1]  # Sequential(Linear, ReLU) at position 0 and position 1 (a copy)
+    assert block_id(Block(layer)) == block_id(Block(copy.deepcopy(layer)))
+    assert len(set(ids2)) == 3
+
+
+def test_key_prefix_does_not_change_the_id() -> None:
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 3, 3)
+    parent_a = nn.Module()
+    parent_a.deep = nn.Module()
+    parent_a.deep.conv = layer
+    parent_b = nn.Sequential(nn.Identity(), copy.deepcopy(layer))
+    assert "deep.conv.weight" in parent_a.state_dict() and "1.weight" in parent_b.state_dict()
+    assert block_id(Block(parent_a.deep.conv)) == block_id(Block(parent_b[1]))
+
+
+def test_hf_layer_copied_into_another_model_keeps_its_id() -> None:
+    tf = pytest.importorskip("transformers")
+    cfg = tf.ResNetConfig(layer_type="basic", depths=[1, 2], hidden_sizes=[8, 8], embedding_size=8)
+    torch.manual_seed(0)
+    a = tf.ResNetModel(cfg)
+    torch.manual_seed(1)
+    b = tf.ResNetModel(cfg)
+    b.encoder.stages[1].layers[1] = copy.deepcopy(a.encoder.stages[1].layers[1])
+    b.encoder.stages[0].layers[0] = copy.deepcopy(a.encoder.stages[1].layers[1])  # another position
+    ia, ib = _ids(a), _ids(b)
+    assert ia[3] == ib[3] == ib[1]
+    assert ia[:3] != ib[:3] and ia[-1] == ib[-1]  # pooling block: no parameters, same structure
+
+
+def _flip_one_byte(t: torch.Tensor, index: int = 5) -> None:
+    with torch.no_grad():
+        raw = t.view(-1).view(torch.uint8)
+        raw[index] ^= 1
+
+
+def test_one_flipped_parameter_byte_changes_the_id() -> None:
+    torch.manual_seed(0)
+    block = Block(nn.Sequential(nn.Linear(64, 64), nn.ReLU()))
+    before = block_id(block)
+    _flip_one_byte(block.module[0].weight, 4097)
+    assert block_id(block) != before
+    _flip_one_byte(block.module[0].weight, 4097)
+    assert block_id(block) == before
+
+
+def test_dtype_shape_and_class_change_the_id() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    base = block_id(Block(lin))
+    assert block_id(Block(copy.deepcopy(lin).double())) != base
+    assert block_id(Block(copy.deepcopy(lin).to(torch.bfloat16))) != base
+
+    flat = nn.Linear(4, 4)
+    with torch.no_grad():
+        flat.weight.copy_(lin.weight)
+        flat.bias.copy_(lin.bias)
+    assert block_id(Block(flat)) == base
+    flat.weight = nn.Parameter(lin.weight.detach().reshape(2, 8).clone())  # same bytes, other shape
+    assert block_id(Block(flat)) != base
+
+    class MyLinear(nn.Linear):
+        pass
+
+    sub = MyLinear(4, 4)
+    sub.load_state_dict(lin.state_dict())
+    assert block_id(Block(sub)) != base
+
+
+def test_hyperparameters_change_the_id() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    strided = nn.Conv2d(3, 4, 3, stride=2)
+    strided.load_state_dict(conv.state_dict())
+    assert block_id(Block(conv)) != block_id(Block(strided))
+
+    relu = nn.Sequential(conv, nn.ReLU())
+    gelu = nn.Sequential(conv, nn.GELU())
+    assert block_id(Block(relu)) != block_id(Block(gelu))
+    drop1, drop2 = nn.Sequential(conv, nn.Dropout(0.1)), nn.Sequential(conv, nn.Dropout(0.2))
+    assert block_id(Block(drop1)) != block_id(Block(drop2))
+
+    class Scaled(nn.Module):  # a hyperparameter only visible as an attribute (not in extra_repr)
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.scale = scale
+            self.lin = nn.Linear(2, 2)
+
+    a, b = Scaled(1.0), Scaled(2.0)
+    b.load_state_dict(a.state_dict())
+    assert block_id(Block(a)) != block_id(Block(b))
+    assert block_id(Block(conv)) != block_id(Block(conv, "hf-layer"))
+
+
+def test_training_flag_does_not_change_the_id() -> None:
+    block = Block(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1)))
+    before = block_id(block)
+    block.module.eval()
+    assert block_id(block) == before
+
+
+def test_buffers_change_the_id() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    before = block_id(Block(bn))
+    with torch.no_grad():
+        bn.running_mean[2] += 0.5
+    assert block_id(Block(bn)) != before
+
+    class WithNonPersistent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("pos", torch.arange(4), persistent=False)
+
+    m = WithNonPersistent()
+    before = block_id(Block(m))
+    m.pos[1] = 7
+    assert block_id(Block(m)) != before
+
+
+def test_unusual_tensors() -> None:
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.register_buffer("scalar", torch.tensor(3.0))
+    m.register_buffer("flags", torch.tensor([True, False]))
+    m.register_buffer("strided", torch.arange(12.0).reshape(3, 4).t())  # not contiguous
+    assert len(block_id(Block(m))) == 64
+    big = nn.Linear(1024, 1024)  # 4 MiB: hashed through one memoryview
+    assert block_id(Block(big)) != block_id(Block(nn.Linear(1024, 1024)))
+    with pytest.raises(SearchError, match="meta"):
+        block_id(Block(nn.Linear(2, 2, device="meta")))
+    with pytest.raises(SearchError):
+        block_id(nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet18", "bert"])
+def test_synthetic_candidates_share_exactly_the_expected_blocks(arch: str) -> None:
+    pytest.importorskip("transformers")
+    n, seed = 8, 5
+    models = synthetic_candidates(arch, n, "top-25", seed=seed)
+    splits = [split_model(m) for m in models]
+    ids = [block_ids(s.blocks) for s in splits]
+    params = parameterised(splits[0])
+    plan = generation_plan(n, len(params), "top-25", seed=seed)
+    assert len(plan) == n - 1
+    for i, step in enumerate(plan, start=1):
+        first_new = params[-step.reinit]
+        assert ids[i][:first_new] == ids[step.source][:first_new]
+        for j in params[-step.reinit:]:
+            assert ids[i][j] != ids[step.source][j]
+        for j in range(first_new, len(ids[i])):
+            if j not in params:  # parameter-free tail (ResNet pooling, BERT CLS): unchanged
+                assert ids[i][j] == ids[step.source][j]

@@ -1,0 +1,280 @@
+"""Serving a stored set in-process: batched answers equal single-model answers, the cache, back-pressure,
+following ``name@latest`` under load, clear errors, metrics and shutdown."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import mm_jupyter as mm
+from mm_jupyter.serving import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
+from mm_jupyter.serving.runner import ATOL, RTOL
+from mm_jupyter.usecases.models import cnn, ffnn, seeded_models
+
+N = 48
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture
+def cells(store):
+    """A store with 'cells' v1: 48 seeded FFNN-48 models, baseline."""
+    store.save_set(seeded_models(ffnn, N, hidden=48), "cells")
+    return store
+
+
+def _retrained(store, name: str = "cells") -> list[torch.nn.Module]:
+    """The latest version's models with every last-layer bias moved by +1 (outputs change by +1)."""
+    ms = store.recover_set(name)
+    models = [ms[i] for i in range(len(ms))]
+    with torch.no_grad():
+        for m in models:
+            m[-1].bias.add_(1.0)
+    return models
+
+
+def test_import_stays_light_and_serve_is_a_plain_function():
+    code = ("import sys, inspect, types, mm_jupyter as mm; import mm_jupyter.serving.errors as e; "
+            "assert isinstance(mm.serve, types.FunctionType) and isinstance(mm.search, types.FunctionType); "
+            "assert {'max_batch', 'max_wait_ms', 'cache_size'} <= set(inspect.signature(mm.serve).parameters); "
+            "assert {'k', 'approach', 'cache_budget', 'executor'} <= set(inspect.signature(mm.search).parameters); "
+            "assert 'Args:' in mm.serve.__doc__ and 'Example:' in mm.search.__doc__; "
+            "assert issubclass(e.QueueFullError, mm.ServeError); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("batching", ["multi", "model", "none"])
+def test_batched_answers_equal_single_model_answers(cells, batching):
+    ms = cells.recover_set("cells")
+    gen = torch.Generator().manual_seed(1)
+    xs = torch.randn(3 * N, 5, generator=gen)
+    with mm.serve(cells, "cells@latest", batching=batching, max_wait_ms=200, max_batch=4 * N,
+                  cache_size=0) as server:
+        futures = [server.submit(str(j % N), xs[j]) for j in range(3 * N)]
+        futures.append(server.submit("5", xs[:7]))            # several rows for one model
+        answers = [f.result(30) for f in futures]
+        metrics = server.metrics()
+    for j, a in enumerate(answers[:-1]):
+        assert a.model == str(j % N) and str(a.version) == "cells@1" and not a.cached
+        assert close(a.output, ms[j % N](xs[j : j + 1])[0]), j
+    assert answers[-1].output.shape == (7, 1) and close(answers[-1].output, ms[5](xs[:7]))
+    sizes = metrics["batch_sizes"]
+    assert sum(k * v for k, v in sizes.items()) == 3 * N + 1
+    if batching == "multi":  # requests for different models shared one call
+        assert max(sizes) > N
+    elif batching == "model":  # one call per model: its requests together
+        assert max(sizes) >= 3
+    else:
+        assert set(sizes) == {1}
+
+
+def test_multi_model_paths_chain_vmap_and_fallback(store):
+    """FFNN sets run as a baddbmm chain; other architectures through vmap; a model vmap cannot batch
+    falls back to per-model calls. All three agree with ms[i](x)."""
+    from serve_models import ItemNet
+
+    store.save_set(seeded_models(cnn, 6, classes=3), "cnns")
+    torch.manual_seed(0)
+    store.save_set([ItemNet() for _ in range(4)], "items")
+    gen = torch.Generator().manual_seed(2)
+    for name, shape, n, path in (("cnns", (3, 8, 8), 6, "vmap"), ("items", None, 4, "fallback")):
+        ms = store.recover_set(name)
+        xs = torch.randn(2 * n, *(shape or (5,)), generator=gen)
+        with mm.serve(store, name, input_shape=shape, max_wait_ms=200, max_batch=2 * n) as server:
+            answers = [f.result(30) for f in [server.submit(j % n, xs[j]) for j in range(2 * n)]]
+            runner = server._runner
+            assert runner.layers is None
+            assert (runner.multi_error is None) == (path == "vmap")
+            assert server.metrics()["batching"] == ("multi" if path == "vmap" else "model (multi failed)")
+        for j, a in enumerate(answers):
+            assert close(a.output, ms[j % n](xs[j : j + 1])[0]), (name, j)
+    with mm.serve(store, "cnns", input_shape=(3, 8, 8)) as server:
+        assert server._runner.layers is None
+    ffnn_store = store.save_set(seeded_models(ffnn, 2, hidden=8), "small")
+    with mm.serve(store, ffnn_store) as server:
+        assert server._runner.layers is not None and server.input_shape == (5,)
+
+
+def test_cache_hits_return_the_same_answer_and_are_invalidated_on_a_new_version(cells):
+    x = torch.randn(5)
+    with mm.serve(cells, "cells@latest", watch_s=None) as server:
+        first = server.predict("7", x)
+        again = server.predict("7", x)
+        assert not first.cached and again.cached and again.version == first.version
+        assert torch.equal(again.output, first.output)
+        again.output.add_(100.0)                     # a caller changing its answer does not change the cache
+        assert torch.equal(server.predict("7", x).output, first.output)
+        assert server.predict("7", x + 1e-3).cached is False        # another input is another key
+        assert server.metrics()["cache_hit_rate"] == pytest.approx(2 / 4)
+        v2 = cells.save_set(_retrained(cells), "cells")
+        assert server.version.version == 1          # not watching: nothing switches by itself
+        assert server.refresh() == v2 and server.version == v2 and len(server.cache) == 0
+        after = server.predict("7", x)
+        assert not after.cached and after.version == v2
+        assert close(after.output, first.output + 1.0)
+        assert server.predict("7", x).cached
+        assert [str(ref) for ref, _ in server.history] == ["cells@1", "cells@2"]
+
+
+def test_a_pinned_version_stays(cells):
+    with mm.serve(cells, "cells@1") as server:
+        cells.save_set(_retrained(cells), "cells")
+        assert server.refresh().version == 1 and server.predict(0, torch.zeros(5)).version.version == 1
+    with mm.serve(cells, cells.recover_set("cells@1").ref) as server:
+        assert not server.follow and server.version.version == 1
+
+
+def test_a_full_queue_rejects_and_the_queued_requests_are_still_answered(cells):
+    with mm.serve(cells, "cells", max_queue=3, max_batch=64, max_wait_ms=400, cache_size=0) as server:
+        queued = [server.submit(i, torch.randn(5)) for i in range(3)]  # the worker waits for a fuller batch
+        with pytest.raises(QueueFullError, match="queue full"):
+            server.submit(3, torch.randn(5))
+        assert all(f.result(10).version.version == 1 for f in queued)
+        m = server.metrics()
+        assert m["rejected"] == 1 and m["answered"] == 3 and m["queue_peak"] == 3
+        assert server.submit(3, torch.randn(5)).result(10).model == "3"   # room again
+
+
+def test_version_switch_under_load_drops_and_mixes_nothing(cells):
+    gen = torch.Generator().manual_seed(3)
+    xs = torch.randn(64, 5, generator=gen)
+    sent: list = []
+    stop = threading.Event()
+
+    def client() -> None:  # one client, so submission order is well defined
+        j = 0
+        while not stop.is_set():
+            sent.append((j % N, j % 64, server.submit(j % N, xs[j % 64])))
+            j += 1
+            if j % 4 == 0:
+                time.sleep(0.002)
+
+    with mm.serve(cells, "cells@latest", watch_s=0.02, max_wait_ms=1) as server:
+        thread = threading.Thread(target=client)
+        thread.start()
+        time.sleep(0.1)
+        cells.save_set(_retrained(cells), "cells")
+        deadline = time.monotonic() + 30
+        while server.version.version == 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        stop.set()
+        thread.join(30)
+        answers = [(i, k, f.result(30)) for i, k, f in sent]
+        failed = server.metrics()["failed"]
+    assert not thread.is_alive() and failed == 0
+    versions = [a.version.version for _, _, a in answers]
+    assert set(versions) == {1, 2}, "the load spans the switch"
+    assert versions == sorted(versions), "once version 2 answered, no later request got version 1"
+    refs = {}
+    for v in (1, 2):
+        ms = cells.recover_set(f"cells@{v}")
+        refs[v] = [ms[i](xs) for i in range(N)]
+    for i, k, a in answers:
+        assert close(a.output, refs[a.version.version][i][k]), (i, a.version)
+
+
+def test_bad_requests_get_one_clear_error_and_the_server_keeps_serving(cells):
+    with mm.serve(cells, "cells") as server:
+        with pytest.raises(UnknownModelError, match="no model named 'nope'"):
+            server.submit("nope", torch.zeros(5))
+        with pytest.raises(UnknownModelError, match="out of range"):
+            server.submit(N, torch.zeros(5))
+        with pytest.raises(BadInputError, match=r"shape \[3\]"):
+            server.submit(0, torch.zeros(3))
+        with pytest.raises(BadInputError, match=r"shape \[2, 2, 5\]"):
+            server.submit(0, torch.zeros(2, 2, 5))
+        with pytest.raises(BadInputError, match="numbers"):
+            server.submit(0, ["a", "b", "c", "d", "e"])
+        with pytest.raises(BadInputError, match="numeric"):
+            server.submit(0, [1, 2, [3], 4, 5])
+        with pytest.raises(BadInputError, match="real numbers"):
+            server.submit(0, torch.zeros(5, dtype=torch.bool))
+        with pytest.raises(BadInputError, match="rows"):
+            server.submit(0, torch.zeros(5000, 5))
+        with pytest.raises(BadInputError, match="NaN or infinity"):
+            server.predict(0, [0.0, float("nan"), 0.0, 0.0, 0.0])
+        ok = server.predict(0, [0.1, 0.2, 0.3, 0.4, 0.5])            # lists and ints are numbers too
+        assert ok.output.shape == (1,) and server.predict(0, [[1, 2, 3, 4, 5]]).output.shape == (1, 1)
+        assert server.metrics()["failed"] == 1
+    with pytest.raises(mm.RefError, match="no set 'other'"):
+        mm.serve(cells, "other@latest")
+    with pytest.raises(mm.RefError, match="no model store"):
+        mm.serve(cells.root / "missing", "cells")
+    assert not (cells.root / "missing").exists()
+    for bad in ({"batching": "fast"}, {"max_batch": 0}, {"cache_size": -1}, {"max_wait_ms": -1}, {"watch_s": 0}):
+        with pytest.raises(mm.ServeError):
+            mm.serve(cells, "cells", **bad)
+    with pytest.raises(mm.ServeError, match="input_shape"):
+        cells.save_set(seeded_models(cnn, 2), "convs")
+        mm.serve(cells, "convs")
+
+
+def test_metrics_describe_the_traffic(cells):
+    with mm.serve(cells, "cells", max_wait_ms=50) as server:
+        xs = torch.randn(40, 5)
+        for f in [server.submit(j % N, xs[j]) for j in range(40)]:
+            f.result(10)
+        server.predict(0, xs[0])                                   # a cache hit
+        m = server.metrics()
+    assert m["answered"] == 41 and m["cached"] == 1 and m["rejected"] == 0
+    assert m["throughput_rps"] > 0 and m["version"] == "cells@1" and m["set"] == "cells@latest"
+    lat = m["latency_ms"]
+    assert 0 <= lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert sum(k * v for k, v in m["batch_sizes"].items()) == 40 and m["batches"] == sum(m["batch_sizes"].values())
+    assert m["cache_hit_rate"] == pytest.approx(1 / 41) and m["queue_depth"] == 0
+
+
+def test_close_answers_or_fails_what_is_queued(cells):
+    server = mm.serve(cells, "cells", max_wait_ms=10_000, max_batch=100, cache_size=0)
+    pending = [server.submit(i, torch.zeros(5)) for i in range(3)]
+    server.close(drain=False)
+    for f in pending:
+        with pytest.raises(ServerClosedError):
+            f.result(10)
+    with pytest.raises(ServerClosedError):
+        server.submit(0, torch.zeros(5))
+    server.close()                                                 # closing twice is fine
+    with mm.serve(cells, "cells", max_wait_ms=10_000, max_batch=100) as drained:
+        pending = [drained.submit(i, torch.zeros(5)) for i in range(3)]
+    assert all(f.result(10).model == str(i) for i, f in enumerate(pending)), "a drained close answers"
+    assert "closed" in repr(drained)
+
+
+def test_model_modules_are_kept_up_to_max_modules(cells):
+    with mm.serve(cells, "cells", batching="none", max_modules=4) as server:
+        server.warm()
+        assert len(server._runner._modules) == 4
+        for i in range(6):
+            server.predict(i, torch.zeros(5))
+        assert list(server._runner._modules) == [2, 3, 4, 5]
+    with mm.serve(cells, "cells", batching="none", max_modules=0) as server:  # ms[i] for every request
+        server.predict(0, torch.zeros(5))
+        assert not server._runner._modules
+
+
+def test_load_generator_measures_open_loop_latency(cells):
+    from mm_jupyter.serving.load import capacity, make_workload, open_loop
+
+    work = make_workload(N, 300, 16, spread="zipf", repeat=0.5, seed=0)
+    assert ((work.models >= 0) & (work.models < N)).all() and work.rows.max() < 16
+    pairs = list(zip(work.models.tolist(), work.rows.tolist()))
+    assert len(set(pairs)) < 0.7 * len(pairs), "repeats copy earlier (model, input) pairs"
+    uniform = make_workload(N, 3000, 16, spread="uniform", seed=0)
+    zipf = make_workload(N, 3000, 16, spread="zipf", seed=0)
+    hottest = [int(torch.bincount(torch.from_numpy(w.models)).max()) for w in (zipf, uniform)]
+    assert hottest[0] > 2 * hottest[1]
+    pool = list(torch.randn(16, 5))
+    with mm.serve(cells, "cells") as server:
+        result = open_loop(server, work, pool, rate=2000)
+        assert capacity(server, work, pool, seconds=0.05) > 0
+    assert result.answered == 300 and result.rejected == 0 and result.failed == 0
+    assert result.cached > 0 and result.p50_ms <= result.p99_ms <= result.max_ms
+    with pytest.raises(ValueError):
+        make_workload(N, 10, 16, spread="pareto")
