@@ -233,7 +233,8 @@ def test_a_killed_writer_loses_nothing_acknowledged(backend: Backend) -> None:
             reported[x["ref"]] = x
         time.sleep(rng.uniform(0.0, 0.3))
         os.kill(p.pid, signal.SIGKILL)
-        out, _ = p.communicate(timeout=60)
+        p.wait(timeout=60)
+        out = p.stdout.read()  # the buffered reader: readline() may already hold later lines
         for line in out.splitlines():
             x = json.loads(line)
             reported[x["ref"]] = x

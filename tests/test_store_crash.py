@@ -86,7 +86,10 @@ def test_random_sigkill_rounds(tmp_path):
             time.sleep(rng.uniform(0.05, 0.9))
         finally:
             os.kill(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
+            # read through the same file objects: readline() above may already hold later lines in its buffer,
+            # which communicate() (it reads the raw pipes) would lose
+            out, err = proc.stdout.read(), proc.stderr.read()
         assert proc.returncode == -signal.SIGKILL, err
         lines = [json.loads(x) for x in out.splitlines() if x.strip()]
         for x in lines:
