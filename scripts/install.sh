@@ -1,8 +1,7 @@
 #!/usr/bin/env sh
 # Create the project's virtual environment and install mm_jupyter with every extra.
-# PyTorch: a CPU wheel offered locally (pip's find-links, e.g. /opt/wheels) is taken first;
-# otherwise torch comes from PyTorch's CPU index, so no multi-GB CUDA build is pulled in.
-# Users elsewhere are not pinned: pyproject.toml only asks for torch>=2.1.
+# PyTorch: a CPU wheel offered locally (pip's find-links, e.g. /opt/wheels) is taken first; otherwise pip's own
+# configuration decides (see below). Users elsewhere are not pinned: pyproject.toml only asks for torch>=2.1.
 set -eu
 VENV="${1:-.venv}"
 # The browser test (tests/test_browser.py) drives Debian's Chromium through Playwright; Playwright's own
@@ -26,11 +25,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
+# PyTorch comes from wherever pip is configured to look (pip.conf, PIP_FIND_LINKS, PIP_EXTRA_INDEX_URL): this
+# project names no package index. A locally offered wheel (pip's find-links) is taken first, without asking an
+# index; elsewhere set PIP_EXTRA_INDEX_URL to PyTorch's CPU index before `make` (the README says how), or pip
+# takes PyPI's default torch build, which on Linux is the multi-GB CUDA one.
 if ! $VENV/bin/python -c "import torch" 2>/dev/null; then
-    if ! $PIP install --quiet --no-index --no-deps torch 2>/dev/null; then
-        $PIP install --quiet torch --index-url https://download.pytorch.org/whl/cpu \
-            --extra-index-url https://pypi.org/simple
-    fi
+    $PIP install --quiet --no-index --no-deps torch 2>/dev/null || $PIP install --quiet torch
 fi
 $PIP install --quiet -e ".[all]"
 $VENV/bin/python -c "import torch, mm_jupyter; print('mm_jupyter', mm_jupyter.__version__, 'with torch', torch.__version__)"
