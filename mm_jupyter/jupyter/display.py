@@ -125,3 +125,29 @@ class StoreInfo:
 
     def _repr_json_(self) -> dict[str, Any]:
         return {"store": self.store, "exists": self.exists}
+
+
+class ServerMetrics(dict[str, Any]):
+    """``%modelserve metrics``: the server's metrics dict, shown rounded with its window named (the
+    same ``WindowStats`` line a ``LoadResult`` and the serving widget show for that window)."""
+
+    def lines(self) -> list[str]:
+        from ..serving.metrics import WindowStats
+
+        hit = self.get("cache_hit_rate")
+        mean = self.get("mean_batch")
+        return [
+            f"{self['set']} -> {self['version']}, {self['batching']} batching, {self['models']:,} models",
+            "  " + WindowStats(**self["window"]).describe(),
+            f"  since the start: {self['answered']:,} answered ({self['cached']:,} from the cache), "
+            f"{self['rejected']:,} rejected, {self['failed']:,} failed; {self['batches']:,} model calls"
+            + (f", {mean:.1f} requests per call" if mean is not None else "")
+            + f"; queue {self['queue_depth']:,} (peak {self['queue_peak']:,})"
+            + (f"; cache hit rate {hit:.0%}" if hit is not None else ""),
+        ]
+
+    def __repr__(self) -> str:
+        return "\n".join(self.lines())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
