@@ -45,6 +45,10 @@ class ServeError(MMError):
     """A serving request that cannot be answered (bad input, unknown model, full queue, closed server)."""
 
 
+class CourseError(MMError):
+    """An exercise notebook whose task markers or metadata are malformed, or one that cannot be run."""
+
+
 def a_type(value: object) -> str:
     """The type of ``value`` with its article, for messages: 'an int', 'a str', 'a NoneType'."""
     name = type(value).__name__
@@ -61,4 +65,5 @@ __all__ = [
     "RecoveryError",
     "SearchError",
     "ServeError",
+    "CourseError",
 ]
