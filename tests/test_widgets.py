@@ -603,3 +603,26 @@ def test_interrupted_search_refreshes_its_static_picture():
     widget.interrupted()
     (final,) = widget._handle.updates
     assert "search</b>: interrupted" in final["text/html"]
+
+
+def test_every_figure_output_gets_a_log_toggle_that_switches_all_value_axes():
+    """A chart with log/linear buttons for every value axis (a title's 'log scale' note follows the
+    scale); the lineage graph (versions and lanes) has none, the comparison chart keeps its own."""
+    from mm_jupyter.jupyter.paper_figures import Panel, PaperChart, Series
+    from mm_jupyter.jupyter.widgets._static import add_log_toggle
+
+    chart = PaperChart("t", [Panel("latency", "answers/s", "p99 ms", [Series("a", [1.0, 10.0], [2.0, 40.0])],
+                                   kind="line", log_y=True, log_x=True),
+                             Panel("bars", "kind", "seconds", [Series("b", ["x", "y"], [1.0, 2.0])])])
+    figure = chart._repr_mimebundle_()[PLOTLY_MIME]
+    (menu,) = figure["layout"]["updatemenus"]
+    log, linear = (b["args"][0] for b in menu["buttons"])
+    assert menu["active"] == 0  # it starts on log axes
+    assert {k: v for k, v in linear.items() if k.endswith(".type")} == {
+        "xaxis.type": "linear", "yaxis.type": "linear", "yaxis2.type": "linear"}  # the bar panel's x is categorical
+    assert linear["yaxis.title.text"] == "p99 ms" and log["yaxis.title.text"] == "p99 ms, log scale"
+    assert "yaxis2.title.text" not in linear  # a title without a scale note stays as it is
+    store = Lineage("s", (_version(1, "baseline", None), _version(2, "update", 1)))
+    assert "updatemenus" not in LineageGraph(store)._repr_mimebundle_()[PLOTLY_MIME]["layout"]
+    own = {"data": [], "layout": {"yaxis": {"type": "log"}, "updatemenus": [{"buttons": []}]}}
+    assert add_log_toggle(own) is own

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ...serving.metrics import WindowStats, ms
-from ._static import PLOTLY_MIME, figure_json, png
+from ._static import PLOTLY_MIME, add_log_toggle, figure_json, png
 from ._svg import Series, panel
 
 if TYPE_CHECKING:
@@ -169,13 +169,7 @@ class ServingMonitor:
         fig.update_yaxes(title_text="calls", row=1, col=3)
         fig.update_layout(height=PNG_SIZE[1], template="plotly_white", margin={"l": 50, "r": 20, "t": 60, "b": 50},
                           legend={"orientation": "h", "y": -0.25, "x": 0.36})
-        fig.update_layout(updatemenus=[{
-            "type": "buttons", "direction": "right", "x": 1, "xanchor": "right", "y": 1.22, "yanchor": "bottom",
-            "showactive": True, "active": 1, "pad": {"t": 0, "r": 0},
-            "buttons": [{"label": f"{scale} axes", "method": "relayout",
-                         "args": [{f"yaxis{'' if i == 1 else i}.type": scale for i in (1, 2, 3)}]}
-                        for scale in ("log", "linear")]}])
-        return figure_json(fig)
+        return add_log_toggle(figure_json(fig))
 
     def _since(self, load: dict[str, Any]) -> float:
         """Seconds from the monitor's start to the end of the last load's window."""
