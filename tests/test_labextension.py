@@ -74,7 +74,9 @@ def test_prebuilt_extension_is_committed_and_complete() -> None:
                  # the sidebar asks the kernel which store its magics use, and draws lineage with plotly
                  "kernel_store()", "user_expressions", "application/vnd.plotly.v1+json",
                  # widget outputs whose model is gone show their static picture
-                 "jupyter.widget", "application/vnd.jupyter.widget-view+json"):
+                 "jupyter.widget", "application/vnd.jupyter.widget-view+json",
+                 # a selected version's details; the store a notebook's kernel last reported is remembered
+                 "mm-store-details", "mm-store-selected", "mm-jupyter:notebook-stores", "last used by this notebook"):
         assert text in bundle, f"{text!r} is not in the prebuilt bundle: rebuild it (labextension/README.md)"
     # the source points its build output at the committed folder, under the same name
     source = json.loads((ROOT / "labextension" / "package.json").read_text())

@@ -127,8 +127,7 @@ class ServingMonitor:
             if self.final:
                 return
             self.final = True
-        if not self.server.closed:
-            self.sample()
+        self.sample()  # a closed server still reports what it answered: the last picture is complete
         self._redraw()
 
     def _redraw(self) -> None:
@@ -231,7 +230,9 @@ class ServingMonitor:
             for ax in axes[:2]:
                 ax.axvspan(max(0.0, x1 - load["window"]["seconds"]), x1, color="#1f77b4", alpha=0.12, lw=0)
         sizes = last.get("batch_sizes", {})
-        axes[2].bar([str(k) for k in sizes], list(sizes.values()), color="#9467bd")
+        axes[2].bar(range(len(sizes)), list(sizes.values()), color="#9467bd")
+        step = max(1, -(-len(sizes) // 12))  # at most about 12 labels, so they never overlap
+        axes[2].set_xticks(range(0, len(sizes), step), [str(k) for k in list(sizes)[::step]])
         titles = (f"throughput (answers/s, last {w})", f"latency (ms, last {w})", "requests per model call")
         for ax, title in zip(axes, titles):
             ax.set_title(title, fontsize=10)
