@@ -91,12 +91,18 @@ def page(lab: dict[str, Any]) -> Iterator[Any]:
             browser.close()
 
 
+#: Console errors that are expected: ipywidgets' manager logs this when a saved notebook's widget view
+#: names a model that died with its kernel (a fresh kernel); the extension then shows the output's static
+#: picture, which the tests check (no "Error displaying widget", the leaderboard drawn).
+KNOWN_ERRORS = ("console.error: Error: widget model not found",)
+
+
 @pytest.fixture(autouse=True)
 def no_new_page_errors(lab: dict[str, Any]) -> Iterator[None]:
-    """Every test fails on page or console errors raised while it ran."""
+    """Every test fails on page or console errors raised while it ran (but the known ones above)."""
     before = len(lab.setdefault("page_errors", []))
     yield
-    new = lab["page_errors"][before:]
+    new = [e for e in lab["page_errors"][before:] if not e.startswith(KNOWN_ERRORS)]
     assert not new, "\n".join(new)
 
 
@@ -212,7 +218,7 @@ def test_tour_runs_and_its_pictures_render(page: Any, lab: dict[str, Any]) -> No
     assert sizes[0] == "10.0 MB" and sizes[1].endswith(" kB"), sizes  # the notebook's units
     store.locator(".mm-store-link", has_text="cells@2").click()
     graph = store.locator(".mm-store-graph")
-    _assert_selected(store, graph)
+    _assert_selected(store)
     panel_width = store.bounding_box()["width"]
     assert graph.locator(".main-svg").first.bounding_box()["width"] <= panel_width  # fits its panel
     table = store.locator(".mm-store-sets table").bounding_box()
@@ -222,13 +228,18 @@ def test_tour_runs_and_its_pictures_render(page: Any, lab: dict[str, Any]) -> No
     assert not (lab["root"] / "notebooks" / ".mm_store").exists()
 
 
-def _assert_selected(store: Any, graph: Any) -> None:
+SIDEBAR_PLOT = "#mm-jupyter-store .mm-store-graph .js-plotly-plot"
+
+
+def _assert_selected(store: Any) -> None:
     """cells@2 is ringed in the lineage graph, its row marked, its details listed."""
-    graph.locator(".main-svg").first.wait_for()
-    traces = _traces(graph)
+    # the panel redraws the graph on a click: wait for the drawing that has the ring
+    store.page.wait_for_function(f"""() => {{ const p = document.querySelector({json.dumps(SIDEBAR_PLOT)});
+        return !!p && !!p._fullData && p._fullData.some(t => t.name === 'selected'); }}""")
+    traces = store.page.evaluate(f"""() => document.querySelector({json.dumps(SIDEBAR_PLOT)})._fullData
+        .map(t => ({{name: t.name, x: Array.from(t.x || [])}}))""")
     assert [t["name"] for t in traces] == ["baseline", "update", "provenance", "selected"]
-    ring = graph.evaluate("el => el.querySelector('.js-plotly-plot')._fullData.find(t => t.name === 'selected').x")
-    assert ring == [2]
+    assert traces[-1]["x"] == [2]
     assert store.locator("tr.mm-store-selected").all_inner_texts()[0].startswith("cells@2")
     details = store.locator(".mm-store-details").inner_text()
     for text in ("cells@2", "update (asked: auto)", "500", "kB (bytes this version added)",
@@ -257,12 +268,13 @@ def _assert_sidebar_on_the_tour(page: Any, lab: dict[str, Any], remembered: bool
     marks a version clicked in its list."""
     _command(page, "mm-jupyter:show-store")
     store = page.locator("#mm-jupyter-store")
-    want = f"Store: {lab['root'] / 'notebooks' / 'tour_store'}" + (" (last used by this notebook)" if remembered else "")
+    want = f"Store: {lab['root'] / 'notebooks' / 'tour_store'}"
+    want += " (last used by this notebook)" if remembered else ""
     page.wait_for_function("want => document.querySelector('#mm-jupyter-store .mm-store-path').textContent === want",
                            arg=want)
     page.wait_for_function("() => document.querySelectorAll('#mm-jupyter-store .mm-store-link').length === 3")
     store.locator(".mm-store-link", has_text="cells@2").click()
-    _assert_selected(store, store.locator(".mm-store-graph"))
+    _assert_selected(store)
 
 
 def test_a_kernel_restart_leaves_the_static_picture(page: Any, lab: dict[str, Any]) -> None:
@@ -375,7 +387,7 @@ def test_closing_a_notebook_with_live_serving_displays_raises_nothing(page: Any,
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(c) for c in SERVE_CELLS]
     nbformat.write(nb, lab["root"] / SERVE)
-    page.goto(f"{lab['url']}/lab/tree/{SERVE}?token={lab['token']}")
+    page.goto(f"{lab['url']}/lab/tree/{SERVE}?reset&token={lab['token']}")  # only this notebook open
     page.wait_for_function(f"() => {APP} && {NOTEBOOK} && {NOTEBOOK}.context && {NOTEBOOK}.context.isReady"
                            f" && {NOTEBOOK}.context.path.endsWith('serve.ipynb')")
     page.wait_for_function(KERNEL_IDLE)
@@ -384,12 +396,15 @@ def test_closing_a_notebook_with_live_serving_displays_raises_nothing(page: Any,
     stopped = _output(page, "%modelserve start fleet@latest -o server")
     traces = _traces(stopped)  # the stopped server's display: its final plotly figure
     assert [t["name"] for t in traces] == ["throughput", "p50", "p95", "p99", "model calls"]
+    assert stopped.locator(".updatemenu-button", has_text="log axes").count() == 1
+    _shot(page, "5-serving-stopped", stopped)
     live = _output(page, "--batching model")
     live.locator("svg").first.wait_for()  # the running server's display: live SVG frames
     assert live.locator("svg").count() == 3 and "last load at 400/s: 800 answered" in live.inner_text()
     _shot(page, "5-serving-displays")
     page.evaluate(f"{NOTEBOOK}.context.model.dirty = false")
     _command(page, "application:close")
-    page.wait_for_function(f"() => !{NOTEBOOK} || !{NOTEBOOK}.context.path.endsWith('serve.ipynb')")
+    page.wait_for_function(f"() => {{ const w = {NOTEBOOK}; "
+                           f"return !w || !w.context || !w.context.path.endsWith('serve.ipynb'); }}")
     page.wait_for_timeout(3000)  # the kernel keeps sending display updates for a closed notebook meanwhile
     _shot(page, "5-serving-closed")

@@ -151,4 +151,5 @@ def test_command_line_release_and_check(tmp_path):
     bad = tmp_path / "bad.ipynb"
     bad.write_text("{not json")
     failed = subprocess.run([*run, "check", str(bad)], capture_output=True, text=True, cwd=ROOT)
-    assert failed.returncode == 2 and failed.stderr.startswith("CourseError: ") and "not a readable notebook" in failed.stderr
+    assert failed.returncode == 2 and failed.stderr.startswith("CourseError: ")
+    assert "not a readable notebook" in failed.stderr

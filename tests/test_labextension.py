@@ -131,6 +131,22 @@ def test_lineage_payload_has_versions_edges_and_lists(demo_store: Path) -> None:
     assert figure["layout"]["legend"]["orientation"] == "h" and "title" not in figure["layout"]
 
 
+def test_a_full_copy_saved_again_is_an_edge_in_the_sidebar(tmp_path: Path) -> None:
+    """Saving a name again as a full copy (baseline) still links the versions: the payload the sidebar
+    draws has the edge, and the figure draws it as an arrow."""
+    import mm_jupyter
+    from mm_jupyter.usecases.models import ffnn
+
+    store = mm_jupyter.Store(tmp_path / "store")
+    for _ in range(2):
+        store.save_set({"a": ffnn(hidden=8)}, "again", approach="baseline")
+    store.close()
+    payload = lineage_payload(tmp_path / "store", "again")
+    assert payload["edges"] == [[1, 2]] and [v["base"] for v in payload["versions"]] == [None, 1]
+    assert [v["chain"] for v in payload["versions"]] == [0, 0]  # a lineage edge, not a storage base
+    assert len(payload["figure"]["layout"]["annotations"]) == 1  # the arrow from v1 to v2
+
+
 def test_missing_store_lists_empty_and_is_not_created(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / ".mm_store"
     assert sets_payload(missing) == {"store": str(missing), "exists": False, "sets": []}

@@ -4,10 +4,10 @@ records why it chose; a missing version's error lists the versions there are."""
 from __future__ import annotations
 
 import pytest
+import store_models as sm
 import torch
 
 import mm_jupyter as mm
-import store_models as sm
 
 ARCH = mm.Architecture.factory("store_models:mlp", width=16, depth=2, inputs=4)
 

@@ -61,6 +61,8 @@ def png(draw: Callable[[Any], None], width: int, height: int) -> bytes:
 
 
 LOG_SUFFIXES = (", log scale", " (log scale)")
+#: Pixels added above a figure for its log/linear buttons.
+TOGGLE_STRIP = 34
 
 
 def _title(axis: dict[str, Any]) -> str:
@@ -89,11 +91,17 @@ def add_log_toggle(figure: dict[str, Any]) -> dict[str, Any]:
             if plain != title:
                 scales[scale][f"{key}.title.text"] = title if scale == "log" else plain
     starts_log = any(axis.get("type") == "log" for axis in axes.values())
-    menu = {"type": "buttons", "direction": "right", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom",
-            "showactive": True, "active": 0 if starts_log else 1, "pad": {"t": 0, "r": 0},
+    # the buttons get a strip of their own above everything (titles, legends), at the left: the mode bar
+    # takes the top right corner on hover. Menus are placed in plot-area units, so the strip's pixels are
+    # converted with the figure's height and margins (plotly's defaults where the figure sets none).
+    margin = {"t": 100, "b": 80, **layout.get("margin", {})}
+    top, height = margin["t"] + TOGGLE_STRIP, layout.get("height", 450) + TOGGLE_STRIP
+    plot = max(1, height - top - margin["b"])
+    menu = {"type": "buttons", "direction": "right", "x": 0, "xanchor": "left", "y": 1 + (top - 4) / plot,
+            "yanchor": "top", "showactive": True, "active": 0 if starts_log else 1, "pad": {"t": 0, "r": 0},
             "buttons": [{"label": f"{scale} axes", "method": "relayout", "args": [scales[scale]]}
                         for scale in ("log", "linear")]}
-    return {**figure, "layout": {**layout, "updatemenus": [menu]}}
+    return {**figure, "layout": {**layout, "margin": {**margin, "t": top}, "height": height, "updatemenus": [menu]}}
 
 
 class FigureOutput:

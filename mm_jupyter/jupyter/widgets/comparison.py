@@ -163,9 +163,12 @@ def make_panel(use_case: str, metric: str, title: str, unit: str, frame: pd.Data
     linear_vals = [i * step for i in range(int(top / step) + 2) if i * step <= top * 1.15]
     linear = Axis("linear", linear_vals, [fmt(v) for v in linear_vals], [0.0, top * 1.15])
     # from the decade below the lowest value (a log bar grows from the bottom: the lowest keeps some
-    # height) to just above the tallest; every decade in between labelled with its unit
+    # height) to just above the tallest; every decade in between labelled, and 2 and 5 times each decade
+    # where fewer than three decades fall in the range (a panel within one decade still reads)
     first, last = math.floor(math.log10(low) - 0.05), math.log10(top) + 0.15
     decades = [10.0 ** e for e in range(first, math.floor(last) + 1)]
+    if len(decades) < 3:
+        decades = [m * d for d in decades for m in (1, 2, 5) if math.log10(m * d) <= last]
     log = Axis("log", decades, [fmt(v) for v in decades], [float(first), last])
     return Panel(use_case, metric, title, unit, list(dict.fromkeys(frame["label"])), top,
                  top / low > LOG_RANGE, {"linear": linear, "log": log}, time)

@@ -147,11 +147,11 @@ class ServingMonitor:
                             subplot_titles=(f"throughput (answers/s, last {w})", f"latency (ms, last {w})",
                                             "requests per model call (since the start)"))
         t = [s.t for s in samples]
-        fig.add_scatter(x=t, y=[s.throughput for s in samples], name="throughput", mode="lines",
-                        line={"color": "#1f77b4"}, showlegend=False, row=1, col=1)
+        fig.add_scatter(x=t, y=[s.throughput for s in samples], name="throughput", mode="lines+markers",
+                        line={"color": "#1f77b4"}, marker={"size": 4}, showlegend=False, row=1, col=1)
         for q, colour in LATENCY_COLOURS.items():
-            fig.add_scatter(x=t, y=[getattr(s, q) for s in samples], name=q, mode="lines", line={"color": colour},
-                            row=1, col=2)
+            fig.add_scatter(x=t, y=[getattr(s, q) for s in samples], name=q, mode="lines+markers",
+                            line={"color": colour}, marker={"size": 4}, row=1, col=2)
         sizes = last.get("batch_sizes", {})
         fig.add_bar(x=[str(k) for k in sizes], y=list(sizes.values()), name="model calls", marker_color="#9467bd",
                     showlegend=False, row=1, col=3)
@@ -161,7 +161,7 @@ class ServingMonitor:
             for col in (1, 2):
                 fig.add_vrect(x0=x0, x1=self._since(load), fillcolor=LOAD_SHADE, line_width=0, row=1, col=col)
             fig.add_annotation(x=x0, y=1, xref="x", yref="y domain", text=html.escape(label), showarrow=False,
-                               xanchor="left", yanchor="bottom", font={"size": 10, "color": "#1f77b4"})
+                               xanchor="left", yanchor="top", font={"size": 10, "color": "#1f77b4"})
         fig.update_xaxes(title_text="seconds since the monitor started", row=1, col=1)
         fig.update_xaxes(title_text="seconds since the monitor started", row=1, col=2)
         fig.update_xaxes(title_text="requests in one call", type="category", row=1, col=3)
