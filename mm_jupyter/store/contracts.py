@@ -215,7 +215,8 @@ class Catalog(ABC):
         # A self-contained version (chain 0) may list no parent although its manifest names one: a
         # rebuild whose parent manifest was lost restores it without that lineage edge.
         return SetRow(set_id, name, version, m["approach"], m["requested"], base_id, m["chain"], m["n_models"],
-                      m["set"], nbytes, tts, created, oid, m["base"] if base_id is not None else None, m.get("why"))
+                      m["set"], nbytes, tts, created, oid, m["base"] if base_id is not None else None,
+                      m["why"] if isinstance(m.get("why"), str) else None)
 
     def lost_versions(self) -> list[str]:
         """Versions that have a ref (were acknowledged) but no catalog row: the catalog lost them.
