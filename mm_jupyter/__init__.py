@@ -11,6 +11,7 @@ from typing import Any
 
 from .errors import (
     ArchitectureError,
+    CourseError,
     IntegrityError,
     MMError,
     RecoveryError,
@@ -43,7 +44,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "ArchitectureError", "IntegrityError", "MMError", "RecoveryError", "RefError", "SearchError",
+    "ArchitectureError", "CourseError", "IntegrityError", "MMError", "RecoveryError", "RefError", "SearchError",
     "ServeError", "StoreError", "TrustError", "__version__", *_LAZY,
 ]
 

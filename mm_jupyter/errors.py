@@ -45,6 +45,16 @@ class ServeError(MMError):
     """A serving request that cannot be answered (bad input, unknown model, full queue, closed server)."""
 
 
+class CourseError(MMError):
+    """An exercise notebook whose task markers or metadata are malformed, or one that cannot be run."""
+
+
+def a_type(value: object) -> str:
+    """The type of ``value`` with its article, for messages: 'an int', 'a str', 'a NoneType'."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 __all__ = [
     "MMError",
     "StoreError",
@@ -55,4 +65,5 @@ __all__ = [
     "RecoveryError",
     "SearchError",
     "ServeError",
+    "CourseError",
 ]

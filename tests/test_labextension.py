@@ -74,7 +74,9 @@ def test_prebuilt_extension_is_committed_and_complete() -> None:
                  # the sidebar asks the kernel which store its magics use, and draws lineage with plotly
                  "kernel_store()", "user_expressions", "application/vnd.plotly.v1+json",
                  # widget outputs whose model is gone show their static picture
-                 "jupyter.widget", "application/vnd.jupyter.widget-view+json"):
+                 "jupyter.widget", "application/vnd.jupyter.widget-view+json",
+                 # a selected version's details; the store a notebook's kernel last reported is remembered
+                 "mm-store-details", "mm-store-selected", "mm-jupyter:notebook-stores", "last used by this notebook"):
         assert text in bundle, f"{text!r} is not in the prebuilt bundle: rebuild it (labextension/README.md)"
     # the source points its build output at the committed folder, under the same name
     source = json.loads((ROOT / "labextension" / "package.json").read_text())
@@ -127,6 +129,22 @@ def test_lineage_payload_has_versions_edges_and_lists(demo_store: Path) -> None:
     assert [t["name"] for t in figure["data"]] == ["baseline", "update"]
     assert [t["customdata"] for t in figure["data"]] == [[1], [2]]
     assert figure["layout"]["legend"]["orientation"] == "h" and "title" not in figure["layout"]
+
+
+def test_a_full_copy_saved_again_is_an_edge_in_the_sidebar(tmp_path: Path) -> None:
+    """Saving a name again as a full copy (baseline) still links the versions: the payload the sidebar
+    draws has the edge, and the figure draws it as an arrow."""
+    import mm_jupyter
+    from mm_jupyter.usecases.models import ffnn
+
+    store = mm_jupyter.Store(tmp_path / "store")
+    for _ in range(2):
+        store.save_set({"a": ffnn(hidden=8)}, "again", approach="baseline")
+    store.close()
+    payload = lineage_payload(tmp_path / "store", "again")
+    assert payload["edges"] == [[1, 2]] and [v["base"] for v in payload["versions"]] == [None, 1]
+    assert [v["chain"] for v in payload["versions"]] == [0, 0]  # a lineage edge, not a storage base
+    assert len(payload["figure"]["layout"]["annotations"]) == 1  # the arrow from v1 to v2
 
 
 def test_missing_store_lists_empty_and_is_not_created(tmp_path: Path) -> None:

@@ -137,6 +137,26 @@ def test_save_last_expression_recover_show_diff(ip: Any, tmp_path: Path) -> None
     assert json.loads(out[1]) == pytest.approx(src["m1"].l.bias.tolist())
 
 
+def test_saving_again_follows_the_lineage_and_says_why(ip: Any) -> None:
+    """Retrain, save, look at the lineage: without --approach a stored name is saved with auto, the
+    save line says what was chosen and why, and every version follows the previous one."""
+    ip.run_cell("torch.manual_seed(0)\nfleet = [nn.Linear(4, 2) for _ in range(10)]")
+    first = ip.run_cell_magic("modelset", "save fleet", "fleet")
+    assert re.fullmatch(r"saved fleet@1: baseline, 10 models, [\d.]+ kB", repr(first)), repr(first)
+    ip.run_cell("with torch.no_grad():\n    fleet[3].bias += 1")
+    again = ip.run_cell_magic("modelset", "save fleet", "fleet")
+    assert again.approach == "update" and again.requested == "auto" and again.base == "fleet@1"
+    assert re.fullmatch(r"saved fleet@2: update \(auto: 1 of 10 models changed against fleet@1, 2\.0% of the "
+                        r"parameter bytes \(at most 50%\): a delta saves space\), 10 models, [\d.]+ (k)?B, "
+                        r"parent fleet@1", repr(again)), repr(again)
+    third = ip.run_cell_magic("modelset", "save fleet --approach baseline", "fleet")
+    assert repr(third).startswith("saved fleet@3: baseline, 10 models, ") and repr(third).endswith(", parent fleet@2")
+    graph = ip.run_line_magic("modelset", "lineage fleet")
+    assert graph.lineage.edges == [(1, 2), (2, 3)]
+    assert graph.summary.startswith("fleet: 3 version(s), 2 edge(s), ")
+    assert "v3 [baseline] <- v2" in repr(graph)
+
+
 def test_bad_arguments_raise_usage_error_and_store_nothing(ip: Any, tmp_path: Path) -> None:
     ip.run_cell(TINY)
     for line in ["", "nope", "recover", "diff a", "save", "save a", "show", "save a --approach provenance --models x"]:

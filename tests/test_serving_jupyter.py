@@ -1,6 +1,8 @@
 """``%modelserve`` through a real InteractiveShell, and the live serving widget with its static picture."""
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,22 +68,63 @@ def test_serving_monitor_samples_draws_and_has_a_static_picture(store):
             server.predict(i % 6, torch.zeros(5))
         sample = monitor.sample()
         assert sample.version == "cells@1" and sample.throughput > 0 and sample.hit_rate == pytest.approx(6 / 12)
-        throughput, p50, p95, p99, bars = monitor.figure.data
-        assert list(throughput.x) == [1.0, 2.0] and throughput.y[-1] == sample.throughput
-        assert p99.y[-1] == sample.p99 and p50.name == "p50"
-        assert sum(int(k) * v for k, v in zip(bars.x, bars.y)) == 6          # 6 computed, 6 from the cache
-        assert "cells@latest" in monitor.status.value and "cache hits 50%" in monitor.status.value
-        bundle = monitor._repr_mimebundle_()
-        data = bundle[0] if isinstance(bundle, tuple) else bundle
-        assert "application/vnd.jupyter.widget-view+json" in data
-        assert [t["name"] for t in data[PLOTLY_MIME]["data"]] == ["throughput", "p50", "p95", "p99", "model calls"]
-        assert "<table>" in data["text/html"] and "<script" not in data["text/html"]
-        assert data["text/plain"] == repr(monitor)
+        assert [s.t for s in monitor.samples] == [1.0, 2.0]
+        # live: HTML with inline SVG charts and the text, no widget and no plotly (whose renderer never redraws)
+        live = monitor._repr_mimebundle_()
+        assert set(live) == {"text/html", "text/plain"}
+        assert live["text/html"].count("<svg") == 3 and "<script" not in live["text/html"]
+        status = monitor.status_lines()
+        assert status[0] == "cells@latest -> cells@1, multi batching"
+        assert status[1].startswith("now, last 1 s: 12 answered in ") and "50% from the cache" in status[1]
+        assert status[-1].endswith("cache hits 50%")
+        assert live["text/plain"].splitlines() == [repr(monitor), *status]
         assert repr(monitor) == "ServingMonitor(cells@latest, multi batching, max_batch 256, cache 10000)"
-        live = ServingMonitor(server, interval=0.02)
+        running = ServingMonitor(server, interval=0.02)
         server.predict(0, torch.ones(5))
-    live._thread.join(5)
-    assert not live._thread.is_alive() and len(live.samples) >= 2 and "closed" in live.status.value
-    live.stop()
+        deadline = time.monotonic() + 30
+        while len(running.samples) < 2 and time.monotonic() < deadline:  # the thread samples by itself
+            time.sleep(0.01)
+    running._thread.join(5)
+    assert not running._thread.is_alive() and len(running.samples) >= 2 and running.final
+    assert "(stopped)" in running.status_lines()[0]
+    # stopped: the plotly figure (every panel switched by the log/linear buttons), a PNG and the text
+    monitor.stop()
+    final = monitor._repr_mimebundle_()
+    figure = final[PLOTLY_MIME]
+    assert [t["name"] for t in figure["data"]] == ["throughput", "p50", "p95", "p99", "model calls"]
+    # its last reading is taken when it stops: 6 computed, 6 from the cache, then one more computed
+    assert sum(int(k) * v for k, v in zip(figure["data"][4]["x"], figure["data"][4]["y"])) == 7
+    (menu,) = figure["layout"]["updatemenus"]
+    assert [b["args"][0] for b in menu["buttons"]] == [{f"yaxis{i}.type": scale for i in ("", "2", "3")}
+                                                       for scale in ("log", "linear")]
+    assert final["text/html"].count('<img src="data:image/png;base64,') == 1 and "<table>" in final["text/html"]
     with pytest.raises(ValueError):
         ServingMonitor(server, interval=0)
+
+
+def test_load_result_widget_and_metrics_agree(ip, tmp_path):
+    """One source of truth: the LoadResult of %modelserve load, %modelserve metrics and the widget's
+    'last load' line are the same numbers over the same named window, printed rounded."""
+    ip.run_line_magic("modelserve", "start fleet@latest --cache 100")
+    (monitor,) = ip.find_magic("modelserve").__self__.monitors.values()
+    ip.user_ns["pool"] = torch.randn(32, 5)
+    result = ip.run_line_magic("modelserve", "load --rate 1500 --requests 400 --spread zipf --repeat 0.3 --inputs pool")
+    metrics = ip.run_line_magic("modelserve", "metrics")
+    window = metrics["window"]
+    assert window["label"] == result.window == "load at 1,500/s"
+    assert window["answered"] == result.answered == 400 and window["cached"] == result.cached
+    for key in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "max_ms", "seconds"):
+        assert window[key] == getattr(result, key), key
+    assert metrics["throughput_rps"] == result.throughput_rps and metrics["latency_ms"]["p99"] == result.p99_ms
+    monitor.sample()
+    line = result.stats().describe()
+    assert "last " + line in monitor.status_lines()
+    assert line in repr(metrics).splitlines()[1] and line in repr(result).splitlines()[1]
+    assert re.fullmatch(r"load at 1,500/s: 400 answered in \d+\.\d\d s, [\d,]+ answers/s; latency p50 [\d.]+ ms, "
+                        r"p95 [\d.]+ ms, p99 [\d.]+ ms(, \d+% from the cache)?", line), line
+    recent = ip.run_line_magic("modelserve", "metrics --window 30")
+    assert recent["window"]["label"] == "last 30 s" and recent["window"]["answered"] == 400
+    with pytest.raises(UsageError):
+        ip.run_line_magic("modelserve", "metrics --window 0")
+    ip.run_line_magic("modelserve", "stop")
+    assert monitor.final and monitor.server.closed  # the stopped monitor's last picture has its PNG

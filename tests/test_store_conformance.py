@@ -145,7 +145,7 @@ def test_round_trip_every_approach_in_a_fresh_process(backend: Backend) -> None:
         stored = store.stats(refs[-1])["approach"]
         want[str(refs[-1])] = (stored, digests(changed))
     assert [store.stats(r)["approach"] for r in refs] == ["baseline", "provenance", "update", "mmlib-base", "update"]
-    assert store.lineage("cells").edges == [(1, 2), (2, 3), (4, 5)]
+    assert store.lineage("cells").edges == [(1, 2), (2, 3), (3, 4), (4, 5)]  # every version follows the last
 
     out = subprocess.run([sys.executable, "-c", RECOVER, *backend.args, *map(str, refs)], cwd=sm.ROOT,
                          env=sm.subprocess_env(), capture_output=True, text=True, timeout=300)

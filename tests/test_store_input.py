@@ -88,7 +88,7 @@ def test_update_against_a_base_of_another_architecture(seeded):
         ({}, "empty"),
         ([sm.MLP(), "not a model"], r"'1' is a str"),
         ([None], r"'0' is a NoneType"),
-        ({"x": sm.MLP(), "y": 3}, r"'y' is a int"),
+        ({"x": sm.MLP(), "y": 3}, r"'y' is an int"),
         (sm.MLP(), "wrap a single model in a list"),
         ("models", "list or dict"),
         (None, "list or dict"),

@@ -16,7 +16,7 @@ import mm_jupyter as mm
 from mm_jupyter.jupyter.display import human_bytes
 from mm_jupyter.jupyter.widgets import APPROACH_COLOURS, ComparisonChart, LineageGraph, SearchProgress
 from mm_jupyter.jupyter.widgets._static import PLOTLY_MIME, WIDGET_MIME
-from mm_jupyter.jupyter.widgets.comparison import tick_bytes, tick_seconds
+from mm_jupyter.jupyter.widgets.comparison import tick_bytes, tick_time
 from mm_jupyter.jupyter.widgets.lineage import LIMIT_COLOUR, lanes
 from mm_jupyter.jupyter.widgets.progress import natural_key
 from mm_jupyter.store.lineage import Lineage, Version
@@ -258,10 +258,10 @@ def test_comparison_chart_log_axes_ticks_labels_and_toggle():
                                   (2, "mmlib-base", 100_000, 3.0, 0.004))]
     chart = ComparisonChart(rows)
     storage, tts, ttr = (_yaxis(chart, 0, c) for c in range(3))
-    # 782 B vs 100 kB spans > 10x: log, decades labelled with units; times too
+    # 782 B vs 100 kB spans > 10x: log, decades labelled with units; times in the unit of their title
     assert storage["type"] == "log" and storage["ticktext"] == ["100 B", "1 kB", "10 kB", "100 kB"]
     assert tts["type"] == ttr["type"] == "log"
-    assert tts["ticktext"] == ["1 ms", "10 ms", "0.1 s", "1 s"] and tts["title"]["text"] == "seconds (log scale)"
+    assert tts["ticktext"] == ["0.001", "0.01", "0.1", "1"] and tts["title"]["text"] == "seconds (log scale)"
     # from the decade below the lowest value to just above the tallest
     assert storage["range"] == pytest.approx([2, 5.15]) and tts["range"] == pytest.approx([-3, math.log10(3) + 0.15])
     (menu,) = chart.figure["layout"]["updatemenus"]
@@ -273,7 +273,7 @@ def test_comparison_chart_log_axes_ticks_labels_and_toggle():
     # small bars get their values as text on the linear axes only (a log axis shows them all)
     texts = dict(zip([(t["name"], t["meta"]) for t in chart.figure["data"]], linear["args"][0]["text"]))
     assert texts[("baseline", "bytes")] == ["782 B"] and texts[("mmlib-base", "bytes")] == [""]
-    assert texts[("baseline", "tts_s")] == ["4 ms"] and texts[("update", "tts_s")] == [""]
+    assert texts[("baseline", "tts_s")] == ["0.004 s"] and texts[("update", "tts_s")] == [""]
     assert all(text == [""] for text in log["args"][0]["text"])
     # a store's versions keep their own labels, not the paper's U1 / U3-1
     assert {t["name"]: t["x"] for t in chart.figure["data"][:3]} == {"baseline": ["v1"], "update": ["v2"], "mmlib-base": ["v3"]}
@@ -287,15 +287,25 @@ def test_comparison_chart_linear_when_the_range_is_small():
     # 782 B vs 1,154 B: a linear axis from zero, so the bars compare by height
     assert storage["type"] == "linear" and storage["range"][0] == 0 and storage["title"]["text"] == "bytes stored"
     assert storage["ticktext"][0] == "0 B" and all(t.endswith("B") for t in storage["ticktext"])
-    assert "updatemenus" not in chart.figure["layout"]  # nothing to toggle
+    (menu,) = chart.figure["layout"]["updatemenus"]  # the toggle is there, on linear axes
+    assert menu["active"] == 1 and [b["label"] for b in menu["buttons"]] == ["log axes", "linear axes"]
+    log = menu["buttons"][0]["args"][1]
+    assert {log[f"{a}.type"] for a in ("yaxis", "yaxis2", "yaxis3")} == {"log"}  # it switches every panel
     assert [t["text"] for t in chart.figure["data"]] == [["", ""]] * 3
+    # times below a second read in milliseconds: ticks, title and hover in one unit
+    ttr = _yaxis(chart, 0, 2)
+    assert ttr["title"]["text"] == "milliseconds" and ttr["ticktext"][:3] == ["0", "25", "50"]
+    assert chart.figure["data"][2]["customdata"] == ["100.00 ms", "100.00 ms"]
+    tts = _yaxis(chart, 0, 1)
+    assert tts["title"]["text"] == "seconds" and tts["ticktext"][:3] == ["0", "0.5", "1"]
 
 
 def test_tick_labels():
     assert [tick_bytes(v) for v in (0, 782, 1000, 1154, 2.5e6, 1e9)] == ["0 B", "782 B", "1 kB", "1.15 kB",
                                                                          "2.5 MB", "1 GB"]
-    assert [tick_seconds(v) for v in (0, 0.0004, 0.004, 0.05, 0.1, 0.25, 20)] == ["0", "0.4 ms", "4 ms", "50 ms",
-                                                                                   "0.1 s", "0.25 s", "20 s"]
+    assert [tick_time(v, "ms") for v in (0, 0.0004, 0.004, 0.05, 0.1, 0.25, 1)] == ["0", "0.4", "4", "50", "100",
+                                                                                     "250", "1,000"]
+    assert [tick_time(v, "s") for v in (1e-5, 0.004, 0.25, 20, 2e4)] == ["0.00001", "0.004", "0.25", "20", "20,000"]
 
 
 def test_comparison_chart_repr_is_deterministic(bench):
@@ -424,6 +434,7 @@ def test_progress_bars_leaderboard_and_breakdown():
     bars = widget.bars.children
     assert [(b.value, b.max) for b in bars] == [(4, 4), (2, 2)]
     assert [b.description for b in bars] == ["rung 0: 64 items", "rung 1: 128 items"]
+    assert {b.style.description_width for b in bars} == {"18ch"}  # one label width: the bars line up
     assert leaderboard(widget) == [
         ("d", False, 1, "selected"),
         ("b", True, 1, "pruned in rung 1"),
@@ -439,7 +450,7 @@ def test_progress_bars_leaderboard_and_breakdown():
     assert repr(widget) == "\n".join([
         "SearchProgress: done, 2 rung(s), 4 models",
         "  rung 0: 4 models, 64 items, 4 scored -> 2 survivors",
-        "  rung 1: 2 models, 128 items, 2 scored -> 1 survivors",
+        "  rung 1: 2 models, 128 items, 2 scored -> 1 survivor",
         "  best: 'd'",
     ])
 
@@ -576,7 +587,7 @@ def test_progress_bundle_carries_a_static_picture_refreshed_at_the_end(monkeypat
     (final,) = widget._handle.updates  # ... once
     assert final[WIDGET_MIME]["model_id"] == widget.model_id
     html = final["text/html"]
-    assert "search</b>: done" in html and "rung 0: 3 models on 64 items, 3 scored &rarr; 1 survivors" in html
+    assert "search</b>: done" in html and "rung 0: 3 models on 64 items, 3 scored &rarr; 1 survivor" in html
     assert html.index(">cand-10<") < html.index(">cand-2<") < html.index(">cand-1<") and "pruned in rung 0" in html
     assert "block_inferences" in html and "<script" not in html
     text = final["text/plain"].splitlines()
@@ -592,3 +603,26 @@ def test_interrupted_search_refreshes_its_static_picture():
     widget.interrupted()
     (final,) = widget._handle.updates
     assert "search</b>: interrupted" in final["text/html"]
+
+
+def test_every_figure_output_gets_a_log_toggle_that_switches_all_value_axes():
+    """A chart with log/linear buttons for every value axis (a title's 'log scale' note follows the
+    scale); the lineage graph (versions and lanes) has none, the comparison chart keeps its own."""
+    from mm_jupyter.jupyter.paper_figures import Panel, PaperChart, Series
+    from mm_jupyter.jupyter.widgets._static import add_log_toggle
+
+    chart = PaperChart("t", [Panel("latency", "answers/s", "p99 ms", [Series("a", [1.0, 10.0], [2.0, 40.0])],
+                                   kind="line", log_y=True, log_x=True),
+                             Panel("bars", "kind", "seconds", [Series("b", ["x", "y"], [1.0, 2.0])])])
+    figure = chart._repr_mimebundle_()[PLOTLY_MIME]
+    (menu,) = figure["layout"]["updatemenus"]
+    log, linear = (b["args"][0] for b in menu["buttons"])
+    assert menu["active"] == 0  # it starts on log axes
+    assert {k: v for k, v in linear.items() if k.endswith(".type")} == {
+        "xaxis.type": "linear", "yaxis.type": "linear", "yaxis2.type": "linear"}  # the bar panel's x is categorical
+    assert linear["yaxis.title.text"] == "p99 ms" and log["yaxis.title.text"] == "p99 ms, log scale"
+    assert "yaxis2.title.text" not in linear  # a title without a scale note stays as it is
+    store = Lineage("s", (_version(1, "baseline", None), _version(2, "update", 1)))
+    assert "updatemenus" not in LineageGraph(store)._repr_mimebundle_()[PLOTLY_MIME]["layout"]
+    own = {"data": [], "layout": {"yaxis": {"type": "log"}, "updatemenus": [{"buttons": []}]}}
+    assert add_log_toggle(own) is own

@@ -57,6 +57,8 @@ export interface ILineagePayload {
 export interface IStoreSource {
   store?: string;
   path?: string;
+  /** `store` is the one this notebook's kernel reported before (its magics are not loaded now). */
+  remembered?: boolean;
 }
 
 /**

@@ -14,6 +14,7 @@ import { saveIcon, searchIcon } from '@jupyterlab/ui-components';
 import { watchWidgetOutputs } from './fallback';
 import { IStoreSource } from './handler';
 import { storeIcon } from './icons';
+import { rememberStore, rememberedStore } from './memory';
 import { StoreBrowser, createStorePanel } from './panel';
 
 /** Command ids of the extension. */
@@ -63,6 +64,7 @@ class KernelStores {
     if (!kernel) {
       return fallback;
     }
+    this._paths.set(kernel.id, panel.context.path);
     let question = this._pending.get(kernel.id);
     if (question === undefined) {
       question = this._ask(kernel).finally(() => this._pending.delete(kernel.id));
@@ -82,7 +84,7 @@ class KernelStores {
     });
     await Promise.race([question, timeout]);
     const known = this._known.get(kernel.id);
-    return known ? { store: known } : fallback;
+    return known ? { store: known } : remembered(panel.context.path, fallback);
   }
 
   private async _ask(kernel: Kernel.IKernelConnection): Promise<void> {
@@ -96,6 +98,10 @@ class KernelStores {
       const store = answer?.status === 'ok' ? answer.data?.['application/json']?.store : undefined;
       if (typeof store === 'string') {
         this._known.set(kernel.id, store);
+        const path = this._paths.get(kernel.id);
+        if (path) {
+          rememberStore(path, store);
+        }
       } else {
         this._known.delete(kernel.id);
       }
@@ -106,7 +112,17 @@ class KernelStores {
 
   private _answered: () => void;
   private _known = new Map<string, string>();
+  private _paths = new Map<string, string>();
   private _pending = new Map<string, Promise<void>>();
+}
+
+/**
+ * The store a notebook's kernel reported before (a reload, a restart: its
+ * magics are not loaded yet), else `fallback` (the folder's store).
+ */
+function remembered(path: string, fallback: IStoreSource): IStoreSource {
+  const store = path ? rememberedStore(path) : undefined;
+  return store ? { store, remembered: true } : fallback;
 }
 
 /**

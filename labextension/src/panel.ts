@@ -15,6 +15,7 @@ import {
   requestAPI
 } from './handler';
 import { storeIcon } from './icons';
+import { highlightVersion, versionDetails } from './selection';
 
 /** The plotly figure's mime type (drawn by the plotly renderer JupyterLab has for notebooks). */
 export const PLOTLY_MIME = 'application/vnd.plotly.v1+json';
@@ -42,7 +43,7 @@ function element<K extends keyof HTMLElementTagNameMap>(
 
 function table(
   headers: string[],
-  rows: { cells: (string | HTMLElement)[]; title?: string }[],
+  rows: { cells: (string | HTMLElement)[]; title?: string; selected?: boolean }[],
   numeric: number[] = []
 ): HTMLTableElement {
   const node = element('table', 'mm-store-table');
@@ -55,6 +56,9 @@ function table(
     const tr = body.insertRow();
     if (row.title) {
       tr.title = row.title;
+    }
+    if (row.selected) {
+      tr.classList.add('mm-store-selected');
     }
     row.cells.forEach((cell, i) => {
       const td = tr.insertCell();
@@ -87,6 +91,11 @@ export class StoreBrowser extends Widget {
   /** The name whose lineage is shown, or null. */
   get selected(): string | null {
     return this._selected;
+  }
+
+  /** The version selected in that lineage (highlighted, its details shown), or null. */
+  get selectedVersion(): number | null {
+    return this._selectedVersion;
   }
 
   /** Which store the panel shows (see `IStoreSource`). */
@@ -125,8 +134,10 @@ export class StoreBrowser extends Widget {
       return; // a newer refresh is under way
     }
     this._loaded = true;
-    this._path.textContent = `Store: ${payload.store}`;
-    this._path.title = payload.store;
+    const remembered = this._source.remembered ? ' (last used by this notebook)' : '';
+    this._path.textContent = `Store: ${payload.store}${remembered}`;
+    this._path.title = payload.store + (remembered ? `: the store this notebook's kernel reported before; ` +
+      'run its cells to refresh' : '');
     this._renderSets(payload.sets);
     if (payload.sets.length === 0) {
       this._showMessage(
@@ -140,16 +151,23 @@ export class StoreBrowser extends Widget {
     const names = new Set(payload.sets.map(row => row.name));
     if (this._selected !== null && names.has(this._selected)) {
       if (this._lineageKey(payload, this._selected) !== this._shownKey) {
-        await this.showLineage(this._selected); // redraw only when the set got new versions
+        // redraw only when the set got new versions
+        await this.showLineage(this._selected, this._selectedVersion ?? undefined);
       }
     } else {
       this._clearLineage();
     }
   }
 
-  /** Show the lineage graph of `name` (the plotly figure of the notebook's lineage widget). */
-  async showLineage(name: string): Promise<void> {
+  /**
+   * Show the lineage graph of `name` (the plotly figure of the notebook's
+   * lineage widget); with `version`, that version is ringed in the graph, its
+   * row marked in the list and its details shown below the graph.
+   */
+  async showLineage(name: string, version?: number): Promise<void> {
     this._selected = name;
+    this._selectedVersion = version ?? null;
+    this._markSelectedRow();
     const heading = element('div', 'mm-store-heading');
     heading.appendChild(element('span', '', `Lineage of ${name}`));
     const close = element('button', 'mm-store-close jp-Button', '×');
@@ -179,8 +197,13 @@ export class StoreBrowser extends Widget {
     const host = element('div', 'mm-store-graph');
     this._disposeGraph();
     this._lineage.replaceChildren(heading, summary, host);
-    if (!(await this._renderFigure(payload.figure, host))) {
+    const figure = version === undefined ? payload.figure : highlightVersion(payload.figure, version);
+    if (!(await this._renderFigure(figure, host))) {
       host.appendChild(this._lineageTable(payload));
+    }
+    const details = version === undefined ? null : versionDetails(payload, version);
+    if (details !== null) {
+      this._lineage.appendChild(details);
     }
     this._shownKey = `${payload.store}|${name}|${payload.versions.map(v => v.version).join(',')}`;
   }
@@ -226,6 +249,7 @@ export class StoreBrowser extends Widget {
   /** The versions as a table: the graph's fallback without a plotly renderer. */
   private _lineageTable(payload: ILineagePayload): HTMLTableElement {
     const rows = payload.versions.map(v => ({
+      selected: v.version === this._selectedVersion,
       cells: [
         `v${v.version}`,
         v.base === null ? '—' : `v${v.base}`,
@@ -244,9 +268,12 @@ export class StoreBrowser extends Widget {
     }
     const rows = sets.map(row => {
       const link = element('button', 'mm-store-link', `${row.name}@${row.version}`);
-      link.title = `Show the lineage of ${row.name}`;
-      link.onclick = () => void this.showLineage(row.name);
+      link.title = `Show the lineage of ${row.name}, ${row.name}@${row.version} marked`;
+      link.dataset.set = row.name;
+      link.dataset.version = String(row.version);
+      link.onclick = () => void this.showLineage(row.name, row.version);
       return {
+        selected: row.name === this._selected && row.version === this._selectedVersion,
         cells: [link, row.approach, String(row.models), row.size],
         title: `${row.name}@${row.version}: saved ${formatCreated(row.created)} in ${row.tts_s.toFixed(3)} s`
       };
@@ -275,8 +302,21 @@ export class StoreBrowser extends Widget {
     this._graph = null;
   }
 
+  /** Mark the list's row of the selected version (and only that one). */
+  private _markSelectedRow(): void {
+    this._sets.querySelectorAll<HTMLElement>('.mm-store-link').forEach(link => {
+      const row = link.closest('tr');
+      row?.classList.toggle(
+        'mm-store-selected',
+        link.dataset.set === this._selected && link.dataset.version === String(this._selectedVersion)
+      );
+    });
+  }
+
   private _clearLineage(): void {
     this._selected = null;
+    this._selectedVersion = null;
+    this._markSelectedRow();
     this._shownKey = '';
     this._disposeGraph();
     this._lineage.replaceChildren();
@@ -291,6 +331,7 @@ export class StoreBrowser extends Widget {
   private _rendermime: IRenderMimeRegistry | null;
   private _source: IStoreSource = {};
   private _selected: string | null = null;
+  private _selectedVersion: number | null = null;
   private _graph: Widget | null = null;
   private _shownKey = '';
   private _loaded = false;

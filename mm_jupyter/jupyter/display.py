@@ -23,7 +23,8 @@ def human_bytes(n: float, short: bool = False) -> str:
 
 @dataclass(frozen=True)
 class SavedSet:
-    """What ``%%modelset save`` stored: the reference, how, and how many bytes."""
+    """What ``%%modelset save`` stored: the reference, how (and why, when ``auto`` chose), how many
+    bytes, and the version it follows in the lineage."""
 
     ref: Any
     approach: str
@@ -32,6 +33,7 @@ class SavedSet:
     bytes: int
     base: str | None
     tts_s: float
+    why: str | None = None
 
     @classmethod
     def of(cls, store: Any, ref: Any) -> "SavedSet":
@@ -39,12 +41,15 @@ class SavedSet:
         row = store.row(ref)
         base = store.catalog.get(row.base_id) if row.base_id is not None else None
         return cls(ref, stats["approach"], stats["requested"], stats["models"], stats["bytes"],
-                   f"{base.name}@{base.version}" if base is not None else None, stats["tts_s"])
+                   f"{base.name}@{base.version}" if base is not None else None, stats["tts_s"], stats["why"])
 
     def __repr__(self) -> str:
         how = self.approach if self.approach == self.requested else f"{self.approach} (asked: {self.requested})"
-        base = f", base {self.base}" if self.base else ""
-        return f"saved {self.ref}: {how}, {self.models} models, {human_bytes(self.bytes)}{base}"
+        if self.why:
+            how = f"{self.approach} ({self.why})" if self.approach == self.requested else \
+                f"{self.approach} ({self.requested}: {self.why})"
+        parent = f", parent {self.base}" if self.base else ""
+        return f"saved {self.ref}: {how}, {self.models} models, {human_bytes(self.bytes)}{parent}"
 
 
 @dataclass(frozen=True)
@@ -120,3 +125,29 @@ class StoreInfo:
 
     def _repr_json_(self) -> dict[str, Any]:
         return {"store": self.store, "exists": self.exists}
+
+
+class ServerMetrics(dict[str, Any]):
+    """``%modelserve metrics``: the server's metrics dict, shown rounded with its window named (the
+    same ``WindowStats`` line a ``LoadResult`` and the serving widget show for that window)."""
+
+    def lines(self) -> list[str]:
+        from ..serving.metrics import WindowStats
+
+        hit = self.get("cache_hit_rate")
+        mean = self.get("mean_batch")
+        return [
+            f"{self['set']} -> {self['version']}, {self['batching']} batching, {self['models']:,} models",
+            "  " + WindowStats(**self["window"]).describe(),
+            f"  since the start: {self['answered']:,} answered ({self['cached']:,} from the cache), "
+            f"{self['rejected']:,} rejected, {self['failed']:,} failed; {self['batches']:,} model calls"
+            + (f", {mean:.1f} requests per call" if mean is not None else "")
+            + f"; queue {self['queue_depth']:,} (peak {self['queue_peak']:,})"
+            + (f"; cache hit rate {hit:.0%}" if hit is not None else ""),
+        ]
+
+    def __repr__(self) -> str:
+        return "\n".join(self.lines())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))

@@ -17,7 +17,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Unicode
 
-from ..errors import MMError, RefError, StoreError
+from ..errors import MMError, RefError, StoreError, a_type
 from ..store.store import APPROACH_CHOICES as APPROACHES  # the store's registry, plus "auto"
 from .cells import TRAIN_NAME, run_cell, train_function_source, user_code
 from .display import EmptyStore, SavedSet, SetInfo, StoreInfo
@@ -61,7 +61,9 @@ def _modelset_parsers() -> dict[str, MagicArgumentParser]:
                                "`model` on `data` with `config`; it runs once per entry of --datasets on a "
                                "copy of the base version's model, and recovery retrains with the same code.")
     save.add_argument("name", help="set name")
-    save.add_argument("--approach", "-a", default="baseline", choices=APPROACHES, help="storage approach")
+    save.add_argument("--approach", "-a", default=None, choices=APPROACHES,
+                      help="storage approach (default: baseline for a new NAME, auto for a NAME already stored: "
+                           "update when that saves space)")
     save.add_argument("--base", "-b", default=None, help="base version (name@version); default: latest of NAME")
     save.add_argument("--models", "-m", default=None, metavar="VAR",
                       help="variable holding the models (list or dict); for provenance: receives them")
@@ -205,7 +207,8 @@ class ModelMagics(Magics):
             elif value is None:
                 raise UsageError("the cell's last expression must be the models (a list or dict of nn.Module), "
                                  "or name their variable with --models VAR")
-            ref = store.save_set(_as_models(value), args.name, approach=args.approach, base=args.base)
+            approach = args.approach or ("auto" if store.catalog.find(args.name, None) is not None else "baseline")
+            ref = store.save_set(_as_models(value), args.name, approach=approach, base=args.base)
         return SavedSet.of(store, ref)
 
     def _save_provenance(self, store: Any, args: Any, cell: str) -> Any:
@@ -343,7 +346,7 @@ def _as_models(value: Any) -> Any:
         return list(value) if isinstance(value, tuple) else value
     if type(value).__module__.startswith("torch") or hasattr(value, "state_dict"):
         return [value]
-    raise UsageError(f"the cell produced a {type(value).__name__}; expected a list or dict of nn.Module")
+    raise UsageError(f"the cell produced {a_type(value)}; expected a list or dict of nn.Module")
 
 
 ModelMagics.modelset.__doc__ = _usage()

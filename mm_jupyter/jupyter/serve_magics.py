@@ -52,9 +52,12 @@ def _parsers() -> dict[str, MagicArgumentParser]:
     stop = p["stop"] = parser("%modelserve stop", "Stop one server (answering what is queued), or all of them.")
     stop.add_argument("ref", nargs="?", default=None, help="the reference it was started with (default: all)")
     p["list"] = parser("%modelserve list", "The running servers.")
-    metrics = p["metrics"] = parser("%modelserve metrics", "Throughput, latency, batches and cache of a server.")
+    metrics = p["metrics"] = parser("%modelserve metrics", "Throughput and latency of a server over a stated "
+                                    "window (the last load run, else the last 10 s), batches and cache.")
     metrics.add_argument("ref", nargs="?", default=None,
                          help="the reference it was started with (default: the only one)")
+    metrics.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                         help="the last SECONDS seconds instead of the last load's window")
     load = p["load"] = parser("%modelserve load", "Open-loop load (Poisson arrivals) against a running server; "
                               "returns the measured throughput and latency percentiles.")
     load.add_argument("ref", nargs="?", default=None, help="the reference it was started with (default: the only one)")
@@ -82,6 +85,7 @@ class ServeMagics(Magics):
         super().__init__(shell=shell)
         self._model_magics = model_magics
         self.servers: dict[str, Any] = {}
+        self.monitors: dict[str, Any] = {}
 
     @line_magic
     def modelserve(self, line: str) -> Any:
@@ -111,7 +115,7 @@ class ServeMagics(Magics):
             raise UsageError(f"-o must be a variable name, not {args.out!r}")
         store = self._model_magics._store(args.store)
         if args.ref in self.servers:
-            self.servers.pop(args.ref).close()
+            self._close(args.ref)
         server = serve(store, args.ref, batching=args.batching, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, cache_size=args.cache, max_queue=args.queue,
                           max_modules=args.modules, watch_s=args.watch if args.watch > 0 else None)
@@ -121,18 +125,24 @@ class ServeMagics(Magics):
         if args.out is not None:
             self.shell.user_ns[args.out] = server
         if not args.no_widget:
-            from IPython.display import display
-
             from .widgets import ServingMonitor
 
-            display(ServingMonitor(server))
+            monitor = self.monitors[args.ref] = ServingMonitor(server, start=False)
+            monitor.show()
         return server
+
+    def _close(self, ref: str) -> None:
+        """Close a server; its monitor draws its last picture (with a PNG) at once."""
+        self.servers.pop(ref).close()
+        monitor = self.monitors.pop(ref, None)
+        if monitor is not None:
+            monitor.stop()
 
     def _stop(self, args: Any) -> str:
         refs = list(self.servers) if args.ref is None else [args.ref]
         for ref in refs:
-            self._server(ref).close()
-            del self.servers[ref]
+            self._server(ref)  # a UsageError for a name never started
+            self._close(ref)
         return f"stopped {len(refs)} server(s)" + (f": {', '.join(refs)}" if refs else "")
 
     def _list(self, args: Any) -> Any:
@@ -146,8 +156,14 @@ class ServeMagics(Magics):
                          "http": endpoint.url if endpoint is not None else ""})
         return pd.DataFrame(rows, columns=["started as", "version", "models", "batching", "max_batch", "cache", "http"])
 
-    def _metrics(self, args: Any) -> dict[str, Any]:
-        return self._server(args.ref).metrics()
+    def _metrics(self, args: Any) -> Any:
+        from .display import ServerMetrics
+
+        server = self._server(args.ref)
+        if args.window is not None and not args.window > 0:
+            raise UsageError(f"--window must be > 0 seconds, not {args.window}")
+        loaded = server.load_metrics() if args.window is None else None
+        return ServerMetrics(loaded if loaded is not None else server.metrics(window_s=args.window or 10.0))
 
     def _load(self, args: Any) -> Any:
         import torch
@@ -169,9 +185,8 @@ class ServeMagics(Magics):
         return open_loop(server, workload, inputs, args.rate)
 
     def close_all(self) -> None:
-        for server in self.servers.values():
-            server.close()
-        self.servers.clear()
+        for ref in list(self.servers):
+            self._close(ref)
 
 
 ServeMagics.modelserve.__doc__ = "\n".join([__doc__ or ""] + [p.format_help() for p in PARSERS.values()])

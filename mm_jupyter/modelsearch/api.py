@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..errors import SearchError
+from ..errors import SearchError, a_type
 from .engine import Candidate, Meter, check_items, extract_shared, extract_whole
 from .halving import Rung, schedule
 
@@ -132,7 +132,7 @@ def _named(candidates: Any) -> dict[str, Any]:
         raise SearchError("no candidates to search")
     for name, model in named.items():
         if not isinstance(model, nn.Module):
-            raise SearchError(f"candidate {name!r} is a {type(model).__name__}, not an nn.Module")
+            raise SearchError(f"candidate {name!r} is {a_type(model)}, not an nn.Module")
     return named
 
 

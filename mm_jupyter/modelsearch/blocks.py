@@ -21,7 +21,7 @@ from typing import TypeGuard
 import torch
 from torch import Tensor, nn
 
-from ..errors import SearchError
+from ..errors import SearchError, a_type
 
 #: How a block is applied to the previous output ``h`` and the batch context ``ctx``:
 #: ``plain``: ``module(h)``; ``hf-layer``: ``module(h)``, first element if it returns a tuple;
@@ -214,12 +214,12 @@ def _declared(model: nn.Module) -> Split:
         raise SearchError(f"{shape}, got {type(declared).__name__}")
     blocks, head = declared
     if not isinstance(blocks, (list, tuple, nn.ModuleList, nn.Sequential)):
-        raise SearchError(f"{shape}; the blocks are a {type(blocks).__name__}")
+        raise SearchError(f"{shape}; the blocks are {a_type(blocks)}")
     blocks = list(blocks)
     if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
         raise SearchError(f"{shape}; the block list is empty or holds something that is not an nn.Module")
     if head is not None and not isinstance(head, nn.Module):
-        raise SearchError(f"{shape}; the head is a {type(head).__name__}")
+        raise SearchError(f"{shape}; the head is {a_type(head)}")
     return Split([Block(b) for b in blocks], head, "declared")
 
 

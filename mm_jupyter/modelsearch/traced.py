@@ -31,7 +31,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import fx, nn
 
-from ..errors import SearchError
+from ..errors import SearchError, a_type
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MAX_OPAQUE = 64  # distinct submodule classes kept whole before giving up
@@ -439,7 +439,7 @@ class TracedGraph:
         out = next(n for n in nodes if n.op == "output")
         result = out.args[0]
         if not isinstance(result, fx.Node):
-            raise SearchError(f"cannot split {name} into blocks: its forward returns a {type(result).__name__}, "
+            raise SearchError(f"cannot split {name} into blocks: its forward returns {a_type(result)}, "
                               "not one tensor")
         self.output = result
         dependent = {self.input}

@@ -32,6 +32,8 @@ class Request:
     digest: bytes | None      # input digest for the cache (None: cache disabled)
     t_submit: float
     future: Future[Prediction] = field(default_factory=Future)
+    #: when the request arrived (latency runs from here): its submission, or a load generator's schedule
+    t_arrival: float | None = None
 
     @property
     def rows(self) -> int:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .errors import QueueFullError
+from .metrics import Span, WindowStats, ms, summarize
 
 if TYPE_CHECKING:
     from .server import Server
@@ -59,7 +60,8 @@ def make_workload(n_models: int, requests: int, pool: int, spread: str = "unifor
 
 @dataclass(frozen=True)
 class LoadResult:
-    """What one open-loop run measured."""
+    """What one open-loop run measured. Throughput and latency come from ``metrics.summarize`` over
+    the run's window (its start to its last answer), as the server's ``load_metrics()`` reports them."""
 
     offered_rps: float
     sent: int
@@ -67,23 +69,44 @@ class LoadResult:
     rejected: int
     failed: int
     cached: int
-    seconds: float            # first scheduled arrival to last answer
+    seconds: float            # start to last answer: the window
     throughput_rps: float     # answered / seconds
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
     max_ms: float | None
     behind_ms: float          # how far the generator fell behind its schedule at worst
+    window: str = ""          # the window in words
+    started: float = 0.0      # the window in time.perf_counter() time
+    ended: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def stats(self) -> WindowStats:
+        """The run's window as ``WindowStats`` (what ``server.load_metrics()["window"]`` holds)."""
+        return WindowStats(self.window, self.seconds, self.answered, self.cached, self.throughput_rps,
+                           self.p50_ms, self.p95_ms, self.p99_ms, None, self.max_ms)
+
+    def __repr__(self) -> str:
+        """Rounded, the window named (the fields keep full precision)."""
+        return "\n".join([
+            f"LoadResult: {self.sent:,} requests offered at {self.offered_rps:,.0f}/s (Poisson arrivals; "
+            "latency from each scheduled arrival)",
+            "  " + self.stats().describe(),
+            f"  max {ms(self.max_ms)}; rejected {self.rejected:,}; failed {self.failed:,}; "
+            f"the generator fell behind by up to {ms(self.behind_ms)}"])
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
 
 
 def open_loop(server: "Server", workload: Workload, inputs: Sequence[Any], rate: float,
               names: Sequence[str] | None = None, timeout: float = 120.0) -> LoadResult:
     """Send ``workload`` to ``server`` at ``rate`` requests/s (Poisson arrivals) and wait for every
     answer. ``inputs[k]`` is the input of pool row ``k``; ``names`` maps model indices to names
-    (default: the served version's)."""
+    (default: the served version's). Each request arrives at its scheduled time (latency runs from
+    there); the run's window is remembered as ``server.last_load``."""
     if rate <= 0:
         raise ValueError(f"rate must be > 0, not {rate}")
     names = list(names) if names is not None else server.models
@@ -92,7 +115,7 @@ def open_loop(server: "Server", workload: Workload, inputs: Sequence[Any], rate:
     schedule = np.cumsum(rng.exponential(1.0 / rate, size=n)).tolist()
     models = [names[i] for i in workload.models.tolist()]
     rows = workload.rows.tolist()
-    pending: list[tuple[float, float, Any]] = []   # (scheduled, submitted, future)
+    pending: list[Any] = []
     behind, rejected = 0.0, 0
     start = time.perf_counter()
     for j in range(n):
@@ -103,27 +126,25 @@ def open_loop(server: "Server", workload: Workload, inputs: Sequence[Any], rate:
             now = time.perf_counter()
         behind = max(behind, now - due)
         try:
-            pending.append((due, now, server.submit(models[j], inputs[rows[j]])))
+            pending.append(server.submit(models[j], inputs[rows[j]], arrival=due))
         except QueueFullError:
             rejected += 1
-    latencies, failed, cached, last = [], 0, 0, start
-    for due, submitted, future in pending:
+    answers, failed = [], 0
+    for future in pending:
         try:
-            pred = future.result(timeout)
+            answers.append(future.result(timeout))
         except Exception:
             failed += 1
-            continue
-        done = submitted + pred.latency_s
-        last = max(last, done)
-        latencies.append(done - due)
-        cached += pred.cached
-    seconds = max(last - start, 1e-9)
-    lat = np.asarray(latencies) * 1e3
-    pct = np.percentile(lat, [50, 95, 99]).tolist() if len(lat) else [None] * 3
-    return LoadResult(offered_rps=rate, sent=len(pending), answered=len(latencies), rejected=rejected,
-                      failed=failed, cached=cached, seconds=seconds, throughput_rps=len(latencies) / seconds,
-                      p50_ms=pct[0], p95_ms=pct[1], p99_ms=pct[2], max_ms=float(lat.max()) if len(lat) else None,
-                      behind_ms=behind * 1e3)
+    end = max([start] + [a.answered_at for a in answers])
+    label = f"load at {rate:,.0f}/s"
+    stats = summarize(np.array([a.answered_at for a in answers], dtype=np.float64),
+                      np.array([a.latency_s for a in answers], dtype=np.float64),
+                      np.array([a.cached for a in answers], dtype=bool), start, end, label)
+    server.last_load = Span(label, start, end)
+    return LoadResult(offered_rps=rate, sent=len(pending), answered=stats.answered, rejected=rejected,
+                      failed=failed, cached=stats.cached, seconds=stats.seconds, throughput_rps=stats.throughput_rps,
+                      p50_ms=stats.p50_ms, p95_ms=stats.p95_ms, p99_ms=stats.p99_ms, max_ms=stats.max_ms,
+                      behind_ms=behind * 1e3, window=label, started=start, ended=end)
 
 
 def capacity(server: "Server", workload: Workload, inputs: Sequence[Any], seconds: float = 1.0,

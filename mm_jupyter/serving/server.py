@@ -31,7 +31,7 @@ from ..errors import RefError, ServeError
 from .batching import Request, RequestQueue
 from .cache import PredictionCache, input_digest
 from .errors import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
-from .metrics import Metrics
+from .metrics import Metrics, Span
 from .runner import Runner
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ class Prediction:
     version: "SetRef"
     output: "torch.Tensor"
     cached: bool
-    latency_s: float   # from submit to answer
+    latency_s: float          # from the request's arrival (default: its submission) to the answer
+    answered_at: float = 0.0  # time.perf_counter() when answered: the metrics' clock
 
     def __repr__(self) -> str:
         how = "cache" if self.cached else "computed"
@@ -131,6 +132,8 @@ class Server:
             self._store.close()
             raise
         self.history: list[tuple["SetRef", float]] = [(self._runner.ref, time.time())]
+        #: the time window of the last load run against this server (``serving.load.open_loop``)
+        self.last_load: Span | None = None
         self.cache = PredictionCache(cache_size)
         self.queue = RequestQueue(max_queue, max_batch, self.max_wait_ms / 1e3)
         self._metrics = Metrics()
@@ -213,12 +216,14 @@ class Server:
             raise UnknownModelError(f"{runner.ref} has no model named {model!r}")
         return i
 
-    def submit(self, model: str | int, x: Any) -> "Future[Prediction]":
+    def submit(self, model: str | int, x: Any, arrival: float | None = None) -> "Future[Prediction]":
         """Queue one request; the future's result is a Prediction. Raises (at once) BadInputError,
         UnknownModelError, QueueFullError when the queue is full, ServerClosedError when closed.
 
         ``model`` is a name of the served version (or an index into ``models``); ``x`` is one item
-        of ``input_shape`` or a batch ``(rows, *input_shape)`` (tensor, numpy array or nested lists)."""
+        of ``input_shape`` or a batch ``(rows, *input_shape)`` (tensor, numpy array or nested lists).
+        ``arrival``: when the request arrived (a ``time.perf_counter()`` time, e.g. a load
+        generator's schedule); latency is measured from it (default: now)."""
         t0 = time.perf_counter()
         if self._closed:
             raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
@@ -230,11 +235,12 @@ class Server:
             hit = self.cache.get((runner.ref.id, name, digest))
             if hit is not None:
                 done: Future[Prediction] = Future()
-                latency = time.perf_counter() - t0
-                done.set_result(Prediction(name, runner.ref, hit, True, latency))
-                self._metrics.record((latency,), cached=True)
+                now = time.perf_counter()
+                latency = now - (t0 if arrival is None else arrival)
+                done.set_result(Prediction(name, runner.ref, hit, True, latency, now))
+                self._metrics.record((latency,), cached=True, done=now)
                 return done
-        request = Request(name, x_t, single, digest, t0)
+        request = Request(name, x_t, single, digest, t0, t_arrival=arrival)
         try:
             depth = self.queue.put(request)
         except QueueFullError:
@@ -336,18 +342,22 @@ class Server:
         cache = self.cache.enabled and runner is self._runner  # answers of a replaced version are not kept
         latencies = []
         for (r, _), y in zip(ready, outputs):
-            latency = now - r.t_submit
+            latency = now - (r.t_submit if r.t_arrival is None else r.t_arrival)
             if cache and r.digest is not None:
                 self.cache.put((runner.ref.id, r.model, r.digest), y)
-            r.future.set_result(Prediction(r.model, runner.ref, y, False, latency))
+            r.future.set_result(Prediction(r.model, runner.ref, y, False, latency, now))
             latencies.append(latency)
-        self._metrics.record(latencies)
+        self._metrics.record(latencies, done=now)
 
     # -- metrics -------------------------------------------------------------------------------------
-    def metrics(self, window_s: float = 10.0) -> dict[str, Any]:
-        """Throughput (answers/s over the last ``window_s``), latency p50/p95/p99 (ms), queue depth,
-        batch-size histogram (requests per model call), cache hit rate, the version served."""
-        snap = self._metrics.snapshot(window_s, len(self.queue), self.cache.hits, self.cache.misses)
+    def metrics(self, window_s: float = 10.0, since: float | None = None, until: float | None = None,
+                label: str | None = None) -> dict[str, Any]:
+        """Throughput and latency p50/p95/p99 (ms) of the answers in one time window — the last
+        ``window_s`` seconds, or ``[since, until]`` in ``time.perf_counter()`` time — named under
+        ``window`` with its length; queue depth, batch-size histogram (requests per model call), cache
+        hit rate and the version served. A load run's window: ``last_load`` (see ``load_metrics``)."""
+        snap = self._metrics.snapshot(window_s, len(self.queue), self.cache.hits, self.cache.misses,
+                                      since, until, label)
         runner = self._runner
         return {
             "set": f"{self.name}@latest" if self.follow else str(runner.ref),
@@ -360,6 +370,12 @@ class Server:
             "cache_size": len(self.cache),
             **snap,
         }
+
+    def load_metrics(self) -> dict[str, Any] | None:
+        """``metrics()`` over the window of the last load run (None before any): the numbers its
+        ``LoadResult`` reports, from the same answers."""
+        span = self.last_load
+        return None if span is None else self.metrics(since=span.start, until=span.end, label=span.label)
 
     def reset_metrics(self) -> None:
         """Start counting afresh (e.g. after a warm-up); the cache keeps its entries."""

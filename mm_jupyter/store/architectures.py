@@ -24,7 +24,7 @@ import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, ParamSpec, TypeVar
 
-from ..errors import ArchitectureError
+from ..errors import ArchitectureError, a_type
 from . import structure, trust
 from .trust import import_ref
 
@@ -197,7 +197,7 @@ class Architecture:
             else:
                 model = make()
         if not isinstance(model, torch.nn.Module):
-            raise ArchitectureError(f"{self.describe()} built a {type(model).__name__}, not an nn.Module")
+            raise ArchitectureError(f"{self.describe()} built {a_type(model)}, not an nn.Module")
         return model
 
     def _constructor(self, trusted: bool, subject: str) -> Callable[[], Any]:
@@ -421,7 +421,7 @@ def capture_code(code: str, name: str, env: Mapping[str, Any]) -> str:
             consts.append(f"{free} = {v!r}")
             return
         raise ArchitectureError(
-            f"{user} uses {free!r} (a {type(v).__name__}), which cannot be recorded as source; "
+            f"{user} uses {free!r} ({a_type(v)}), which cannot be recorded as source; "
             "make it a constant, an import, or pass architecture=mm.Architecture.factory(...)"
         )
 

@@ -113,6 +113,8 @@ class SetRow:
     created: str
     manifest_oid: str = ""
     base_oid: str | None = None
+    #: why ``auto`` (or a chain bound) chose the approach, as recorded at save time (None: as asked)
+    why: str | None = None
 
 
 _COLUMNS = "id, name, version, manifest, base_id, bytes, tts_s, created"

@@ -208,11 +208,15 @@ class Catalog(ABC):
         if not isinstance(oid, str) or not oid:
             raise IntegrityError(f"catalog row of {name}@{version} names no manifest; {self.hint}")
         m = self.manifest(oid)
-        if m["kind"] != "set" or (m["id"], m["name"], m["version"], m["base_id"]) != (set_id, name, version, base_id):
+        if m["kind"] != "set" or (m["id"], m["name"], m["version"]) != (set_id, name, version) or (
+                m["base_id"] != base_id and not (base_id is None and m["chain"] == 0)):
             raise IntegrityError(f"catalog row of {name}@{version} does not match its manifest {oid[:12]}…; "
                                  f"{self.hint}")
+        # A self-contained version (chain 0) may list no parent although its manifest names one: a
+        # rebuild whose parent manifest was lost restores it without that lineage edge.
         return SetRow(set_id, name, version, m["approach"], m["requested"], base_id, m["chain"], m["n_models"],
-                      m["set"], nbytes, tts, created, oid, m["base"])
+                      m["set"], nbytes, tts, created, oid, m["base"] if base_id is not None else None,
+                      m["why"] if isinstance(m.get("why"), str) else None)
 
     def lost_versions(self) -> list[str]:
         """Versions that have a ref (were acknowledged) but no catalog row: the catalog lost them.

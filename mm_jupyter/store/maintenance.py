@@ -72,6 +72,8 @@ def verify(store: "Store") -> list[str]:
         stored = cat.columns(set_id)
         want = (m["approach"], m["requested"], m["chain"], m["n_models"],
                 m["bytes"] + objects.size(row.manifest_oid), float(m["tts"]), m["created"])
+        if row.base_id is None and m["base_id"] is not None:
+            problems.append(f"{where}: its parent (catalog id {m['base_id']}) is gone; the lineage edge to it is lost")
         if tuple(stored) != want:
             problems.append(f"{where}: catalog columns {stored} disagree with its manifest {want}")
         if sorted(cat.artifacts(set_id)) != sorted(set(listed)):
@@ -213,7 +215,12 @@ def rebuild(catalog: "type[Catalog]", location: str, objects: ObjectArea, wait_s
             if not broken:
                 break
             for o in broken:
-                m = sets.pop(o)[0]
+                m, size = sets.pop(o)
+                if m["chain"] == 0:  # self-contained: only its lineage edge depends on the parent
+                    sets[o] = ({**m, "base_id": None, "base": None}, size)
+                    problems.append(f"{m['name']}@{m['version']}: its parent's manifest {str(m['base'])[:12]}… is "
+                                    "missing; restored without that lineage edge")
+                    continue
                 problems.append(f"{m['name']}@{m['version']}: its base manifest {str(m['base'])[:12]}… is missing; "
                                 "not restored")
         write(sets, cands)

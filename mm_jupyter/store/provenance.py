@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from ..errors import ArchitectureError, StoreError
+from ..errors import ArchitectureError, StoreError, a_type
 from . import trust
 from .architectures import _json, allow_hint, capture_source, ref_of, source_class
 from .trust import import_ref
@@ -73,7 +73,7 @@ class DatasetRef:
         if isinstance(value, (str, Path)):
             return cls.file(value)
         raise StoreError(
-            f"dataset of model {model!r} is a {type(value).__name__}; provenance needs a reproducible "
+            f"dataset of model {model!r} is {a_type(value)}; provenance needs a reproducible "
             "reference (mm.DatasetRef(loader, **kwargs) or a file path), not in-memory data"
         )
 

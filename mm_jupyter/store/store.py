@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import IntegrityError, RefError, StoreError
+from ..errors import IntegrityError, RefError, StoreError, a_type
 from . import approaches, backends, trust
 from .approaches.common import Saved, SaveInput
 from .architectures import TAG, Architecture
@@ -142,7 +142,12 @@ class Store:
         number = int(version) if version else None
         row = self.catalog.find(name, number) if number is None or _valid_number(number) else None
         if row is None:
-            known = sorted({r[0] for r in self.catalog.listing()})
+            listing = self.catalog.listing()
+            versions = [r[1] for r in listing if r[0] == name]
+            if versions:
+                raise RefError(f"no version {version} of set {name!r} in store {self.location!r}; "
+                               f"its versions: {_numbers(versions)}")
+            known = sorted({r[0] for r in listing})
             hint = f"; stored sets: {', '.join(known[:10])}" if known else "; the store is empty"
             raise RefError(f"no set {ref!r} in store {self.location!r}{hint}")
         return row
@@ -187,45 +192,46 @@ class Store:
         if architecture is None:
             check_same_architecture(arch, mods, names)
         with self.writing(f"set {name!r}"), trust.scope(self.trust_code):  # a base may be retrained
-            base_row = self._base_row(name, approach, base)
-            inp = SaveInput(name, names, explicit, layout, rows, arch, environment(), base_row, provenance, verify)
-            requested = approach
+            parent = self.row(base) if base is not None else self.catalog.find(name, None)
+            inp = SaveInput(name, names, explicit, layout, rows, arch, environment(),
+                            parent if approach in (*approaches.DELTA, "auto") else None, provenance, verify)
+            requested, why = approach, None
             if approach == "auto":
-                approach = self._auto(inp)
-            lineage_base = base_row
-            if approach in approaches.DELTA and base_row is not None and base_row.chain + 1 > self.max_chain:
+                approach, why = self._auto(inp)
+            if approach in approaches.DELTA and parent is not None and parent.chain + 1 > self.max_chain:
                 approach, inp.base = "update", None  # chain too long: this version is stored in full
+                why = (f"{parent.name}@{parent.version} ends a chain of {parent.chain} derived version(s), "
+                       f"max_chain={self.max_chain}: stored in full")
             saved = approaches.REGISTRY[approach].save(self, inp)
-            if saved.base is None and lineage_base is not None:
-                saved.base = lineage_base  # a lineage edge only: this version is self-contained
-            return self._commit(inp, saved, requested, t0)
+            if saved.base is None and parent is not None:
+                saved.base = parent  # a lineage edge only: this version is self-contained
+            return self._commit(inp, saved, requested, why, t0)
 
-    def _base_row(self, name: str, approach: str, base: SetRef | str | None) -> SetRow | None:
-        if base is not None:
-            return self.row(base)
-        if approach in (*approaches.DELTA, "auto"):
-            return self.catalog.find(name, None)
-        return None
-
-    def _auto(self, inp: SaveInput) -> str:
-        """The documented rule (ARCHITECTURE.md): provenance when given and the chain allows;
-        no base, or a base of another architecture: baseline; else update when at most half of
-        the parameter bytes changed."""
+    def _auto(self, inp: SaveInput) -> tuple[str, str]:
+        """The documented rule (ARCHITECTURE.md), and why it chose what it chose: provenance when
+        given; no base, or a base of another architecture: baseline; else update when at most half
+        of the parameter bytes changed."""
         if inp.base is None:
-            return "baseline"
+            return "baseline", f"the first version of {inp.name!r}"
+        base = f"{inp.base.name}@{inp.base.version}"
         if inp.provenance is not None:
-            return "provenance"
+            return "provenance", "how the models were trained was given"
         if Layout.from_json(inp.base.manifest["layout"]).signature() != inp.layout.signature():
-            return "baseline"  # another architecture (keys, shapes or dtypes): nothing to diff against
+            return "baseline", f"the architecture differs from {base}'s"  # nothing to diff against
         from .approaches.update import changed_mask
 
         digests = digest_rows(inp.rows, inp.layout)
         _, changed = changed_mask(self, inp, digests)
         sizes = np.array([s.nbytes for s in inp.layout.specs], dtype=np.float64)
         frac = float((changed * sizes).sum() / max(1.0, sizes.sum() * inp.n))
-        return "update" if frac <= AUTO_UPDATE_MAX_CHANGED else "baseline"
+        models = f"{int(changed.any(axis=1).sum())} of {inp.n} models changed against {base}"
+        limit = f"{AUTO_UPDATE_MAX_CHANGED:.0%}"
+        if frac <= AUTO_UPDATE_MAX_CHANGED:
+            return "update", f"{models}, {_percent(frac)} of the parameter bytes (at most {limit}): a delta saves space"
+        return "baseline", (f"{models}, {_percent(frac)} of the parameter bytes (more than {limit}): "
+                            "a delta would save little")
 
-    def _commit(self, inp: SaveInput, saved: Saved, requested: str, t0: float) -> SetRef:
+    def _commit(self, inp: SaveInput, saved: Saved, requested: str, why: str | None, t0: float) -> SetRef:
         """Make a version visible: inside one write transaction take the next version number,
         write the manifest object (durable) and insert the row; then checkpoint and write the ref."""
         nbytes = saved.new_bytes()
@@ -242,6 +248,8 @@ class Store:
                     "bytes": nbytes, "tts": seconds(time.perf_counter() - t0), "created": now_iso(),
                     "artifacts": [[r, p.oid, p.size] for r, p in saved.artifacts], "set": saved.manifest,
                 }
+                if why is not None:
+                    m["why"] = why  # old manifests have none: the field is optional
                 oid, size = self.catalog.put_manifest(m)
                 self.catalog.insert_set(tx, m, oid, size)
                 self.catalog.add_artifacts(tx, sid, [(r, p.oid, p.size) for r, p in saved.artifacts + saved.extra])
@@ -365,6 +373,7 @@ class Store:
             "objects": len(arts),
             "tts_s": row.tts_s,
             "created": row.created,
+            "why": row.why,
         }
 
     def verify(self) -> list[str]:
@@ -394,6 +403,22 @@ class Store:
 
         kind, location, area = backends.for_rebuild(path, objects)
         return rebuild(kind, location, area, wait_s)
+
+
+def _numbers(values: list[int]) -> str:
+    """Version numbers as runs: [1, 2, 3, 5] -> '1-3, 5' (a set may have thousands of versions)."""
+    runs: list[list[int]] = []
+    for v in sorted(set(values)):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _percent(frac: float) -> str:
+    """A share as a percentage with a digit where it matters: 0.3%, 12%, not 0% for a little."""
+    return f"{100 * frac:.1f}%" if frac < 0.1 else f"{100 * frac:.0f}%"
 
 
 def valid_name(name: Any) -> bool:
@@ -429,7 +454,7 @@ def _normalise(models: Any) -> tuple[list[str], list[Any], bool]:
         raise StoreError("cannot save an empty set: pass at least one model")
     for name, m in zip(names, mods):  # before inferring an architecture from the first item
         if not isinstance(m, torch.nn.Module):
-            raise StoreError(f"model {name!r} is a {type(m).__name__}, not a torch.nn.Module")
+            raise StoreError(f"model {name!r} is {a_type(m)}, not a torch.nn.Module")
     if len(set(names)) != len(names):
         dup = next(n for i, n in enumerate(names) if n in names[:i])
         raise StoreError(f"model name {dup!r} occurs twice (dict keys are compared as strings)")

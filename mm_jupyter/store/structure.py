@@ -42,7 +42,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
 
-from ..errors import ArchitectureError, StoreError
+from ..errors import ArchitectureError, StoreError, a_type
 from . import trust
 from .tensors import torch_dtype
 
@@ -185,7 +185,7 @@ class _Recorder:
                 params.append([name, {"tie": self.paths[id(p)]}])
             else:
                 if type(p) not in (torch.nn.Parameter,) and not isinstance(p, torch.nn.Parameter):
-                    raise ArchitectureError(f"parameter {key} is a {type(p).__name__}, not an nn.Parameter")
+                    raise ArchitectureError(f"parameter {key} is {a_type(p)}, not an nn.Parameter")
                 if isinstance(p, torch.nn.parameter.UninitializedParameter):
                     raise ArchitectureError(f"parameter {key} is uninitialised (a lazy module); run one forward first")
                 self.paths[id(p)] = key
@@ -560,7 +560,7 @@ class SameArchitecture:
                 mod = child
             where = node.path or "(root)"
             if type(mod) is not node.type:
-                self._fail(name, f"module {where} is a {type(mod).__name__}, not a {node.type.__name__}")
+                self._fail(name, f"module {where} is {a_type(mod)}, not a {node.type.__name__}")
             if tuple(mod._modules) != node.children:
                 self._fail(name, f"module {where} has children {list(mod._modules)}, not {list(node.children)}")
             d = mod.__dict__

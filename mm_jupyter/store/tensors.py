@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import StoreError, a_type
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +107,7 @@ def _as_storable(t: "torch.Tensor", where: str) -> "torch.Tensor":
     import torch
 
     if not isinstance(t, torch.Tensor):
-        raise StoreError(f"{where} is a {type(t).__name__}, not a tensor")
+        raise StoreError(f"{where} is {a_type(t)}, not a tensor")
     if t.layout != torch.strided:
         raise StoreError(f"{where} has layout {t.layout}; only dense tensors can be stored")
     if t.is_quantized:
@@ -144,7 +144,7 @@ def extract_states(models: Sequence["nn.Module"], names: Sequence[str]) -> tuple
     if not models:
         raise StoreError("a set needs at least one model")
     if not isinstance(models[0], torch.nn.Module):
-        raise StoreError(f"model {names[0]!r} is a {type(models[0]).__name__}, not a torch.nn.Module")
+        raise StoreError(f"model {names[0]!r} is {a_type(models[0])}, not a torch.nn.Module")
     sd0 = models[0].state_dict()
     first = [_as_storable(t, f"model {names[0]!r} key {k!r}") for k, t in sd0.items()]
     layout = Layout.of([spec_of(k, t) for k, t in zip(sd0.keys(), first)])
@@ -165,7 +165,7 @@ def _checked_row(model: "nn.Module", mname: str, first_name: str, layout: Layout
     import torch
 
     if not isinstance(model, torch.nn.Module):
-        raise StoreError(f"model {mname!r} is a {type(model).__name__}, not a torch.nn.Module")
+        raise StoreError(f"model {mname!r} is {a_type(model)}, not a torch.nn.Module")
     sd = model.state_dict()
     if list(sd.keys()) != layout.keys:
         missing = [k for k in layout.keys if k not in sd]

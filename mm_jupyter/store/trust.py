@@ -25,7 +25,7 @@ import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-from ..errors import ArchitectureError, TrustError
+from ..errors import ArchitectureError, TrustError, a_type
 
 if TYPE_CHECKING:
     from torch import nn
@@ -132,7 +132,7 @@ def module_class(ref: str, what: str = "class") -> type[nn.Module]:
         raise ArchitectureError(f"{what} {ref!r} is not an nn.Module class (standard-library reference refused)")
     obj = import_ref(ref)
     if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
-        raise ArchitectureError(f"{what} {ref!r} is a {type(obj).__name__}, not an nn.Module class; refused")
+        raise ArchitectureError(f"{what} {ref!r} is {a_type(obj)}, not an nn.Module class; refused")
     return obj
 
 
@@ -171,7 +171,7 @@ def function(ref: str) -> Callable[..., Any]:
     obj: Callable[..., Any] = import_ref(ref)
     if isinstance(obj, type) or not callable(obj) or type(obj).__name__ not in (
             "function", "builtin_function_or_method", "method_descriptor"):
-        raise ArchitectureError(f"{ref!r} is a {type(obj).__name__}, not a function; refused")
+        raise ArchitectureError(f"{ref!r} is {a_type(obj)}, not a function; refused")
     return obj
 
 

@@ -60,6 +60,50 @@ def png(draw: Callable[[Any], None], width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+LOG_SUFFIXES = (", log scale", " (log scale)")
+#: Pixels added above a figure for its log/linear buttons.
+TOGGLE_STRIP = 34
+
+
+def _title(axis: dict[str, Any]) -> str:
+    title = axis.get("title")
+    return str(title.get("text") or "") if isinstance(title, dict) else str(title or "")
+
+
+def add_log_toggle(figure: dict[str, Any]) -> dict[str, Any]:
+    """``figure`` (plotly JSON) with "log axes / linear axes" buttons that switch every value axis at
+    once: each y axis that is not categorical, and each x axis that starts on a log scale. An axis title
+    saying "log scale" loses that note on linear axes. Works without a kernel (plotly ``updatemenus``);
+    a figure that has buttons of its own, or no axis to switch, is returned as it is."""
+    layout = figure.get("layout", {})
+    if layout.get("updatemenus"):
+        return figure
+    axes = {k: v for k, v in layout.items() if isinstance(v, dict) and (
+        (k.startswith("yaxis") and v.get("type") != "category") or (k.startswith("xaxis") and v.get("type") == "log"))}
+    if not axes:
+        return figure
+    scales: dict[str, dict[str, Any]] = {"log": {}, "linear": {}}
+    for key, axis in axes.items():
+        title = _title(axis)
+        plain = next((title[: -len(s)] for s in LOG_SUFFIXES if title.endswith(s)), title)
+        for scale in scales:
+            scales[scale][f"{key}.type"] = scale
+            if plain != title:
+                scales[scale][f"{key}.title.text"] = title if scale == "log" else plain
+    starts_log = any(axis.get("type") == "log" for axis in axes.values())
+    # the buttons get a strip of their own above everything (titles, legends), at the left: the mode bar
+    # takes the top right corner on hover. Menus are placed in plot-area units, so the strip's pixels are
+    # converted with the figure's height and margins (plotly's defaults where the figure sets none).
+    margin = {"t": 100, "b": 80, **layout.get("margin", {})}
+    top, height = margin["t"] + TOGGLE_STRIP, layout.get("height", 450) + TOGGLE_STRIP
+    plot = max(1, height - top - margin["b"])
+    menu = {"type": "buttons", "direction": "right", "x": 0, "xanchor": "left", "y": 1 + (top - 4) / plot,
+            "yanchor": "top", "showactive": True, "active": 0 if starts_log else 1, "pad": {"t": 0, "r": 0},
+            "buttons": [{"label": f"{scale} axes", "method": "relayout", "args": [scales[scale]]}
+                        for scale in ("log", "linear")]}
+    return {**figure, "layout": {**layout, "margin": {**margin, "t": top}, "height": height, "updatemenus": [menu]}}
+
+
 class FigureOutput:
     """A display object whose output is a plotly figure with a PNG and a text fallback.
 
@@ -70,6 +114,8 @@ class FigureOutput:
 
     figure: Any
     png_size: tuple[int, int] = (900, 420)
+    #: whether the plotly figure gets "log axes / linear axes" buttons (``add_log_toggle``)
+    log_toggle: bool = True
 
     def draw_png(self, fig: Any) -> None:
         raise NotImplementedError
@@ -85,7 +131,9 @@ class FigureOutput:
         return f'<img src="data:image/png;base64,{data}" alt="{alt}" style="max-width:100%">'
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return {PLOTLY_MIME: figure_json(self.figure), "text/html": self.html(), "text/plain": repr(self)}
+        figure = figure_json(self.figure)
+        return {PLOTLY_MIME: add_log_toggle(figure) if self.log_toggle else figure, "text/html": self.html(),
+                "text/plain": repr(self)}
 
 
 class StaticFallback:

@@ -21,11 +21,15 @@ if TYPE_CHECKING:
     from ...store import Store
 
 COLUMNS = ("arch", "step", "approach", "bytes", "tts_s", "ttr_s")
-#: (column, panel title, axis unit) of the three panels, left to right.
+#: (column, panel title, axis unit) of the three panels, left to right; a time panel's unit is
+#: milliseconds or seconds, whichever its tallest bar reads best in (``time_unit``).
 METRICS = (("bytes", "Storage", "bytes stored"), ("tts_s", "Time to save", "seconds"),
            ("ttr_s", "Time to recover", "seconds"))
-#: A panel whose values span more than this factor starts on a log axis (the toggle switches it).
+#: A chart with a panel whose values span more than this factor starts on log axes (the toggle
+#: switches every panel between log and linear axes).
 LOG_RANGE = 10.0
+#: Time units of an axis: (title, short name, factor from seconds).
+TIME_UNITS = {"ms": ("milliseconds", "ms", 1e3), "s": ("seconds", "s", 1.0)}
 #: A bar lower than this share of its panel's tallest is labelled with its value, so it can be read.
 SMALL = 0.05
 #: Pixels above the panels (legend and scale buttons, then column titles) and below them.
@@ -73,13 +77,18 @@ def tick_bytes(n: float) -> str:
     return human_bytes(n, short=True)
 
 
-def tick_seconds(s: float) -> str:
-    """Short time label for an axis tick: ``5 ms``, ``0.25 s``... ``20 s``."""
-    if s == 0:
-        return "0"
-    if abs(s) < 0.1:
-        return f"{s * 1000:.3g} ms"
-    return f"{s:.3g} s"
+def time_unit(top: float) -> str:
+    """The unit of a time axis whose tallest value is ``top`` seconds: ``ms`` below one second."""
+    return "ms" if top < 1 else "s"
+
+
+def tick_time(seconds: float, unit: str) -> str:
+    """A time in ``unit`` (``ms`` or ``s``) as an axis tick shows it: a number, its unit in the title."""
+    value = seconds * TIME_UNITS[unit][2]
+    text = f"{value:.3g}"
+    if "e" in text:  # a decade far from 1: written out, never as 1e+03
+        text = f"{value:,.0f}" if abs(value) >= 1 else f"{value:.9f}".rstrip("0")
+    return text
 
 
 def _nice_step(top: float, ticks: int = 4) -> float:
@@ -110,6 +119,8 @@ class Panel:
     top: float
     log: bool
     axes: dict[str, Axis]
+    #: a time panel's unit (``ms`` or ``s``); None for bytes
+    time: str | None = None
 
     def axis(self, log: bool) -> Axis:
         return self.axes["log" if log else "linear"]
@@ -118,32 +129,49 @@ class Panel:
         return f"{self.unit} (log scale)" if log else self.unit
 
     def exact(self, value: float) -> str:
-        """The value as a hover shows it."""
-        return human_bytes(value) if self.metric == "bytes" else f"{value:.3f} s"
+        """The value as a hover shows it (a time in the axis's unit)."""
+        if self.time is None:
+            return human_bytes(value)
+        _, short, factor = TIME_UNITS[self.time]
+        return f"{value * factor:,.3f} {short}" if short == "s" else f"{value * factor:,.2f} {short}"
 
     def labels(self, values: list[float], log: bool) -> list[str]:
         """Texts on the bars: on a linear axis, the values of bars too small to read against the
         panel's tallest (a log axis shows every bar at a readable height)."""
-        fmt = tick_bytes if self.metric == "bytes" else tick_seconds
-        return ["" if log or not (math.isfinite(v) and v < SMALL * self.top) else fmt(v) for v in values]
+        return ["" if log or not (math.isfinite(v) and v < SMALL * self.top) else self.short(v) for v in values]
+
+    def short(self, value: float) -> str:
+        """A value with its unit, short: ``1.2 kB``, ``4 ms``."""
+        if self.time is None:
+            return tick_bytes(value)
+        return f"{tick_time(value, self.time)} {TIME_UNITS[self.time][1]}"
 
 
 def make_panel(use_case: str, metric: str, title: str, unit: str, frame: pd.DataFrame) -> Panel:
     """Scales and ticks of one facet, from its positive finite values."""
     values = [v for v in frame[metric] if math.isfinite(v) and v > 0]
-    fmt = tick_bytes if metric == "bytes" else tick_seconds
     top = max(values, default=1.0)
     low = min(values, default=1.0)
+    time = None if metric == "bytes" else time_unit(top)
+    if time is not None:
+        unit = TIME_UNITS[time][0]
+
+    def fmt(v: float) -> str:
+        return tick_bytes(v) if time is None else tick_time(v, time)
+
     step = _nice_step(top)
     linear_vals = [i * step for i in range(int(top / step) + 2) if i * step <= top * 1.15]
     linear = Axis("linear", linear_vals, [fmt(v) for v in linear_vals], [0.0, top * 1.15])
     # from the decade below the lowest value (a log bar grows from the bottom: the lowest keeps some
-    # height) to just above the tallest; every decade in between labelled with its unit
+    # height) to just above the tallest; every decade in between labelled, and 2 and 5 times each decade
+    # where fewer than three decades fall in the range (a panel within one decade still reads)
     first, last = math.floor(math.log10(low) - 0.05), math.log10(top) + 0.15
     decades = [10.0 ** e for e in range(first, math.floor(last) + 1)]
+    if len(decades) < 3:
+        decades = [m * d for d in decades for m in (1, 2, 5) if math.log10(m * d) <= last]
     log = Axis("log", decades, [fmt(v) for v in decades], [float(first), last])
     return Panel(use_case, metric, title, unit, list(dict.fromkeys(frame["label"])), top,
-                 top / low > LOG_RANGE, {"linear": linear, "log": log})
+                 top / low > LOG_RANGE, {"linear": linear, "log": log}, time)
 
 
 def _read(file: Path) -> pd.DataFrame:
@@ -202,9 +230,10 @@ class ComparisonChart(FigureOutput):
     """Grouped bars per approach: storage, time to save and time to recover (columns) for each use
     case (rows) and its steps.
 
-    A panel whose values span more than ``LOG_RANGE`` starts on a log axis; the figure's "log / linear"
-    buttons switch those panels (they work without a kernel). Bars too small to see carry their value.
-    ``frame`` holds the normalised rows, ``panels`` the facets as drawn.
+    When a panel's values span more than ``LOG_RANGE`` the chart starts on log axes; the figure's "log /
+    linear axes" buttons switch every panel (they work without a kernel). Bars too small to see on a
+    linear axis carry their value. Time panels read in one unit, milliseconds or seconds, named in the
+    axis title. ``frame`` holds the normalised rows, ``panels`` the facets as drawn.
     """
 
     def __init__(self, rows: Any) -> None:
@@ -214,6 +243,8 @@ class ComparisonChart(FigureOutput):
         self.metrics = [m for m in METRICS if self.frame[m[0]].notna().any()]  # --no-ttr: no TTR column
         self.panels = [[make_panel(uc, metric, title, unit, self.frame[self.frame["arch"] == uc])
                         for metric, title, unit in self.metrics] for uc in self.use_cases]
+        #: whether the chart starts on log axes (some panel's values span more than LOG_RANGE)
+        self.log = any(p.log for row in self.panels for p in row)
         self._groups = {key: rows for key, rows in self.frame.groupby(["arch", "approach"], sort=False)}
         self.png_size = (1000, HEAD + FOOT + 250 * len(self.use_cases))
         self.figure = self._figure()
@@ -260,11 +291,11 @@ class ComparisonChart(FigureOutput):
                         continue
                     values = [float(v) for v in rows[panel.metric]]
                     for scale in texts:
-                        texts[scale].append(panel.labels(values, log=panel.log and scale == "log"))
+                        texts[scale].append(panel.labels(values, log=scale == "log"))
                     traces.append({
                         "type": "bar", "x": list(rows["label"]), "y": values, "name": approach,
                         "legendgroup": approach, "showlegend": r == 0 and c == 0, "meta": panel.metric,
-                        "marker": {"color": colour_of(approach)}, "text": texts["log"][-1],
+                        "marker": {"color": colour_of(approach)}, "text": texts[self._scale][-1],
                         "textposition": "outside", "textangle": -90, "constraintext": "none",
                         "textfont": {"size": 10}, "cliponaxis": False,
                         "customdata": [panel.exact(v) for v in values],
@@ -273,32 +304,36 @@ class ComparisonChart(FigureOutput):
                     })
                 layout[xaxis].update(type="category", categoryorder="array", categoryarray=panel.steps)
                 for scale in axes:
-                    log = panel.log and scale == "log"
+                    log = scale == "log"
                     ticks = panel.axis(log)
                     axes[scale][yaxis] = {"type": ticks.type, "tickmode": "array", "tickvals": ticks.tickvals,
                                           "ticktext": ticks.ticktext, "range": ticks.range,
                                           "title": {"text": panel.title_of(log), "standoff": 4,
                                                     "font": {"size": 12}}}
-                layout[yaxis].update(axes["log"][yaxis])
+                layout[yaxis].update(axes[self._scale][yaxis])
         # legend and buttons sit on one line in the head, below the corner plotly's mode bar takes on hover
         top = 1 + 60 / (self.png_size[1] - HEAD - FOOT)
         layout.update(barmode="group", height=self.png_size[1], template=pio.templates["plotly_white"].to_plotly_json(),
                       legend={"orientation": "h", "x": 0, "y": top, "yanchor": "bottom", "title": {"text": "approach"}},
                       margin={"l": 60, "r": 40 if n_rows > 1 else 20, "t": HEAD, "b": FOOT})
-        if any(p.log for row in self.panels for p in row):
-            def relayout(scale: str) -> dict[str, Any]:
-                return {f"{axis}.{key}": value for axis, keys in axes[scale].items() for key, value in keys.items()}
 
-            layout["updatemenus"] = [{
-                "type": "buttons", "direction": "right", "x": 1, "xanchor": "right", "y": top, "yanchor": "bottom",
-                "showactive": True, "active": 0, "pad": {"t": 0, "r": 0},
-                "buttons": [{"label": f"{scale} axes", "method": "update",
-                             "args": [{"text": texts[scale]}, relayout(scale)]} for scale in ("log", "linear")],
-            }]
+        def relayout(scale: str) -> dict[str, Any]:
+            return {f"{axis}.{key}": value for axis, keys in axes[scale].items() for key, value in keys.items()}
+
+        layout["updatemenus"] = [{
+            "type": "buttons", "direction": "right", "x": 1, "xanchor": "right", "y": top, "yanchor": "bottom",
+            "showactive": True, "active": 0 if self.log else 1, "pad": {"t": 0, "r": 0},
+            "buttons": [{"label": f"{scale} axes", "method": "update",
+                         "args": [{"text": texts[scale]}, relayout(scale)]} for scale in ("log", "linear")],
+        }]
         return {"data": traces, "layout": layout}
 
+    @property
+    def _scale(self) -> str:
+        return "log" if self.log else "linear"
+
     def draw_png(self, fig: Any) -> None:
-        """The same panels with matplotlib, in their default scales (the toggle needs a browser)."""
+        """The same panels with matplotlib, in the chart's starting scale (the toggle needs a browser)."""
         n_rows, n_cols = len(self.use_cases), len(self.metrics)
         width, height = self.png_size
         axes = fig.subplots(n_rows, n_cols, squeeze=False)
@@ -315,9 +350,9 @@ class ComparisonChart(FigureOutput):
                     xs = [panel.steps.index(s) + (i - (len(self.approaches) - 1) / 2) * bar for s in rows["label"]]
                     values = [float(v) for v in rows[panel.metric]]
                     bars = ax.bar(xs, values, bar, color=colour_of(approach), label=approach)
-                    ax.bar_label(bars, panel.labels(values, log=panel.log), fontsize=7, padding=2, rotation=90)
-                ticks = panel.axis(panel.log)
-                if panel.log:
+                    ax.bar_label(bars, panel.labels(values, log=self.log), fontsize=7, padding=2, rotation=90)
+                ticks = panel.axis(self.log)
+                if self.log:
                     ax.set_yscale("log")
                     ax.set_ylim(10 ** ticks.range[0], 10 ** ticks.range[1])
                 else:
@@ -325,7 +360,7 @@ class ComparisonChart(FigureOutput):
                 ax.set_yticks(ticks.tickvals, ticks.ticktext, fontsize=8)
                 ax.minorticks_off()
                 ax.set_xticks(range(len(panel.steps)), panel.steps, fontsize=8)
-                ax.set_ylabel(panel.title_of(panel.log), fontsize=9)
+                ax.set_ylabel(panel.title_of(self.log), fontsize=9)
                 ax.grid(axis="y", color="#e5e5e5")
                 ax.set_axisbelow(True)
                 for side in ("top", "right"):

@@ -94,6 +94,8 @@ class LineageGraph(FigureOutput):
     ``compact`` fits a narrow panel (the JupyterLab sidebar): no title, the legend below the graph.
     """
 
+    log_toggle = False  # its axes are versions and branch lanes: nothing to switch
+
     def __init__(self, lineage: "Lineage", compact: bool = False) -> None:
         self.lineage = lineage
         self.compact = compact

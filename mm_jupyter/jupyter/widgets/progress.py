@@ -56,6 +56,11 @@ class Entry:
         return (-self.rung, self.pruned is not None, -self.score, self.loss, natural_key(self.model))
 
 
+def survivors(n: int) -> str:
+    """'1 survivor', '3 survivors'."""
+    return f"{n} survivor" + ("" if n == 1 else "s")
+
+
 def natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
     """``"cand-10"`` sorts after ``"cand-2"``: digit runs compare as numbers, the rest as text."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
@@ -221,8 +226,12 @@ class SearchProgress(StaticFallback, widgets.VBox):
     def _draw_bars(self) -> None:
         bars = list(self.bars.children)
         for rung in sorted(self.rungs.values(), key=lambda r: r.index)[len(bars):]:
-            bars.append(widgets.IntProgress(min=0, description=f"rung {rung.index}: {rung.items} items",
-                                            style={"description_width": "initial"}))
+            bars.append(widgets.IntProgress(min=0, description=f"rung {rung.index}: {rung.items:,} items"))
+        # one label width for every bar, so the bars start at the same left edge
+        width = f"{max((len(b.description) for b in bars), default=0) + 1}ch"
+        for bar in bars:
+            if bar.style.description_width != width:
+                bar.style.description_width = width
         for bar, rung in zip(bars, sorted(self.rungs.values(), key=lambda r: r.index)):
             bar.max = max(1, len(rung.models))
             bar.value = len(rung.scored)
@@ -273,7 +282,7 @@ class SearchProgress(StaticFallback, widgets.VBox):
         """The widget's state as HTML and text, for viewers without the live widget (saved notebooks)."""
         rungs = "".join(
             f"<li>rung {r.index}: {len(r.models)} models on {r.items} items, {len(r.scored)} scored"
-            + (f" &rarr; {len(r.survivors)} survivors" if r.survivors is not None else "") + "</li>"
+            + (f" &rarr; {survivors(len(r.survivors))}" if r.survivors is not None else "") + "</li>"
             for r in sorted(self.rungs.values(), key=lambda r: r.index)
         )
         parts = [self.status.value, f"<ul>{rungs}</ul>" if rungs else "", self.cache.value,
@@ -301,7 +310,7 @@ class SearchProgress(StaticFallback, widgets.VBox):
     def __repr__(self) -> str:
         lines = [f"SearchProgress: {self.state}, {len(self.rungs)} rung(s), {len(self.entries)} models"]
         for rung in sorted(self.rungs.values(), key=lambda r: r.index):
-            end = f" -> {len(rung.survivors)} survivors" if rung.survivors is not None else ""
+            end = f" -> {survivors(len(rung.survivors))}" if rung.survivors is not None else ""
             lines.append(f"  rung {rung.index}: {len(rung.models)} models, {rung.items} items, "
                          f"{len(rung.scored)} scored{end}")
         if self.state == "done" and self.entries:
