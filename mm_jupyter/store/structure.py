@@ -42,8 +42,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
 
-from ..errors import ArchitectureError, StoreError
+from ..errors import ArchitectureError, MMError, StoreError, TrustError
 from . import trust
+from .limits import MAX_RECORD_DEPTH, check_depth
 from .tensors import torch_dtype
 
 if TYPE_CHECKING:
@@ -64,6 +65,36 @@ def internal_attributes() -> frozenset[str]:
     from torch import nn
 
     return frozenset(nn.Module().__dict__)
+
+
+@functools.lru_cache(maxsize=1)
+def _module_own_names() -> frozenset[str]:
+    """Everything ``nn.Module`` itself defines (methods, ``_compiled_call_impl``, ``_version``, ...)
+    and the bookkeeping its ``__init__`` creates."""
+    from torch import nn
+
+    return frozenset(vars(nn.Module)) | internal_attributes()
+
+
+def attribute_refusal(klass: type, name: Any) -> str | None:
+    """Why a restored instance attribute ``name`` of a ``klass`` module would not be plain data
+    (None: it is). Refused: dunders, anything ``nn.Module`` defines or keeps as bookkeeping, and any
+    name the class or a base defines as a method, property or other descriptor — an instance
+    attribute of that name would replace code that ``nn.Module`` or the class calls. A class-level
+    plain value (``_no_split_modules = None``) may be overridden by the instance, as its
+    ``__init__`` does."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return "is not an attribute name"
+    if name.startswith("__") and name.endswith("__"):
+        return "is a special (dunder) name"
+    if name in _module_own_names():
+        return "belongs to nn.Module itself"
+    for base in klass.__mro__:
+        if name in vars(base):
+            found = vars(base)[name]
+            if base is object or callable(found) or hasattr(type(found), "__get__"):
+                return f"is defined by class {base.__qualname__} (a {type(found).__name__})"
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -161,6 +192,10 @@ class _Recorder:
         ref = ref_of(klass)
         if ref is None:
             ref = self._local(klass, f"class of {where}")
+        elif "." in ref.split(":")[1]:
+            raise ArchitectureError(
+                f"class of {where} is {ref!r}, defined inside another class; a record names only classes "
+                "defined at the top level of their module — move it there")
         self.class_index[klass] = len(self.classes)
         self.classes.append(ref)
         return self.class_index[klass]
@@ -190,8 +225,8 @@ class _Recorder:
                     raise ArchitectureError(f"parameter {key} is uninitialised (a lazy module); run one forward first")
                 self.paths[id(p)] = key
                 spec = [_dtype(p, f"parameter {key}"), list(p.shape), bool(p.requires_grad)]
-                if not p.is_contiguous():
-                    spec.append(list(p.stride()))
+                if not p.is_contiguous() and is_dense_layout(p.shape, p.stride()):
+                    spec.append(list(p.stride()))  # a permuted layout; a gapped view is rebuilt contiguous
                 params.append([name, spec])
         buffers: list[list[Any]] = []
         nonpersistent = mod._non_persistent_buffers_set
@@ -206,7 +241,7 @@ class _Recorder:
                 spec = [_dtype(b, f"buffer {key}"), list(b.shape)]
                 if name in nonpersistent:  # not in the state dict: its value is part of the architecture
                     spec.append(_tensor_bytes(b, f"non-persistent buffer {key}"))
-                if not b.is_contiguous():
+                if not b.is_contiguous() and is_dense_layout(b.shape, b.stride()):
                     spec += [None] * (3 - len(spec)) + [list(b.stride())]
                 buffers.append([name, spec])
         node["p"], node["b"] = params, buffers
@@ -288,8 +323,12 @@ class _Recorder:
                 # settings chosen at model creation (e.g. the attention kernel) live in private
                 # attributes that to_dict() leaves out; they change what the model computes
                 private = {k: x for k, x in vars(v).items()
-                           if k.startswith("_") and k not in public
+                           if k.startswith("_") and not k.startswith("__") and k not in public
                            and (x is None or type(x) in (bool, int, float, str))}
+                from .hfrecords import check_literal
+
+                check_literal(public, f"attribute {where}")  # refused now if recovery would refuse it
+                check_literal(private, f"attribute {where}")
                 return {"$hfconfig": [ref, public, private]}
         raise ArchitectureError(
             f"attribute {where} is a {t.__module__}.{t.__qualname__}, which an architecture record cannot hold; "
@@ -312,12 +351,25 @@ def record(model: "nn.Module") -> dict[str, Any]:
     root = rec.node(model, "")
     internal = internal_attributes()
     for node, mod, path in rec.pending:
-        node["a"] = [[k, rec.value(v, _join(path, k))] for k, v in mod.__dict__.items() if k not in internal]
+        attrs = []
+        for k, v in mod.__dict__.items():
+            if k in internal:
+                continue
+            refusal = attribute_refusal(type(mod), k)
+            if refusal is None and (k in mod._parameters or k in mod._buffers or k in mod._modules):
+                refusal = "hides the module's own tensor or child of that name"
+            if refusal is not None:  # recovery would refuse it: never store what cannot be read back
+                raise ArchitectureError(f"attribute {_join(path, k)} {refusal}; an instance attribute of that name "
+                                        "cannot be recorded (it would replace code)")
+            attrs.append([k, rec.value(v, _join(path, k))])
+        node["a"] = attrs
     source = None
     if rec.local:
         names = list(rec.local)
         source = {"code": capture_local([rec.local[n] for n in names]), "names": names}
-    return {"classes": rec.classes, "source": source, "root": root}
+    out = {"classes": rec.classes, "source": source, "root": root}
+    check_depth(out, MAX_RECORD_DEPTH, "the module tree's record", ArchitectureError)
+    return out
 
 
 def capture_local(objs: Sequence[Any]) -> str:
@@ -355,55 +407,126 @@ def _source_namespace(source: Mapping[str, Any], trusted: bool, subject: str, al
     return {n: mod[n] for n in names}
 
 
+class _Where:
+    """Where in a record the rebuild is (for the one error a hostile or damaged record gives)."""
+
+    def __init__(self) -> None:
+        self.module = ""
+        self.item = "classes"
+
+    def at(self, module: str, item: str) -> None:
+        self.module, self.item = module, item
+
+    def __str__(self) -> str:
+        return f"module {self.module or '(root)'}, {self.item}"
+
+
 def build(struct: Mapping[str, Any], *, meta: bool = False, trusted: bool = False, subject: str = "this set",
           allow: str = "trust_code=True") -> "nn.Module":
     """A module rebuilt from its structural record; no recorded constructor runs. Tensors are zeros
-    (``meta=True``: meta tensors, for checking keys, shapes and dtypes without memory)."""
+    (``meta=True``: meta tensors, for checking keys, shapes and dtypes without memory).
+
+    The record is data from a store: every failure is one ``ArchitectureError`` naming where in the
+    record it happened (``TrustError`` when it would run recorded source without trust)."""
+    where = _Where()
+    if not isinstance(struct, Mapping):
+        raise ArchitectureError("structural architecture record is not a JSON object")
+    check_depth(struct, MAX_RECORD_DEPTH, "structural architecture record", ArchitectureError)
     try:
-        return _build(struct, meta, trusted, subject, allow)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise ArchitectureError(f"malformed structural architecture record ({type(e).__name__}: {e})") from None
+        return _build(struct, meta, trusted, subject, allow, where)
+    except TrustError:
+        raise
+    except MMError as e:
+        raise ArchitectureError(f"structural record, {where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a malformed or hostile record: one error naming where it failed
+        raise ArchitectureError(f"malformed structural record, {where}: {type(e).__name__}: {e}") from None
 
 
-def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, allow: str) -> "nn.Module":
+def _name(x: Any, what: str) -> str:
+    """A parameter, buffer or child name: a non-empty string without dots (as nn.Module requires)."""
+    if not isinstance(x, str) or not x or "." in x or len(x) > 1000:
+        raise ArchitectureError(f"{what} name {str(x)[:80]!r} is not a module attribute name")
+    return x
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    if not isinstance(x, list) or len(x) > 64 or not all(type(d) is int and 0 <= d < 2**48 for d in x):
+        raise ArchitectureError(f"shape {str(x)[:80]} is not a list of sizes")
+    if math.prod(x) >= 2**48:
+        raise ArchitectureError(f"shape {x} declares more than 2**48 elements")
+    return tuple(x)
+
+
+def _dense_strides(shape: Sequence[int], strides: Any) -> tuple[int, ...]:
+    """Strides that lay out exactly ``prod(shape)`` elements without gaps or overlaps (a permuted
+    contiguous layout, such as a transposed weight): allocating them costs what the shape says."""
+    if not isinstance(strides, list) or len(strides) != len(shape) or not all(
+            type(s) is int and 0 <= s < 2**48 for s in strides):
+        raise ArchitectureError(f"strides {str(strides)[:80]} do not match shape {list(shape)}")
+    expected = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(shape, strides) if sz > 1), key=lambda p: p[1]):
+        if stride != expected:
+            raise ArchitectureError(f"strides {strides} of shape {list(shape)} are not a dense layout")
+        expected *= size
+    return tuple(strides)
+
+
+def is_dense_layout(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    try:
+        _dense_strides(shape, list(strides))
+    except ArchitectureError:
+        return False
+    return True
+
+
+def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, allow: str,
+           where: _Where) -> "nn.Module":
     import torch
     from torch import nn
 
     local: dict[str, Any] = {}
     if struct.get("source"):
+        where.at("", "recorded source")
         local = _source_namespace(struct["source"], trusted, subject, allow)
 
-    def klass(ref: str) -> type[nn.Module]:
-        if ref.startswith("@"):
+    def klass(ref: Any) -> type[nn.Module]:
+        if isinstance(ref, str) and ref.startswith("@"):
             obj = local.get(ref[1:])
             if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
                 raise ArchitectureError(f"recorded class {ref[1:]!r} is not an nn.Module class")
             return obj
-        return trust.module_class(ref)
+        return trust.module_class(ref, trusted=trusted)
 
+    where.at("", "class list")
+    if not isinstance(struct.get("classes"), list):
+        raise ArchitectureError("the record has no class list")
     classes = [klass(r) for r in struct["classes"]]
     device = "meta" if meta else "cpu"
     tensors: dict[str, Any] = {}
     modules: dict[str, nn.Module] = {}
     pending: list[tuple[nn.Module, list[list[Any]], str]] = []
 
-    def tensor(spec: list[Any], key: str, data: str | None, stride: list[int] | None) -> torch.Tensor:
-        dtype, shape = torch_dtype(spec[0]), tuple(int(s) for s in spec[1])
-        if stride is not None:
-            out = torch.empty_strided(shape, tuple(int(x) for x in stride), dtype=dtype, device=device)
-            return out if meta else out.zero_() if data is None else out.copy_(_tensor_from(spec[0], shape, data, key))
+    def tensor(spec: list[Any], data: str | None, stride: Any) -> torch.Tensor:
+        dtype, shape = torch_dtype(spec[0]), _shape(spec[1])
+        strides = None if stride is None else _dense_strides(shape, stride)
+        value = None if data is None or meta else _tensor_from(spec[0], shape, data, "recorded value")
+        if strides is not None:  # the bytes were checked above, before anything is allocated
+            out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+            return out if meta else out.zero_() if value is None else out.copy_(value)
         if meta:
             return torch.empty(shape, dtype=dtype, device=device)
-        if data is not None:
-            return _tensor_from(spec[0], shape, data, f"buffer {key}")
-        return torch.zeros(shape, dtype=dtype)
+        return value if value is not None else torch.zeros(shape, dtype=dtype)
 
     def make(node: Mapping[str, Any], path: str) -> nn.Module:
+        where.at(path, "class")
+        if not isinstance(node, dict) or type(node.get("c")) is not int or not 0 <= node["c"] < len(classes):
+            raise ArchitectureError("a module node names no recorded class")
         mod: nn.Module = object.__new__(classes[node["c"]])
         nn.Module.__init__(mod)  # bookkeeping only: the recorded class's own __init__ never runs
         modules[path] = mod
         for name, spec in node["p"]:
-            key = _join(path, name)
+            key = _join(path, _name(name, "parameter"))
+            where.at(path, f"parameter {name!r}")
             if spec is None:
                 mod._parameters[name] = None
             elif isinstance(spec, dict):
@@ -412,23 +535,28 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
                     raise ArchitectureError(f"parameter {key} is tied to {spec['tie']}, which is not a parameter")
                 mod._parameters[name] = tied
             else:
-                p = nn.Parameter(tensor(spec, key, None, spec[3] if len(spec) > 3 else None),
-                                 requires_grad=bool(spec[2]))
+                p = nn.Parameter(tensor(spec, None, spec[3] if len(spec) > 3 else None), requires_grad=bool(spec[2]))
                 tensors[key] = mod._parameters[name] = p
-        nonpersistent = set(node.get("np", []))
+        nonpersistent = set(_name(n, "buffer") for n in node.get("np", []))
         for name, spec in node["b"]:
-            key = _join(path, name)
+            key = _join(path, _name(name, "buffer"))
+            where.at(path, f"buffer {name!r}")
             if spec is None:
                 mod._buffers[name] = None
             elif isinstance(spec, dict):
-                mod._buffers[name] = tensors[spec["tie"]]
+                tied = tensors[spec["tie"]]
+                if not isinstance(tied, torch.Tensor) or isinstance(tied, nn.Parameter):
+                    raise ArchitectureError(f"buffer {key} is tied to {spec['tie']}, which is not a buffer")
+                mod._buffers[name] = tied
             else:
                 if name in nonpersistent and (len(spec) < 3 or spec[2] is None):
                     raise ArchitectureError(f"non-persistent buffer {key} has no recorded value")
                 data = spec[2] if name in nonpersistent else None
-                tensors[key] = mod._buffers[name] = tensor(spec, key, data, spec[3] if len(spec) > 3 else None)
+                tensors[key] = mod._buffers[name] = tensor(spec, data, spec[3] if len(spec) > 3 else None)
         mod._non_persistent_buffers_set = nonpersistent
         for name, child in node["m"]:
+            where.at(path, f"child {name!r}")
+            _name(name, "child module")
             if child is None:
                 mod._modules[name] = None
             elif "ref" in child:
@@ -439,64 +567,72 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
         pending.append((mod, node.get("a", []), path))
         return mod
 
-    def value(v: Any, where: str) -> Any:
+    def value(v: Any, at: str) -> Any:
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
         if isinstance(v, list):
-            return [value(x, where) for x in v]
+            return [value(x, at) for x in v]
         if not isinstance(v, dict) or len(v) != 1:
-            raise ArchitectureError(f"attribute {where} has a malformed record {v!r}")
+            raise ArchitectureError(f"value {str(v)[:80]} is not a recorded attribute value")
         (tag, x), = v.items()
         if tag == "$tuple":
-            return tuple(value(i, where) for i in x)
+            return tuple(value(i, at) for i in x)
         if tag == "$dict":
-            return {value(k, where): value(i, where) for k, i in x}
+            return {value(k, at): value(i, at) for k, i in x}
         if tag == "$set":
-            return {value(i, where) for i in x}
+            return {value(i, at) for i in x}
         if tag == "$frozenset":
-            return frozenset(value(i, where) for i in x)
+            return frozenset(value(i, at) for i in x)
         if tag == "$float":
             if x not in ("nan", "inf", "-inf"):
-                raise ArchitectureError(f"attribute {where}: bad float {x!r}")
+                raise ArchitectureError(f"bad float {x!r}")
             return float(x)
         if tag == "$dtype":
             return torch_dtype(x)
         if tag == "$device":
+            if not isinstance(x, str):
+                raise ArchitectureError(f"bad device {x!r}")
             return torch.device(x)
         if tag == "$size":
-            return torch.Size(int(i) for i in x)
+            return torch.Size(_shape(x))
         if tag == "$ref":
             return tensors[x]
         if tag == "$module":
             return modules[x]
         if tag == "$weakref":
-            return None if x is None else weakref.ref(value(x, where))  # a dead reference comes back as None
+            if x is None:
+                return None  # a dead reference comes back as None
+            target = value(x, at)
+            if not isinstance(target, (torch.Tensor, nn.Module)):
+                raise ArchitectureError("a weak reference points at neither a tensor nor a module of the tree")
+            return weakref.ref(target)
         if tag == "$tensor":
-            return _tensor_from(x[0], x[1], x[2], f"attribute {where}")
+            return _tensor_from(x[0], _shape(x[1]), x[2], f"attribute {at}")
         if tag == "$class":
             return klass(x)
         if tag == "$fn":
-            if x.startswith("@"):
+            if isinstance(x, str) and x.startswith("@"):
                 fn = local.get(x[1:])
                 if not isinstance(fn, types.FunctionType):
-                    raise ArchitectureError(f"attribute {where}: recorded function {x[1:]!r} is not defined")
+                    raise ArchitectureError(f"recorded function {x[1:]!r} is not defined")
                 return fn
             return trust.function(x)
         if tag == "$hfconfig":
-            config = trust.config_class(x[0]).from_dict(x[1])
-            for k, v in (x[2] if len(x) > 2 else {}).items():
-                plain = v is None or isinstance(v, (bool, int, float, str))
-                if not (isinstance(k, str) and k.startswith("_") and plain):
-                    raise ArchitectureError(f"attribute {where}: bad private config setting {k!r}")
-                setattr(config, k, v)
-            return config
-        raise ArchitectureError(f"attribute {where} has an unknown record tag {tag!r}")
+            from .hfrecords import build_config
+
+            return build_config(trust.config_class(x[0], trusted=trusted), x[1], x[2] if len(x) > 2 else {},
+                                f"attribute {at}")
+        raise ArchitectureError(f"unknown record tag {tag!r}")
 
     root = make(struct["root"], "")
     for mod, attrs, path in pending:
         for k, v in attrs:
-            if k in internal_attributes():
-                raise ArchitectureError(f"attribute {_join(path, k)} would overwrite module bookkeeping")
+            where.at(path, f"attribute {k!r}")
+            refusal = attribute_refusal(type(mod), k)
+            if refusal is None and (k in mod._parameters or k in mod._buffers or k in mod._modules):
+                refusal = "would hide the module's own tensor or child of that name"
+            if refusal is not None:
+                raise ArchitectureError(f"attribute {k!r} {refusal}; a record restores data, never code")
             mod.__dict__[k] = value(v, _join(path, k))
     return root
 
