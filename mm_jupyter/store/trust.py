@@ -219,11 +219,28 @@ def _stdlib(mod: str) -> bool:
     return mod.split(".")[0] in sys.stdlib_module_names
 
 
+#: Modules imported by the session this process works for (a search's Ray workers: the driver's).
+SESSION_MODULES: set[str] = set()
+
+
+def session_modules() -> tuple[str, ...]:
+    """The modules this session has imported that records may name (not the standard library, not
+    executed recorded source): what a worker process of this session may import as if it had."""
+    return tuple(sorted(m for m, mod in list(sys.modules.items())
+                        if mod is not None and _module_name(m) and m != "__main__" and not _stdlib(m)
+                        and not m.startswith(SOURCE_MODULE_PREFIX)))
+
+
+def adopt_session(modules: tuple[str, ...]) -> None:
+    """Treat ``modules`` (``session_modules()`` of the session this process works for) as imported."""
+    SESSION_MODULES.update(m for m in modules if isinstance(m, str) and _module_name(m) and not _stdlib(m))
+
+
 def _in_allowed_package(mod: str) -> bool:
     """A public module of an allowed package (private modules such as ``torch._dynamo`` or test
-    helpers may change global state when imported: they must already be imported), or a module
-    whose functions the user allowed."""
-    if mod in ALLOWED_FUNCTION_MODULES:
+    helpers may change global state when imported: they must already be imported), a module whose
+    functions the user allowed, or one the session this process works for has imported."""
+    if mod in ALLOWED_FUNCTION_MODULES or mod in SESSION_MODULES:
         return True
     parts = mod.split(".")
     return (not any(p.startswith("_") for p in parts)
