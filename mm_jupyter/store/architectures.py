@@ -240,7 +240,7 @@ class Architecture:
         with _registrations_bounded(MODULES_PER_KEY * len(layout.specs) + MIN_REGISTRATIONS):
             probe = self.build(trusted=trusted, subject=subject, meta=True)
         match_dtypes(probe, layout)
-        diff = layout_mismatch(probe, layout)
+        diff = layout_mismatch(structure.module_state(probe, layout.keys), layout)
         if diff is not None:
             raise ArchitectureError(f"the record builds other tensors than the stored ones: {diff}")
         persistent = set(probe.state_dict())

@@ -12,6 +12,7 @@ and restored on the built config afterwards. Builds also run with the hub switch
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import threading
@@ -105,8 +106,8 @@ def build_config(klass: "HFConfigClass", data: Any, private: Any, what: str) -> 
             raise ArchitectureError(f"{what}: bad private config setting {k!r}")
         if callable(getattr(klass, k, None)):
             raise ArchitectureError(f"{what}: private config setting {k!r} would replace a method; refused")
-    with hub_offline():
-        config = klass.from_dict(data)
+    with hub_offline():  # a copy: a constructor that edits its config must not edit the record
+        config = klass.from_dict(copy.deepcopy(data))
     for k, v in private.items():
         setattr(config, k, v)
     return config

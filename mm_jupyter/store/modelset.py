@@ -17,7 +17,7 @@ from ..errors import MMError, RecoveryError, StoreError, TrustError
 from .architectures import Architecture
 from .contracts import ObjectArea
 from .objects import ObjectReader
-from .structure import make_cloner
+from .structure import load_module_state, make_cloner
 from .tensors import Layout, TensorSpec, match_dtypes, torch_dtype, view_tensor
 
 if TYPE_CHECKING:
@@ -265,7 +265,7 @@ class ModelSet:
             return self._make(list(sd.values()))
         module = copy.deepcopy(self._template)
         with torch.no_grad():
-            module.load_state_dict(sd, strict=True)
+            load_module_state(module, sd)
         module.eval()
         return module
 

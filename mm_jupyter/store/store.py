@@ -183,13 +183,10 @@ class Store:
         if verify != "all" and (isinstance(verify, bool) or not isinstance(verify, int) or verify < 1):
             raise StoreError(f"verify must be a number of models to retrain (at least 1) or 'all', not {verify!r}")
         names, mods, explicit = _normalise(models)
-        arch = architecture if architecture is not None else Architecture.infer(mods[0])
-        if not isinstance(arch, Architecture):
-            raise StoreError(f"architecture must be an mm.Architecture, not {type(arch).__name__}")
+        if architecture is not None and not isinstance(architecture, Architecture):
+            raise StoreError(f"architecture must be an mm.Architecture, not {type(architecture).__name__}")
         layout, rows = extract_states(mods, names)
-        _check_architecture(arch, layout)
-        if architecture is None:
-            check_same_architecture(arch, mods, names)
+        arch, layout, rows = _settle_architecture(architecture, mods, names, layout, rows)
         with self.writing(f"set {name!r}"), trust.scope(self.trust_code):  # a base may be retrained
             base_row = self._base_row(name, approach, base)
             inp = SaveInput(name, names, explicit, layout, rows, arch, environment(), base_row, provenance, verify)
@@ -479,20 +476,54 @@ def check_rebuilds(arch: Architecture, model: "nn.Module") -> None:
 
 
 def _check_architecture(arch: Architecture, layout: Layout) -> None:
-    """Rebuild the record on the meta device (the saving session's own code may run: it is the
-    user's) and compare keys, shapes and dtypes with the models."""
+    """StoreError unless the record rebuilds modules with the models' keys, shapes and dtypes."""
+    _, diff = _probe(arch, layout)
+    if diff is not None:
+        raise StoreError(f"architecture {arch.describe()} does not rebuild these models: it builds {diff}")
+
+
+def _probe(arch: Architecture, layout: Layout) -> tuple["nn.Module", str | None]:
+    """The record rebuilt on the meta device (the saving session's own code may run: it is the
+    user's) and its first difference from ``layout`` (None: it rebuilds these models)."""
+    from .structure import module_state
     from .tensors import layout_mismatch, match_dtypes
 
     try:
         probe_module = arch.build_meta(trusted=True, subject="the models being saved")
         match_dtypes(probe_module, layout)
-        diff = layout_mismatch(probe_module, layout)
+        return probe_module, layout_mismatch(module_state(probe_module, layout.keys), layout)
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's factory or class failed: name it, one line
         raise StoreError(f"architecture {arch.describe()} cannot be built: {type(e).__name__}: {e}") from None
+
+
+def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.Module"], names: Sequence[str],
+                         layout: Layout, rows: list[list[Any]]) -> tuple[Architecture, Layout, list[list[Any]]]:
+    """The record a set is saved with, and its layout and rows (plus the tensors its models hold in
+    plain attributes, stored per model). An inferred Hugging Face record must be idempotent: built
+    again on the meta device (the check every save makes), it must give the same config and tensors.
+    A constructor that edits its config (LevitModel appends to ``config.down_ops``) fails that, and
+    the models are recorded structurally instead — tree, attributes and config exactly as they are."""
+    from .structure import json_clean, with_attribute_states
+
+    def prepared(arch: Architecture) -> tuple[Layout, list[list[Any]], "nn.Module", str | None]:
+        if architecture is None:
+            check_same_architecture(arch, mods, names)
+        full_layout, full_rows = (with_attribute_states(arch.structure or {}, layout, rows, mods, names)
+                                  if arch.kind == "structure" else (layout, rows))
+        return (full_layout, full_rows, *_probe(arch, full_layout))
+
+    arch = architecture if architecture is not None else Architecture.infer(mods[0])
+    full_layout, full_rows, probe, diff = prepared(arch)
+    config: Any = getattr(probe, "config", None)
+    if architecture is None and arch.kind == "hf" and (
+            diff is not None or config is None or json_clean(config.to_dict(), "the rebuilt config") != arch.config):
+        arch = Architecture.structural(mods[0])
+        full_layout, full_rows, probe, diff = prepared(arch)
     if diff is not None:
         raise StoreError(f"architecture {arch.describe()} does not rebuild these models: it builds {diff}")
+    return arch, full_layout, full_rows
 
 
 def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], names: Sequence[str]) -> None:

@@ -25,15 +25,20 @@ survives key-sorting serialisers (the order of parameters and children is the or
 
 Attribute values are JSON scalars and lists, or tagged: ``$tuple``, ``$dict``, ``$set``,
 ``$frozenset``, ``$float`` (non-finite), ``$dtype``, ``$device``, ``$size``, ``$fn`` (an
-allow-listed function), ``$class`` (an ``nn.Module`` class), ``$ref`` (a tensor of this tree, e.g.
-an RNN's flat weights), ``$module`` (a module of this tree), ``$tensor`` (a small plain tensor) and
-``$hfconfig`` (a Hugging Face config). Anything else cannot be recorded and raises
-``ArchitectureError`` naming the attribute path and its type.
+allow-listed function), ``$class`` (an ``nn.Module`` class), ``$enum`` (an enum member: class and
+member name), ``$ref`` (a tensor of this tree, e.g. an RNN's flat weights), ``$module`` (a module of
+this tree), ``$state`` (a plain tensor — alone, in a list, tuple or dict, such as a cache an eval
+forward fills: stored per model like a buffer under the key ``<module path>.<attribute>#<n>``, the
+record holding its key, dtype and shape), ``$tensor`` (a small plain tensor inline: records written
+before ``$state``) and ``$hfconfig`` (a Hugging Face config). Anything else cannot be recorded and
+raises ``ArchitectureError`` naming the attribute path and its type. Restored attributes are data
+only (``attribute_refusal``).
 """
 from __future__ import annotations
 
 import base64
 import copy
+import enum
 import functools
 import math
 import types
@@ -45,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
 from ..errors import ArchitectureError, MMError, StoreError, TrustError
 from . import trust
 from .limits import MAX_RECORD_DEPTH, check_depth
-from .tensors import torch_dtype
+from .tensors import Layout, TensorSpec, _as_storable, spec_of, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +60,10 @@ if TYPE_CHECKING:
 
 #: A non-persistent buffer or plain tensor attribute is recorded by value up to this size.
 MAX_INLINE_BYTES = 1 << 20
+#: Separates an attribute's path from the position of a tensor in its value in a state key
+#: (``stages.2.attn.attention_bias_cache#0``): tensors held in plain attributes are stored per model
+#: under such keys, after the state dict's own (which never hold it).
+STATE_MARK = "#"
 _KEEP = ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
 _FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.BuiltinMethodType)
 
@@ -171,6 +180,9 @@ class _Recorder:
         self.paths: dict[int, str] = {}  # id(tensor) -> state path
         self.modules: dict[int, str] = {}  # id(module) -> module path
         self.pending: list[tuple[dict[str, Any], "nn.Module", str]] = []
+        self.attribute = ""  # the attribute whose value is being recorded (names its tensors' state keys)
+        self.states: list[str] = []  # state keys of the tensors found in attribute values, in order
+        self.counts: dict[str, int] = {}  # tensors found so far per attribute
 
     def _local(self, obj: Any, where: str) -> str:
         name = obj.__name__
@@ -183,6 +195,18 @@ class _Recorder:
             raise ArchitectureError(f"{where}: two different definitions are both named {name!r}")
         self.local[name] = obj
         return f"@{name}"
+
+    def enum_ref(self, klass: type, where: str) -> str:
+        """The reference of an enum class (a notebook's enum is recorded as source)."""
+        from .architectures import ref_of
+
+        ref = ref_of(klass)
+        if ref is None:
+            return self._local(klass, f"class of {where}")
+        if "." in ref.split(":")[1]:
+            raise ArchitectureError(f"attribute {where} is a member of {ref!r}, an enum defined inside a class; "
+                                    "define it at the top level of its module")
+        return ref
 
     def cls(self, klass: type, where: str) -> int:
         if klass in self.class_index:
@@ -272,10 +296,18 @@ class _Recorder:
         if t is tuple:
             return {"$tuple": [self.value(x, f"{where}[{i}]") for i, x in enumerate(v)]}
         if t in (dict, OrderedDict):
+            if any(isinstance(k, torch.Tensor) for k in v):
+                raise ArchitectureError(f"attribute {where} is a dict with tensors as keys, which cannot be recorded")
             return {"$dict": [[self.value(k, f"{where} key"), self.value(x, f"{where}[{k!r}]")] for k, x in v.items()]}
         if t in (set, frozenset):
+            if any(isinstance(x, torch.Tensor) for x in v):
+                raise ArchitectureError(f"attribute {where} is a set of tensors, which cannot be recorded")
             items = sorted((self.value(x, f"{where} item") for x in v), key=repr)
             return {f"${t.__name__}": items}
+        if isinstance(v, enum.Enum):
+            if t._member_map_.get(v.name) is not v:  # e.g. a combination of Flag members
+                raise ArchitectureError(f"attribute {where} is {v!r}, which is not a member by name of {t.__name__}")
+            return {"$enum": [self.enum_ref(t, where), v.name]}
         if isinstance(v, torch.dtype):
             return {"$dtype": str(v).removeprefix("torch.")}
         if isinstance(v, torch.device):
@@ -287,7 +319,13 @@ class _Recorder:
                 return {"$ref": self.paths[id(v)]}
             if isinstance(v, torch.nn.Parameter):
                 raise ArchitectureError(f"attribute {where} holds a Parameter that no module registers")
-            return {"$tensor": [_dtype(v, f"attribute {where}"), list(v.shape), _tensor_bytes(v, f"attribute {where}")]}
+            # a plain tensor attribute (a cache, a per-model constant): stored per model like a buffer,
+            # under a key of its own; the record holds its place, dtype and shape
+            key = f"{self.attribute}{STATE_MARK}{self.counts.get(self.attribute, 0)}"
+            self.counts[self.attribute] = self.counts.get(self.attribute, 0) + 1
+            self.states.append(key)
+            _as_storable(v, f"attribute {where}")
+            return {"$state": [key, _dtype(v, f"attribute {where}"), list(v.shape)]}
         if t is weakref.ReferenceType:
             target = v()
             if target is None or id(target) in self.paths or id(target) in self.modules:
@@ -361,6 +399,7 @@ def record(model: "nn.Module") -> dict[str, Any]:
             if refusal is not None:  # recovery would refuse it: never store what cannot be read back
                 raise ArchitectureError(f"attribute {_join(path, k)} {refusal}; an instance attribute of that name "
                                         "cannot be recorded (it would replace code)")
+            rec.attribute = _join(path, k)
             attrs.append([k, rec.value(v, _join(path, k))])
         node["a"] = attrs
     source = None
@@ -606,8 +645,25 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
             if not isinstance(target, (torch.Tensor, nn.Module)):
                 raise ArchitectureError("a weak reference points at neither a tensor nor a module of the tree")
             return weakref.ref(target)
-        if tag == "$tensor":
+        if tag == "$tensor":  # records written before plain tensors were stored per model
             return _tensor_from(x[0], _shape(x[1]), x[2], f"attribute {at}")
+        if tag == "$state":  # filled with the model's stored tensor (ModelSet / load_module_state)
+            if not (isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and STATE_MARK in x[0]):
+                raise ArchitectureError(f"bad state reference {str(x)[:80]}")
+            return tensor([x[1], x[2]], None, None)
+        if tag == "$enum":
+            if not (isinstance(x, list) and len(x) == 2 and isinstance(x[1], str)):
+                raise ArchitectureError(f"bad enum member {str(x)[:80]}")
+            if isinstance(x[0], str) and x[0].startswith("@"):
+                enum_class = local.get(x[0][1:])
+                if not (isinstance(enum_class, type) and issubclass(enum_class, enum.Enum)):
+                    raise ArchitectureError(f"recorded enum {x[0][1:]!r} is not defined")
+            else:
+                enum_class = trust.enum_class(x[0], trusted=trusted)
+            member = enum_class._member_map_.get(x[1])  # by name, without running the enum's own lookups
+            if member is None:
+                raise ArchitectureError(f"enum {x[0]} has no member {x[1]!r}")
+            return member
         if tag == "$class":
             return klass(x)
         if tag == "$fn":
@@ -635,6 +691,121 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
                 raise ArchitectureError(f"attribute {k!r} {refusal}; a record restores data, never code")
             mod.__dict__[k] = value(v, _join(path, k))
     return root
+
+
+# -- tensors held in plain attributes: per-model state -------------------------------------------------
+def _tree_ids(model: "nn.Module") -> set[int]:
+    ids: set[int] = set()
+    for mod in model.modules():
+        ids.update(id(t) for t in list(mod._parameters.values()) + list(mod._buffers.values()) if t is not None)
+    return ids
+
+
+def _value_tensors(value: Any, tree: set[int]) -> list["torch.Tensor"]:
+    """The tensors of an attribute value that are not tensors of the module tree, in the order the
+    recorder meets them (list and tuple items, dict values; dict keys and sets never hold any)."""
+    import torch
+
+    out: list[torch.Tensor] = []
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, torch.Tensor):
+            if id(v) not in tree:
+                out.append(v)
+        elif type(v) in (list, tuple):
+            todo.extend(reversed(v))
+        elif type(v) in (dict, OrderedDict):
+            todo.extend(reversed(list(v.values())))
+    return out
+
+
+def attribute_states(model: "nn.Module", keys: Sequence[str]) -> list["torch.Tensor"]:
+    """The tensors ``model`` holds in plain attributes, for the state ``keys`` its record names
+    (``path.attribute#n``), in that order; StoreError when the model holds others."""
+    if not keys:
+        return []
+    tree = _tree_ids(model)
+    found: dict[str, list[torch.Tensor]] = {}
+    out = []
+    for key in keys:
+        attr_path, _, n = key.rpartition(STATE_MARK)
+        if attr_path not in found:
+            path, _, attr = attr_path.rpartition(".")
+            try:
+                mod = model.get_submodule(path)
+            except AttributeError:
+                raise StoreError(f"the model has no module {path!r} holding state {key!r}") from None
+            found[attr_path] = _value_tensors(mod.__dict__.get(attr), tree)
+        tensors = found[attr_path]
+        if not n.isdigit() or int(n) >= len(tensors):
+            raise StoreError(f"the model holds no tensor for state {key!r}")
+        out.append(tensors[int(n)])
+    return out
+
+
+def is_attribute_state(key: str) -> bool:
+    return STATE_MARK in key
+
+
+def module_state(module: "nn.Module", keys: Sequence[str]) -> dict[str, "torch.Tensor"]:
+    """``module.state_dict()`` plus the tensors it holds in plain attributes under the state keys
+    among ``keys`` (a stored layout's keys): what a set stores per model."""
+    out = module.state_dict()
+    extra = [k for k in keys if is_attribute_state(k)]
+    out.update(zip(extra, attribute_states(module, extra)))
+    return out
+
+
+def load_module_state(module: "nn.Module", state: Mapping[str, "torch.Tensor"]) -> None:
+    """``load_state_dict`` (strict) for the state-dict keys, and the attribute tensors copied in."""
+    import torch
+
+    extra = [k for k in state if is_attribute_state(k)]
+    with torch.no_grad():
+        module.load_state_dict({k: v for k, v in state.items() if not is_attribute_state(k)}, strict=True)
+        for target, value in zip(attribute_states(module, extra), (state[k] for k in extra)):
+            target.copy_(value)
+
+
+def with_attribute_states(struct: Mapping[str, Any], layout: Layout, rows: list[list["torch.Tensor"]],
+                          models: Sequence["nn.Module"], names: Sequence[str]) -> tuple[Layout, list[list[Any]]]:
+    """The layout and rows of a set extended by the tensors its models hold in plain attributes
+    (the ``$state`` places of their structural record): stored per model, like buffers."""
+    keys = state_keys(struct)
+    if not keys:
+        return layout, rows
+    clash = sorted(set(keys) & set(layout.keys))
+    if clash:
+        raise ArchitectureError(f"state key {clash[0]!r} of an attribute tensor is also a state-dict key")
+    specs: list[TensorSpec] = []
+    out = []
+    for i, (model, name) in enumerate(zip(models, names)):
+        tensors = [_as_storable(t, f"model {name!r} attribute state {k!r}") for k, t in zip(
+            keys, attribute_states(model, keys))]
+        if i == 0:
+            specs = [spec_of(k, t) for k, t in zip(keys, tensors)]
+        elif [spec_of(k, t) for k, t in zip(keys, tensors)] != specs:
+            raise ArchitectureError(f"model {name!r} holds attribute tensors of other shapes or dtypes than model "
+                                    f"{names[0]!r}; save them as separate sets")
+        out.append(list(rows[i]) + tensors)
+    return Layout.of(list(layout.specs) + specs), out
+
+
+def state_keys(struct: Mapping[str, Any]) -> list[str]:
+    """The ``$state`` keys a structural record holds (depth-first, in the record's own order)."""
+    keys: list[str] = []
+    todo: list[Any] = [struct.get("root")]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            if len(v) == 1 and isinstance(v.get("$state"), list) and v["$state"]:
+                keys.append(v["$state"][0])
+            else:
+                todo.extend(reversed(list(v.values())))
+        elif isinstance(v, list):
+            todo.extend(reversed(v))
+    return keys
 
 
 # -- checking that every model of a set has the recorded architecture ------------------------------------
@@ -755,7 +926,8 @@ def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str]) -> bool:
     if isinstance(a, (torch.Tensor, torch.nn.Module)):
         if id(a) in pa or id(b) in pb:
             return pa.get(id(a)) == pb.get(id(b))
-        return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        # a plain tensor is stored per model (like a buffer): the set shares its place, dtype and shape
+        return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y, pa, pb) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -790,7 +962,7 @@ def _immutable(v: Any) -> bool:
 
     if v is None or type(v) in (bool, int, float, str, bytes, torch.Size, Architecture):
         return True  # an Architecture (a factory's tag) is a frozen record nobody mutates
-    if isinstance(v, (torch.dtype, torch.device, type, *_FUNCTION_TYPES)):
+    if isinstance(v, (torch.dtype, torch.device, type, enum.Enum, *_FUNCTION_TYPES)):
         return True
     if type(v) in (tuple, frozenset):
         return all(_immutable(x) for x in v)
@@ -876,7 +1048,10 @@ class Cloner:
 
         try:
             visit(template, "")
-        except LookupError:
+            extra = [k for k in keys if is_attribute_state(k)]  # tensors of plain attributes: filled per model
+            for key, t in zip(extra, attribute_states(template, extra)):
+                tensor_slot(t, key, False, True)
+        except (LookupError, StoreError):
             return None
         if covered != set(keys):
             return None
@@ -941,7 +1116,7 @@ def make_cloner(template: "nn.Module", keys: Sequence[str]) -> "Callable[[Sequen
     if cloner is None:
         return None
     try:
-        state = template.state_dict()
+        state = module_state(template, keys)
         cloner.make([state[k] for k in keys])
     except (TypeError, AttributeError, RuntimeError, ValueError, NotImplementedError, copy.Error):
         return None  # an attribute deepcopy cannot copy: the caller keeps its general path

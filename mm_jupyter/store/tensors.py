@@ -12,7 +12,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -143,10 +143,10 @@ def match_dtypes(module: "nn.Module", layout: Layout) -> None:
         t.data = t.data.to(dt)
 
 
-def layout_mismatch(module: "nn.Module", layout: Layout) -> str | None:
-    """The first state-dict entry of ``module`` whose key, shape or dtype differs from ``layout``
-    (None: they agree), as ``"'key' (shape, dtype) where ... expected (shape, dtype)"``."""
-    got = [(k, tuple(int(x) for x in v.shape), dtype_name(v.dtype)) for k, v in module.state_dict().items()]
+def layout_mismatch(state: Mapping[str, "torch.Tensor"], layout: Layout) -> str | None:
+    """The first entry of a module's ``state`` (``structure.module_state``) whose key, shape or dtype
+    differs from ``layout`` (None: they agree), as ``"'key' [shape] dtype, where ... have ..."``."""
+    got = [(k, tuple(int(x) for x in v.shape), dtype_name(v.dtype)) for k, v in state.items()]
     want = [(s.name, s.shape, s.dtype) for s in layout.specs]
     if got == want:
         return None

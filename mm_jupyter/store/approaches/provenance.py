@@ -25,6 +25,7 @@ from ..catalog import SetRow
 from ..limits import inflate, loads
 from ..modelset import ModelSet, Resolved, SetRef, build_template, require_layout
 from ..provenance import DatasetRef, check_trusted, dataset_hash, model_seed, resolve_train, train_one
+from ..structure import load_module_state, module_state
 from ..tensors import Layout, digest_rows, match_dtypes, pack_arrays, tensor_digest, unpack_arrays
 from .common import Saved, SaveInput, head, match_base, names_of, no_model_rows as model_rows, nothing_listed as listed
 
@@ -166,7 +167,7 @@ def retrain_model(train: Any, template: "nn.Module", start: dict[str, "torch.Ten
 
     model = copy.deepcopy(template)
     with torch.no_grad():
-        model.load_state_dict(start, strict=True)
+        load_module_state(model, start)
     return train_one(train, model, data, config, seed)
 
 
@@ -176,7 +177,7 @@ def compare(model: "nn.Module", layout: Layout, changed: np.ndarray, expected: I
     (``expected`` yields them in key order), an unchanged one must equal its base bytes."""
     import torch
 
-    sd = model.state_dict()
+    sd = module_state(model, layout.keys)
     tensors: list[torch.Tensor] = []
     for k, spec in enumerate(layout.specs):
         t = sd.get(spec.name)
