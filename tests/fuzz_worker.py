@@ -167,7 +167,8 @@ def main() -> None:
     import transformers  # noqa: F401 - and huggingface_hub with it (its offline switch is watched)
 
     import mm_jupyter as mm  # noqa: F401
-    import zoo_models  # noqa: F401 - the user's own module, as a user recovering these sets has imported it
+    import zoo_models  # noqa: F401 - the user's own modules, as a user recovering these sets has imported them
+    import zoo_patterns  # noqa: F401
     import hostile_models  # noqa: F401 - writes the hostile manifests (imports transformers first)
 
     watch = Watch(scratch)

@@ -30,6 +30,7 @@ from torch import nn
 import mm_jupyter as mm
 import store_models as sm
 import zoo_models as zoo
+import zoo_patterns as zp
 
 QUICK_EXAMPLES = 60
 EXAMPLES = int(os.environ.get("MM_FUZZ_EXAMPLES", QUICK_EXAMPLES))
@@ -104,6 +105,10 @@ def _sets() -> dict[str, tuple[Any, ...]]:
         "wrapped": (seeded(zoo.HFWrapper, 1), {}, ["int", [2, 6], 50]),
         "mmlib": (seeded(lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh())), {"approach": "mmlib-base"},
                   ["float", [2, 4]]),
+        # enum members, a cache of tensors filled by an eval forward, tensors in plain attributes
+        "enum": ([zp.build("enum-vit", s) for s in range(2)], {}, ["float", [2, 3, 8, 8]]),
+        "cache": ([zp.build("cache-levit", s) for s in range(2)], {}, ["float", [2, 3, 12, 12]]),
+        "tensors": ([zp.build("tensor-attributes", s) for s in range(2)], {}, ["float", [2, 4]]),
     }
 
 
@@ -251,6 +256,9 @@ def values(sentinel: str) -> st.SearchStrategy[Any]:
         st.just({"$dict": [[[], 1]]}), st.just({"$set": [[1]]}), st.just({"$device": "cuda:99"}),
         st.just({"$dtype": "object"}), st.just({"$float": "1e999"}), st.just({"$tuple": DEEP}),
         st.just({"$fn": "@Evil"}), st.just({"$nope": 1}),
+        shapes.map(lambda s: {"$state": ["x#0", "float32", s]}), st.just({"$state": ["fc.weight", "float32", [4]]}),
+        st.just({"$state": "x"}), st.just({"$enum": ["zoo_patterns:Format", "__class__"]}),
+        st.just({"$enum": ["zoo_patterns:Format", "_missing_"]}), st.just({"$enum": ["enum:Enum", "X"]}),
     )
     return st.one_of(tagged, plain, st.just(DEEP), shapes)
 
