@@ -298,6 +298,8 @@ def hostile(draw: st.DrawFn, templates: dict[str, Any], sentinel: str) -> tuple[
     doc = copy.deepcopy(manifest)
     done = []
     for _ in range(draw(st.integers(1, 3))):
+        if not isinstance(doc, dict):  # an earlier step replaced the whole manifest
+            break
         op = draw(st.sampled_from(["replace-in-record", "replace-anywhere", "attribute", "rename", "reference",
                                    "architecture", "shape", "count", "deep"]))
         arch_paths = [p for p in _paths(doc) if p[:2] == ("set", "architecture")]
