@@ -59,21 +59,21 @@ _ALLOWED_FUNCTIONS: dict[str, Callable[..., Any]] = {}  # exact functions added 
 
 #: The reviewed default allow-list of functions a record may hold as attribute values: pure
 #: functions of tensors and numbers (activations, normalisations, pooling, losses, elementwise
-#: math, operators, initialisers that fill the tensor they are given). Nothing that reads or
-#: writes files, opens connections, starts processes, compiles code or sets global state (seeds,
-#: default dtype/device, thread counts, printing, flags) is on it. Each name is looked up once in
-#: its module; the object found is allowed under its *own* ``__module__:__name__``.
+#: math, operators). Nothing that reads or writes files, opens connections, starts processes,
+#: compiles code or touches global state (seeds and the random generator — so no dropout, rrelu or
+#: ``nn.init`` —, default dtype/device, thread counts, printing, flags) is on it. Each name is looked
+#: up once in its module; the object found is allowed under its *own* ``__module__:__name__``.
 PURE_FUNCTIONS: dict[str, tuple[str, ...]] = {
     "torch.nn.functional": (
         "relu", "relu_", "relu6", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish", "hardsigmoid",
-        "hardtanh", "leaky_relu", "prelu", "rrelu", "glu", "logsigmoid", "softplus", "softsign", "softshrink",
+        "hardtanh", "leaky_relu", "prelu", "glu", "logsigmoid", "softplus", "softsign", "softshrink",
         "hardshrink", "tanhshrink", "tanh", "sigmoid", "softmax", "softmin", "log_softmax", "normalize",
         "layer_norm", "group_norm", "rms_norm", "batch_norm", "instance_norm", "local_response_norm", "linear",
         "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
         "pad", "interpolate", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
         "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
         "adaptive_max_pool1d", "adaptive_max_pool2d", "lp_pool1d", "lp_pool2d", "pixel_shuffle",
-        "pixel_unshuffle", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "embedding",
+        "pixel_unshuffle", "embedding",
         "one_hot", "scaled_dot_product_attention", "cosine_similarity", "pairwise_distance", "threshold",
         "unfold", "fold", "cross_entropy", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "nll_loss",
         "kl_div", "binary_cross_entropy", "binary_cross_entropy_with_logits",
@@ -84,11 +84,6 @@ PURE_FUNCTIONS: dict[str, tuple[str, ...]] = {
         "matmul", "mm", "bmm", "softmax", "log_softmax", "cat", "stack", "flatten", "sum", "mean", "amax",
         "amin", "maximum", "minimum", "logsumexp", "cumsum", "where", "transpose", "permute", "reshape",
         "squeeze", "unsqueeze", "einsum", "selu", "celu", "hardshrink", "prelu",
-    ),
-    "torch.nn.init": (
-        "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-        "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
-        "sparse_", "calculate_gain",
     ),
     "math": (
         "sqrt", "exp", "log", "log2", "log10", "log1p", "expm1", "tanh", "sin", "cos", "erf", "erfc", "floor",
