@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
     from .trust import HFConfigClass
 
-#: A non-persistent buffer or plain tensor attribute is recorded by value up to this size.
+#: A non-persistent buffer is recorded by value (in the record) up to this size.
 MAX_INLINE_BYTES = 1 << 20
 #: Separates an attribute's path from the position of a tensor in its value in a state key
 #: (``stages.2.attn.attention_bias_cache#0``): tensors held in plain attributes are stored per model
