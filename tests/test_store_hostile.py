@@ -214,7 +214,11 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path: Path,
                                     "kwargs": {}, "config": {"num_hidden_layers": 10**6, "hidden_size": 4,
                                                              "num_attention_heads": 1, "intermediate_size": 4}}
 
-    for i, edit in enumerate((shape_in_record, shape_in_layout, models, strides, factory, layers)):
+    def attribute(m: dict) -> None:  # a tensor attribute the layout does not hold: never allocated
+        m["set"]["architecture"]["structure"]["root"]["a"].append(
+            ["cache", {"$dict": [["cpu", {"$state": ["cache#0", "float32", [2**20, 2**20]]}]]}])
+
+    for i, edit in enumerate((shape_in_record, shape_in_layout, models, strides, factory, layers, attribute)):
         shutil.copytree(root, tmp_path / f"c{i}")
         hm.rewrite_manifest(tmp_path / f"c{i}", "lin@1", edit)
         cases[edit.__name__] = tmp_path / f"c{i}"
@@ -222,7 +226,7 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path: Path,
     expected = {"shape_in_record": "builds other tensors than the stored ones",
                 "shape_in_layout": "holds 120 bytes", "models": "declares 5000000 models",
                 "strides": "not a dense layout", "factory": "builds other tensors than the stored ones",
-                "layers": "builds more than"}
+                "layers": "builds more than", "attribute": "attribute tensors are not the stored ones"}
     for name, path in cases.items():
         got = hm.recover_fresh(path, ["lin"], sentinel, setup=limit)["lin"]
         assert "error" in got and expected[name] in got["error"], (name, got)

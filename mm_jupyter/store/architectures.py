@@ -232,9 +232,10 @@ class Architecture:
 
     def build_for(self, layout: "Layout", *, trusted: bool = False, subject: str = "this set") -> "nn.Module":
         """A module to receive stored tensors of ``layout``: built on the meta device first (no memory),
-        checked to have exactly those keys, shapes and dtypes and no more derived buffers than
-        :data:`MAX_DERIVED_BYTES` allows, and only then built for real — so a record cannot make
-        this process allocate more than the stored bytes say."""
+        checked to have exactly those keys, shapes and dtypes (attribute tensors included) and no
+        more derived tensors — non-persistent buffers, tensors in plain attributes a constructor
+        made — than :data:`MAX_DERIVED_BYTES` allows, and only then built for real: a record cannot
+        make this process allocate more than the stored bytes say."""
         from .tensors import layout_mismatch, match_dtypes
 
         with _registrations_bounded(MODULES_PER_KEY * len(layout.specs) + MIN_REGISTRATIONS):
@@ -243,11 +244,16 @@ class Architecture:
         diff = layout_mismatch(structure.module_state(probe, layout.keys), layout)
         if diff is not None:
             raise ArchitectureError(f"the record builds other tensors than the stored ones: {diff}")
+        held = [k for k in layout.keys if structure.is_attribute_state(k)]
+        if self.kind == "structure" and structure.state_keys(self.structure or {}) != held:
+            raise ArchitectureError("the record's attribute tensors are not the stored ones")
         persistent = set(probe.state_dict())
+        stored_ids = {id(t) for t in structure.attribute_states(probe, held)}
         derived = sum(b.numel() * b.element_size() for k, b in probe.named_buffers() if k not in persistent)
+        derived += sum(t.numel() * t.element_size() for t in structure.plain_tensors(probe) if id(t) not in stored_ids)
         stored = sum(s.nbytes for s in layout.specs)
         if derived > MAX_DERIVED_BYTES + 4 * stored:
-            raise ArchitectureError(f"the record builds {derived} bytes of buffers outside the stored tensors "
+            raise ArchitectureError(f"the record builds {derived} bytes of tensors outside the stored ones "
                                     f"({stored} bytes); refused")
         return self.build(trusted=trusted, subject=subject)
 

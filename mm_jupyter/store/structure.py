@@ -720,6 +720,14 @@ def _value_tensors(value: Any, tree: set[int]) -> list["torch.Tensor"]:
     return out
 
 
+def plain_tensors(model: "nn.Module") -> list["torch.Tensor"]:
+    """Every tensor ``model``'s modules hold in plain attributes (not parameters or buffers)."""
+    tree = _tree_ids(model)
+    internal = internal_attributes()
+    return [t for mod in model.modules() for k, v in mod.__dict__.items() if k not in internal
+            for t in _value_tensors(v, tree)]
+
+
 def attribute_states(model: "nn.Module", keys: Sequence[str]) -> list["torch.Tensor"]:
     """The tensors ``model`` holds in plain attributes, for the state ``keys`` its record names
     (``path.attribute#n``), in that order; StoreError when the model holds others."""
