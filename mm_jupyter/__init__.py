@@ -33,6 +33,7 @@ _LAZY = {
     "architecture": "mm_jupyter.store",
     "trusted": "mm_jupyter.store",
     "allow_functions": "mm_jupyter.store",
+    "allow_modules": "mm_jupyter.store",
     "Provenance": "mm_jupyter.store",
     "DatasetRef": "mm_jupyter.store",
     "search": "mm_jupyter.modelsearch.api",

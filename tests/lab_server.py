@@ -23,10 +23,13 @@ def free_port() -> int:
 
 @contextmanager
 def jupyter(app: str, root: Path, log: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-            base_url: str = "/", timeout: float = 180) -> Iterator[str]:
+            base_url: str = "/", timeout: float = 180, store: str | None = None) -> Iterator[str]:
     """Run ``python -m jupyter APP`` serving ``root``; yields its URL (with ``base_url``, no trailing
-    slash) once ``/api/status`` answers. ``$MM_JUPYTER_STORE`` is not passed on."""
+    slash) once ``/api/status`` answers. ``$MM_JUPYTER_STORE`` is not passed on (``store``: the
+    server's own configured store instead)."""
     env = {k: v for k, v in (env or os.environ).items() if k != "MM_JUPYTER_STORE"}
+    if store is not None:
+        env["MM_JUPYTER_STORE"] = store
     port = free_port()
     url = f"http://127.0.0.1:{port}{base_url.rstrip('/')}"
     with log.open("w") as out:

@@ -85,6 +85,8 @@ def page(lab: dict[str, Any]) -> Iterator[Any]:
         errors: list[str] = lab.setdefault("page_errors", [])  # uncaught exceptions and console errors
         page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
         page.on("console", lambda m: errors.append(f"console.error: {m.text}") if m.type == "error" else None)
+        store_queries: list[str] = lab.setdefault("store_queries", [])  # what the sidebar asks the server
+        page.on("request", lambda r: store_queries.append(r.url) if "/mm-jupyter/" in r.url else None)
         try:
             yield page
         finally:
@@ -214,6 +216,10 @@ def test_tour_runs_and_its_pictures_render(page: Any, lab: dict[str, Any]) -> No
     assert store.locator(".mm-store-link").all_inner_texts() == ["cells@1", "cells@2", "cells@3"]
     path = store.locator(".mm-store-path").inner_text()
     assert path == f"Store: {lab['root'] / 'notebooks' / 'tour_store'}", path  # the tour's own folder
+    # the sidebar named that store by the id its kernel registered, never by its location
+    kernel_queries = [q for q in lab["store_queries"] if "store=" in q]
+    assert kernel_queries and all("store=mmstore-" in q for q in kernel_queries), kernel_queries
+    assert not any("tour_store" in q for q in lab["store_queries"]), lab["store_queries"]
     sizes = store.locator("tbody tr td:last-child").all_inner_texts()
     assert sizes[0] == "10.0 MB" and sizes[1].endswith(" kB"), sizes  # the notebook's units
     store.locator(".mm-store-link", has_text="cells@2").click()

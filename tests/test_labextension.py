@@ -16,6 +16,7 @@ import pytest
 from lab_server import TOKEN, jupyter
 
 from mm_jupyter.jupyter.display import human_bytes
+from mm_jupyter.jupyter.locations import register
 from mm_jupyter.jupyter.server import (
     PayloadError,
     error_payload,
@@ -179,8 +180,20 @@ def test_store_path_kernel_then_notebook_folder_then_root(tmp_path: Path, monkey
     assert store_path(tmp_path) == tmp_path / ".mm_store"
     # a notebook's store is the one the magics use in its folder (the kernel's working directory)
     assert store_path(tmp_path, notebook="course/week1/ex.ipynb") == tmp_path / "course" / "week1" / ".mm_store"
-    # what the kernel reported wins
-    assert store_path(tmp_path, store="/data/stores/x", notebook="ex.ipynb") == Path("/data/stores/x")
+    # what the kernel reported (an id it registered) wins; a folder under the root may be named directly
+    sid = register("/data/stores/x", tmp_path / "runtime")
+    assert store_path(tmp_path, store=sid, notebook="ex.ipynb", runtime_dir=tmp_path / "runtime") == Path("/data/stores/x")
+    assert store_path(tmp_path, store=str(tmp_path / "in" / "s")) == tmp_path / "in" / "s"
+    # anything else named by a request is refused: folders elsewhere, database URLs, unknown ids
+    for outside in ("/data/stores/x", str(tmp_path / ".." / "escape"), "postgresql://u:pw@evil:5432/db",
+                    "file:///etc", "mmstore-" + "0" * 32):
+        with pytest.raises(PayloadError) as e:
+            store_path(tmp_path, store=outside, runtime_dir=tmp_path / "runtime")
+        assert e.value.status in (403, 404) and "pw" not in e.value.message, (outside, e.value.message)
+    (tmp_path / "link").symlink_to("/data")  # a link under the root that leads out of it
+    with pytest.raises(PayloadError) as e:
+        store_path(tmp_path, store=str(tmp_path / "link" / "stores"))
+    assert e.value.status == 403
     monkeypatch.setenv("MM_JUPYTER_STORE", str(tmp_path / "elsewhere"))
     assert store_path(tmp_path / "root") == tmp_path / "elsewhere"
     assert store_path(tmp_path, notebook="a/b.ipynb") == tmp_path / "elsewhere"
@@ -250,11 +263,14 @@ def test_server_round_trip(tmp_path: Path) -> None:
         status, body = _get(f"{base}/mm-jupyter/lineage?name=demo", token)
         assert status == 200 and body["edges"] == [[1, 2]] and body["figure"]["data"], body
 
-        # the store a kernel reported, and the store of a notebook's folder
+        # the store a kernel reported (by the id it registered), and the store of a notebook's folder
         other = tmp_path / "kernel-store"
         _save_demo(other)
-        status, body = _get(f"{base}/mm-jupyter/sets?store={urllib.parse.quote(str(other))}", token)
+        sid = register(str(other), tmp_path / "runtime")
+        status, body = _get(f"{base}/mm-jupyter/sets?store={sid}", token)
         assert status == 200 and body["store"] == str(other) and len(body["sets"]) == 2, body
+        status, body = _get(f"{base}/mm-jupyter/sets?store={urllib.parse.quote(str(other))}", token)
+        assert status == 403 and "outside the server's root" in body["error"], body  # not by its path
         status, body = _get(f"{base}/mm-jupyter/sets?path=course/nb.ipynb", token)
         assert status == 200 and body == {"store": str((root / "course").resolve() / ".mm_store"),
                                           "exists": False, "sets": []}, body
@@ -282,3 +298,57 @@ def test_server_round_trip(tmp_path: Path) -> None:
         assert entry["load"] == committed, "the installed copy is stale: re-run pip install -e . after a rebuild"
         with urllib.request.urlopen(f"{base}/lab/extensions/mm-jupyter/{entry['load']}", timeout=30) as resp:
             assert resp.status == 200 and b"mm-jupyter" in resp.read()
+
+
+SECRET = "S3cretPW-4711"
+DB_URL = f"postgresql://mm:{SECRET}@127.0.0.1:9/models"  # port 9 (discard): nothing listens
+
+
+def test_store_passwords_never_leave_the_server_and_requests_cannot_redirect_it(tmp_path: Path) -> None:
+    """A server configured with a database store (password in the URL): the password appears in no
+    response and no log line; a request can neither point the server at another folder or host nor
+    learn anything about it; an authorizer that denies ``mm_jupyter`` is obeyed."""
+    root = tmp_path / "root"
+    root.mkdir()
+    runtime = tmp_path / "runtime"
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "MM_JUPYTER_OBJECTS": str(tmp_path / "objects")}
+    log = tmp_path / "server.log"
+    kernel_url = f"postgresql://k:{SECRET}@127.0.0.1:9/kernel"
+    sid = register(kernel_url, runtime)  # what a kernel of this server using that store reports
+    assert SECRET not in sid
+    bodies = []
+    with jupyter("server", root, log, ("--ServerApp.jpserver_extensions", "mm_jupyter=True",
+                                       "--ServerApp.log_level=DEBUG"), env=env, store=DB_URL) as base:
+        for query in ("", f"?store={sid}", f"?store={sid}&name=x", "?path=nb.ipynb"):
+            for endpoint in ("sets", "lineage"):
+                status, body = _get(f"{base}/mm-jupyter/{endpoint}{query}", TOKEN)
+                assert status >= 400 and "error" in body, (endpoint, query, body)  # nothing listens on port 9
+                bodies.append(json.dumps(body))
+        assert any("mm:***@127.0.0.1:9" in b for b in bodies), bodies  # the location is shown, masked
+        # a request cannot name a host, a database URL or a folder outside the root
+        for store in ("postgresql://x:y@evil.example:5432/db", "/etc", str(tmp_path)):
+            status, body = _get(f"{base}/mm-jupyter/sets?store={urllib.parse.quote(store)}", TOKEN)
+            assert status == 403, (store, body)
+            bodies.append(json.dumps(body))
+    text = log.read_text()
+    assert "mm_jupyter: model store endpoints" in text and "mm:***@" in text  # the start-up line, masked
+    for where, content in [("responses", "\n".join(bodies)), ("server log", text)]:
+        assert SECRET not in content, f"the password leaked into the {where}"
+
+
+def test_handlers_ask_the_authorizer_about_mm_jupyter(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _save_demo(root / ".mm_store")
+    authorizer = tmp_path / "deny_mm.py"
+    authorizer.write_text(
+        "from jupyter_server.auth import Authorizer\n"
+        "class DenyStore(Authorizer):\n"
+        "    def is_authorized(self, handler, user, action, resource):\n"
+        "        return resource != 'mm_jupyter'\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    with jupyter("server", root, tmp_path / "server.log", ("--ServerApp.jpserver_extensions", "mm_jupyter=True",
+                                                           "--ServerApp.authorizer_class=deny_mm.DenyStore"),
+                 env=env) as base:
+        assert _get(f"{base}/mm-jupyter/sets", TOKEN)[0] == 403
+        assert _get(f"{base}/mm-jupyter/lineage?name=demo", TOKEN)[0] == 403
+        assert _get(f"{base}/api/status", TOKEN)[0] == 200  # everything else is allowed

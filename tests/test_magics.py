@@ -88,16 +88,32 @@ def test_commands_that_only_read_create_nothing(ip: Any, tmp_path: Path) -> None
 
 
 def test_kernel_store_tells_the_sidebar_which_store(ip: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mm_jupyter.jupyter.locations import location_id, lookup
     from mm_jupyter.jupyter.magics import kernel_store
 
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+
+    def reported() -> str:  # the kernel answers an id; the server maps it back through the runtime folder
+        info = kernel_store()._repr_json_()
+        assert info["store"] == location_id(info["display"]) and lookup(info["store"]) == info["display"]
+        return info["display"]
+
     info = kernel_store()
-    assert info._repr_json_() == {"store": str(tmp_path / "store"), "exists": False}
+    assert info._repr_json_() == {"store": location_id(str(tmp_path / "store")), "exists": False,
+                                  "display": str(tmp_path / "store")}
     ip.run_line_magic("config", "ModelMagics.store = None")
     monkeypatch.delenv("MM_JUPYTER_STORE", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert kernel_store()._repr_json_()["store"] == str((tmp_path / ".mm_store").resolve())
+    assert reported() == str((tmp_path / ".mm_store").resolve())
     monkeypatch.setenv("MM_JUPYTER_STORE", "elsewhere")
-    assert kernel_store()._repr_json_()["store"] == str((tmp_path / "elsewhere").resolve())
+    assert reported() == str((tmp_path / "elsewhere").resolve())
+    # a database store: the sidebar's query carries the id, never the password
+    monkeypatch.setenv("MM_JUPYTER_STORE", "postgresql://mm:S3cretPW@db.example:5432/store")
+    info = kernel_store()._repr_json_()
+    assert "S3cretPW" not in json.dumps({k: v for k, v in info.items() if k != "exists"})
+    assert info["display"] == "postgresql://mm:***@db.example:5432/store"
+    assert lookup(info["store"]) == "postgresql://mm:S3cretPW@db.example:5432/store"
+    assert (tmp_path / "runtime" / "mm_jupyter_stores").stat().st_mode & 0o077 == 0  # owner only
 
 
 def test_save_last_expression_recover_show_diff(ip: Any, tmp_path: Path) -> None:

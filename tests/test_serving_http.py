@@ -2,7 +2,12 @@
 get a clear 4xx JSON error and the server keeps serving."""
 from __future__ import annotations
 
+import json
+import logging
+import os
+import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -119,3 +124,114 @@ def test_back_pressure_over_http_and_closing(store):
         httpx.post(f"{endpoint.url}/predict", json={"model": "1", "x": [0.0] * 5}, timeout=2)
     with pytest.raises(mm.ServeError, match="closed"):
         server.http()
+
+
+# -- slow, idle and hostile clients ------------------------------------------------------------------
+def _raw(endpoint, data: bytes = b"") -> "socket.socket":
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=10)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def _closed_by_server(sock: "socket.socket", within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return True
+    except (TimeoutError, socket.timeout):
+        return False
+    except OSError:  # reset by the server
+        return True
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def guarded(store):
+    from mm_jupyter.serving.http import HTTPEndpoint
+
+    store.save_set(seeded_models(ffnn, 4, hidden=8), "cells")
+    server = mm.serve(store, "cells", max_wait_ms=2)
+    endpoint = HTTPEndpoint(server, max_connections=40, header_timeout_s=1.0, body_timeout_s=1.0)
+    yield server, endpoint
+    endpoint.close()
+    server.close()
+
+
+def test_idle_and_half_sent_connections_are_closed_and_cannot_starve_the_server(guarded):
+    server, endpoint = guarded
+    good = {"model": "1", "x": [0.0] * 5}
+    fds = _open_fds()
+    idle = [_raw(endpoint) for _ in range(30)]  # connect, send nothing
+    slow = [_raw(endpoint, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: appl") for _ in range(30)]
+    # 60 > max_connections: the ones over the limit are closed at once, the others at their header deadline
+    assert sum(_closed_by_server(s, 0.5) for s in idle + slow) >= 20
+    assert all(_closed_by_server(s, 10) for s in idle + slow), "a connection without a full request stayed open"
+    for s in idle + slow:
+        s.close()
+    r = httpx.post(f"{endpoint.url}/predict", json=good, headers={"Authorization": f"Bearer {endpoint.token}"})
+    assert r.status_code == 200, r.text
+    assert _open_fds() <= fds + 5, "file handles leaked"
+    # a keep-alive connection that starts a second request and stalls is closed too
+    with _raw(endpoint) as sock:
+        body = json.dumps(good).encode()
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + endpoint.token.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body + b"POST /predict HTTP/1.1\r\nHo")
+        assert _closed_by_server(sock, 10)
+
+
+def test_a_body_that_never_arrives_gets_a_json_408(guarded):
+    _, endpoint = guarded
+    with _raw(endpoint, b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + endpoint.token.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": ") as sock:
+        sock.settimeout(10)
+        reply = b""
+        while b"}" not in reply:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert "not received within 1 s" in json.loads(body)["error"]
+
+
+def test_deep_json_is_a_json_400_and_errors_never_show_a_traceback(guarded):
+    server, endpoint = guarded
+    with httpx.Client(base_url=endpoint.url, headers={"Authorization": f"Bearer {endpoint.token}"}) as http:
+        for depth in (40, 1_000, 100_000):
+            r = http.post("/predict", content=b'{"model": "1", "x": ' + b"[" * depth + b"]" * depth + b"}")
+            assert r.status_code == 400 and "nests deeper than 32 levels" in r.json()["error"], r.text[:200]
+        r = http.post("/predict", json={"model": "1", "x": [[[[[[0.0] * 5]]]]]})  # deep enough, wrong shape
+        assert r.status_code == 422
+        assert http.post("/predict", json={"model": "1", "x": [0.0] * 5}).status_code == 200
+
+
+def test_a_client_that_disconnects_is_logged_in_one_line(store, caplog):
+    from mm_jupyter.serving.http import HTTPEndpoint
+
+    store.save_set(seeded_models(ffnn, 4, hidden=8), "cells")
+    server = mm.serve(store, "cells", max_wait_ms=400, cache_size=0)  # answers wait for a batch
+    endpoint = HTTPEndpoint(server)
+    caplog.set_level(logging.INFO, logger="mm_jupyter.serving")
+    try:
+        body = json.dumps({"model": "2", "x": [0.0] * 5}).encode()
+        with _raw(endpoint, b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + endpoint.token.encode()
+                  + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body):
+            pass  # closed before the answer
+        deadline = time.monotonic() + 20
+        while not any("disconnected before its answer" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)  # polling the log for the server thread's line, not a wait for an outcome
+        lines = [r for r in caplog.records if "disconnected" in r.getMessage()]
+        assert len(lines) == 1 and "\n" not in lines[0].getMessage() and not lines[0].exc_info
+        assert server.metrics()["answered"] >= 1  # the server answered and kept going
+    finally:
+        endpoint.close()
+        server.close()

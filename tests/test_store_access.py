@@ -1,6 +1,8 @@
 """Partial access (one model of thousands reads and verifies only its chunk), and listing/stats."""
 from __future__ import annotations
 
+import functools
+
 import pandas as pd
 import pytest
 import torch
@@ -35,6 +37,7 @@ class CountBuilds:
         self.calls = 0
         real = usecase_models.ffnn
 
+        @functools.wraps(real)  # the stand-in is that object for the trust gate: same module and name
         def counted(*a, **k):
             self.calls += 1
             return real(*a, **k)
@@ -72,11 +75,11 @@ def test_indexing_builds_one_module(big, monkeypatch):
     manifest = store.objects.bytes_verified
     assert count.calls == 0 and manifest < 4096
     m = ms[7]
-    assert count.calls == 1
+    assert count.calls == 2  # the template: built on the meta device (checked against the layout), then for real
     assert sm.sd_digests(m.state_dict()) == want[7]
     assert store.objects.bytes_verified - manifest <= 2 * chunk_size_for(ms.layout.stride * N)
     m2 = ms[N - 1]  # later models reuse the template: no second build
-    assert count.calls == 1 and m2 is not m
+    assert count.calls == 2 and m2 is not m
     assert sm.sd_digests(m2.state_dict()) == want[N - 1]
     assert sm.sd_digests(ms[0].state_dict()) == want[0]
     with torch.no_grad():  # models are independent copies

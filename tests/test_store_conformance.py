@@ -338,13 +338,16 @@ def test_the_two_urls_from_the_environment(team: Team, monkeypatch: pytest.Monke
     store.close()
 
 
-def test_notebooks_point_at_the_team_store(team: Team, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebooks_point_at_the_team_store(team: Team, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """``%config ModelMagics.store/objects`` and the server extension's resolver keep a database URL
-    (no folder made of it); the sidebar's payload lists what the magics saved."""
+    (no folder made of it); the sidebar's payload lists what the magics saved. The kernel reports the
+    store by the id it registered: the URL (a password may be in it) never travels."""
     from IPython.testing import globalipapp
 
-    from mm_jupyter.jupyter.magics import store_location
+    from mm_jupyter.jupyter.magics import kernel_store, store_location
     from mm_jupyter.jupyter.server import sets_payload, store_path
+
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
 
     url, objects = team.pg.database(), team.s3.bucket_url()
     globalipapp.start_ipython()
@@ -355,9 +358,10 @@ def test_notebooks_point_at_the_team_store(team: Team, monkeypatch: pytest.Monke
     try:
         ip.run_cell("import store_models as sm\nmodels = sm.crash_models(0, 6)")
         ip.run_cell_magic("modelset", "save team", "models")
-        assert store_location(None, url) == url and store_path(store=url) == url
+        sid = kernel_store().store
+        assert store_location(None, url) == url and store_path(store=sid) == url
         monkeypatch.setenv("MM_JUPYTER_OBJECTS", objects)  # the server's own setting
-        payload = sets_payload(store_path(store=url))
+        payload = sets_payload(store_path(store=sid))
         assert [(s["name"], s["version"], s["models"]) for s in payload["sets"]] == [("team", 1, 3)]
         again = mm.Store(url, objects=objects)
         assert sm.check_crash_set(again.recover_set("team@1"), 0) == 6

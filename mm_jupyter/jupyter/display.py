@@ -120,11 +120,12 @@ class EmptyStore:
 class StoreInfo:
     """The store a kernel uses, as JSON (``application/json``) for the JupyterLab sidebar."""
 
-    store: str
+    store: str  # the id the kernel registered for the server (see jupyter/locations.py)
     exists: bool
+    display: str = ""  # the location, its password masked
 
     def _repr_json_(self) -> dict[str, Any]:
-        return {"store": self.store, "exists": self.exists}
+        return {"store": self.store, "exists": self.exists, "display": self.display}
 
 
 class ServerMetrics(dict[str, Any]):

@@ -374,10 +374,27 @@ def kernel_store() -> StoreInfo:
     (a silent ``user_expressions`` request), so the panel lists what the notebook saves."""
     from IPython import get_ipython
 
+    from ..store.backends import display
+    from .locations import register
+
     shell = get_ipython()
     magics = shell.magics_manager.registry.get(ModelMagics.__name__) if shell is not None else None
     path = store_location(None, magics.store if isinstance(magics, ModelMagics) else None)
-    return StoreInfo(str(path), store_exists(path))
+    # the sidebar gets an id, not the location: it travels in a URL query (logs, history) and the
+    # server opens only what a kernel of its own registered (see jupyter/locations.py)
+    sid = register(str(path), _runtime_dir())
+    return StoreInfo(sid, store_exists(path), display(path))
+
+
+def _runtime_dir() -> str | None:
+    """Where this kernel's server keeps connection files (and so the store ids): the folder of the
+    kernel's connection file; None (Jupyter's default runtime folder) outside a kernel."""
+    try:
+        from ipykernel.connect import get_connection_file
+
+        return os.path.dirname(os.path.abspath(get_connection_file()))
+    except Exception:  # noqa: BLE001 - not in a kernel (a terminal IPython, tests): the default folder
+        return None
 
 
 def register(shell: Any) -> ModelMagics:

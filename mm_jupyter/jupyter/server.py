@@ -2,10 +2,17 @@
 
 ``GET <base_url>/mm-jupyter/sets`` lists every stored version, ``GET <base_url>/mm-jupyter/lineage?name=NAME``
 the version graph of one set (its versions, and the same plotly figure as the notebook's lineage graph).
-Which store: ``?store=ABSOLUTE_PATH`` (what the notebook's kernel reported it uses), else ``?path=NOTEBOOK``
-(the store the magics would use in that notebook's folder: ``$MM_JUPYTER_STORE`` or ``.mm_store``, relative
-to the folder — ``store.store.default_path``, the rule the magics and ``mm.Store()`` follow), else the
-server's root folder by the same rule. A GET never creates a store: a missing one lists as empty.
+Which store: ``?store=ID`` (the id a kernel of this server registered for the store its magics use, see
+``locations``), else ``?path=NOTEBOOK`` (the store the magics would use in that notebook's folder:
+``$MM_JUPYTER_STORE`` or ``.mm_store``, relative to the folder — ``store.store.default_path``, the rule the
+magics and ``mm.Store()`` follow), else the server's root folder by the same rule. ``?store=`` also takes an
+absolute folder under the server's root. Nothing else is opened: not a folder elsewhere on disk, not a
+database URL from a query (a request could otherwise read any store the server's user can, or make the
+server connect to any host). A GET never creates a store: a missing one lists as empty.
+
+Store URLs are shown with their password masked everywhere: in responses, in error messages and in the
+server's log. Handlers need an authenticated user allowed to ``read`` the resource ``mm_jupyter``
+(jupyter_server's ``authorized``).
 
 The payload builders (``sets_payload``, ``lineage_payload``) are plain functions so that they can be tested
 without a server. Nothing here imports torch: the store's catalog and lineage are read without it.
@@ -16,6 +23,7 @@ import asyncio
 import json
 import math
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,8 @@ from ..errors import MMError, RefError
 
 URL_PREFIX = "mm-jupyter"
 CATALOG = "catalog.sqlite"
+#: What jupyter_server's authorizer is asked about (action ``read``) before a store is read.
+AUTH_RESOURCE = "mm_jupyter"
 
 
 class PayloadError(Exception):
@@ -36,29 +46,50 @@ class PayloadError(Exception):
 
 
 def store_path(root_dir: str | os.PathLike[str] | None = None, store: str | None = None,
-               notebook: str | None = None) -> str | Path:
-    """The store a request means: ``store`` (an absolute path or a database URL the kernel reported),
-    else the default store of the folder of ``notebook`` (a path under ``root_dir``), else that of
-    ``root_dir``.
+               notebook: str | None = None, runtime_dir: str | os.PathLike[str] | None = None) -> str | Path:
+    """The store a request means: ``store`` (an id a kernel registered in ``runtime_dir``, or an
+    absolute folder under ``root_dir``), else the default store of the folder of ``notebook`` (a path
+    under ``root_dir``), else that of ``root_dir`` (the server's own configuration).
 
-    Raises ``PayloadError`` (400) for a relative ``store`` or a notebook path outside the root.
+    Raises ``PayloadError``: 400 for a relative ``store``, 403 for a location outside the root that
+    no kernel registered, 404 for an unknown id.
     """
-    from ..store.backends import is_database
+    from ..store.backends import display, is_database
     from ..store.store import default_path
+    from .locations import is_id, lookup
 
     root = Path(root_dir).expanduser() if root_dir else Path.cwd()
+    configured = default_path(root)  # the server's own $MM_JUPYTER_STORE, else <root>/.mm_store
     if store:
-        if is_database(store):  # a team's shared catalog: the URL the kernel reported
-            return store
-        if not Path(store).is_absolute():
+        if is_id(store):
+            found = lookup(store, runtime_dir)
+            if found is None:
+                raise PayloadError(404, f"store {store} is not registered with this server (the kernel that "
+                                        "reported it runs elsewhere)")
+            return _location(found)
+        if is_database(store) or ":" in store.split("/")[0]:
+            if store == configured:
+                return store
+            raise PayloadError(403, f"store={display(store)!r}: a database store is named by the id its kernel "
+                                    "registered, never by its URL")
+        path = Path(store)
+        if not path.is_absolute():
             raise PayloadError(400, f"store={store!r} must be an absolute path")
-        return Path(store)
+        if _under(path, root) or (not isinstance(configured, str) and path.resolve() == configured.resolve()):
+            return path
+        raise PayloadError(403, f"store={store!r} is outside the server's root folder and no kernel of this server "
+                                "registered it")
     if notebook:
         folder = (root / notebook).parent.resolve()
         if not folder.is_relative_to(root.resolve()):
             raise PayloadError(400, f"path={notebook!r} is outside the server's root folder")
         return default_path(folder)
-    return default_path(root)
+    return configured
+
+
+def _under(path: Path, root: Path) -> bool:
+    """``path`` (symbolic links resolved) lies in ``root``."""
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def store_exists(path: str | os.PathLike[str]) -> bool:
@@ -131,9 +162,11 @@ def sets_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``size`` is ``bytes`` in the notebook's units (``human_bytes``). A folder without a catalog is
     reported as an empty store and is not created.
     """
+    from ..store.backends import display
+
     path = _location(path)
     if not store_exists(path):
-        return {"store": str(path), "exists": False, "sets": []}
+        return {"store": display(path), "exists": False, "sets": []}
     store = _open_store(path)
     try:
         frame = store.sets()
@@ -142,7 +175,7 @@ def sets_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
     rows = [_plain(row) for row in frame.to_dict(orient="records")]
     rows = [{**{k: v for k, v in row.items() if k not in ("created", "tts_s")}, "size": _size(row["bytes"]),
              "created": row["created"], "tts_s": row["tts_s"]} for row in rows]
-    return {"store": str(path), "exists": True, "sets": rows}
+    return {"store": display(path), "exists": True, "sets": rows}
 
 
 def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str, Any]:
@@ -151,11 +184,13 @@ def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str,
 
     Raises ``PayloadError`` (400 without a name, 404 for an unknown name or a missing store).
     """
+    from ..store.backends import display
+
     path = _location(path)
     if not name:
         raise PayloadError(400, "lineage needs a set name: lineage?name=NAME")
     if not store_exists(path):
-        raise PayloadError(404, f"no set named {name!r}: there is no store at {str(path)!r}")
+        raise PayloadError(404, f"no set named {name!r}: there is no store at {display(path)!r}")
     store = _open_store(path)
     try:
         lineage = store.lineage(name)
@@ -169,7 +204,7 @@ def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str,
     from .widgets.lineage import LineageGraph
 
     return {
-        "store": str(path),
+        "store": display(path),
         "name": lineage.name,
         "versions": [{**_plain(asdict(v)), "size": _size(v.bytes)} for v in lineage.versions],
         "edges": _plain(lineage.edges),
@@ -177,45 +212,60 @@ def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str,
     }
 
 
+#: ``scheme://user:password@`` in any text: the password is masked before text leaves the server.
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def scrub(text: str) -> str:
+    """``text`` with every URL password masked (error messages of database drivers may quote them)."""
+    return _PASSWORD.sub(r"\1***@", text)
+
+
 def error_payload(error: BaseException) -> tuple[int, dict[str, str]]:
     """HTTP status and ``{"error": message}`` for an exception raised while building a payload."""
     if isinstance(error, PayloadError):
-        return error.status, {"error": error.message}
+        return error.status, {"error": scrub(error.message)}
     if isinstance(error, RefError):
-        return 404, {"error": str(error)}
+        return 404, {"error": scrub(str(error))}
     if isinstance(error, MMError):
-        return 400, {"error": str(error)}
-    return 500, {"error": f"{type(error).__name__}: {error}"}
+        return 400, {"error": scrub(str(error))}
+    return 500, {"error": scrub(f"{type(error).__name__}: {error}")}
 
 
 def _handlers(serverapp: Any) -> list[tuple[str, type, dict[str, Any]]]:
     import tornado.web
+    from jupyter_server.auth.decorator import authorized
     from jupyter_server.base.handlers import APIHandler
     from jupyter_server.utils import url_path_join
 
     root_dir = getattr(serverapp, "root_dir", None)
+    runtime_dir = getattr(serverapp, "runtime_dir", None)
 
     class _StoreHandler(APIHandler):
+        auth_resource = AUTH_RESOURCE
+
         async def _reply(self, build: Any) -> None:
             store = self.get_query_argument("store", default="") or None
             notebook = self.get_query_argument("path", default="") or None
             try:  # in a worker thread: a slow disk or a busy catalog never blocks the server
-                payload = await asyncio.to_thread(lambda: build(store_path(root_dir, store, notebook)))
+                payload = await asyncio.to_thread(lambda: build(store_path(root_dir, store, notebook, runtime_dir)))
             except Exception as e:  # every failure becomes {"error": ...}, never an HTML page
                 status, payload = error_payload(e)
-                if status == 500:
-                    self.log.exception("mm_jupyter: %s failed", self.request.path)
+                if status == 500:  # one line, password masked (a traceback could quote a store URL)
+                    self.log.error("mm_jupyter: %s failed: %s", self.request.path, payload["error"])
                 self.set_status(status)
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps(payload))
 
     class SetsHandler(_StoreHandler):
         @tornado.web.authenticated
+        @authorized
         async def get(self) -> None:
             await self._reply(sets_payload)
 
     class LineageHandler(_StoreHandler):
         @tornado.web.authenticated
+        @authorized
         async def get(self) -> None:
             name = self.get_query_argument("name", default="")
             await self._reply(lambda path: lineage_payload(path, name))
@@ -229,9 +279,11 @@ def _handlers(serverapp: Any) -> list[tuple[str, type, dict[str, Any]]]:
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     """Register ``<base_url>/mm-jupyter/sets`` and ``<base_url>/mm-jupyter/lineage``."""
+    from ..store.backends import display
+
     serverapp.web_app.add_handlers(".*$", _handlers(serverapp))
     serverapp.log.info("mm_jupyter: model store endpoints at %s/ (store %s)", URL_PREFIX,
-                       store_path(getattr(serverapp, "root_dir", None)))
+                       display(store_path(getattr(serverapp, "root_dir", None))))
 
 
 # jupyter_server < 2 looked for this name.

@@ -60,6 +60,7 @@ class StoredSource:
     name: str
     version: int
     trust_code: bool
+    modules: tuple[str, ...] = ()  # the driver's imported modules: its records' classes may live there
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,11 @@ class Worker:
         self.reset()
         if isinstance(source, StoredSource):
             if self._stored is None or self._stored[0] != source:
-                from ..store import Store
+                from ..store import Store, trust
                 from .stored import load_candidates
 
                 self.forget()
+                trust.adopt_session(source.modules)  # the worker acts for the driver's session
                 args, kwargs = source.store
                 store = Store(*args, **kwargs)
                 self._stored = source, load_candidates(store, source.name, source.version,
@@ -394,7 +396,10 @@ class RaySearch:
     def _source(self, named: Any, cands: list[Candidate]) -> StoredSource | MemorySource:
         ray = _ray()
         if hasattr(named, "engine_candidates"):
-            return StoredSource(store_address(named.store), named.ref.name, named.ref.version, named.trust_code)
+            from ..store import trust
+
+            return StoredSource(store_address(named.store), named.ref.name, named.ref.version, named.trust_code,
+                                trust.session_modules())
         refs: dict[Any, Any] = {}
         entries = []
         meter = Meter()

@@ -149,9 +149,17 @@ class Runner:
     # -- many models in one call -----------------------------------------------------------------------
     def prepare_multi(self) -> None:
         """Map every key of every model as a (models, *shape) tensor and build the batched call."""
-        if self._stacked is not None:
+        if self._stacked is not None or self.multi_error is not None:
             return
         from torch.func import functional_call, vmap
+
+        from ..store.structure import is_attribute_state
+
+        held = [key for key in self.ms.layout.keys if is_attribute_state(key)]
+        if held:  # functional_call swaps parameters and buffers only: these would be the template's
+            self.multi_error = (f"the models hold tensors in plain attributes ({held[0]}, ...), which a batched "
+                                "call cannot swap; they run one model at a time")
+            return
 
         template = self.template
 

@@ -7,7 +7,7 @@ from .lineage import Lineage
 from .modelset import ModelSet, SetRef
 from .provenance import DatasetRef, Provenance
 from .store import Store
-from .trust import allow_functions, trusted
+from .trust import allow_functions, allow_modules, trusted
 
 __all__ = ["Architecture", "DatasetRef", "Lineage", "ModelSet", "Provenance", "SetRef", "Store", "allow_functions",
-           "architecture", "trusted"]
+           "allow_modules", "architecture", "trusted"]

@@ -20,19 +20,26 @@ import json
 import linecache
 import sys
 import textwrap
+import threading
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, ParamSpec, TypeVar
 
-from ..errors import ArchitectureError, a_type
+from ..errors import ArchitectureError, MMError, a_type
 from . import structure, trust
 from .trust import import_ref
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from .tensors import Layout
+
 TAG = "__mm_architecture__"
 KINDS = ("factory", "hf", "source", "structure")
+#: Buffers a rebuilt module may hold beyond the stored tensors (non-persistent buffers such as
+#: rotary tables and masks), in bytes, plus four times the stored bytes.
+MAX_DERIVED_BYTES = 256 * 2**20
 
 
 def _json(value: Any, what: str) -> Any:
@@ -57,16 +64,15 @@ def ref_of(obj: Any) -> str | None:
     return f"{mod}:{qual}" if found is target else None
 
 
-def _factory_target(ref: str) -> Callable[..., Any]:
+def _factory_target(ref: str, trusted: bool = False) -> Callable[..., Any]:
     """What a factory record may call: a registered ``@mm.architecture`` function or an
-    ``nn.Module`` class (its constructor, with the recorded JSON arguments)."""
+    ``nn.Module`` class (its constructor, with the recorded JSON arguments), each found through
+    the trust gate (exact object, one attribute step, no import outside the allowed packages)."""
     import torch
 
-    mod, qual = trust._split(ref)
-    if trust._stdlib(mod):
-        raise ArchitectureError(f"factory {ref!r} is not a registered @mm.architecture function; refused")
-    obj: Callable[..., Any] = import_ref(ref)
-    if trust.is_registered(f"{mod}:{qual}", obj) or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+    obj: Callable[..., Any] = trust.lookup(ref, "factory", trusted)
+    mod, name = trust.split_ref(ref)
+    if trust.is_registered(f"{mod}:{name}", obj) or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         return obj
     raise ArchitectureError(
         f"factory {ref!r} is not registered: only functions decorated with @mm.architecture (or nn.Module "
@@ -100,9 +106,8 @@ class Architecture:
     def factory(cls, fn: Callable[..., Any] | str, **kwargs: Any) -> "Architecture":
         """A registered ``@mm.architecture`` function or an ``nn.Module`` class (or their
         ``'module:qualname'``) plus JSON kwargs. A class defined in a notebook is recorded as source."""
-        if isinstance(fn, str):
-            _factory_target(fn)
-            return cls("factory", fn, _json(kwargs, "architecture kwargs"))
+        if isinstance(fn, str):  # the caller names it in their own process: it may be imported,
+            fn = import_ref(fn)  # and the record holds its exact reference ("torch.nn:Linear" -> ...linear:Linear)
         ref = ref_of(fn)
         if ref is None:
             if isinstance(fn, type):
@@ -116,10 +121,14 @@ class Architecture:
     @classmethod
     def hf(cls, model: Any) -> "Architecture":
         """A Hugging Face model: class path and config (weights are the set's parameters)."""
+        from .hfrecords import check_literal
+
         ref = ref_of(type(model))
         if ref is None:
             raise ArchitectureError(f"{type(model).__name__} is not an importable transformers class")
-        return cls("hf", ref, {}, _json(model.config.to_dict(), "the model config"))
+        config = _json(model.config.to_dict(), "the model config")
+        check_literal(config, "the model config")  # refused now if recovery would refuse it
+        return cls("hf", ref, {}, config)
 
     @classmethod
     def from_source(cls, klass: type, **kwargs: Any) -> "Architecture":
@@ -156,12 +165,26 @@ class Architecture:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Architecture":
+        """An architecture record read from a store, its fields checked for type (what they may
+        name is checked when it is built)."""
         if not isinstance(data, dict) or data.get("kind") not in KINDS:
             kind = data.get("kind") if isinstance(data, dict) else data
-            raise ArchitectureError(f"unknown architecture record kind {kind!r}")
-        if data["kind"] == "structure" and not isinstance(data.get("structure"), dict):
+            raise ArchitectureError(f"unknown architecture record kind {str(kind)[:80]!r}")
+        kind = data["kind"]
+        fields = {"ref": (str,), "kwargs": (dict,), "config": (dict, type(None)), "source": (str, type(None)),
+                  "structure": (dict, type(None))}
+        for key, types_ in fields.items():
+            if key in data and not isinstance(data[key], types_):
+                raise ArchitectureError(f"{kind} architecture record: field {key!r} is a {type(data[key]).__name__}")
+        if not all(isinstance(k, str) for k in data.get("kwargs", {})):
+            raise ArchitectureError(f"{kind} architecture record: keyword argument names must be strings")
+        if kind == "structure" and not isinstance(data.get("structure"), dict):
             raise ArchitectureError("structural architecture record without its structure")
-        return cls(data["kind"], data.get("ref", ""), data.get("kwargs", {}), data.get("config"),
+        if kind == "hf" and not isinstance(data.get("config"), dict):
+            raise ArchitectureError("Hugging Face architecture record without its config")
+        if kind == "source" and not isinstance(data.get("source"), str):
+            raise ArchitectureError("source architecture record without its source")
+        return cls(kind, data.get("ref", ""), data.get("kwargs", {}), data.get("config"),
                    data.get("source"), data.get("structure"))
 
     def describe(self) -> str:
@@ -183,39 +206,111 @@ class Architecture:
     # -- build ------------------------------------------------------------------------------
     def build(self, *, trusted: bool = False, subject: str = "this set", meta: bool = False) -> "nn.Module":
         """A module of this architecture. Recorded source runs only with ``trusted`` (or when the
-        running session defines identical source); factories must be registered."""
+        running session defines identical source); factories must be registered. Every failure is
+        an ``ArchitectureError`` (``TrustError`` for recorded source without trust)."""
         import torch
 
-        if self.kind == "structure":
-            model = structure.build(self.structure or {}, meta=meta, trusted=trusted, subject=subject,
-                                    allow=allow_hint(subject))
-        else:
-            make = self._constructor(trusted, subject)
-            if meta:
-                with torch.device("meta"):
-                    model = make()
+        try:
+            if self.kind == "structure":
+                model = structure.build(self.structure or {}, meta=meta, trusted=trusted, subject=subject,
+                                        allow=allow_hint(subject))
             else:
-                model = make()
+                make = self._constructor(trusted, subject)
+                if meta:
+                    with torch.device("meta"):
+                        model = make()
+                else:
+                    model = make()
+        except MMError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a constructor failed on recorded arguments: one clear error
+            raise ArchitectureError(
+                f"architecture {self.describe()} cannot be built: {type(e).__name__}: {e}") from None
         if not isinstance(model, torch.nn.Module):
             raise ArchitectureError(f"{self.describe()} built {a_type(model)}, not an nn.Module")
         return model
 
+    def build_for(self, layout: "Layout", *, trusted: bool = False, subject: str = "this set") -> "nn.Module":
+        """A module to receive stored tensors of ``layout``: built on the meta device first (no memory),
+        checked to have exactly those keys, shapes and dtypes (attribute tensors included) and no
+        more derived tensors — non-persistent buffers, tensors in plain attributes a constructor
+        made — than :data:`MAX_DERIVED_BYTES` allows, and only then built for real: a record cannot
+        make this process allocate more than the stored bytes say."""
+        from .tensors import layout_mismatch, match_dtypes
+
+        with _registrations_bounded(MODULES_PER_KEY * len(layout.specs) + MIN_REGISTRATIONS):
+            probe = self.build(trusted=trusted, subject=subject, meta=True)
+        match_dtypes(probe, layout)
+        diff = layout_mismatch(structure.module_state(probe, layout.keys), layout)
+        if diff is not None:
+            raise ArchitectureError(f"the record builds other tensors than the stored ones: {diff}")
+        held = [k for k in layout.keys if structure.is_attribute_state(k)]
+        if self.kind == "structure" and structure.state_keys(self.structure or {}) != held:
+            raise ArchitectureError("the record's attribute tensors are not the stored ones")
+        persistent = set(probe.state_dict())
+        stored_ids = {id(t) for t in structure.attribute_states(probe, held)}
+        derived = sum(b.numel() * b.element_size() for k, b in probe.named_buffers() if k not in persistent)
+        derived += sum(t.numel() * t.element_size() for t in structure.plain_tensors(probe) if id(t) not in stored_ids)
+        stored = sum(s.nbytes for s in layout.specs)
+        if derived > MAX_DERIVED_BYTES + 4 * stored:
+            raise ArchitectureError(f"the record builds {derived} bytes of tensors outside the stored ones "
+                                    f"({stored} bytes); refused")
+        return self.build(trusted=trusted, subject=subject)
+
     def _constructor(self, trusted: bool, subject: str) -> Callable[[], Any]:
         if self.kind == "factory":
-            target = _factory_target(self.ref)
+            target = _factory_target(self.ref, trusted)
             return lambda: target(**self.kwargs)
         if self.kind == "hf":
-            klass = trust.module_class(self.ref, "Hugging Face model class")
+            from .hfrecords import build_config, construct
+
+            klass = trust.module_class(self.ref, "Hugging Face model class", trusted)
             config_class = getattr(klass, "config_class", None)
-            if config_class is None or not hasattr(config_class, "from_dict"):
+            if not (isinstance(config_class, type) and issubclass(config_class, trust.hf_config_bases())):
                 raise ArchitectureError(f"{self.ref!r} is not a Hugging Face model class; refused")
-            return lambda: klass(config_class.from_dict(self.config))
+            config = build_config(config_class, self.config, {}, "the recorded Hugging Face config")
+            return lambda: construct(klass, config)
         klass = source_class(self.source or "", self.ref, trusted, subject)
         return lambda: klass(**self.kwargs)
 
     def build_meta(self, *, trusted: bool = False, subject: str = "this set") -> "nn.Module":
         """Build without allocating parameter memory (for checking keys, shapes and dtypes)."""
         return self.build(trusted=trusted, subject=subject, meta=True)
+
+
+#: A constructor may register at most this many modules, parameters and buffers per stored tensor
+#: (plus MIN_REGISTRATIONS) while a record is probed: a config asking for a million layers stops
+#: after a few thousand, on the meta device, instead of filling memory with module objects.
+MODULES_PER_KEY = 8
+MIN_REGISTRATIONS = 10_000
+_PROBING = threading.local()
+
+
+@contextmanager
+def _registrations_bounded(limit: int) -> Iterator[None]:
+    """Count the modules, parameters and buffers constructors register in this thread (torch's
+    global registration hooks) and stop the build with an ArchitectureError beyond ``limit``."""
+    from torch.nn.modules import module as torch_module
+
+    def count(*_: Any) -> None:
+        if getattr(_PROBING, "left", None) is None:
+            return None  # another thread's modules
+        _PROBING.left -= 1
+        if _PROBING.left < 0:
+            raise ArchitectureError(f"the record builds more than {limit} modules, parameters and buffers for "
+                                    "the stored tensors; refused")
+        return None
+
+    handles = [torch_module.register_module_module_registration_hook(count),
+               torch_module.register_module_parameter_registration_hook(count),
+               torch_module.register_module_buffer_registration_hook(count)]
+    _PROBING.left = limit
+    try:
+        yield
+    finally:
+        _PROBING.left = None
+        for h in handles:
+            h.remove()
 
 
 def session_namespaces() -> list[Mapping[str, Any]]:

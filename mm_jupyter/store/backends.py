@@ -44,12 +44,19 @@ def is_database(location: object) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
-def display(url: str) -> str:
-    """A URL without its password, for messages."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+def display(location: str | os.PathLike[str]) -> str:
+    """A store location for messages, logs and responses: a URL's password masked (a folder as it is)."""
+    text = os.fspath(location)
+    if not _URL.match(text):
+        return text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        password = parts.password
+    except ValueError:  # not parseable: show no part of what follows the scheme's user info
+        return text.split("://", 1)[0] + "://***"
+    if password is None:
+        return text
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 

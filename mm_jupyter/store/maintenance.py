@@ -15,6 +15,7 @@ from ..errors import IntegrityError, MMError, StoreError
 from . import approaches, manifest as manifests
 from .contracts import Manifests, ObjectArea
 from .files import human_bytes
+from .limits import decoding
 
 if TYPE_CHECKING:
     from .contracts import Catalog
@@ -58,14 +59,17 @@ def verify(store: "Store") -> list[str]:
     problems = [f"catalog lacks acknowledged version {v} (refs/ records it); {cat.hint}"
                 for v in cat.lost_versions()]
     check: set[str] = set()
+    present = {kind: objects.ref_names(kind) for kind in ("sets", "candidates")}
     for raw in cat.raw_rows():
         set_id, name, version = raw[0], raw[1], raw[2]
         where = f"{name}@{version}"
         try:
-            row = cat.set_row(raw)
-            m = cat.manifest(row.manifest_oid)
-            check.add(row.manifest_oid)
-            listed = approaches.listed(objects, m)
+            with decoding(f"the manifest of {where}"):
+                row = cat.set_row(raw)
+                m = cat.manifest(row.manifest_oid)
+                check.add(row.manifest_oid)
+                listed = approaches.listed(objects, m)
+                want_models = approaches.get(row.approach).model_rows(objects, m["set"])
         except MMError as e:
             problems.append(f"{where}: {e}")
             continue
@@ -78,12 +82,9 @@ def verify(store: "Store") -> list[str]:
             problems.append(f"{where}: catalog columns {stored} disagree with its manifest {want}")
         if sorted(cat.artifacts(set_id)) != sorted(set(listed)):
             problems.append(f"{where}: the catalog's artifact list differs from the manifest's")
-        want_models = approaches.get(row.approach).model_rows(objects, m["set"])
         if [tuple(r) for r in cat.model_rows(set_id)] != want_models:
             problems.append(f"{where}: the catalog's model rows differ from the manifest's model index")
-        ref = objects.read_ref("sets", name, version)
-        if ref is not None and ref != row.manifest_oid:
-            problems.append(f"{where}: refs/ names manifest {ref[:12]}…, the catalog {row.manifest_oid[:12]}…")
+        problems += _ref_problems(objects, "sets", name, version, row.manifest_oid, where, present["sets"])
         check.update(o for _, o, _ in listed)
     for cset_id, name, version, oid, _, _ in cat.raw_candidates():
         where = f"candidate set {name}@{version}"
@@ -98,6 +99,7 @@ def verify(store: "Store") -> list[str]:
         listed = [(r, o, int(s)) for r, o, s in m["artifacts"]]
         if sorted(cat.candidate_objects(cset_id)) != sorted(set(listed)):
             problems.append(f"{where}: the catalog's object list differs from the manifest's")
+        problems += _ref_problems(objects, "candidates", name, version, oid, where, present["candidates"])
         check.update(o for _, o, _ in listed)
     for oid in sorted(check):
         try:
@@ -109,6 +111,22 @@ def verify(store: "Store") -> list[str]:
         except IntegrityError as e:
             problems.append(str(e))
     return problems
+
+
+def _ref_problems(objects: ObjectArea, kind: str, name: str, version: int, oid: str, where: str,
+                  present: set[tuple[str, int]]) -> list[str]:
+    """A version's ref file, where there is one, must name its manifest: an emptied, truncated or
+    flipped ref would mislead a catalog rebuild (refs settle which manifest holds a version). A
+    missing ref is no problem: a writer killed after its commit leaves none, and gc writes it."""
+    if (name, version) not in present:
+        return []
+    found = objects.read_ref(kind, name, version)
+    if found is None:
+        return [f"{where}: its ref file is empty or damaged; it should name manifest {oid[:12]}… "
+                "(store.gc() rewrites it)"]
+    if found != oid:
+        return [f"{where}: refs/ names manifest {found[:12]}…, the catalog {oid[:12]}…"]
+    return []
 
 
 # -- gc ----------------------------------------------------------------------------------------
@@ -124,18 +142,19 @@ def gc(store: "Store", wait_s: float) -> GcReport:
         missing_refs = []
         for raw in cat.raw_rows():  # never trust the artifact rows alone: a manifest lists its objects
             try:
-                row = cat.set_row(raw)
-                live.update(o for _, o, _ in approaches.listed(objects, cat.manifest(row.manifest_oid)))
+                with decoding(f"the manifest of {raw[1]}@{raw[2]}"):
+                    row = cat.set_row(raw)
+                    live.update(o for _, o, _ in approaches.listed(objects, cat.manifest(row.manifest_oid)))
             except MMError as e:
                 raise IntegrityError(f"gc refuses to run: {raw[1]}@{raw[2]}: {e}") from None
-            if objects.read_ref("sets", row.name, row.version) is None:
+            if objects.read_ref("sets", row.name, row.version) != row.manifest_oid:  # missing or damaged
                 missing_refs.append(("sets", row.name, row.version, row.manifest_oid))
         for _, name, version, oid, _, _ in cat.raw_candidates():
             try:
                 live.update(o for _, o, _ in cat.manifest(oid)["artifacts"])
             except MMError as e:
                 raise IntegrityError(f"gc refuses to run: candidate set {name}@{version}: {e}") from None
-            if objects.read_ref("candidates", name, version) is None:
+            if objects.read_ref("candidates", name, version) != oid:
                 missing_refs.append(("candidates", name, version, oid))
         with cat.transaction() as tx:
             pending = cat.delete_pending(tx)
@@ -201,7 +220,11 @@ def rebuild(catalog: "type[Catalog]", location: str, objects: ObjectArea, wait_s
             try:
                 if not manifests.is_manifest(objects.payload_prefix(oid, len(manifests.MAGIC))):
                     continue
-                m = manifests.decode(objects.get(oid), oid)
+                with decoding(f"manifest {oid[:12]}…"):
+                    m = manifests.decode(objects.get(oid), oid)
+                    if m["kind"] == "set":  # what writing its rows needs: read it now, skip it if it fails
+                        approaches.listed(objects, m)
+                        approaches.get(m["approach"]).model_rows(objects, m["set"])
                 claims[m["kind"]][(m["name"], m["version"])].append((oid, m, objects.size(oid)))
             except (MMError, OSError) as e:
                 problems.append(f"object {oid[:12]}… looks like a manifest but cannot be read: {e}")

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import MMError, RecoveryError, StoreError, TrustError
 from .architectures import Architecture
 from .contracts import ObjectArea
 from .objects import ObjectReader
-from .structure import make_cloner
-from .tensors import Layout, TensorSpec, torch_dtype, view_tensor
+from .structure import load_module_state, make_cloner
+from .tensors import Layout, TensorSpec, match_dtypes, torch_dtype, view_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -257,15 +257,15 @@ class ModelSet:
 
         sd = self.state_dict(item)
         if self._template is None:
-            template = self._r.architecture.build(trusted=self.trust_code, subject=f"set '{self.ref}'")
-            _match_dtypes(template, self._r.layout)
+            template = build_template(self._r.architecture, self._r.layout, self.trust_code, f"set '{self.ref}'",
+                                      f"model {self._r.names[self._pos(item)]!r}")
             self._make = make_cloner(template, self._r.layout.keys)
             self._template = template
         if self._make is not None:
             return self._make(list(sd.values()))
         module = copy.deepcopy(self._template)
         with torch.no_grad():
-            module.load_state_dict(sd, strict=True)
+            load_module_state(module, sd)
         module.eval()
         return module
 
@@ -275,27 +275,37 @@ class ModelSet:
         self._readers.clear()
 
 
-def _match_dtypes(module: "nn.Module", layout: Layout) -> None:
-    """Give a freshly built module the stored dtypes (e.g. a set saved after ``.half()``), keeping
-    tied parameters tied (the Parameter objects stay the same, only their data changes)."""
-
-    want = {s.name: torch_dtype(s.dtype) for s in layout.specs}
-    seen: set[int] = set()
-    for name, t in list(module.named_parameters(remove_duplicate=False)) + list(
-        module.named_buffers(remove_duplicate=False)
-    ):
-        dt = want.get(name)
-        if dt is None or t.dtype == dt or id(t) in seen:
-            continue
-        seen.add(id(t))
-        t.data = t.data.to(dt)
+def build_template(arch: Architecture, layout: Layout, trusted: bool, subject: str, what: str) -> "nn.Module":
+    """The module a recovered set's models are copies of, built from the (untrusted) record through
+    ``Architecture.build_for``; every failure is one ``RecoveryError`` naming the set, the model
+    and where in the record it failed (``TrustError`` stays: it says how to allow recorded code)."""
+    try:
+        template = arch.build_for(layout, trusted=trusted, subject=subject)
+        match_dtypes(template, layout)
+    except TrustError:
+        raise
+    except MMError as e:
+        raise RecoveryError(f"cannot build {what} of {subject} from its architecture record "
+                            f"({arch.kind} record): {e}") from None
+    return template
 
 
 def require_layout(found: Layout, base: Layout, what: str) -> None:
-    if found.signature() != base.signature():
-        a, b = found.signature(), base.signature()
-        diff = next((x for x, y in zip(a, b) if x != y), a[len(b)] if len(a) > len(b) else b[len(a)])
-        raise StoreError(f"{what}: models differ from the base set's architecture at {diff[0]!r}")
+    """StoreError naming the first tensor whose key, shape or dtype differs from the base version's:
+    a delta against another layout would be meaningless (``approach="auto"`` stores it in full)."""
+    a, b = found.signature(), base.signature()
+    if a == b:
+        return
+    for x, y in zip(a, b):
+        if x != y:
+            change = (f"tensor {x[0]!r} is {list(x[2])} {x[1]}, in the base {list(y[2])} {y[1]}" if x[0] == y[0]
+                      else f"tensor {x[0]!r} stands where the base has {y[0]!r}")
+            break
+    else:
+        change = (f"tensor {a[len(b)][0]!r} is new" if len(a) > len(b)
+                  else f"tensor {b[len(a)][0]!r} of the base is gone")
+    raise StoreError(f"{what}: the models' architecture changed against the base version ({change}); "
+                     "save with approach='auto' or 'baseline' to store this version in full")
 
 
 def arrays_to_list(x: Any) -> Any:

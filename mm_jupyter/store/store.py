@@ -19,6 +19,7 @@ from .architectures import TAG, Architecture
 from .catalog import SetRow, now_iso
 from .environment import environment
 from .files import OutOfSpace
+from .limits import decoding
 from .lineage import Lineage, build_lineage
 from .manifest import seconds
 from .modelset import ModelSet, Resolved, SetRef
@@ -74,6 +75,8 @@ class Store:
     def __init__(self, path: str | os.PathLike[str] | None = None, *, objects: str | os.PathLike[str] | None = None,
                  max_chain: int = 8, trust_code: bool = False) -> None:
         self.trust_code = bool(trust_code)
+        for what, value in (("path", path), ("objects", objects)):
+            _check_location(what, value)
         if isinstance(max_chain, bool) or not isinstance(max_chain, int) or not 1 <= max_chain <= MAX_CHAIN:
             raise StoreError(f"max_chain must be an integer from 1 to {MAX_CHAIN}, not {max_chain!r}")
         self.max_chain = max_chain
@@ -176,7 +179,8 @@ class Store:
         """
         t0 = time.perf_counter()
         if not valid_name(name):
-            raise StoreError(f"set name {name!r} must be 1-200 letters, digits, spaces, '_', '.', '-'")
+            raise StoreError(f"set name {name!r} must be 1-200 letters, digits, spaces, '_', '.', '-' (not only dots, "
+                             "no trailing dot or space, no device name such as CON)")
         if approach not in APPROACH_CHOICES:
             raise StoreError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACH_CHOICES)}")
         if provenance is not None and approach not in ("provenance", "auto"):
@@ -184,13 +188,10 @@ class Store:
         if verify != "all" and (isinstance(verify, bool) or not isinstance(verify, int) or verify < 1):
             raise StoreError(f"verify must be a number of models to retrain (at least 1) or 'all', not {verify!r}")
         names, mods, explicit = _normalise(models)
-        arch = architecture if architecture is not None else Architecture.infer(mods[0])
-        if not isinstance(arch, Architecture):
-            raise StoreError(f"architecture must be an mm.Architecture, not {type(arch).__name__}")
+        if architecture is not None and not isinstance(architecture, Architecture):
+            raise StoreError(f"architecture must be an mm.Architecture, not {type(architecture).__name__}")
         layout, rows = extract_states(mods, names)
-        _check_architecture(arch, layout)
-        if architecture is None:
-            check_same_architecture(arch, mods, names)
+        arch, layout, rows = _settle_architecture(architecture, mods, names, layout, rows)
         with self.writing(f"set {name!r}"), trust.scope(self.trust_code):  # a base may be retrained
             parent = self.row(base) if base is not None else self.catalog.find(name, None)
             inp = SaveInput(name, names, explicit, layout, rows, arch, environment(),
@@ -284,14 +285,15 @@ class Store:
         """Where every tensor of ``row`` lives: its chain is walked down to a self-contained
         version and resolved upwards, iteratively (any chain length up to MAX_CHAIN).
         ``retrain=False``: provenance versions leave their retrained models out."""
-        chain = [row]
-        while approaches.derived(chain[-1]):
-            chain.append(self._base(chain[-1], len(chain)))
-        resolved = None
-        for r in reversed(chain):
-            resolved = approaches.get(r.approach).resolve(self, r, resolved, retrain)
-        assert resolved is not None
-        return resolved
+        with decoding(f"the records of {row.name}@{row.version}"):
+            chain = [row]
+            while approaches.derived(chain[-1]):
+                chain.append(self._base(chain[-1], len(chain)))
+            resolved = None
+            for r in reversed(chain):
+                resolved = approaches.get(r.approach).resolve(self, r, resolved, retrain)
+            assert resolved is not None
+            return resolved
 
     def _base(self, row: SetRow, depth: int) -> SetRow:
         """The base version of a derived ``row``, checked against its manifest."""
@@ -307,6 +309,10 @@ class Store:
         """(names, per-tensor digests) of a version, reading parameters only where no digests
         were recorded (baseline and mmlib-base versions). Iterative over the chain; recent
         results are cached (versions never change), so saving version n+1 after n reads no chain."""
+        with decoding(f"the digests of {row.name}@{row.version}"):
+            return self._version_digests(row)
+
+    def _version_digests(self, row: SetRow) -> tuple[list[str], np.ndarray]:
         todo: list[SetRow] = []
         cur = row
         while True:
@@ -344,7 +350,8 @@ class Store:
         rows = self.catalog.versions(name)
         if not rows:
             raise RefError(f"no set named {name!r} in store {self.location!r}")
-        return build_lineage(self, rows)
+        with decoding(f"the records of set {name!r}"):
+            return build_lineage(self, rows)
 
     def diff(self, a: SetRef | str, b: SetRef | str) -> "SetDiff":
         """Models added, dropped and changed (with their changed tensors) from version ``a`` to ``b``."""
@@ -391,7 +398,7 @@ class Store:
         other processes save."""
         from .maintenance import gc
 
-        return gc(self, wait_s)
+        return gc(self, _wait(wait_s))
 
     @staticmethod
     def rebuild_catalog(path: str | os.PathLike[str], wait_s: float = LOCK_WAIT_S, *,
@@ -401,8 +408,14 @@ class Store:
         candidate sets — as git can from its objects."""
         from .maintenance import rebuild
 
+        _check_location("path", path)
+        _check_location("objects", objects)
         kind, location, area = backends.for_rebuild(path, objects)
-        return rebuild(kind, location, area, wait_s)
+        return rebuild(kind, location, area, _wait(wait_s))
+
+
+#: Names Windows reserves for devices (also with an extension): a ref file cannot be named so there.
+_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?$", re.IGNORECASE)
 
 
 def _numbers(values: list[int]) -> str:
@@ -422,8 +435,28 @@ def _percent(frac: float) -> str:
 
 
 def valid_name(name: Any) -> bool:
-    """1-200 letters, digits, spaces, '_', '.', '-' (also the name of its ref file)."""
-    return isinstance(name, str) and _NAME.match(name) is not None
+    """1-200 letters, digits, spaces, '_', '.', '-' (also the name of its ref file): not only dots
+    (``.``, ``..``), no trailing dot or space, no reserved device name (``CON``, ``nul.txt``)."""
+    return (isinstance(name, str) and _NAME.match(name) is not None and name.strip(".") != ""
+            and not name.endswith((".", " ")) and _RESERVED.match(name) is None)
+
+
+def _check_location(what: str, value: Any) -> None:
+    """StoreError unless ``value`` is None, a string or a path without NUL bytes."""
+    if value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)):
+        raise StoreError(f"store {what} must be a folder path or URL (str or Path), not {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or "\x00" in text or not text.strip():
+        raise StoreError(f"store {what} {text!r} is not a usable location (empty, bytes or a NUL character)")
+
+
+def _wait(wait_s: Any) -> float:
+    """A lock wait in seconds: a finite number from 0 (StoreError otherwise)."""
+    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or not 0 <= wait_s < float("inf"):
+        raise StoreError(f"wait_s must be a number of seconds from 0, not {wait_s!r}")
+    return float(wait_s)
 
 
 def _valid_number(n: Any) -> bool:
@@ -468,26 +501,54 @@ def check_rebuilds(arch: Architecture, model: "nn.Module") -> None:
 
 
 def _check_architecture(arch: Architecture, layout: Layout) -> None:
-    """Rebuild the record on the meta device (the saving session's own code may run: it is the
-    user's) and compare keys, shapes and dtypes with the models."""
-    from .modelset import _match_dtypes
-    from .tensors import dtype_name
+    """StoreError unless the record rebuilds modules with the models' keys, shapes and dtypes."""
+    _, diff = _probe(arch, layout)
+    if diff is not None:
+        raise StoreError(f"architecture {arch.describe()} does not rebuild these models: it builds {diff}")
+
+
+def _probe(arch: Architecture, layout: Layout) -> tuple["nn.Module", str | None]:
+    """The record rebuilt on the meta device (the saving session's own code may run: it is the
+    user's) and its first difference from ``layout`` (None: it rebuilds these models)."""
+    from .structure import module_state
+    from .tensors import layout_mismatch, match_dtypes
 
     try:
         probe_module = arch.build_meta(trusted=True, subject="the models being saved")
-        _match_dtypes(probe_module, layout)
-        probe = probe_module.state_dict()
+        match_dtypes(probe_module, layout)
+        return probe_module, layout_mismatch(module_state(probe_module, layout.keys), layout)
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's factory or class failed: name it, one line
         raise StoreError(f"architecture {arch.describe()} cannot be built: {type(e).__name__}: {e}") from None
-    want = [(s.name, s.shape, s.dtype) for s in layout.specs]
-    got = [(k, tuple(v.shape), dtype_name(v.dtype)) for k, v in probe.items()]
-    if want != got:
-        diff = next((g for g, w in zip(got, want) if g != w), None) or (got[len(want):] or want[len(got):])[0]
-        raise StoreError(
-            f"architecture {arch.describe()} does not rebuild these models: first difference at {diff[0]!r}"
-        )
+
+
+def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.Module"], names: Sequence[str],
+                         layout: Layout, rows: list[list[Any]]) -> tuple[Architecture, Layout, list[list[Any]]]:
+    """The record a set is saved with, and its layout and rows (plus the tensors its models hold in
+    plain attributes, stored per model). An inferred Hugging Face record must be idempotent: built
+    again on the meta device (the check every save makes), it must give the same config and tensors.
+    A constructor that edits its config (LevitModel appends to ``config.down_ops``) fails that, and
+    the models are recorded structurally instead — tree, attributes and config exactly as they are."""
+    from .structure import json_clean, with_attribute_states
+
+    def prepared(arch: Architecture) -> tuple[Layout, list[list[Any]], "nn.Module", str | None]:
+        if architecture is None:
+            check_same_architecture(arch, mods, names)
+        full_layout, full_rows = (with_attribute_states(arch.structure or {}, layout, rows, mods, names)
+                                  if arch.kind == "structure" else (layout, rows))
+        return (full_layout, full_rows, *_probe(arch, full_layout))
+
+    arch = architecture if architecture is not None else Architecture.infer(mods[0])
+    full_layout, full_rows, probe, diff = prepared(arch)
+    config: Any = getattr(probe, "config", None)
+    if architecture is None and arch.kind == "hf" and (
+            diff is not None or config is None or json_clean(config.to_dict(), "the rebuilt config") != arch.config):
+        arch = Architecture.structural(mods[0])
+        full_layout, full_rows, probe, diff = prepared(arch)
+    if diff is not None:
+        raise StoreError(f"architecture {arch.describe()} does not rebuild these models: it builds {diff}")
+    return arch, full_layout, full_rows
 
 
 def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], names: Sequence[str]) -> None:

@@ -25,15 +25,20 @@ survives key-sorting serialisers (the order of parameters and children is the or
 
 Attribute values are JSON scalars and lists, or tagged: ``$tuple``, ``$dict``, ``$set``,
 ``$frozenset``, ``$float`` (non-finite), ``$dtype``, ``$device``, ``$size``, ``$fn`` (an
-allow-listed function), ``$class`` (an ``nn.Module`` class), ``$ref`` (a tensor of this tree, e.g.
-an RNN's flat weights), ``$module`` (a module of this tree), ``$tensor`` (a small plain tensor) and
-``$hfconfig`` (a Hugging Face config). Anything else cannot be recorded and raises
-``ArchitectureError`` naming the attribute path and its type.
+allow-listed function), ``$class`` (an ``nn.Module`` class), ``$enum`` (an enum member: class and
+member name), ``$ref`` (a tensor of this tree, e.g. an RNN's flat weights), ``$module`` (a module of
+this tree), ``$state`` (a plain tensor — alone, in a list, tuple or dict, such as a cache an eval
+forward fills: stored per model like a buffer under the key ``<module path>.<attribute>#<n>``, the
+record holding its key, dtype and shape), ``$tensor`` (a small plain tensor inline: records written
+before ``$state``) and ``$hfconfig`` (a Hugging Face config). Anything else cannot be recorded and
+raises ``ArchitectureError`` naming the attribute path and its type. Restored attributes are data
+only (``attribute_refusal``).
 """
 from __future__ import annotations
 
 import base64
 import copy
+import enum
 import functools
 import math
 import types
@@ -42,9 +47,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
 
-from ..errors import ArchitectureError, StoreError, a_type
+from ..errors import ArchitectureError, MMError, StoreError, TrustError, a_type
 from . import trust
-from .tensors import torch_dtype
+from .limits import MAX_RECORD_DEPTH, check_depth
+from .tensors import Layout, TensorSpec, _as_storable, spec_of, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -52,8 +58,12 @@ if TYPE_CHECKING:
 
     from .trust import HFConfigClass
 
-#: A non-persistent buffer or plain tensor attribute is recorded by value up to this size.
+#: A non-persistent buffer is recorded by value (in the record) up to this size.
 MAX_INLINE_BYTES = 1 << 20
+#: Separates an attribute's path from the position of a tensor in its value in a state key
+#: (``stages.2.attn.attention_bias_cache#0``): tensors held in plain attributes are stored per model
+#: under such keys, after the state dict's own (which never hold it).
+STATE_MARK = "#"
 _KEEP = ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
 _FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.BuiltinMethodType)
 
@@ -64,6 +74,36 @@ def internal_attributes() -> frozenset[str]:
     from torch import nn
 
     return frozenset(nn.Module().__dict__)
+
+
+@functools.lru_cache(maxsize=1)
+def _module_own_names() -> frozenset[str]:
+    """Everything ``nn.Module`` itself defines (methods, ``_compiled_call_impl``, ``_version``, ...)
+    and the bookkeeping its ``__init__`` creates."""
+    from torch import nn
+
+    return frozenset(vars(nn.Module)) | internal_attributes()
+
+
+def attribute_refusal(klass: type, name: Any) -> str | None:
+    """Why a restored instance attribute ``name`` of a ``klass`` module would not be plain data
+    (None: it is). Refused: dunders, anything ``nn.Module`` defines or keeps as bookkeeping, and any
+    name the class or a base defines as a method, property or other descriptor — an instance
+    attribute of that name would replace code that ``nn.Module`` or the class calls. A class-level
+    plain value (``_no_split_modules = None``) may be overridden by the instance, as its
+    ``__init__`` does."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return "is not an attribute name"
+    if name.startswith("__") and name.endswith("__"):
+        return "is a special (dunder) name"
+    if name in _module_own_names():
+        return "belongs to nn.Module itself"
+    for base in klass.__mro__:
+        if name in vars(base):
+            found = vars(base)[name]
+            if base is object or callable(found) or hasattr(type(found), "__get__"):
+                return f"is defined by class {base.__qualname__} (a {type(found).__name__})"
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,6 +180,9 @@ class _Recorder:
         self.paths: dict[int, str] = {}  # id(tensor) -> state path
         self.modules: dict[int, str] = {}  # id(module) -> module path
         self.pending: list[tuple[dict[str, Any], "nn.Module", str]] = []
+        self.attribute = ""  # the attribute whose value is being recorded (names its tensors' state keys)
+        self.states: list[str] = []  # state keys of the tensors found in attribute values, in order
+        self.counts: dict[str, int] = {}  # tensors found so far per attribute
 
     def _local(self, obj: Any, where: str) -> str:
         name = obj.__name__
@@ -153,6 +196,18 @@ class _Recorder:
         self.local[name] = obj
         return f"@{name}"
 
+    def enum_ref(self, klass: type, where: str) -> str:
+        """The reference of an enum class (a notebook's enum is recorded as source)."""
+        from .architectures import ref_of
+
+        ref = ref_of(klass)
+        if ref is None:
+            return self._local(klass, f"class of {where}")
+        if "." in ref.split(":")[1]:
+            raise ArchitectureError(f"attribute {where} is a member of {ref!r}, an enum defined inside a class; "
+                                    "define it at the top level of its module")
+        return ref
+
     def cls(self, klass: type, where: str) -> int:
         if klass in self.class_index:
             return self.class_index[klass]
@@ -161,6 +216,10 @@ class _Recorder:
         ref = ref_of(klass)
         if ref is None:
             ref = self._local(klass, f"class of {where}")
+        elif "." in ref.split(":")[1]:
+            raise ArchitectureError(
+                f"class of {where} is {ref!r}, defined inside another class; a record names only classes "
+                "defined at the top level of their module — move it there")
         self.class_index[klass] = len(self.classes)
         self.classes.append(ref)
         return self.class_index[klass]
@@ -190,8 +249,8 @@ class _Recorder:
                     raise ArchitectureError(f"parameter {key} is uninitialised (a lazy module); run one forward first")
                 self.paths[id(p)] = key
                 spec = [_dtype(p, f"parameter {key}"), list(p.shape), bool(p.requires_grad)]
-                if not p.is_contiguous():
-                    spec.append(list(p.stride()))
+                if not p.is_contiguous() and is_dense_layout(p.shape, p.stride()):
+                    spec.append(list(p.stride()))  # a permuted layout; a gapped view is rebuilt contiguous
                 params.append([name, spec])
         buffers: list[list[Any]] = []
         nonpersistent = mod._non_persistent_buffers_set
@@ -206,7 +265,7 @@ class _Recorder:
                 spec = [_dtype(b, f"buffer {key}"), list(b.shape)]
                 if name in nonpersistent:  # not in the state dict: its value is part of the architecture
                     spec.append(_tensor_bytes(b, f"non-persistent buffer {key}"))
-                if not b.is_contiguous():
+                if not b.is_contiguous() and is_dense_layout(b.shape, b.stride()):
                     spec += [None] * (3 - len(spec)) + [list(b.stride())]
                 buffers.append([name, spec])
         node["p"], node["b"] = params, buffers
@@ -237,10 +296,18 @@ class _Recorder:
         if t is tuple:
             return {"$tuple": [self.value(x, f"{where}[{i}]") for i, x in enumerate(v)]}
         if t in (dict, OrderedDict):
+            if any(isinstance(k, torch.Tensor) for k in v):
+                raise ArchitectureError(f"attribute {where} is a dict with tensors as keys, which cannot be recorded")
             return {"$dict": [[self.value(k, f"{where} key"), self.value(x, f"{where}[{k!r}]")] for k, x in v.items()]}
         if t in (set, frozenset):
+            if any(isinstance(x, torch.Tensor) for x in v):
+                raise ArchitectureError(f"attribute {where} is a set of tensors, which cannot be recorded")
             items = sorted((self.value(x, f"{where} item") for x in v), key=repr)
             return {f"${t.__name__}": items}
+        if isinstance(v, enum.Enum):
+            if t._member_map_.get(v.name) is not v:  # e.g. a combination of Flag members
+                raise ArchitectureError(f"attribute {where} is {v!r}, which is not a member by name of {t.__name__}")
+            return {"$enum": [self.enum_ref(t, where), v.name]}
         if isinstance(v, torch.dtype):
             return {"$dtype": str(v).removeprefix("torch.")}
         if isinstance(v, torch.device):
@@ -252,7 +319,13 @@ class _Recorder:
                 return {"$ref": self.paths[id(v)]}
             if isinstance(v, torch.nn.Parameter):
                 raise ArchitectureError(f"attribute {where} holds a Parameter that no module registers")
-            return {"$tensor": [_dtype(v, f"attribute {where}"), list(v.shape), _tensor_bytes(v, f"attribute {where}")]}
+            # a plain tensor attribute (a cache, a per-model constant): stored per model like a buffer,
+            # under a key of its own; the record holds its place, dtype and shape
+            key = f"{self.attribute}{STATE_MARK}{self.counts.get(self.attribute, 0)}"
+            self.counts[self.attribute] = self.counts.get(self.attribute, 0) + 1
+            self.states.append(key)
+            _as_storable(v, f"attribute {where}")
+            return {"$state": [key, _dtype(v, f"attribute {where}"), list(v.shape)]}
         if t is weakref.ReferenceType:
             target = v()
             if target is None or id(target) in self.paths or id(target) in self.modules:
@@ -288,8 +361,12 @@ class _Recorder:
                 # settings chosen at model creation (e.g. the attention kernel) live in private
                 # attributes that to_dict() leaves out; they change what the model computes
                 private = {k: x for k, x in vars(v).items()
-                           if k.startswith("_") and k not in public
+                           if k.startswith("_") and not k.startswith("__") and k not in public
                            and (x is None or type(x) in (bool, int, float, str))}
+                from .hfrecords import check_literal
+
+                check_literal(public, f"attribute {where}")  # refused now if recovery would refuse it
+                check_literal(private, f"attribute {where}")
                 return {"$hfconfig": [ref, public, private]}
         raise ArchitectureError(
             f"attribute {where} is a {t.__module__}.{t.__qualname__}, which an architecture record cannot hold; "
@@ -312,12 +389,26 @@ def record(model: "nn.Module") -> dict[str, Any]:
     root = rec.node(model, "")
     internal = internal_attributes()
     for node, mod, path in rec.pending:
-        node["a"] = [[k, rec.value(v, _join(path, k))] for k, v in mod.__dict__.items() if k not in internal]
+        attrs = []
+        for k, v in mod.__dict__.items():
+            if k in internal:
+                continue
+            refusal = attribute_refusal(type(mod), k)
+            if refusal is None and (k in mod._parameters or k in mod._buffers or k in mod._modules):
+                refusal = "hides the module's own tensor or child of that name"
+            if refusal is not None:  # recovery would refuse it: never store what cannot be read back
+                raise ArchitectureError(f"attribute {_join(path, k)} {refusal}; an instance attribute of that name "
+                                        "cannot be recorded (it would replace code)")
+            rec.attribute = _join(path, k)
+            attrs.append([k, rec.value(v, _join(path, k))])
+        node["a"] = attrs
     source = None
     if rec.local:
         names = list(rec.local)
         source = {"code": capture_local([rec.local[n] for n in names]), "names": names}
-    return {"classes": rec.classes, "source": source, "root": root}
+    out = {"classes": rec.classes, "source": source, "root": root}
+    check_depth(out, MAX_RECORD_DEPTH, "the module tree's record", ArchitectureError)
+    return out
 
 
 def capture_local(objs: Sequence[Any]) -> str:
@@ -355,55 +446,126 @@ def _source_namespace(source: Mapping[str, Any], trusted: bool, subject: str, al
     return {n: mod[n] for n in names}
 
 
+class _Where:
+    """Where in a record the rebuild is (for the one error a hostile or damaged record gives)."""
+
+    def __init__(self) -> None:
+        self.module = ""
+        self.item = "classes"
+
+    def at(self, module: str, item: str) -> None:
+        self.module, self.item = module, item
+
+    def __str__(self) -> str:
+        return f"module {self.module or '(root)'}, {self.item}"
+
+
 def build(struct: Mapping[str, Any], *, meta: bool = False, trusted: bool = False, subject: str = "this set",
           allow: str = "trust_code=True") -> "nn.Module":
     """A module rebuilt from its structural record; no recorded constructor runs. Tensors are zeros
-    (``meta=True``: meta tensors, for checking keys, shapes and dtypes without memory)."""
+    (``meta=True``: meta tensors, for checking keys, shapes and dtypes without memory).
+
+    The record is data from a store: every failure is one ``ArchitectureError`` naming where in the
+    record it happened (``TrustError`` when it would run recorded source without trust)."""
+    where = _Where()
+    if not isinstance(struct, Mapping):
+        raise ArchitectureError("structural architecture record is not a JSON object")
+    check_depth(struct, MAX_RECORD_DEPTH, "structural architecture record", ArchitectureError)
     try:
-        return _build(struct, meta, trusted, subject, allow)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise ArchitectureError(f"malformed structural architecture record ({type(e).__name__}: {e})") from None
+        return _build(struct, meta, trusted, subject, allow, where)
+    except TrustError:
+        raise
+    except MMError as e:
+        raise ArchitectureError(f"structural record, {where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a malformed or hostile record: one error naming where it failed
+        raise ArchitectureError(f"malformed structural record, {where}: {type(e).__name__}: {e}") from None
 
 
-def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, allow: str) -> "nn.Module":
+def _name(x: Any, what: str) -> str:
+    """A parameter, buffer or child name: a non-empty string without dots (as nn.Module requires)."""
+    if not isinstance(x, str) or not x or "." in x or len(x) > 1000:
+        raise ArchitectureError(f"{what} name {str(x)[:80]!r} is not a module attribute name")
+    return x
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    if not isinstance(x, list) or len(x) > 64 or not all(type(d) is int and 0 <= d < 2**48 for d in x):
+        raise ArchitectureError(f"shape {str(x)[:80]} is not a list of sizes")
+    if math.prod(x) >= 2**48:
+        raise ArchitectureError(f"shape {x} declares more than 2**48 elements")
+    return tuple(x)
+
+
+def _dense_strides(shape: Sequence[int], strides: Any) -> tuple[int, ...]:
+    """Strides that lay out exactly ``prod(shape)`` elements without gaps or overlaps (a permuted
+    contiguous layout, such as a transposed weight): allocating them costs what the shape says."""
+    if not isinstance(strides, list) or len(strides) != len(shape) or not all(
+            type(s) is int and 0 <= s < 2**48 for s in strides):
+        raise ArchitectureError(f"strides {str(strides)[:80]} do not match shape {list(shape)}")
+    expected = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(shape, strides) if sz > 1), key=lambda p: p[1]):
+        if stride != expected:
+            raise ArchitectureError(f"strides {strides} of shape {list(shape)} are not a dense layout")
+        expected *= size
+    return tuple(strides)
+
+
+def is_dense_layout(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    try:
+        _dense_strides(shape, list(strides))
+    except ArchitectureError:
+        return False
+    return True
+
+
+def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, allow: str,
+           where: _Where) -> "nn.Module":
     import torch
     from torch import nn
 
     local: dict[str, Any] = {}
     if struct.get("source"):
+        where.at("", "recorded source")
         local = _source_namespace(struct["source"], trusted, subject, allow)
 
-    def klass(ref: str) -> type[nn.Module]:
-        if ref.startswith("@"):
+    def klass(ref: Any) -> type[nn.Module]:
+        if isinstance(ref, str) and ref.startswith("@"):
             obj = local.get(ref[1:])
             if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
                 raise ArchitectureError(f"recorded class {ref[1:]!r} is not an nn.Module class")
             return obj
-        return trust.module_class(ref)
+        return trust.module_class(ref, trusted=trusted)
 
+    where.at("", "class list")
+    if not isinstance(struct.get("classes"), list):
+        raise ArchitectureError("the record has no class list")
     classes = [klass(r) for r in struct["classes"]]
     device = "meta" if meta else "cpu"
     tensors: dict[str, Any] = {}
     modules: dict[str, nn.Module] = {}
     pending: list[tuple[nn.Module, list[list[Any]], str]] = []
 
-    def tensor(spec: list[Any], key: str, data: str | None, stride: list[int] | None) -> torch.Tensor:
-        dtype, shape = torch_dtype(spec[0]), tuple(int(s) for s in spec[1])
-        if stride is not None:
-            out = torch.empty_strided(shape, tuple(int(x) for x in stride), dtype=dtype, device=device)
-            return out if meta else out.zero_() if data is None else out.copy_(_tensor_from(spec[0], shape, data, key))
+    def tensor(spec: list[Any], data: str | None, stride: Any) -> torch.Tensor:
+        dtype, shape = torch_dtype(spec[0]), _shape(spec[1])
+        strides = None if stride is None else _dense_strides(shape, stride)
+        value = None if data is None or meta else _tensor_from(spec[0], shape, data, "recorded value")
+        if strides is not None:  # the bytes were checked above, before anything is allocated
+            out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+            return out if meta else out.zero_() if value is None else out.copy_(value)
         if meta:
             return torch.empty(shape, dtype=dtype, device=device)
-        if data is not None:
-            return _tensor_from(spec[0], shape, data, f"buffer {key}")
-        return torch.zeros(shape, dtype=dtype)
+        return value if value is not None else torch.zeros(shape, dtype=dtype)
 
     def make(node: Mapping[str, Any], path: str) -> nn.Module:
+        where.at(path, "class")
+        if not isinstance(node, dict) or type(node.get("c")) is not int or not 0 <= node["c"] < len(classes):
+            raise ArchitectureError("a module node names no recorded class")
         mod: nn.Module = object.__new__(classes[node["c"]])
         nn.Module.__init__(mod)  # bookkeeping only: the recorded class's own __init__ never runs
         modules[path] = mod
         for name, spec in node["p"]:
-            key = _join(path, name)
+            key = _join(path, _name(name, "parameter"))
+            where.at(path, f"parameter {name!r}")
             if spec is None:
                 mod._parameters[name] = None
             elif isinstance(spec, dict):
@@ -412,23 +574,28 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
                     raise ArchitectureError(f"parameter {key} is tied to {spec['tie']}, which is not a parameter")
                 mod._parameters[name] = tied
             else:
-                p = nn.Parameter(tensor(spec, key, None, spec[3] if len(spec) > 3 else None),
-                                 requires_grad=bool(spec[2]))
+                p = nn.Parameter(tensor(spec, None, spec[3] if len(spec) > 3 else None), requires_grad=bool(spec[2]))
                 tensors[key] = mod._parameters[name] = p
-        nonpersistent = set(node.get("np", []))
+        nonpersistent = set(_name(n, "buffer") for n in node.get("np", []))
         for name, spec in node["b"]:
-            key = _join(path, name)
+            key = _join(path, _name(name, "buffer"))
+            where.at(path, f"buffer {name!r}")
             if spec is None:
                 mod._buffers[name] = None
             elif isinstance(spec, dict):
-                mod._buffers[name] = tensors[spec["tie"]]
+                tied = tensors[spec["tie"]]
+                if not isinstance(tied, torch.Tensor) or isinstance(tied, nn.Parameter):
+                    raise ArchitectureError(f"buffer {key} is tied to {spec['tie']}, which is not a buffer")
+                mod._buffers[name] = tied
             else:
                 if name in nonpersistent and (len(spec) < 3 or spec[2] is None):
                     raise ArchitectureError(f"non-persistent buffer {key} has no recorded value")
                 data = spec[2] if name in nonpersistent else None
-                tensors[key] = mod._buffers[name] = tensor(spec, key, data, spec[3] if len(spec) > 3 else None)
+                tensors[key] = mod._buffers[name] = tensor(spec, data, spec[3] if len(spec) > 3 else None)
         mod._non_persistent_buffers_set = nonpersistent
         for name, child in node["m"]:
+            where.at(path, f"child {name!r}")
+            _name(name, "child module")
             if child is None:
                 mod._modules[name] = None
             elif "ref" in child:
@@ -439,66 +606,214 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
         pending.append((mod, node.get("a", []), path))
         return mod
 
-    def value(v: Any, where: str) -> Any:
+    def value(v: Any, at: str) -> Any:
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
         if isinstance(v, list):
-            return [value(x, where) for x in v]
+            return [value(x, at) for x in v]
         if not isinstance(v, dict) or len(v) != 1:
-            raise ArchitectureError(f"attribute {where} has a malformed record {v!r}")
+            raise ArchitectureError(f"value {str(v)[:80]} is not a recorded attribute value")
         (tag, x), = v.items()
         if tag == "$tuple":
-            return tuple(value(i, where) for i in x)
+            return tuple(value(i, at) for i in x)
         if tag == "$dict":
-            return {value(k, where): value(i, where) for k, i in x}
+            return {value(k, at): value(i, at) for k, i in x}
         if tag == "$set":
-            return {value(i, where) for i in x}
+            return {value(i, at) for i in x}
         if tag == "$frozenset":
-            return frozenset(value(i, where) for i in x)
+            return frozenset(value(i, at) for i in x)
         if tag == "$float":
             if x not in ("nan", "inf", "-inf"):
-                raise ArchitectureError(f"attribute {where}: bad float {x!r}")
+                raise ArchitectureError(f"bad float {x!r}")
             return float(x)
         if tag == "$dtype":
             return torch_dtype(x)
         if tag == "$device":
+            if not isinstance(x, str):
+                raise ArchitectureError(f"bad device {x!r}")
             return torch.device(x)
         if tag == "$size":
-            return torch.Size(int(i) for i in x)
+            return torch.Size(_shape(x))
         if tag == "$ref":
             return tensors[x]
         if tag == "$module":
             return modules[x]
         if tag == "$weakref":
-            return None if x is None else weakref.ref(value(x, where))  # a dead reference comes back as None
-        if tag == "$tensor":
-            return _tensor_from(x[0], x[1], x[2], f"attribute {where}")
+            if x is None:
+                return None  # a dead reference comes back as None
+            target = value(x, at)
+            if not isinstance(target, (torch.Tensor, nn.Module)):
+                raise ArchitectureError("a weak reference points at neither a tensor nor a module of the tree")
+            return weakref.ref(target)
+        if tag == "$tensor":  # records written before plain tensors were stored per model
+            return _tensor_from(x[0], _shape(x[1]), x[2], f"attribute {at}")
+        if tag == "$state":  # filled with the model's stored tensor (ModelSet / load_module_state)
+            if not (isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and STATE_MARK in x[0]):
+                raise ArchitectureError(f"bad state reference {str(x)[:80]}")
+            return tensor([x[1], x[2]], None, None)
+        if tag == "$enum":
+            if not (isinstance(x, list) and len(x) == 2 and isinstance(x[1], str)):
+                raise ArchitectureError(f"bad enum member {str(x)[:80]}")
+            if isinstance(x[0], str) and x[0].startswith("@"):
+                enum_class = local.get(x[0][1:])
+                if not (isinstance(enum_class, type) and issubclass(enum_class, enum.Enum)):
+                    raise ArchitectureError(f"recorded enum {x[0][1:]!r} is not defined")
+            else:
+                enum_class = trust.enum_class(x[0], trusted=trusted)
+            member = enum_class._member_map_.get(x[1])  # by name, without running the enum's own lookups
+            if member is None:
+                raise ArchitectureError(f"enum {x[0]} has no member {x[1]!r}")
+            return member
         if tag == "$class":
             return klass(x)
         if tag == "$fn":
-            if x.startswith("@"):
+            if isinstance(x, str) and x.startswith("@"):
                 fn = local.get(x[1:])
                 if not isinstance(fn, types.FunctionType):
-                    raise ArchitectureError(f"attribute {where}: recorded function {x[1:]!r} is not defined")
+                    raise ArchitectureError(f"recorded function {x[1:]!r} is not defined")
                 return fn
             return trust.function(x)
         if tag == "$hfconfig":
-            config = trust.config_class(x[0]).from_dict(x[1])
-            for k, v in (x[2] if len(x) > 2 else {}).items():
-                plain = v is None or isinstance(v, (bool, int, float, str))
-                if not (isinstance(k, str) and k.startswith("_") and plain):
-                    raise ArchitectureError(f"attribute {where}: bad private config setting {k!r}")
-                setattr(config, k, v)
-            return config
-        raise ArchitectureError(f"attribute {where} has an unknown record tag {tag!r}")
+            from .hfrecords import build_config
+
+            return build_config(trust.config_class(x[0], trusted=trusted), x[1], x[2] if len(x) > 2 else {},
+                                f"attribute {at}")
+        raise ArchitectureError(f"unknown record tag {tag!r}")
 
     root = make(struct["root"], "")
     for mod, attrs, path in pending:
         for k, v in attrs:
-            if k in internal_attributes():
-                raise ArchitectureError(f"attribute {_join(path, k)} would overwrite module bookkeeping")
+            where.at(path, f"attribute {k!r}")
+            refusal = attribute_refusal(type(mod), k)
+            if refusal is None and (k in mod._parameters or k in mod._buffers or k in mod._modules):
+                refusal = "would hide the module's own tensor or child of that name"
+            if refusal is not None:
+                raise ArchitectureError(f"attribute {k!r} {refusal}; a record restores data, never code")
             mod.__dict__[k] = value(v, _join(path, k))
     return root
+
+
+# -- tensors held in plain attributes: per-model state -------------------------------------------------
+def _tree_ids(model: "nn.Module") -> set[int]:
+    ids: set[int] = set()
+    for mod in model.modules():
+        ids.update(id(t) for t in list(mod._parameters.values()) + list(mod._buffers.values()) if t is not None)
+    return ids
+
+
+def _value_tensors(value: Any, tree: set[int]) -> list["torch.Tensor"]:
+    """The tensors of an attribute value that are not tensors of the module tree, in the order the
+    recorder meets them (list and tuple items, dict values; dict keys and sets never hold any)."""
+    import torch
+
+    out: list[torch.Tensor] = []
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, torch.Tensor):
+            if id(v) not in tree:
+                out.append(v)
+        elif type(v) in (list, tuple):
+            todo.extend(reversed(v))
+        elif type(v) in (dict, OrderedDict):
+            todo.extend(reversed(list(v.values())))
+    return out
+
+
+def plain_tensors(model: "nn.Module") -> list["torch.Tensor"]:
+    """Every tensor ``model``'s modules hold in plain attributes (not parameters or buffers)."""
+    tree = _tree_ids(model)
+    internal = internal_attributes()
+    return [t for mod in model.modules() for k, v in mod.__dict__.items() if k not in internal
+            for t in _value_tensors(v, tree)]
+
+
+def attribute_states(model: "nn.Module", keys: Sequence[str]) -> list["torch.Tensor"]:
+    """The tensors ``model`` holds in plain attributes, for the state ``keys`` its record names
+    (``path.attribute#n``), in that order; StoreError when the model holds others."""
+    if not keys:
+        return []
+    tree = _tree_ids(model)
+    found: dict[str, list[torch.Tensor]] = {}
+    out = []
+    for key in keys:
+        attr_path, _, n = key.rpartition(STATE_MARK)
+        if attr_path not in found:
+            path, _, attr = attr_path.rpartition(".")
+            try:
+                mod = model.get_submodule(path)
+            except AttributeError:
+                raise StoreError(f"the model has no module {path!r} holding state {key!r}") from None
+            found[attr_path] = _value_tensors(mod.__dict__.get(attr), tree)
+        tensors = found[attr_path]
+        if not n.isdigit() or int(n) >= len(tensors):
+            raise StoreError(f"the model holds no tensor for state {key!r}")
+        out.append(tensors[int(n)])
+    return out
+
+
+def is_attribute_state(key: str) -> bool:
+    return STATE_MARK in key
+
+
+def module_state(module: "nn.Module", keys: Sequence[str]) -> dict[str, "torch.Tensor"]:
+    """``module.state_dict()`` plus the tensors it holds in plain attributes under the state keys
+    among ``keys`` (a stored layout's keys): what a set stores per model."""
+    out = module.state_dict()
+    extra = [k for k in keys if is_attribute_state(k)]
+    out.update(zip(extra, attribute_states(module, extra)))
+    return out
+
+
+def load_module_state(module: "nn.Module", state: Mapping[str, "torch.Tensor"]) -> None:
+    """``load_state_dict`` (strict) for the state-dict keys, and the attribute tensors copied in."""
+    import torch
+
+    extra = [k for k in state if is_attribute_state(k)]
+    with torch.no_grad():
+        module.load_state_dict({k: v for k, v in state.items() if not is_attribute_state(k)}, strict=True)
+        for target, value in zip(attribute_states(module, extra), (state[k] for k in extra)):
+            target.copy_(value)
+
+
+def with_attribute_states(struct: Mapping[str, Any], layout: Layout, rows: list[list["torch.Tensor"]],
+                          models: Sequence["nn.Module"], names: Sequence[str]) -> tuple[Layout, list[list[Any]]]:
+    """The layout and rows of a set extended by the tensors its models hold in plain attributes
+    (the ``$state`` places of their structural record): stored per model, like buffers."""
+    keys = state_keys(struct)
+    if not keys:
+        return layout, rows
+    clash = sorted(set(keys) & set(layout.keys))
+    if clash:
+        raise ArchitectureError(f"state key {clash[0]!r} of an attribute tensor is also a state-dict key")
+    specs: list[TensorSpec] = []
+    out = []
+    for i, (model, name) in enumerate(zip(models, names)):
+        tensors = [_as_storable(t, f"model {name!r} attribute state {k!r}") for k, t in zip(
+            keys, attribute_states(model, keys))]
+        if i == 0:
+            specs = [spec_of(k, t) for k, t in zip(keys, tensors)]
+        elif [spec_of(k, t) for k, t in zip(keys, tensors)] != specs:
+            raise ArchitectureError(f"model {name!r} holds attribute tensors of other shapes or dtypes than model "
+                                    f"{names[0]!r}; save them as separate sets")
+        out.append(list(rows[i]) + tensors)
+    return Layout.of(list(layout.specs) + specs), out
+
+
+def state_keys(struct: Mapping[str, Any]) -> list[str]:
+    """The ``$state`` keys a structural record holds (depth-first, in the record's own order)."""
+    keys: list[str] = []
+    todo: list[Any] = [struct.get("root")]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            if len(v) == 1 and isinstance(v.get("$state"), list) and v["$state"]:
+                keys.append(v["$state"][0])
+            else:
+                todo.extend(reversed(list(v.values())))
+        elif isinstance(v, list):
+            todo.extend(reversed(v))
+    return keys
 
 
 # -- checking that every model of a set has the recorded architecture ------------------------------------
@@ -619,7 +934,8 @@ def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str]) -> bool:
     if isinstance(a, (torch.Tensor, torch.nn.Module)):
         if id(a) in pa or id(b) in pb:
             return pa.get(id(a)) == pb.get(id(b))
-        return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        # a plain tensor is stored per model (like a buffer): the set shares its place, dtype and shape
+        return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y, pa, pb) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -654,7 +970,7 @@ def _immutable(v: Any) -> bool:
 
     if v is None or type(v) in (bool, int, float, str, bytes, torch.Size, Architecture):
         return True  # an Architecture (a factory's tag) is a frozen record nobody mutates
-    if isinstance(v, (torch.dtype, torch.device, type, *_FUNCTION_TYPES)):
+    if isinstance(v, (torch.dtype, torch.device, type, enum.Enum, *_FUNCTION_TYPES)):
         return True
     if type(v) in (tuple, frozenset):
         return all(_immutable(x) for x in v)
@@ -740,7 +1056,10 @@ class Cloner:
 
         try:
             visit(template, "")
-        except LookupError:
+            extra = [k for k in keys if is_attribute_state(k)]  # tensors of plain attributes: filled per model
+            for key, t in zip(extra, attribute_states(template, extra)):
+                tensor_slot(t, key, False, True)
+        except (LookupError, StoreError):
             return None
         if covered != set(keys):
             return None
@@ -805,7 +1124,7 @@ def make_cloner(template: "nn.Module", keys: Sequence[str]) -> "Callable[[Sequen
     if cloner is None:
         return None
     try:
-        state = template.state_dict()
+        state = module_state(template, keys)
         cloner.make([state[k] for k in keys])
     except (TypeError, AttributeError, RuntimeError, ValueError, NotImplementedError, copy.Error):
         return None  # an attribute deepcopy cannot copy: the caller keeps its general path

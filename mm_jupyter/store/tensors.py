@@ -9,9 +9,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -23,11 +24,14 @@ if TYPE_CHECKING:
 
 DIGEST_BYTES = 16
 
-_DTYPE_NAMES = [
-    "float64", "float32", "float16", "bfloat16", "complex128", "complex64",
-    "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool",
-    "float8_e4m3fn", "float8_e5m2",
-]
+#: Bytes per element of every dtype a store holds (known without importing torch: listing a
+#: store's versions reads layouts, and the JupyterLab server never imports torch).
+_ITEMSIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1,
+}
+_DTYPE_NAMES = list(_ITEMSIZE)
 
 
 def torch_dtype(name: str) -> "torch.dtype":
@@ -56,7 +60,10 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch_dtype(self.dtype).itemsize
+        size = _ITEMSIZE.get(self.dtype)
+        if size is None:
+            raise StoreError(f"unsupported dtype {self.dtype!r}")
+        return size
 
     @property
     def numel(self) -> int:
@@ -95,11 +102,60 @@ class Layout:
         return {"keys": [[s.name, s.dtype, list(s.shape)] for s in self.specs]}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Layout":
-        return cls.of([TensorSpec(k, d, tuple(shape)) for k, d, shape in data["keys"]])
+    def from_json(cls, data: Any) -> "Layout":
+        """A layout as recorded in a manifest; IntegrityError unless every entry is a distinct key,
+        a stored dtype and a shape of at most 2**48 bytes."""
+        from ..errors import IntegrityError
+
+        keys = data.get("keys") if isinstance(data, dict) else None
+        if not isinstance(keys, list):
+            raise IntegrityError("a layout lists no keys")
+        specs = []
+        for entry in keys:
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and isinstance(entry[1], str) and entry[1] in _DTYPE_NAMES and isinstance(entry[2], list)
+                    and len(entry[2]) <= 64 and all(type(d) is int and 0 <= d < 2**48 for d in entry[2])):
+                raise IntegrityError(f"layout entry {str(entry)[:80]} is not [key, dtype, shape]")
+            spec = TensorSpec(entry[0], entry[1], tuple(entry[2]))
+            if math.prod(spec.shape) * spec.itemsize >= 2**48:
+                raise IntegrityError(f"layout entry {entry[0]!r} declares more than 2**48 bytes")
+            specs.append(spec)
+        if len({s.name for s in specs}) != len(specs):
+            raise IntegrityError("a layout names a key twice")
+        return cls.of(specs)
 
     def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         return tuple((s.name, s.dtype, s.shape) for s in self.specs)
+
+
+def match_dtypes(module: "nn.Module", layout: Layout) -> None:
+    """Give a freshly built module the stored dtypes (e.g. a set saved after ``.half()``), keeping
+    tied parameters tied (the Parameter objects stay the same, only their data changes)."""
+    want = {s.name: torch_dtype(s.dtype) for s in layout.specs}
+    seen: set[int] = set()
+    for name, t in list(module.named_parameters(remove_duplicate=False)) + list(
+        module.named_buffers(remove_duplicate=False)
+    ):
+        dt = want.get(name)
+        if dt is None or t.dtype == dt or id(t) in seen:
+            continue
+        seen.add(id(t))
+        t.data = t.data.to(dt)
+
+
+def layout_mismatch(state: Mapping[str, "torch.Tensor"], layout: Layout) -> str | None:
+    """The first entry of a module's ``state`` (``structure.module_state``) whose key, shape or dtype
+    differs from ``layout`` (None: they agree), as ``"'key' [shape] dtype, where ... have ..."``."""
+    got = [(k, tuple(int(x) for x in v.shape), dtype_name(v.dtype)) for k, v in state.items()]
+    want = [(s.name, s.shape, s.dtype) for s in layout.specs]
+    if got == want:
+        return None
+    for g, w in zip(got, want):
+        if g != w:
+            return f"{g[0]!r} {list(g[1])} {g[2]}, where the stored tensors have {w[0]!r} {list(w[1])} {w[2]}"
+    if len(got) > len(want):
+        return f"{got[len(want)][0]!r}, which the stored tensors lack"
+    return f"no {want[len(got)][0]!r}, which the stored tensors have"
 
 
 def _as_storable(t: "torch.Tensor", where: str) -> "torch.Tensor":
@@ -298,15 +354,35 @@ def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     return len(head).to_bytes(4, "little") + head + b"".join(blobs)
 
 
+#: The array dtypes an index object may hold (what ``pack_arrays`` writes: no objects, no structs).
+_ARRAY_KINDS = "biuf"
+
+
 def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    """Views of the arrays of a ``pack_arrays`` blob; IntegrityError when the header is malformed or
+    declares more bytes than the blob holds (nothing is allocated: the arrays view ``blob``)."""
+    from ..errors import IntegrityError
+    from .limits import loads
+
     n = int.from_bytes(blob[:4], "little")
-    header = json.loads(blob[4 : 4 + n])
+    if len(blob) < 4 or n > len(blob) - 4:
+        raise IntegrityError("an index object's header is cut off")
+    header = loads(blob[4 : 4 + n], "an index object's header", limit=4)
     body = memoryview(blob)[4 + n :]
+    if not isinstance(header, dict):
+        raise IntegrityError("an index object's header is not an object")
     out = {}
     for name, h in header.items():
-        dt = np.dtype(h["dtype"])
-        if dt.hasobject:
-            raise StoreError(f"array {name!r} has an object dtype; refusing to load it")
-        count = int(np.prod(h["shape"], dtype=np.int64)) if h["shape"] else 1
-        out[name] = np.frombuffer(body, dtype=dt, count=count, offset=h["offset"]).reshape(h["shape"])
+        try:
+            dt = np.dtype(h["dtype"]) if isinstance(h, dict) and isinstance(h.get("dtype"), str) else None
+        except TypeError:
+            dt = None
+        shape, offset = (h.get("shape"), h.get("offset")) if isinstance(h, dict) else (None, None)
+        if dt is None or dt.kind not in _ARRAY_KINDS or dt.hasobject or not isinstance(shape, list) or not all(
+                type(d) is int and d >= 0 for d in shape) or type(offset) is not int or offset < 0:
+            raise IntegrityError(f"array {str(name)[:40]!r} of an index object is malformed")
+        count = math.prod(shape)
+        if offset + count * dt.itemsize > len(body):
+            raise IntegrityError(f"array {name!r} of an index object declares more bytes than it holds")
+        out[name] = np.frombuffer(body, dtype=dt, count=count, offset=offset).reshape(shape)
     return out

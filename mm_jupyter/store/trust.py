@@ -1,27 +1,40 @@
 """The trust gate: what a store record may make this process import or run.
 
-A store written by someone else must not be able to run code here. Records therefore name code
-in three strictly separated ways:
+A store written by someone else must not be able to run code here. Like
+``torch.load(weights_only=True)`` with ``torch.serialization.add_safe_globals``, records may only
+name exact objects on an allow-list, never a path to walk:
 
-* **classes** (``module:qualname``) are imported only when they are ``nn.Module`` subclasses (or
-  Hugging Face config classes) from installed, non-standard-library modules; building a module
-  from a structural record never calls their ``__init__``;
-* **functions** used as attribute values (an activation such as ``torch.nn.functional:gelu``) only
-  from allow-listed modules (:data:`ALLOWED_FUNCTION_MODULES`, extended by :func:`allow_functions`);
-* **callables a record calls with recorded arguments** (architecture factories, provenance
-  training functions and dataset loaders) only when registered by the code that defines them
-  (``@mm.architecture``, ``@mm.trusted``).
+* a reference is ``module:name`` — one module, exactly one attribute step (a record cannot reach
+  ``torch.os.system`` or ``torch.hub.load`` through a module's attributes) — and the object found
+  must be *that* object: its own ``__module__`` and name are the reference (so ``torch.nn:Linear``
+  or an object re-exported under another name is refused);
+* the module must already be imported in this process, or belong to an allowed package
+  (:data:`ALLOWED_PACKAGES`: ``torch``, ``transformers``, ``mm_jupyter``, ``timm``, ``torchvision``,
+  plus :func:`allow_modules`); anything else is refused *before* it is imported, so a record cannot
+  make this process run a module's import-time code;
+* what a reference may resolve to depends on where it stands: **classes** — ``nn.Module``
+  subclasses (built without their ``__init__`` from structural records), Hugging Face config
+  classes, ``enum.Enum`` subclasses; **functions** stored as data (an activation) — only the
+  reviewed pure tensor functions of :data:`PURE_FUNCTIONS` plus what :func:`allow_functions` adds;
+  **callables a record calls with recorded arguments** — only functions registered by the code that
+  defines them (``@mm.architecture`` factories, ``@mm.trusted`` training functions and loaders) and
+  ``nn.Module`` classes (constructed with JSON keyword arguments, on the meta device first).
 
 Recorded *source* (classes defined in a notebook cell, provenance training code) runs only when
 the user trusts the store (``trust_code=True``), as Hugging Face's ``trust_remote_code`` — except
 when identical source is already defined in the running session, which is then used as it is.
+A trusted store may also name modules outside the allowed packages (they are imported). See
+SECURITY.md for what this allows and what it does not.
 """
 from __future__ import annotations
 
 import contextvars
+import enum
+import functools
 import hashlib
 import importlib
 import sys
+import types
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
@@ -36,30 +49,92 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Modules whose functions a record may reference as attribute values.
-ALLOWED_FUNCTION_MODULES: set[str] = {
-    "torch", "torch.nn.functional", "torch._C._nn", "torch.special", "torch.fft", "torch.linalg",
-    "torch.nn.init", "math", "operator", "_operator",
+#: Packages whose modules a record may make this process import (their import-time code is
+#: trusted like the package itself); extended by :func:`allow_modules`.
+ALLOWED_PACKAGES: set[str] = {"torch", "transformers", "mm_jupyter", "timm", "torchvision"}
+#: Modules whose own functions a record may reference as attribute values, added by
+#: :func:`allow_functions` (the reviewed defaults are :data:`PURE_FUNCTIONS`).
+ALLOWED_FUNCTION_MODULES: set[str] = set()
+_ALLOWED_FUNCTIONS: dict[str, Callable[..., Any]] = {}  # exact functions added by allow_functions(fn)
+
+#: The reviewed default allow-list of functions a record may hold as attribute values: pure
+#: functions of tensors and numbers (activations, normalisations, pooling, losses, elementwise
+#: math, operators). Nothing that reads or writes files, opens connections, starts processes,
+#: compiles code or touches global state (seeds and the random generator — so no dropout, rrelu or
+#: ``nn.init`` —, default dtype/device, thread counts, printing, flags) is on it. Each name is looked
+#: up once in its module; the object found is allowed under its *own* ``__module__:__name__``.
+PURE_FUNCTIONS: dict[str, tuple[str, ...]] = {
+    "torch.nn.functional": (
+        "relu", "relu_", "relu6", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish", "hardsigmoid",
+        "hardtanh", "leaky_relu", "prelu", "glu", "logsigmoid", "softplus", "softsign", "softshrink",
+        "hardshrink", "tanhshrink", "tanh", "sigmoid", "softmax", "softmin", "log_softmax", "normalize",
+        "layer_norm", "group_norm", "rms_norm", "batch_norm", "instance_norm", "local_response_norm", "linear",
+        "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+        "pad", "interpolate", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
+        "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+        "adaptive_max_pool1d", "adaptive_max_pool2d", "lp_pool1d", "lp_pool2d", "pixel_shuffle",
+        "pixel_unshuffle", "embedding",
+        "one_hot", "scaled_dot_product_attention", "cosine_similarity", "pairwise_distance", "threshold",
+        "unfold", "fold", "cross_entropy", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "nll_loss",
+        "kl_div", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+    ),
+    "torch": (
+        "relu", "tanh", "sigmoid", "exp", "log", "log1p", "expm1", "abs", "neg", "sin", "cos", "erf", "erfc",
+        "sqrt", "rsqrt", "square", "sign", "floor", "ceil", "round", "clamp", "add", "sub", "mul", "div",
+        "matmul", "mm", "bmm", "softmax", "log_softmax", "cat", "stack", "flatten", "sum", "mean", "amax",
+        "amin", "maximum", "minimum", "logsumexp", "cumsum", "where", "transpose", "permute", "reshape",
+        "squeeze", "unsqueeze", "einsum", "selu", "celu", "hardshrink", "prelu",
+    ),
+    "math": (
+        "sqrt", "exp", "log", "log2", "log10", "log1p", "expm1", "tanh", "sin", "cos", "erf", "erfc", "floor",
+        "ceil", "fabs", "pow", "gamma", "lgamma", "isfinite", "isnan", "prod", "fsum", "hypot",
+    ),
+    "operator": (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "matmul", "and_", "or_",
+        "xor", "not_", "eq", "ne", "lt", "le", "gt", "ge", "getitem",
+    ),
 }
-#: torch functions that touch files, the network, global state or the compiler: never referenced.
-_DENIED_TORCH = {"load", "save", "compile", "from_file", "hub", "set_default_device", "set_default_dtype",
-                 "set_default_tensor_type", "use_deterministic_algorithms", "set_num_threads",
-                 "set_num_interop_threads", "set_printoptions", "manual_seed", "seed", "set_rng_state",
-                 "set_flush_denormal", "set_warn_always", "set_anomaly_enabled"}
 
 _REGISTERED: dict[str, Callable[..., Any]] = {}
 _OWN: set[str] = set()  # sha256 of source this process captured from its own definitions
+#: Modules that hold executed recorded source (``architectures.exec_source``): imported only
+#: because a trusted store was recovered, so they never count as "already imported".
+SOURCE_MODULE_PREFIX = "mm_jupyter_source_"
 
 _TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("mm_jupyter_trust_code", default=False)
 
 
-def allow_functions(*modules: str) -> None:
-    """Let records reference functions of these modules as attribute values (e.g. your own
-    activation functions in ``mypkg.layers``). Recovery in another process needs the same call."""
-    for mod in modules:
-        if not isinstance(mod, str) or not mod or ":" in mod:
-            raise ArchitectureError(f"allow_functions takes module names such as 'mypkg.layers', not {mod!r}")
-        ALLOWED_FUNCTION_MODULES.add(mod)
+def allow_functions(*items: str | Callable[..., Any]) -> None:
+    """Let records hold these functions as attribute values: a module name (``'mypkg.layers'``:
+    every function defined in it) or a function object (exactly that one). Recovery in another
+    process needs the same call."""
+    for item in items:
+        if callable(item) and not isinstance(item, type):
+            ref = _own_ref(item)
+            if ref is None:
+                raise ArchitectureError(f"allow_functions: {item!r} is not a module-level function of an "
+                                        "importable module")
+            _ALLOWED_FUNCTIONS[ref] = item
+            continue
+        if not isinstance(item, str) or not _module_name(item):
+            raise ArchitectureError(f"allow_functions takes module names such as 'mypkg.layers' or functions, "
+                                    f"not {item!r}")
+        if item in PURE_FUNCTIONS or _stdlib(item) or item.split(".")[0] == "torch":
+            raise ArchitectureError(
+                f"allow_functions({item!r}) would allow every function of {item!r}, including ones that touch files, "
+                "processes or global state; allow the functions you need one by one: mm.allow_functions(fn)")
+        ALLOWED_FUNCTION_MODULES.add(item)
+
+
+def allow_modules(*packages: str) -> None:
+    """Let records make this process import modules of these packages (``'mypkg'`` allows
+    ``mypkg.models`` too) to find ``nn.Module`` classes, Hugging Face configs, enums and
+    registered factories. Only allow packages whose import-time code and ``nn.Module`` classes
+    you trust: a store may build any of those classes and run their ``forward``."""
+    for pkg in packages:
+        if not isinstance(pkg, str) or not _module_name(pkg):
+            raise ArchitectureError(f"allow_modules takes package names such as 'mypkg', not {pkg!r}")
+        ALLOWED_PACKAGES.add(pkg)
 
 
 def register(fn: F, ref: str | None = None) -> F:
@@ -84,7 +159,7 @@ def is_registered(ref: str, obj: Any) -> bool:
     return _REGISTERED.get(ref) is obj
 
 
-# -- importing by reference -----------------------------------------------------------------------
+# -- references ------------------------------------------------------------------------------------
 #: Packages that were renamed: records written before name the old module (stores stay readable).
 RENAMED_PACKAGES = {"mm_jupyter.search": "mm_jupyter.modelsearch", "mm_jupyter.serve": "mm_jupyter.serving"}
 
@@ -96,59 +171,140 @@ def _current_module(mod: str) -> str:
     return mod
 
 
-def _split(ref: str) -> tuple[str, str]:
-    """(module, qualname) of a reference, with a renamed package's old name replaced by its new one."""
-    if not isinstance(ref, str) or ref.count(":") != 1:
-        raise ArchitectureError(f"reference {ref!r} is not of the form 'module:qualname'")
+def _module_name(mod: str) -> bool:
+    return bool(mod) and len(mod) <= 300 and all(p.isidentifier() for p in mod.split("."))
+
+
+def _split(ref: Any) -> tuple[str, str]:
+    """(module, qualname) of a reference, with a renamed package's old name replaced by its new one
+    (any qualname: also for references a trusted record imports)."""
+    if not isinstance(ref, str) or ref.count(":") != 1 or len(ref) > 400:
+        raise ArchitectureError(f"reference {str(ref)[:100]!r} is not of the form 'module:qualname'")
     mod, qual = ref.split(":")
-    if not mod or not qual or not all(p.isidentifier() for p in mod.split(".") + qual.split(".")):
+    if not _module_name(mod) or not qual or not all(p.isidentifier() for p in qual.split(".")):
         raise ArchitectureError(f"reference {ref!r} is not of the form 'module:qualname'")
     return _current_module(mod), qual
 
 
+def split_ref(ref: Any) -> tuple[str, str]:
+    """(module, name) of a reference a record may hold: exactly one attribute step after the module
+    (``torch.nn.modules.linear:Linear``), never a path through attributes (``torch:os.system``)."""
+    mod, name = _split(ref)
+    if "." in name:
+        raise ArchitectureError(
+            f"reference {ref!r} walks through attributes ({name!r}); a record may only name an object "
+            "defined at the top level of its module ('module:name')")
+    return mod, name
+
+
 def import_ref(ref: str) -> Any:
-    """Resolve ``module:qualname`` (callers decide first whether the reference may be imported)."""
+    """Resolve ``module:qualname`` by importing and walking attributes — only for what the user
+    already trusts (their own objects at save, a trusted store's provenance code)."""
     mod, qual = _split(ref)
     try:
         obj: Any = importlib.import_module(mod)
         for part in qual.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ArchitectureError(f"cannot import {ref!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure of a module's own import code: one clear error
+        raise ArchitectureError(f"cannot import {ref!r}: {type(e).__name__}: {e}") from None
     return obj
 
 
 def _stdlib(mod: str) -> bool:
-    top = mod.split(".")[0]
-    return top in sys.stdlib_module_names and mod not in ALLOWED_FUNCTION_MODULES
+    return mod.split(".")[0] in sys.stdlib_module_names
 
 
-def module_class(ref: str, what: str = "class") -> type[nn.Module]:
+#: Modules imported by the session this process works for (a search's Ray workers: the driver's).
+SESSION_MODULES: set[str] = set()
+
+
+def session_modules() -> tuple[str, ...]:
+    """The modules this session has imported that records may name (not the standard library, not
+    executed recorded source): what a worker process of this session may import as if it had."""
+    return tuple(sorted(m for m, mod in list(sys.modules.items())
+                        if mod is not None and _module_name(m) and m != "__main__" and not _stdlib(m)
+                        and not m.startswith(SOURCE_MODULE_PREFIX)))
+
+
+def adopt_session(modules: tuple[str, ...]) -> None:
+    """Treat ``modules`` (``session_modules()`` of the session this process works for) as imported."""
+    SESSION_MODULES.update(m for m in modules if isinstance(m, str) and _module_name(m) and not _stdlib(m))
+
+
+def _in_allowed_package(mod: str) -> bool:
+    """A public module of an allowed package (private modules such as ``torch._dynamo`` or test
+    helpers may change global state when imported: they must already be imported), a module whose
+    functions the user allowed, or one the session this process works for has imported."""
+    if mod in ALLOWED_FUNCTION_MODULES or mod in SESSION_MODULES:
+        return True
+    parts = mod.split(".")
+    return (not any(p.startswith("_") for p in parts)
+            and any(mod == p or mod.startswith(p + ".") for p in ALLOWED_PACKAGES))
+
+
+def module_for(mod: str, ref: str, what: str, trusted: bool = False) -> types.ModuleType:
+    """The module ``mod`` of a record's reference: already imported (nothing runs), else imported
+    only from an allowed package (or any non-standard-library module when the store is trusted)."""
+    if mod == "__main__" or mod.startswith(SOURCE_MODULE_PREFIX):
+        if not (trusted and mod.startswith(SOURCE_MODULE_PREFIX)):
+            raise ArchitectureError(f"{what} {ref!r} names the running session's own module; refused")
+    module = sys.modules.get(mod)
+    if isinstance(module, types.ModuleType):
+        return module
+    if not (_in_allowed_package(mod) or (trusted and not _stdlib(mod))):
+        top = mod.split(".")[0]
+        raise ArchitectureError(
+            f"{what} {ref!r} is in module {mod!r}, which this session has not imported and which is not in an "
+            f"allowed package ({', '.join(sorted(ALLOWED_PACKAGES))}): refused before importing it. If you trust "
+            f"that package, import it first or call mm.allow_modules({top!r}) (or trust the store: trust_code=True)")
+    try:
+        return importlib.import_module(mod)
+    except Exception as e:  # noqa: BLE001 - any failure of a module's own import code: one clear error
+        raise ArchitectureError(f"cannot import module {mod!r} for {what} {ref!r}: {type(e).__name__}: {e}") from None
+
+
+def lookup(ref: Any, what: str, trusted: bool = False) -> Any:
+    """The object a one-step reference names, checked to be that very object (its own
+    ``__module__`` and ``__qualname__``); the module's attribute hooks never run."""
+    mod, name = split_ref(ref)
+    module = module_for(mod, ref, what, trusted)
+    obj = vars(module).get(name)
+    if obj is None:
+        raise ArchitectureError(f"cannot import {what} {ref!r}: module {mod!r} defines no {name!r}")
+    if getattr(obj, "__module__", None) != mod or getattr(obj, "__qualname__", None) != name:
+        own = f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', '?')}"
+        raise ArchitectureError(f"{what} {ref!r} resolves to an object defined as {own!r}, not to {ref!r}; refused")
+    return obj
+
+
+def module_class(ref: str, what: str = "class", trusted: bool = False) -> type[nn.Module]:
     """An ``nn.Module`` subclass by reference; anything else is refused before it can run."""
     import torch
 
-    mod, _ = _split(ref)
-    if _stdlib(mod):
-        raise ArchitectureError(f"{what} {ref!r} is not an nn.Module class (standard-library reference refused)")
-    obj = import_ref(ref)
+    obj = lookup(ref, what, trusted)
     if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         raise ArchitectureError(f"{what} {ref!r} is {a_type(obj)}, not an nn.Module class; refused")
     return obj
 
 
-def config_class(ref: str) -> HFConfigClass:
+def config_class(ref: str, trusted: bool = False) -> HFConfigClass:
     """A Hugging Face configuration class (``PretrainedConfig``/``GenerationConfig``) by reference."""
-    mod, _ = _split(ref)
-    if _stdlib(mod):
-        raise ArchitectureError(f"config class {ref!r} refused (standard-library reference)")
-    obj = import_ref(ref)
-    bases = _hf_config_bases()
+    obj = lookup(ref, "config class", trusted)
+    bases = hf_config_bases()
     if not (isinstance(obj, type) and bases and issubclass(obj, bases)):
         raise ArchitectureError(f"{ref!r} is not a Hugging Face configuration class; refused")
     return obj
 
 
-def _hf_config_bases() -> tuple[HFConfigClass, ...]:
+def enum_class(ref: str, trusted: bool = False) -> type[enum.Enum]:
+    """An ``enum.Enum`` subclass by reference (its members are plain data)."""
+    obj = lookup(ref, "enum class", trusted)
+    if not (isinstance(obj, type) and issubclass(obj, enum.Enum)):
+        raise ArchitectureError(f"{ref!r} is a {type(obj).__name__}, not an Enum class; refused")
+    return obj
+
+
+def hf_config_bases() -> tuple[HFConfigClass, ...]:
     if "transformers" not in sys.modules:
         try:
             importlib.import_module("transformers")
@@ -158,51 +314,76 @@ def _hf_config_bases() -> tuple[HFConfigClass, ...]:
     return tuple(c for c in (getattr(tf, "PretrainedConfig", None), getattr(tf, "GenerationConfig", None)) if c)
 
 
+_FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType)
+
+
+@functools.lru_cache(maxsize=1)
+def pure_functions() -> dict[str, Callable[..., Any]]:
+    """The reviewed allow-list (:data:`PURE_FUNCTIONS`) as ``{own module:name: function}``."""
+    table: dict[str, Callable[..., Any]] = {}
+    for modname, names in PURE_FUNCTIONS.items():
+        module = importlib.import_module(modname)
+        for name in names:
+            fn = getattr(module, name, None)  # a name missing from this torch version is left out
+            if isinstance(fn, _FUNCTION_TYPES):
+                table[f"{fn.__module__}:{fn.__name__}"] = fn
+    return table
+
+
+def _own_ref(fn: Any) -> str | None:
+    """``module:name`` by the function's own ``__module__`` and ``__name__`` (a Python function's
+    ``__qualname__`` must be that name too: nested functions and lambdas have none)."""
+    mod, name = getattr(fn, "__module__", None), getattr(fn, "__name__", None)
+    if not isinstance(mod, str) or not isinstance(name, str) or not name.isidentifier() or mod == "__main__":
+        return None
+    if isinstance(fn, types.FunctionType) and fn.__qualname__ != name:
+        return None
+    return f"{mod}:{name}"
+
+
 def function(ref: str) -> Callable[..., Any]:
-    """A function from an allow-listed module (an attribute value such as an activation)."""
-    mod, qual = _split(ref)
+    """A function a record holds as an attribute value: on the reviewed allow-list, allowed
+    exactly, or defined in a module the user allowed (``mm.allow_functions``)."""
+    mod, name = split_ref(ref)
+    key = f"{mod}:{name}"
+    fn = pure_functions().get(key) or _ALLOWED_FUNCTIONS.get(key)
+    if fn is not None:
+        return fn
     if mod not in ALLOWED_FUNCTION_MODULES:
-        raise ArchitectureError(
-            f"function {ref!r} is not on the allow-list of modules a record may reference "
-            f"({', '.join(sorted(ALLOWED_FUNCTION_MODULES))}); if you trust it, call "
-            f"mm.allow_functions({mod!r}) before saving and recovering")
-    if mod == "torch" and qual.split(".")[-1] in _DENIED_TORCH:
-        raise ArchitectureError(f"function {ref!r} is refused: it touches files, the network or global state")
-    obj: Callable[..., Any] = import_ref(ref)
-    if isinstance(obj, type) or not callable(obj) or type(obj).__name__ not in (
-            "function", "builtin_function_or_method", "method_descriptor"):
-        raise ArchitectureError(f"{ref!r} is {a_type(obj)}, not a function; refused")
-    return obj
-
-
-def registered(ref: str, what: str) -> Callable[..., Any]:
-    """A callable the record calls with recorded arguments: must be registered by its module."""
-    mod, qual = _split(ref)
-    if _stdlib(mod):
-        raise ArchitectureError(f"{what} {ref!r} is not a registered function; refused")
-    obj: Callable[..., Any] = import_ref(ref)
-    if not is_registered(f"{mod}:{qual}", obj):
-        raise ArchitectureError(
-            f"{what} {ref!r} is not registered; only functions decorated with "
-            f"{'@mm.architecture' if what == 'factory' else '@mm.trusted'} may be called from a store record")
+        reviewed = mod in PURE_FUNCTIONS or _stdlib(mod) or mod.split(".")[0] == "torch"
+        hint = ("it is not one of the reviewed pure tensor functions (it may touch files, processes or global "
+                "state): refused; if you trust it, call mm.allow_functions(<the function>)" if reviewed else
+                f"if you trust it, call mm.allow_functions({mod!r}) before saving and recovering")
+        raise ArchitectureError(f"function {ref!r} is not on the allow-list of functions a record may reference; "
+                                f"{hint}")
+    module = module_for(mod, ref, "function", trusted=True)  # the user allowed this module
+    obj = vars(module).get(name)
+    if not isinstance(obj, _FUNCTION_TYPES) or _own_ref(obj) != key:
+        raise ArchitectureError(f"{ref!r} is not a function defined in {mod!r}; refused")
     return obj
 
 
 def function_ref(fn: Any) -> str | None:
-    """``module:name`` of a function when importing it gives back the same object."""
-    mod = getattr(fn, "__module__", None)
-    names = [getattr(fn, "__qualname__", None), getattr(fn, "__name__", None)]
-    mods = [mod, mod.lstrip("_")] if isinstance(mod, str) else []
-    for m in mods:
-        for n in names:
-            if not m or not n or "<" in n or m == "__main__":
-                continue
-            try:
-                if import_ref(f"{m}:{n}") is fn:
-                    return f"{m}:{n}"
-            except ArchitectureError:
-                continue
-    return None
+    """The reference a record holds for function ``fn`` (None: it has none — a lambda, a nested
+    function, or one its module does not expose under its own name)."""
+    ref = _own_ref(fn)
+    if ref is None:
+        return None
+    if pure_functions().get(ref) is fn or _ALLOWED_FUNCTIONS.get(ref) is fn:
+        return ref
+    module = sys.modules.get(ref.split(":")[0])
+    return ref if module is not None and vars(module).get(fn.__name__) is fn else None
+
+
+def registered(ref: str, what: str, trusted: bool = False) -> Callable[..., Any]:
+    """A callable the record calls with recorded arguments: must be registered by its module."""
+    obj: Callable[..., Any] = lookup(ref, what, trusted)
+    mod, name = split_ref(ref)
+    if not is_registered(f"{mod}:{name}", obj):
+        raise ArchitectureError(
+            f"{what} {ref!r} is not registered; only functions decorated with "
+            f"{'@mm.architecture' if what == 'factory' else '@mm.trusted'} may be called from a store record")
+    return obj
 
 
 # -- trust for recorded source ---------------------------------------------------------------------

@@ -34,7 +34,7 @@ def save(store: "Store", inp: SaveInput) -> Saved:
 
 
 def resolve(store: "Store", row: SetRow, base: Resolved | None = None, retrain: bool = True) -> Resolved:
-    return resolve_full(row.manifest, row.manifest["params"])
+    return resolve_full(row.manifest, row.manifest["params"], store.objects)
 
 
 def digests(store: "Store", row: SetRow, base: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...errors import IntegrityError
 from ..architectures import Architecture
 from ..catalog import SetRow
 from ..contracts import Listed, ObjectArea
@@ -87,11 +88,38 @@ def write_full(store: "Store", inp: SaveInput) -> PutResult:
                                     lambda dst, progress: fill_model_major(dst, lay, inp.rows, progress))
 
 
-def resolve_full(manifest: dict[str, Any], oid: str) -> Resolved:
-    """Resolution of a self-contained model-major version."""
+def payload_size(objects: ObjectArea, oid: str) -> int:
+    """Payload bytes of an object (reads its header only)."""
+    reader = objects.open(oid)
+    try:
+        return reader.size
+    finally:
+        reader.close()
+
+
+#: Index entries (model, key) a version may declare beyond its stored bytes: small sets of
+#: parameter-free or tiny models need no more than this.
+MIN_INDEX_ENTRIES = 2**24
+
+
+def check_index_size(n: int, k: int, stored: int, what: str) -> None:
+    """IntegrityError when ``n`` models of ``k`` keys would need index arrays out of proportion to
+    the ``stored`` bytes (a hostile manifest declaring a billion models of a small object)."""
+    if n * k > max(stored, MIN_INDEX_ENTRIES):
+        raise IntegrityError(f"{what} declares {n} models of {k} tensors for {stored} stored bytes; refused")
+
+
+def resolve_full(manifest: dict[str, Any], oid: str, objects: ObjectArea) -> Resolved:
+    """Resolution of a self-contained model-major version; the object must hold exactly the
+    ``n * stride`` bytes the manifest declares."""
     layout = Layout.from_json(manifest["layout"])
     n = manifest["n"]
     k = len(layout.specs)
+    size = payload_size(objects, oid)
+    if size != n * layout.stride:
+        raise IntegrityError(f"parameter object {oid[:12]}… holds {size} bytes, its manifest declares {n} models "
+                             f"of {layout.stride} bytes")
+    check_index_size(n, k, size, f"parameter object {oid[:12]}…")
     off = np.arange(n, dtype=np.int64)[:, None] * layout.stride + np.asarray(layout.offsets, dtype=np.int64)[None, :]
     return Resolved(
         names=names_of(manifest),

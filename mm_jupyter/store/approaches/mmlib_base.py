@@ -32,6 +32,7 @@ import numpy as np
 from ...errors import IntegrityError
 from ..architectures import Architecture
 from ..catalog import SetRow
+from ..limits import loads
 from ..modelset import ObjectShape, Resolved
 from ..tensors import Layout, fill_model_major, pack_arrays, unpack_arrays
 from .common import (
@@ -269,8 +270,8 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None = None, retrain: 
         if [params, arch_oid, env_oid] != ids or (idx, name) != (i, names[i]):
             raise IntegrityError(f"catalog row of model {i} of {row.name}@{row.version} does not match its "
                                  "manifest's model index; rebuild the catalog")
-        rec = json.loads(store.objects.get(arch_oid))
-        env = json.loads(store.objects.get(env_oid))
+        rec = loads(store.objects.get(arch_oid), f"architecture record of model {i}")
+        env = loads(store.objects.get(env_oid), f"environment record of model {i}")
         if rec["name"] != name or env["name"] != name:
             raise IntegrityError(f"records of model {name!r} belong to {rec['name']!r} / {env['name']!r}")
         if not rec["model"] == env["model"] == _model_id(store, params, lay.stride, name):

@@ -22,9 +22,11 @@ from ...errors import IntegrityError, RecoveryError, StoreError
 from .. import trust
 from ..architectures import Architecture
 from ..catalog import SetRow
-from ..modelset import ModelSet, Resolved, SetRef, _match_dtypes, require_layout
+from ..limits import inflate, loads
+from ..modelset import ModelSet, Resolved, SetRef, build_template, require_layout
 from ..provenance import DatasetRef, check_trusted, dataset_hash, model_seed, resolve_train, train_one
-from ..tensors import Layout, digest_rows, pack_arrays, tensor_digest, unpack_arrays
+from ..structure import load_module_state, module_state
+from ..tensors import Layout, digest_rows, match_dtypes, pack_arrays, tensor_digest, unpack_arrays
 from .common import Saved, SaveInput, head, match_base, names_of, no_model_rows as model_rows, nothing_listed as listed
 
 if TYPE_CHECKING:
@@ -127,7 +129,7 @@ def _verify_at_save(store: "Store", inp: SaveInput, record: dict[str, Any], src:
     try:
         # the code being recorded is the saving user's own: it runs here like Provenance.run did
         template = Architecture.from_json(inp.architecture.to_json()).build(trusted=True)
-        _match_dtypes(template, inp.layout)
+        match_dtypes(template, inp.layout)
         train = resolve_train(rec["train"], trusted=True)
         for j in [pool[x] for x in _sample(len(pool), inp.verify)]:
             i = int(updated[j])
@@ -165,7 +167,7 @@ def retrain_model(train: Any, template: "nn.Module", start: dict[str, "torch.Ten
 
     model = copy.deepcopy(template)
     with torch.no_grad():
-        model.load_state_dict(start, strict=True)
+        load_module_state(model, start)
     return train_one(train, model, data, config, seed)
 
 
@@ -175,7 +177,7 @@ def compare(model: "nn.Module", layout: Layout, changed: np.ndarray, expected: I
     (``expected`` yields them in key order), an unchanged one must equal its base bytes."""
     import torch
 
-    sd = model.state_dict()
+    sd = module_state(model, layout.keys)
     tensors: list[torch.Tensor] = []
     for k, spec in enumerate(layout.specs):
         t = sd.get(spec.name)
@@ -193,17 +195,36 @@ def compare(model: "nn.Module", layout: Layout, changed: np.ndarray, expected: I
     return tensors, None
 
 
+#: Largest provenance record (training code, configs, dataset references) a version may hold.
+MAX_RECORD_BYTES = 64 * 2**20
+
+
 def record(store: "Store", row: SetRow) -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(zlib.decompress(store.objects.get(row.manifest["record"])))
+    what = f"the provenance record of {row.name}@{row.version}"
+    out = loads(inflate(store.objects.get(row.manifest["record"]), MAX_RECORD_BYTES, what), what)
+    if not isinstance(out, dict):
+        raise IntegrityError(f"{what} is not a JSON object")
     return out
 
 
 def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(src, arrays) of a provenance version's index, every array checked against the counts it
+    implies before anything of that size is allocated."""
     arrays = unpack_arrays(store.objects.get(row.manifest["index"]))
     n, k = row.manifest["n"], len(row.manifest["layout"]["keys"])
     src = arrays["src"].astype(np.int64) if "src" in arrays else np.arange(n)
-    u = len(arrays["updated"])
-    arrays["changed"] = np.unpackbits(arrays["changed"], count=u * k).reshape(u, k).astype(bool)
+    updated = arrays.get("updated")
+    u = len(updated) if updated is not None and updated.ndim == 1 else -1
+    changed, hashes, digests = arrays.get("changed"), arrays.get("hashes"), arrays.get("digests")
+    if (updated is None or u < 0 or len(src) != n or changed is None or changed.ndim != 1
+            or len(changed) != -(-u * k // 8) or hashes is None or hashes.shape != (u, 32)
+            or digests is None or digests.ndim != 2
+            or not np.all((updated >= 0) & (updated < n))):
+        raise IntegrityError(f"the index of {row.name}@{row.version} does not match its {n} models and {k} keys")
+    arrays["changed"] = np.unpackbits(changed, count=u * k).reshape(u, k).astype(bool)
+    if digests.shape != (int(arrays["changed"].sum()), 16):
+        raise IntegrityError(f"the index of {row.name}@{row.version} holds {len(digests)} digests for "
+                             f"{int(arrays['changed'].sum())} retrained tensors")
     return src, arrays
 
 
@@ -274,8 +295,7 @@ def resolve(store: "Store", row: SetRow, base: Resolved | None, retrain: bool = 
 
     train = resolve_train(rec["train"], trusted=True)  # allowed by check_trusted above
     base_set = ModelSet(SetRef(base_row.id, base_row.name, base_row.version), base_row.approach, base, store.objects)
-    template = arch.build(trusted=trust.current(), subject=subject)
-    _match_dtypes(template, layout)
+    template = build_template(arch, layout, trust.current(), subject, "the models to retrain")
     changed = arrays["changed"]
     stored = iter(arrays["digests"])
     for j, i in enumerate(updated):

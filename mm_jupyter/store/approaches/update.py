@@ -7,10 +7,12 @@ digests of its changed tensors and inherits the rest, exactly like the tensors t
 """
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...errors import IntegrityError
 from ..architectures import Architecture
 from ..catalog import SetRow
 from ..modelset import ObjectShape, Resolved, require_layout
@@ -24,6 +26,7 @@ from .common import (
     no_datasets as datasets,
     no_model_rows as model_rows,
     nothing_listed as listed,
+    payload_size,
     resolve_full,
     write_full,
 )
@@ -81,12 +84,18 @@ def save(store: "Store", inp: SaveInput) -> Saved:
 
 
 def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src, changed, digests) of a delta, checked against the counts they imply before anything
+    of that size is allocated."""
     m = row.manifest
     n, k = m["n"], len(m["layout"]["keys"])
     arrays = unpack_arrays(store.objects.get(m["index"]))
-    changed = np.unpackbits(arrays["changed"], count=n * k).reshape(n, k).astype(bool)
-    src = arrays["src"] if "src" in arrays else np.arange(n)
-    return src.astype(np.int64), changed, arrays["digests"]
+    bits, src, digests = arrays.get("changed"), arrays.get("src"), arrays.get("digests")
+    if bits is None or bits.ndim != 1 or len(bits) != -(-n * k // 8) or (src is not None and src.shape != (n,)):
+        raise IntegrityError(f"the index of {row.name}@{row.version} does not match its {n} models and {k} keys")
+    changed = np.unpackbits(bits, count=n * k).reshape(n, k).astype(bool)
+    if digests is None or digests.shape != (int(changed.sum()), 16):
+        raise IntegrityError(f"the index of {row.name}@{row.version} holds no digest per changed tensor")
+    return (np.arange(n) if src is None else src).astype(np.int64), changed, digests
 
 
 def digests(store: "Store", row: SetRow, base_digests: np.ndarray | None) -> tuple[list[str], np.ndarray]:
@@ -94,7 +103,10 @@ def digests(store: "Store", row: SetRow, base_digests: np.ndarray | None) -> tup
     its base's (``base_digests``) overlaid with the ones it stored."""
     m = row.manifest
     if "params" in m:
-        return names_of(m), unpack_arrays(store.objects.get(m["digests"]))["digests"]
+        found = unpack_arrays(store.objects.get(m["digests"]))["digests"]
+        if found.shape != (m["n"], len(m["layout"]["keys"]), 16):
+            raise IntegrityError(f"the digests of {row.name}@{row.version} do not match its models and keys")
+        return names_of(m), found
     assert base_digests is not None
     src, changed, stored = _index(store, row)
     return names_of(m), overlay_digests(base_digests, src, changed, stored)
@@ -119,13 +131,24 @@ def changed(store: "Store", row: SetRow) -> int | None:
 def resolve(store: "Store", row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
     m = row.manifest
     if "params" in m:
-        r = resolve_full(m, m["params"])
+        r = resolve_full(m, m["params"], store.objects)
         r.digests = unpack_arrays(store.objects.get(m["digests"]))["digests"]
+        if r.digests.shape != (r.n, len(r.layout.specs), 16):
+            raise IntegrityError(f"the digests of {row.name}@{row.version} do not match its models and keys")
         return r
     assert base is not None
     src, changed, stored = _index(store, row)
     layout = Layout.from_json(m["layout"])
     n, k = len(src), len(layout.specs)
+    if base.obj.shape[1] != k or not np.all((src >= -1) & (src < base.n)):
+        raise IntegrityError(f"{row.name}@{row.version} refers to models or keys its base does not have")
+    counts = changed.sum(axis=0).tolist()
+    sizes = [c * s.nbytes for c, s in zip(counts, layout.specs)]
+    starts = [0, *itertools.accumulate(sizes)][:k]
+    if k and (m["counts"] != counts or m["starts"] != starts):
+        raise IntegrityError(f"the delta layout of {row.name}@{row.version} does not match its index")
+    if m["delta"] is not None and payload_size(store.objects, m["delta"]) != sum(sizes):
+        raise IntegrityError(f"the delta object of {row.name}@{row.version} does not hold the changed tensors")
     obj = np.full((n, k), -1, dtype=np.int32)
     off = np.zeros((n, k), dtype=np.int64)
     have = src >= 0
