@@ -14,6 +14,7 @@ blocks do not reproduce the model's own features is never used.
 """
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -77,9 +78,16 @@ def _entry(spec: str) -> tuple[str, str]:
     return name, entry or name
 
 
-def context_value(ctx: dict[str, Tensor], entry: str) -> Tensor | tuple[Tensor, ...] | None:
+def _constant(value: object) -> object:
+    return tuple(_constant(v) for v in value) if isinstance(value, list) else value
+
+
+def context_value(ctx: dict[str, Tensor], entry: str) -> object:
     """A context entry: a tensor, a tuple stored as ``entry.0``, ``entry.1``, … (rotary cos and
-    sin), or None when the batch has none (no padding mask)."""
+    sin), or None when the batch has none (no padding mask); ``#<json>`` is a constant (an int,
+    a tuple of ints: an image's patch grid that the model passes its layers)."""
+    if entry.startswith("#"):
+        return _constant(json.loads(entry[1:]))
     if entry in ctx:
         return ctx[entry]
     parts: list[Tensor] = []

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,6 @@ from ..errors import SearchError
 from .blocks import Block, ClsToken, Split, has_state
 from .traced import chain
 
-_POOL2D = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
 _POSITIONS = ("position_ids", "cache_position")
 
 
@@ -194,16 +194,22 @@ def text_forward(model: nn.Module, raw: Tensor) -> Any:
     return model(raw) if keep is None else model(raw, attention_mask=keep)
 
 
+#: the context entries a layer input can be matched to (``Context``)
+ENTRIES = ("attention_mask", "attention_mask.causal", "attention_mask.sliding", "attention_mask.bisliding",
+           "position_ids", "position_ids.padded", "cache_position", "alibi")
+
+
 class Context:
     """Per-batch context from the raw batch, prepared with the backbone's own pieces (entries by
-    name; ``recipe.needs`` says which): ``attention_mask`` (bidirectional or causal, by
-    ``causal``), ``attention_mask.sliding``, ``position_ids``, ``cache_position``, ``rope{i}.0/.1``
-    (the ``i``-th rotary module's cos and sin), ``alibi``, ``last_index`` (each row's last non-pad
-    token) and ``grid`` (the image's token grid)."""
+    name; ``recipe.needs`` says which): the padding mask as transformers' mask helpers prepare it
+    (``attention_mask`` bidirectional, ``.causal``, ``.sliding`` causal window, ``.bisliding``
+    bidirectional window), ``position_ids`` (``0..L-1``; ``.padded``: counting non-pad tokens
+    only), ``cache_position``, ``rope{i}.0/.1`` (the ``i``-th rotary module's cos and sin;
+    ``rope{i}:{layer type}`` for one that serves several layer types), ``alibi`` (the model's ``build_alibi_tensor``),
+    ``last_index`` (each row's last non-pad token) and ``grid`` (an image's token grid)."""
 
-    def __init__(self, backbone: nn.Module, causal: bool, needs: tuple[str, ...], rotary: list[nn.Module]) -> None:
+    def __init__(self, backbone: nn.Module, needs: tuple[str, ...], rotary: list[nn.Module]) -> None:
         self.backbone = backbone
-        self.causal = causal
         self.needs = needs
         self.rotary = rotary
 
@@ -224,17 +230,23 @@ class Context:
             out["last_index"] = (where * keep).argmax(-1)
         if "position_ids" in self.needs:
             out["position_ids"] = where.unsqueeze(0)
+        if "position_ids.padded" in self.needs:
+            ones = keep if keep is not None else torch.ones_like(raw)
+            out["position_ids.padded"] = (torch.cumsum(ones, dim=1) * ones - 1).long()
         if "cache_position" in self.needs:
             out["cache_position"] = where
         dtype = next(self.backbone.parameters()).dtype
-        for i, rotary in enumerate(self.rotary):
-            if f"rope{i}" in self.needs:
-                like = torch.zeros((1, 1, 1), dtype=dtype, device=raw.device)
-                cos, sin = rotary(like, where.unsqueeze(0))
-                out[f"rope{i}.0"], out[f"rope{i}.1"] = cos, sin
-        for name in ("attention_mask", "attention_mask.sliding"):
+        like = torch.zeros((1, 1, 1), dtype=dtype, device=raw.device)
+        for name in self.needs:
+            if name.startswith("rope"):
+                index, _, layer_type = name[4:].partition(":")
+                rotary = self.rotary[int(index)]
+                cos, sin = rotary(like, where.unsqueeze(0), layer_type) if layer_type else rotary(like,
+                                                                                                  where.unsqueeze(0))
+                out[f"{name}.0"], out[f"{name}.1"] = cos, sin
+        for name in ("attention_mask", "attention_mask.causal", "attention_mask.sliding", "attention_mask.bisliding"):
             if name in self.needs:
-                mask = self._mask(config, raw, keep, dtype, sliding=name.endswith("sliding"))
+                mask = self._mask(config, raw, keep, dtype, name.rpartition(".")[2])
                 if mask is not None and not isinstance(mask, Tensor):
                     raise SearchError(f"unsupported attention implementation {config._attn_implementation!r} for "
                                       f"blocks of {type(self.backbone).__name__}")
@@ -244,20 +256,23 @@ class Context:
             out["alibi"] = self._alibi(config, keep if keep is not None else torch.ones_like(raw), dtype)
         return out
 
-    def _mask(self, config: Any, raw: Tensor, keep: Tensor | None, dtype: torch.dtype, sliding: bool) -> Any:
+    def _mask(self, config: Any, raw: Tensor, keep: Tensor | None, dtype: torch.dtype, kind: str) -> Any:
         try:
             from transformers import masking_utils as mu
         except ImportError:  # transformers 4.x
-            if self.causal:
+            if kind != "attention_mask":
                 raise SearchError("blocks of causal language models need transformers >= 4.53") from None
             ones = keep if keep is not None else torch.ones_like(raw)
             return self.backbone.get_extended_attention_mask(ones, raw.shape)  # type: ignore[operator]
         shape_only = torch.zeros((1, 1, 1), dtype=dtype, device=raw.device).expand(raw.shape[0], raw.shape[1], 1)
-        if self.causal:
-            where = torch.arange(raw.shape[1], device=raw.device).unsqueeze(0)
-            make = mu.create_sliding_window_causal_mask if sliding else mu.create_causal_mask
-            return make(config=config, inputs_embeds=shape_only, attention_mask=keep, cache=None, position_ids=where)
-        return mu.create_bidirectional_mask(config=config, inputs_embeds=shape_only, attention_mask=keep)
+        if kind == "attention_mask":
+            return mu.create_bidirectional_mask(config=config, inputs_embeds=shape_only, attention_mask=keep)
+        if kind == "bisliding":
+            return mu.create_bidirectional_sliding_window_mask(config=config, inputs_embeds=shape_only,
+                                                               attention_mask=keep)
+        where = torch.arange(raw.shape[1], device=raw.device).unsqueeze(0)
+        make = mu.create_sliding_window_causal_mask if kind == "sliding" else mu.create_causal_mask
+        return make(config=config, inputs_embeds=shape_only, attention_mask=keep, cache=None, position_ids=where)
 
     def _alibi(self, config: Any, keep: Tensor, dtype: torch.dtype) -> Tensor:
         build = getattr(self.backbone, "build_alibi_tensor", None) or getattr(
@@ -266,6 +281,89 @@ class Context:
             raise SearchError(f"{type(self.backbone).__name__} has no build_alibi_tensor")
         heads = getattr(config, "n_head", None) or config.num_attention_heads
         return build(keep, heads, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The stem as the backbone's own forward up to its first layer
+
+
+class _Reached(Exception):
+    def __init__(self, value: Any) -> None:
+        super().__init__("reached the first layer")
+        self.value = value
+
+
+class _Stop(nn.Module):
+    """Stands in for a layer in a backbone shell: the first call ends the shell's forward with the
+    hidden states it was given. Keeps the layer's scalar attributes (a forward may read
+    ``layer.attention_type`` before calling it)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        for key, value in vars(layer).items():
+            if not key.startswith("_") and key != "training" and isinstance(value, (bool, int, float, str)):
+                setattr(self, key, value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from .verify import _hidden
+
+        raise _Reached(_hidden(args, kwargs))
+
+
+_FRESH = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks",
+                    "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                    "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+                    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"})
+
+
+def _shell(module: nn.Module, keep: set[int], layers: nn.Module) -> nn.Module:
+    """A module of ``module``'s class sharing its attributes, parameters and buffers, holding only
+    the children in ``keep`` (by id), shells of the children that lead to them or to ``layers``,
+    and ``layers`` replaced by stops. No constructor runs."""
+    shell = object.__new__(type(module))
+    nn.Module.__init__(shell)
+    for key, value in vars(module).items():
+        if key not in _FRESH:
+            shell.__dict__[key] = value
+    shell._parameters.update(module._parameters)
+    shell._buffers.update(module._buffers)
+    shell._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        if child is layers:
+            shell._modules[name] = nn.ModuleList([_Stop(layer) for layer in layers.children()])
+        elif id(child) in keep:
+            shell._modules[name] = child
+        elif any(id(m) in keep or m is layers for m in child.modules()):
+            shell._modules[name] = _shell(child, keep, layers)
+    return shell
+
+
+class ForwardPrefix(nn.Module):
+    """The backbone's own forward up to its first layer (what it does before any layer that no
+    module shows: a scale, positions counted from the padding mask, a mask applied to the
+    embeddings) on a shell of the backbone that holds only the modules that run before it. The
+    config is part of the block id (``config``), as it steers that code."""
+
+    def __init__(self, backbone: nn.Module, keep: list[nn.Module], layers: nn.Module, text: bool) -> None:
+        super().__init__()
+        self.shell = _shell(backbone, {id(m) for m in keep}, layers)
+        self.text = text
+        config: Any = backbone.config
+        self.config = config.to_json_string()
+
+    def forward(self, raw: Tensor) -> Tensor:
+        try:
+            if self.text:
+                text_forward(self.shell, raw)
+            else:
+                self.shell(raw)
+        except _Reached as reached:
+            if not isinstance(reached.value, Tensor):
+                raise SearchError("the backbone's forward gave its first layer no hidden-state tensor") from None
+            return reached.value
+        raise SearchError("the backbone's forward did not reach its first layer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +376,7 @@ class _Call:
     args: tuple
     kwargs: dict
     output: Any = None
+    path: str = ""
 
 
 def _observe(model: nn.Module, watched: list[nn.Module], forward: Any, raw: Tensor) -> tuple[list[_Call], Any]:
@@ -306,9 +405,9 @@ def _observe(model: nn.Module, watched: list[nn.Module], forward: Any, raw: Tens
     return calls, out
 
 
-class _Stop(Exception):
+class _HeadReached(Exception):
     def __init__(self, value: Tensor | None) -> None:
-        super().__init__("stop")
+        super().__init__("reached the head")
         self.value = value
 
 
@@ -322,14 +421,14 @@ def _head_input(model: nn.Module, backbone: nn.Module, forward: Any, raw: Tensor
 
     def stop(m: nn.Module, args: tuple, kwargs: dict) -> None:
         value = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        raise _Stop(value if isinstance(value, Tensor) else None)
+        raise _HeadReached(value if isinstance(value, Tensor) else None)
 
     handles = [m.register_forward_pre_hook(stop, with_kwargs=True) for m in leaves]
     try:
         with torch.no_grad():
             forward(model, raw)
-    except _Stop as s:
-        return s.value
+    except _HeadReached as reached:
+        return reached.value
     except Exception:  # noqa: BLE001 - no reference from this head
         return None
     finally:
@@ -413,26 +512,44 @@ def _family_model(backbone: nn.Module) -> nn.Module | None:
 class Recipe:
     """A split as observed: module paths (relative to the model) and the choices made."""
 
-    stem: str  # "chain" | "tables"
-    stem_paths: tuple[str, ...]
+    stem: str  # "chain" | "tables" | "prefix"
+    stem_paths: tuple[str, ...]  # the modules that run before the first layer
     layers: tuple[tuple[str, str, tuple[str, ...], str], ...]  # (path, call, inputs, bias source path)
     spatial: bool
-    tail: tuple[str, ...]  # sequence: norms before the reduction; feature map: the tail modules
-    reduce: str  # "cls" | "last" | "mean" | "cls+mean:<start>" | "pool:<path>" | "" (feature map)
+    tail: tuple[str, ...]  # sequence: norms before the reduction; feature map: ``_spatial_steps``
+    reduce: str  # "cls" | "last" | "mean" | "cls+mean:<start>" | "pool:<path>" | "tail:<paths>" | "" (map)
     pooler: tuple[tuple[str, bool], ...]  # head material: (path, reads a sequence)
-    causal: bool
     needs: tuple[str, ...]
     rotary: tuple[str, ...]
+    list_path: str  # the first layer list (the prefix stem stops there)
 
 
-def _layer_list(child: nn.Module) -> tuple[nn.ModuleList | nn.Sequential, list[nn.Module]] | None:
+def _layer_list(child: nn.Module) -> nn.Module | None:
+    """``child`` itself when it is a list of layers, or the module holding its layer lists."""
     if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) and has_state(child):
-        return child, []
-    kids = list(child.children())
-    for i, sub in enumerate(kids):
-        if isinstance(sub, nn.ModuleList) and len(sub) and has_state(sub):
-            return sub, kids[i + 1:]
+        return child
+    if any(isinstance(sub, nn.ModuleList) and len(sub) and has_state(sub) for sub in child.children()):
+        return child
     return None
+
+
+def _units(holder: nn.Module) -> list[nn.Module]:
+    """The layers of a holder: the elements of its lists, nested lists expanded (PoolFormer's stage
+    lists of blocks); the holder itself when it is the list."""
+    lists = [holder] if isinstance(holder, (nn.ModuleList, nn.Sequential)) else [
+        c for c in holder.children() if isinstance(c, nn.ModuleList) and len(c) and has_state(c)]
+    out: list[nn.Module] = []
+
+    def walk(items: nn.Module) -> None:
+        for item in items.children():
+            if isinstance(item, nn.ModuleList):
+                walk(item)
+            else:
+                out.append(item)
+
+    for found in lists:
+        walk(found)
+    return out
 
 
 def _norm(module: nn.Module) -> bool:
@@ -464,20 +581,30 @@ def _head(model: nn.Module, backbone: nn.Module, pooler: nn.Module | None) -> nn
     return stateful[0] if pooler is None else PooledHead(pooler, stateful[0])
 
 
-def _spatial_tail(tail: list[nn.Module]) -> nn.Module | None:
-    before: list[nn.Module] = []
-    after: list[nn.Module] = []
-    pool: nn.Module | None = None
-    for t in tail:
-        if isinstance(t, _POOL2D) and pool is None:
-            pool = t
-        elif _norm(t):
-            after.append(t)  # a layer norm over channels needs pooled features (ConvNeXt)
-        elif pool is None:
-            before.append(t)  # convolutions, batch norms, activations on the feature map
-        else:
-            return None
-    return nn.Sequential(*before, pool if pool is not None else GlobalMean(), nn.Flatten(1), *after)
+def _spatial_steps(tail: list[_Call]) -> tuple[str, ...]:
+    """The tail after the last feature map, in call order, with ``#mean`` where the model reduces
+    the map in its forward (ConvNeXt's mean before its layer norm) and ``#flatten`` where a pooled
+    ``(N, C, 1, 1)`` map becomes a vector; the result is always flattened."""
+    steps: list[str] = []
+    shape: tuple[int, ...] | None = None  # the current map's shape (None: still 4-d, size unknown)
+    dim = 4
+    for c in tail:
+        given = _hidden_of(c)
+        if dim == 4 and given is not None and given.dim() == 2:
+            steps.append("#flatten" if shape is not None and shape[-2:] == (1, 1) else "#mean")
+        steps.append(c.path)
+        out = _first(c.output)
+        if isinstance(out, Tensor):
+            dim, shape = out.dim(), tuple(out.shape)
+    if dim == 4 and not (shape is not None and shape[-2:] == (1, 1)):
+        steps.append("#mean")
+    return (*steps, "#flatten")
+
+
+def _spatial_tail(steps: list[str], get: Any) -> nn.Module:
+    """The feature step of a feature map (``_spatial_steps``)."""
+    return nn.Sequential(*[GlobalMean() if p == "#mean" else nn.Flatten(1) if p == "#flatten" else get(p)
+                           for p in steps])
 
 
 def _reducer(name: str, get: Any) -> tuple[nn.Module, str]:
@@ -488,9 +615,12 @@ def _reducer(name: str, get: Any) -> tuple[nn.Module, str]:
         return ClsToken(), "plain"
     if name == "mean":
         return MeanToken(), "plain"
-    if name.startswith("cls+mean:"):
-        return ClsAndMean(int(name.split(":", 1)[1])), "plain"
-    return TokenPool(get(name.split(":", 1)[1])), "plain"
+    kind, _, arg = name.partition(":")
+    if kind == "cls+mean":
+        return ClsAndMean(int(arg)), "plain"
+    if kind == "tail":
+        return Chain([get(p) for p in arg.split(",")]), "plain"
+    return TokenPool(get(arg)), "plain"
 
 
 def _last_token(h: Tensor, ctx: dict[str, Tensor]) -> Tensor:
@@ -509,29 +639,38 @@ class _Reduce:
         return _last_token(h, ctx) if self.call == "hf-last-token" else self.module(h)
 
 
+def _text(model: nn.Module) -> bool:
+    return getattr(model, "main_input_name", "") == "input_ids"
+
+
+def _stem(model: nn.Module, kind: str, mods: list[nn.Module], layers: nn.Module) -> nn.Module:
+    if kind == "tables":
+        tables = [m for m in mods if isinstance(m, nn.Embedding) and not _rotary(m)]
+        return TokenPositionStem(tables[0], tables[1:], [m for m in mods[len(tables):] if not _rotary(m)])
+    if kind == "prefix":
+        return ForwardPrefix(model.base_model, mods, layers, _text(model))  # type: ignore[arg-type]
+    plain = [m for m in mods if not _rotary(m)]
+    return plain[0] if len(plain) == 1 else Chain(plain)
+
+
 def build(model: nn.Module, recipe: Recipe) -> Split:
     """The split a recipe describes, on ``model``'s own modules."""
     get = model.get_submodule
     backbone: Any = model.base_model
-    stem_mods = [get(p) for p in recipe.stem_paths]
-    if recipe.stem == "tables":
-        tables = [m for m in stem_mods if isinstance(m, nn.Embedding)]
-        first: nn.Module = TokenPositionStem(tables[0], tables[1:], [m for m in stem_mods if m not in tables])
-    else:
-        first = stem_mods[0] if len(stem_mods) == 1 else Chain(stem_mods)
-    blocks = [Block(first, "hf-layer")]
+    blocks = []
+    if recipe.stem_paths:
+        stem = _stem(model, recipe.stem, [get(p) for p in recipe.stem_paths], get(recipe.list_path))
+        blocks.append(Block(stem, "hf-layer"))
     for path, call, inputs, source in recipe.layers:
         layer = get(path)
         if source:
             layer = RelativeBiasLayer(layer, get(source))
         blocks.append(Block(layer, call, inputs))
-    tail = [get(p) for p in recipe.tail]
     reduce = None
     if recipe.spatial:
-        final = _spatial_tail(tail)
-        assert final is not None
-        blocks.append(Block(final))
+        blocks.append(Block(_spatial_tail(list(recipe.tail), get)))
     else:
+        tail = [get(p) for p in recipe.tail]
         module, call = _reducer(recipe.reduce, get)
         if call == "hf-last-token":
             blocks.append(Block(nn.Sequential(*tail), call))
@@ -540,11 +679,11 @@ def build(model: nn.Module, recipe: Recipe) -> Split:
         reduce = _Reduce(module, call)
     pooler = PoolerChain([get(p) for p, _ in recipe.pooler], [s for _, s in recipe.pooler]) if recipe.pooler else None
     head = _head(model, backbone, pooler)
-    forward = text_forward if getattr(model, "main_input_name", "") == "input_ids" else _plain
+    forward = text_forward if _text(model) else _plain
     split = Split(blocks, head, f"hf-{backbone.config.model_type}", forward=forward, reduce=reduce,
                   pooler=pooler if head is None else None, recipe=recipe)
     if recipe.needs:
-        split.context = Context(backbone, recipe.causal, recipe.needs, [get(p) for p in recipe.rotary])
+        split.context = Context(backbone, recipe.needs, [get(p) for p in recipe.rotary])
     if head is None:
         split.reference = Reference(model, forward)
     return split
@@ -566,6 +705,12 @@ def split_hf(model: nn.Module, probe: Tensor | None, recipe: Recipe | None = Non
     return build(model, recipe)
 
 
+#: layer arguments that change nothing a block computes (caches, what to return)
+_IGNORED_ARGS = frozenset({"use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache",
+                           "past_key_values", "past_key_value", "layer_past", "head_mask", "layer_head_mask",
+                           "encoder_hidden_states", "encoder_attention_mask"})
+
+
 class _Observer:
     """Works out a model's recipe from one observed forward on the probe."""
 
@@ -577,20 +722,29 @@ class _Observer:
         self.paths: dict[int, str] = {}
         for path, m in model.named_modules():
             self.paths.setdefault(id(m), path)
-        self.forward = text_forward if getattr(model, "main_input_name", "") == "input_ids" else _plain
+        self.forward = text_forward if _text(model) else _plain
+        self.causal = False
 
     def fail(self, why: str) -> SearchError:
         return SearchError(f"the Hugging Face rule cannot split {self.name}: {why}")
 
+    def path(self, module: nn.Module) -> str:
+        if id(module) not in self.paths:
+            raise self.fail(f"{type(module).__name__} is not a submodule of the model")
+        return self.paths[id(module)]
+
     def recipe(self) -> Recipe:
         backbone = self.backbone
         children = list(backbone.children())
-        body = next(((c, found) for c in children if (found := _layer_list(c)) is not None), None)
-        if body is None:
+        holder = next((found for c in children if (found := _layer_list(c)) is not None), None)
+        if holder is None:
             raise self.fail("no list of layers found")
-        holder, (layers, _) = body
-        containers = {id(backbone), id(layers)} | ({id(holder)} if holder is not layers else set())
-        watched = list(children) + (list(holder.children()) if holder is not layers else []) + list(layers)
+        units = _units(holder)
+        first_list = holder if isinstance(holder, (nn.ModuleList, nn.Sequential)) else next(
+            c for c in holder.children() if isinstance(c, nn.ModuleList) and len(c) and has_state(c))
+        lists = {id(m) for m in holder.modules() if isinstance(m, nn.ModuleList)}
+        containers = {id(backbone), id(holder)} | lists
+        watched = list(children) + (list(holder.children()) if holder is not first_list else []) + units
         try:
             calls, _ = _observe(self.model, watched, self.forward, self.probe)
         except Exception as e:  # noqa: BLE001 - the data does not fit the model itself
@@ -599,76 +753,75 @@ class _Observer:
             lines = str(e).strip().splitlines()
             raise ProbeMismatch(f"the model's own forward raised {type(e).__name__}: {lines[0] if lines else ''}"
                                 ) from None
-        in_layers = {id(m) for m in layers}
+        in_layers = {id(m) for m in units}
         calls = [c for c in calls if id(c.module) not in containers]
         at = [i for i, c in enumerate(calls) if id(c.module) in in_layers]
         if not at:
-            raise self.fail("its forward calls none of its layers")
+            raise self.fail("its forward calls none of its layers (or calls them past their hooks)")
         first, last = at[0], at[-1]
         between = [c for c in calls[first:last + 1] if id(c.module) not in in_layers and not _rotary(c.module)]
         if between:
             raise self.fail(f"{type(between[0].module).__name__} runs between its layers")
         rotary = list({id(c.module): c.module for c in calls if _rotary(c.module)}.values())
-        pre = [c for c in calls[:first] if not _rotary(c.module)]
+        pre = list({id(c.module): c.module for c in calls[:first]}.values())
         layer_calls = calls[first:last + 1]
-        witness = _hidden_of(layer_calls[0])
-        stem, stem_mods = self._stem(pre, witness)
-        self.causal = any(vars(m).get("is_causal") is True for m in layers[0].modules())
-        context = Context(backbone, self.causal, ("attention_mask", "attention_mask.sliding", "alibi", "last_index",
-                                                  "grid", *_POSITIONS, *(f"rope{i}" for i in range(len(rotary)))),
-                          rotary)
-        entries = self._entries(context)
-        entries_used: set[str] = set()
-        layer_recipe = [spec for call in layer_calls for _, spec in self._layer(call, entries, entries_used,
-                                                                                layer_calls[0])]
+        self.causal = any(vars(m).get("is_causal") is True for m in units[0].modules())
+        if pre:
+            stem, stem_mods = self._stem(pre, _hidden_of(layer_calls[0]), first_list)
+        else:  # the first layer takes the raw input (hierarchical vision models: patch embeddings)
+            stem, stem_mods = "chain", []
+        entries = self._entries(rotary)
+        used: set[str] = set()
+        layer_recipe = [spec for call in layer_calls for spec in self._layer(call, entries, used, layer_calls[0])]
+        if any("attention_mask.causal" in spec[2] or "=attention_mask.sliding" in ",".join(spec[2])
+               for spec in layer_recipe):
+            self.causal = True
         tail_calls = [c for c in calls[last + 1:] if not _rotary(c.module)]
         out = _first(layer_calls[-1].output)
         if not isinstance(out, Tensor):
             raise self.fail("its last layer returns no tensor")
-        needs = set(entries_used)
-        spatial = out.dim() == 4
+        needs = {e.split("=", 1)[1] if "=" in e else e for spec in layer_recipe for e in spec[2]}
+        needs = {n for n in needs if not n.startswith("#")}
         pooler: tuple[tuple[str, bool], ...] = ()
+        spatial = out.dim() == 4
         if spatial:
-            reduce, norms = "", tuple(self.path(c.module) for c in tail_calls)
-            if _spatial_tail([c.module for c in tail_calls]) is None:
-                raise self.fail("its tail after the last feature map is not convolutions, a pooling and norms")
+            for c in tail_calls:
+                c.path = self.path(c.module)
+            reduce, norms = "", _spatial_steps(tail_calls)
         elif out.dim() == 3:
-            norms, reduce, pooler = self._features(out, tail_calls, context)
+            norms, reduce, pooler = self._features(out, tail_calls)
             if reduce == "last":
                 needs.add("last_index")
         else:
             raise self.fail(f"its last layer returns a {out.dim()}-d tensor")
-        if any(call == "hf-grid-layer" for _, call, _, _ in layer_recipe):
+        if any(spec[1] == "hf-grid-layer" for spec in layer_recipe):
             needs.add("grid")
         return Recipe(stem, tuple(self.path(m) for m in stem_mods), tuple(layer_recipe), spatial, tuple(norms),
-                      reduce, pooler, self.causal, tuple(sorted(needs)), tuple(self.path(m) for m in rotary))
-
-    def path(self, module: nn.Module) -> str:
-        if id(module) not in self.paths:
-            raise self.fail(f"{type(module).__name__} is not a submodule of the model")
-        return self.paths[id(module)]
+                      reduce, pooler, tuple(sorted(needs)), tuple(self.path(m) for m in rotary),
+                      self.path(first_list))
 
     # -- stem ---------------------------------------------------------------------------------
 
-    def _stem(self, pre: list[_Call], witness: Tensor | None) -> tuple[str, list[nn.Module]]:
-        mods = list({id(c.module): c.module for c in pre}.values())
-        if not mods:
-            raise self.fail("nothing runs before its first layer")
-        if witness is None:
-            raise self.fail("its first layer is called without a hidden-state tensor")
-        tried = []
-        tables = [m for m in mods if isinstance(m, nn.Embedding)]
-        options: list[tuple[str, nn.Module]] = [("chain", mods[0] if len(mods) == 1 else Chain(mods))]
-        if tables and mods[: len(tables)] == tables:
-            options.append(("tables", TokenPositionStem(tables[0], tables[1:], mods[len(tables):])))
+    def _stem(self, mods: list[nn.Module], witness: Tensor | None, layers: nn.Module) -> tuple[str, list[nn.Module]]:
+        """The first stem form whose output is exactly what the model feeds its first layer."""
         from .verify import _differs
 
-        for kind, module in options:
+        if witness is None:
+            raise self.fail("its first layer is called without a hidden-state tensor")
+        plain = [m for m in mods if not _rotary(m)]
+        tables = [m for m in plain if isinstance(m, nn.Embedding)]
+        kinds = ["chain"] if plain else []
+        if tables and plain[: len(tables)] == tables:
+            kinds.append("tables")
+        kinds.append("prefix")
+        tried = []
+        for kind in kinds:
             try:
+                module = _stem(self.model, kind, mods, layers)
                 with torch.no_grad():
                     got = _first(module(self.probe))
             except Exception as e:  # noqa: BLE001 - this stem form does not apply
-                tried.append(f"{kind}: {type(e).__name__}")
+                tried.append(f"{kind}: {type(e).__name__}: {str(e).strip()[:80]}")
                 continue
             why = _differs(got, witness) if isinstance(got, Tensor) else "no tensor"
             if why is None:
@@ -679,24 +832,28 @@ class _Observer:
 
     # -- layers -------------------------------------------------------------------------------
 
-    def _entries(self, context: Context) -> dict[str, Any]:
+    def _entries(self, rotary: list[nn.Module]) -> dict[str, Any]:
         """Every context entry on the probe (entries that fail to build are left out)."""
+        types = sorted(set(getattr(self.backbone.config, "layer_types", None) or ()))
+        names = ENTRIES + tuple(f"rope{i}" for i in range(len(rotary))) + tuple(
+            f"rope{i}:{t}" for i, r in enumerate(rotary) if "layer_type" in inspect.signature(r.forward).parameters
+            for t in types)
         found: dict[str, Any] = {}
-        for name in context.needs:
+        for name in names:
             try:
                 with torch.no_grad():
-                    part = Context(context.backbone, context.causal, (name,), context.rotary)(self.probe)
+                    part = Context(self.backbone, (name,), rotary)(self.probe)
             except Exception:  # noqa: BLE001 - an entry this model cannot have
                 continue
             if name.startswith("rope"):
-                if f"{name}.0" in part:
+                if f"{name}.0" in part:  # a tuple (cos, sin)
                     found[name] = (part[f"{name}.0"], part[f"{name}.1"])
             else:
                 found[name] = part.get(name)
         return found
 
     def _layer(self, call: _Call, entries: dict[str, Any], used: set[str],
-               first: _Call) -> list[tuple[nn.Module, tuple[str, str, tuple[str, ...], str]]]:
+               first: _Call) -> list[tuple[str, str, tuple[str, ...], str]]:
         layer = call.module
         try:
             sig = inspect.signature(layer.forward)
@@ -714,6 +871,8 @@ class _Observer:
         source = ""
         grid = False
         for name, value in args.items():
+            if name in _IGNORED_ARGS:
+                continue
             if name == "input_dimensions":
                 grid = True
                 continue
@@ -722,11 +881,18 @@ class _Observer:
                 continue
             tensors = isinstance(value, Tensor) or (isinstance(value, tuple) and value and all(
                 isinstance(v, Tensor) for v in value))
-            if not tensors and not (value is None and name == "attention_mask"):
-                continue
+            if not tensors:
+                if value is None and name == "attention_mask":
+                    pass  # no mask on this batch: matched to an entry that is None here too
+                elif _plain_value(value) and (name not in sig.parameters or value != sig.parameters[name].default):
+                    inputs.append(f"{name}=#{json.dumps(value)}")  # a constant (an image's patch grid)
+                    continue
+                else:
+                    continue
             entry = self._match(name, value, entries, layer)
             if entry is None:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else f"{len(value)} tensors"
+                shape = tuple(value.shape) if isinstance(value, Tensor) else (
+                    "none" if value is None else f"{len(value)} tensors")
                 raise self.fail(f"its model gives {type(layer).__name__} `{name}` ({shape}), which no batch context "
                                 "reproduces")
             used.add(entry)
@@ -734,22 +900,29 @@ class _Observer:
         if grid:
             if inputs or source:
                 raise self.fail(f"{type(layer).__name__} takes a token grid and other inputs")
-            return [(layer, (self.path(layer), "hf-grid-layer", (), ""))]
+            return [(self.path(layer), "hf-grid-layer", (), "")]
         if not inputs and not source and any(isinstance(c, (nn.ModuleList, nn.Sequential)) for c in layer.children()):
             units = chain(layer)
             if units:
-                return [(u, (self.path(u), "hf-layer", (), "")) for u in units]
-        return [(layer, (self.path(layer), "hf-layer", tuple(inputs), source))]
+                return [(self.path(u), "hf-layer", (), "") for u in units]
+        return [(self.path(layer), "hf-layer", tuple(inputs), source)]
 
     def _match(self, name: str, value: Any, entries: dict[str, Any], layer: nn.Module) -> str | None:
-        """The context entry equal to what the model passed (the one named like the argument first)."""
+        """The context entry equal to what the model passed (ambiguous when both are None on the
+        probe: the kind the layer says it is, causal first for causal attention)."""
         if name == "attention_mask":
             kind = getattr(layer, "attention_type", None) or getattr(getattr(layer, "self_attn", None),
                                                                       "attention_type", None)
-            order = ["attention_mask.sliding", "attention_mask"] if kind == "sliding_attention" else [
-                "attention_mask", "attention_mask.sliding"]
+            masks = ["attention_mask.causal", "attention_mask", "attention_mask.sliding",
+                     "attention_mask.bisliding"] if self.causal else [
+                "attention_mask", "attention_mask.causal", "attention_mask.bisliding", "attention_mask.sliding"]
+            if kind == "sliding_attention":
+                masks = [m for m in masks if "sliding" in m] + [m for m in masks if "sliding" not in m]
+            order = masks
         elif name == "position_embeddings":
-            order = sorted(k for k in entries if k.startswith("rope"))
+            kind = getattr(layer, "attention_type", None)
+            ropes = sorted(k for k in entries if k.startswith("rope"))
+            order = [k for k in ropes if kind and k.endswith(f":{kind}")] + ropes
         else:
             order = [name] + [k for k in entries if k != name]
         for entry in order:
@@ -767,8 +940,7 @@ class _Observer:
 
     # -- features -----------------------------------------------------------------------------
 
-    def _features(self, out: Tensor, tail: list[_Call],
-                  context: Context) -> tuple[tuple[str, ...], str, tuple[tuple[str, bool], ...]]:
+    def _features(self, out: Tensor, tail: list[_Call]) -> tuple[tuple[str, ...], str, tuple[tuple[str, bool], ...]]:
         from .verify import _differs
 
         reference = Reference(self.model, self.forward)(self.probe)
@@ -782,44 +954,55 @@ class _Observer:
                 break
             norms.append(c)
         rest = tail[len(norms):]
-        ctx = Context(self.backbone, self.causal, ("last_index",), [])(self.probe)
+        ctx = Context(self.backbone, ("last_index",), [])(self.probe)
         with torch.no_grad():
             h = out
             for c in norms:
                 h = _first(c.module(h))
         reductions = [f"pool:{self.path(c.module)}" for c in rest if isinstance(c.module, nn.AdaptiveAvgPool1d)]
-        reductions += (["last"] if self.causal else []) + ["cls"]
-        config = self.backbone.config
-        starts = sorted({1, 1 + int(getattr(config, "num_register_tokens", 0) or 0)})
-        reductions += [f"cls+mean:{s}" for s in starts] + ["mean"]
-        poolers: list[tuple[tuple[str, bool], ...]] = [()]
+        reductions += ["last", "cls"] if self.causal else ["cls"]
+        starts = sorted({1, 1 + int(getattr(self.backbone.config, "num_register_tokens", 0) or 0)})
+        reductions += [f"cls+mean:{s}" for s in starts] + ["mean"] + ([] if self.causal else ["last"])
         stateful = [c for c in rest if has_state(c.module)]
-        if stateful:
+        if stateful:  # a parameterised pooler over the whole sequence is the feature step (BEiT)
+            reductions.append("tail:" + ",".join(self.path(c.module) for c in rest))
+        poolers: list[tuple[tuple[str, bool], ...]] = [()]
+        if stateful:  # or head material after a token pick (BERT, ALBERT)
             poolers.append(tuple((self.path(c.module), _first_input_dim(c) == 3) for c in rest
                                  if not isinstance(c.module, nn.AdaptiveAvgPool1d)))
         tried = []
         for reduce in reductions:
             module, call = _reducer(reduce, self.model.get_submodule)
-            with torch.no_grad():
-                feats = _last_token(h, ctx) if call == "hf-last-token" else module(h)
-                want = reference
-                if want.dim() == feats.dim() + 1:
-                    want = _last_token(want, ctx) if call == "hf-last-token" else module(want)
-            for pooler in poolers:
+            try:
+                with torch.no_grad():
+                    feats = _last_token(h, ctx) if call == "hf-last-token" else module(h)
+                    want = reference
+                    if want.dim() == feats.dim() + 1:
+                        want = _last_token(want, ctx) if call == "hf-last-token" else module(want)
+            except Exception:  # noqa: BLE001 - not a reduction of these outputs
+                continue
+            for pooler in poolers if not reduce.startswith("tail:") else [()]:
                 got = feats
                 if pooler:
-                    chain_ = PoolerChain([self.model.get_submodule(p) for p, _ in pooler], [s for _, s in pooler])
+                    steps = PoolerChain([self.model.get_submodule(p) for p, _ in pooler], [s for _, s in pooler])
                     try:
                         with torch.no_grad():
-                            got = chain_(feats)
+                            got = steps(feats)
                     except Exception:  # noqa: BLE001 - not a pooler of these features
                         continue
-                why = _differs(got.reshape(len(got), -1), want.reshape(len(want), -1))
-                if why is None:
+                if not isinstance(got, Tensor) or len(got) != len(want):
+                    continue
+                if _differs(got.reshape(len(got), -1), want.reshape(len(want), -1)) is None:
                     return tuple(self.path(c.module) for c in norms), reduce, pooler
-                tried.append(f"{reduce}{' + pooler' if pooler else ''}")
+                tried.append(f"{reduce.split(':')[0]}{' + pooler' if pooler else ''}")
         raise self.fail(f"none of its feature reductions ({', '.join(tried)}) gives what its classifier consumes "
                         f"(shape {tuple(reference.shape)})")
+
+
+def _plain_value(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (tuple, list)) and all(_plain_value(v) for v in value)
 
 
 def _first_input_dim(call: _Call) -> int:
@@ -846,6 +1029,18 @@ def _same(ours: Any, theirs: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def padded_probe(model: nn.Module, probe: Tensor) -> Tensor:
+    """``probe`` plus a copy of its first row with the second half padded, for a text model with a
+    pad token (whatever padding the data's first rows have, the mask is checked)."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if not _text(model) or not isinstance(pad, int) or probe.dim() != 2 or probe.shape[1] < 2 or \
+            probe.dtype not in (torch.long, torch.int):
+        return probe
+    row = probe[:1].clone()
+    row[0, probe.shape[1] // 2:] = pad
+    return torch.cat([probe, row])
 
 
 def default_probe(model: nn.Module) -> Tensor:
@@ -876,6 +1071,6 @@ def default_probe(model: nn.Module) -> Tensor:
     raise SearchError(f"cannot make a probe batch for {type(model).__name__} (input {name!r}); give one")
 
 
-__all__ = ["Chain", "ClsAndMean", "Context", "GlobalMean", "MeanToken", "PooledHead", "PoolerChain", "Recipe",
-           "Reference", "RelativeBiasLayer", "TokenPool", "TokenPositionStem", "build", "default_probe",
-           "family_classifier", "split_hf", "text_forward"]
+__all__ = ["ENTRIES", "Chain", "ClsAndMean", "Context", "ForwardPrefix", "GlobalMean", "MeanToken", "PooledHead",
+           "PoolerChain", "Recipe", "Reference", "RelativeBiasLayer", "TokenPool", "TokenPositionStem", "build",
+           "default_probe", "family_classifier", "padded_probe", "split_hf", "text_forward"]

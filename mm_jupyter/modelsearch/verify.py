@@ -41,6 +41,7 @@ import enum
 import functools
 import hashlib
 import itertools
+import sys
 import types
 import weakref
 from collections import OrderedDict
@@ -458,7 +459,7 @@ def _check_features(split: Split, out: Any, final: Tensor, leaf: nn.Module | Non
     ours = feats
     if split.pooler is not None:
         with torch.no_grad():
-            ours = split.pooler(feats.unsqueeze(1))
+            ours = split.pooler(feats)
     ref = _token_level(split, ref, ours, ctx)
     why = _differs(ours.reshape(n, -1), ref.reshape(n, -1))
     return None if why is None else f"the features after {last} differ from the model's own: {why}"
@@ -510,15 +511,21 @@ def _line(e: BaseException) -> str:
 
 
 def probe_of(model: nn.Module, probe: Tensor | None) -> Tensor:
-    """The probe batch: the first ``PROBE_ITEMS`` items given, or one made from a Hugging Face
-    model's config."""
-    if probe is not None:
-        if probe.dim() == 0 or probe.shape[0] == 0:
-            raise SearchError("a probe batch needs at least one item")
-        return probe[:PROBE_ITEMS]
-    from .hf import default_probe
+    """The probe batch: the first ``PROBE_ITEMS`` items given (for a Hugging Face text model with
+    a pad token, plus a copy of the first row padded at its end, so the padding mask is always
+    exercised), or one made from a Hugging Face model's config."""
+    if probe is None:
+        from .hf import default_probe
 
-    return default_probe(model)
+        return default_probe(model)
+    if probe.dim() == 0 or probe.shape[0] == 0:
+        raise SearchError("a probe batch needs at least one item")
+    probe = probe[:PROBE_ITEMS]
+    if "transformers" in sys.modules and "hf" in methods(model)[:1]:
+        from .hf import padded_probe
+
+        probe = padded_probe(model, probe)
+    return probe
 
 
 def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
@@ -543,12 +550,13 @@ def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
         for method in order:
             try:
                 split = split_by(model, method, probe)
+                problem = check_split(model, split, probe)
             except ProbeMismatch:
                 raise
-            except SearchError as e:
-                reasons.append(f"{method}: {e}")
+            except Exception as e:  # noqa: BLE001 - a method that breaks on this model is not proven
+                reasons.append(f"{method}: {e}" if isinstance(e, SearchError) else f"{method}: {type(e).__name__}: "
+                               f"{_line(e)}")
                 continue
-            problem = check_split(model, split, probe)
             if problem is None:
                 found = split
                 break
