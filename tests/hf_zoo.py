@@ -8,9 +8,10 @@ test run; ``MM_ZOO=full`` runs every entry.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -323,14 +324,175 @@ def updated(model: nn.Module, seed: int) -> nn.Module:
     return out
 
 
-#: why an architecture is expected not to store exactly today (the structural-record work of issue 20
-#: item 1, another engineer's); the zoo suite reports these, it does not skip them
-EXPECTED_STORE_FAILURES: dict[str, str] = {}
-
-
 def labels(n: int, classes: int = 3) -> torch.Tensor:
     return torch.arange(n) % classes
 
 
-def model_class(name: str) -> Callable[..., nn.Module]:
-    return _resolve(ZOO[name].model)  # type: ignore[no-any-return]
+# -- saving and recovering ---------------------------------------------------------------------
+
+SEEDS = (0, 1, 2)
+
+
+def output_digests(model: nn.Module, name: str) -> list[str]:
+    """Digests of every tensor the model returns on its zoo input (one thread: bit-reproducible)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out = forward(model, name, inputs(name))
+    finally:
+        torch.set_num_threads(threads)
+    found: list[torch.Tensor] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict) or hasattr(x, "to_tuple"):
+            for v in (x.to_tuple() if hasattr(x, "to_tuple") else x.values()):
+                walk(v)
+
+    walk(out)
+    return [hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().view(torch.uint8).numpy()
+                           .tobytes()).hexdigest() for t in found]
+
+
+def save(store: Any, name: str) -> dict[str, Any]:
+    """Save entry ``name`` as a set of three (version 1) and an update of it (version 2); what a
+    fresh process must recover: state digests and output digests per version, or the error."""
+    import mm_jupyter as mm
+    from store_models import model_digests
+
+    want: dict[str, Any] = {}
+    try:
+        models = [build(name, seed) for seed in SEEDS]
+        versions = {"1": models, "2": [updated(m, 100 + i) for i, m in enumerate(models)]}
+        for version, group in versions.items():
+            before = model_digests(group)
+            store.save_set(group, name, approach="baseline" if version == "1" else "update")
+            if model_digests(group) != before:
+                return {"error": f"saving version {version} changed the models"}
+            want[version] = {"state": before, "outputs": [output_digests(m, name) for m in group]}
+    except mm.MMError as e:
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    return want
+
+
+#: run in a fresh process: ``python -c FRESH store name...`` prints what it recovers, as JSON
+FRESH = r"""
+import json, sys
+import mm_jupyter as mm
+import hf_zoo
+from store_models import sd_digests
+store = mm.Store(sys.argv[1])
+out = {}
+for name in sys.argv[2:]:
+    got = {}
+    for version in ("1", "2"):
+        try:
+            ms = store.recover_set(f"{name}@{version}")
+            models = [ms[i] for i in range(len(ms))]
+            got[version] = {"state": [sd_digests(m.state_dict()) for m in models],
+                            "outputs": [hf_zoo.output_digests(m, name) for m in models]}
+        except Exception as e:
+            got[version] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    out[name] = got
+print(json.dumps(out))
+"""
+
+
+def recover_fresh(path: str, names: list[str], timeout: int = 900) -> dict[str, Any]:
+    """Recover every version of ``names`` from the store at ``path`` in a fresh process."""
+    import json
+
+    from store_models import run_python
+
+    return json.loads(run_python(FRESH, path, *names, timeout=timeout).stdout)  # type: ignore[no-any-return]
+
+
+def roundtrip_problem(want: dict[str, Any], got: dict[str, Any]) -> str | None:
+    """Why a saved entry did not come back exactly (None when both versions did)."""
+    if "error" in want:
+        return f"save: {want['error']}"
+    for version in ("1", "2"):
+        g = got.get(version, {"error": "not recovered"})
+        if "error" in g:
+            return f"recover v{version}: {g['error']}"
+        if g["state"] != want[version]["state"]:
+            return f"v{version}: state differs"
+        if g["outputs"] != want[version]["outputs"]:
+            return f"v{version}: outputs differ"
+    return None
+
+
+# -- features -----------------------------------------------------------------------------------
+
+def own_features(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """What the model's classifier consumes, computed without the search code: a task model's own
+    classifier input; for a backbone, that of a real (randomly initialised) classification model of
+    its family holding the backbone's weights; else the output's first token. Token-level inputs
+    (a head applied to every token) are read at the last non-pad token for causal models, else the
+    first token."""
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+
+    task = model
+    backbone = model.base_model
+    if model is backbone:
+        mapping = {"text": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                   "vision": auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+                   "audio": auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES}[ZOO[name].domain]
+        cls_name = mapping.get(model.config.model_type)
+        cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
+        task = None
+        if cls is not None:
+            candidate = cls(copy.deepcopy(model.config)).eval()
+            inner = candidate.base_model
+            if type(inner) is type(model):
+                missing, unexpected = inner.load_state_dict(model.state_dict(), strict=False)
+                if not unexpected and all(k.startswith("pooler") for k in missing):
+                    task = candidate
+    captured: list[torch.Tensor] = []
+    with torch.no_grad():
+        if task is None:
+            out = forward(model, name, x)
+            tokens = out.last_hidden_state
+        else:
+            inside = {id(m) for m in task.base_model.modules()}
+            leaf = next(m for m in task.modules() if id(m) not in inside and next(m.parameters(recurse=False), None)
+                        is not None)
+            handle = leaf.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+            try:
+                forward(task, name, x)
+            finally:
+                handle.remove()
+            tokens = captured[0]
+    if tokens.dim() == 2:
+        return tokens
+    if any(vars(m).get("is_causal") is True for m in model.modules()):
+        pad = ZOO[name].pad
+        keep = (x != pad).long() if pad is not None else torch.ones_like(x)
+        last = (torch.arange(x.shape[1]) * keep).argmax(-1)
+        return tokens[torch.arange(len(x)), last]
+    return tokens[:, 0]
+
+
+def head_input(split: Any, features: torch.Tensor) -> torch.Tensor:
+    """What the split hands the classifier: the features, through the head's pooler if any (the
+    input of the head's classifier, its last parameterised layer)."""
+    if split.head is not None:
+        leaf = [m for m in split.head.modules() if next(m.parameters(recurse=False), None) is not None][-1]
+        seen: list[torch.Tensor] = []
+        handle = leaf.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            with torch.no_grad():
+                split.head(features)
+        finally:
+            handle.remove()
+        return seen[0]
+    if split.pooler is not None:
+        with torch.no_grad():
+            return split.pooler(features)  # type: ignore[no-any-return]
+    return features

@@ -143,11 +143,14 @@ class _Key:
             if not v.is_meta:
                 self.put(_bytes(v))
         elif isinstance(v, nn.Module):
-            if id(v) not in self.modules:
-                raise _Uncacheable(f"a reference to a module outside the model ({type(v).__name__})")
-            self.put("module", self.modules[id(v)])
+            if id(v) in self.modules:
+                self.put("module", self.modules[id(v)])
+            else:
+                self._outside(v, depth)
         elif isinstance(v, type):
             self.put("class", _class_token(v))
+        elif isinstance(v, types.ModuleType):
+            self.put("python module", v.__name__)
         elif id(v) in self.seen:
             self.put("seen", self.seen[id(v)])
         else:
@@ -179,6 +182,27 @@ class _Key:
             self.value(dict(vars(v)), depth + 1)
         else:
             raise _Uncacheable(f"an attribute of type {type(v).__name__}")
+
+    def _outside(self, m: nn.Module, depth: int) -> None:
+        """A module held outside the model's tree (a kernel wrapper made per layer): by its class
+        name and forward's code (such classes are often made per instance), attributes and tensors."""
+        if id(m) in self.seen:
+            self.put("seen", self.seen[id(m)])
+            return
+        self.seen[id(m)] = len(self.seen)
+        self.keep.append(m)
+        cls = type(m)
+        self.put("outside", cls.__module__, cls.__qualname__)
+        forward = getattr(cls, "forward", None)
+        if isinstance(forward, types.FunctionType):
+            self._callable(forward, depth + 1)
+        self.value({k: v for k, v in vars(m).items() if k not in _SKIP_ATTRS}, depth + 1)
+        for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
+            self.put(name)
+            self.value(t, depth + 1)
+        for name, child in m.named_children():
+            self.put(name)
+            self._outside(child, depth + 1)
 
     def _callable(self, v: Any, depth: int) -> None:
         if isinstance(v, weakref.ref):
