@@ -8,7 +8,6 @@ test run; ``MM_ZOO=full`` runs every entry.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -335,28 +334,9 @@ SEEDS = (0, 1, 2)
 
 def output_digests(model: nn.Module, name: str) -> list[str]:
     """Digests of every tensor the model returns on its zoo input (one thread: bit-reproducible)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            out = forward(model, name, inputs(name))
-    finally:
-        torch.set_num_threads(threads)
-    found: list[torch.Tensor] = []
+    from zoo_models import output_digests as digests
 
-    def walk(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            found.append(x)
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                walk(v)
-        elif isinstance(x, dict) or hasattr(x, "to_tuple"):
-            for v in (x.to_tuple() if hasattr(x, "to_tuple") else x.values()):
-                walk(v)
-
-    walk(out)
-    return [hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().view(torch.uint8).numpy()
-                           .tobytes()).hexdigest() for t in found]
+    return digests(lambda x: forward(model, name, x), inputs(name), name)
 
 
 def save(store: Any, name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import mm_jupyter as mm
 
 tf = pytest.importorskip("transformers")
 import hf_zoo  # noqa: E402
+from search_models import assert_search_agrees  # noqa: E402
 from mm_jupyter.modelsearch.blocks import split_model  # noqa: E402
 from mm_jupyter.modelsearch.verify import check_split, clear_verdicts, general_position  # noqa: E402
 
@@ -64,12 +65,7 @@ def test_search_agrees_with_shift_on_verified_blocks(name: str) -> None:
     feats = split.features(x[:8])
     torch.testing.assert_close(hf_zoo.head_input(split, feats), hf_zoo.own_features(base, name, x[:8]),
                                atol=1e-4, rtol=1e-4)
-    shared = mm.search(cands, (x, y), k=1, approach="alsatian", batch_size=12)
-    whole = mm.search(cands, (x, y), k=1, approach="shift", batch_size=12)
-    assert list(shared.ranking["model"]) == list(whole.ranking["model"])
-    assert list(shared.ranking["score"]) == list(whole.ranking["score"])
-    st = shared.stats
-    assert st["block_inferences"] == st["unique_edges"] < whole.stats["block_inferences"]
+    assert_search_agrees(cands, x, y)
 
 
 def test_verdicts_are_paid_once_per_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
