@@ -8,6 +8,7 @@ test run; ``MM_ZOO=full`` runs every entry.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,6 @@ class Entry:
     kwargs: dict[str, Any] = field(default_factory=dict)
     side: int = SIDE  # vision: image side
     features: tuple[int, int] | None = None  # audio spectrogram input (mel bins, frames) instead of a waveform
-    pad: int | None = 0  # text: the pad id the rows are right-padded with (None: no padding)
 
 
 def _resolve(name: str) -> Any:
@@ -60,8 +60,8 @@ ZOO: dict[str, Entry] = {
     # ------------------------------------------------------------------ text: bidirectional encoders
     "bert": Entry("text", "BertModel", "BertConfig", _BERTISH),
     "bert-classifier": Entry("text", "BertForSequenceClassification", "BertConfig", {**_BERTISH, "num_labels": 3}),
-    "roberta": Entry("text", "RobertaModel", "RobertaConfig", {**_BERTISH, "pad_token_id": 1}, pad=1),
-    "xlm-roberta": Entry("text", "XLMRobertaModel", "XLMRobertaConfig", {**_BERTISH, "pad_token_id": 1}, pad=1),
+    "roberta": Entry("text", "RobertaModel", "RobertaConfig", {**_BERTISH, "pad_token_id": 1}),
+    "xlm-roberta": Entry("text", "XLMRobertaModel", "XLMRobertaConfig", {**_BERTISH, "pad_token_id": 1}),
     "distilbert": Entry("text", "DistilBertModel", "DistilBertConfig",
                         dict(vocab_size=100, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=40)),
     "albert": Entry("text", "AlbertModel", "AlbertConfig", {**_BERTISH, "embedding_size": 16, "num_hidden_layers": 3}),
@@ -70,7 +70,7 @@ ZOO: dict[str, Entry] = {
     "electra": Entry("text", "ElectraModel", "ElectraConfig", {**_BERTISH, "embedding_size": 8}),
     "deberta": Entry("text", "DebertaModel", "DebertaConfig", {**_BERTISH, "relative_attention": True}),
     "deberta-v2": Entry("text", "DebertaV2Model", "DebertaV2Config", {**_BERTISH, "relative_attention": True}),
-    "mpnet": Entry("text", "MPNetModel", "MPNetConfig", {**_BERTISH, "pad_token_id": 1}, pad=1),
+    "mpnet": Entry("text", "MPNetModel", "MPNetConfig", {**_BERTISH, "pad_token_id": 1}),
     "convbert": Entry("text", "ConvBertModel", "ConvBertConfig", {**_BERTISH, "embedding_size": 16}),
     "squeezebert": Entry("text", "SqueezeBertModel", "SqueezeBertConfig",
                          {**_BERTISH, "embedding_size": 16, "q_groups": 2, "k_groups": 2, "v_groups": 2,
@@ -81,7 +81,7 @@ ZOO: dict[str, Entry] = {
     "mobilebert": Entry("text", "MobileBertModel", "MobileBertConfig",
                         {**_BERTISH, "embedding_size": 8, "intra_bottleneck_size": 8, "num_feedforward_networks": 1,
                          "true_hidden_size": 8}),
-    "data2vec-text": Entry("text", "Data2VecTextModel", "Data2VecTextConfig", {**_BERTISH, "pad_token_id": 1}, pad=1),
+    "data2vec-text": Entry("text", "Data2VecTextModel", "Data2VecTextConfig", {**_BERTISH, "pad_token_id": 1}),
     "modernbert": Entry("text", "ModernBertModel", "ModernBertConfig",
                         dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                              num_attention_heads=2, max_position_embeddings=64, pad_token_id=0, global_attn_every_n_layers=2,
@@ -99,7 +99,7 @@ ZOO: dict[str, Entry] = {
     "bart-encoder": Entry("text", "transformers.models.bart.modeling_bart:BartEncoder", "BartConfig",
                           dict(vocab_size=100, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                               max_position_embeddings=40, pad_token_id=1, scale_embedding=True), pad=1),
+                               max_position_embeddings=40, pad_token_id=1, scale_embedding=True)),
     # ------------------------------------------------------------------ text: causal decoders
     "gpt2": Entry("text", "GPT2Model", "GPT2Config",
                   dict(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=64, pad_token_id=0, bos_token_id=1,
@@ -151,10 +151,10 @@ ZOO: dict[str, Entry] = {
                          dict(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=64, pad_token_id=0,
                               bos_token_id=1, eos_token_id=2)),
     "biogpt": Entry("text", "BioGptModel", "BioGptConfig", {**_BERTISH, "max_position_embeddings": 64,
-                                                           "pad_token_id": 1}, pad=1),
+                                                           "pad_token_id": 1}),
     "xglm": Entry("text", "XGLMModel", "XGLMConfig",
                   dict(vocab_size=100, d_model=16, num_layers=2, attention_heads=2, ffn_dim=32,
-                       max_position_embeddings=64, pad_token_id=1), pad=1),
+                       max_position_embeddings=64, pad_token_id=1)),
     "cohere": Entry("text", "CohereModel", "CohereConfig", {**_DECODER, "num_key_value_heads": 1}),
     "granite": Entry("text", "GraniteModel", "GraniteConfig", {**_DECODER, "num_key_value_heads": 1,
                                                               "embedding_multiplier": 2.0}),
@@ -202,7 +202,7 @@ ZOO: dict[str, Entry] = {
                    dict(image_size=SIDE, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 3], depths=[1, 1, 1],
                         key_dim=[8, 8, 8])),
     "poolformer": Entry("vision", "PoolFormerModel", "PoolFormerConfig",
-                        dict(hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_encoder_blocks=4)),
+                        dict(hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_encoder_blocks=4), side=64),
     "cvt": Entry("vision", "CvtModel", "CvtConfig",
                  dict(embed_dim=[8, 16, 16], num_heads=[1, 2, 2], depth=[1, 2, 3])),
     "bit": Entry("vision", "BitModel", "BitConfig", dict(embedding_size=32, hidden_sizes=[32, 64], depths=[1, 1],
@@ -276,9 +276,9 @@ def inputs(name: str, n: int = 4, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     if entry.domain == "text":
         ids = torch.randint(5, 100, (n, TOKENS), generator=gen)
-        if entry.pad is not None:
+        if pad(name) is not None:
             for i in range(n):
-                ids[i, TOKENS - (i % 4) * 2:] = entry.pad
+                ids[i, TOKENS - (i % 4) * 2:] = pad(name)
         return ids
     if entry.domain == "vision":
         return torch.randn(n, 3, entry.side, entry.side, generator=gen)
@@ -289,10 +289,16 @@ def inputs(name: str, n: int = 4, seed: int = 0) -> torch.Tensor:
 
 def forward(model: nn.Module, name: str, x: torch.Tensor) -> Any:
     """The model's own forward on ``x`` (text models with the padding mask)."""
-    entry = ZOO[name]
-    if entry.domain == "text" and entry.pad is not None:
-        return model(x, attention_mask=(x != entry.pad).long())
+    if ZOO[name].domain == "text" and pad(name) is not None:
+        return model(x, attention_mask=(x != pad(name)).long())
     return model(x)
+
+
+@functools.lru_cache(maxsize=None)
+def pad(name: str) -> int | None:
+    """The pad id of a text entry's config: rows are right-padded with it and masked where it is."""
+    found = getattr(config(name), "pad_token_id", None)
+    return found if isinstance(found, int) else None
 
 
 def derived(name: str, count: int = 3) -> dict[str, nn.Module]:
@@ -412,9 +418,10 @@ def roundtrip_problem(want: dict[str, Any], got: dict[str, Any]) -> str | None:
 def own_features(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """What the model's classifier consumes, computed without the search code: a task model's own
     classifier input; for a backbone, that of a real (randomly initialised) classification model of
-    its family holding the backbone's weights; else the output's first token. Token-level inputs
-    (a head applied to every token) are read at the last non-pad token for causal models, else the
-    first token."""
+    its family holding the backbone's weights (when the family's head needs nothing the backbone
+    lacks); else the output's first token. A classifier applied to every token is read at the token
+    whose logits the model kept (the last non-pad one for causal models); a token-level output
+    without a classifier at the first token (the last non-pad one for causal models)."""
     import transformers
     from transformers.models.auto import modeling_auto as auto
 
@@ -430,30 +437,36 @@ def own_features(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
         if cls is not None:
             candidate = cls(copy.deepcopy(model.config)).eval()
             inner = candidate.base_model
-            if type(inner) is type(model):
-                missing, unexpected = inner.load_state_dict(model.state_dict(), strict=False)
-                if not unexpected and all(k.startswith("pooler") for k in missing):
+            if type(inner) is type(model):  # the backbone's pooler may go unused; nothing may be missing
+                missing, _ = inner.load_state_dict(model.state_dict(), strict=False)
+                if not missing:
                     task = candidate
     captured: list[torch.Tensor] = []
     with torch.no_grad():
         if task is None:
-            out = forward(model, name, x)
-            tokens = out.last_hidden_state
+            tokens = forward(model, name, x).last_hidden_state
+            logits = None
         else:
             inside = {id(m) for m in task.base_model.modules()}
             leaf = next(m for m in task.modules() if id(m) not in inside and next(m.parameters(recurse=False), None)
                         is not None)
             handle = leaf.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
             try:
-                forward(task, name, x)
+                logits = forward(task, name, x).logits
             finally:
                 handle.remove()
             tokens = captured[0]
-    if tokens.dim() == 2:
-        return tokens
+    if tokens.dim() in (2, 4):  # one vector per item, or a feature map the head reads whole
+        return tokens.flatten(1)
+    if logits is not None and isinstance(leaf, nn.Linear) and logits.shape == (len(x), leaf.out_features):
+        # a classifier applied to every token, then pooled by the model: the token whose logits it kept
+        with torch.no_grad():
+            gaps = (leaf(tokens) - logits[:, None]).abs().amax(-1)
+        picked = gaps.argmin(-1)
+        if bool((gaps.amin(-1) < 1e-5).all()):
+            return tokens[torch.arange(len(x)), picked]
     if any(vars(m).get("is_causal") is True for m in model.modules()):
-        pad = ZOO[name].pad
-        keep = (x != pad).long() if pad is not None else torch.ones_like(x)
+        keep = (x != pad(name)).long() if pad(name) is not None else torch.ones_like(x)
         last = (torch.arange(x.shape[1]) * keep).argmax(-1)
         return tokens[torch.arange(len(x)), last]
     return tokens[:, 0]

@@ -411,6 +411,45 @@ class _HeadReached(Exception):
         self.value = value
 
 
+class _NotOneLayer(Exception):
+    """The head runs a second parameterised layer: its output is not its first layer's input."""
+
+
+def _pooled_input(model: nn.Module, backbone: nn.Module, forward: Any, raw: Tensor) -> Tensor | None:
+    """What ``model``'s head consumes *after the model's own pooling* (a sequence classifier of a
+    causal model applies its layer to every token and keeps the last non-pad one): the forward
+    with the head's one parameterised layer made the identity, so the model's output is its input,
+    pooled as the model pools it. None when the head runs more than one such layer or the output is
+    not one vector per item."""
+    inside = {id(m) for m in backbone.modules()}
+    leaves = [m for m in model.modules() if id(m) not in inside and next(m.parameters(recurse=False), None) is not None]
+    if not leaves:
+        return None
+    called: list[int] = []
+
+    def identity(leaf: nn.Module) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if called and called[0] != id(leaf):
+                raise _NotOneLayer()
+            called.append(id(leaf))
+            return args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+        return run
+
+    for leaf in leaves:
+        leaf.forward = identity(leaf)
+    try:
+        with torch.no_grad():
+            out = _first(forward(model, raw))
+    except Exception:  # noqa: BLE001 - not a one-layer head (or it needs its layer's output shape)
+        return None
+    finally:
+        for leaf in leaves:
+            del leaf.forward
+    if not isinstance(out, Tensor) or out.is_meta or out.dim() != 2 or out.shape[0] != raw.shape[0]:
+        return None
+    return out
+
+
 def _head_input(model: nn.Module, backbone: nn.Module, forward: Any, raw: Tensor) -> Tensor | None:
     """What ``model``'s forward feeds its first parameterised layer outside ``backbone`` (None when
     it has none or never calls one); the forward stops there."""
@@ -458,7 +497,8 @@ def family_classifier(model: nn.Module) -> type | None:
 
 class Reference:
     """The features ``model``'s classifier consumes on a raw batch (module docstring): a task
-    model's own head input, its family's for a backbone, else the backbone's output."""
+    model's own head input (after the model's own pooling, for a one-layer head), its family's for
+    a backbone, else the backbone's output."""
 
     def __init__(self, model: nn.Module, forward: Any) -> None:
         self.model = model
@@ -473,12 +513,12 @@ class Reference:
     def _reference(self, raw: Tensor) -> Tensor | None:
         model: Any = self.model
         backbone = model.base_model
-        if model is not backbone:
-            return _head_input(model, backbone, self.forward, raw)
-        task = _family_model(model)
+        task = model if model is not backbone else _family_model(model)
         if task is not None:
-            found = _head_input(task, model, self.forward, raw)
-            if found is not None:
+            found = _pooled_input(task, backbone, self.forward, raw)
+            if found is None:
+                found = _head_input(task, backbone, self.forward, raw)
+            if found is not None or task is model:
                 return found
         with torch.no_grad():
             out = self.forward(model, raw)
@@ -581,10 +621,11 @@ def _head(model: nn.Module, backbone: nn.Module, pooler: nn.Module | None) -> nn
     return stateful[0] if pooler is None else PooledHead(pooler, stateful[0])
 
 
-def _spatial_steps(tail: list[_Call]) -> tuple[str, ...]:
+def _spatial_steps(tail: list[_Call], whole: bool = False) -> tuple[str, ...]:
     """The tail after the last feature map, in call order, with ``#mean`` where the model reduces
     the map in its forward (ConvNeXt's mean before its layer norm) and ``#flatten`` where a pooled
-    ``(N, C, 1, 1)`` map becomes a vector; the result is always flattened."""
+    ``(N, C, 1, 1)`` map becomes a vector; the result is always flattened, a map still left is
+    averaged unless the classifier reads it ``whole`` (PoolFormer's head normalises the map first)."""
     steps: list[str] = []
     shape: tuple[int, ...] | None = None  # the current map's shape (None: still 4-d, size unknown)
     dim = 4
@@ -596,7 +637,7 @@ def _spatial_steps(tail: list[_Call]) -> tuple[str, ...]:
         out = _first(c.output)
         if isinstance(out, Tensor):
             dim, shape = out.dim(), tuple(out.shape)
-    if dim == 4 and not (shape is not None and shape[-2:] == (1, 1)):
+    if dim == 4 and not whole and not (shape is not None and shape[-2:] == (1, 1)):
         steps.append("#mean")
     return (*steps, "#flatten")
 
@@ -773,9 +814,9 @@ class _Observer:
         entries = self._entries(rotary)
         used: set[str] = set()
         layer_recipe = [spec for call in layer_calls for spec in self._layer(call, entries, used, layer_calls[0])]
-        if any("attention_mask.causal" in spec[2] or "=attention_mask.sliding" in ",".join(spec[2])
-               for spec in layer_recipe):
-            self.causal = True
+        if any(entry.endswith(("=attention_mask.causal", "=attention_mask.sliding")) for spec in layer_recipe
+               for entry in spec[2]):
+            self.causal = True  # the model gives its layers a causal mask
         tail_calls = [c for c in calls[last + 1:] if not _rotary(c.module)]
         out = _first(layer_calls[-1].output)
         if not isinstance(out, Tensor):
@@ -787,7 +828,9 @@ class _Observer:
         if spatial:
             for c in tail_calls:
                 c.path = self.path(c.module)
-            reduce, norms = "", _spatial_steps(tail_calls)
+            reference = Reference(self.model, self.forward)(self.probe)
+            whole = reference is not None and reference.dim() == 4  # the classifier reads the map itself
+            reduce, norms = "", _spatial_steps(tail_calls, whole)
         elif out.dim() == 3:
             norms, reduce, pooler = self._features(out, tail_calls)
             if reduce == "last":
