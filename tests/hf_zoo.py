@@ -28,7 +28,7 @@ class Entry:
 
     domain: str  # "text" | "vision" | "audio"
     model: str
-    config: str
+    config: str  # "" for a hand-built module (built without arguments)
     kwargs: dict[str, Any] = field(default_factory=dict)
     side: int = SIDE  # vision: image side
     features: tuple[int, int] | None = None  # audio spectrogram input (mel bins, frames) instead of a waveform
@@ -225,6 +225,9 @@ ZOO: dict[str, Entry] = {
                    dict(image_size=[SIDE, SIDE], patch_size=[3, 3], patch_stride=[2, 2], patch_padding=[1, 1],
                         embed_dim=8, depths=[1, 1], num_heads=[1, 2], query_stride=[2, 2], num_query_pool=1,
                         masked_unit_size=[4, 4], masked_unit_attention=[True, False])),
+    # ------------------------------------------------------------------ timm's state patterns, hand-built
+    "timm-enum-attribute": Entry("vision", "timm_patterns:EnumViT", ""),
+    "timm-tensor-cache": Entry("vision", "timm_patterns:CachedLeViT", ""),
     # ------------------------------------------------------------------ audio
     "wav2vec2": Entry("audio", "Wav2Vec2Model", "Wav2Vec2Config", _W2V),
     "hubert": Entry("audio", "HubertModel", "HubertConfig", _W2V),
@@ -259,14 +262,19 @@ def profile() -> tuple[str, ...]:
 def config(name: str) -> Any:
     """A fresh config of entry ``name`` (constructors may edit the config they are given)."""
     entry = ZOO[name]
-    return _resolve(entry.config)(**copy.deepcopy(entry.kwargs))
+    return _resolve(entry.config)(**copy.deepcopy(entry.kwargs)) if entry.config else None
 
 
 def build(name: str, seed: int) -> nn.Module:
-    """Model ``seed`` of entry ``name``: random weights from the seed, in eval mode."""
+    """Model ``seed`` of entry ``name``: random weights from the seed, in eval mode, after one eval
+    forward (as a user's model has run: derived caches are filled)."""
     torch.manual_seed(seed)
-    model = _resolve(ZOO[name].model)(config(name))
-    return model.eval()
+    entry = ZOO[name]
+    model = (_resolve(entry.model)(config(name)) if entry.config else _resolve(entry.model)()).eval()
+    if not entry.config:
+        with torch.no_grad():
+            model(inputs(name, 2))
+    return model
 
 
 def inputs(name: str, n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -425,6 +433,15 @@ def own_features(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     import transformers
     from transformers.models.auto import modeling_auto as auto
 
+    if not hasattr(model, "base_model"):  # a hand-built module: the input of its ``head``
+        seen: list[torch.Tensor] = []
+        hook = model.head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            hook.remove()
+        return seen[0]
     task = model
     backbone = model.base_model
     if model is backbone:

@@ -361,3 +361,24 @@ def test_stored_albert_candidates_keep_one_shared_block_and_verify_their_skeleto
     tampered.entries[0]["blocks"][1]["structure"] = "0" * 64
     with pytest.raises(SearchError, match="no longer splits like it did when stored"):
         mm.search(tampered, (x, y), k=1, approach="shift", batch_size=10)
+
+
+def test_a_cache_an_eval_forward_fills_is_neither_stale_in_the_check_nor_polluted_by_tracing() -> None:
+    """LeViT keeps its gathered attention biases in a dict after an eval forward: tracing must not
+    leave a symbolic entry there, and the check must compute them from the perturbed parameters
+    on both sides (else a stale cache makes a right split look wrong)."""
+    import timm_patterns
+
+    torch.manual_seed(0)
+    model = timm_patterns.CachedLeViT().eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    cache = model.attn.attention_bias_cache
+    assert list(cache) == ["cpu"]
+    split = split_model(model, x)
+    assert split.kind == "traced"
+    assert model.attn.attention_bias_cache is cache and list(cache) == ["cpu"]
+    assert isinstance(cache["cpu"], torch.Tensor) and type(cache["cpu"]) is torch.Tensor
+    with torch.no_grad():
+        torch.testing.assert_close(split.head(split.features(x)), model(x))

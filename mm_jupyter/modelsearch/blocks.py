@@ -165,6 +165,27 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
             m.training = flag
 
 
+@contextmanager
+def fresh_caches(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Containers of tensors that modules fill during a forward (LeViT's ``attention_bias_cache``)
+    emptied for the body and put back afterwards: a trace or a check then computes what they hold
+    from the parameters, and never leaves a symbolic value or a stale entry behind."""
+    saved = []
+    for root in modules:
+        for m in root.modules():
+            for key, value in list(vars(m).items()):
+                if key.startswith("_"):  # nn.Module's own tables (parameters, buffers, hooks)
+                    continue
+                if isinstance(value, dict) and value and all(isinstance(v, Tensor) for v in value.values()):
+                    saved.append((m, key, value))
+                    setattr(m, key, {})
+    try:
+        yield
+    finally:
+        for m, key, value in saved:
+            setattr(m, key, value)
+
+
 def _failed(index: int | None, block: Block | None, exc: BaseException) -> str:
     where = "preparing the batch context" if block is None else f"block {index} ({type(block.module).__name__})"
     lines = str(exc).strip().splitlines()

@@ -8,29 +8,35 @@ blocks from what it saw:
 
 * **stem**: the modules called before the first layer, chained (an embeddings module; ALBERT's
   embeddings and ``embedding_hidden_mapping_in``), or token + position tables summed and then the
-  other modules (GPT-2; BART's scaled tokens, learned positions and ``layernorm_embedding``) —
-  whichever gives exactly what the model feeds its first layer. Rotary-embedding modules are not
-  blocks: they make batch context.
+  other modules (GPT-2; BART's scaled tokens, learned positions and ``layernorm_embedding``), or
+  the backbone's own forward up to its first layer on a shell holding only those modules
+  (``ForwardPrefix``: OPT's positions counted from the mask, Granite's multiplier) — whichever gives
+  exactly what the model feeds its first layer. Rotary-embedding modules are not blocks: they make
+  batch context.
 * **layers**: one block per layer *call*, in call order, so a layer group that ALBERT shares across
   its depth is the same block run ``num_hidden_layers`` times (one block id, stored and hashed
-  once). A stage whose ``forward`` only chains its children (``traced.chain``) is expanded into them
-  (ResNet, ConvNeXt, RegNet). Every tensor the model passes a layer besides the hidden states must
-  come from the batch context, computed from the raw batch with the model's own pieces: the
-  padding mask prepared by transformers' mask helpers (bidirectional, causal, sliding-window),
-  position ids and cache positions, rotary ``(cos, sin)`` from the model's rotary module, ALiBi
-  biases from the model's ``build_alibi_tensor``, the token grid (Swin); each is matched to what the
-  model passed on the probe. T5's relative position bias, which its first layer computes and hands
-  on, is computed in every later block by that layer's attention (so the block owns that table).
-  A layer given a tensor nothing reproduces (DeBERTa's relative embeddings) has no block view.
-* **tail and features**: the features are what the model's classifier consumes (``reference``): for
-  a task model the input of its first parameterised layer outside the backbone; for a backbone the
-  same from its family's ``...ForImageClassification`` / ``...ForSequenceClassification`` (built on
-  the meta device around this backbone, stopped before its head runs); else the backbone's output.
-  The feature step is the first of a few parameter-free reductions (after the tail's norms) that
-  matches it: a 1-d pooling module (Swin), the last non-pad token (causal), the first token, first
-  token + mean of the others (DINOv2), the mean token; a parameterised pooler after them (BERT,
-  ALBERT) is head material, not a feature step. Feature maps go through the tail's convolutions, its
-  pooling module (or a global mean), then its norms (ConvNeXt).
+  once); nested and interleaved lists (PoolFormer's patch embeddings and stages) in call order. A
+  stage whose ``forward`` only chains its children (``traced.chain``) is expanded into them (ResNet,
+  ConvNeXt, RegNet). Every tensor the model passes a layer besides the hidden states must equal a
+  batch-context entry on the probe, computed from the raw batch with the model's own pieces: the
+  padding mask prepared by transformers' mask helpers (bidirectional, causal, sliding-window,
+  bidirectional sliding-window), position ids (also counted from the mask) and cache positions,
+  rotary ``(cos, sin)`` from the model's rotary module (per layer type), ALiBi biases from the
+  model's ``build_alibi_tensor``, the token grid (Swin); plain constants the model passes (BEiT's
+  patch grid) are kept. T5's relative position bias, which its first layer computes and hands on, is
+  computed in every later block by that layer's attention (so the block owns that table). A layer
+  given a tensor nothing reproduces (DeBERTa's relative embeddings) has no block view.
+* **tail and features**: the features are what the model's classifier consumes (``Reference``): for
+  a task model the input of its first parameterised layer outside the backbone, after the model's
+  own pooling when that layer is the head's only one (made the identity: a causal model's sequence
+  classifier keeps the last non-pad token); for a backbone the same from its family's
+  ``...For{Image,Sequence,Audio}Classification`` (built on the meta device around this backbone);
+  else the backbone's output. The feature step is the first of a few reductions (after the tail's
+  norms) that matches it: a 1-d pooling module (Swin), the last non-pad token, the first token, first
+  token + mean of the others (DINOv2), the mean token, a parameterised pooler over the whole
+  sequence (BEiT); a parameterised pooler after a token pick (BERT, ALBERT) is head material, not a
+  feature step. Feature maps go through the tail in call order, with a global mean where the model
+  takes one (ConvNeXt), and stay whole when the classifier reads the map (PoolFormer).
 * **head** of a task model: its one parameterised non-backbone child when that is a Linear
   classifier (after the pooler, if any), so ``head(features)`` equals the logits.
 

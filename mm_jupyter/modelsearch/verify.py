@@ -18,7 +18,9 @@ max(1, max |ref|)``: far below any real divergence (a skipped layer differs by O
 reassociation noise of a different kernel order.
 
 A method whose split fails is never used: the next method (traced) is tried, and when none holds, a
-SearchError names the block where the first method's outputs diverge.
+SearchError names the block where the first method's outputs diverge. Caches of tensors a forward
+fills (LeViT's attention biases) are empty during the check, so model and blocks both compute them
+from the (perturbed) parameters; they are put back afterwards.
 
 **Verdicts are cached per architecture**, so a 500-candidate search pays the check once per
 architecture. The key is everything the check's outcome can depend on except parameter values:
@@ -54,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SearchError
-from .blocks import Block, Split, eval_mode, methods, split_by
+from .blocks import Block, Split, eval_mode, fresh_caches, methods, split_by
 
 PROBE_ITEMS = 8
 _RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -570,7 +572,7 @@ def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
     reasons: list[str] = []
     found: Split | None = None
     method = None
-    with general_position(model), eval_mode([model]):
+    with general_position(model), eval_mode([model]), fresh_caches([model]):
         for method in order:
             try:
                 split = split_by(model, method, probe)
