@@ -428,8 +428,8 @@ def own_features(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     classifier input; for a backbone, that of a real (randomly initialised) classification model of
     its family holding the backbone's weights (when the family's head needs nothing the backbone
     lacks); else the output's first token. A classifier applied to every token is read at the token
-    whose logits the model kept (the last non-pad one for causal models); a token-level output
-    without a classifier at the first token (the last non-pad one for causal models)."""
+    whose logits the model kept; a token-level output without a classifier at the first token (the
+    last non-pad one for a causal model: one whose first output ignores its last token)."""
     import transformers
     from transformers.models.auto import modeling_auto as auto
 
@@ -482,11 +482,22 @@ def own_features(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
         picked = gaps.argmin(-1)
         if bool((gaps.amin(-1) < 1e-5).all()):
             return tokens[torch.arange(len(x)), picked]
-    if any(vars(m).get("is_causal") is True for m in model.modules()):
+    if _causal(model, name, x):
         keep = (x != pad(name)).long() if pad(name) is not None else torch.ones_like(x)
         last = (torch.arange(x.shape[1]) * keep).argmax(-1)
         return tokens[torch.arange(len(x)), last]
     return tokens[:, 0]
+
+
+def _causal(model: nn.Module, name: str, x: torch.Tensor) -> bool:
+    """Whether the model is causal, by its behaviour: the first token's output does not change when
+    the last token does."""
+    other = x.clone()
+    other[:, -1] = (other[:, -1] + 1) % 100
+    with torch.no_grad():
+        a = forward(model, name, x).last_hidden_state[:, 0]
+        b = forward(model, name, other).last_hidden_state[:, 0]
+    return bool(torch.equal(a, b))
 
 
 def head_input(split: Any, features: torch.Tensor) -> torch.Tensor:
