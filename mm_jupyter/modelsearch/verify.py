@@ -395,7 +395,13 @@ def _name(i: int, block: Block) -> str:
 
 def check_split(model: nn.Module, split: Split, probe: Tensor) -> str | None:
     """Why ``split`` does not reproduce ``model``'s own features on ``probe`` (module docstring),
-    or None when it does. Runs in eval mode without gradients; the model is left as it was."""
+    or None when it does. Runs in eval mode without gradients, with the caches of tensors a forward
+    fills empty; the model is left as it was."""
+    with fresh_caches([model] + split.modules() + ([split.head] if split.head is not None else [])):
+        return _check(model, split, probe)
+
+
+def _check(model: nn.Module, split: Split, probe: Tensor) -> str | None:
     ids = {id(m) for m in model.modules()}
     entries: list[nn.Module | None] = []
     for b in split.blocks:
@@ -572,7 +578,7 @@ def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
     reasons: list[str] = []
     found: Split | None = None
     method = None
-    with general_position(model), eval_mode([model]), fresh_caches([model]):
+    with general_position(model), eval_mode([model]):
         for method in order:
             try:
                 split = split_by(model, method, probe)
@@ -580,8 +586,9 @@ def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
             except ProbeMismatch:
                 raise
             except Exception as e:  # noqa: BLE001 - a method that breaks on this model is not proven
-                reasons.append(f"{method}: {e}" if isinstance(e, SearchError) else f"{method}: {type(e).__name__}: "
-                               f"{_line(e)}")
+                why = str(e).split("; declare its blocks instead")[0] if isinstance(e, SearchError) else (
+                    f"{type(e).__name__}: {_line(e)}")
+                reasons.append(f"{method}: {why}")
                 continue
             if problem is None:
                 found = split
