@@ -59,3 +59,13 @@ class TinyResNet(nn.Module):
 def tiny_resnet(width: int = 8, depth: int = 3) -> nn.Module:
     """TinyResNet with constructor arguments, rebuildable from the store."""
     return TinyResNet(width=width, depth=depth)
+
+
+def assert_search_agrees(cands: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, batch_size: int = 12) -> None:
+    """Alsatian and shift rank ``cands`` the same with the same scores; every shared block runs once."""
+    shared = mm.search(cands, (x, y), k=1, approach="alsatian", batch_size=batch_size)
+    whole = mm.search(cands, (x, y), k=1, approach="shift", batch_size=batch_size)
+    assert list(shared.ranking["model"]) == list(whole.ranking["model"])
+    assert list(shared.ranking["score"]) == list(whole.ranking["score"])
+    st = shared.stats
+    assert st["block_inferences"] == st["unique_edges"] < whole.stats["block_inferences"]

@@ -211,8 +211,15 @@ def test_hf_dinov2_model() -> None:
     assert split.kind == "hf-dinov2" and len(split.blocks) == 5 and split.head is None
     x = _images()
     with torch.no_grad():
-        ref = model(x).last_hidden_state[:, 0]
+        tokens = model(x).last_hidden_state
+    # what Dinov2ForImageClassification's classifier consumes: CLS next to the mean patch token
+    ref = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1)
     torch.testing.assert_close(split.features(x), ref, atol=1e-5, rtol=1e-5)
+    clf = _build(tf.Dinov2ForImageClassification, cfg)
+    split = split_model(clf)
+    assert split.head is clf.classifier
+    with torch.no_grad():
+        torch.testing.assert_close(split.head(split.features(x)), clf(x).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

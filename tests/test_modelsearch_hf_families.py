@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import mm_jupyter as mm
 from mm_jupyter.modelsearch.blocks import split_model
 from mm_jupyter.modelsearch.synthetic import parameterised, reinitialise
+from search_models import assert_search_agrees
 
 tf = pytest.importorskip("transformers")
 
@@ -166,11 +166,4 @@ def _derived(family: str) -> dict[str, nn.Module]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_search_over_three_candidates(family: str) -> None:
     cands = _derived(family)
-    x = FAMILIES[family][2](36, seed=1)
-    y = torch.arange(36) % 3
-    shared = mm.search(cands, (x, y), k=1, approach="alsatian", batch_size=12)
-    whole = mm.search(cands, (x, y), k=1, approach="shift", batch_size=12)
-    assert list(shared.ranking["model"]) == list(whole.ranking["model"])
-    assert list(shared.ranking["score"]) == list(whole.ranking["score"])
-    st = shared.stats
-    assert st["block_inferences"] == st["unique_edges"] < whole.stats["block_inferences"]
+    assert_search_agrees(cands, FAMILIES[family][2](36, seed=1), torch.arange(36) % 3)

@@ -11,6 +11,7 @@ from torch import nn
 import mm_jupyter as mm
 import search_models
 from mm_jupyter.errors import SearchError
+from mm_jupyter.modelsearch.verify import PROBE_ITEMS, clear_verdicts
 
 
 class Counting(nn.Module):
@@ -146,8 +147,14 @@ def test_a_block_failing_mid_search_names_candidate_and_block(approach: str) -> 
            approach=approach, batch_size=16)
 
 
-def test_probe_runs_one_item_per_candidate_before_the_search() -> None:
-    """The data is checked against every candidate (one item each) before any extraction."""
+def test_probe_runs_before_the_search() -> None:
+    """The data is checked against every candidate before any extraction: the split is verified on
+    the first items (the model's own forward and the composed blocks), then one item gives the
+    block sizes; a second search finds the verdict cached and runs only the one item."""
+    clear_verdicts()
     cands = {"ok": Counting(), "narrow": Counting(inputs=12)}
+    _error(r"candidate 'narrow' cannot take the data", cands, _data())
+    assert cands["ok"].items == 2 * PROBE_ITEMS + 1 and cands["narrow"].items == 0
+    cands["ok"].items = 0
     _error(r"candidate 'narrow' cannot take the data", cands, _data())
     assert cands["ok"].items == 1 and cands["narrow"].items == 0

@@ -234,11 +234,17 @@ def build(name: str, seed: int) -> nn.Module:
 
 def outputs(model: nn.Module, name: str) -> list[str]:
     """Digests of every tensor ``model`` returns on its zoo input (one thread: bit-reproducible)."""
+    return output_digests(model, ZOO[name][1](), name)
+
+
+def output_digests(model: Callable[[Any], Any], x: Any, name: str) -> list[str]:
+    """Digests of every tensor ``model(x)`` returns (tuples, dicts and model outputs walked), on one
+    thread so that a fresh process computes the same bytes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            out: Any = model(ZOO[name][1]())
+            out: Any = model(x)
     finally:
         torch.set_num_threads(threads)
     found: list[torch.Tensor] = []

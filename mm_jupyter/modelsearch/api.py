@@ -138,13 +138,15 @@ def _named(candidates: Any) -> dict[str, Any]:
 
 def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device: str,
              meter: Meter, emit: Callable[[dict[str, Any]], None], costs: bool = False) -> list[Candidate]:
-    """Split every candidate into blocks, run one item through them (the data must fit every
-    candidate before any real work starts), and for sharing hash the blocks. Emits ``prepare``
-    events (candidates done / total, distinct blocks hashed): on large candidates this is the
-    search's first, silent-looking phase. ``costs``: also count each block's work (a distributed
-    search balances its workers by it)."""
+    """Split every candidate into blocks, verified on the first items of the data (``sample``: the
+    probe; a split that does not reproduce a candidate's own features is never used, see
+    ``verify.py``), run one item through them (the data must fit every candidate before any real
+    work starts), and for sharing hash the blocks. Emits ``prepare`` events (candidates done /
+    total, distinct blocks hashed): on large candidates this is the search's first, silent-looking
+    phase. ``costs``: also count each block's work (a distributed search balances its workers by it)."""
     from .blocks import block_costs, output_sizes, split_model
     from .hashing import block_id
+    from .verify import ProbeMismatch
 
     total = len(named)
     emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})
@@ -158,10 +160,15 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     for name, model in named.items():
         model.eval().to(device)
         try:
-            split = split_model(model)
+            split = split_model(model, sample.to(device))
+        except ProbeMismatch as e:  # the data does not fit the model: name the block that fails on it
+            if e.split is not None:
+                output_sizes(e.split, sample[:1].to(device), name)
+            raise SearchError(f"candidate {name!r} cannot take the data (the first {len(sample)} items: shape "
+                              f"{tuple(sample.shape)}, {sample.dtype}): {e}") from None
         except SearchError as e:
             raise SearchError(f"candidate {name!r}: {e}") from None
-        splits[name] = (split, output_sizes(split, sample.to(device), name))
+        splits[name] = (split, output_sizes(split, sample[:1].to(device), name))
     out = []
     ids_of: dict[int, str] = {}
     costs_of: dict[tuple, list[float]] = {}  # work depends on the architecture, not on the weights
@@ -180,7 +187,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
             shape = (tuple(sizes), tuple(tuple((k, tuple(v.shape)) for k, v in b.module.state_dict().items())
                                          for b in split.blocks))
             if shape not in costs_of:
-                costs_of[shape] = block_costs(split, sample.to(device))
+                costs_of[shape] = block_costs(split, sample[:1].to(device))
             work = costs_of[shape]
         out.append(Candidate(name, split.blocks.__getitem__, len(split.blocks), split.context, ids,
                              sizes if shared else None, costs=work))
@@ -324,13 +331,16 @@ def search(
 
     shared = approach == "alsatian"
     # str(): the names are already str (_named); Candidate allows any hashable name
-    cands = {str(c.name): c for c in _prepare(named, x[:1], shared, dev, meter, emit, costs=executor is not None)}
+    from .verify import PROBE_ITEMS
+
+    probe = x[:PROBE_ITEMS]
+    cands = {str(c.name): c for c in _prepare(named, probe, shared, dev, meter, emit, costs=executor is not None)}
     remote = None
     if executor is not None:
         from .distributed import RaySearch
 
         t1 = time.perf_counter()
-        remote = RaySearch(pool, named, list(cands.values()), x[:1], device, shared=shared, batch_size=batch_size,
+        remote = RaySearch(pool, named, list(cands.values()), probe, device, shared=shared, batch_size=batch_size,
                            budget=cache_budget, proxy=proxy, seed=seed)
         meter.add("prepare model", time.perf_counter() - t1)
     try:

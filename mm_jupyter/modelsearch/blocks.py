@@ -6,12 +6,15 @@ cut is chosen at *parameterised* steps: a parameter-free step (activation, pooli
 dropout) has no identity of its own and is merged into the block before it, so two candidates share
 a block exactly when they share its parameters.
 
-Forms, tried in this order: custom models that declare their blocks (``mm_blocks()`` or the
+Methods, tried in this order: custom models that declare their blocks (``mm_blocks()`` or the
 :class:`Blocks` wrapper); ``nn.Sequential``/``nn.ModuleList`` (expanded recursively); Hugging Face
 models by one generic rule (``hf.py``); any other model by tracing its forward (``traced.py``).
+With a probe batch, a split is proven before it is used (``verify.py``): a method whose composed
+blocks do not reproduce the model's own features is never used.
 """
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,11 +27,10 @@ from torch import Tensor, nn
 from ..errors import SearchError, a_type
 
 #: How a block is applied to the previous output ``h`` and the batch context ``ctx``:
-#: ``plain``: ``module(h)``; ``hf-layer``: ``module(h)``, first element if it returns a tuple;
-#: ``hf-masked-layer``: ``module(h, attention_mask=ctx.get("attention_mask"))``, first element of a tuple;
+#: ``plain``: ``module(h)``; ``hf-layer``: ``module(h, **inputs)``, first element if it returns a tuple;
 #: ``hf-grid-layer``: ``module(h, (rows, cols))`` with the token grid of ``h`` (Swin), first element;
 #: ``hf-last-token``: ``module(h)`` at each row's last (non-pad) position.
-CALLS = ("plain", "hf-layer", "hf-masked-layer", "hf-grid-layer", "hf-last-token")
+CALLS = ("plain", "hf-layer", "hf-grid-layer", "hf-last-token")
 
 
 def _first(out: object) -> Tensor:
@@ -42,29 +44,56 @@ def _first(out: object) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class Block:
-    """One step of a feature extractor; ``call`` says how it is applied (it is part of the block id)."""
+    """One step of a feature extractor; ``call`` says how it is applied and ``inputs`` which batch
+    context entries it takes as keyword arguments (``"name"``, or ``"name=entry"`` when the entry is
+    called differently); both are part of the block id."""
 
     module: nn.Module
     call: str = "plain"
+    inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.call not in CALLS:
             raise SearchError(f"unknown block call {self.call!r}; expected one of {', '.join(CALLS)}")
         if not isinstance(self.module, nn.Module):
             raise SearchError(f"a block must be an nn.Module, got {type(self.module).__name__}")
+        if self.inputs and self.call != "hf-layer":
+            raise SearchError(f"only hf-layer blocks take context inputs, not {self.call!r}")
 
     def __call__(self, h: Tensor, ctx: dict[str, Tensor]) -> Tensor:
         if self.call == "plain":
             return self.module(h)
         if self.call == "hf-layer":
-            return _first(self.module(h))
-        if self.call == "hf-masked-layer":
-            return _first(self.module(h, attention_mask=ctx.get("attention_mask")))
+            inputs = {name: context_value(ctx, entry) for name, entry in map(_entry, self.inputs)}
+            return _first(self.module(h, **inputs))
         if self.call == "hf-grid-layer":
             return _first(self.module(h, _grid(ctx["grid"], h.shape[1])))
         out = self.module(h)
         last = ctx.get("last_index")
         return out[:, -1] if last is None else out[torch.arange(out.shape[0], device=out.device), last]
+
+
+def _entry(spec: str) -> tuple[str, str]:
+    name, _, entry = spec.partition("=")
+    return name, entry or name
+
+
+def _constant(value: object) -> object:
+    return tuple(_constant(v) for v in value) if isinstance(value, list) else value
+
+
+def context_value(ctx: dict[str, Tensor], entry: str) -> object:
+    """A context entry: a tensor, a tuple stored as ``entry.0``, ``entry.1``, … (rotary cos and
+    sin), or None when the batch has none (no padding mask); ``#<json>`` is a constant (an int,
+    a tuple of ints: an image's patch grid that the model passes its layers)."""
+    if entry.startswith("#"):
+        return _constant(json.loads(entry[1:]))
+    if entry in ctx:
+        return ctx[entry]
+    parts: list[Tensor] = []
+    while f"{entry}.{len(parts)}" in ctx:
+        parts.append(ctx[f"{entry}.{len(parts)}"])
+    return tuple(parts) if parts else None
 
 
 def _grid(start: Tensor, tokens: int) -> tuple[int, int]:
@@ -83,14 +112,31 @@ def _no_context(raw: Tensor) -> dict[str, Tensor]:
     return {}
 
 
+def _plain_forward(model: nn.Module, raw: Tensor) -> object:
+    return model(raw)
+
+
 @dataclass
 class Split:
-    """A model as feature-extractor blocks (the first receives the raw batch) plus its head."""
+    """A model as feature-extractor blocks (the first receives the raw batch) plus its head.
+
+    ``forward`` runs the model's own forward on a raw batch as the blocks see it (a text model with
+    the padding mask), ``reduce`` picks the features from token-level outputs as the last block does
+    (for the check against a head that reads every token), ``pooler`` is a parameterised pooler
+    the model's classifier applies to these features (BERT; head material, not a feature block),
+    and ``reference`` gives the features the model's family feeds its classifier, for a backbone
+    without one (Hugging Face). ``verify.py`` uses them; ``recipe`` lets a verified split of one
+    architecture be rebuilt for the next model without observing it again."""
 
     blocks: list[Block]
     head: nn.Module | None
     kind: str
     context: Callable[[Tensor], dict[str, Tensor]] = field(default=_no_context)
+    forward: Callable[[nn.Module, Tensor], object] = field(default=_plain_forward, repr=False)
+    reduce: Callable[[Tensor, dict[str, Tensor]], Tensor] | None = field(default=None, repr=False)
+    pooler: nn.Module | None = field(default=None, repr=False)
+    reference: Callable[[Tensor], Tensor | None] | None = field(default=None, repr=False)
+    recipe: object = field(default=None, repr=False)
 
     def modules(self) -> list[nn.Module]:
         """The block modules in order (what the engine moves, hashes and runs)."""
@@ -117,6 +163,27 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
     finally:
         for m, flag in saved:
             m.training = flag
+
+
+@contextmanager
+def fresh_caches(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Containers of tensors that modules fill during a forward (LeViT's ``attention_bias_cache``)
+    emptied for the body and put back afterwards: a trace or a check then computes what they hold
+    from the parameters, and never leaves a symbolic value or a stale entry behind."""
+    saved = []
+    for root in modules:
+        for m in root.modules():
+            for key, value in list(vars(m).items()):
+                if key.startswith("_"):  # nn.Module's own tables (parameters, buffers, hooks)
+                    continue
+                if isinstance(value, dict) and value and all(isinstance(v, Tensor) for v in value.values()):
+                    saved.append((m, key, value))
+                    setattr(m, key, {})
+    try:
+        yield
+    finally:
+        for m, key, value in saved:
+            setattr(m, key, value)
 
 
 def _failed(index: int | None, block: Block | None, exc: BaseException) -> str:
@@ -291,28 +358,61 @@ class ClsToken(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def split_model(model: nn.Module) -> Split:
-    """The block view of ``model``: declared blocks, the Sequential rule, the Hugging Face rule, or
-    else the traced graph (``traced.py``); a SearchError naming the class when it has none."""
+def methods(model: nn.Module) -> list[str]:
+    """The split methods that apply to ``model``, in the order they are tried."""
     if not isinstance(model, nn.Module):
         raise SearchError(f"cannot split {type(model).__name__} into blocks: not an nn.Module")
     if callable(getattr(model, "mm_blocks", None)):
+        first = "declared"
+    elif _is_sequence(model):
+        first = "sequential"
+    elif "transformers" in sys.modules and _is_hf(model):  # a transformers model implies the library is loaded
+        first = "hf"
+    else:
+        return ["traced"]
+    return [first, "traced"]
+
+
+def _is_hf(model: nn.Module) -> bool:
+    import transformers as tf
+
+    return isinstance(model, tf.PreTrainedModel)
+
+
+def split_by(model: nn.Module, method: str, probe: Tensor | None = None, recipe: object = None) -> Split:
+    """``model`` cut by one method (unverified); the Hugging Face rule observes ``probe`` or
+    follows ``recipe`` (a verified split's)."""
+    if method == "declared":
         return _declared(model)
-    if _is_sequence(model):
+    if method == "sequential":
         return _sequential(model)
-    if "transformers" in sys.modules:  # a transformers model implies the library is loaded: never import it here
+    if method == "hf":
         from .hf import split_hf
 
-        split = split_hf(model)
-        if split is not None:
-            return split
+        return split_hf(model, probe, recipe)  # type: ignore[arg-type]
     from .traced import traced_blocks
 
     blocks, head = traced_blocks(model)
     return Split([Block(b) for b in blocks], head, "traced")
 
 
+def split_model(model: nn.Module, probe: Tensor | None = None) -> Split:
+    """The block view of ``model``: declared blocks, the Sequential rule, the Hugging Face rule, or
+    else the traced graph (``traced.py``); a SearchError naming the class when it has none.
+
+    With a ``probe`` batch (what ``mm.search`` passes: the first items of its data) the split is
+    verified: its composed blocks must reproduce the model's own features on the probe, else the
+    next method is tried and, when none does, a SearchError names the block where they diverge
+    (``verify.py``; verdicts are cached per architecture). Hugging Face models are always verified,
+    on a probe made from their config when none is given."""
+    if probe is not None or "hf" in methods(model)[:1]:
+        from .verify import verified_split
+
+        return verified_split(model, probe)
+    return split_by(model, methods(model)[0])
+
+
 __all__ = [
-    "CALLS", "Block", "Blocks", "ClsToken", "Split", "block_failure", "eval_mode", "has_state", "output_sizes",
-    "split_model",
+    "CALLS", "Block", "Blocks", "ClsToken", "Split", "block_failure", "context_value", "eval_mode", "has_state",
+    "methods", "output_sizes", "split_by", "split_model",
 ]

@@ -1,12 +1,12 @@
 """Content ids of blocks: identical blocks of different candidates are recognised (and stored,
 loaded and run once) by a hash of what determines their output.
 
-The id covers the call tag, the module structure (every submodule's class, ``extra_repr()`` and
-scalar hyperparameter attributes, with names relative to the block), the generated code of every
-traced piece (``fx.GraphModule``: its operations, their targets and constants, with canonical
-names) and every parameter and buffer (name relative to the block, dtype, shape, raw bytes).
-Nothing positional enters it, so the same layer, or an identical copy, has the same id at any
-position of any model.
+The id covers the call tag and the context inputs a layer takes, the module structure (every
+submodule's class, ``extra_repr()`` and scalar hyperparameter attributes, with names relative to
+the block), the generated code of every traced piece (``fx.GraphModule``: its operations, their
+targets and constants, with canonical names) and every parameter and buffer (name relative to the
+block, dtype, shape, raw bytes). Nothing positional enters it, so the same layer, or an identical
+copy, has the same id at any position of any model.
 """
 from __future__ import annotations
 
@@ -66,11 +66,24 @@ def _tensor_bytes(name: str, t: torch.Tensor) -> memoryview:
 
 def block_id(block: Block) -> str:
     """sha256 hex id of a block's call, structure and tensors (see the module docstring)."""
+    return _digest(block, True)
+
+
+def block_structure(block: Block) -> str:
+    """sha256 hex of everything ``block_id`` covers except the tensors' bytes: two blocks with the
+    same structure take each other's state (a stored block loaded into a rebuilt skeleton)."""
+    return _digest(block, False)
+
+
+def _digest(block: Block, values: bool) -> str:
     if not isinstance(block, Block):
         raise SearchError(f"block_id takes a Block, got {type(block).__name__}")
     h = hashlib.sha256()
     _put(h, _VERSION)
     _put(h, block.call)
+    if block.inputs:
+        _put(h, "inputs")
+        _put(h, ",".join(block.inputs))
     for name, module in block.module.named_modules():
         cls = type(module)
         _put(h, "module")
@@ -88,7 +101,8 @@ def block_id(block: Block) -> str:
         _put(h, name)
         _put(h, str(t.dtype))
         _put(h, ",".join(map(str, t.shape)))
-        _put(h, _tensor_bytes(name, t))
+        if values:
+            _put(h, _tensor_bytes(name, t))
     return h.hexdigest()
 
 
@@ -97,4 +111,4 @@ def block_ids(blocks: list[Block]) -> list[str]:
     return [block_id(b) for b in blocks]
 
 
-__all__ = ["block_id", "block_ids"]
+__all__ = ["block_id", "block_ids", "block_structure"]

@@ -2,13 +2,22 @@
 
 ``add_candidates(store, models, name)`` splits every model into blocks and writes each distinct
 block (by content id) once into the store's object area — the same area the model sets use, so a
-parameter blob that already exists is never written twice. ``load_candidates(store, name)`` gives
-an object ``mm.search`` accepts; it reads a block's bytes only when a plan step needs that block,
-so Alsatian reads each shared block once while ``base``/``shift`` read every model whole.
+parameter blob that already exists is never written twice (a layer that ALBERT runs at every depth
+is one block, stored once). ``load_candidates(store, name)`` gives an object ``mm.search`` accepts;
+it reads a block's bytes only when a plan step needs that block, so Alsatian reads each shared block
+once while ``base``/``shift`` read every model whole.
+
+Splits are proven on both sides: ``add_candidates`` verifies each split on ``probe`` (Hugging Face
+models on one made from their config when none is given) and records each block's structure (its
+id without the tensor bytes); a search verifies the split of the skeleton it rebuilds from the
+architecture record on its own data, and the skeleton's blocks must have the recorded structures,
+so the stored tensors go into the very blocks they came from.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -48,18 +57,21 @@ def add_candidates(
     models: Sequence["nn.Module"] | Mapping[str, "nn.Module"],
     name: str,
     architectures: Mapping[str, Architecture] | None = None,
+    probe: "torch.Tensor | None" = None,
 ) -> CandidateSetRef:
-    """Store candidates block by block; identical blocks (same content id) are stored once."""
+    """Store candidates block by block; identical blocks (same content id) are stored once.
+    ``probe``: a few input items on which every split is verified before anything is written
+    (Hugging Face models are verified on one made from their config without it)."""
     if not valid_name(name):
         raise SearchError(f"candidate set name {name!r} must be 1-200 letters, digits, spaces, '_', '.', '-'")
     with store.writing(f"candidate set {name!r}"):  # gc waits until the set is committed
-        return _add_candidates(store, models, name, architectures)
+        return _add_candidates(store, models, name, architectures, probe)
 
 
 def _add_candidates(store: "Store", models: Sequence["nn.Module"] | Mapping[str, "nn.Module"], name: str,
-                    architectures: Mapping[str, Architecture] | None) -> CandidateSetRef:
+                    architectures: Mapping[str, Architecture] | None, probe: "torch.Tensor | None") -> CandidateSetRef:
     from .blocks import split_model
-    from .hashing import block_id
+    from .hashing import block_id, block_structure
 
     named = {str(k): v for k, v in models.items()} if isinstance(models, Mapping) else {
         str(i): m for i, m in enumerate(models)}
@@ -72,17 +84,23 @@ def _add_candidates(store: "Store", models: Sequence["nn.Module"] | Mapping[str,
     for cname, model in named.items():
         arch = (architectures or {}).get(cname) or Architecture.infer(model)
         check_rebuilds(arch, model)
-        split = split_model(model)
+        try:
+            split = split_model(model.eval(), probe)
+        except SearchError as e:
+            raise SearchError(f"candidate {cname!r}: {e}") from None
         blocks = []
+        ids: dict[int, tuple[str, str]] = {}  # a block run at several depths is hashed once
         for b in split.blocks:
-            bid = block_id(b)
+            if id(b.module) not in ids:
+                ids[id(b.module)] = block_id(b), block_structure(b)
+            bid, structure = ids[id(b.module)]
             if bid not in written:
                 oid, size, layout, new = _write_module(store, b.module)
                 written[bid] = (oid, size, layout)
                 objects.append(("block", oid, size))
                 new_bytes += size if new else 0
             oid, size, layout = written[bid]
-            blocks.append({"id": bid, "object": oid, "bytes": size, "layout": layout})
+            blocks.append({"id": bid, "structure": structure, "object": oid, "bytes": size, "layout": layout})
         head = None
         if split.head is not None:
             oid, size, layout, new = _write_module(store, split.head)
@@ -93,6 +111,13 @@ def _add_candidates(store: "Store", models: Sequence["nn.Module"] | Mapping[str,
                         "head": head})
     _, version = store.catalog.insert_candidates(name, {"candidates": entries}, new_bytes, objects)
     return CandidateSetRef(name, version)
+
+
+def _probe_key(probe: "torch.Tensor") -> bytes:
+    import torch
+
+    flat = probe.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(f"{probe.dtype}{tuple(probe.shape)}".encode() + flat.numpy().tobytes()).digest()
 
 
 class StoredCandidates:
@@ -108,7 +133,8 @@ class StoredCandidates:
         self.ref = CandidateSetRef(name, v)
         self.entries: list[dict[str, Any]] = manifest["candidates"]
         self.trust_code = store.trust_code if trust_code is None else bool(trust_code)
-        self._skeletons: dict[str, Any] = {}
+        self._skeletons: dict[tuple[str, bytes], Any] = {}
+        self._alive: weakref.WeakValueDictionary[str, nn.Module] = weakref.WeakValueDictionary()
 
     def _build(self, entry: dict[str, Any]) -> "nn.Module":
         """A module of the entry's architecture (recorded code runs only when trusted)."""
@@ -125,15 +151,26 @@ class StoredCandidates:
     def __repr__(self) -> str:
         return f"StoredCandidates({self.ref}, {len(self)} candidates)"
 
-    def _skeleton(self, entry: dict[str, Any]) -> Any:
-        """A built (randomly initialised) model of the entry's architecture, split; built once per
-        distinct architecture and only used for structure: parameters come from the store."""
+    def _skeleton(self, entry: dict[str, Any], probe: "torch.Tensor") -> Any:
+        """A built (randomly initialised) model of the entry's architecture, split and verified on
+        ``probe``; built once per distinct architecture and only used for structure: parameters come
+        from the store. Its blocks must have the structures recorded when the candidate was stored."""
         from .blocks import split_model
+        from .hashing import block_structure
 
-        key = repr(sorted(entry["architecture"].items()))
+        key = (repr(sorted(entry["architecture"].items())), _probe_key(probe))
         if key not in self._skeletons:
-            self._skeletons[key] = split_model(self._build(entry))
-        return self._skeletons[key]
+            try:
+                self._skeletons[key] = split_model(self._build(entry), probe)
+            except SearchError as e:
+                raise SearchError(f"stored candidate {entry['name']!r}: {e}") from None
+        skel = self._skeletons[key]
+        recorded = [b.get("structure") for b in entry["blocks"]]
+        if len(skel.blocks) != len(recorded) or (None not in recorded and recorded != [
+                block_structure(b) for b in skel.blocks]):
+            raise SearchError(f"stored candidate {entry['name']!r} no longer splits like it did when stored "
+                              f"({len(recorded)} blocks then, {len(skel.blocks)} verified blocks now); add it again")
+        return skel
 
     def _load(self, skeleton_module: "nn.Module", record: dict[str, Any]) -> "nn.Module":
         """A block module whose stored tensors are verified zero-copy views of the object (a
@@ -171,10 +208,11 @@ class StoredCandidates:
 
     def engine_candidates(self, sample: "torch.Tensor", shared: bool, device: str,
                           costs: bool = False) -> list["Candidate"]:
-        """Engine view: ids and output sizes from the manifest and a skeleton (no parameter bytes
-        read; the skeleton's one-item forward checks that the data fits); a block's bytes are
-        read when the engine asks for that block. ``costs``: also count each block's work on the
-        skeleton (the same for every candidate of an architecture)."""
+        """Engine view: ids and output sizes from the manifest and a skeleton verified on ``sample``
+        (the probe: no parameter bytes read; the skeleton's one-item forward checks that the data
+        fits); a block's bytes are read when the engine asks for that block, once while a loaded
+        copy is in use. ``costs``: also count each block's work on the skeleton (the same for every
+        candidate of an architecture)."""
         from .blocks import Block, block_costs, output_sizes
         from .engine import Candidate
 
@@ -182,20 +220,23 @@ class StoredCandidates:
         sizes_of: dict[int, list[int]] = {}
         costs_of: dict[int, list[float]] = {}
         for entry in self.entries:
-            skel = self._skeleton(entry)
-            if len(skel.blocks) != len(entry["blocks"]):
-                raise SearchError(f"stored candidate {entry['name']!r} no longer splits like it did when stored")
+            skel = self._skeleton(entry, sample)
             if id(skel) not in sizes_of:  # also the check that the data fits this architecture
-                sizes_of[id(skel)] = output_sizes(skel, sample, entry["name"])
+                sizes_of[id(skel)] = output_sizes(skel, sample[:1], entry["name"])
                 if costs:
-                    costs_of[id(skel)] = block_costs(skel, sample)
+                    costs_of[id(skel)] = block_costs(skel, sample[:1])
 
             def block(i: int, entry: dict[str, Any] = entry, skel: Any = skel) -> Block:
-                module = self._load(skel.blocks[i].module, entry["blocks"][i]).to(device)
-                return Block(module, skel.blocks[i].call)
+                record = entry["blocks"][i]
+                module = self._alive.get(record["id"])
+                if module is None:  # a block still in use at another depth (ALBERT) is not loaded again
+                    module = self._load(skel.blocks[i].module, record).to(device)
+                    self._alive[record["id"]] = module
+                return Block(module, skel.blocks[i].call, skel.blocks[i].inputs)
 
             def nbytes(i: int, entry: dict[str, Any] = entry) -> int:
-                return int(entry["blocks"][i]["bytes"])
+                record = entry["blocks"][i]
+                return 0 if record["id"] in self._alive else int(record["bytes"])
 
             ids = [b["id"] for b in entry["blocks"]] if shared else None
             out.append(Candidate(entry["name"], block, len(entry["blocks"]), skel.context, ids,

@@ -71,13 +71,14 @@ def _where(exc: BaseException) -> str:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """fx graph of ``model`` (traced in eval mode: blocks only ever run inference)."""
-    from .blocks import eval_mode
+    """fx graph of ``model`` (traced in eval mode: blocks only ever run inference; caches of tensors
+    the forward fills are empty while tracing, so the graph computes their content)."""
+    from .blocks import eval_mode, fresh_caches
 
     name = type(model).__name__
     opaque: set[type] = set()
     root = _Root(model)
-    with eval_mode([model]):
+    with eval_mode([model]), fresh_caches([model]):
         while True:
             tracer = _Tracer(frozenset(opaque))
             try:
