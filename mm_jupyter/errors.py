@@ -45,6 +45,10 @@ class ServeError(MMError):
     """A serving request that cannot be answered (bad input, unknown model, full queue, closed server)."""
 
 
+class BenchError(MMError):
+    """A paper benchmark or report that cannot run: malformed paper numbers or results files, a bad option."""
+
+
 __all__ = [
     "MMError",
     "StoreError",
@@ -55,4 +59,5 @@ __all__ = [
     "RecoveryError",
     "SearchError",
     "ServeError",
+    "BenchError",
 ]
