@@ -87,15 +87,19 @@ def test_no_sentence_of_the_paper_is_copied(paper: str) -> None:
     assert not copied, copied
 
 
-def test_admits_follows_the_papers_qualifier() -> None:
-    up_to, more, approx = (P.number(i) for i in ("alsatian.fig10.max_vs_shift", "alsatian.fig17.vs_base",
-                                                  "mmm.fig3.u1_parameter_mb"))
-    assert up_to.admits(3.4) and up_to.admits(10.7) and not up_to.admits(11.0)
-    assert up_to.admits(11.0, tolerance=0.05)
-    assert more.admits(20.0) and not more.admits(13.0) and more.admits(13.0, tolerance=0.1)
-    assert approx.admits(99.86, tolerance=0.01) and not approx.admits(90.0, tolerance=0.05)
+def test_matches_follows_the_papers_qualifier() -> None:
+    up_to, more, approx, less = (P.number(i) for i in ("alsatian.fig10.max_vs_shift", "alsatian.fig17.vs_base",
+                                                        "mmm.fig3.u1_parameter_mb", "alsatian.sec43.feature_kb"))
+    # "up to 10.7x" is the largest speed-up seen: reproduced by reaching it, within the tolerance
+    assert up_to.matches(10.7) and not up_to.matches(3.4) and not up_to.matches(11.0)
+    assert up_to.matches(11.0, tolerance=0.05) and up_to.matches(9.0, tolerance=0.2)
+    assert more.matches(20.0) and not more.matches(13.0) and more.matches(13.0, tolerance=0.1)
+    assert less.matches(2.0) and not less.matches(12.0) and less.matches(10.5, tolerance=1.0, absolute=True)
+    assert approx.matches(99.86, tolerance=0.01) and not approx.matches(90.0, tolerance=0.05)
+    assert approx.matches(99.5, tolerance=0.5, absolute=True) and not approx.matches(99.3, tolerance=0.5,
+                                                                                     absolute=True)
     rng = P.number("alsatian.fig10.top50_2000")
-    assert rng.admits(3.5) and not rng.admits(2.5) and rng.admits(2.9, tolerance=0.05) and rng.centre == 3.5
+    assert rng.matches(3.5) and not rng.matches(2.5) and rng.matches(2.9, tolerance=0.05) and rng.centre == 3.5
 
 
 GOOD = """

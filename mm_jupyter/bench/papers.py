@@ -77,18 +77,19 @@ class PaperNumber:
         unit = self.unit if self.unit in ("x", "%", "x faster") else f" {self.unit}"
         return f"{RELATIONS[self.relation]}{body}{unit}"
 
-    def admits(self, ours: float, tolerance: float = 0.0) -> bool:
-        """Whether ``ours`` agrees with the number as qualified: within ``tolerance`` (relative) of a value
-        (``=``, ``~``) or range; not above ``up to`` / ``less than`` (plus tolerance); not below
-        ``more than`` (minus tolerance)."""
+    def matches(self, ours: float, tolerance: float = 0.0, absolute: bool = False) -> bool:
+        """Whether ``ours`` reproduces the number as the paper qualifies it, ``tolerance`` relative (or in
+        the number's unit with ``absolute``): ``=``, ``~`` and ``up to`` (a largest value seen) within the
+        tolerance of the value or range; ``more than`` not below it, ``less than`` not above it."""
         lo = self.low if self.is_range else self.value
         hi = self.high if self.is_range else self.value
         assert lo is not None and hi is not None
-        if self.relation in ("up to", "less than"):
-            return ours <= hi * (1 + tolerance)
+        lo_w, hi_w = (lo - tolerance, hi + tolerance) if absolute else (lo * (1 - tolerance), hi * (1 + tolerance))
         if self.relation == "more than":
-            return ours >= lo * (1 - tolerance)
-        return lo * (1 - tolerance) <= ours <= hi * (1 + tolerance)
+            return ours >= lo_w
+        if self.relation == "less than":
+            return ours <= hi_w
+        return lo_w <= ours <= hi_w
 
 
 def _number(raw: dict[str, Any], position: int) -> PaperNumber:
