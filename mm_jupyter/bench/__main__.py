@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
@@ -561,6 +562,49 @@ def add_alsatian(sub: Any) -> None:
     add_parser(sub, format_table, _say)
 
 
+# -- gpu (scripts/gpu_check.sh) ---------------------------------------------------------------------------
+def add_gpu(sub: Any) -> None:
+    from .gpu import DEFAULT_OUT
+
+    p = sub.add_parser("gpu", help="the GPU check: CUDA tests, transfer vs recompute, Fig. 10 on the device",
+                       description="What scripts/gpu_check.sh runs once the dependencies are installed.")
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu (with --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="every step at a tiny size (4 candidates, 128 items)")
+    p.add_argument("--no-tests", action="store_true", help="skip tests/test_gpu.py")
+    p.add_argument("--tests-k", default=None, help="only the tests of tests/test_gpu.py matching this -k expression")
+    p.add_argument("--requirements", action="store_true",
+                   help="print what the check needs installed (a requirements file) and exit")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    p.set_defaults(func=cmd_gpu)
+
+
+def cmd_gpu(args: argparse.Namespace) -> int:
+    from .gpu import requirements, run_gpu_check
+
+    if args.requirements:
+        print("\n".join(requirements()))
+        return 0
+    doc = run_gpu_check(args.device, dry_run=args.dry_run, out=args.out, tests=not args.no_tests,
+                        select=args.tests_k, progress=_say)
+    env = doc["environment"]
+    print(f"gpu check on {env['device_name']} ({args.device}; torch {env['torch']}, CUDA {env['cuda']})"
+          + (" - DRY RUN at a tiny size" if args.dry_run else ""))
+    if "tests" in doc:
+        print(f"tests/test_gpu.py: rc {doc['tests']['rc']}, {doc['tests']['counts']}")
+    if "transfer" in doc:
+        t = doc["transfer"]
+        print(f"Sec. 4.1: one block {t['block_ms']:.3f} ms vs moving its input {t['transfer_ms']:.3f} ms ({t['what']})")
+    c = doc["fig10"]["config"]
+    print(f"Fig. 10: {c['models']} x {c['arch']} ({c['distribution']}), {c['items']} items:")
+    print(format_table(doc["fig10"]["rows"], [("approach", "approach", "str"), ("seconds", "median s", "s"),
+                                              ("vs_base", "vs base", "x"), ("vs_shift", "vs shift", "x"),
+                                              ("t_inference", "inference s", "s"),
+                                              ("block_inferences", "block inf.", "str"),
+                                              ("ranking_matches_shift", "ranking == shift", "str")]))
+    print(f"results: {Path(args.out) / 'gpu_check.json'}, {doc['fig10']['file']}")
+    return 0 if doc["ok"] else 1
+
+
 # -- report (docs/reproduction.md from the results files) -------------------------------------------------
 def add_report(sub: Any) -> None:
     p = sub.add_parser("report", help="docs/reproduction.md: every claim of both papers beside our results",
@@ -572,8 +616,6 @@ def add_report(sub: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .reproduction import STATUSES, Results, evaluate, report
 
     folder = Path(args.results)
@@ -593,7 +635,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving,
-                                         add_partition, add_alsatian, add_report]
+                                         add_partition, add_alsatian, add_gpu, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -606,10 +648,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..errors import MMError
+
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    code = args.func(args)
-    print(f"[{args.command} finished in {time.perf_counter() - t0:.1f} s]")
+    try:
+        code = args.func(args)
+    except MMError as e:  # bad input or a machine that cannot run it: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not getattr(args, "requirements", False):  # a requirements file is read by pip: nothing else on stdout
+        print(f"[{args.command} finished in {time.perf_counter() - t0:.1f} s]")
     return code
 
 

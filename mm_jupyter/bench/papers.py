@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import BenchError
 
@@ -163,12 +163,3 @@ def paper_info() -> dict[str, dict[str, str]]:
     """Per paper: title, file, software and hardware as the papers describe them."""
     text = resources.files(__package__).joinpath("paper_numbers.toml").read_text(encoding="utf-8")
     return {k: dict(v) for k, v in tomllib.loads(text).get("paper", {}).items()}
-
-
-def artefacts(paper: str) -> list[str]:
-    """The artefacts of a paper that carry numbers, in file order."""
-    return list(dict.fromkeys(n.artefact for n in numbers(paper)))
-
-
-def ids(items: Iterable[PaperNumber]) -> list[str]:
-    return [n.id for n in items]

@@ -244,19 +244,16 @@ def _alsa(figure: str, measure: Callable[[dict[str, Any]], tuple[float | None, s
     return run
 
 
-def _timing_rows(doc: dict[str, Any], **match: Any) -> dict[str, dict[str, Any]]:
-    return {r["approach"]: r for r in doc["rows"] if all(r.get(k) == v for k, v in match.items())}
-
-
 # -- MMM ---------------------------------------------------------------------------------------
 
 
 PAPER_MODELS = 5000
 
 
-def _u1_params(path: str, doc: dict[str, Any]) -> tuple[float, str, bool]:
+def _u1_params(path: str, doc: dict[str, Any]) -> tuple[float, str, bool] | None:
     r = _by(doc, 0, "baseline") or _by(doc, 0, "limit")
-    assert r is not None
+    if r is None:
+        return None
     mb = r["parameter_bytes"] / r["models"] * PAPER_MODELS / 1e6
     return mb, f"{mb:.2f} MB per 5,000 models ({r['parameter_bytes'] // r['models']:,} B per model)", True
 
