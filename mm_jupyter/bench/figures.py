@@ -20,7 +20,11 @@ from . import papers
 from .bottleneck import PHASES
 
 COLOURS = {"base": "#9E9E9E", "shift": "#F58518", "alsatian": "#4C78A8", "mmlib-base": "#9E9E9E",
-           "baseline": "#4C78A8", "update": "#54A24B", "provenance": "#E45756", "limit": "#BAB0AC"}
+           "baseline": "#4C78A8", "update": "#54A24B", "provenance": "#E45756", "limit": "#BAB0AC",
+           "alsatian vs base": "#2E7D32", "alsatian vs shift": "#C62828", "shift vs base": "#B279A2",
+           "prepare data": "#66C2A5", "prepare model": "#FC8D62", "inference": "#8DA0CB", "proxy": "#E78AC3",
+           "planning": "#A6D854", "ours": "#72B7B2", "ours, full width": "#72B7B2", "ours (measured)": "#72B7B2",
+           "ours (store read at 200 MB/s)": "#9D755D", "saving (TTS)": "#72B7B2", "recovering (TTR)": "#9D755D"}
 PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D", "#BAB0AC")
 PAPER_COLOUR = "#111111"
 
@@ -46,7 +50,7 @@ def paper_series(name: str, points: Sequence[tuple[Any, str]], scale: float = 1.
     return Series(name, [x for x, _ in nums], [scale * n.centre for _, n in nums],
                   [scale * (n.low if n.is_range else n.centre) for _, n in nums],  # type: ignore[operator]
                   [scale * (n.high if n.is_range else n.centre) for _, n in nums],  # type: ignore[operator]
-                  paper=True, labels=[n.text() for _, n in nums])
+                  paper=True, labels=[n.text(short=True) for _, n in nums])
 
 
 @dataclass
@@ -73,7 +77,10 @@ class Panel:
 
 
 def colour(name: str, i: int) -> str:
-    """Fixed colours for the approaches (also inside labels such as 'alsatian 25%'), else the palette."""
+    """Fixed colours for the approaches, phases and comparisons (a variant of an approach such as 'alsatian
+    25%' gets a colour of its own), else the palette."""
+    if name in COLOURS:
+        return COLOURS[name]
     for key, c in COLOURS.items():
         if name == key or name.startswith(f"{key} "):
             return c if name == key else PALETTE[(i + 2) % len(PALETTE)]
@@ -114,11 +121,13 @@ class PaperChart:
                 if s.lo is not None and s.hi is not None:
                     err = {"type": "data", "symmetric": False, "array": [h - y for h, y in zip(s.hi, s.y)],
                            "arrayminus": [y - lo for y, lo in zip(s.y, s.lo)], "thickness": 1}
-                common = {"name": s.name, "legendgroup": s.name, "showlegend": s.name not in seen,
+                common = {"name": s.name, "legendgroup": s.name,
+                          "showlegend": s.name not in seen and len(panel.series) > 1,
                           "x": [str(x) for x in s.x] if panel.kind != "line" else s.x, "y": s.y}
-                seen.add(s.name)
+                if len(panel.series) > 1:
+                    seen.add(s.name)
                 if s.paper:
-                    fig.add_scatter(mode="markers+text", text=s.labels, textposition="middle right",
+                    fig.add_scatter(mode="markers+text", text=s.labels, textposition="top center",
                                     textfont={"size": 10, "color": PAPER_COLOUR}, error_y=err, **common,
                                     marker={"symbol": "diamond", "size": 10, "color": "white",
                                             "line": {"color": PAPER_COLOUR, "width": 2}}, row=r, col=c)
@@ -160,8 +169,9 @@ class PaperChart:
                     h = ax.errorbar(xs, s.y, yerr=yerr, fmt="D", color=PAPER_COLOUR, mfc="white", ms=6,
                                     capsize=3, zorder=5)
                     for x, y, label in zip(xs, s.y, s.labels or []):
-                        ax.annotate(label, (x, y), xytext=(5, 0), textcoords="offset points", fontsize=6,
-                                    va="center", color=PAPER_COLOUR)
+                        ax.annotate(label, (x, y), xytext=(0, 6), textcoords="offset points", fontsize=6,
+                                    ha="center", va="bottom", color=PAPER_COLOUR)
+                    ax.margins(y=0.18)  # room above the highest marker for its label
                 elif panel.kind == "line":
                     h = ax.errorbar(s.x, s.y, yerr=yerr, marker="o", color=colour(s.name, i), capsize=2)
                 else:
@@ -177,10 +187,12 @@ class PaperChart:
                         xs = [p + shift for p in pos]
                         h = ax.bar(xs, s.y, width, color=colour(s.name, i), yerr=yerr, capsize=2,
                                    error_kw={"elinewidth": 0.8})
-                        if sum(len(t.y) for t in ours) <= 12:  # values on the bars while they fit
+                        # values on the bars while they fit (not where the paper's labels sit)
+                        if sum(len(t.y) for t in ours) <= 12 and len(ours) == len(panel.series):
                             ax.bar_label(h, labels=[f"{y:.3g}" for y in s.y], fontsize=6, padding=1)
                             ax.margins(y=0.12)  # room above the tallest bar's label
-                handles.setdefault(s.name, h)
+                if len(panel.series) > 1:  # a panel of one quantity needs no legend entry
+                    handles.setdefault(s.name, h)
             if panel.kind != "line":
                 ax.set_xticks(range(len(cats)), cats, fontsize=7, rotation=20 if len(cats) > 3 else 0)
             for log, axis, scale in ((panel.log_y, ax.yaxis, ax.set_yscale), (panel.log_x, ax.xaxis, ax.set_xscale)):
@@ -308,10 +320,10 @@ def _fig5_panels(rows: Sequence[dict[str, Any]]) -> list[Panel]:
         modelled.append(100 * r["share_prepare model (200 MB/s)"])
         points.append((cat, stated[(r["arch"], cached)]))
     if cats:
-        panels.append(Panel("share of prepare model: ours vs the paper", "model, panel", "share (%)",
+        panels.append(Panel("share of prepare model: ours vs the paper's (GPU)", "model, panel", "share (%)",
                             [Series("ours (measured)", cats, measured),
                              Series("ours (store read at 200 MB/s)", cats, modelled),
-                             paper_series("paper (GPU)", points)]))
+                             paper_series("paper", points)]))
     return panels
 
 
@@ -322,9 +334,8 @@ def _fig10_panels(rows: Sequence[dict[str, Any]], items: int) -> list[Panel]:
         panels.append(_time_panel(f"{arch}: per distribution ({items} items)", "distribution",
                                   _timing(sel, "distribution")))
         speed = _speedups(sel, "distribution") + [
-            paper_series("paper (2,000 items, GPU)", [(d, i) for d, i in FIG10_PAPER.items()
-                                                      if d in {r["distribution"] for r in sel}])]
-        panels.append(_speed_panel(f"{arch}: alsatian's speed-up", "distribution", speed))
+            paper_series("paper", [(d, i) for d, i in FIG10_PAPER.items() if d in {r["distribution"] for r in sel}])]
+        panels.append(_speed_panel(f"{arch}: alsatian's speed-up (paper: 2,000 items, GPU)", "distribution", speed))
         sel = sorted((r for r in rows if r["arch"] == arch and r["distribution"] == "top-layers"),
                      key=lambda r: r["items"])
         panels.append(_time_panel(f"{arch}: per dataset size (top-layers)", "items", _timing(sel, "items"), "line"))
@@ -351,9 +362,9 @@ def alsatian_chart(art: Any) -> PaperChart:
             sel = [r for r in rows if r["modality"] == modality]
             panels.append(_time_panel(f"{modality} models ({sel[0]['models']} candidates)", "approach",
                                       _timing(sel, "approach")))
-        speed = _speedups(rows, "modality") + [paper_series("paper (~500 HF models, GPU)", [
-            ("image", "alsatian.fig15.speedup_2000")])]
-        panels.append(_speed_panel("alsatian's speed-up (paper: 2,000 items)", "modality", speed))
+        speed = _speedups(rows, "modality") + [paper_series("paper", [("image", "alsatian.fig15.speedup_2000")])]
+        panels.append(_speed_panel("alsatian's speed-up (paper: ~500 HF models, 2,000 items, GPU)", "modality",
+                                   speed))
     elif fig == "fig16":
         panels.append(_time_panel("search time by cache budget (share of C_min)", "approach / budget",
                                   _timing(rows, "approach")))
@@ -365,9 +376,9 @@ def alsatian_chart(art: Any) -> PaperChart:
             sel = [r for r in rows if r["items"] == n]
             panels.append(_time_panel(f"BERT, {n} items", "distribution", _timing(sel, "distribution")))
         first = [r for r in rows if r["items"] == rows[0]["items"]]
-        speed = _speedups(first, "distribution") + [paper_series("paper (35 BERT, 2,000 items, GPU)", [
-            ("top-layers", "alsatian.fig17.vs_base")])]
-        panels.append(_speed_panel(f"alsatian's speed-up ({first[0]['items']} items)", "distribution", speed))
+        speed = _speedups(first, "distribution") + [paper_series("paper", [("top-layers", "alsatian.fig17.vs_base")])]
+        panels.append(_speed_panel(f"alsatian's speed-up, {first[0]['items']} items (paper: 35 BERT, 2,000 items, "
+                                   "best distribution, GPU)", "distribution", speed))
     else:
         raise ValueError(f"no chart for artefact {fig!r}")
     return PaperChart(art.title, panels, text=_checks_text(art))
@@ -379,11 +390,10 @@ def search_chart(rows: Sequence[dict[str, Any]], items: int, title: str) -> Pape
     and the breakdown of the time (Fig. 11)."""
     by_dist = [r for r in rows if r["items"] == items]
     speed = _speedups(by_dist, "distribution") + [
-        paper_series("paper (2,000 items, GPU)", [(d, i) for d, i in FIG10_PAPER.items()
-                                                  if d in {r["distribution"] for r in by_dist}])]
+        paper_series("paper", [(d, i) for d, i in FIG10_PAPER.items() if d in {r["distribution"] for r in by_dist}])]
     shift = [r for r in by_dist if r["approach"] == "shift"]
     speed.append(Series("shift vs base", [r["distribution"] for r in shift], [float(r["vs_base"]) for r in shift]))
-    halving = paper_series("paper: shift vs base (2,000 items)",
+    halving = paper_series("paper",
                            [(r["distribution"], "alsatian.fig10.shift_vs_base_2000")
                             for r in shift])
     halving.y = [1 + y for y in halving.y]  # "0.3x faster" is a speed-up of 1.3
@@ -393,13 +403,12 @@ def search_chart(rows: Sequence[dict[str, Any]], items: int, title: str) -> Pape
     size_speed = _speedups(by_size, "items", vs=("base",))
     panels = [_time_panel(f"search time per distribution ({items} items)", "distribution",
                           _timing(by_dist, "distribution")),
-              _speed_panel(f"speed-ups ({items} items)", "distribution", speed),
+              _speed_panel(f"speed-ups, {items} items (paper: 2,000 items, GPU)", "distribution", speed),
               _time_panel("search time per dataset size (top-layers)", "items", _timing(by_size, "items"), "line"),
-              _speed_panel("alsatian vs base per dataset size (top-layers)", "items", size_speed + [
-                  paper_series("paper (GPU)", [(str(min(r["items"] for r in by_size)),
-                                                "alsatian.fig10.vs_base_toplayers_2000"),
-                                               (str(max(r["items"] for r in by_size)),
-                                                "alsatian.fig10.vs_base_toplayers_8000")])])]
+              # the paper's values at the paper's dataset sizes (a size we did not run is a category of its own)
+              _speed_panel("alsatian vs base per dataset size, top-layers (paper: GPU)", "items", size_speed + [
+                  paper_series("paper", [(2000, "alsatian.fig10.vs_base_toplayers_2000"),
+                                         (8000, "alsatian.fig10.vs_base_toplayers_8000")])])]
     for d in dict.fromkeys(r["distribution"] for r in by_dist):
         sel = [r for r in by_dist if r["distribution"] == d]
         parts = ("prepare data", "prepare model", "inference", "proxy", "planning")
@@ -418,48 +427,53 @@ def _per_paper_set(row: dict[str, Any], key: str = "bytes") -> float:
     return row[key] / row["models"] * papers.number("mmm.setup.models").centre / 1e6
 
 
-def mmm_storage_paper() -> dict[tuple[str, str], tuple[float, str]]:
-    """The paper's Fig. 3 values that its text states or implies, per (approach, use case): MB of a
-    5,000-model FFNN-48 set and how the value follows from the text."""
+def mmm_storage_paper() -> dict[tuple[str, str], float]:
+    """The paper's Fig. 3 values that its text states or implies, per (approach, use case), in MB of a
+    5,000-model FFNN-48 set: U1 is 99.9 MB of parameters plus ~4 KB (Baseline, Provenance) or 40.4 MB
+    (MMlib-base); U3 leaves those two unchanged, Update is 86% and Provenance 99.84% below Baseline."""
     params = papers.number("mmm.fig3.u1_parameter_mb").centre
     mmlib = params + papers.number("mmm.fig3.mmlib_overhead_mb").centre
     base = params + papers.number("mmm.fig3.baseline_overhead_kb").centre / 1000
     update = base * (1 - papers.number("mmm.fig3.update_vs_baseline").centre / 100)
     prov = base * (1 - papers.number("mmm.fig3.provenance_vs_baseline").centre / 100)
-    return {("mmlib-base", "U1"): (mmlib, "99.9 MB of parameters + 40.4 MB"),
-            ("baseline", "U1"): (base, "99.9 MB + ~4 KB"), ("provenance", "U1"): (base, "as Baseline"),
-            ("mmlib-base", "U3"): (mmlib, "unchanged from U1"), ("baseline", "U3"): (base, "unchanged from U1"),
-            ("update", "U3"): (update, "86% below Baseline"), ("provenance", "U3"): (prov, "99.84% below Baseline")}
+    return {("mmlib-base", "U1"): mmlib, ("baseline", "U1"): base, ("provenance", "U1"): base,
+            ("mmlib-base", "U3"): mmlib, ("baseline", "U3"): base, ("update", "U3"): update,
+            ("provenance", "U3"): prov}
 
 
 def mmm_chart(rows: Sequence[dict[str, Any]], arch: str = "ffnn48") -> PaperChart:
-    """Figs. 3-5 for one use case from ``modelsets`` rows: storage per version scaled to the paper's
-    5,000 models beside the paper's values, Baseline's TTS and TTR speed-ups over MMlib-base beside the
-    paper's "> 10x", and the TTR staircase (TTR of each U3 version over the first) beside the paper's
-    6 h / 12 h / 18 h."""
+    """Figs. 3-5 for one use case from ``modelsets`` rows: storage per version; ours beside the paper's
+    stated storage (scaled to its 5,000 models); Baseline's TTS and TTR speed-ups over MMlib-base beside the
+    paper's "> 10x"; the TTR staircase (each U3 version over the first) beside the paper's 6 h / 12 h / 18 h."""
     sel = [r for r in rows if r["arch"] == arch and r["approach"] != "limit"]
     n = sel[0]["models"]
     label = {0: "U1"} | {s: f"U3-{s}" for s in {r["step"] for r in sel} if s}
     approaches = list(dict.fromkeys(r["approach"] for r in sel))
     storage = [Series(a, [label[r["step"]] for r in sel if r["approach"] == a],
                       [_per_paper_set(r) for r in sel if r["approach"] == a]) for a in approaches]
-    # the paper's values (one marker per approach at U1 and at the first U3 version; the label names it)
-    first = {kind: next((c for c in label.values() if c.startswith(kind)), None) for kind in ("U1", "U3")}
-    pts = [(first[k], a, v) for (a, k), (v, _) in mmm_storage_paper().items() if first[k] and a in approaches]
-    storage.append(Series("paper (5,000 x FFNN-48)", [c for c, _, _ in pts], [v for _, _, v in pts],
-                          [v for _, _, v in pts], [v for _, _, v in pts], paper=True,
-                          labels=[f"{a} {v:.3g} MB" for _, a, v in pts]))
-    panels = [Panel(f"storage per version, per 5,000 models (ours: {n:,} x {arch}) - Fig. 3", "version",
-                    "MB (log scale)", storage, log_y=True)]
+    panels = [Panel(f"Fig. 3: storage per version ({n:,} x {arch}, per 5,000 models)", "version", "MB", storage,
+                    log_y=True)]
+    # ours beside the paper's, one category per value the text states (U3: the mean over the U3 versions)
+    cats, ours, paper_y, paper_labels = [], [], [], []
+    for (a, kind), value in mmm_storage_paper().items():
+        mine = [_per_paper_set(r) for r in sel if r["approach"] == a and (r["step"] == 0) == (kind == "U1")]
+        if mine:
+            cats.append(f"{a}, {kind}")
+            ours.append(sum(mine) / len(mine))
+            paper_y.append(value)
+            paper_labels.append(f"{value:.3g} MB")
+    panels.append(Panel("Fig. 3: ours vs the paper's stated storage, MB per 5,000 FFNN-48", "approach, use case",
+                        "MB", [Series("ours", cats, ours),
+                               Series("paper", cats, paper_y, paper_y, paper_y, paper=True, labels=paper_labels)],
+                        log_y=True))
     speed_series = []
     base_rows = [r for r in sel if r["approach"] == "baseline"]
-    for key, name in (("mmlib_tts_speedup", "TTS: mmlib-base / baseline"),
-                      ("mmlib_ttr_speedup", "TTR: mmlib-base / baseline")):
+    for key, name in (("mmlib_tts_speedup", "saving (TTS)"), ("mmlib_ttr_speedup", "recovering (TTR)")):
         if all(r.get(key) for r in base_rows):
             speed_series.append(Series(name, [label[r["step"]] for r in base_rows], [float(r[key]) for r in base_rows]))
-    speed_series.append(paper_series("paper: more than 10x", [("U1", "mmm.abstract.baseline_speedup")]))
-    panels.append(Panel("Baseline vs MMlib-base - Figs. 4-5", "version", "times faster (x)", speed_series,
-                        log_y=True))
+    speed_series.append(paper_series("paper", [("U1", "mmm.abstract.baseline_speedup")]))
+    panels.append(Panel("Figs. 4-5: Baseline's speed-up over MMlib-base", "version", "times faster (x)",
+                        speed_series, log_y=True))
     stair = []
     for a in ("update", "provenance"):
         u3 = sorted((r for r in sel if r["approach"] == a and r["step"] > 0), key=lambda r: r["step"])
@@ -468,11 +482,10 @@ def mmm_chart(rows: Sequence[dict[str, Any]], arch: str = "ffnn48") -> PaperChar
     hours = papers.number("mmm.fig5.real_ttr_u3_1").centre
     steps = [(f"U3-{i}", f"mmm.fig5.real_ttr_u3_{i}") for i in (1, 2, 3) if f"U3-{i}" in label.values()]
     if stair and steps:
-        ps = paper_series("paper: provenance, real training", steps, scale=1 / hours)
-        ps.labels = [papers.number(i).text() for _, i in steps]
+        ps = paper_series("paper", steps, scale=1 / hours)
+        ps.labels = [f"provenance {papers.number(i).text()}" for _, i in steps]
         stair.append(ps)
-    panels.append(Panel("TTR staircase: each U3 version over the first - Fig. 5", "version",
+    panels.append(Panel("Fig. 5: TTR of each U3 version over the first (paper: real retraining)", "version",
                         "TTR / TTR of U3-1", stair, "line"))
     return PaperChart(f"Efficient Multi-Model Management, {arch}: ours beside the paper's stated values",
-                      panels, cols=3)
-
+                      panels, cols=2)

@@ -68,13 +68,18 @@ class PaperNumber:
         assert self.low is not None and self.high is not None
         return (self.low + self.high) / 2
 
-    def text(self) -> str:
-        """As the paper qualifies it: ``~99.9 MB``, ``up to 10.7x``, ``3-4x``, ``> 13.8x``."""
+    def text(self, short: bool = False) -> str:
+        """As the paper qualifies it: ``~99.9 MB``, ``up to 10.7x``, ``3-4x``, ``> 13.8x``; ``short`` (figure
+        labels): millions as ``306.5 M`` and counts without their unit."""
         def num(v: float) -> str:
+            if short and abs(v) >= 1e6:
+                return f"{v / 1e6:.4g} M"
             return f"{v:,.0f}" if float(v).is_integer() and abs(v) >= 1000 else f"{v:g}"
 
         body = f"{num(self.low)}-{num(self.high)}" if self.is_range else num(self.centre)  # type: ignore[arg-type]
         unit = self.unit if self.unit in ("x", "%", "x faster") else f" {self.unit}"
+        if short and self.unit in ("parameters", "models", "items"):
+            unit = ""
         return f"{RELATIONS[self.relation]}{body}{unit}"
 
     def matches(self, ours: float, tolerance: float = 0.0, absolute: bool = False) -> bool:
