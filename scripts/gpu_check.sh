@@ -5,14 +5,16 @@
 #   scripts/gpu_check.sh [--device cuda|cuda:N|cpu] [--dry-run] [--wheels DIR] [--out DIR] [--tests-k EXPR]
 #
 # 1. Dependencies. If the Python given ($PYTHON, else python3) already imports torch and the check's other
-#    packages, it is used as it is. Otherwise a virtual environment (.gpu-venv) is made and filled from a
-#    folder of wheels (--wheels DIR, default ./wheels): pip install --no-index --find-links DIR, so nothing is
-#    fetched from the network. Build that folder on a machine with internet and the same OS, Python version
-#    and architecture (pip's own configuration picks the index: set PIP_EXTRA_INDEX_URL for a CUDA build of
-#    torch):
+#    packages, it is used as it is. Otherwise a virtual environment ($MM_JUPYTER_GPU_VENV, default .gpu-venv)
+#    is made and filled from a folder of wheels (--wheels DIR, default ./wheels): pip install --no-index
+#    --find-links DIR, so nothing is fetched from the network (a Python without pip in its venvs is
+#    bootstrapped from the folder's pip wheel). Build that folder on a machine with internet and the same OS,
+#    Python version and architecture (pip's own configuration picks the index: set PIP_EXTRA_INDEX_URL for a
+#    CUDA build of torch):
 #        python -m mm_jupyter.bench gpu --requirements > gpu-requirements.txt
-#        pip download --dest wheels -r gpu-requirements.txt
-#    and carry it beside the repository. mm_jupyter itself is pure Python and runs from this checkout.
+#        pip download --dest wheels pip -r gpu-requirements.txt
+#    and carry it beside the repository ($MM_JUPYTER_GPU_REQUIREMENTS names another requirements file, e.g.
+#    pinned versions). mm_jupyter itself is pure Python and runs from this checkout.
 # 2. python -m mm_jupyter.bench gpu: tests/test_gpu.py on the device (rankings, features against the CPU's,
 #    live halving progress while the device scores, cache budgets, synchronised timings), Sec. 4.1's
 #    transfer-vs-recompute measurement, and Fig. 10 (ResNet-18, top-layers, 35 candidates, 2,000 items,
@@ -38,7 +40,7 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --tests-k) TESTS_K=$2; shift 2 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,20 +58,28 @@ if ! command -v "$PY" >/dev/null; then
 fi
 echo "gpu_check: device $DEVICE, $($PY --version 2>&1), repository $ROOT$([ $DRY = 1 ] && echo ', DRY RUN')"
 
+VENV=${MM_JUPYTER_GPU_VENV:-$ROOT/.gpu-venv}
 REQ=$(mktemp)
 trap 'rm -f "$REQ"' EXIT
-"$PY" -m mm_jupyter.bench gpu --requirements > "$REQ"
+if [ -n "${MM_JUPYTER_GPU_REQUIREMENTS:-}" ]; then
+  cp "$MM_JUPYTER_GPU_REQUIREMENTS" "$REQ"
+else  # read from pyproject.toml by the package's own code, which needs nothing but Python here
+  "$PY" -c 'from mm_jupyter.bench.gpu import requirements; print("\n".join(requirements()))' > "$REQ"
+fi
 
-if "$PY" - <<'EOF' 2>/dev/null
+present() {  # does this Python import everything the check needs?
+  "$1" - <<'EOF' 2>/dev/null
 import importlib
 for name in ("torch", "numpy", "pandas", "safetensors", "transformers", "pytest", "IPython", "ipywidgets", "plotly"):
     importlib.import_module(name)
 EOF
-then
+}
+
+if present "$PY"; then
   echo "dependencies: present in $PY"
-  [ $DRY = 1 ] && echo "(a machine without them would run: $PY -m venv .gpu-venv && .gpu-venv/bin/pip install --no-index --find-links $WHEELS -r <requirements: $(tr '\n' ' ' < "$REQ")>)"
+  [ $DRY = 1 ] && echo "(a machine without them would run: $PY -m venv $VENV && $VENV/bin/python -m pip install --no-index --find-links $WHEELS -r <requirements: $(tr '\n' ' ' < "$REQ")>)"
 elif [ $DRY = 1 ]; then
-  echo "would run: $PY -m venv .gpu-venv && .gpu-venv/bin/pip install --no-index --find-links $WHEELS -r <$(tr '\n' ' ' < "$REQ")>"
+  echo "would run: $PY -m venv $VENV && $VENV/bin/python -m pip install --no-index --find-links $WHEELS -r <$(tr '\n' ' ' < "$REQ")>"
   echo "error: a dry run needs the dependencies present" >&2
   exit 2
 else
@@ -77,13 +87,22 @@ else
     echo "error: the dependencies are missing and there is no wheel folder $WHEELS (no internet here)." >&2
     echo "  Build one where there is internet (same OS, Python and architecture) and carry it here:" >&2
     echo "    python -m mm_jupyter.bench gpu --requirements > gpu-requirements.txt" >&2
-    echo "    pip download --dest wheels -r gpu-requirements.txt   # PIP_EXTRA_INDEX_URL for CUDA torch" >&2
+    echo "    pip download --dest wheels pip -r gpu-requirements.txt   # PIP_EXTRA_INDEX_URL for CUDA torch" >&2
     exit 2
   fi
-  echo "installing from $WHEELS (no index) into .gpu-venv"
-  "$PY" -m venv .gpu-venv
-  .gpu-venv/bin/python -m pip install --quiet --no-index --find-links "$WHEELS" -r "$REQ"
-  PY=$ROOT/.gpu-venv/bin/python
+  echo "installing from $WHEELS (no index) into $VENV"
+  "$PY" -m venv "$VENV" 2>/dev/null || "$PY" -m venv --without-pip "$VENV"
+  if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then  # no ensurepip: pip from its own wheel
+    PIP_WHEEL=$(ls "$WHEELS"/pip-*.whl 2>/dev/null | head -1)
+    [ -n "$PIP_WHEEL" ] || { echo "error: $VENV has no pip and $WHEELS holds no pip wheel" >&2; exit 2; }
+    "$VENV/bin/python" "$PIP_WHEEL/pip" install --quiet --no-index --find-links "$WHEELS" pip
+  fi
+  "$VENV/bin/python" -m pip install --quiet --no-index --find-links "$WHEELS" -r "$REQ"
+  PY=$VENV/bin/python
+  if ! present "$PY"; then
+    echo "error: installed from $WHEELS, but $PY still misses a package the check needs" >&2
+    exit 2
+  fi
 fi
 echo "install step: $(( $(date +%s) - START )) s"
 

@@ -16,6 +16,7 @@ def test_a_saved_run_is_found_only_with_the_same_code_and_arguments(tmp_path: Pa
     path = tmp_path / "x.json"
     results.save(path, {"experiment": "t", "rows": [1, 2]}, {"n": 3, "sizes": (1, 2)})
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # written atomically: no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by others, as any results file
     doc = results.load(path, {"n": 3, "sizes": (1, 2)})  # a tuple compares as the list JSON gives back
     assert doc is not None and doc["rows"] == [1, 2] and doc["fingerprint"] == results.fingerprint()
     assert results.load(path, {"n": 4, "sizes": (1, 2)}) is None

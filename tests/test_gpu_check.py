@@ -60,3 +60,56 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
 def test_unknown_options_are_refused() -> None:
     done = run("--fast", timeout=30)
     assert done.returncode == 2 and "unknown option --fast" in done.stderr
+
+
+def _wheel(folder: Path, name: str = "mm_gpu_dummy", version: str = "0.1") -> Path:
+    """A minimal pure-Python wheel (one module), made by hand so the test needs no build tools."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}.py": b"VALUE = 42\n",
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{name}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  b"Tag: py3-none-any\n"}
+    record = "".join(f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()},"
+                     f"{len(b)}\n" for p, b in files.items()) + f"{name}-{version}.dist-info/RECORD,,\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, b in files.items():
+            z.writestr(p, b)
+        z.writestr(f"{name}-{version}.dist-info/RECORD", record)
+    return path
+
+
+def test_missing_dependencies_install_from_the_wheel_folder_only(tmp_path: Path) -> None:
+    """A Python without torch: the script makes a venv and installs from the folder of wheels, with no index
+    (the requirement here is a one-module wheel); as torch is still missing it stops with a clear line."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels)
+    req = tmp_path / "req.txt"
+    req.write_text("mm_gpu_dummy\n")
+    venv = tmp_path / "venv"
+    env = {**os.environ, "PYTHON": str(bare / "bin" / "python"), "PYTHONPATH": str(ROOT),
+           "MM_JUPYTER_GPU_VENV": str(venv), "MM_JUPYTER_GPU_REQUIREMENTS": str(req),
+           "PIP_INDEX_URL": "http://127.0.0.1:9/none"}  # any attempt to use an index would fail loudly
+    done = subprocess.run(["bash", str(SCRIPT), "--wheels", str(wheels), "--out", str(tmp_path / "out")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"installing from {wheels} (no index) into {venv}" in done.stdout
+    assert "still misses a package the check needs" in done.stderr
+    got = subprocess.run([str(venv / "bin" / "python"), "-c", "import mm_gpu_dummy; print(mm_gpu_dummy.VALUE)"],
+                         capture_output=True, text=True, timeout=60)
+    assert got.stdout.strip() == "42"  # installed from the folder
+
+
+def test_no_wheel_folder_says_how_to_make_one(tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    env = {**os.environ, "PYTHON": str(bare / "bin" / "python"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(SCRIPT), "--wheels", str(tmp_path / "none")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no wheel folder" in done.stderr and "pip download --dest wheels" in done.stderr

@@ -919,10 +919,14 @@ CLAIMS += [
           "measured by "
           "scripts/gpu_check.sh on the GPU it was lent", _gpu_transfer, 0.5,
           run="scripts/gpu_check.sh (needs a CUDA GPU)", convert=lambda ms: ms / 0.3),
-    Claim("alsatian.fig10.top50", _A, "Fig. 10", "Top 50%, 2,000 items: alsatian 3-4x faster than base and shift",
-          ("alsatian.fig10.top50_2000",), "see the sharing bound: with half of every model its own, the work "
-          "shrinks ~2x; on a CPU inference is the whole time", _speedup_claim("top-50", "shift", 2000), 0.15,
-          run=RUN_SEARCH + " --distribution top-50"),
+    Claim("alsatian.fig10.top50_base", _A, "Fig. 10", "Top 50%, 2,000 items: alsatian 3-4x faster than Base",
+          ("alsatian.fig10.top50_2000",), "halving alone already saves most of Base's inference on a CPU",
+          _speedup_claim("top-50", "base", 2000), 0.15, run=RUN_SEARCH + " --distribution top-50"),
+    Claim("alsatian.fig10.top50_shift", _A, "Fig. 10", "... and 3-4x faster than SHiFT",
+          ("alsatian.fig10.top50_2000",), "with half of every model its own, little block work is shared: the "
+          "measured inference ratio is near 1 (the sharing bound is set by the stem all candidates share); on the "
+          "paper's GPU, SHiFT's time is mostly loading whole models every rung, which alsatian skips",
+          _speedup_claim("top-50", "shift", 2000), 0.15, run=RUN_SEARCH + " --distribution top-50"),
     Claim("alsatian.fig10.toplayers_shift", _A, "Fig. 10", "Top Layers, 2,000 items: over 10x faster than SHiFT",
           ("alsatian.fig10.toplayers_2000",),
           "on a CPU inference is ~90% of the time, and alsatian saves inference only where blocks are shared: the "

@@ -79,6 +79,7 @@ def save(path: Path, doc: dict[str, Any], args: dict[str, Any]) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(body)
+        os.chmod(tmp, 0o644)  # mkstemp's file is private; a results file is for every reader
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
