@@ -76,6 +76,11 @@ class Panel:
         return len(names) == len(set(names))
 
 
+def _once(labels: list[str]) -> list[str]:
+    """One label for a value the paper states for every category alike (on the first point only)."""
+    return labels[:1] + [""] * (len(labels) - 1) if len(set(labels)) == 1 else labels
+
+
 def colour(name: str, i: int) -> str:
     """Fixed colours for the approaches, phases and comparisons (a variant of an approach such as 'alsatian
     25%' gets a colour of its own), else the palette."""
@@ -127,7 +132,7 @@ class PaperChart:
                 if len(panel.series) > 1:
                     seen.add(s.name)
                 if s.paper:
-                    fig.add_scatter(mode="markers+text", text=s.labels, textposition="top center",
+                    fig.add_scatter(mode="markers+text", text=_once(s.labels or []), textposition="top center",
                                     textfont={"size": 10, "color": PAPER_COLOUR}, error_y=err, **common,
                                     marker={"symbol": "diamond", "size": 10, "color": "white",
                                             "line": {"color": PAPER_COLOUR, "width": 2}}, row=r, col=c)
@@ -168,7 +173,7 @@ class PaperChart:
                     xs = s.x if panel.kind == "line" else [cats.index(str(x)) for x in s.x]
                     h = ax.errorbar(xs, s.y, yerr=yerr, fmt="D", color=PAPER_COLOUR, mfc="white", ms=6,
                                     capsize=3, zorder=5)
-                    for x, y, label in zip(xs, s.y, s.labels or []):
+                    for x, y, label in zip(xs, s.y, _once(s.labels or [])):
                         ax.annotate(label, (x, y), xytext=(0, 6), textcoords="offset points", fontsize=6,
                                     ha="center", va="bottom", color=PAPER_COLOUR)
                     ax.margins(y=0.18)  # room above the highest marker for its label
@@ -193,6 +198,8 @@ class PaperChart:
                             ax.margins(y=0.12)  # room above the tallest bar's label
                 if len(panel.series) > 1:  # a panel of one quantity needs no legend entry
                     handles.setdefault(s.name, h)
+            if panel.kind == "stack" and max(bottom, default=0) > 0:
+                ax.set_ylim(top=1.05 * max(bottom))  # the whole stack in view
             if panel.kind != "line":
                 ax.set_xticks(range(len(cats)), cats, fontsize=7, rotation=20 if len(cats) > 3 else 0)
             for log, axis, scale in ((panel.log_y, ax.yaxis, ax.set_yscale), (panel.log_x, ax.xaxis, ax.set_xscale)):
@@ -246,7 +253,7 @@ def _log(series: Sequence[Series]) -> bool:
 
 
 def _time_panel(title: str, x_title: str, series: list[Series], kind: str = "bar") -> Panel:
-    return Panel(title, x_title, "search time (s, median; bars: min-max)", series, kind, log_y=_log(series))
+    return Panel(title, x_title, "search time (s, median; min-max)", series, kind, log_y=_log(series))
 
 
 def _speedups(rows: Sequence[dict[str, Any]], x_key: str, vs: Sequence[str] = ("base", "shift"),

@@ -50,15 +50,17 @@ def requirements() -> list[str]:
 
 
 def environment(device: str) -> dict[str, Any]:
+    """The search benchmark's environment record (``device`` usable), with the CUDA build and the device's
+    name."""
     import platform
 
     import torch
 
-    cuda = torch.cuda.is_available()
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cuda_available": cuda, "device": device,
-            "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") and cuda
-            else platform.processor() or "CPU", "cpus": os.cpu_count()}
+    from .search import environment as search_environment
+
+    base = search_environment(device)
+    return {**base, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "device": device,
+            "device_name": base["gpu"] or platform.processor() or "CPU"}
 
 
 def run_tests(device: str, select: str | None = None, timeout: float = 240) -> dict[str, Any]:
@@ -127,8 +129,9 @@ def run_gpu_check(device: str = "cuda", *, dry_run: bool = False, out: str | os.
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device "
                          f"(built for CUDA {torch.version.cuda}); install a CUDA build of torch")
-    doc: dict[str, Any] = {"experiment": "gpu_check", "dry_run": dry_run, "environment": environment(device),
-                           "device_name": environment(device)["device_name"], "seconds": {}}
+    env = environment(device)
+    doc: dict[str, Any] = {"experiment": "gpu_check", "dry_run": dry_run, "environment": env,
+                           "device_name": env["device_name"], "seconds": {}}
     progress(f"environment: {doc['environment']}")
     if tests:
         t = run_tests(device, select)
