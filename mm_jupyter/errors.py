@@ -49,6 +49,10 @@ class CourseError(MMError):
     """An exercise notebook whose task markers or metadata are malformed, or one that cannot be run."""
 
 
+class BenchError(MMError):
+    """A paper benchmark or report that cannot run: malformed paper numbers or results files, a bad option."""
+
+
 def a_type(value: object) -> str:
     """The type of ``value`` with its article, for messages: 'an int', 'a str', 'a NoneType'."""
     name = type(value).__name__
@@ -66,4 +70,5 @@ __all__ = [
     "SearchError",
     "ServeError",
     "CourseError",
+    "BenchError",
 ]

@@ -10,8 +10,7 @@ import math
 
 import pytest
 
-from mm_jupyter.bench import catalog as cat
-from mm_jupyter.bench import modelsets as M
+from mm_jupyter.bench import catalog as cat, modelsets as M, results
 from mm_jupyter.bench.__main__ import main
 
 QUICK_STEPS = 3
@@ -19,9 +18,11 @@ QUICK_STEPS = 3
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One ``--quick`` run (500 models, repeat 1) with bit-exact checks, shared by the tests below."""
-    out = tmp_path_factory.mktemp("modelsets")
-    result = M.run_modelsets(out=out, steps=QUICK_STEPS, check=True, **M.QUICK)
+    """One ``--quick`` run (500 models, repeat 1) with bit-exact checks, shared by the tests below and, in
+    ``make test``, with notebook 03 (its FFNN-48 run has the same arguments; MM_JUPYTER_BENCH_RESULTS)."""
+    shared = results.shared_folder()
+    out = shared / "modelsets" / "ffnn48-500-u10" if shared else tmp_path_factory.mktemp("modelsets")
+    result = M.run_modelsets(out=out, steps=QUICK_STEPS, check=True, reuse=True, **M.QUICK)
     return out, result
 
 
@@ -187,3 +188,6 @@ def test_default_size_is_the_cpu_scale_unless_mm_jupyter_full(monkeypatch):
     assert M.default_models() == 1000
     monkeypatch.setenv("MM_JUPYTER_FULL", "1")
     assert M.default_models() == 5000
+    # --scale paper: the paper's 5,000 models and median of five runs; each configuration its own folder
+    assert M.SCALES["paper"] == (5000, 5) and M.SCALES["cpu"] == (1000, 3)
+    assert M.default_out("ffnn69", 1000, 0.2) == M.DEFAULT_OUT / "ffnn69-1000-u20"

@@ -32,7 +32,7 @@ def test_quick_search_bench(tmp_path):
     assert by["alsatian"]["bytes_loaded"] < by["shift"]["bytes_loaded"]
     # interleaved repeats: a median with its min and max per approach; costs calibrated every round
     for r in res.rows:
-        assert len(r["seconds_runs"]) == 2 and r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
+        assert len(r["seconds_runs"]) == 2 and r["min_s"] <= r["seconds"] <= r["max_s"]
     assert res.config["repeat"] == 2
     assert len(res.block_costs) == len(by["base"]["items_per_depth"]) and min(res.block_costs) >= 0
     assert all(lo <= m <= hi for (lo, hi), m in zip(res.cost_range, res.block_costs))

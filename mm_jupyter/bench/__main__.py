@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
@@ -75,21 +76,25 @@ def add_modelsets(sub: Any) -> None:
                        description="U1 (N models) then U3 retraining steps, saved by every approach.")
     p.add_argument("--arch", choices=sorted(ARCHS), default="ffnn48", help="model architecture (default ffnn48)")
     p.add_argument("--models", "-n", type=int, default=None,
-                   help="models per set (default 1000; the paper's 5000 with MM_JUPYTER_FULL=1; 500 with --quick)")
+                   help="models per set (default: the scale's; 1000 at cpu, 500 at quick, the paper's 5000 at paper)")
+    p.add_argument("--scale", choices=("quick", "cpu", "paper"), default=None,
+                   help="quick: 500 models, 1 recovery; cpu (default): 1000 models, 3 recoveries; paper: the "
+                        "paper's 5000 models, median of 5 recoveries (the default when MM_JUPYTER_FULL=1)")
     p.add_argument("--steps", type=int, default=3, help="U3 update steps (default 3)")
     p.add_argument("--update-rate", type=float, default=0.10, help="fraction retrained per U3 step (default 0.10)")
     p.add_argument("--approaches", default=",".join(APPROACHES),
                    help=f"comma-separated subset of {','.join(APPROACHES)} (default: all)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="TTR/limit repetitions, median reported (default 3; 1 with --quick)")
+                   help="TTR/limit repetitions, median reported (default: the scale's)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs per retrained model (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads during the run (default: torch's; 1 is steadier on a busy machine)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=None,
+                   help=f"results folder (default {DEFAULT_OUT}/<arch>-<models>-u<update rate %%>)")
     p.add_argument("--keep", action="store_true", help="keep the stores and the limit files")
     p.add_argument("--check", action="store_true", help="verify every recovered set bit for bit")
-    p.add_argument("--quick", action="store_true", help="500 models, repeat 1")
+    p.add_argument("--quick", action="store_true", help="the same as --scale quick")
     p.add_argument("--store", choices=("local", "postgresql+s3"), default="local",
                    help="postgresql+s3: also save baseline and update into a team store (a PostgreSQL server and "
                         "moto's S3 emulator started for the run) beside a local one: TTS, TTR, bytes for one model")
@@ -97,15 +102,20 @@ def add_modelsets(sub: Any) -> None:
 
 
 def cmd_modelsets(args: argparse.Namespace) -> int:
-    from .modelsets import APPROACHES, QUICK, default_models, run_modelsets
+    import os
+
+    from .modelsets import APPROACHES, SCALES, default_out, run_modelsets
 
     approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
     bad = [a for a in approaches if a not in APPROACHES]
     if bad:
         print(f"error: unknown approach(es) {', '.join(bad)}; choose from {', '.join(APPROACHES)}", file=sys.stderr)
         return 2
-    models = args.models if args.models is not None else (QUICK["models"] if args.quick else default_models())
-    repeat = args.repeat if args.repeat is not None else (QUICK["repeat"] if args.quick else 3)
+    scale = "quick" if args.quick else (args.scale or ("paper" if os.environ.get("MM_JUPYTER_FULL") == "1"
+                                                        else "cpu"))
+    models = args.models if args.models is not None else SCALES[scale][0]
+    repeat = args.repeat if args.repeat is not None else SCALES[scale][1]
+    args.out = args.out or str(default_out(args.arch, models, args.update_rate))
     print(f"modelsets: {models} x {args.arch}, {args.steps} U3 steps at update rate {args.update_rate:g}, "
           f"approaches {', '.join(approaches)}, repeat {repeat}")
     result = run_modelsets(arch=args.arch, models=models, steps=args.steps, update_rate=args.update_rate,
@@ -203,16 +213,16 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 SEARCH_COLUMNS = [
     ("approach", "approach", "str"),
     ("seconds", "total s", "s"),
-    ("seconds_min", "min s", "s"),
-    ("seconds_max", "max s", "s"),
+    ("min_s", "min s", "s"),
+    ("max_s", "max s", "s"),
     ("t_prepare data", "data s", "s"),
     ("t_prepare model", "model s", "s"),
     ("t_inference", "inference s", "s"),
     ("modelled_inference_s", "modelled inf. s", "s"),
     ("t_proxy", "proxy s", "s"),
     ("t_planning", "planning s", "s"),
-    ("speedup_vs_base", "vs base", "x"),
-    ("speedup_vs_shift", "vs shift", "x"),
+    ("vs_base", "vs base", "x"),
+    ("vs_shift", "vs shift", "x"),
     ("block_inferences", "block inf.", "str"),
     ("unique_edges", "unique edges", "str"),
     ("chunks", "chunks", "str"),
@@ -236,9 +246,10 @@ def add_search(sub: Any) -> None:
     p.add_argument("--budget", type=int, default=None, help="cache budget in bytes for alsatian")
     p.add_argument("--budget-fraction", type=float, default=None,
                    help="also run alsatian with this fraction of its measured C_min as budget (e.g. 0.25)")
-    p.add_argument("--scale", choices=["small", "cpu", "full"], default="cpu",
+    p.add_argument("--scale", choices=["small", "cpu", "paper", "full"], default="cpu",
                    help="small: reduced widths at 32 px (tests); cpu: the real architecture at reduced "
-                        "resolution (default; --resolution); full: real architecture and resolution (GPU)")
+                        "resolution (default; --resolution); paper: the paper's Fig. 10 setting, 35 candidates, "
+                        "2000 items, the real architecture at 224 px (for a GPU; 'full' is its older name)")
     p.add_argument("--resolution", type=int, default=None,
                    help="image size for --scale cpu (default 32; 64 with --executor ray)")
     p.add_argument("--threads", type=int, default=1,
@@ -259,10 +270,14 @@ def add_search(sub: Any) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import QUICK, run_search_bench
+    from .search import PAPER, QUICK, run_search_bench
 
     if args.quick:
         args.scale = "small"
+    if args.scale == "paper":
+        args.scale = "full"
+        args.models = args.models or PAPER["models"]
+        args.items = args.items or PAPER["items"]
     if args.repeat is None:
         args.repeat = 3
     if args.executor == "ray" and not args.quick:  # the Ray benchmark's own defaults: a CPU-bound search
@@ -547,8 +562,80 @@ def add_alsatian(sub: Any) -> None:
     add_parser(sub, format_table, _say)
 
 
+# -- gpu (scripts/gpu_check.sh) ---------------------------------------------------------------------------
+def add_gpu(sub: Any) -> None:
+    from .gpu import DEFAULT_OUT
+
+    p = sub.add_parser("gpu", help="the GPU check: CUDA tests, transfer vs recompute, Fig. 10 on the device",
+                       description="What scripts/gpu_check.sh runs once the dependencies are installed.")
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu (with --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="every step at a tiny size (4 candidates, 128 items)")
+    p.add_argument("--no-tests", action="store_true", help="skip tests/test_gpu.py")
+    p.add_argument("--tests-k", default=None, help="only the tests of tests/test_gpu.py matching this -k expression")
+    p.add_argument("--requirements", action="store_true",
+                   help="print what the check needs installed (a requirements file) and exit")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    p.set_defaults(func=cmd_gpu)
+
+
+def cmd_gpu(args: argparse.Namespace) -> int:
+    from .gpu import requirements, run_gpu_check
+
+    if args.requirements:
+        print("\n".join(requirements()))
+        return 0
+    doc = run_gpu_check(args.device, dry_run=args.dry_run, out=args.out, tests=not args.no_tests,
+                        select=args.tests_k, progress=_say)
+    env = doc["environment"]
+    print(f"gpu check on {env['device_name']} ({args.device}; torch {env['torch']}, CUDA {env['cuda']})"
+          + (" - DRY RUN at a tiny size" if args.dry_run else ""))
+    if "tests" in doc:
+        print(f"tests/test_gpu.py: rc {doc['tests']['rc']}, {doc['tests']['counts']}")
+    if "transfer" in doc:
+        t = doc["transfer"]
+        print(f"Sec. 4.1: one block {t['block_ms']:.3f} ms vs moving its input {t['transfer_ms']:.3f} ms ({t['what']})")
+    c = doc["fig10"]["config"]
+    print(f"Fig. 10: {c['models']} x {c['arch']} ({c['distribution']}), {c['items']} items:")
+    print(format_table(doc["fig10"]["rows"], [("approach", "approach", "str"), ("seconds", "median s", "s"),
+                                              ("vs_base", "vs base", "x"), ("vs_shift", "vs shift", "x"),
+                                              ("t_inference", "inference s", "s"),
+                                              ("block_inferences", "block inf.", "str"),
+                                              ("ranking_matches_shift", "ranking == shift", "str")]))
+    print(f"results: {Path(args.out) / 'gpu_check.json'}, {doc['fig10']['file']}")
+    return 0 if doc["ok"] else 1
+
+
+# -- report (docs/reproduction.md from the results files) -------------------------------------------------
+def add_report(sub: Any) -> None:
+    p = sub.add_parser("report", help="docs/reproduction.md: every claim of both papers beside our results",
+                       description="Read every results file below --results and write the reproduction report: "
+                                   "one row per paper claim with the paper's value, ours, and a status.")
+    p.add_argument("--results", default="bench_results", help="the results folder (default bench_results)")
+    p.add_argument("--out", default="docs/reproduction.md", help="the report (default docs/reproduction.md)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reproduction import STATUSES, Results, evaluate, report
+
+    folder = Path(args.results)
+    if not folder.is_dir():
+        print(f"error: no results folder {folder}", file=sys.stderr)
+        return 2
+    results = Results.read(folder)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report(results, source=args.results), encoding="utf-8")
+    rows = evaluate(results)
+    print(f"{out}: {len(rows)} claims from {len(results.docs)} results files in {folder}")
+    print(", ".join(f"{s}: {sum(r.status == s for r in rows)}" for s in STATUSES))
+    if results.skipped:
+        print(f"skipped (not results documents): {', '.join(results.skipped)}")
+    return 0
+
+
 COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving,
-                                         add_partition, add_alsatian]
+                                         add_partition, add_alsatian, add_gpu, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -561,10 +648,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..errors import MMError
+
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    code = args.func(args)
-    print(f"[{args.command} finished in {time.perf_counter() - t0:.1f} s]")
+    try:
+        code = args.func(args)
+    except MMError as e:  # bad input or a machine that cannot run it: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not getattr(args, "requirements", False):  # a requirements file is read by pip: nothing else on stdout
+        print(f"[{args.command} finished in {time.perf_counter() - t0:.1f} s]")
     return code
 
 

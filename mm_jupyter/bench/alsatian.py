@@ -2,9 +2,10 @@
 
 Each artefact (Table 1; Figs. 5, 10-12, 13-14, 15, 16, 17) is one function returning an
 ``Artefact``: rows for a table and a figure, correctness checks (rankings equal to the baselines'),
-the configuration, and the paper's numbers where they could be found. Three scales: ``quick``
-(seconds: tests and the notebook), ``cpu`` (the default: minutes on a laptop CPU) and ``full``
-(the paper's sizes; ``MM_JUPYTER_FULL=1`` selects it). The device is CUDA when present.
+and the configuration. What the paper says about each is compared in ``reproduction.py`` (its numbers
+are in ``paper_numbers.toml``). Three scales: ``quick`` (seconds: tests and the notebook), ``cpu``
+(the default: minutes on a 2-core CPU) and ``paper`` (the paper's sizes, for a GPU;
+``MM_JUPYTER_FULL=1`` selects it). The device is CUDA when present.
 
 Timing is robust to a noisy machine: every configuration runs each approach ``repeats`` times,
 interleaved (the order rotates per repeat), and reports the median with min and max. Correctness
@@ -13,7 +14,6 @@ alsatian without halving equals base exactly (same rungs as base), so sharing ne
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -21,43 +21,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import results
+
 FIGURES = ("table1", "fig5", "fig10", "fig13", "fig15", "fig16", "fig17")
 TITLES = {
     "table1": "Table 1: the architectures (parameters, blocks, bytes, block inference time, intermediates)",
-    "fig5": "Fig. 5: where the time goes, without (shift) and with (alsatian) cached intermediates",
+    "fig5": "Fig. 5: where the time of scoring one model goes, by dataset size, without and with a cache",
     "fig10": "Figs. 10-12: search time per distribution and dataset size, per architecture",
     "fig13": "Figs. 13-14: really fine-tuned candidates (digits CNNs, small BERTs on a text task)",
     "fig15": "Fig. 15: a mixed zoo of Hugging Face models of many families",
     "fig16": "Fig. 16: limited memory (cache budget 100 %, 25 %, 5 % of C_min)",
     "fig17": "Fig. 17: BERT on a text task",
 }
-SCALES = ("quick", "cpu", "full")
+SCALES = ("quick", "cpu", "paper")
+#: older name of the paper scale, still accepted
+ALIASES = {"full": "paper"}
 APPROACHES = ("base", "shift", "alsatian")
 PARTS = ("prepare data", "prepare model", "inference", "proxy", "planning")
 DEFAULT_OUT = Path("bench_results") / "alsatian"
-#: What the paper states that this harness can compare against, found with the project's search tool
-#: (pages corpus): only the abstract. Figures' and Table 1's numbers were not found there.
-PAPER_SOURCE = "Alsatian (SIGMOD 2025), abstract"
-PAPER_NOT_FOUND = "paper's value not found via the search tool's pages corpus (only the abstract is stored)"
 Progress = Callable[[str], None]
 
 
 def default_scale() -> str:
-    """``full`` when ``MM_JUPYTER_FULL=1``, else ``cpu``."""
-    return "full" if os.environ.get("MM_JUPYTER_FULL") == "1" else "cpu"
+    """``paper`` when ``MM_JUPYTER_FULL=1``, else ``cpu``."""
+    return "paper" if os.environ.get("MM_JUPYTER_FULL") == "1" else "cpu"
 
 
 @dataclass
 class Artefact:
     """One reproduced table or figure: ``rows`` (one dict per bar/line point), ``checks`` (claims
-    that must hold), the paper's values where known, and what it ran with."""
+    that must hold) and what it ran with."""
 
     figure: str
     title: str
     rows: list[dict[str, Any]]
     checks: dict[str, bool]
     config: dict[str, Any]
-    paper: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
 
@@ -67,8 +66,14 @@ class Artefact:
         return all(self.checks.values())
 
     def to_json(self) -> dict[str, Any]:
-        return {"figure": self.figure, "title": self.title, "rows": self.rows, "checks": self.checks,
-                "config": self.config, "paper": self.paper, "seconds": self.seconds}
+        return {"experiment": "alsatian", "figure": self.figure, "title": self.title, "rows": self.rows,
+                "checks": self.checks, "config": self.config, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], path: str | None = None) -> "Artefact":
+        """An artefact read back from its results file."""
+        return cls(doc["figure"], doc["title"], doc["rows"], doc["checks"], doc["config"], doc.get("seconds", 0.0),
+                   [path] if path else [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,19 +172,19 @@ REFERENCE_PARAMS = {"ResNet-18": 11_689_512, "ResNet-152": 60_192_808, "Efficien
 TABLE1 = tuple(REFERENCE_PARAMS)
 
 
-def table1_model(name: str, scale: str = "cpu") -> tuple[Any, Any]:
+def table1_model(name: str, scale: str = "cpu", side: int | None = None) -> tuple[Any, Any]:
     """The model of a Table 1 row at ``scale`` (random weights, built from code or a Hugging Face
     config, never downloaded) and a batch of inputs for it. ``quick``: reduced widths at 32 px /
     32 tokens; ``cpu``: full widths at 224 px / 128 tokens except ViT-L/32 (a quarter of its width);
-    ``full``: everything full."""
+    ``paper``: everything full. ``side`` overrides the image resolution."""
     import torch
     import transformers as tf
 
     from ..modelsearch.synthetic import _seeded, base_model, hf_config, input_shape
 
     quick = scale == "quick"
-    side = 32 if quick else 224
-    batch = 2 if quick else (64 if scale == "full" else 8)
+    side = side or (32 if quick else 224)
+    batch = 2 if quick else (64 if scale == "paper" else 8)
     images = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
     with _seeded(0):
         if name == "ResNet-18":
@@ -192,7 +197,7 @@ def table1_model(name: str, scale: str = "cpu") -> tuple[Any, Any]:
                             num_labels=1000)
             model = tf.EfficientNetForImageClassification(cfg)
         elif name == "ViT-L/32":
-            width = 1024 if scale == "full" else (64 if quick else 256)
+            width = 1024 if scale == "paper" else (64 if quick else 256)
             vit = hf_config(tf.ViTConfig, image_size=side, patch_size=8 if quick else 32, hidden_size=width,
                             num_hidden_layers=4 if quick else 24, num_attention_heads=4 if quick else 16,
                             intermediate_size=4 * width, num_labels=1000)
@@ -209,9 +214,25 @@ def table1_model(name: str, scale: str = "cpu") -> tuple[Any, Any]:
     return model.eval(), images
 
 
+def full_width(name: str) -> dict[str, int]:
+    """Parameters and state bytes of ``name`` at the paper's full width, built on the meta device (no
+    memory, no time): ``params`` (the whole model, our classifier head included), ``paper_params`` (what
+    Table 1 counts: BERT without a classifier, the vision models with their 1,000-class heads) and
+    ``bytes`` (every tensor of the state dict, buffers included: Table 1's size column)."""
+    import torch
+
+    with torch.device("meta"):
+        model, _ = table1_model(name, "paper")
+    counted = model.bert if name == "BERT-base" else model
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "paper_params": sum(p.numel() for p in counted.parameters()),
+            "bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
+
+
 def describe_model(name: str, model: Any, x: Any, *, device: str = "cpu", repeats: int = 3) -> dict[str, Any]:
-    """One Table 1 row: parameters, blocks, model bytes, per-block inference time (ms per item, the
-    median of ``repeats`` timed runs after a warm-up) and intermediate output bytes per item."""
+    """One Table 1 row: parameters (also per block), blocks, model bytes, per-block inference time (ms
+    per item, the median of ``repeats`` timed runs after a warm-up) and intermediate output bytes per
+    item; and the parameters and bytes at full width (``full_*``)."""
     import torch
 
     from ..modelsearch.blocks import output_sizes, split_model
@@ -239,18 +260,21 @@ def describe_model(name: str, model: Any, x: Any, *, device: str = "cpu", repeat
             per_block.append(statistics.median(took) / len(x))
             h = out
     model.to("cpu")
-    ref = REFERENCE_PARAMS.get(name)
-    return {"architecture": name, "params": params, "reference_params": ref, "blocks": len(split.blocks),
-            "model_bytes": state, "block_ms_mean": 1e3 * statistics.mean(per_block),
+    full = full_width(name)
+    return {"architecture": name, "params": params, "reference_params": REFERENCE_PARAMS.get(name),
+            "blocks": len(split.blocks), "model_bytes": state, "block_ms_mean": 1e3 * statistics.mean(per_block),
             "block_ms_max": 1e3 * max(per_block), "model_ms": 1e3 * sum(per_block),
             "inter_bytes_mean": int(statistics.mean(sizes)), "inter_bytes_max": max(sizes),
             "input_shape": list(x.shape[1:]), "per_block_ms": [1e3 * t for t in per_block],
-            "per_block_bytes": sizes}
+            "per_block_bytes": sizes, "per_block_params": [sum(p.numel() for p in b.module.parameters())
+                                                           for b in split.blocks],
+            "full_params": full["params"], "full_paper_params": full["paper_params"], "full_bytes": full["bytes"]}
 
 
 def table1(scale: str = "cpu", *, device: str = "auto", repeats: int = 3, archs: Sequence[str] = TABLE1,
            progress: Progress = lambda m: None) -> Artefact:
-    """Table 1: one row per architecture."""
+    """Table 1: one row per architecture; at every scale its full-width parameter count must be the
+    reference's exactly."""
     from ..modelsearch.api import resolve_device
 
     dev = resolve_device(device)
@@ -260,11 +284,10 @@ def table1(scale: str = "cpu", *, device: str = "auto", repeats: int = 3, archs:
         row = describe_model(name, model, x, device=dev, repeats=repeats)
         rows.append(row)
         progress(f"{name}: {row['params']:,} parameters, {row['blocks']} blocks, {row['model_ms']:.1f} ms/item")
-        full_width = scale == "full" or (scale == "cpu" and name != "ViT-L/32")
-        if full_width:
+        checks[f"{name} parameters at full width == reference"] = row["full_params"] == row["reference_params"]
+        if scale == "paper" or (scale == "cpu" and name != "ViT-L/32"):
             checks[f"{name} parameters == reference"] = row["params"] == row["reference_params"]
-    return Artefact("table1", TITLES["table1"], rows, checks, {"scale": scale, "device": dev, "repeats": repeats},
-                    [{"quantity": "Table 1 values", "paper": None, "source": PAPER_NOT_FOUND}])
+    return Artefact("table1", TITLES["table1"], rows, checks, {"scale": scale, "device": dev, "repeats": repeats})
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +307,7 @@ def search_set(arch: str, models: int, distribution: str, items: int, scale: str
 
     from ..modelsearch.synthetic import _seeded, derived_candidates, hf_config, sample_data, synthetic_candidates
 
-    reduced = scale != "full"
+    reduced = scale != "paper"
     side = 16 if reduced else 224
     if arch == "efficientnet":
         side = 32 if reduced else 224  # its 5x5 kernels need at least 32 px
@@ -303,7 +326,7 @@ SEARCH_SIZES = {
     # scale: (archs, models, items, dataset sizes (top-layers), repeats)
     "quick": (("resnet18",), 4, 128, (128, 256), 1),
     "cpu": (SEARCH_ARCHS, 8, 256, (128, 512), 3),
-    "full": (SEARCH_ARCHS, 35, 4000, (1000, 2000, 4000, 8000), 3),
+    "paper": (SEARCH_ARCHS, 35, 2000, (2000, 8000), 3),
 }
 #: Figs. 10-12 run 25 configurations at the cpu scale (5 architectures x 5), so fewer candidates and items.
 FIG10_CPU = (SEARCH_ARCHS, 6, 160, (80, 320), 3)
@@ -327,42 +350,49 @@ def fig10(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
             rows += _tag(r, arch=arch, distribution=dist, items=n)
             checks.update(_prefix(c, f"{arch} {dist} {n}"))
     config = {"scale": scale, "models": models, "items": items, "sizes": list(sizes), "repeats": repeats}
-    return Artefact("fig10", TITLES["fig10"], rows, checks, config, _headline(rows))
+    return Artefact("fig10", TITLES["fig10"], rows, checks, config)
 
 
-def _headline(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The abstract's one number beside our largest speed-up."""
-    ours = max((r["vs_base"] for r in rows if r["approach"] == "alsatian" and r.get("vs_base")), default=None)
-    return [{"quantity": "largest speed-up of alsatian over the baselines", "paper": "up to 14x",
-             "ours_vs_base": ours, "source": PAPER_SOURCE}]
+#: Fig. 5 per scale: (architectures, dataset sizes without a cache, items with the cached input, image side,
+#: repeats); the paper's panels are 9,216, 1,024 and 96 images, and 1,024 with the last 3 blocks cached.
+BOTTLENECK = {
+    "quick": (("ResNet-18",), (32, 96), 96, 32, 1),
+    "cpu": (("ResNet-18", "ResNet-152", "EfficientNet-B0", "ViT-L/32"), (96, 1024), 1024, 32, 3),
+    "paper": (("ResNet-18", "ResNet-152", "EfficientNet-B0", "ViT-L/32"), (96, 1024, 9216), 1024, 224, 3),
+}
 
 
 def fig5(scale: str = "cpu", *, device: str = "auto", repeats: int | None = None,
          archs: Sequence[str] | None = None, progress: Progress = lambda m: None) -> Artefact:
-    """Fig. 5: the share of each phase of a search per architecture, without cached intermediates
-    (shift: every candidate runs whole) and with them (alsatian: shared blocks run once)."""
-    default_archs, models, items, _, default_repeats = SEARCH_SIZES[scale]
-    repeats = repeats or default_repeats
-    rows, checks = [], {}
-    for arch in archs or default_archs:
-        cands, data = search_set(arch, models, "top-layers", items, scale)
-        progress(f"{arch}: {models} candidates, {items} items")
-        variants = [Variant("without cache (shift)", "shift"), Variant("with cache (alsatian)", "alsatian")]
-        r, c = compare(cands, data, variants, repeats=repeats, device=device, check_base=False, progress=progress)
-        for row in r:
-            total = sum(row[f"t_{p}"] for p in PARTS)
-            row.update({f"share_{p}": row[f"t_{p}"] / total for p in PARTS})
-        checks.update(_prefix(c, arch))
-        rows += _tag(r, arch=arch)
+    """Fig. 5: the time of scoring one model split into preparing the data, preparing the model,
+    inference and the proxy, per architecture and dataset size, and with the input of the last three
+    blocks read from a cache (``bottleneck.py``)."""
+    from ..modelsearch.api import resolve_device
+    from .bottleneck import bottleneck_rows
+
+    default_archs, sizes, cached_items, side, default_repeats = BOTTLENECK[scale]
+    dev = resolve_device(device)
+    models = [(name, table1_model(name, scale, side)[0]) for name in archs or default_archs]
+    rows = bottleneck_rows(models, sizes, cached_items, side, device=dev, repeats=repeats or default_repeats,
+                           progress=progress)
+    checks = {}
+    for name in dict.fromkeys(r["arch"] for r in rows):  # the cache changes the time, never the features
+        cached = next(r for r in rows if r["arch"] == name and r["cached_blocks"])
+        plain = next((r for r in rows if r["arch"] == name and not r["cached_blocks"]
+                      and r["items"] == cached["items"]), None)
+        if plain is not None:
+            (s1, a1), (s2, a2) = cached["feature_checksum"], plain["feature_checksum"]
+            same = abs(s1 - s2) <= 1e-5 * max(a1, a2) and abs(a1 - a2) <= 1e-5 * max(a1, a2)
+            checks[f"{name}: the cached input gives the same features"] = same
     return Artefact("fig5", TITLES["fig5"], rows, checks,
-                    {"scale": scale, "models": models, "items": items, "repeats": repeats},
-                    [{"quantity": "phase shares", "paper": None, "source": PAPER_NOT_FOUND}])
+                    {"scale": scale, "device": dev, "sizes": list(sizes), "cached_items": cached_items,
+                     "cached_blocks": 3, "side": side, "repeats": repeats or default_repeats})
 
 
 # --------------------------------------------------------------------------------------------
 # Real fine-tuned candidates (Figs. 13-14)
 
-TRAINED = {"quick": (4, 300, 1), "cpu": (12, 800, 3), "full": (60, 4000, 3)}  # models, text items, repeats
+TRAINED = {"quick": (4, 300, 1), "cpu": (12, 800, 3), "paper": (35, 2000, 3)}  # models, text items, repeats
 
 
 def fig13(scale: str = "cpu", *, device: str = "auto", repeats: int | None = None,
@@ -382,8 +412,7 @@ def fig13(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
         rows += _tag(r, set=name, models=len(cands), items=len(data[0]))
         checks.update(_prefix(c, name))
     return Artefact("fig13", TITLES["fig13"], rows, checks,
-                    {"scale": scale, "models": models, "text_items": items, "repeats": repeats},
-                    [{"quantity": "search time on fine-tuned models", "paper": None, "source": PAPER_NOT_FOUND}])
+                    {"scale": scale, "models": models, "text_items": items, "repeats": repeats})
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +426,7 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
 
     from ..modelsearch.synthetic import _seeded, hf_config
 
-    full = scale == "full"
+    full = scale == "paper"
     side = 224 if full else 32
     vocab = 30522 if full else 1000
 
@@ -444,7 +473,7 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
     return out
 
 
-ZOO = {"quick": (1, 160, 1), "cpu": (10, 192, 3), "full": (45, 2000, 3)}  # per family, items, repeats
+ZOO = {"quick": (1, 160, 1), "cpu": (10, 192, 3), "paper": (45, 2000, 3)}  # per family, items, repeats
 
 
 def fig15(scale: str = "cpu", *, device: str = "auto", repeats: int | None = None,
@@ -460,7 +489,7 @@ def fig15(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
         for i, model in enumerate(derived_candidates(base, per_family + 1, "top-25")[1:] if per_family > 1
                                   else [base]):
             groups[modality][f"{family}-{i}"] = model
-    full = scale == "full"
+    full = scale == "paper"
     data = {"image": sample_data("resnet18", items, reduced=not full),
             "text": sample_data("bert", items, reduced=not full)}
     rows, checks = [], {}
@@ -472,8 +501,7 @@ def fig15(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
     families = {n.rsplit("-", 1)[0] for g in groups.values() for n in g}
     config = {"scale": scale, "per_family": per_family, "items": items, "repeats": repeats,
               "candidates": sum(len(g) for g in groups.values()), "families": sorted(families)}
-    return Artefact("fig15", TITLES["fig15"], rows, checks, config,
-                    [{"quantity": "zoo search time", "paper": None, "source": PAPER_NOT_FOUND}])
+    return Artefact("fig15", TITLES["fig15"], rows, checks, config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,11 +530,10 @@ def fig16(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
         r["fraction"] = None if r["budget"] is None else r["budget"] / c_min
     return Artefact("fig16", TITLES["fig16"], rows, checks,
                     {"scale": scale, "arch": arch, "models": models, "items": items, "c_min": c_min,
-                     "repeats": repeats},
-                    [{"quantity": "time under limited memory", "paper": None, "source": PAPER_NOT_FOUND}])
+                     "repeats": repeats})
 
 
-BERT_SIZES = {"quick": (4, (160,), 1), "cpu": (8, (200,), 3), "full": (35, (2000, 8000), 3)}
+BERT_SIZES = {"quick": (4, (160,), 1), "cpu": (8, (200,), 3), "paper": (35, (2000, 8000), 3)}
 
 
 def fig17(scale: str = "cpu", *, device: str = "auto", repeats: int | None = None,
@@ -526,7 +553,7 @@ def fig17(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
             rows += _tag(r, distribution=dist, items=n)
             checks.update(_prefix(c, f"{dist} {n}"))
     return Artefact("fig17", TITLES["fig17"], rows, checks,
-                    {"scale": scale, "models": models, "sizes": list(sizes), "repeats": repeats}, _headline(rows))
+                    {"scale": scale, "models": models, "sizes": list(sizes), "repeats": repeats})
 
 
 RUNNERS: dict[str, Callable[..., Artefact]] = {
@@ -534,16 +561,32 @@ RUNNERS: dict[str, Callable[..., Artefact]] = {
 }
 
 
-def run_artefact(figure: str, scale: str | None = None, *, out: str | os.PathLike[str] | None = None,
-                 threads: int | None = 1, progress: Progress = lambda m: None, **kwargs: Any) -> Artefact:
-    """Run one artefact (``FIGURES``) at ``scale`` (default: ``default_scale()``); with ``out``,
-    write its JSON there. ``threads``: torch's intra-op threads during the run (default 1: on a
-    shared, busy CPU two threads contending ran ResNet-18 6x slower than one; None keeps torch's)."""
-    if figure not in RUNNERS:
-        raise ValueError(f"unknown artefact {figure!r}; expected one of {', '.join(FIGURES)}")
-    scale = scale or default_scale()
+def normalise_scale(scale: str | None) -> str:
+    """``scale`` (default: ``default_scale()``; ``full`` is the paper scale's older name), checked."""
+    scale = ALIASES.get(scale or default_scale(), scale or default_scale())
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {', '.join(SCALES)}")
+    return scale
+
+
+def run_artefact(figure: str, scale: str | None = None, *, out: str | os.PathLike[str] | None = None,
+                 reuse: bool = False, threads: int | None = 1, progress: Progress = lambda m: None,
+                 **kwargs: Any) -> Artefact:
+    """Run one artefact (``FIGURES``) at ``scale`` (default: ``default_scale()``); with ``out``, write its
+    JSON there (``<figure>-<scale>.json``). With ``reuse`` and ``out``, a results file there from the same
+    code and arguments (``results.py``) is returned instead of running again: the tests and notebook 06
+    share one run. ``threads``: torch's intra-op threads during the run (default 1: on a shared, busy CPU
+    two threads contending ran ResNet-18 6x slower than one; None keeps torch's)."""
+    if figure not in RUNNERS:
+        raise ValueError(f"unknown artefact {figure!r}; expected one of {', '.join(FIGURES)}")
+    scale = normalise_scale(scale)
+    args = {"figure": figure, "scale": scale, "threads": threads, **kwargs}
+    path = Path(out) / f"{figure}-{scale}.json" if out is not None else None
+    if reuse and path is not None:
+        doc = results.load(path, args)
+        if doc is not None:
+            progress(f"{figure}: the results of the same code and arguments in {path}")
+            return Artefact.from_json(doc, str(path))
     import torch
 
     before = torch.get_num_threads()
@@ -556,10 +599,7 @@ def run_artefact(figure: str, scale: str | None = None, *, out: str | os.PathLik
         torch.set_num_threads(before)
     art.seconds = time.perf_counter() - t0
     art.config["threads"] = threads or before
-    if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{figure}-{scale}.json"
-        path.write_text(json.dumps(art.to_json(), indent=2, default=str))
+    if path is not None:
+        results.save(path, art.to_json(), args)
         art.files.append(str(path))
     return art

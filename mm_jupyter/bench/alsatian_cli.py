@@ -51,12 +51,12 @@ def report(art: Artefact, table: Table) -> str:
     printable = [(k, h, "str" if kind == "ms" else kind) for k, h, kind in cols]
     lines = [art.title, f"config: {art.config}", table([_cells(r, cols) for r in art.rows], printable), "checks:"]
     lines += [f"  [{'ok' if ok else 'FAILED'}] {name}" for name, ok in art.checks.items()]
-    lines.append("paper:")
-    for p in art.paper:
-        ours = {k: v for k, v in p.items() if k.startswith("ours")}
-        ours_text = ", ".join(f"{k}: {v:.2f}x" if isinstance(v, float) else f"{k}: {v}" for k, v in ours.items())
-        lines.append(f"  {p['quantity']}: paper {p['paper'] or '-'}" + (f"; {ours_text}" if ours_text else "")
-                     + f" ({p['source']})")
+    from .reproduction import Results, claims_for, evaluate
+
+    lines.append("the paper beside ours (python -m mm_jupyter.bench report: every claim):")
+    for r in evaluate(Results.of([art.to_json()]), claims_for(art.figure)):
+        ours = "-" if r.ours is None else r.ours.text
+        lines.append(f"  [{r.status}] {r.claim.artefact}: {r.claim.claim}: paper {r.claim.paper_text()}; ours {ours}")
     lines.append(f"[{art.figure} took {art.seconds:.1f} s; results: {', '.join(art.files)}]")
     return "\n".join(lines)
 
@@ -71,9 +71,9 @@ def add_parser(sub: Any, table: Table, say: Callable[[str], None]) -> None:
                                    "--scale quick for a smoke run), so the artefact is named, not defaulted.")
     p.add_argument("--figure", required=True, choices=list(FIGURES) + ["all"],
                    help="table1, fig5, fig10 (Figs. 10-12), fig13 (13-14), fig15, fig16, fig17 or all")
-    p.add_argument("--scale", choices=SCALES, default=None,
-                   help="quick (seconds), cpu (default; minutes) or full (the paper's sizes; "
-                        "the default when MM_JUPYTER_FULL=1)")
+    p.add_argument("--scale", choices=[*SCALES, "full"], default=None,
+                   help="quick (seconds), cpu (default; minutes) or paper (the paper's sizes, for a GPU; "
+                        "the default when MM_JUPYTER_FULL=1; 'full' is its older name)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats, median shown (default 3; 1 quick)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=1,

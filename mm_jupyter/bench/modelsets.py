@@ -31,7 +31,6 @@ Each timed operation starts after ``os.sync()``, so its fsync writes back only i
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import shutil
@@ -47,6 +46,7 @@ import numpy as np
 from ..store.environment import environment as store_environment
 from ..store.files import fsync_path
 from ..store.tensors import extract_states
+from . import results as results_files
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,11 +65,19 @@ QUICK: dict[str, int] = {"models": 500, "repeat": 1}
 #: The storage targets are per model, so they hold at either size.
 DEFAULT_MODELS = 1000
 FULL_MODELS = 5000
+#: ``--scale``: (models per set, TTR repetitions); the paper's is 5,000 models and the median of five runs
+SCALES: dict[str, tuple[int, int]] = {"quick": (QUICK["models"], QUICK["repeat"]), "cpu": (DEFAULT_MODELS, 3),
+                                      "paper": (FULL_MODELS, 5)}
 
 
 def default_models() -> int:
     """Models per set when ``--models`` is not given: ``FULL_MODELS`` under ``MM_JUPYTER_FULL=1``."""
     return FULL_MODELS if os.environ.get("MM_JUPYTER_FULL") == "1" else DEFAULT_MODELS
+
+
+def default_out(arch: str, models: int, update_rate: float) -> Path:
+    """The results folder of one configuration, so runs of other configurations are kept beside it."""
+    return DEFAULT_OUT / f"{arch}-{models}-u{round(100 * update_rate)}"
 
 Progress = Callable[[str], None]
 
@@ -569,6 +577,13 @@ class ModelsetsResult:
             "targets": [t.to_json() for t in self.targets],
         }
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], files: Sequence[str] = ()) -> "ModelsetsResult":
+        """A result read back from its ``results.json``."""
+        fields = ("name", "measured", "threshold", "comparison", "unit", "detail")
+        targets = [Target(**{k: t[k] for k in fields}) for t in doc["targets"]]
+        return cls(doc["rows"], targets, doc["config"], doc["environment"], doc["timings"], list(files))
+
 
 def environment() -> dict[str, Any]:
     """Where the numbers were taken (and that recovery ran against a warm page cache)."""
@@ -585,13 +600,24 @@ def environment() -> dict[str, Any]:
 def run_modelsets(arch: str = "ffnn48", models: int = 5000, steps: int = 3, update_rate: float = 0.10,
                   approaches: Sequence[str] = APPROACHES, out: str | os.PathLike[str] = DEFAULT_OUT,
                   repeat: int = 3, keep: bool = False, check: bool = False, seed: int = 0, epochs: int = 2,
-                  threads: int | None = None, write: bool = True,
+                  threads: int | None = None, write: bool = True, reuse: bool = False,
                   progress: Progress | None = None) -> ModelsetsResult:
     """Run the experiment; returns rows, targets and environment, and (``write``) stores
     ``results.csv`` and ``results.json`` in ``out``. ``check`` verifies every recovered set bit for
     bit against the in-memory models (rows get ``verified``). ``threads`` sets torch's intra-op
-    threads for the run (default: leave torch's setting; on a busy machine 1 gives steadier TTRs)."""
+    threads for the run (default: leave torch's setting; on a busy machine 1 gives steadier TTRs).
+    With ``reuse``, the ``results.json`` in ``out`` of the same code and arguments is returned instead
+    of running again (``results.py``: the tests and notebook 03 share one run)."""
     import torch
+
+    args = {"arch": arch, "models": models, "steps": steps, "update_rate": update_rate,
+            "approaches": list(approaches), "repeat": repeat, "check": check, "seed": seed, "epochs": epochs}
+    if reuse and write:
+        path = Path(out) / "results.json"
+        doc = results_files.load(path, args)
+        if doc is not None:
+            (progress or _silent)(f"{arch}: the results of the same code and arguments in {path}")
+            return ModelsetsResult.from_json(doc, [str(Path(out) / "results.csv"), str(path)])
 
     before = torch.get_num_threads()
     if threads is not None:
@@ -599,15 +625,18 @@ def run_modelsets(arch: str = "ffnn48", models: int = 5000, steps: int = 3, upda
             raise ValueError("threads must be at least 1")
         torch.set_num_threads(threads)
     try:
-        return _run_modelsets(arch, models, steps, update_rate, approaches, out, repeat, keep, check, seed,
-                              epochs, write, progress)
+        result = _run_modelsets(arch, models, steps, update_rate, approaches, out, repeat, keep, check, seed,
+                                epochs, progress)
     finally:
         torch.set_num_threads(before)
+    if write:
+        result.files = write_results(result, out, args)
+    return result
 
 
 def _run_modelsets(arch: str, models: int, steps: int, update_rate: float, approaches: Sequence[str],
                    out: str | os.PathLike[str], repeat: int, keep: bool, check: bool, seed: int, epochs: int,
-                   write: bool, progress: Progress | None) -> ModelsetsResult:
+                   progress: Progress | None) -> ModelsetsResult:
     say = progress or _silent
     unknown = [a for a in approaches if a not in APPROACHES]
     if unknown:
@@ -636,21 +665,19 @@ def _run_modelsets(arch: str, models: int, steps: int, update_rate: float, appro
     rows.sort(key=lambda r: (r["step"], order[r["approach"]]))
     add_ratios(rows)
     timings["total_s"] = time.perf_counter() - t_start
-    result = ModelsetsResult(rows, evaluate_targets(rows), config, env, timings)
-    if write:
-        result.files = write_results(result, out)
-    return result
+    return ModelsetsResult(rows, evaluate_targets(rows), config, env, timings)
 
 
-def write_results(result: ModelsetsResult, out: str | os.PathLike[str]) -> list[str]:
+def write_results(result: ModelsetsResult, out: str | os.PathLike[str], args: dict[str, Any] | None = None
+                  ) -> list[str]:
     """``results.csv`` (one row per step and approach) and ``results.json`` (rows, environment,
-    config, timings, targets) in ``out``; returns their paths."""
+    config, timings, targets; with the arguments and code fingerprint ``results.save`` adds) in ``out``;
+    returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frame = result.frame()
     frame["ttr_runs_s"] = frame["ttr_runs_s"].map(lambda v: ";".join(f"{x:.6f}" for x in v))
     csv = out / "results.csv"
     frame.to_csv(csv, index=False)
-    js = out / "results.json"
-    js.write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+    js = results_files.save(out / "results.json", result.to_json(), args or result.config)
     return [str(csv), str(js)]

@@ -28,7 +28,6 @@ its error against the measured ratio.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -40,10 +39,13 @@ from typing import Any, Callable, Sequence
 
 from ..errors import SearchError
 from .modelsets import Target
+from .results import save as save_results
 
 APPROACHES = ("base", "shift", "alsatian")
 DEFAULT_OUT = Path("bench_results") / "search"
 QUICK = {"models": 8, "items": 400}
+#: ``--scale paper``: the paper's Fig. 10 setting (35 candidates, 2,000 items; full widths at 224 px)
+PAPER = {"models": 35, "items": 2000}
 Progress = Callable[[str], None]
 
 
@@ -172,8 +174,8 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
     if "alsatian" in by and "shift" in by:
         _sharing(by["alsatian"], by["shift"], runs["alsatian"], runs["shift"])
     for r in rows:
-        r["speedup_vs_base"] = by["base"]["seconds"] / r["seconds"] if "base" in by else None
-        r["speedup_vs_shift"] = by["shift"]["seconds"] / r["seconds"] if "shift" in by else None
+        r["vs_base"] = by["base"]["seconds"] / r["seconds"] if "base" in by else None
+        r["vs_shift"] = by["shift"]["seconds"] / r["seconds"] if "shift" in by else None
     for name in ("alsatian", "alsatian-budget"):
         if name in results and "shift" in results:
             a, s = results[name].ranking, results["shift"].ranking
@@ -185,16 +187,28 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
     targets = _targets(by, distribution, planning, budget)
     config = {"arch": arch, "models": models, "distribution": distribution, "items": items, "budget": budget,
               "budget_fraction": budget_fraction, "repeat": repeat, "threads": _torch_threads(),
-              "reduced": reduced, "image_size": image_size, "device": device, "batch_size": batch_size, "seed": seed}
+              "reduced": reduced, "image_size": image_size, "device": device, "device_used": dev,
+              "batch_size": batch_size, "seed": seed}
     bench = SearchBench(rows, targets, planning, config, med, list(zip(lo, hi)))
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"search-{arch}-{distribution}-{models}.json"
-    path.write_text(json.dumps({"config": config, "rows": rows, "planning_500_s": planning, "block_costs_s": med,
-                                "block_cost_range_s": bench.cost_range, "cost_samples": calibrate.count,
-                                "targets": [t.to_json() for t in targets]}, indent=2, default=str))
+    size = f"{image_size}px" if image_size else ("small" if reduced else "full")
+    path = Path(out) / f"search-{arch}-{distribution}-{models}x{items}-{size}-{dev.split(':')[0]}.json"
+    save_results(path, {"experiment": "search", "config": config, "environment": environment(dev), "rows": rows,
+                        "planning_500_s": planning, "block_costs_s": med, "block_cost_range_s": bench.cost_range,
+                        "cost_samples": calibrate.count, "targets": [t.to_json() for t in targets]}, config)
     bench.files.append(str(path))
     return bench
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Where the numbers were taken: CPUs, torch, and the GPU's name when the search ran on one."""
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 class CostCalibration:
@@ -313,8 +327,8 @@ def _row(approach: str, runs: list[tuple[float, Any]]) -> dict[str, Any]:
             raise SearchError(f"{approach}: repeated runs of the benchmark did different work")
     seconds = [took for took, _ in runs]
     timings = {f"t_{k}": statistics.median(res.timings[k] for _, res in runs) for k in first.timings}
-    return {"approach": approach, "seconds": statistics.median(seconds), "seconds_min": min(seconds),
-            "seconds_max": max(seconds), "seconds_runs": seconds, **timings, **first.stats, "best": first.best,
+    return {"approach": approach, "seconds": statistics.median(seconds), "min_s": min(seconds),
+            "max_s": max(seconds), "seconds_runs": seconds, **timings, **first.stats, "best": first.best,
             "rungs": len(first.rungs)}
 
 
@@ -323,11 +337,11 @@ def _targets(by: dict[str, dict[str, Any]], distribution: str, planning: float, 
     out = []
     al = by.get("alsatian")
     if al is not None and need[0] is not None and budget is None:
-        out.append(Target(f"{distribution}: alsatian vs base", al.get("speedup_vs_base"), need[0], ">=", "x faster"))
+        out.append(Target(f"{distribution}: alsatian vs base", al.get("vs_base"), need[0], ">=", "x faster"))
     if al is not None and need[1] is not None and budget is None:
-        out.append(Target(f"{distribution}: alsatian vs shift", al.get("speedup_vs_shift"), need[1], ">=", "x faster"))
+        out.append(Target(f"{distribution}: alsatian vs shift", al.get("vs_shift"), need[1], ">=", "x faster"))
     if al is not None and budget is not None:
-        out.append(Target("limited budget: alsatian vs shift", al.get("speedup_vs_shift"), 1.0, ">=", "x faster"))
+        out.append(Target("limited budget: alsatian vs shift", al.get("vs_shift"), 1.0, ">=", "x faster"))
     if al is not None and budget is None:
         out.append(Target("block inferences == unique edges", float(al["block_inferences"] - al["unique_edges"]),
                           0.0, "<=", "extra inferences"))
@@ -343,7 +357,7 @@ def _targets(by: dict[str, dict[str, Any]], distribution: str, planning: float, 
     lim = by.get("alsatian-budget")
     if lim is not None:
         c_min = al["cache_peak_bytes"] if al is not None else None
-        out.append(Target("budget < C_min: alsatian vs shift", lim.get("speedup_vs_shift"), 1.0, ">=", "x faster",
+        out.append(Target("budget < C_min: alsatian vs shift", lim.get("vs_shift"), 1.0, ">=", "x faster",
                           f"budget {lim['budget']:,} B of C_min {c_min:,} B, {lim['chunks']} chunks"))
         if "ranking_matches_shift" in lim:
             out.append(Target("budget < C_min: ranking == shift ranking", float(lim["ranking_matches_shift"]), 1.0,
