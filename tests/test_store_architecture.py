@@ -337,7 +337,7 @@ def test_a_meta_probe_skips_value_fills_only():
         arch = Architecture.infer(model) if isinstance(model, transformers.PreTrainedModel) else None
         build = (lambda a=arch: a.build_meta(trusted=True)) if arch is not None else None
         if build is None:
-            with torch.device("meta"), architectures._MetaFills():
+            with torch.device("meta"), architectures._meta_fills():
                 probe = _FillsOnBothDevices()
             assert torch.equal(probe.table, torch.full((5, 2), 7.0))  # a real tensor keeps its fill
         else:
@@ -356,7 +356,7 @@ def test_a_meta_probe_skips_value_fills_only():
             seen.append(func)
             return func(*args, **(kwargs or {}))
 
-    with torch.device("meta"), Spy(), architectures._MetaFills():
+    with torch.device("meta"), Spy(), architectures._meta_fills():
         torch.empty(3).normal_()
         torch.nn.init.kaiming_uniform_(torch.empty(3, 4))
         torch.empty(3).add_(1)

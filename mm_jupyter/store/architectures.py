@@ -217,7 +217,7 @@ class Architecture:
             else:
                 make = self._constructor(trusted, subject)
                 if meta:
-                    with torch.device("meta"), _MetaFills():
+                    with torch.device("meta"), _meta_fills():
                         model = make()
                 else:
                     model = make()
@@ -293,31 +293,27 @@ def _fill_functions() -> frozenset[Any]:
     return frozenset(fns)
 
 
-class _MetaFills:
+@contextmanager
+def _meta_fills() -> Iterator[None]:
     """While a record is built on the meta device, value fills of meta tensors are no-ops: a meta
     tensor holds no values, and torch runs meta random fills through slow Python decompositions
     (most of a small Hugging Face model's probe, which every save makes). Shapes, dtypes and
     registrations are untouched, so the probe sees exactly what a real build makes."""
+    from torch.overrides import TorchFunctionMode
 
-    def __enter__(self) -> None:
-        from torch.overrides import TorchFunctionMode
+    fills = _fill_functions()
 
-        fills = _fill_functions()
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if func in fills:
+                target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+                if getattr(target, "is_meta", False):
+                    return target
+            return func(*args, **kwargs)
 
-        class Mode(TorchFunctionMode):
-            def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-                kwargs = kwargs or {}
-                if func in fills:
-                    target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
-                    if getattr(target, "is_meta", False):
-                        return target
-                return func(*args, **kwargs)
-
-        self._mode = Mode()
-        self._mode.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._mode.__exit__(*exc)
+    with Mode():
+        yield
 
 
 #: A constructor may register at most this many modules, parameters and buffers per stored tensor
