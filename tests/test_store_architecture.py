@@ -305,3 +305,60 @@ def test_class_defined_in_a_script(tmp_path, store_path):
     assert ms.state_dict(1)["on"].tolist() == [True, False]
     assert json.dumps(arch)  # plain JSON, no pickle
     store.close()
+
+
+class _FillsOnBothDevices(torch.nn.Module):
+    """A constructor that fills parameters (skipped on meta) and a tensor it puts on the CPU on
+    purpose (never skipped: it holds values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        torch.nn.init.normal_(self.lin.weight)
+        torch.nn.init.kaiming_uniform_(self.lin.weight)
+        self.lin.bias.data.uniform_(-1, 1)
+        self.register_buffer("table", torch.empty(5, 2, device="cpu").fill_(7.0))
+
+
+def test_a_meta_probe_skips_value_fills_only():
+    """The save-time probe builds on the meta device without running initialisers (a meta tensor
+    has no values): the same modules, keys, shapes and dtypes as a plain meta build, and a tensor
+    the constructor makes on the CPU is still filled."""
+    import transformers
+
+    from mm_jupyter.store import architectures
+    from mm_jupyter.store.architectures import Architecture
+
+    def layout(m: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype, str]]:
+        return {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in m.state_dict().items()}
+
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    for model in (transformers.GPT2Model(cfg), _FillsOnBothDevices()):
+        arch = Architecture.infer(model) if isinstance(model, transformers.PreTrainedModel) else None
+        build = (lambda a=arch: a.build_meta(trusted=True)) if arch is not None else None
+        if build is None:
+            with torch.device("meta"), architectures._meta_fills():
+                probe = _FillsOnBothDevices()
+            assert torch.equal(probe.table, torch.full((5, 2), 7.0))  # a real tensor keeps its fill
+        else:
+            probe = build()
+        with torch.device("meta"):
+            plain = type(model)(model.config) if arch is not None else _FillsOnBothDevices()
+        assert layout(probe) == layout(plain)
+        assert [n for n, _ in probe.named_modules()] == [n for n, _ in plain.named_modules()]
+    # the fills really are skipped: a mode beneath the probe's sees every other call, never a fill
+    from torch.overrides import TorchFunctionMode
+
+    seen: list[object] = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.device("meta"), Spy(), architectures._meta_fills():
+        torch.empty(3).normal_()
+        torch.nn.init.kaiming_uniform_(torch.empty(3, 4))
+        torch.empty(3).add_(1)
+    assert torch.Tensor.normal_ not in seen and torch.nn.init.kaiming_uniform_ not in seen
+    assert torch.Tensor.add_ in seen

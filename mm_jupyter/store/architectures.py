@@ -217,7 +217,7 @@ class Architecture:
             else:
                 make = self._constructor(trusted, subject)
                 if meta:
-                    with torch.device("meta"):
+                    with torch.device("meta"), _meta_fills():
                         model = make()
                 else:
                     model = make()
@@ -276,6 +276,44 @@ class Architecture:
     def build_meta(self, *, trusted: bool = False, subject: str = "this set") -> "nn.Module":
         """Build without allocating parameter memory (for checking keys, shapes and dtypes)."""
         return self.build(trusted=trusted, subject=subject, meta=True)
+
+
+_FILLS: frozenset[str] = frozenset({
+    "normal_", "uniform_", "fill_", "zero_", "random_", "bernoulli_", "exponential_", "log_normal_", "cauchy_",
+    "geometric_", "constant_", "kaiming_uniform_"})
+
+
+def _fill_functions() -> frozenset[Any]:
+    """The exact initialisers skipped on meta tensors: ``Tensor``'s in-place random and constant
+    fills, and the ``torch.nn.init`` functions that dispatch to a mode before filling."""
+    import torch
+
+    fns = {getattr(torch.Tensor, n) for n in _FILLS if hasattr(torch.Tensor, n)}
+    fns |= {getattr(torch.nn.init, n) for n in _FILLS if hasattr(torch.nn.init, n)}
+    return frozenset(fns)
+
+
+@contextmanager
+def _meta_fills() -> Iterator[None]:
+    """While a record is built on the meta device, value fills of meta tensors are no-ops: a meta
+    tensor holds no values, and torch runs meta random fills through slow Python decompositions
+    (most of a small Hugging Face model's probe, which every save makes). Shapes, dtypes and
+    registrations are untouched, so the probe sees exactly what a real build makes."""
+    from torch.overrides import TorchFunctionMode
+
+    fills = _fill_functions()
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if func in fills:
+                target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+                if getattr(target, "is_meta", False):
+                    return target
+            return func(*args, **kwargs)
+
+    with Mode():
+        yield
 
 
 #: A constructor may register at most this many modules, parameters and buffers per stored tensor
