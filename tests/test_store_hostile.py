@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -320,3 +321,44 @@ def test_verify_reports_damaged_refs_and_gc_repairs_them(tmp_path: Path) -> None
     assert (refs / "b@1").read_text().strip() == oid_b
     assert [m.out_features for m in (store.recover_set(a)[0], store.recover_set(b)[0])] == [2, 3]
     store.close()
+
+
+def test_rnn_size_attributes_must_match_their_weights(tmp_path: Path, sentinel: Path) -> None:
+    """An RNN allocates its initial state from hidden_size and num_layers before it checks its
+    weights (found by the long fuzz run): a record whose sizes disagree with its tensors is refused
+    when the model is built, before any forward; every legitimate RNN layout still recovers."""
+    legit = {"lstm": lambda: nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3),
+             "gru": lambda: nn.GRU(4, 5, bias=False, batch_first=True),
+             "rnn": lambda: nn.RNN(3, 5, num_layers=3, nonlinearity="relu")}
+    store = mm.Store(tmp_path / "s")
+    for name, make in legit.items():
+        models = [sm.fill_(make(), i) for i in range(2)]
+        store.save_set(models, name)
+        back = store.recover_set(name)
+        for a, b in zip(models, back):
+            assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        x = torch.randn(2, 3, 4 if name != "rnn" else 3)
+        assert torch.equal(models[1](x)[0], back[1](x)[0])
+    store.close()
+
+    def attrs(m: dict) -> list:
+        return m["set"]["architecture"]["structure"]["root"]["a"]
+
+    def setting(key: str, value: object) -> Callable[[dict], None]:
+        def edit(m: dict) -> None:
+            for pair in attrs(m):
+                if pair[0] == key:
+                    pair[1] = value
+        edit.__name__ = f"{key}={value}"
+        return edit
+
+    edits = [setting("hidden_size", 2**31), setting("num_layers", 2**40), setting("input_size", 2**31),
+             setting("mode", "GRU"), setting("proj_size", 5), setting("bidirectional", False)]
+    limit = "import resource\nresource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))"
+    for i, edit in enumerate(edits):
+        path = tmp_path / f"c{i}"
+        shutil.copytree(tmp_path / "s", path)
+        hm.rewrite_manifest(path, "lstm@1", edit)
+        got = hm.recover_fresh(path, ["lstm"], sentinel, setup=limit)["lstm"]
+        assert "error" in got and "not the ones its tensors were made with" in got["error"], (edit.__name__, got)
+        assert "allocate" not in got["error"] and "MemoryError" not in got["error"], (edit.__name__, got)

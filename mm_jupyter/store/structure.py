@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
 
 from ..errors import ArchitectureError, MMError, StoreError, TrustError, a_type
 from . import trust
+from .consistency import check_consistent
 from .limits import MAX_RECORD_DEPTH, check_depth
 from .tensors import Layout, TensorSpec, _as_storable, spec_of, torch_dtype
 
@@ -690,6 +691,7 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
             if refusal is not None:
                 raise ArchitectureError(f"attribute {k!r} {refusal}; a record restores data, never code")
             mod.__dict__[k] = value(v, _join(path, k))
+    check_consistent(root)
     return root
 
 
