@@ -24,58 +24,34 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
 
 from ..errors import IntegrityError
 from . import manifest as manifests
+from .basetypes import REF_KINDS, Listed, PutResult, RebuildWriter, SetRow
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
-    from .approaches.common import Saved, SaveInput
-    from .catalog import SetRow
-    from .modelset import Resolved
-    from .objects import ObjectReader, PutResult
-    from .store import Store
-
-#: kinds of refs (one per kind of catalog entry): model-set versions and candidate sets
-REF_KINDS = ("sets", "candidates")
 _MANIFEST_CACHE = 20_000
 
-#: (role, object id, bytes) of one object a version references
-Listed = tuple[str, str, int]
-#: a rebuilt catalog's content: manifest id -> (manifest, its size), for sets and candidate sets
-Manifests = dict[str, tuple[dict[str, Any], int]]
 
+class Reader(Protocol):
+    """A verified view of one stored object (``objects.ObjectReader`` and its subclasses)."""
 
-class Approach(Protocol):
-    """One multi-model management approach; the modules in ``approaches/`` implement it and
-    ``approaches.REGISTRY`` lists them (the only place their names are spelled out)."""
+    oid: str
+    size: int
 
-    NAME: str
+    def verify(self) -> None:
+        """Hash every chunk; IntegrityError naming the first that does not match."""
 
-    def save(self, store: "Store", inp: "SaveInput") -> "Saved":
-        """Write the set's objects (durable when this returns); the store then commits them."""
+    def tensor(self, offset: int = 0, nbytes: int | None = None) -> "torch.Tensor":
+        """Verified zero-copy uint8 tensor over payload bytes."""
 
-    def resolve(self, store: "Store", row: "SetRow", base: "Resolved | None", retrain: bool = True) -> "Resolved":
-        """Where every tensor of ``row`` lives, given its resolved base (derived versions)."""
+    def read(self, offset: int, nbytes: int) -> bytes:
+        """Verified payload bytes."""
 
-    def derived(self, manifest: dict[str, Any]) -> bool:
-        """True when a version needs its base to be resolved."""
+    def read_all(self) -> bytes:
+        """The whole verified payload."""
 
-    def digests(self, store: "Store", row: "SetRow", base: "np.ndarray | None"
-                ) -> "tuple[list[str], np.ndarray]":
-        """(names, per-tensor digests) of the version: the recorded ones, hashed from its stored
-        tensors when it recorded none, or its base's (``base``) overlaid with its own."""
-
-    def listed(self, objects: "ObjectArea", manifest: dict[str, Any]) -> list[Listed]:
-        """Objects the version references beyond its manifest's artifacts (per-model documents)."""
-
-    def model_rows(self, objects: "ObjectArea", manifest: dict[str, Any]) -> list[tuple[int, str, str, str, str]]:
-        """Per-model catalog rows (idx, name, params, architecture, environment) a rebuild restores."""
-
-    def changed(self, store: "Store", row: "SetRow") -> int | None:
-        """How many models this version changed against its base (None: not recorded)."""
-
-    def datasets(self, store: "Store", row: "SetRow") -> tuple[tuple[str, str, str], ...]:
-        """(model, dataset loader, content hash) of every model it retrained."""
+    def close(self) -> None:
+        """Drop this reader's buffer (tensors from it keep what they need)."""
 
 
 class ObjectArea(ABC):
@@ -89,7 +65,7 @@ class ObjectArea(ABC):
         self.bytes_fetched = 0
         self._counter = threading.Lock()
 
-    def _count(self, verified: int = 0, fetched: int = 0) -> None:
+    def count_bytes(self, verified: int = 0, fetched: int = 0) -> None:
         with self._counter:
             self.bytes_verified += verified
             self.bytes_fetched += fetched
@@ -99,15 +75,15 @@ class ObjectArea(ABC):
         """Create what a writer needs (on the first save)."""
 
     @abstractmethod
-    def put(self, data: bytes | bytearray | memoryview) -> "PutResult":
+    def put(self, data: bytes | bytearray | memoryview) -> PutResult:
         """Store bytes (atomically, durable on return); an existing identical object is kept."""
 
     @abstractmethod
-    def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor", Callable[[int], None]], None]) -> "PutResult":
+    def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor", Callable[[int], None]], None]) -> PutResult:
         """Store ``nbytes`` written by ``fill(dst, progress)`` straight into the upload buffer."""
 
     @abstractmethod
-    def open(self, oid: str) -> "ObjectReader":
+    def open(self, oid: str) -> Reader:
         """A verified reader; IntegrityError when the object is missing or damaged."""
 
     def get(self, oid: str) -> bytes:
@@ -200,10 +176,8 @@ class Catalog(ABC):
         except Exception:  # noqa: BLE001 - best effort: gc removes what is left
             pass
 
-    def set_row(self, r: tuple[Any, ...]) -> "SetRow":
+    def set_row(self, r: tuple[Any, ...]) -> SetRow:
         """A catalog row checked against its manifest (IntegrityError when they disagree)."""
-        from .catalog import SetRow
-
         set_id, name, version, oid, base_id, nbytes, tts, created = r
         if not isinstance(oid, str) or not oid:
             raise IntegrityError(f"catalog row of {name}@{version} names no manifest; {self.hint}")
@@ -284,14 +258,14 @@ class Catalog(ABC):
 
     # -- reads -------------------------------------------------------------------------------
     @abstractmethod
-    def get(self, set_id: int) -> "SetRow": ...
+    def get(self, set_id: int) -> SetRow: ...
 
     @abstractmethod
-    def find(self, name: str, version: int | None) -> "SetRow | None":
+    def find(self, name: str, version: int | None) -> SetRow | None:
         """A visible version (the latest when ``version`` is None)."""
 
     @abstractmethod
-    def versions(self, name: str) -> list["SetRow"]: ...
+    def versions(self, name: str) -> list[SetRow]: ...
 
     @abstractmethod
     def raw_rows(self) -> list[tuple[Any, ...]]:
@@ -335,6 +309,6 @@ class Catalog(ABC):
     @classmethod
     @abstractmethod
     def rebuilding(cls, location: str, objects: ObjectArea, wait_s: float
-                   ) -> AbstractContextManager[Callable[[Manifests, Manifests], None]]:
-        """Hold the store exclusively; yields ``write(sets, candidate_sets)``, which replaces the
-        whole catalog with rows for those manifests at once."""
+                   ) -> AbstractContextManager[RebuildWriter]:
+        """Hold the store exclusively; yields ``write(sets, candidate_sets, set_objects)``, which
+        replaces the whole catalog with rows for those manifests at once."""

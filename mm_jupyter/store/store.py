@@ -16,7 +16,8 @@ from ..errors import IntegrityError, RefError, StoreError, a_type
 from . import approaches, backends, trust
 from .approaches.common import Saved, SaveInput
 from .architectures import TAG, Architecture
-from .catalog import SetRow, now_iso
+from .basetypes import SetRow
+from .catalog import now_iso
 from .environment import environment
 from .files import OutOfSpace
 from .limits import decoding
@@ -357,7 +358,7 @@ class Store:
         """Models added, dropped and changed (with their changed tensors) from version ``a`` to ``b``."""
         from .diff import diff_sets
 
-        return diff_sets(self, a, b)
+        return diff_sets(self.version_digests, self.row(a), self.row(b))
 
     def stats(self, ref: SetRef | str) -> dict[str, Any]:
         """Storage of one version by artifact, plus the time-to-save recorded when it was saved."""

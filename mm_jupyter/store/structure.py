@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
 from ..errors import ArchitectureError, MMError, StoreError, TrustError, a_type
 from . import trust
 from .limits import MAX_RECORD_DEPTH, check_depth
+from .sourcecode import capture_code, defining_namespace, definition_source, exec_source, ref_of, session_namespaces
 from .tensors import Layout, TensorSpec, _as_storable, spec_of, torch_dtype
 
 if TYPE_CHECKING:
@@ -65,6 +66,9 @@ MAX_INLINE_BYTES = 1 << 20
 #: under such keys, after the state dict's own (which never hold it).
 STATE_MARK = "#"
 _KEEP = ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
+#: frozen record types a clone may share between models (``architectures.py`` adds ``Architecture``;
+#: kept here as a set so this module need not import the one that imports it)
+FROZEN_RECORDS: set[type] = set()
 _FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.BuiltinMethodType)
 
 
@@ -198,8 +202,6 @@ class _Recorder:
 
     def enum_ref(self, klass: type, where: str) -> str:
         """The reference of an enum class (a notebook's enum is recorded as source)."""
-        from .architectures import ref_of
-
         ref = ref_of(klass)
         if ref is None:
             return self._local(klass, f"class of {where}")
@@ -211,8 +213,6 @@ class _Recorder:
     def cls(self, klass: type, where: str) -> int:
         if klass in self.class_index:
             return self.class_index[klass]
-        from .architectures import ref_of
-
         ref = ref_of(klass)
         if ref is None:
             ref = self._local(klass, f"class of {where}")
@@ -353,8 +353,6 @@ class _Recorder:
                 "(a lambda or nested function); use a module-level function or an nn.Module")
         configs = _hf_config_types()
         if configs and isinstance(v, configs):
-            from .architectures import ref_of
-
             ref = ref_of(t)
             if ref is not None:
                 public = json_clean(v.to_dict(), f"attribute {where}")
@@ -414,11 +412,10 @@ def record(model: "nn.Module") -> dict[str, Any]:
 def capture_local(objs: Sequence[Any]) -> str:
     """One self-contained source for notebook classes/functions (and what they use), so every
     class of a record lives in one namespace, as it did in the notebook."""
-    from .architectures import _defining_namespace, _definition_source, capture_code
 
-    code = "\n\n".join(_definition_source(o) for o in objs)
+    code = "\n\n".join(definition_source(o) for o in objs)
     first = objs[0]
-    env = _defining_namespace(first) if isinstance(first, type) else first.__globals__
+    env = defining_namespace(first) if isinstance(first, type) else first.__globals__
     return capture_code(code, ", ".join(o.__name__ for o in objs), env)
 
 
@@ -426,7 +423,6 @@ def capture_local(objs: Sequence[Any]) -> str:
 def _source_namespace(source: Mapping[str, Any], trusted: bool, subject: str, allow: str) -> dict[str, Any]:
     """Objects defined by a record's source: the running session's own definitions when their
     captured source is identical (no code runs), else the executed source — only with trust."""
-    from .architectures import exec_source, session_namespaces
 
     names, code = list(source["names"]), source["code"]
     for ns in session_namespaces():
@@ -966,10 +962,8 @@ class _Node:
 def _immutable(v: Any) -> bool:
     import torch
 
-    from .architectures import Architecture
-
-    if v is None or type(v) in (bool, int, float, str, bytes, torch.Size, Architecture):
-        return True  # an Architecture (a factory's tag) is a frozen record nobody mutates
+    if v is None or type(v) in (bool, int, float, str, bytes, torch.Size) or type(v) in FROZEN_RECORDS:
+        return True  # e.g. an Architecture (a factory's tag): a frozen record nobody mutates
     if isinstance(v, (torch.dtype, torch.device, type, enum.Enum, *_FUNCTION_TYPES)):
         return True
     if type(v) in (tuple, frozenset):
