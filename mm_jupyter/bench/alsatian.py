@@ -107,7 +107,7 @@ def compare(candidates: Any, data: Any, variants: Sequence[Variant] | None = Non
     from ..modelsearch.api import search
 
     variants = list(variants or [Variant(a, a) for a in APPROACHES])
-    common = {"device": device, "batch_size": batch_size, "seed": seed}
+    common: dict[str, Any] = {"device": device, "batch_size": batch_size, "seed": seed}
     # untimed warm-up: first-call costs of torch, the planner and the proxy
     n_warm = min(2, len(candidates))
     warm = dict(list(candidates.items())[:n_warm]) if isinstance(candidates, dict) else list(candidates)[:n_warm]

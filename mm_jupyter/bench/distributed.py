@@ -119,7 +119,7 @@ def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = 
                 res = search(stored, data, k=1, approach="alsatian", batch_size=batch_size, seed=seed,
                              cache_budget=budget, executor=ex)
                 took, cpu = time.perf_counter() - t1, time.process_time() - c1
-                d = res.stats.get("distributed")
+                d: Any = res.stats.get("distributed")  # the distributed executor adds a dict of its own
                 share = sum(d["worker_cpu_seconds"]) / sum(d["worker_seconds"]) if d else cpu / (took * threads)
                 load = os.getloadavg()[0]
                 rounds.append({"round": r + 1, "run": label, "seconds": took, "load": load, "cpu_share": share})
