@@ -31,7 +31,19 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 from ..errors import IntegrityError, StoreError
-from .basetypes import Listed, Manifests, RebuildWriter, SetObjects, SetRow
+from .basetypes import (
+    CandidateRow,
+    CatalogRow,
+    FoundCandidates,
+    Listed,
+    ListingRow,
+    Manifests,
+    ModelRow,
+    RebuildWriter,
+    SetColumns,
+    SetObjects,
+    SetRow,
+)
 from .contracts import Catalog, ObjectArea
 from .files import OutOfSpace, StoreLock, fsync_path, is_read_only, os_error
 
@@ -240,7 +252,7 @@ class SQLCatalog(Catalog):
         r = self._one(f"SELECT {_COLUMNS} FROM sets WHERE id=? AND version IS NOT NULL", (set_id,))
         if r is None:
             raise IntegrityError(f"catalog has no set with id {set_id}; {self.hint}")
-        return self.set_row(r)
+        return self.set_row(CatalogRow(*r))
 
     def find(self, name: str, version: int | None) -> SetRow | None:
         if version is None:
@@ -248,42 +260,46 @@ class SQLCatalog(Catalog):
                           " ORDER BY version DESC LIMIT 1", (name,))
         else:
             r = self._one(f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version=?", (name, version))
-        return None if r is None else self.set_row(r)
+        return None if r is None else self.set_row(CatalogRow(*r))
 
     def versions(self, name: str) -> list[SetRow]:
         rows = self._rows(f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version IS NOT NULL ORDER BY version",
                           (name,))
-        return [self.set_row(r) for r in rows]
+        return [self.set_row(CatalogRow(*r)) for r in rows]
 
-    def raw_rows(self) -> list[tuple[Any, ...]]:
-        return self._rows(f"SELECT {_COLUMNS} FROM sets WHERE version IS NOT NULL ORDER BY id")
+    def raw_rows(self) -> list[CatalogRow]:
+        rows = self._rows(f"SELECT {_COLUMNS} FROM sets WHERE version IS NOT NULL ORDER BY id")
+        return [CatalogRow(*r) for r in rows]
 
-    def raw_candidates(self) -> list[tuple[Any, ...]]:
-        return self._rows("SELECT id, name, version, manifest, bytes, created FROM candidate_sets ORDER BY id")
+    def raw_candidates(self) -> list[CandidateRow]:
+        return [CandidateRow(*r) for r in self._rows(
+            "SELECT id, name, version, manifest, bytes, created FROM candidate_sets ORDER BY id")]
 
     def candidate_objects(self, cset_id: int) -> list[Listed]:
         return [(r[0], r[1], r[2]) for r in self._rows(
             "SELECT role, object, bytes FROM candidate_objects WHERE cset_id=? ORDER BY role, object", (cset_id,))]
 
-    def listing(self) -> list[tuple[Any, ...]]:
-        return self._rows("SELECT name, version, approach, n_models, bytes, created, tts_s FROM sets"
-                          " WHERE version IS NOT NULL ORDER BY name, version")
+    def listing(self) -> list[ListingRow]:
+        return [ListingRow(*r) for r in self._rows("SELECT name, version, approach, n_models, bytes, created, tts_s"
+                                                   " FROM sets WHERE version IS NOT NULL ORDER BY name, version")]
 
-    def columns(self, set_id: int) -> tuple[Any, ...]:
+    def columns(self, set_id: int) -> SetColumns | None:
         r = self._one("SELECT approach, requested, chain, n_models, bytes, tts_s, created FROM sets WHERE id=?",
                       (set_id,))
-        return tuple(r) if r is not None else ()
+        return SetColumns(*r) if r is not None else None
 
     def artifacts(self, set_id: int) -> list[Listed]:
         return [(r[0], r[1], r[2]) for r in self._rows(
             "SELECT role, object, bytes FROM artifacts WHERE set_id=? ORDER BY role, object", (set_id,))]
 
-    def model_rows(self, set_id: int, idx: int | None = None) -> list[tuple[Any, ...]]:
+    def model_rows(self, set_id: int, idx: int | None = None) -> list[ModelRow]:
         if idx is None:
-            return self._rows("SELECT idx, name, params, architecture, environment FROM models WHERE set_id=?"
+            rows = self._rows("SELECT idx, name, params, architecture, environment FROM models WHERE set_id=?"
                               " ORDER BY idx", (set_id,))
-        return self._rows("SELECT idx, name, params, architecture, environment FROM models WHERE set_id=? AND idx=?",
-                          (set_id, idx))
+        else:
+            rows = self._rows("SELECT idx, name, params, architecture, environment FROM models"
+                              " WHERE set_id=? AND idx=?", (set_id, idx))
+        return [(int(i), n, p, a, e) for i, n, p, a, e in rows]
 
     def all_objects(self) -> list[str]:
         visible = "JOIN sets ON sets.id = {t}.set_id WHERE sets.version IS NOT NULL"
@@ -301,7 +317,7 @@ class SQLCatalog(Catalog):
         cands = {(n, int(v)) for n, v in self._rows("SELECT name, version FROM candidate_sets")}
         return sets, cands
 
-    def find_candidates(self, name: str, version: int | None = None) -> tuple[int, int, dict[str, Any]] | None:
+    def find_candidates(self, name: str, version: int | None = None) -> FoundCandidates | None:
         if version is None:
             r = self._one("SELECT id, version, manifest FROM candidate_sets WHERE name=? ORDER BY version DESC LIMIT 1",
                           (name,))
@@ -314,7 +330,7 @@ class SQLCatalog(Catalog):
         if m["kind"] != "candidates" or (m["id"], m["name"], m["version"]) != (r[0], name, r[1]):
             raise IntegrityError(f"catalog row of candidate set {name}@{r[1]} does not match its manifest; "
                                  f"{self.hint}")
-        return r[0], r[1], m["set"]
+        return FoundCandidates(r[0], r[1], m["set"])
 
 
 class SQLiteCatalog(SQLCatalog):

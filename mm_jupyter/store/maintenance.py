@@ -13,7 +13,6 @@ from typing import Any
 
 from ..errors import IntegrityError, MMError, StoreError
 from . import approaches, manifest as manifests
-from .approaches.common import StoreContext
 from .basetypes import Manifests, SetObjects
 from .contracts import Catalog, ObjectArea
 from .files import human_bytes
@@ -52,8 +51,8 @@ class RebuildReport:
 
 
 # -- verify ------------------------------------------------------------------------------------
-def verify(store: StoreContext) -> list[str]:
-    cat, objects = store.catalog, store.objects
+def verify(cat: Catalog) -> list[str]:
+    objects = cat.objects
     problems = [f"catalog lacks acknowledged version {v} (refs/ records it); {cat.hint}"
                 for v in cat.lost_versions()]
     check: set[str] = set()
@@ -76,8 +75,9 @@ def verify(store: StoreContext) -> list[str]:
                 m["bytes"] + objects.size(row.manifest_oid), float(m["tts"]), m["created"])
         if row.base_id is None and m["base_id"] is not None:
             problems.append(f"{where}: its parent (catalog id {m['base_id']}) is gone; the lineage edge to it is lost")
-        if tuple(stored) != want:
-            problems.append(f"{where}: catalog columns {stored} disagree with its manifest {want}")
+        if stored is None or tuple(stored) != want:
+            shown = tuple(stored) if stored is not None else None
+            problems.append(f"{where}: catalog columns {shown} disagree with its manifest {want}")
         if sorted(cat.artifacts(set_id)) != sorted(set(listed)):
             problems.append(f"{where}: the catalog's artifact list differs from the manifest's")
         if [tuple(r) for r in cat.model_rows(set_id)] != want_models:
@@ -128,8 +128,8 @@ def _ref_problems(objects: ObjectArea, kind: str, name: str, version: int, oid: 
 
 
 # -- gc ----------------------------------------------------------------------------------------
-def gc(store: StoreContext, wait_s: float) -> GcReport:
-    cat, objects = store.catalog, store.objects
+def gc(cat: Catalog, wait_s: float) -> GcReport:
+    objects = cat.objects
     cat.check_writable("nothing to collect")
     with cat.save_lock(True, wait_s, "cannot collect garbage"):
         lost = cat.lost_versions()

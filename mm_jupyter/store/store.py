@@ -390,7 +390,7 @@ class Store:
         no acknowledged version is missing. One line per problem (empty: intact)."""
         from .maintenance import verify
 
-        return verify(self)
+        return verify(self.catalog)
 
     def gc(self, wait_s: float = LOCK_WAIT_S) -> "GcReport":
         """Remove what no version references — objects of killed or failed saves, their pending
@@ -399,7 +399,7 @@ class Store:
         other processes save."""
         from .maintenance import gc
 
-        return gc(self, _wait(wait_s))
+        return gc(self.catalog, _wait(wait_s))
 
     @staticmethod
     def rebuild_catalog(path: str | os.PathLike[str], wait_s: float = LOCK_WAIT_S, *,

@@ -9,7 +9,7 @@ import numpy as np
 from ...errors import IntegrityError
 from ..architectures import Architecture
 from ..basetypes import Listed, PutResult, SetRow
-from ..contracts import Catalog, ObjectArea
+from ..contracts import ObjectArea, VersionCatalog
 from ..modelset import ModelSet, ObjectShape, Resolved, SetRef, default_names
 from ..tensors import Layout, fill_model_major, tensor_digest
 
@@ -28,7 +28,7 @@ class StoreContext(Protocol):
     def objects(self) -> ObjectArea: ...
 
     @property
-    def catalog(self) -> Catalog: ...
+    def catalog(self) -> VersionCatalog: ...
 
     def resolve_row(self, row: SetRow, retrain: bool = True) -> Resolved:
         """Where every tensor of ``row`` lives (its chain resolved)."""
