@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, ParamSpec, TypeVar
 
 from ..errors import ArchitectureError, MMError, a_type
-from . import structure, trust
+from . import structure, structure_clone, structure_decode, structure_encode, trust
 from .sourcecode import capture_source, exec_source, ref_of, session_namespaces
 from .trust import import_ref
 
@@ -120,7 +120,7 @@ class Architecture:
     @classmethod
     def structural(cls, model: "nn.Module") -> "Architecture":
         """The module tree of ``model`` (any ``nn.Module``; see :mod:`.structure`)."""
-        return cls("structure", type(model).__name__, {}, None, None, structure.record(model))
+        return cls("structure", type(model).__name__, {}, None, None, structure_encode.record(model))
 
     @classmethod
     def infer(cls, model: "nn.Module") -> "Architecture":
@@ -192,7 +192,7 @@ class Architecture:
 
         try:
             if self.kind == "structure":
-                model = structure.build(self.structure or {}, meta=meta, trusted=trusted, subject=subject,
+                model = structure_decode.build(self.structure or {}, meta=meta, trusted=trusted, subject=subject,
                                         allow=allow_hint(subject))
             else:
                 make = self._constructor(trusted, subject)
@@ -258,7 +258,7 @@ class Architecture:
         return self.build(trusted=trusted, subject=subject, meta=True)
 
 
-structure.FROZEN_RECORDS.add(Architecture)
+structure_clone.FROZEN_RECORDS.add(Architecture)
 
 #: A constructor may register at most this many modules, parameters and buffers per stored tensor
 #: (plus MIN_REGISTRATIONS) while a record is probed: a config asking for a million layers stops

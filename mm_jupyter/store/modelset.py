@@ -16,7 +16,8 @@ import numpy as np
 from ..errors import MMError, RecoveryError, StoreError, TrustError
 from .architectures import Architecture
 from .contracts import ObjectArea, Reader
-from .structure import load_module_state, make_cloner
+from .structure import load_module_state
+from .structure_clone import make_cloner
 from .tensors import Layout, TensorSpec, match_dtypes, torch_dtype, view_tensor
 
 if TYPE_CHECKING:

@@ -531,7 +531,8 @@ def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.M
     again on the meta device (the check every save makes), it must give the same config and tensors.
     A constructor that edits its config (LevitModel appends to ``config.down_ops``) fails that, and
     the models are recorded structurally instead — tree, attributes and config exactly as they are."""
-    from .structure import json_clean, with_attribute_states
+    from .structure import with_attribute_states
+    from .structure_encode import json_clean
 
     def prepared(arch: Architecture) -> tuple[Layout, list[list[Any]], "nn.Module", str | None]:
         if architecture is None:
@@ -557,7 +558,7 @@ def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], n
     the same factory call, Hugging Face config, or module tree with the same attribute values
     (e.g. an activation that differs between models, which the state dicts cannot show)."""
     from ..errors import ArchitectureError
-    from .structure import SameArchitecture
+    from .structure_check import SameArchitecture
 
     if arch.kind == "structure":
         check = SameArchitecture(models[0], names[0])
@@ -581,7 +582,7 @@ def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], n
 def _same_hf_config(model: Any, first: Any, arch: Architecture) -> bool:
     """True when transformers model ``model`` shares ``first``'s config or has an equal one (typed
     Any: torch's stubs type every module attribute as ``Tensor | Module``)."""
-    from .structure import json_clean
+    from .structure_encode import json_clean
 
     return bool(model.config is first.config
                 or json_clean(model.config.to_dict(), "the model config") == arch.config)
