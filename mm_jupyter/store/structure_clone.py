@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+from .statewalk import plain_class
 from .structure import (
     FUNCTION_TYPES,
     attribute_states,
@@ -76,8 +77,6 @@ class Cloner:
         """A plan for ``template`` whose state-dict keys are ``keys``; None when the module has
         anything the plan does not reproduce (hooks, slots, custom state-dict logic)."""
 
-        from .statewalk import _plain
-
         index = {k: i for i, k in enumerate(keys)}
         nodes: list[_Node | None] = []
         slots: list[tuple[Any, int, bool, bool]] = []
@@ -101,7 +100,7 @@ class Cloner:
 
         def visit(mod: nn.Module, path: str) -> int:
             klass = type(mod)
-            if not _plain(klass) or hooks_of(mod) or not hasattr(mod, "__dict__") or "__slots__" in vars(klass):
+            if not plain_class(klass) or hooks_of(mod) or not hasattr(mod, "__dict__") or "__slots__" in vars(klass):
                 raise LookupError(path)
             node_of[id(mod)] = len(nodes)
             me = len(nodes)
