@@ -33,6 +33,7 @@ run: install
 test: install
 	$(VENV)/bin/ruff check mm_jupyter
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	export MM_JUPYTER_BENCH_RESULTS=$$(mktemp -d); \
 	$(PY) -m pytest -n 2 --dist loadfile --nbval $(NBVAL) tests $(STRICT_NOTEBOOKS) $(PYTEST_ARGS) && \
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -n 2 --dist loadfile --nbval-lax $(NBVAL) $(LAX_NOTEBOOKS) \

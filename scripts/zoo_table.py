@@ -24,11 +24,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 def search_row(name: str) -> dict[str, Any]:
     """Split, verify and search entry ``name``; what happened."""
+    import hf_zoo
     import torch
 
-    import hf_zoo
     import mm_jupyter as mm
-    from mm_jupyter.modelsearch.blocks import split_model
+    from mm_jupyter.modelsearch.splitting import split_model
 
     row: dict[str, Any] = {"searchable": False, "split": "", "notes": "", "wrong": False}
     x = hf_zoo.inputs(name, 24, seed=2)
@@ -80,6 +80,7 @@ def main(names: list[str]) -> int:
 
     transformers.logging.set_verbosity_error()
     import hf_zoo
+
     import mm_jupyter as mm
 
     names = names or list(hf_zoo.ZOO)

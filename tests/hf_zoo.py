@@ -312,7 +312,7 @@ def pad(name: str) -> int | None:
 def derived(name: str, count: int = 3) -> dict[str, nn.Module]:
     """A base and ``count - 1`` copies whose last one or two parameterised blocks are redrawn
     (candidates that share a prefix, as fine-tunes of one base do)."""
-    from mm_jupyter.modelsearch.blocks import split_model
+    from mm_jupyter.modelsearch.splitting import split_model
     from mm_jupyter.modelsearch.synthetic import parameterised, reinitialise
 
     base = build(name, 0)
@@ -356,8 +356,9 @@ def output_digests(model: nn.Module, name: str) -> list[str]:
 def save(store: Any, name: str) -> dict[str, Any]:
     """Save entry ``name`` as a set of three (version 1) and an update of it (version 2); what a
     fresh process must recover: state digests and output digests per version, or the error."""
-    import mm_jupyter as mm
     from store_models import model_digests
+
+    import mm_jupyter as mm
 
     want: dict[str, Any] = {}
     try:

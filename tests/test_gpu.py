@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("transformers")
 
 import mm_jupyter as mm  # noqa: E402
-from mm_jupyter.modelsearch.blocks import split_model  # noqa: E402
+from mm_jupyter.modelsearch.splitting import split_model  # noqa: E402
 from mm_jupyter.modelsearch.synthetic import sample_data, synthetic_candidates  # noqa: E402
 
 DEVICE = os.environ.get("MM_JUPYTER_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,7 +18,8 @@ import mm_jupyter as mm
 tf = pytest.importorskip("transformers")
 import hf_zoo  # noqa: E402
 from search_models import assert_search_agrees  # noqa: E402
-from mm_jupyter.modelsearch.blocks import split_model  # noqa: E402
+
+from mm_jupyter.modelsearch.splitting import split_model  # noqa: E402
 from mm_jupyter.modelsearch.verify import check_split, clear_verdicts, general_position  # noqa: E402
 
 NAMES = hf_zoo.profile()

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from mm_jupyter.errors import SearchError
-from mm_jupyter.modelsearch.blocks import Block, Blocks, Split, output_sizes, split_model
+from mm_jupyter.modelsearch.blocks import Block, Blocks, Split, output_sizes
+from mm_jupyter.modelsearch.splitting import split_model
 
 tf = pytest.importorskip("transformers")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import search_models
 import torch
 from torch import nn
 
 import mm_jupyter as mm
-import search_models
 from mm_jupyter.modelsearch.halving import schedule
 
 
@@ -152,8 +152,8 @@ def test_stored_candidates_dedup_and_partial_access(tmp_path):
     before = len(list((tmp_path / "s" / "objects").rglob("*")))
     add_candidates(store, cands, "mlps")
     files = [p for p in (tmp_path / "s" / "objects").rglob("*") if p.is_file()]
-    from mm_jupyter.modelsearch.blocks import split_model
     from mm_jupyter.modelsearch.hashing import block_id
+    from mm_jupyter.modelsearch.splitting import split_model
 
     distinct = {block_id(b) for m in cands.values() for b in split_model(m).blocks}
     heads = {bytes(split_model(m).head.weight.detach().numpy().tobytes()) for m in cands.values()}

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from mm_jupyter.errors import SearchError
-from mm_jupyter.modelsearch.blocks import Block, split_model
+from mm_jupyter.modelsearch.blocks import Block
 from mm_jupyter.modelsearch.hashing import block_id, block_ids
+from mm_jupyter.modelsearch.splitting import split_model
 from mm_jupyter.modelsearch.synthetic import generation_plan, parameterised, synthetic_candidates
 
 

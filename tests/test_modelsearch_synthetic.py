@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from mm_jupyter.errors import SearchError
-from mm_jupyter.modelsearch.blocks import split_model
 from mm_jupyter.modelsearch.hashing import block_ids
+from mm_jupyter.modelsearch.splitting import split_model
 from mm_jupyter.modelsearch.synthetic import (
     ARCHS,
     DISTRIBUTIONS,

@@ -7,15 +7,16 @@ import copy
 import math
 
 import pytest
+import search_models
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import mm_jupyter as mm
-import search_models
 from mm_jupyter.errors import SearchError
-from mm_jupyter.modelsearch.blocks import output_sizes, split_model
+from mm_jupyter.modelsearch.blocks import output_sizes
 from mm_jupyter.modelsearch.hashing import block_id, block_ids
+from mm_jupyter.modelsearch.splitting import split_model
 from mm_jupyter.modelsearch.synthetic import parameterised, reinitialise, sample_data
 
 

@@ -14,10 +14,15 @@ from torch import nn
 
 import mm_jupyter as mm
 from mm_jupyter.errors import SearchError
-from mm_jupyter.modelsearch.blocks import Block, split_model
+from mm_jupyter.modelsearch.blocks import Block
 from mm_jupyter.modelsearch.hashing import block_id
+from mm_jupyter.modelsearch.splitting import split_model
 from mm_jupyter.modelsearch.verify import (
-    check_split, clear_verdicts, general_position, structure_key, verified_split,
+    check_split,
+    clear_verdicts,
+    general_position,
+    structure_key,
+    verified_split,
 )
 
 tf = pytest.importorskip("transformers")

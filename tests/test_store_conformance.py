@@ -1,6 +1,8 @@
-"""One conformance suite for every backend pair (as zarr-python tests every Store with one class):
-SQLite + folder, and PostgreSQL + S3 (a real PostgreSQL server from the Debian packages and moto's
-S3 emulator, started per test module by ``mm_jupyter.store.testing``).
+"""Conformance of every backend pair (as zarr-python tests every Store with one class). The whole-store
+suite runs on SQLite + folder and PostgreSQL + S3 (a real PostgreSQL server from the Debian packages and
+moto's S3 emulator, started per test module by ``mm_jupyter.store.testing``); the contract-level kit
+(``mm_jupyter.store.conformance``: ``ObjectAreaTests``, ``CatalogTests``) runs at the end of this module
+on both object areas and on all three pairs the docs name: folder + SQLite, SQLite + S3, PostgreSQL + S3.
 
 Round trips per approach (recovered in a fresh process that shares nothing but the two URLs),
 integrity (a flipped byte), crash safety (a writer killed with SIGKILL), two processes saving and
@@ -28,8 +30,13 @@ from torch import nn
 
 import mm_jupyter as mm
 from mm_jupyter.store import testing
-from mm_jupyter.store.objects import chunk_size_for
-from mm_jupyter.store.s3 import PROBE
+from mm_jupyter.store.backends import open_objects, open_store
+from mm_jupyter.store.catalog import SQLiteCatalog
+from mm_jupyter.store.conformance import CatalogTests, ObjectAreaTests
+from mm_jupyter.store.contracts import Catalog, ObjectArea
+from mm_jupyter.store.objects import FolderObjects, chunk_size_for
+from mm_jupyter.store.postgres import PostgresCatalog
+from mm_jupyter.store.s3 import PROBE, S3Objects
 from mm_jupyter.usecases.battery import cell_ref
 from mm_jupyter.usecases.training import initial_models
 
@@ -70,7 +77,7 @@ class Backend:
 
     def flip_byte(self, store: mm.Store, oid: str, offset: int) -> None:
         """Change one stored byte of object ``oid`` (offset into the stored object)."""
-        if self.team is None:
+        if self.objects is None:
             path = store.objects.path(oid)  # type: ignore[attr-defined]
             data = bytearray(path.read_bytes())
             data[offset] ^= 0xFF
@@ -87,7 +94,7 @@ class Backend:
         """The same objects with the catalog gone: the folder's file deleted, or a new database."""
         for s in self.stores:
             s.close()
-        if self.team is None:
+        if not self.kind.startswith("postgresql"):
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{self.path}/catalog.sqlite{suffix}").unlink(missing_ok=True)
             return self
@@ -369,3 +376,90 @@ def test_notebooks_point_at_the_team_store(team: Team, monkeypatch: pytest.Monke
     finally:
         ip.run_line_magic("config", "ModelMagics.store = None")
         ip.run_line_magic("config", "ModelMagics.objects = None")
+
+
+# -- the reusable contract kit (mm_jupyter.store.conformance) on every pair the docs name ---------------------
+def _flip_file(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
+def _flip_s3(area: S3Objects, oid: str, offset: int) -> None:
+    key = area.key(oid)
+    data = bytearray(area.client.get_object(Bucket=area.bucket, Key=key)["Body"].read())
+    data[offset] ^= 0xFF
+    area.client.put_object(Bucket=area.bucket, Key=key, Body=bytes(data))
+
+
+def _flip(objects: ObjectArea, oid: str, offset: int) -> None:
+    if isinstance(objects, FolderObjects):
+        _flip_file(objects.path(oid), offset)
+    else:
+        assert isinstance(objects, S3Objects)
+        _flip_s3(objects, oid, offset)
+
+
+class TestFolderObjects(ObjectAreaTests):
+    def make_objects(self, tmp_path: Path) -> ObjectArea:
+        return FolderObjects(tmp_path / "store")
+
+    def corrupt(self, objects: ObjectArea, oid: str, offset: int) -> None:
+        _flip(objects, oid, offset)
+
+
+class TestS3Objects(ObjectAreaTests):
+    @pytest.fixture(autouse=True)
+    def _team(self, team: Team) -> None:
+        self.team = team
+
+    def make_objects(self, tmp_path: Path) -> ObjectArea:
+        return open_objects(self.team.s3.bucket_url())
+
+    def corrupt(self, objects: ObjectArea, oid: str, offset: int) -> None:
+        _flip(objects, oid, offset)
+
+
+class TestSQLiteFolderCatalog(CatalogTests):
+    def make_catalog(self, tmp_path: Path) -> Catalog:
+        return open_store(tmp_path / "store", None).catalog
+
+    def reopen(self, catalog: Catalog) -> Catalog:
+        return SQLiteCatalog(Path(catalog.location), catalog.objects)
+
+    def corrupt(self, objects: ObjectArea, oid: str, offset: int) -> None:
+        _flip(objects, oid, offset)
+
+
+class TestSQLiteS3Catalog(TestSQLiteFolderCatalog):
+    @pytest.fixture(autouse=True)
+    def _team(self, team: Team) -> None:
+        self.team = team
+
+    def make_catalog(self, tmp_path: Path) -> Catalog:
+        catalog = open_store(tmp_path / "store", self.team.s3.bucket_url()).catalog
+        assert isinstance(catalog.objects, S3Objects)
+        return catalog
+
+
+class TestPostgresS3Catalog(CatalogTests):
+    @pytest.fixture(autouse=True)
+    def _team(self, team: Team) -> None:
+        self.team = team
+        self.urls: dict[int, str] = {}
+
+    def make_catalog(self, tmp_path: Path) -> Catalog:
+        url = self.team.pg.database()
+        catalog = open_store(url, self.team.s3.bucket_url()).catalog
+        self.urls[id(catalog)] = url
+        return catalog
+
+    def location(self, catalog: Catalog) -> str:
+        return self.urls[id(catalog)]
+
+    def reopen(self, catalog: Catalog) -> Catalog:
+        return PostgresCatalog(self.location(catalog), catalog.objects)
+
+    def corrupt(self, objects: ObjectArea, oid: str, offset: int) -> None:
+        _flip(objects, oid, offset)

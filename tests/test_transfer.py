@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from mm_jupyter.modelsearch.blocks import split_model
 from mm_jupyter.modelsearch.hashing import block_id
+from mm_jupyter.modelsearch.splitting import split_model
 from mm_jupyter.usecases import transfer as tr
 
 SHOTS = 5

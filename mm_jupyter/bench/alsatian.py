@@ -104,14 +104,14 @@ def compare(candidates: Any, data: Any, variants: Sequence[Variant] | None = Non
     one row per variant (median seconds and phases, min/max, stats, speed-ups against base and
     shift) and the checks: every alsatian variant ranks as shift (scores within ``tol``), and, with
     ``check_base``, alsatian without halving ranks exactly as base."""
-    import mm_jupyter as mm
+    from ..modelsearch.api import search
 
     variants = list(variants or [Variant(a, a) for a in APPROACHES])
-    common = {"device": device, "batch_size": batch_size, "seed": seed}
+    common: dict[str, Any] = {"device": device, "batch_size": batch_size, "seed": seed}
     # untimed warm-up: first-call costs of torch, the planner and the proxy
     n_warm = min(2, len(candidates))
     warm = dict(list(candidates.items())[:n_warm]) if isinstance(candidates, dict) else list(candidates)[:n_warm]
-    mm.search(warm, (data[0][:64], data[1][:64]), approach="alsatian", **common)
+    search(warm, (data[0][:64], data[1][:64]), approach="alsatian", **common)
     times: dict[str, list[float]] = {v.label: [] for v in variants}
     parts: dict[str, list[dict[str, float]]] = {v.label: [] for v in variants}
     results: dict[str, Any] = {}
@@ -119,8 +119,8 @@ def compare(candidates: Any, data: Any, variants: Sequence[Variant] | None = Non
         shift = rep % len(variants)
         for v in variants[shift:] + variants[:shift]:
             t0 = time.perf_counter()
-            res = mm.search(candidates, data, approach=v.approach,
-                            cache_budget=v.budget if v.approach == "alsatian" else None, **common)
+            res = search(candidates, data, approach=v.approach,
+                         cache_budget=v.budget if v.approach == "alsatian" else None, **common)
             times[v.label].append(time.perf_counter() - t0)
             parts[v.label].append(dict(res.timings))
             results.setdefault(v.label, res)
@@ -147,7 +147,7 @@ def compare(candidates: Any, data: Any, variants: Sequence[Variant] | None = Non
         if v.approach == "alsatian" and "shift" in first:
             checks[f"{v.label} ranking == shift"] = same_ranking(results[v.label], results[first["shift"]], tol)
     if check_base and "base" in first:
-        exact = mm.search(candidates, data, approach="alsatian", halving=False, **common)
+        exact = search(candidates, data, approach="alsatian", halving=False, **common)
         checks["alsatian (no halving) ranking == base"] = same_ranking(exact, results[first["base"]], tol)
     return rows, checks
 
@@ -235,7 +235,8 @@ def describe_model(name: str, model: Any, x: Any, *, device: str = "cpu", repeat
     item; and the parameters and bytes at full width (``full_*``)."""
     import torch
 
-    from ..modelsearch.blocks import output_sizes, split_model
+    from ..modelsearch.blocks import output_sizes
+    from ..modelsearch.splitting import split_model
 
     split = split_model(model)
     params = sum(p.numel() for p in model.parameters())
@@ -515,12 +516,12 @@ def fig16(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
     """Fig. 16: alsatian with cache budgets of 100 %, 25 % and 5 % of C_min (the cache peak of an
     unlimited run), against base and shift; the ranking stays shift's (scores within 1e-5: chunks
     smaller than a batch change float summation order)."""
-    import mm_jupyter as mm
+    from ..modelsearch.api import search
 
     _, models, items, _, default_repeats = SEARCH_SIZES[scale]
     repeats = repeats or default_repeats
     cands, data = search_set(arch, models, "top-layers", items, scale)
-    c_min = mm.search(cands, data, approach="alsatian", device=device).stats["cache_peak_bytes"]
+    c_min = search(cands, data, approach="alsatian", device=device).stats["cache_peak_bytes"]
     variants = [Variant("base", "base"), Variant("shift", "shift")] + [
         Variant(f"alsatian {f:.0%}", "alsatian", max(1, int(c_min * f))) for f in BUDGETS]
     progress(f"C_min = {c_min:,} bytes")

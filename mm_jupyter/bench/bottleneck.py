@@ -48,8 +48,8 @@ def score_one(model: Any, items: int, side: int, *, cached_blocks: int | None = 
     import torch.nn.functional as F
     from safetensors.torch import load_file, save_file
 
-    from ..modelsearch.blocks import split_model
     from ..modelsearch.proxies import linear_proxy
+    from ..modelsearch.splitting import split_model
 
     split = split_model(model)
     blocks = split.blocks

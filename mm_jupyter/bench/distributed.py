@@ -71,11 +71,11 @@ def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = 
     round; medians and min-max per run, and the speed-up as the median of per-round ratios."""
     import torch
 
-    import mm_jupyter as mm
-
+    from ..modelsearch.api import search
     from ..modelsearch.distributed import RayExecutor, start_local_ray
     from ..modelsearch.stored import add_candidates, load_candidates
     from ..modelsearch.synthetic import base_model, sample_data, synthetic_candidates
+    from ..store import Store
     from ..store.architectures import Architecture
 
     began = t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = 
     results: dict[str, Any] = {}
     rounds: list[dict[str, Any]] = []
     try:
-        store = mm.Store(store_dir)
+        store = Store(store_dir)
         add_candidates(store, cands, "candidates", architectures={
             str(i): Architecture.factory(base_model, arch=arch, reduced=reduced, image_size=image_size)
             for i in range(len(cands))})
@@ -109,17 +109,17 @@ def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = 
         t0 = time.perf_counter()
         for _, ex, threads in runs:
             torch.set_num_threads(threads)
-            mm.search(stored, (data[0][:WARMUP_ITEMS], data[1][:WARMUP_ITEMS]), k=1, approach="alsatian",
-                      batch_size=batch_size, seed=seed, executor=ex)
+            search(stored, (data[0][:WARMUP_ITEMS], data[1][:WARMUP_ITEMS]), k=1, approach="alsatian",
+                   batch_size=batch_size, seed=seed, executor=ex)
         progress(f"warm-up searches ({WARMUP_ITEMS} items, every run) in {time.perf_counter() - t0:.1f} s")
         for r in range(repeat):
             for label, ex, threads in runs[r % len(runs):] + runs[: r % len(runs)]:
                 torch.set_num_threads(threads)
                 t1, c1 = time.perf_counter(), time.process_time()
-                res = mm.search(stored, data, k=1, approach="alsatian", batch_size=batch_size, seed=seed,
-                                cache_budget=budget, executor=ex)
+                res = search(stored, data, k=1, approach="alsatian", batch_size=batch_size, seed=seed,
+                             cache_budget=budget, executor=ex)
                 took, cpu = time.perf_counter() - t1, time.process_time() - c1
-                d = res.stats.get("distributed")
+                d: Any = res.stats.get("distributed")  # the distributed executor adds a dict of its own
                 share = sum(d["worker_cpu_seconds"]) / sum(d["worker_seconds"]) if d else cpu / (took * threads)
                 load = os.getloadavg()[0]
                 rounds.append({"round": r + 1, "run": label, "seconds": took, "load": load, "cpu_share": share})
@@ -208,7 +208,8 @@ class Profile:
 
 def profile(arch: str, reduced: bool = False, image_size: int | None = 64) -> Profile:
     """Per-block costs of ``arch``'s base model on one item of its sample data."""
-    from ..modelsearch.blocks import block_costs, output_sizes, split_model
+    from ..modelsearch.blocks import block_costs, output_sizes
+    from ..modelsearch.splitting import split_model
     from ..modelsearch.synthetic import base_model, parameterised, sample_data
 
     size = image_size if arch in ("resnet18", "resnet152", "vit") else None

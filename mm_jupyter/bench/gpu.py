@@ -87,7 +87,7 @@ def transfer_vs_block(device: str, paper: bool, repeats: int = 20) -> dict[str, 
 
     import torch
 
-    from ..modelsearch.blocks import split_model
+    from ..modelsearch.splitting import split_model
     from .alsatian import table1_model
 
     model, x = table1_model("ViT-L/32", "paper" if paper else "quick")

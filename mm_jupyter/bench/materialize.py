@@ -53,13 +53,14 @@ def run_materialize(models: int = 5000, repeat: int = 3, progress: Progress = _s
     deepcopy-and-load loop, interleaved, ``repeat`` times each."""
     import torch
 
-    import mm_jupyter as mm
     from mm_jupyter.usecases.models import ffnn
+
+    from ..store import Store
 
     builders: dict[str, Callable[[], Any]] = {"factory": ffnn, "structure": _plain_ffnn}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mm-bench-materialize-") as tmp:
-        store = mm.Store(tmp)
+        store = Store(tmp)
         for kind, build in builders.items():
             progress(f"saving {models} {kind} models")
             torch.manual_seed(0)

@@ -995,7 +995,7 @@ CLAIMS += [
 DIAGRAMS = {
     "mmm": {"Fig. 1": "the multi-model management scenario: sets of models of one architecture (`ModelSet`)"},
     "alsatian": {"Fig. 1": "an optimised search over four candidates (`mm.search(approach='alsatian')`)",
-                 "Fig. 2": "a model as blocks and a head (`modelsearch.blocks.split_model`)",
+                 "Fig. 2": "a model as blocks and a head (`modelsearch.splitting.split_model`)",
                  "Fig. 3": "feature-based scoring: prepare data and model, inference, proxy (`SearchResult.timings`)",
                  "Fig. 6": "Alsatian's components: model store, data split, planner, engine, caching "
                            "(`modelsearch`: stored, halving, planner, engine, cache)"},

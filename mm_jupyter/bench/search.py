@@ -114,11 +114,10 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
                       budget: int | None, reduced: bool, image_size: int | None, device: str, batch_size: int,
                       seed: int, budget_fraction: float | None, repeat: int, out: str | os.PathLike[str],
                       progress: Progress) -> SearchBench:
-    import mm_jupyter as mm
-
-    from ..modelsearch.api import resolve_device
+    from ..modelsearch.api import resolve_device, search
     from ..modelsearch.stored import add_candidates, load_candidates
     from ..modelsearch.synthetic import base_model, sample_data, synthetic_candidates
+    from ..store import Store
     from ..store.architectures import Architecture
 
     if repeat < 1:
@@ -136,7 +135,7 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
     store_dir = Path(tempfile.mkdtemp(prefix="mm_search_bench_"))
     store = None
     try:
-        store = mm.Store(store_dir)
+        store = Store(store_dir)
         t0 = time.perf_counter()
         add_candidates(store, cands, "candidates", architectures={
             str(i): Architecture.factory(base_model, arch=arch, reduced=reduced, image_size=image_size)
@@ -144,8 +143,8 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
         progress(f"stored the candidates in {time.perf_counter() - t0:.1f} s")
         stored = load_candidates(store, "candidates")
         # warm-up (first-call costs of torch and the proxy), untimed, on a small slice
-        mm.search(cands[:2], (data[0][:128], data[1][:128]), k=1, approach="alsatian", device=device,
-                  batch_size=batch_size, seed=seed)
+        search(cands[:2], (data[0][:128], data[1][:128]), k=1, approach="alsatian", device=device,
+               batch_size=batch_size, seed=seed)
         runs: dict[str, list[Any]] = {a: [] for a in approaches}
         limited: int | None = None
         for rnd in range(repeat):
@@ -222,7 +221,7 @@ class CostCalibration:
     def __init__(self, model: Any, x: Any, batch_size: int = 64, device: str = "cpu", inner: int = 3) -> None:
         import torch
 
-        from ..modelsearch.blocks import split_model
+        from ..modelsearch.splitting import split_model
 
         self.device, self.inner = device, inner
         split = split_model(model)
@@ -307,11 +306,11 @@ def _sharing(al: dict[str, Any], sh: dict[str, Any], al_runs: list[Any], sh_runs
 
 def _run_one(candidates: Any, data: Any, approach: str, budget: int | None, device: str, batch_size: int,
              seed: int, progress: Progress, round_: int, label: str | None = None) -> tuple[float, Any]:
-    import mm_jupyter as mm
+    from ..modelsearch.api import search
 
     t1 = time.perf_counter()
-    res = mm.search(candidates, data, k=1, approach=approach, cache_budget=budget, device=device,
-                    batch_size=batch_size, seed=seed)
+    res = search(candidates, data, k=1, approach=approach, cache_budget=budget, device=device,
+                 batch_size=batch_size, seed=seed)
     took = time.perf_counter() - t1
     progress(f"round {round_ + 1}, {label or approach}: {took:.2f} s, best {res.best}, "
              f"{res.stats['block_inferences']} block inferences, {res.stats['bytes_loaded']:,} bytes loaded")

@@ -88,11 +88,10 @@ def feature_pool(cells: int = 16, steps: int = 256) -> list[Any]:
 
 def build_store(root: Path, models: int, seed: int = 0) -> Any:
     """A store holding ``cells``: ``models`` seeded FFNN-48 models as one baseline set."""
-    import mm_jupyter as mm
-
+    from ..store import Store
     from ..usecases.training import initial_models
 
-    store = mm.Store(root)
+    store = Store(root)
     store.save_set(initial_models(models, hidden=48, seed=seed), "cells", approach="baseline")
     return store
 

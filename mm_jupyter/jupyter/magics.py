@@ -213,8 +213,8 @@ class ModelMagics(Magics):
 
     def _save_provenance(self, store: Any, args: Any, cell: str) -> Any:
         from ..errors import ArchitectureError
-        from ..store.architectures import capture_code, exec_source
         from ..store.provenance import Provenance
+        from ..store.sourcecode import capture_code, exec_source
 
         if args.datasets is None:
             raise UsageError("--approach provenance needs --datasets VAR: {model name: mm.DatasetRef or file}")

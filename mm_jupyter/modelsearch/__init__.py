@@ -9,7 +9,7 @@ __all__ = ["APPROACHES", "Blocks", "RayExecutor", "SearchResult", "add_candidate
            "search", "split_model"]
 _LAZY = {
     "search": "api", "SearchResult": "api", "APPROACHES": "api",
-    "Blocks": "blocks", "split_model": "blocks", "block_id": "hashing",
+    "Blocks": "blocks", "split_model": "splitting", "block_id": "hashing",
     "add_candidates": "stored", "load_candidates": "stored", "RayExecutor": "distributed",
 }
 

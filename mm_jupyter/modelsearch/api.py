@@ -144,8 +144,9 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     work starts), and for sharing hash the blocks. Emits ``prepare`` events (candidates done /
     total, distinct blocks hashed): on large candidates this is the search's first, silent-looking
     phase. ``costs``: also count each block's work (a distributed search balances its workers by it)."""
-    from .blocks import block_costs, output_sizes, split_model
+    from .blocks import block_costs, output_sizes
     from .hashing import block_id
+    from .splitting import split_model
     from .verify import ProbeMismatch
 
     total = len(named)

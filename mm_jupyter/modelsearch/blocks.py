@@ -273,7 +273,7 @@ class Blocks(nn.Module):
         return list(self.blocks), self.head
 
 
-def _declared(model: nn.Module) -> Split:
+def declared_split(model: nn.Module) -> Split:
     name = type(model).__name__
     declared = model.mm_blocks()  # type: ignore[operator]
     shape = f"{name}.mm_blocks() must return (list of nn.Module blocks, head nn.Module or None)"
@@ -321,7 +321,7 @@ def _group(modules: list[nn.Module]) -> nn.Module:
     return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
 
 
-def _sequential(model: nn.Module) -> Split:
+def sequential_split(model: nn.Module) -> Split:
     steps = _steps(model)
     if not steps:
         raise SearchError(f"cannot split {type(model).__name__} into blocks: it is empty")
@@ -379,40 +379,7 @@ def _is_hf(model: nn.Module) -> bool:
     return isinstance(model, tf.PreTrainedModel)
 
 
-def split_by(model: nn.Module, method: str, probe: Tensor | None = None, recipe: object = None) -> Split:
-    """``model`` cut by one method (unverified); the Hugging Face rule observes ``probe`` or
-    follows ``recipe`` (a verified split's)."""
-    if method == "declared":
-        return _declared(model)
-    if method == "sequential":
-        return _sequential(model)
-    if method == "hf":
-        from .hf import split_hf
-
-        return split_hf(model, probe, recipe)  # type: ignore[arg-type]
-    from .traced import traced_blocks
-
-    blocks, head = traced_blocks(model)
-    return Split([Block(b) for b in blocks], head, "traced")
-
-
-def split_model(model: nn.Module, probe: Tensor | None = None) -> Split:
-    """The block view of ``model``: declared blocks, the Sequential rule, the Hugging Face rule, or
-    else the traced graph (``traced.py``); a SearchError naming the class when it has none.
-
-    With a ``probe`` batch (what ``mm.search`` passes: the first items of its data) the split is
-    verified: its composed blocks must reproduce the model's own features on the probe, else the
-    next method is tried and, when none does, a SearchError names the block where they diverge
-    (``verify.py``; verdicts are cached per architecture). Hugging Face models are always verified,
-    on a probe made from their config when none is given."""
-    if probe is not None or "hf" in methods(model)[:1]:
-        from .verify import verified_split
-
-        return verified_split(model, probe)
-    return split_by(model, methods(model)[0])
-
-
 __all__ = [
     "CALLS", "Block", "Blocks", "ClsToken", "Split", "block_failure", "context_value", "eval_mode", "has_state",
-    "methods", "output_sizes", "split_by", "split_model",
+    "methods", "output_sizes",
 ]

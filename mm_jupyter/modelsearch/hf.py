@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from ..errors import SearchError
 from .blocks import Block, ClsToken, Split, has_state
+from .probes import ProbeMismatch, differs, hidden_argument
 from .traced import chain
 
 _POSITIONS = ("position_ids", "cache_position")
@@ -311,9 +312,7 @@ class _Stop(nn.Module):
                 setattr(self, key, value)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from .verify import _hidden
-
-        raise _Reached(_hidden(args, kwargs))
+        raise _Reached(hidden_argument(args, kwargs))
 
 
 _FRESH = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks",
@@ -795,8 +794,6 @@ class _Observer:
         try:
             calls, _ = _observe(self.model, watched, self.forward, self.probe)
         except Exception as e:  # noqa: BLE001 - the data does not fit the model itself
-            from .verify import ProbeMismatch
-
             lines = str(e).strip().splitlines()
             raise ProbeMismatch(f"the model's own forward raised {type(e).__name__}: {lines[0] if lines else ''}"
                                 ) from None
@@ -853,8 +850,6 @@ class _Observer:
 
     def _stem(self, mods: list[nn.Module], witness: Tensor | None, layers: nn.Module) -> tuple[str, list[nn.Module]]:
         """The first stem form whose output is exactly what the model feeds its first layer."""
-        from .verify import _differs
-
         if witness is None:
             raise self.fail("its first layer is called without a hidden-state tensor")
         plain = [m for m in mods if not _rotary(m)]
@@ -872,7 +867,7 @@ class _Observer:
             except Exception as e:  # noqa: BLE001 - this stem form does not apply
                 tried.append(f"{kind}: {type(e).__name__}: {str(e).strip()[:80]}")
                 continue
-            why = _differs(got, witness) if isinstance(got, Tensor) else "no tensor"
+            why = differs(got, witness) if isinstance(got, Tensor) else "no tensor"
             if why is None:
                 return kind, mods
             tried.append(f"{kind}: {why}")
@@ -990,8 +985,6 @@ class _Observer:
     # -- features -----------------------------------------------------------------------------
 
     def _features(self, out: Tensor, tail: list[_Call]) -> tuple[tuple[str, ...], str, tuple[tuple[str, bool], ...]]:
-        from .verify import _differs
-
         reference = Reference(self.model, self.forward)(self.probe)
         if reference is None:
             raise self.fail("neither a classifier nor an output shows what its features are")
@@ -1041,7 +1034,7 @@ class _Observer:
                         continue
                 if not isinstance(got, Tensor) or len(got) != len(want):
                     continue
-                if _differs(got.reshape(len(got), -1), want.reshape(len(want), -1)) is None:
+                if differs(got.reshape(len(got), -1), want.reshape(len(want), -1)) is None:
                     return tuple(self.path(c.module) for c in norms), reduce, pooler
                 tried.append(f"{reduce.split(':')[0]}{' + pooler' if pooler else ''}")
         raise self.fail(f"none of its feature reductions ({', '.join(tried)}) gives what its classifier consumes "

@@ -70,8 +70,8 @@ def add_candidates(
 
 def _add_candidates(store: "Store", models: Sequence["nn.Module"] | Mapping[str, "nn.Module"], name: str,
                     architectures: Mapping[str, Architecture] | None, probe: "torch.Tensor | None") -> CandidateSetRef:
-    from .blocks import split_model
     from .hashing import block_id, block_structure
+    from .splitting import split_model
 
     named = {str(k): v for k, v in models.items()} if isinstance(models, Mapping) else {
         str(i): m for i, m in enumerate(models)}
@@ -155,8 +155,8 @@ class StoredCandidates:
         """A built (randomly initialised) model of the entry's architecture, split and verified on
         ``probe``; built once per distinct architecture and only used for structure: parameters come
         from the store. Its blocks must have the structures recorded when the candidate was stored."""
-        from .blocks import split_model
         from .hashing import block_structure
+        from .splitting import split_model
 
         key = (repr(sorted(entry["architecture"].items())), _probe_key(probe))
         if key not in self._skeletons:
@@ -197,7 +197,7 @@ class StoredCandidates:
         if entry is None:
             raise RefError(f"candidate set {self.ref} has no candidate {name!r}")
         model = self._build(entry)
-        from .blocks import split_model
+        from .splitting import split_model
 
         split = split_model(model)
         for b, rec in zip(split.blocks, entry["blocks"]):

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..errors import SearchError
 from ..store.architectures import architecture
-from .blocks import Split, split_model
+from .blocks import Split
+from .splitting import split_model
 
 ARCHS = ("resnet18", "resnet152", "vit", "bert", "mlp")
 

@@ -56,10 +56,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SearchError
-from .blocks import Block, Split, eval_mode, fresh_caches, methods, split_by
+from .blocks import Block, Split, eval_mode, fresh_caches, methods
+from .cuts import split_by
+from .probes import ProbeMismatch, differs, first_tensor, hidden_argument
 
 PROBE_ITEMS = 8
-_RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 _KEY_VERSION = "mm-split-verdict/1"
 _MAX_VERDICTS = 1024
 
@@ -84,15 +85,6 @@ def clear_verdicts() -> None:
 
 # --------------------------------------------------------------------------------------------
 # The cache key
-
-
-class ProbeMismatch(SearchError):
-    """The model's own forward fails on the probe: the data does not fit the model (not a split
-    problem). ``split`` is an unverified split, to name the block that fails."""
-
-    def __init__(self, message: str, split: Split | None = None) -> None:
-        super().__init__(message)
-        self.split = split
 
 
 class _Uncacheable(Exception):
@@ -312,42 +304,6 @@ def general_position(model: nn.Module, seed: int = 0) -> Iterator[None]:
 # The check
 
 
-def _first_tensor(out: Any) -> Tensor | None:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    if hasattr(out, "to_tuple"):
-        return _first_tensor(out.to_tuple())
-    return None
-
-
-def _hidden(args: tuple, kwargs: dict) -> Tensor | None:
-    """The hidden-state argument of a call: the first positional one, else ``hidden_states``."""
-    if args and isinstance(args[0], Tensor):
-        return args[0]
-    value = kwargs.get("hidden_states")
-    return value if isinstance(value, Tensor) else None
-
-
-def _differs(ours: Tensor, ref: Tensor) -> str | None:
-    """None when ``ours`` equals ``ref`` within the tolerance (module docstring), else why not."""
-    if tuple(ours.shape) != tuple(ref.shape):
-        return f"shape {tuple(ours.shape)} where the model has {tuple(ref.shape)}"
-    if not ref.is_floating_point():
-        return None if torch.equal(ours, ref) else "different values"
-    a, b = ours.detach().double(), ref.detach().double()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        same = torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num())
-        return None if same else "non-finite values that differ"
-    rtol = _RTOL.get(ref.dtype, 1e-4)
-    atol = rtol / 10 * max(1.0, float(b.abs().max()) if b.numel() else 1.0)
-    gap = (a - b).abs()
-    if bool((gap <= rtol * b.abs() + atol).all()):
-        return None
-    return f"max difference {float(gap.max()):.3g} (tolerance {rtol:g} relative, {atol:.2g} absolute)"
-
-
 def _head_leaf(head: nn.Module) -> nn.Module | None:
     """The first module of the head holding parameters of its own: the layer whose input is what
     the head consumes."""
@@ -370,8 +326,8 @@ class _Recorder:
         self.inputs[id(module)] = ins
         self.outputs[id(module)] = outs
         self.handles.append(module.register_forward_pre_hook(
-            lambda m, args, kwargs: ins.append(_hidden(args, kwargs)), with_kwargs=True))
-        self.handles.append(module.register_forward_hook(lambda m, args, out: outs.append(_first_tensor(out))))
+            lambda m, args, kwargs: ins.append(hidden_argument(args, kwargs)), with_kwargs=True))
+        self.handles.append(module.register_forward_hook(lambda m, args, out: outs.append(first_tensor(out))))
 
     def close(self) -> None:
         for handle in self.handles:
@@ -453,14 +409,14 @@ def _check(model: nn.Module, split: Split, probe: Tensor) -> str | None:
     for i, b in enumerate(split.blocks):
         own = model_outputs.get(id(b.module))
         if own is not None and len(own) == seen[id(b.module)] and own[occurrence[i]] is not None:
-            why = _differs(outs[i], own[occurrence[i]])  # type: ignore[arg-type]
+            why = differs(outs[i], own[occurrence[i]])  # type: ignore[arg-type]
             if why is not None:
                 return f"{_name(i, b)} differs from the same module in the model's forward: {why}"
         nxt = entries[i + 1] if i + 1 < len(entries) else None
         if nxt is not None:
             fed = model_inputs.get(id(nxt))
             if fed is not None and len(fed) == entry_seen[id(nxt)] and fed[entry_occurrence[i + 1]] is not None:
-                why = _differs(outs[i], fed[entry_occurrence[i + 1]])  # type: ignore[arg-type]
+                why = differs(outs[i], fed[entry_occurrence[i + 1]])  # type: ignore[arg-type]
                 if why is not None:
                     return (f"{_name(i, b)} differs from what the model feeds {_name(i + 1, split.blocks[i + 1])}: "
                             f"{why}")
@@ -484,7 +440,7 @@ def _check_features(split: Split, out: Any, final: Tensor, leaf: nn.Module | Non
     if split.head is not None:
         return _check_head(split, final, leaf, model_head_input, ctx, last)
     feats = final.reshape(n, -1)
-    ref = split.reference(probe) if split.reference is not None else _first_tensor(out)
+    ref = split.reference(probe) if split.reference is not None else first_tensor(out)
     if ref is None:
         return (f"the model's forward returns {type(out).__name__}, not a tensor: there are no features to "
                 "compare the blocks with")
@@ -493,7 +449,7 @@ def _check_features(split: Split, out: Any, final: Tensor, leaf: nn.Module | Non
         with torch.no_grad():
             ours = split.pooler(feats)
     ref = _token_level(split, ref, ours, ctx)
-    why = _differs(ours.reshape(n, -1), ref.reshape(n, -1))
+    why = differs(ours.reshape(n, -1), ref.reshape(n, -1))
     return None if why is None else f"the features after {last} differ from the model's own: {why}"
 
 
@@ -530,7 +486,7 @@ def _check_head(split: Split, feats: Tensor, leaf: nn.Module | None, captured: l
     if len(ours) != 1 or ours[0] is None:
         return f"the head applies its {type(leaf).__name__} {len(ours)} times"
     ref = _token_level(split, captured[0], ours[0], ctx)
-    why = _differs(ours[0], ref)
+    why = differs(ours[0], ref)
     return None if why is None else (f"the features after {last} differ from what the model's head consumes: {why}")
 
 

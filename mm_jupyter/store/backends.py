@@ -11,7 +11,6 @@ from the objects URL's query (``s3://bucket/prefix?endpoint_url=http://host:9000
 from __future__ import annotations
 
 import os
-import re
 import stat
 import urllib.parse
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ from . import manifest as manifests
 from .catalog import EmptyCatalog, MissingCatalog, SQLiteCatalog, rebuild_hint
 from .contracts import Catalog, ObjectArea
 from .files import is_read_only, os_error
+from .locations import URL_SCHEME, display, is_database
 from .objects import FolderObjects
 
 ENV_STORE = "MM_JUPYTER_STORE"
 ENV_OBJECTS = "MM_JUPYTER_OBJECTS"
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
 def default_location(root: str | os.PathLike[str] | None = None) -> str | Path:
@@ -40,26 +39,6 @@ def default_location(root: str | os.PathLike[str] | None = None) -> str | Path:
     return path if root is None or path.is_absolute() else Path(root).expanduser() / path
 
 
-def is_database(location: object) -> bool:
-    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
-
-
-def display(location: str | os.PathLike[str]) -> str:
-    """A store location for messages, logs and responses: a URL's password masked (a folder as it is)."""
-    text = os.fspath(location)
-    if not _URL.match(text):
-        return text
-    try:
-        parts = urllib.parse.urlsplit(text)
-        password = parts.password
-    except ValueError:  # not parseable: show no part of what follows the scheme's user info
-        return text.split("://", 1)[0] + "://***"
-    if password is None:
-        return text
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def open_objects(spec: str | os.PathLike[str]) -> ObjectArea:
     """The object area an ``objects=`` value names: ``s3://bucket/prefix[?endpoint_url=…]`` or a folder."""
     text = os.fspath(spec)
@@ -69,7 +48,7 @@ def open_objects(spec: str | os.PathLike[str]) -> ObjectArea:
         return S3Objects(text)
     if text.startswith("file://"):
         text = urllib.parse.urlsplit(text).path
-    elif _URL.match(text):
+    elif URL_SCHEME.match(text):
         raise StoreError(f"objects {display(text)!r}: use s3://bucket/prefix or a folder")
     return FolderObjects(Path(text))
 
@@ -97,7 +76,7 @@ def open_store(path: str | os.PathLike[str] | None, objects: str | os.PathLike[s
 
         area = open_objects(spec)
         return Opened(None, display(location), area, PostgresCatalog(location, area))
-    if isinstance(location, str) and _URL.match(location) and not location.startswith("file://"):
+    if isinstance(location, str) and URL_SCHEME.match(location) and not location.startswith("file://"):
         raise StoreError(f"unknown store location {display(location)!r}: a folder or postgresql://...")
     text = os.fspath(location)
     root = Path(urllib.parse.urlsplit(text).path if text.startswith("file://") else text)

@@ -26,19 +26,31 @@ import urllib.parse
 import uuid
 from abc import abstractmethod
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 from ..errors import IntegrityError, StoreError
-from .contracts import Catalog, Listed, Manifests, ObjectArea
+from .basetypes import (
+    CandidateRow,
+    CatalogRow,
+    FoundCandidates,
+    Listed,
+    ListingRow,
+    Manifests,
+    ModelRow,
+    RebuildWriter,
+    SetColumns,
+    SetObjects,
+    SetRow,
+)
+from .contracts import Catalog, ObjectArea
 from .files import OutOfSpace, StoreLock, fsync_path, is_read_only, os_error
 
 SCHEMA_VERSION = 2
 FILE = "catalog.sqlite"
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sets(
     id INTEGER PRIMARY KEY,
@@ -93,28 +105,6 @@ CREATE TABLE IF NOT EXISTS models(
 #: SQLite primary result codes (``sqlite3.Error.sqlite_errorcode & 0xff``)
 _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 8, 10, 11, 13, 14, 26
 _BUSY, _LOCKED = 5, 6
-
-
-@dataclass(frozen=True)
-class SetRow:
-    """One stored set version: identity from the catalog, everything else from its manifest."""
-
-    id: int
-    name: str
-    version: int
-    approach: str
-    requested: str
-    base_id: int | None
-    chain: int
-    n_models: int
-    manifest: dict[str, Any]
-    bytes: int
-    tts_s: float
-    created: str
-    manifest_oid: str = ""
-    base_oid: str | None = None
-    #: why ``auto`` (or a chain bound) chose the approach, as recorded at save time (None: as asked)
-    why: str | None = None
 
 
 _COLUMNS = "id, name, version, manifest, base_id, bytes, tts_s, created"
@@ -236,10 +226,8 @@ class SQLCatalog(Catalog):
             pass  # the version is committed and its manifest durable; gc writes missing refs
         return set_id, version
 
-    def write_all(self, tx: Any, sets: Manifests, cands: Manifests) -> None:
+    def write_all(self, tx: Any, sets: Manifests, cands: Manifests, set_objects: SetObjects) -> None:
         """Rows for every manifest of a rebuild (inside one transaction on an empty catalog)."""
-        from . import approaches
-
         for oid in sorted(sets, key=lambda o: sets[o][0]["id"]):
             m, size = sets[oid]
             sid = m["id"]
@@ -247,10 +235,10 @@ class SQLCatalog(Catalog):
                         " bytes, tts_s, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (sid, m["name"], m["version"], m["approach"], m["requested"], m["base_id"], m["chain"],
                      m["n_models"], oid, m["bytes"] + size, float(m["tts"]), m["created"]))
-            approach = approaches.get(m["approach"])
-            self.add_artifacts(tx, sid, approaches.listed(self.objects, m))
+            listed, model_rows = set_objects[oid]
+            self.add_artifacts(tx, sid, listed)
             self._xmany(tx, "INSERT INTO models(set_id, idx, name, params, architecture, environment)"
-                            " VALUES (?,?,?,?,?,?)", [(sid, *r) for r in approach.model_rows(self.objects, m["set"])])
+                            " VALUES (?,?,?,?,?,?)", [(sid, *r) for r in model_rows])
         for oid in sorted(cands, key=lambda o: cands[o][0]["id"]):
             m, size = cands[oid]
             cid = m["id"]
@@ -264,7 +252,7 @@ class SQLCatalog(Catalog):
         r = self._one(f"SELECT {_COLUMNS} FROM sets WHERE id=? AND version IS NOT NULL", (set_id,))
         if r is None:
             raise IntegrityError(f"catalog has no set with id {set_id}; {self.hint}")
-        return self.set_row(r)
+        return self.set_row(CatalogRow(*r))
 
     def find(self, name: str, version: int | None) -> SetRow | None:
         if version is None:
@@ -272,42 +260,46 @@ class SQLCatalog(Catalog):
                           " ORDER BY version DESC LIMIT 1", (name,))
         else:
             r = self._one(f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version=?", (name, version))
-        return None if r is None else self.set_row(r)
+        return None if r is None else self.set_row(CatalogRow(*r))
 
     def versions(self, name: str) -> list[SetRow]:
         rows = self._rows(f"SELECT {_COLUMNS} FROM sets WHERE name=? AND version IS NOT NULL ORDER BY version",
                           (name,))
-        return [self.set_row(r) for r in rows]
+        return [self.set_row(CatalogRow(*r)) for r in rows]
 
-    def raw_rows(self) -> list[tuple[Any, ...]]:
-        return self._rows(f"SELECT {_COLUMNS} FROM sets WHERE version IS NOT NULL ORDER BY id")
+    def raw_rows(self) -> list[CatalogRow]:
+        rows = self._rows(f"SELECT {_COLUMNS} FROM sets WHERE version IS NOT NULL ORDER BY id")
+        return [CatalogRow(*r) for r in rows]
 
-    def raw_candidates(self) -> list[tuple[Any, ...]]:
-        return self._rows("SELECT id, name, version, manifest, bytes, created FROM candidate_sets ORDER BY id")
+    def raw_candidates(self) -> list[CandidateRow]:
+        return [CandidateRow(*r) for r in self._rows(
+            "SELECT id, name, version, manifest, bytes, created FROM candidate_sets ORDER BY id")]
 
     def candidate_objects(self, cset_id: int) -> list[Listed]:
         return [(r[0], r[1], r[2]) for r in self._rows(
             "SELECT role, object, bytes FROM candidate_objects WHERE cset_id=? ORDER BY role, object", (cset_id,))]
 
-    def listing(self) -> list[tuple[Any, ...]]:
-        return self._rows("SELECT name, version, approach, n_models, bytes, created, tts_s FROM sets"
-                          " WHERE version IS NOT NULL ORDER BY name, version")
+    def listing(self) -> list[ListingRow]:
+        return [ListingRow(*r) for r in self._rows("SELECT name, version, approach, n_models, bytes, created, tts_s"
+                                                   " FROM sets WHERE version IS NOT NULL ORDER BY name, version")]
 
-    def columns(self, set_id: int) -> tuple[Any, ...]:
+    def columns(self, set_id: int) -> SetColumns | None:
         r = self._one("SELECT approach, requested, chain, n_models, bytes, tts_s, created FROM sets WHERE id=?",
                       (set_id,))
-        return tuple(r) if r is not None else ()
+        return SetColumns(*r) if r is not None else None
 
     def artifacts(self, set_id: int) -> list[Listed]:
         return [(r[0], r[1], r[2]) for r in self._rows(
             "SELECT role, object, bytes FROM artifacts WHERE set_id=? ORDER BY role, object", (set_id,))]
 
-    def model_rows(self, set_id: int, idx: int | None = None) -> list[tuple[Any, ...]]:
+    def model_rows(self, set_id: int, idx: int | None = None) -> list[ModelRow]:
         if idx is None:
-            return self._rows("SELECT idx, name, params, architecture, environment FROM models WHERE set_id=?"
+            rows = self._rows("SELECT idx, name, params, architecture, environment FROM models WHERE set_id=?"
                               " ORDER BY idx", (set_id,))
-        return self._rows("SELECT idx, name, params, architecture, environment FROM models WHERE set_id=? AND idx=?",
-                          (set_id, idx))
+        else:
+            rows = self._rows("SELECT idx, name, params, architecture, environment FROM models"
+                              " WHERE set_id=? AND idx=?", (set_id, idx))
+        return [(int(i), n, p, a, e) for i, n, p, a, e in rows]
 
     def all_objects(self) -> list[str]:
         visible = "JOIN sets ON sets.id = {t}.set_id WHERE sets.version IS NOT NULL"
@@ -325,7 +317,7 @@ class SQLCatalog(Catalog):
         cands = {(n, int(v)) for n, v in self._rows("SELECT name, version FROM candidate_sets")}
         return sets, cands
 
-    def find_candidates(self, name: str, version: int | None = None) -> tuple[int, int, dict[str, Any]] | None:
+    def find_candidates(self, name: str, version: int | None = None) -> FoundCandidates | None:
         if version is None:
             r = self._one("SELECT id, version, manifest FROM candidate_sets WHERE name=? ORDER BY version DESC LIMIT 1",
                           (name,))
@@ -338,7 +330,7 @@ class SQLCatalog(Catalog):
         if m["kind"] != "candidates" or (m["id"], m["name"], m["version"]) != (r[0], name, r[1]):
             raise IntegrityError(f"catalog row of candidate set {name}@{r[1]} does not match its manifest; "
                                  f"{self.hint}")
-        return r[0], r[1], m["set"]
+        return FoundCandidates(r[0], r[1], m["set"])
 
 
 class SQLiteCatalog(SQLCatalog):
@@ -385,7 +377,7 @@ class SQLiteCatalog(SQLCatalog):
             self._db = self._connect("mode=rw")
             self._ino = os.stat(self.path).st_ino
             with self.transaction() as tx:
-                for stmt in _SCHEMA.split(";"):
+                for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         tx.execute(stmt)
                 tx.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),))
@@ -562,7 +554,7 @@ class SQLiteCatalog(SQLCatalog):
     @classmethod
     @contextmanager
     def rebuilding(cls, location: str, objects: ObjectArea, wait_s: float
-                   ) -> Iterator[Callable[[Manifests, Manifests], None]]:
+                   ) -> Iterator[RebuildWriter]:
         """A complete catalog is written to a new file in one transaction and swapped in
         atomically (the old ``-wal``/``-shm`` removed first, so an old log is never replayed)."""
         root = Path(location)
@@ -572,20 +564,20 @@ class SQLiteCatalog(SQLCatalog):
             raise StoreError(f"{location!r} is read-only: a catalog cannot be rebuilt there")
         (root / "tmp").mkdir(parents=True, exist_ok=True)
 
-        def write(sets: Manifests, cands: Manifests) -> None:
+        def write(sets: Manifests, cands: Manifests, set_objects: SetObjects) -> None:
             tmp = root / "tmp" / f"catalog-rebuild-{uuid.uuid4().hex}.sqlite"
             try:
                 db = sqlite3.connect(tmp, isolation_level=None)
                 try:
                     db.execute("PRAGMA journal_mode=WAL")
                     db.execute("BEGIN")
-                    for stmt in _SCHEMA.split(";"):
+                    for stmt in SCHEMA.split(";"):
                         if stmt.strip():
                             db.execute(stmt)
                     db.execute("INSERT INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),))
                     writer = cls.__new__(cls)
                     SQLCatalog.__init__(writer, objects)
-                    writer.write_all(db, sets, cands)
+                    writer.write_all(db, sets, cands, set_objects)
                     db.execute("COMMIT")
                 except sqlite3.Error as e:
                     raise StoreError(f"cannot write the rebuilt catalog {tmp}: {e}") from None

@@ -2,17 +2,23 @@
 
 The store talks to its backends only through these interfaces, so one store can keep its catalog
 in SQLite (one folder, embedded) or PostgreSQL (a team), and its objects in a folder or an
-S3-compatible bucket; ``tests/test_store_conformance.py`` runs one suite against every pair, as
-zarr-python runs one test class against every implementation of its ``Store`` ABC.
+S3-compatible bucket; ``conformance.py`` holds the checks of these contracts as base classes a
+backend's tests subclass (as zarr-python's ``StoreTests``), and ``tests/test_store_conformance.py``
+runs them on every pair.
 
 * ``ObjectArea``: content-addressed, immutable objects (``objects.py`` has the format), verified on
   every read, plus the refs (one small record per acknowledged version). A write is atomic: a
   reader sees a whole object or none.
-* ``Catalog``: an index over the manifests in the object area, one row per version, plus the search's
-  candidate sets. A version becomes visible in one ``transaction()`` after its objects are durable;
-  its version number is taken inside that transaction, so concurrent writers get numbers without
-  gaps. ``save_lock`` is held shared by every save and exclusively by gc and rebuilds.
-* ``Approach``: how one multi-model management approach saves a set and resolves a version.
+* ``Catalog``: an index over the manifests in the object area, split by job: ``VersionCatalog``
+  (one row per model-set version) and ``CandidateCatalog`` (the search's candidate sets), with
+  typed rows (``basetypes.py``). A version becomes visible in one ``transaction()`` after its
+  objects are durable; its version number is taken inside that transaction, so concurrent writers
+  get numbers without gaps. ``save_lock`` is held shared by every save and exclusively by gc and
+  rebuilds.
+* ``Reader``: a verified view of one object.
+
+``approaches/common.py`` holds the ``Approach`` protocol and the narrow ``StoreContext`` an
+approach sees; ``conformance.py`` is the test kit every backend pair passes.
 """
 from __future__ import annotations
 
@@ -20,62 +26,51 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Protocol
 
 from ..errors import IntegrityError
 from . import manifest as manifests
+from .basetypes import (
+    REF_KINDS,
+    CandidateRow,
+    CatalogRow,
+    FoundCandidates,
+    Listed,
+    ListingRow,
+    Manifest,
+    ModelRow,
+    PutResult,
+    RebuildWriter,
+    SetColumns,
+    SetRow,
+)
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
-    from .approaches.common import Saved, SaveInput
-    from .catalog import SetRow
-    from .modelset import Resolved
-    from .objects import ObjectReader, PutResult
-    from .store import Store
-
-#: kinds of refs (one per kind of catalog entry): model-set versions and candidate sets
-REF_KINDS = ("sets", "candidates")
 _MANIFEST_CACHE = 20_000
 
-#: (role, object id, bytes) of one object a version references
-Listed = tuple[str, str, int]
-#: a rebuilt catalog's content: manifest id -> (manifest, its size), for sets and candidate sets
-Manifests = dict[str, tuple[dict[str, Any], int]]
 
+class Reader(Protocol):
+    """A verified view of one stored object (``objects.ObjectReader`` and its subclasses)."""
 
-class Approach(Protocol):
-    """One multi-model management approach; the modules in ``approaches/`` implement it and
-    ``approaches.REGISTRY`` lists them (the only place their names are spelled out)."""
+    oid: str
+    size: int
 
-    NAME: str
+    def verify(self) -> None:
+        """Hash every chunk; IntegrityError naming the first that does not match."""
 
-    def save(self, store: "Store", inp: "SaveInput") -> "Saved":
-        """Write the set's objects (durable when this returns); the store then commits them."""
+    def tensor(self, offset: int = 0, nbytes: int | None = None) -> "torch.Tensor":
+        """Verified zero-copy uint8 tensor over payload bytes."""
 
-    def resolve(self, store: "Store", row: "SetRow", base: "Resolved | None", retrain: bool = True) -> "Resolved":
-        """Where every tensor of ``row`` lives, given its resolved base (derived versions)."""
+    def read(self, offset: int, nbytes: int) -> bytes:
+        """Verified payload bytes."""
 
-    def derived(self, manifest: dict[str, Any]) -> bool:
-        """True when a version needs its base to be resolved."""
+    def read_all(self) -> bytes:
+        """The whole verified payload."""
 
-    def digests(self, store: "Store", row: "SetRow", base: "np.ndarray | None"
-                ) -> "tuple[list[str], np.ndarray]":
-        """(names, per-tensor digests) of the version: the recorded ones, hashed from its stored
-        tensors when it recorded none, or its base's (``base``) overlaid with its own."""
-
-    def listed(self, objects: "ObjectArea", manifest: dict[str, Any]) -> list[Listed]:
-        """Objects the version references beyond its manifest's artifacts (per-model documents)."""
-
-    def model_rows(self, objects: "ObjectArea", manifest: dict[str, Any]) -> list[tuple[int, str, str, str, str]]:
-        """Per-model catalog rows (idx, name, params, architecture, environment) a rebuild restores."""
-
-    def changed(self, store: "Store", row: "SetRow") -> int | None:
-        """How many models this version changed against its base (None: not recorded)."""
-
-    def datasets(self, store: "Store", row: "SetRow") -> tuple[tuple[str, str, str], ...]:
-        """(model, dataset loader, content hash) of every model it retrained."""
+    def close(self) -> None:
+        """Drop this reader's buffer (tensors from it keep what they need)."""
 
 
 class ObjectArea(ABC):
@@ -89,7 +84,7 @@ class ObjectArea(ABC):
         self.bytes_fetched = 0
         self._counter = threading.Lock()
 
-    def _count(self, verified: int = 0, fetched: int = 0) -> None:
+    def count_bytes(self, verified: int = 0, fetched: int = 0) -> None:
         with self._counter:
             self.bytes_verified += verified
             self.bytes_fetched += fetched
@@ -99,15 +94,15 @@ class ObjectArea(ABC):
         """Create what a writer needs (on the first save)."""
 
     @abstractmethod
-    def put(self, data: bytes | bytearray | memoryview) -> "PutResult":
+    def put(self, data: bytes | bytearray | memoryview) -> PutResult:
         """Store bytes (atomically, durable on return); an existing identical object is kept."""
 
     @abstractmethod
-    def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor", Callable[[int], None]], None]) -> "PutResult":
+    def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor", Callable[[int], None]], None]) -> PutResult:
         """Store ``nbytes`` written by ``fill(dst, progress)`` straight into the upload buffer."""
 
     @abstractmethod
-    def open(self, oid: str) -> "ObjectReader":
+    def open(self, oid: str) -> Reader:
         """A verified reader; IntegrityError when the object is missing or damaged."""
 
     def get(self, oid: str) -> bytes:
@@ -158,9 +153,15 @@ class ObjectArea(ABC):
         return sum(len(self.ref_names(k)) for k in REF_KINDS)
 
 
-class Catalog(ABC):
-    """An index over the manifests in ``objects``. Recovery never trusts a catalog column:
-    ``set_row`` checks each row against its (verified) manifest."""
+class Transaction(Protocol):
+    """A catalog's open write transaction (its database connection): a token the caller only hands
+    back to the catalog that opened it, ``with catalog.transaction() as tx: catalog.next_version(tx, name)``."""
+
+
+class VersionCatalog(ABC):
+    """The index of model-set versions over the manifests in ``objects``: one row per version, made
+    visible in one ``transaction()`` after its objects are durable. Recovery never trusts a catalog
+    column: ``set_row`` checks each row against its (verified) manifest."""
 
     location: str
     objects: ObjectArea
@@ -168,15 +169,13 @@ class Catalog(ABC):
     read_only: str | None = None
     #: how to recreate this catalog, for error messages
     hint: str = ""
-    #: the catalog kind's name in messages and benchmarks ("sqlite", "postgresql")
-    KIND: ClassVar[str]
 
     def __init__(self, objects: ObjectArea) -> None:
         self.objects = objects
-        self._manifests: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
 
     # -- manifests (shared by every backend) -----------------------------------------------
-    def manifest(self, oid: str) -> dict[str, Any]:
+    def manifest(self, oid: str) -> Manifest:
         """A verified, parsed manifest object (cached: objects never change)."""
         m = self._manifests.get(oid)
         if m is None:
@@ -186,7 +185,7 @@ class Catalog(ABC):
                 self._manifests.popitem(last=False)
         return m
 
-    def put_manifest(self, m: dict[str, Any]) -> tuple[str, int]:
+    def put_manifest(self, m: Manifest) -> tuple[str, int]:
         """Write a manifest object; (id, stored bytes)."""
         put = self.objects.put(manifests.encode(m))
         self._manifests[put.oid] = m
@@ -200,10 +199,8 @@ class Catalog(ABC):
         except Exception:  # noqa: BLE001 - best effort: gc removes what is left
             pass
 
-    def set_row(self, r: tuple[Any, ...]) -> "SetRow":
+    def set_row(self, r: CatalogRow) -> SetRow:
         """A catalog row checked against its manifest (IntegrityError when they disagree)."""
-        from .catalog import SetRow
-
         set_id, name, version, oid, base_id, nbytes, tts, created = r
         if not isinstance(oid, str) or not oid:
             raise IntegrityError(f"catalog row of {name}@{version} names no manifest; {self.hint}")
@@ -218,52 +215,36 @@ class Catalog(ABC):
                       m["set"], nbytes, tts, created, oid, m["base"] if base_id is not None else None,
                       m["why"] if isinstance(m.get("why"), str) else None)
 
-    def lost_versions(self) -> list[str]:
-        """Versions that have a ref (were acknowledged) but no catalog row: the catalog lost them.
-
-        Refs are listed *before* the catalog is read: a ref is written after its row committed,
-        so any ref seen is already in the catalog snapshot read next."""
-        want = {k: self.objects.ref_names(k) for k in REF_KINDS}
-        have_sets, have_cands = self.visible_versions()
-        lost = [f"{n}@{v}" for n, v in sorted(want["sets"] - have_sets)]
-        lost += [f"candidates {n}@{v}" for n, v in sorted(want["candidates"] - have_cands)]
-        return lost
-
     # -- writes ------------------------------------------------------------------------------
     @abstractmethod
-    def transaction(self) -> AbstractContextManager[Any]:
+    def transaction(self) -> AbstractContextManager[Transaction]:
         """A write transaction; writers are serialised, so numbers taken inside are gapless."""
 
     @abstractmethod
-    def next_id(self, tx: Any, table: str = "sets") -> int: ...
+    def next_id(self, tx: Transaction, table: str = "sets") -> int: ...
 
     @abstractmethod
-    def next_version(self, tx: Any, name: str) -> int: ...
+    def next_version(self, tx: Transaction, name: str) -> int: ...
 
     @abstractmethod
-    def insert_set(self, tx: Any, m: dict[str, Any], oid: str, size: int) -> None:
+    def insert_set(self, tx: Transaction, m: Manifest, oid: str, size: int) -> None:
         """Insert (or, for a pending mmlib-base row, complete) the row of manifest ``m``."""
 
     @abstractmethod
-    def insert_pending(self, tx: Any, name: str, approach: str, n_models: int) -> int:
+    def insert_pending(self, tx: Transaction, name: str, approach: str, n_models: int) -> int:
         """An invisible row (version NULL) for a save that commits model by model."""
 
     @abstractmethod
-    def add_artifacts(self, tx: Any, set_id: int, rows: list[Listed]) -> None: ...
+    def add_artifacts(self, tx: Transaction, set_id: int, rows: list[Listed]) -> None: ...
 
     @abstractmethod
-    def add_model(self, tx: Any, set_id: int, idx: int, name: str, params: str, architecture: str,
+    def add_model(self, tx: Transaction, set_id: int, idx: int, name: str, params: str, architecture: str,
                   environment: str) -> None:
         """One per-model row (mmlib-base keeps one document per model, as MMlib does)."""
 
     @abstractmethod
-    def delete_pending(self, tx: Any) -> int:
+    def delete_pending(self, tx: Transaction) -> int:
         """Remove rows of saves that never became visible (gc, under the exclusive lock)."""
-
-    @abstractmethod
-    def insert_candidates(self, name: str, manifest: dict[str, Any], nbytes: int,
-                          objects: list[Listed]) -> tuple[int, int]:
-        """Record a candidate set whose objects are durable; (id, version)."""
 
     @abstractmethod
     def save_lock(self, exclusive: bool, wait_s: float, why: str) -> AbstractContextManager[None]:
@@ -284,33 +265,73 @@ class Catalog(ABC):
 
     # -- reads -------------------------------------------------------------------------------
     @abstractmethod
-    def get(self, set_id: int) -> "SetRow": ...
+    def get(self, set_id: int) -> SetRow: ...
 
     @abstractmethod
-    def find(self, name: str, version: int | None) -> "SetRow | None":
+    def find(self, name: str, version: int | None) -> SetRow | None:
         """A visible version (the latest when ``version`` is None)."""
 
     @abstractmethod
-    def versions(self, name: str) -> list["SetRow"]: ...
+    def versions(self, name: str) -> list[SetRow]: ...
 
     @abstractmethod
-    def raw_rows(self) -> list[tuple[Any, ...]]:
+    def raw_rows(self) -> list[CatalogRow]:
         """Every visible version's catalog columns, unchecked (``set_row`` checks one)."""
 
     @abstractmethod
-    def listing(self) -> list[tuple[Any, ...]]:
+    def listing(self) -> list[ListingRow]:
         """(name, version, approach, models, bytes, created, tts_s) of every visible set."""
 
     @abstractmethod
-    def columns(self, set_id: int) -> tuple[Any, ...]:
-        """(approach, requested, chain, n_models, bytes, tts_s, created) as the row stores them."""
+    def columns(self, set_id: int) -> SetColumns | None:
+        """The columns the row copied from its manifest (None: no such row)."""
 
     @abstractmethod
     def artifacts(self, set_id: int) -> list[Listed]: ...
 
     @abstractmethod
-    def model_rows(self, set_id: int, idx: int | None = None) -> list[tuple[Any, ...]]:
+    def model_rows(self, set_id: int, idx: int | None = None) -> list[ModelRow]:
         """(idx, name, params, architecture, environment) rows of an mmlib-base set."""
+
+
+class CandidateCatalog(ABC):
+    """The search's candidate sets: one row per stored candidate-set version and the objects it
+    references (``modelsearch/stored.py``)."""
+
+    @abstractmethod
+    def insert_candidates(self, name: str, manifest: Manifest, nbytes: int,
+                          objects: list[Listed]) -> tuple[int, int]:
+        """Record a candidate set whose objects are durable; (id, version)."""
+
+    @abstractmethod
+    def raw_candidates(self) -> list[CandidateRow]:
+        """(id, name, version, manifest, bytes, created) of every candidate set."""
+
+    @abstractmethod
+    def candidate_objects(self, cset_id: int) -> list[Listed]: ...
+
+    @abstractmethod
+    def find_candidates(self, name: str, version: int | None = None) -> FoundCandidates | None:
+        """(id, version, manifest record) of a candidate set, the latest version by default."""
+
+
+class Catalog(VersionCatalog, CandidateCatalog):
+    """A store's whole catalog: its versions and its candidate sets, rebuilt together from the
+    manifests in the object area."""
+
+    #: the catalog kind's name in messages and benchmarks ("sqlite", "postgresql")
+    KIND: ClassVar[str]
+
+    def lost_versions(self) -> list[str]:
+        """Versions that have a ref (were acknowledged) but no catalog row: the catalog lost them.
+
+        Refs are listed *before* the catalog is read: a ref is written after its row committed,
+        so any ref seen is already in the catalog snapshot read next."""
+        want = {k: self.objects.ref_names(k) for k in REF_KINDS}
+        have_sets, have_cands = self.visible_versions()
+        lost = [f"{n}@{v}" for n, v in sorted(want["sets"] - have_sets)]
+        lost += [f"candidates {n}@{v}" for n, v in sorted(want["candidates"] - have_cands)]
+        return lost
 
     @abstractmethod
     def all_objects(self) -> list[str]:
@@ -320,21 +341,10 @@ class Catalog(ABC):
     def visible_versions(self) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
         """(name, version) of every visible set and of every candidate set."""
 
-    @abstractmethod
-    def raw_candidates(self) -> list[tuple[Any, ...]]:
-        """(id, name, version, manifest, bytes, created) of every candidate set."""
-
-    @abstractmethod
-    def candidate_objects(self, cset_id: int) -> list[Listed]: ...
-
-    @abstractmethod
-    def find_candidates(self, name: str, version: int | None = None) -> tuple[int, int, dict[str, Any]] | None:
-        """(id, version, manifest record) of a candidate set, the latest version by default."""
-
     # -- rebuilding ---------------------------------------------------------------------------
     @classmethod
     @abstractmethod
     def rebuilding(cls, location: str, objects: ObjectArea, wait_s: float
-                   ) -> AbstractContextManager[Callable[[Manifests, Manifests], None]]:
-        """Hold the store exclusively; yields ``write(sets, candidate_sets)``, which replaces the
-        whole catalog with rows for those manifests at once."""
+                   ) -> AbstractContextManager[RebuildWriter]:
+        """Hold the store exclusively; yields ``write(sets, candidate_sets, set_objects)``, which
+        replaces the whole catalog with rows for those manifests at once."""

@@ -6,7 +6,7 @@ parameters; baseline and mmlib-base versions are hashed once on the fly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -15,8 +15,7 @@ from .tensors import Layout
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .modelset import SetRef
-    from .store import Store
+    from .basetypes import SetRow
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,12 @@ def _escape(text: str) -> str:
     return html.escape(text)
 
 
-def diff_sets(store: "Store", a: "SetRef | str", b: "SetRef | str") -> SetDiff:
-    """Compare two versions (of any names) model by model, matching models by name and tensors by key."""
-    row_a, row_b = store.row(a), store.row(b)
-    names_a, dig_a = store.version_digests(row_a)
-    names_b, dig_b = store.version_digests(row_b)
+def diff_sets(digests: "Callable[[SetRow], tuple[list[str], np.ndarray]]", row_a: "SetRow", row_b: "SetRow"
+              ) -> SetDiff:
+    """Compare two versions (of any names) model by model, matching models by name and tensors by key;
+    ``digests`` gives a version's (names, per-tensor digests) (``Store.version_digests``)."""
+    names_a, dig_a = digests(row_a)
+    names_b, dig_b = digests(row_b)
     keys_a = Layout.from_json(row_a.manifest["layout"]).specs
     keys_b = Layout.from_json(row_b.manifest["layout"]).specs
     col_a = {s.name: (k, s.dtype, s.shape) for k, s in enumerate(keys_a)}

@@ -5,13 +5,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import approaches
-from .approaches.common import names_of
-from .catalog import SetRow
+from .approaches.common import StoreContext, names_of
+from .basetypes import SetRow
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .store import Store
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class Lineage:
         return self.frame.to_html(index=False)
 
 
-def build_lineage(store: "Store", rows: list[SetRow]) -> Lineage:
+def build_lineage(store: StoreContext, rows: list[SetRow]) -> Lineage:
     by_id: dict[int, SetRow] = {r.id: r for r in rows}
     versions = []
     for r in rows:

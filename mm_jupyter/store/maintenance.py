@@ -9,17 +9,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import IntegrityError, MMError, StoreError
 from . import approaches, manifest as manifests
-from .contracts import Manifests, ObjectArea
+from .basetypes import Manifests, SetObjects
+from .contracts import Catalog, ObjectArea
 from .files import human_bytes
 from .limits import decoding
-
-if TYPE_CHECKING:
-    from .contracts import Catalog
-    from .store import Store
 
 
 @dataclass(frozen=True)
@@ -54,8 +51,8 @@ class RebuildReport:
 
 
 # -- verify ------------------------------------------------------------------------------------
-def verify(store: "Store") -> list[str]:
-    cat, objects = store.catalog, store.objects
+def verify(cat: Catalog) -> list[str]:
+    objects = cat.objects
     problems = [f"catalog lacks acknowledged version {v} (refs/ records it); {cat.hint}"
                 for v in cat.lost_versions()]
     check: set[str] = set()
@@ -78,8 +75,9 @@ def verify(store: "Store") -> list[str]:
                 m["bytes"] + objects.size(row.manifest_oid), float(m["tts"]), m["created"])
         if row.base_id is None and m["base_id"] is not None:
             problems.append(f"{where}: its parent (catalog id {m['base_id']}) is gone; the lineage edge to it is lost")
-        if tuple(stored) != want:
-            problems.append(f"{where}: catalog columns {stored} disagree with its manifest {want}")
+        if stored is None or tuple(stored) != want:
+            shown = tuple(stored) if stored is not None else None
+            problems.append(f"{where}: catalog columns {shown} disagree with its manifest {want}")
         if sorted(cat.artifacts(set_id)) != sorted(set(listed)):
             problems.append(f"{where}: the catalog's artifact list differs from the manifest's")
         if [tuple(r) for r in cat.model_rows(set_id)] != want_models:
@@ -130,8 +128,8 @@ def _ref_problems(objects: ObjectArea, kind: str, name: str, version: int, oid: 
 
 
 # -- gc ----------------------------------------------------------------------------------------
-def gc(store: "Store", wait_s: float) -> GcReport:
-    cat, objects = store.catalog, store.objects
+def gc(cat: Catalog, wait_s: float) -> GcReport:
+    objects = cat.objects
     cat.check_writable("nothing to collect")
     with cat.save_lock(True, wait_s, "cannot collect garbage"):
         lost = cat.lost_versions()
@@ -211,11 +209,12 @@ def _drop_id_conflicts(chosen: Manifests, objects: ObjectArea, kind: str) -> int
     return len(dropped)
 
 
-def rebuild(catalog: "type[Catalog]", location: str, objects: ObjectArea, wait_s: float) -> RebuildReport:
+def rebuild(catalog: type[Catalog], location: str, objects: ObjectArea, wait_s: float) -> RebuildReport:
     """Recreate the catalog at ``location`` from the manifests in ``objects`` (see ARCHITECTURE.md)."""
     with catalog.rebuilding(location, objects, wait_s) as write:
         claims: dict[str, Claims] = {"set": defaultdict(list), "candidates": defaultdict(list)}
         problems = []
+        set_objects: SetObjects = {}
         for oid, _ in objects.scan():
             try:
                 if not manifests.is_manifest(objects.payload_prefix(oid, len(manifests.MAGIC))):
@@ -223,8 +222,8 @@ def rebuild(catalog: "type[Catalog]", location: str, objects: ObjectArea, wait_s
                 with decoding(f"manifest {oid[:12]}…"):
                     m = manifests.decode(objects.get(oid), oid)
                     if m["kind"] == "set":  # what writing its rows needs: read it now, skip it if it fails
-                        approaches.listed(objects, m)
-                        approaches.get(m["approach"]).model_rows(objects, m["set"])
+                        set_objects[oid] = (approaches.listed(objects, m),
+                                            approaches.get(m["approach"]).model_rows(objects, m["set"]))
                 claims[m["kind"]][(m["name"], m["version"])].append((oid, m, objects.size(oid)))
             except (MMError, OSError) as e:
                 problems.append(f"object {oid[:12]}… looks like a manifest but cannot be read: {e}")
@@ -246,7 +245,7 @@ def rebuild(catalog: "type[Catalog]", location: str, objects: ObjectArea, wait_s
                     continue
                 problems.append(f"{m['name']}@{m['version']}: its base manifest {str(m['base'])[:12]}… is missing; "
                                 "not restored")
-        write(sets, cands)
+        write(sets, cands, set_objects)
         restored = {"sets": {(m["name"], m["version"]): o for o, (m, _) in sets.items()},
                     "candidates": {(m["name"], m["version"]): o for o, (m, _) in cands.items()}}
         for kind, versions in restored.items():

@@ -15,9 +15,9 @@ import numpy as np
 
 from ..errors import MMError, RecoveryError, StoreError, TrustError
 from .architectures import Architecture
-from .contracts import ObjectArea
-from .objects import ObjectReader
-from .structure import load_module_state, make_cloner
+from .contracts import ObjectArea, Reader
+from .structure import load_module_state
+from .structure_clone import make_cloner
 from .tensors import Layout, TensorSpec, match_dtypes, torch_dtype, view_tensor
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class ModelSet:
         self.trust_code = trust_code
         self._r = resolved
         self._objects = objects
-        self._readers: dict[str, ObjectReader] = {}
+        self._readers: dict[str, Reader] = {}
         self._index = {name: i for i, name in enumerate(resolved.names)}
         self._template: "nn.Module | None" = None
         self._make: "Callable[[list[torch.Tensor]], nn.Module] | None" = None
@@ -126,7 +126,7 @@ class ModelSet:
             yield self.model(i)
 
     # -- tensors ---------------------------------------------------------------------------------
-    def _reader(self, o: int) -> ObjectReader:
+    def _reader(self, o: int) -> Reader:
         oid = self._r.objects[o].oid
         reader = self._readers.get(oid)
         if reader is None:

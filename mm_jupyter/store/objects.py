@@ -19,20 +19,20 @@ import stat
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import IntegrityError, StoreError
 from . import refs
-from .contracts import REF_KINDS, ObjectArea
+from .basetypes import REF_KINDS, PutResult
+from .contracts import ObjectArea
 from .files import UNSUPPORTED, TempFile, clean_temp, fsync_path, open_regular, os_error
 
 if TYPE_CHECKING:
     import torch
 
 MAGIC = b"MMOBJ\x01\x00\x00"
-_FIXED = struct.Struct("<8sQII")
+FIXED = struct.Struct("<8sQII")
 DIGEST_BYTES = 16
 MAX_CHUNKS = 128
 MIN_CHUNK = 64 * 1024
@@ -41,18 +41,18 @@ _PARALLEL_HASH_BYTES = 8 * 1024 * 1024
 _MAP_AT_LEAST = 1024 * 1024
 
 
-def _align(n: int, to: int) -> int:
+def align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
 def chunk_size_for(nbytes: int) -> int:
     """Chunk size for a payload: at least 64 KiB, at most 128 chunks, page aligned."""
-    return max(MIN_CHUNK, _align(-(-nbytes // MAX_CHUNKS), _PAGE))
+    return max(MIN_CHUNK, align(-(-nbytes // MAX_CHUNKS), _PAGE))
 
 
 def header_size_for(nbytes: int) -> int:
     chunks = -(-nbytes // chunk_size_for(nbytes))
-    return _align(_FIXED.size + DIGEST_BYTES * chunks, 64)
+    return align(FIXED.size + DIGEST_BYTES * chunks, 64)
 
 
 def _chunk_digests(payload: memoryview, chunk: int) -> list[bytes]:
@@ -110,16 +110,7 @@ def header_of(payload: memoryview) -> bytes:
     n = len(payload)
     chunk = chunk_size_for(n)
     digests = _chunk_digests(payload, chunk)
-    return _pack_header(n, chunk, digests, _align(_FIXED.size + DIGEST_BYTES * len(digests), 64))
-
-
-@dataclass(frozen=True)
-class PutResult:
-    """Outcome of writing one object: its id, its size on disk and whether it was new."""
-
-    oid: str
-    size: int
-    written: bool
+    return _pack_header(n, chunk, digests, align(FIXED.size + DIGEST_BYTES * len(digests), 64))
 
 
 def is_oid(name: str) -> bool:
@@ -318,13 +309,13 @@ class FolderObjects(ObjectArea):
         """The first ``n`` payload bytes of an object, unverified (to tell manifests apart)."""
         fd = open_regular(self.path(oid))
         with os.fdopen(fd, "rb") as f:
-            fixed = f.read(_FIXED.size)
-            if len(fixed) < _FIXED.size:
+            fixed = f.read(FIXED.size)
+            if len(fixed) < FIXED.size:
                 return b""
-            magic, _, _, chunks = _FIXED.unpack(fixed)
+            magic, _, _, chunks = FIXED.unpack(fixed)
             if magic != MAGIC:
                 return b""
-            f.seek(_align(_FIXED.size + DIGEST_BYTES * chunks, 64))
+            f.seek(align(FIXED.size + DIGEST_BYTES * chunks, 64))
             return f.read(n)
 
     # -- refs: refs/<kind>/<name>@<version> files beside the objects -------------------------------
@@ -357,7 +348,7 @@ def _allocate(fd: int, nbytes: int) -> bool:
 
 
 def _pack_header(nbytes: int, chunk: int, digests: list[bytes], hsize: int) -> bytes:
-    raw = _FIXED.pack(MAGIC, nbytes, chunk, len(digests)) + b"".join(digests)
+    raw = FIXED.pack(MAGIC, nbytes, chunk, len(digests)) + b"".join(digests)
     return raw + b"\x00" * (hsize - len(raw))
 
 
@@ -387,23 +378,23 @@ def parse_header(oid: str, header: bytes, stored_size: int) -> tuple[int, int, i
     """(payload bytes, chunk bytes, header bytes, chunk digests) of an object whose stored copy
     has ``stored_size`` bytes and starts with ``header`` (at least the whole header); checks magic,
     id and size, so a reader never trusts an object it did not verify."""
-    if len(header) < _FIXED.size:
+    if len(header) < FIXED.size:
         raise IntegrityError(f"object {oid[:12]}… is truncated (no header)")
-    magic, n, chunk, chunks = _FIXED.unpack(header[: _FIXED.size])
+    magic, n, chunk, chunks = FIXED.unpack(header[: FIXED.size])
     if magic != MAGIC:
         raise IntegrityError(f"object {oid[:12]}… has a bad magic number")
-    hsize = _align(_FIXED.size + DIGEST_BYTES * chunks, 64)
+    hsize = align(FIXED.size + DIGEST_BYTES * chunks, 64)
     if len(header) < hsize or hashlib.sha256(header[:hsize]).hexdigest() != oid:
         raise IntegrityError(f"object {oid[:12]}… header does not match its id")
     if stored_size != hsize + n:
         raise IntegrityError(f"object {oid[:12]}… has {stored_size} bytes on disk, expected {hsize + n}")
-    digests = [bytes(header[_FIXED.size + i * DIGEST_BYTES: _FIXED.size + (i + 1) * DIGEST_BYTES])
+    digests = [bytes(header[FIXED.size + i * DIGEST_BYTES: FIXED.size + (i + 1) * DIGEST_BYTES])
                for i in range(chunks)]
     return n, chunk, hsize, digests
 
 
 #: bytes of the largest possible header (128 chunk digests)
-MAX_HEADER = _align(_FIXED.size + DIGEST_BYTES * MAX_CHUNKS, 64)
+MAX_HEADER = align(FIXED.size + DIGEST_BYTES * MAX_CHUNKS, 64)
 
 
 class ObjectReader:
@@ -451,7 +442,7 @@ class ObjectReader:
                     )
                 with self._lock:
                     self._verified[c] = 1
-                self._owner._count(verified=b - a)
+                self._owner.count_bytes(verified=b - a)
         finally:
             view.release()
 
@@ -500,9 +491,9 @@ class FolderReader(ObjectReader):
     def __init__(self, path: Path, oid: str, owner: ObjectArea) -> None:
         with os.fdopen(open_regular(path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            fixed = f.read(_FIXED.size)
-            chunks = _FIXED.unpack(fixed)[3] if len(fixed) == _FIXED.size else 0
-            header = fixed + f.read(_align(_FIXED.size + DIGEST_BYTES * min(chunks, MAX_CHUNKS), 64) - len(fixed))
+            fixed = f.read(FIXED.size)
+            chunks = FIXED.unpack(fixed)[3] if len(fixed) == FIXED.size else 0
+            header = fixed + f.read(align(FIXED.size + DIGEST_BYTES * min(chunks, MAX_CHUNKS), 64) - len(fixed))
             super().__init__(oid, owner, header, size)
             if self.size == 0:
                 self._buf = None

@@ -16,12 +16,13 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from ..errors import StoreError
-from .backends import display
-from .catalog import _SCHEMA, SCHEMA_VERSION, SQLCatalog, rebuild_hint
-from .contracts import Manifests, ObjectArea
+from .basetypes import Manifests, RebuildWriter, SetObjects
+from .catalog import SCHEMA, SCHEMA_VERSION, SQLCatalog, rebuild_hint
+from .contracts import ObjectArea
+from .locations import display
 
 if TYPE_CHECKING:
     import psycopg
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 #: advisory lock keys (64-bit; scoped to the database): "mm_save", "mm_write"
 SAVE_KEY = 0x6D6D5F73617665
 WRITE_KEY = 0x6D6D5F7772697465
-_SCHEMA_PG = _SCHEMA.replace("INTEGER", "BIGINT").replace(" REAL ", " DOUBLE PRECISION ")
+_SCHEMA_PG = SCHEMA.replace("INTEGER", "BIGINT").replace(" REAL ", " DOUBLE PRECISION ")
 _TABLES = ("meta", "sets", "artifacts", "candidate_sets", "candidate_objects", "models")
 
 
@@ -156,15 +157,15 @@ class PostgresCatalog(SQLCatalog):
     @classmethod
     @contextmanager
     def rebuilding(cls, location: str, objects: ObjectArea, wait_s: float
-                   ) -> Iterator[Callable[[Manifests, Manifests], None]]:
+                   ) -> Iterator[RebuildWriter]:
         """Every row replaced in one transaction (readers see the old catalog until it commits)."""
         catalog = cls(location, objects)
         try:
             with catalog.save_lock(True, wait_s, "cannot rebuild the catalog"):
-                def write(sets: Manifests, cands: Manifests) -> None:
+                def write(sets: Manifests, cands: Manifests, set_objects: SetObjects) -> None:
                     with catalog.transaction() as tx:
                         tx.execute("TRUNCATE models, artifacts, candidate_objects, candidate_sets, sets")
-                        catalog.write_all(tx, sets, cands)
+                        catalog.write_all(tx, sets, cands, set_objects)
 
                 yield write
         finally:

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import ArchitectureError, StoreError, a_type
 from . import trust
-from .architectures import _json, allow_hint, capture_source, ref_of, source_class
+from .architectures import _json, allow_hint, source_class
+from .sourcecode import capture_source, ref_of
 from .trust import import_ref
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .files import TempFile, fsync_path, read_small
 
-_REF = re.compile(r"^(.+)@([1-9][0-9]{0,18})$")
+REF_PATTERN = re.compile(r"^(.+)@([1-9][0-9]{0,18})$")
 
 
 def folder(root: Path, kind: str) -> Path:
@@ -45,7 +45,7 @@ def names(root: Path, kind: str) -> set[tuple[str, int]]:
         return set()
     out = set()
     for e in entries:
-        m = _REF.match(e)
+        m = REF_PATTERN.match(e)
         if m is not None:
             out.add((m.group(1), int(m.group(2))))
     return out

@@ -24,20 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import IntegrityError, StoreError
+from .basetypes import PutResult
 from .contracts import ObjectArea
 from .objects import (
-    _FIXED,
     DIGEST_BYTES,
+    FIXED,
     MAGIC,
     MAX_HEADER,
     ObjectReader,
-    PutResult,
-    _align,
+    align,
     fill_buffer,
     header_of,
     is_oid,
 )
-from .refs import _REF
+from .refs import REF_PATTERN
 
 if TYPE_CHECKING:
     import torch
@@ -216,7 +216,7 @@ class S3Objects(ObjectArea):
             if _missing(e):
                 raise IntegrityError(f"object {key.rsplit('/', 1)[-1][:12]}… is missing from {self.location}") from None
             raise self._fail(e, f"cannot read {key}") from None
-        self._count(fetched=len(data))
+        self.count_bytes(fetched=len(data))
         total = int(str(resp.get("ContentRange", "")).rpartition("/")[2] or len(data))
         return data, total
 
@@ -257,9 +257,9 @@ class S3Objects(ObjectArea):
 
     def payload_prefix(self, oid: str, n: int) -> bytes:
         data, _ = self.get_range(self.key(oid), 0, MAX_HEADER + n - 1)
-        if len(data) < _FIXED.size or data[:8] != MAGIC:
+        if len(data) < FIXED.size or data[:8] != MAGIC:
             return b""
-        hsize = _align(_FIXED.size + DIGEST_BYTES * _FIXED.unpack(data[: _FIXED.size])[3], 64)
+        hsize = align(FIXED.size + DIGEST_BYTES * FIXED.unpack(data[: FIXED.size])[3], 64)
         return data[hsize: hsize + n]
 
     # -- refs --------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ class S3Objects(ObjectArea):
         out = set()
         try:
             for item in self._list(f"{self.prefix}refs/{kind}/"):
-                m = _REF.match(item["Key"].rsplit("/", 1)[-1])
+                m = REF_PATTERN.match(item["Key"].rsplit("/", 1)[-1])
                 if m is not None:
                     out.add((m.group(1), int(m.group(2))))
         except Exception as e:  # noqa: BLE001

@@ -31,7 +31,7 @@ class _Node:
     empty: tuple[tuple[bool, str], ...]  # (is_param, name) of slots holding None (state_dict skips them)
 
 
-def _plain(klass: type[nn.Module]) -> bool:
+def plain_class(klass: type[nn.Module]) -> bool:
     from torch import nn
 
     return (
@@ -65,7 +65,7 @@ class StatePlan:
         keys: list[str] = []
 
         def visit(mod: "nn.Module", parent: int, name: str, prefix: str) -> bool:
-            if not _plain(type(mod)) or _hooked(mod):
+            if not plain_class(type(mod)) or _hooked(mod):
                 return False
             nonpersistent = frozenset(mod._non_persistent_buffers_set)
             take = tuple(

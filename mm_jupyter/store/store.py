@@ -12,18 +12,24 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import IntegrityError, RefError, StoreError, a_type
-from . import approaches, backends, trust
+from ..errors import ArchitectureError, IntegrityError, RefError, StoreError, a_type
+from . import approaches, backends, maintenance, trust
 from .approaches.common import Saved, SaveInput
+from .approaches.update import changed_mask
 from .architectures import TAG, Architecture
-from .catalog import SetRow, now_iso
+from .basetypes import SetRow
+from .catalog import now_iso
+from .diff import diff_sets
 from .environment import environment
 from .files import OutOfSpace
 from .limits import decoding
 from .lineage import Lineage, build_lineage
 from .manifest import seconds
 from .modelset import ModelSet, Resolved, SetRef
-from .tensors import Layout, digest_rows, extract_states
+from .structure import module_state, with_attribute_states
+from .structure_check import SameArchitecture
+from .structure_encode import json_clean
+from .tensors import Layout, digest_rows, extract_states, layout_mismatch, match_dtypes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -219,8 +225,6 @@ class Store:
             return "provenance", "how the models were trained was given"
         if Layout.from_json(inp.base.manifest["layout"]).signature() != inp.layout.signature():
             return "baseline", f"the architecture differs from {base}'s"  # nothing to diff against
-        from .approaches.update import changed_mask
-
         digests = digest_rows(inp.rows, inp.layout)
         _, changed = changed_mask(self, inp, digests)
         sizes = np.array([s.nbytes for s in inp.layout.specs], dtype=np.float64)
@@ -355,9 +359,7 @@ class Store:
 
     def diff(self, a: SetRef | str, b: SetRef | str) -> "SetDiff":
         """Models added, dropped and changed (with their changed tensors) from version ``a`` to ``b``."""
-        from .diff import diff_sets
-
-        return diff_sets(self, a, b)
+        return diff_sets(self.version_digests, self.row(a), self.row(b))
 
     def stats(self, ref: SetRef | str) -> dict[str, Any]:
         """Storage of one version by artifact, plus the time-to-save recorded when it was saved."""
@@ -387,18 +389,14 @@ class Store:
         """Check catalog against objects: every visible version's manifest and every object it
         references verify by hash, catalog rows and artifact lists agree with the manifests, and
         no acknowledged version is missing. One line per problem (empty: intact)."""
-        from .maintenance import verify
-
-        return verify(self)
+        return maintenance.verify(self.catalog)
 
     def gc(self, wait_s: float = LOCK_WAIT_S) -> "GcReport":
         """Remove what no version references — objects of killed or failed saves, their pending
         catalog rows, temp files of writers that are gone — and write refs a killed writer left
         out. Waits for saves in flight and holds new ones back while it runs, so it is safe while
         other processes save."""
-        from .maintenance import gc
-
-        return gc(self, _wait(wait_s))
+        return maintenance.gc(self.catalog, _wait(wait_s))
 
     @staticmethod
     def rebuild_catalog(path: str | os.PathLike[str], wait_s: float = LOCK_WAIT_S, *,
@@ -406,12 +404,10 @@ class Store:
         """Recreate the catalog of the store at ``path`` (a folder, or a database URL with its
         ``objects``) from its objects alone — versions, lineage, names, mmlib-base model rows and
         candidate sets — as git can from its objects."""
-        from .maintenance import rebuild
-
         _check_location("path", path)
         _check_location("objects", objects)
         kind, location, area = backends.for_rebuild(path, objects)
-        return rebuild(kind, location, area, _wait(wait_s))
+        return maintenance.rebuild(kind, location, area, _wait(wait_s))
 
 
 #: Names Windows reserves for devices (also with an extension): a ref file cannot be named so there.
@@ -510,9 +506,6 @@ def _check_architecture(arch: Architecture, layout: Layout) -> None:
 def _probe(arch: Architecture, layout: Layout) -> tuple["nn.Module", str | None]:
     """The record rebuilt on the meta device (the saving session's own code may run: it is the
     user's) and its first difference from ``layout`` (None: it rebuilds these models)."""
-    from .structure import module_state
-    from .tensors import layout_mismatch, match_dtypes
-
     try:
         probe_module = arch.build_meta(trusted=True, subject="the models being saved")
         match_dtypes(probe_module, layout)
@@ -530,8 +523,6 @@ def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.M
     again on the meta device (the check every save makes), it must give the same config and tensors.
     A constructor that edits its config (LevitModel appends to ``config.down_ops``) fails that, and
     the models are recorded structurally instead — tree, attributes and config exactly as they are."""
-    from .structure import json_clean, with_attribute_states
-
     def prepared(arch: Architecture) -> tuple[Layout, list[list[Any]], "nn.Module", str | None]:
         if architecture is None:
             check_same_architecture(arch, mods, names)
@@ -555,9 +546,6 @@ def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], n
     """ArchitectureError unless every model is described by the record inferred from the first:
     the same factory call, Hugging Face config, or module tree with the same attribute values
     (e.g. an activation that differs between models, which the state dicts cannot show)."""
-    from ..errors import ArchitectureError
-    from .structure import SameArchitecture
-
     if arch.kind == "structure":
         check = SameArchitecture(models[0], names[0])
         for model, name in zip(models[1:], names[1:]):
@@ -580,7 +568,5 @@ def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], n
 def _same_hf_config(model: Any, first: Any, arch: Architecture) -> bool:
     """True when transformers model ``model`` shares ``first``'s config or has an equal one (typed
     Any: torch's stubs type every module attribute as ``Tensor | Module``)."""
-    from .structure import json_clean
-
     return bool(model.config is first.config
                 or json_clean(model.config.to_dict(), "the model config") == arch.config)

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import StoreError, a_type
+from ..errors import IntegrityError, StoreError, a_type
+from .limits import loads
+from .statewalk import StatePlan
 
 if TYPE_CHECKING:
     import torch
@@ -105,8 +107,6 @@ class Layout:
     def from_json(cls, data: Any) -> "Layout":
         """A layout as recorded in a manifest; IntegrityError unless every entry is a distinct key,
         a stored dtype and a shape of at most 2**48 bytes."""
-        from ..errors import IntegrityError
-
         keys = data.get("keys") if isinstance(data, dict) else None
         if not isinstance(keys, list):
             raise IntegrityError("a layout lists no keys")
@@ -192,8 +192,6 @@ def extract_states(models: Sequence["nn.Module"], names: Sequence[str]) -> tuple
     anything is written. Models built the same way take the fast path of ``StatePlan``.
     """
     import torch
-
-    from .statewalk import StatePlan
 
     if sys.byteorder != "little":
         raise StoreError("the store writes little-endian bytes; this machine is big-endian")
@@ -361,9 +359,6 @@ _ARRAY_KINDS = "biuf"
 def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
     """Views of the arrays of a ``pack_arrays`` blob; IntegrityError when the header is malformed or
     declares more bytes than the blob holds (nothing is allocated: the arrays view ``blob``)."""
-    from ..errors import IntegrityError
-    from .limits import loads
-
     n = int.from_bytes(blob[:4], "little")
     if len(blob) < 4 or n > len(blob) - 4:
         raise IntegrityError("an index object's header is cut off")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..modelsearch.blocks import split_model
+from ..modelsearch.splitting import split_model
 from ..modelsearch.synthetic import clone_module, digits, digits_cnn
 from ..store.trust import trusted
 

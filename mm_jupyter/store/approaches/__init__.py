@@ -5,15 +5,13 @@ magics look approaches up here instead of comparing names.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...errors import IntegrityError
-from ..contracts import Approach, Listed
+from ..basetypes import Listed, SetRow
+from ..contracts import ObjectArea
 from . import baseline, mmlib_base, provenance, update
-
-if TYPE_CHECKING:
-    from ..catalog import SetRow
-    from ..contracts import ObjectArea
+from .common import Approach
 
 REGISTRY: dict[str, Approach] = {a.NAME: a for a in (mmlib_base, baseline, update, provenance)}
 APPROACHES = tuple(REGISTRY)
@@ -29,12 +27,12 @@ def get(name: str) -> Approach:
         raise IntegrityError(f"unknown approach {name!r} recorded in the store") from None
 
 
-def derived(row: "SetRow") -> bool:
+def derived(row: SetRow) -> bool:
     """True when a version needs its base to be resolved (an update delta or a provenance record)."""
     return get(row.approach).derived(row.manifest)
 
 
-def listed(objects: "ObjectArea", manifest: dict[str, Any]) -> list[Listed]:
+def listed(objects: ObjectArea, manifest: dict[str, Any]) -> list[Listed]:
     """Every (role, object, bytes) a set manifest references."""
     out = [(r, o, int(s)) for r, o, s in manifest["artifacts"]]
     return out + get(manifest["approach"]).listed(objects, manifest["set"])

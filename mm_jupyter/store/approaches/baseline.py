@@ -1,16 +1,15 @@
 """``baseline``: one architecture + layout record per set and every model's parameters in one object."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from ..catalog import SetRow
+from ..basetypes import SetRow
 from ..modelset import Resolved
 from ..tensors import digest_model_major
 from .common import (
     Saved,
     SaveInput,
+    StoreContext,
     head,
     no_datasets as datasets,
     no_model_rows as model_rows,
@@ -21,23 +20,20 @@ from .common import (
     write_full,
 )
 
-if TYPE_CHECKING:
-    from ..store import Store
-
 NAME = "baseline"
 
 
-def save(store: "Store", inp: SaveInput) -> Saved:
+def save(store: StoreContext, inp: SaveInput) -> Saved:
     params = write_full(store, inp)
     manifest = head(inp) | {"params": params.oid}
     return Saved(NAME, manifest, [("params", params)])
 
 
-def resolve(store: "Store", row: SetRow, base: Resolved | None = None, retrain: bool = True) -> Resolved:
+def resolve(store: StoreContext, row: SetRow, base: Resolved | None = None, retrain: bool = True) -> Resolved:
     return resolve_full(row.manifest, row.manifest["params"], store.objects)
 
 
-def digests(store: "Store", row: SetRow, base: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+def digests(store: StoreContext, row: SetRow, base: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
     """Hashed from the parameter object (baseline records no digests)."""
     resolved = resolve(store, row)
     reader = store.objects.open(row.manifest["params"])

@@ -2,23 +2,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ...errors import IntegrityError
 from ..architectures import Architecture
-from ..catalog import SetRow
-from ..contracts import Listed, ObjectArea
+from ..basetypes import Listed, PutResult, SetRow
+from ..contracts import ObjectArea, VersionCatalog
 from ..modelset import ModelSet, ObjectShape, Resolved, SetRef, default_names
-from ..objects import PutResult
 from ..tensors import Layout, fill_model_major, tensor_digest
 
 if TYPE_CHECKING:
     import torch
 
     from ..provenance import Provenance
-    from ..store import Store
+
+
+class StoreContext(Protocol):
+    """What an approach uses of the store: its object area and catalog, and the resolution and
+    digests of other versions (a derived version's base). ``Store`` provides it; an approach never
+    sees the rest of the store."""
+
+    @property
+    def objects(self) -> ObjectArea: ...
+
+    @property
+    def catalog(self) -> VersionCatalog: ...
+
+    def resolve_row(self, row: SetRow, retrain: bool = True) -> Resolved:
+        """Where every tensor of ``row`` lives (its chain resolved)."""
+
+    def version_digests(self, row: SetRow) -> tuple[list[str], np.ndarray]:
+        """(names, per-tensor digests) of a version."""
 
 
 @dataclass
@@ -66,6 +82,39 @@ class Saved:
         return sum(p.size for _, p in self.artifacts + self.extra if p.written)
 
 
+class Approach(Protocol):
+    """One multi-model management approach; the modules in ``approaches/`` implement it and
+    ``approaches.REGISTRY`` lists them (the only place their names are spelled out)."""
+
+    NAME: str
+
+    def save(self, store: StoreContext, inp: SaveInput) -> Saved:
+        """Write the set's objects (durable when this returns); the store then commits them."""
+
+    def resolve(self, store: StoreContext, row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
+        """Where every tensor of ``row`` lives, given its resolved base (derived versions)."""
+
+    def derived(self, manifest: dict[str, Any]) -> bool:
+        """True when a version needs its base to be resolved."""
+
+    def digests(self, store: StoreContext, row: SetRow, base: np.ndarray | None
+                ) -> tuple[list[str], np.ndarray]:
+        """(names, per-tensor digests) of the version: the recorded ones, hashed from its stored
+        tensors when it recorded none, or its base's (``base``) overlaid with its own."""
+
+    def listed(self, objects: ObjectArea, manifest: dict[str, Any]) -> list[Listed]:
+        """Objects the version references beyond its manifest's artifacts (per-model documents)."""
+
+    def model_rows(self, objects: ObjectArea, manifest: dict[str, Any]) -> list[tuple[int, str, str, str, str]]:
+        """Per-model catalog rows (idx, name, params, architecture, environment) a rebuild restores."""
+
+    def changed(self, store: StoreContext, row: SetRow) -> int | None:
+        """How many models this version changed against its base (None: not recorded)."""
+
+    def datasets(self, store: StoreContext, row: SetRow) -> tuple[tuple[str, str, str], ...]:
+        """(model, dataset loader, content hash) of every model it retrained."""
+
+
 def head(inp: SaveInput) -> dict[str, Any]:
     """Manifest fields shared by all approaches."""
     return {
@@ -81,7 +130,7 @@ def names_of(manifest: dict[str, Any]) -> list[str]:
     return manifest["names"] if manifest.get("names") is not None else default_names(manifest["n"])
 
 
-def write_full(store: "Store", inp: SaveInput) -> PutResult:
+def write_full(store: StoreContext, inp: SaveInput) -> PutResult:
     """All models' parameters, model-major, in one object written straight into the page cache."""
     lay = inp.layout
     return store.objects.put_filled(inp.n * lay.stride,
@@ -137,7 +186,7 @@ def match_base(names: list[str], base_names: list[str]) -> np.ndarray:
     return np.array([where.get(nm, -1) for nm in names], dtype=np.int64)
 
 
-def digests_from_bytes(store: "Store", row: SetRow) -> tuple[list[str], np.ndarray]:
+def digests_from_bytes(store: StoreContext, row: SetRow) -> tuple[list[str], np.ndarray]:
     """Per-tensor digests of a version that recorded none, hashed from its stored tensors."""
     resolved = store.resolve_row(row)
     ms = ModelSet(SetRef(row.id, row.name, row.version), row.approach, resolved, store.objects)
@@ -167,11 +216,11 @@ def no_model_rows(objects: ObjectArea, manifest: dict[str, Any]) -> list[tuple[i
     return []
 
 
-def not_recorded(store: "Store", row: SetRow) -> None:
+def not_recorded(store: StoreContext, row: SetRow) -> None:
     """``changed``: the approach does not record which models changed."""
     return None
 
 
-def no_datasets(store: "Store", row: SetRow) -> tuple[tuple[str, str, str], ...]:
+def no_datasets(store: StoreContext, row: SetRow) -> tuple[tuple[str, str, str], ...]:
     """``datasets``: nothing was retrained."""
     return ()

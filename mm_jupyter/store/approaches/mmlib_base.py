@@ -31,13 +31,14 @@ import numpy as np
 
 from ...errors import IntegrityError
 from ..architectures import Architecture
-from ..catalog import SetRow
+from ..basetypes import SetRow
 from ..limits import loads
 from ..modelset import ObjectShape, Resolved
 from ..tensors import Layout, fill_model_major, pack_arrays, unpack_arrays
 from .common import (
     Saved,
     SaveInput,
+    StoreContext,
     digests_from_bytes,
     head,
     names_of,
@@ -47,8 +48,8 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..contracts import Listed, ObjectArea
-    from ..store import Store
+    from ..basetypes import Listed
+    from ..contracts import ObjectArea
 
 NAME = "mmlib-base"
 ROLES = ("params", "architecture", "environment")
@@ -174,7 +175,7 @@ def _layers(lay: Layout) -> list[list[Any]]:
     return [[k, v] for k, v in layers.items()]
 
 
-def save(store: "Store", inp: SaveInput) -> Saved:
+def save(store: StoreContext, inp: SaveInput) -> Saved:
     """A pending (invisible) set row first; then model by model, each in its own transaction; the
     store makes the set visible in its final transaction."""
     with store.catalog.transaction() as tx:
@@ -184,7 +185,7 @@ def save(store: "Store", inp: SaveInput) -> Saved:
     return saved
 
 
-def save_models(store: "Store", inp: SaveInput, pending_id: int) -> Saved:
+def save_models(store: StoreContext, inp: SaveInput, pending_id: int) -> Saved:
     lay = inp.layout
     arch = inp.architecture.to_json()
     code, layers, env = _model_code(inp.architecture), _layers(lay), _environment(inp.env)
@@ -215,7 +216,7 @@ def save_models(store: "Store", inp: SaveInput, pending_id: int) -> Saved:
     return saved
 
 
-def model_index(store: "Store", row: SetRow) -> tuple[list[list[str]], np.ndarray]:
+def model_index(store: StoreContext, row: SetRow) -> tuple[list[list[str]], np.ndarray]:
     """Per model its (params, architecture, environment) object ids and their sizes."""
     return _model_index(store.objects, row.manifest)
 
@@ -226,7 +227,7 @@ def _model_index(objects: "ObjectArea", manifest: dict[str, Any]) -> tuple[list[
     return ids, arrays["sizes"]
 
 
-def _model_id(store: "Store", params: str, stride: int, name: str) -> str:
+def _model_id(store: StoreContext, params: str, stride: int, name: str) -> str:
     """The model id after a parameter object's tensors (reading it verifies the object's digests)."""
     reader = store.objects.open(params)
     try:
@@ -250,12 +251,12 @@ def model_rows(objects: "ObjectArea", manifest: dict[str, Any]) -> list[tuple[in
     return [(i, name, ids[i][0], ids[i][1], ids[i][2]) for i, name in enumerate(names_of(manifest))]
 
 
-def digests(store: "Store", row: SetRow, base: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+def digests(store: StoreContext, row: SetRow, base: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
     """Hashed from the per-model parameter objects (MMlib records no digests)."""
     return digests_from_bytes(store, row)
 
 
-def resolve(store: "Store", row: SetRow, base: Resolved | None = None, retrain: bool = True) -> Resolved:
+def resolve(store: StoreContext, row: SetRow, base: Resolved | None = None, retrain: bool = True) -> Resolved:
     """Model by model: its catalog row, architecture and environment records, parameter file.
     Each catalog row must name the objects the (verified) model index lists, and each parameter
     object must carry the model id its architecture record names."""

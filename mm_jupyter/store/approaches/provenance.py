@@ -21,19 +21,27 @@ import numpy as np
 from ...errors import IntegrityError, RecoveryError, StoreError
 from .. import trust
 from ..architectures import Architecture
-from ..catalog import SetRow
+from ..basetypes import SetRow
 from ..limits import inflate, loads
 from ..modelset import ModelSet, Resolved, SetRef, build_template, require_layout
 from ..provenance import DatasetRef, check_trusted, dataset_hash, model_seed, resolve_train, train_one
 from ..structure import load_module_state, module_state
 from ..tensors import Layout, digest_rows, match_dtypes, pack_arrays, tensor_digest, unpack_arrays
-from .common import Saved, SaveInput, head, match_base, names_of, no_model_rows as model_rows, nothing_listed as listed
+from .common import (
+    Saved,
+    SaveInput,
+    StoreContext,
+    head,
+    match_base,
+    names_of,
+    no_model_rows as model_rows,
+    nothing_listed as listed,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..store import Store
 
 NAME = "provenance"
 
@@ -43,7 +51,7 @@ def derived(manifest: dict[str, Any]) -> bool:
     return True
 
 
-def save(store: "Store", inp: SaveInput) -> Saved:
+def save(store: StoreContext, inp: SaveInput) -> Saved:
     prov = inp.provenance
     if prov is None:
         raise StoreError("approach 'provenance' needs provenance=mm.Provenance(train=..., datasets=...)")
@@ -109,7 +117,7 @@ def _sample(count: int, verify: int | str) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, count - 1, int(verify))})
 
 
-def _verify_at_save(store: "Store", inp: SaveInput, record: dict[str, Any], src: np.ndarray, updated: np.ndarray,
+def _verify_at_save(store: StoreContext, inp: SaveInput, record: dict[str, Any], src: np.ndarray, updated: np.ndarray,
                     changed: np.ndarray, digests: np.ndarray, hashes: np.ndarray) -> None:
     """Retrain a sample of the updated models from what is about to be recorded — the JSON record,
     the architecture record, the base version's stored weights — exactly as recovery will, and
@@ -199,7 +207,7 @@ def compare(model: "nn.Module", layout: Layout, changed: np.ndarray, expected: I
 MAX_RECORD_BYTES = 64 * 2**20
 
 
-def record(store: "Store", row: SetRow) -> dict[str, Any]:
+def record(store: StoreContext, row: SetRow) -> dict[str, Any]:
     what = f"the provenance record of {row.name}@{row.version}"
     out = loads(inflate(store.objects.get(row.manifest["record"]), MAX_RECORD_BYTES, what), what)
     if not isinstance(out, dict):
@@ -207,7 +215,7 @@ def record(store: "Store", row: SetRow) -> dict[str, Any]:
     return out
 
 
-def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _index(store: StoreContext, row: SetRow) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(src, arrays) of a provenance version's index, every array checked against the counts it
     implies before anything of that size is allocated."""
     arrays = unpack_arrays(store.objects.get(row.manifest["index"]))
@@ -228,7 +236,7 @@ def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, dict[str, np.ndarra
     return src, arrays
 
 
-def digests(store: "Store", row: SetRow, base_digests: np.ndarray) -> tuple[list[str], np.ndarray]:
+def digests(store: StoreContext, row: SetRow, base_digests: np.ndarray) -> tuple[list[str], np.ndarray]:
     src, arrays = _index(store, row)
     out = base_digests[src].copy()
     updated = arrays["updated"].astype(np.int64)
@@ -238,12 +246,12 @@ def digests(store: "Store", row: SetRow, base_digests: np.ndarray) -> tuple[list
     return names_of(row.manifest), out
 
 
-def changed(store: "Store", row: SetRow) -> int | None:
+def changed(store: StoreContext, row: SetRow) -> int | None:
     """How many models this version retrained."""
     return int(len(unpack_arrays(store.objects.get(row.manifest["index"]))["updated"]))
 
 
-def datasets(store: "Store", row: SetRow) -> tuple[tuple[str, str, str], ...]:
+def datasets(store: StoreContext, row: SetRow) -> tuple[tuple[str, str, str], ...]:
     """(model, dataset loader call, content hash) of every retrained model."""
     rec = record(store, row)
     arrays = unpack_arrays(store.objects.get(row.manifest["index"]))
@@ -254,7 +262,7 @@ def datasets(store: "Store", row: SetRow) -> tuple[tuple[str, str, str], ...]:
     )
 
 
-def resolve(store: "Store", row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
+def resolve(store: StoreContext, row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
     """From the resolved base: check that the recorded code may run (trust gate, before anything
     runs), check every dataset, then retrain the updated models and verify them.
     ``retrain=False`` leaves the updated models out (``obj`` -1, nothing in memory): where the

@@ -8,18 +8,19 @@ digests of its changed tensors and inherits the rest, exactly like the tensors t
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ...errors import IntegrityError
 from ..architectures import Architecture
-from ..catalog import SetRow
+from ..basetypes import SetRow
 from ..modelset import ObjectShape, Resolved, require_layout
 from ..tensors import Layout, digest_rows, fill_key_major, key_major_size, pack_arrays, unpack_arrays
 from .common import (
     Saved,
     SaveInput,
+    StoreContext,
     head,
     match_base,
     names_of,
@@ -31,9 +32,6 @@ from .common import (
     write_full,
 )
 
-if TYPE_CHECKING:
-    from ..store import Store
-
 NAME = "update"
 
 
@@ -42,7 +40,7 @@ def derived(manifest: dict[str, Any]) -> bool:
     return "params" not in manifest
 
 
-def changed_mask(store: "Store", inp: SaveInput, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def changed_mask(store: StoreContext, inp: SaveInput, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(src, changed): base index per model and which (model, key) tensors differ from the base."""
     assert inp.base is not None
     base_names, base_digests = store.version_digests(inp.base)
@@ -53,7 +51,7 @@ def changed_mask(store: "Store", inp: SaveInput, digests: np.ndarray) -> tuple[n
     return src, changed
 
 
-def save(store: "Store", inp: SaveInput) -> Saved:
+def save(store: StoreContext, inp: SaveInput) -> Saved:
     digests = digest_rows(inp.rows, inp.layout)
     if inp.base is None:
         params = write_full(store, inp)
@@ -83,7 +81,7 @@ def save(store: "Store", inp: SaveInput) -> Saved:
     return Saved(NAME, manifest, artifacts, chain=inp.base.chain + 1, base=inp.base, digests=digests)
 
 
-def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _index(store: StoreContext, row: SetRow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(src, changed, digests) of a delta, checked against the counts they imply before anything
     of that size is allocated."""
     m = row.manifest
@@ -98,7 +96,7 @@ def _index(store: "Store", row: SetRow) -> tuple[np.ndarray, np.ndarray, np.ndar
     return (np.arange(n) if src is None else src).astype(np.int64), changed, digests
 
 
-def digests(store: "Store", row: SetRow, base_digests: np.ndarray | None) -> tuple[list[str], np.ndarray]:
+def digests(store: StoreContext, row: SetRow, base_digests: np.ndarray | None) -> tuple[list[str], np.ndarray]:
     """(names, digests) of a version without reading any parameters; a derived version's are
     its base's (``base_digests``) overlaid with the ones it stored."""
     m = row.manifest
@@ -121,14 +119,14 @@ def overlay_digests(base: np.ndarray, src: np.ndarray, changed: np.ndarray, stor
     return out
 
 
-def changed(store: "Store", row: SetRow) -> int | None:
+def changed(store: StoreContext, row: SetRow) -> int | None:
     """How many models have at least one tensor changed against the base (deltas only)."""
     if not derived(row.manifest):
         return None
     return int(_index(store, row)[1].any(axis=1).sum())
 
 
-def resolve(store: "Store", row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
+def resolve(store: StoreContext, row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
     m = row.manifest
     if "params" in m:
         r = resolve_full(m, m["params"], store.objects)
