@@ -22,7 +22,7 @@ import numpy as np
 from .errors import QueueFullError, ServerClosedError
 
 if TYPE_CHECKING:
-    from .server import Prediction
+    from .types import Prediction
 
 
 @dataclass(eq=False)

@@ -21,7 +21,6 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -33,6 +32,7 @@ from .cache import PredictionCache, input_digest
 from .errors import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
 from .metrics import Metrics, Span
 from .runner import Runner
+from .types import Prediction
 
 if TYPE_CHECKING:
     import torch
@@ -43,22 +43,6 @@ if TYPE_CHECKING:
 #: ``multi``: one call over many models; ``model``: one call per model in a batch; ``none``: one request at a time.
 BATCHING = ("multi", "model", "none")
 LATEST = "latest"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One answer: the model's output and the set version that produced it."""
-
-    model: str
-    version: "SetRef"
-    output: "torch.Tensor"
-    cached: bool
-    latency_s: float          # from the request's arrival (default: its submission) to the answer
-    answered_at: float = 0.0  # time.perf_counter() when answered: the metrics' clock
-
-    def __repr__(self) -> str:
-        how = "cache" if self.cached else "computed"
-        return f"Prediction({self.model!r} by {self.version}, {how}, shape {list(self.output.shape)})"
 
 
 def _open_store(store: "Store | str | os.PathLike[str] | None") -> "Store":
