@@ -304,7 +304,7 @@ def linear_proxies(
         per = max(1, _LINEAR_GROUP_BYTES // max(1, prepared[members[0]][0].numel() * 4))
         for start in range(0, len(members), per):
             chunk = members[start : start + per]
-            scores = _train_linear(torch.stack([prepared[i][0] for i in chunk], dim=1), ty,
+            scores = _train_linear(torch.stack([prepared[i][0] for i in chunk]), ty,
                                    torch.stack([prepared[i][1] for i in chunk]), vy, num_classes,
                                    seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay)
             for i, score in zip(chunk, scores):
@@ -314,9 +314,9 @@ def linear_proxies(
 
 def _train_linear(tx: Tensor, ty: Tensor, vx: Tensor, vy: Tensor, num_classes: int, *, seed: int, epochs: int,
                   lr: float, batch_size: int, weight_decay: float) -> list[ProxyScore]:
-    """Train ``K`` linear layers at once (see ``linear_proxy``) on ``tx`` (N, K, D), rows first so each
-    epoch's shuffle is one row gather for all candidates; test on ``vx`` (K, M, D)."""
-    n, k, dim = tx.shape
+    """Train ``K`` linear layers at once (see ``linear_proxy``) on ``tx`` (K, N, D); test on ``vx`` (K, M, D).
+    Each epoch's shuffle is one gather for all candidates, and every mini-batch a plain (K, rows, D) slice."""
+    k, n, dim = tx.shape
     with _pinned_threads(), torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(seed)
         bound = 1.0 / math.sqrt(dim)
@@ -328,9 +328,9 @@ def _train_linear(tx: Tensor, ty: Tensor, vx: Tensor, vy: Tensor, num_classes: i
         adam = _Adam([w, b], lr=lr, weight_decay=weight_decay)
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
-            xs, targets = tx.index_select(0, order), onehot.index_select(0, order)
+            xs, targets = tx.index_select(1, order), onehot.index_select(0, order)
             for start in range(0, n, batch_size):
-                xb = xs[start : start + batch_size].transpose(0, 1)  # (K, rows, D), a view
+                xb = xs[:, start : start + batch_size]
                 grad = torch.softmax(torch.baddbmm(b, xb, w.transpose(1, 2)), dim=2)
                 grad.sub_(targets[start : start + batch_size]).div_(xb.shape[1])  # d(mean cross-entropy)/d(logits)
                 w.grad = torch.bmm(grad.transpose(1, 2), xb)
