@@ -20,3 +20,26 @@ def test_limits_measures_every_path_beside_its_limit(tmp_path):
     assert "µs per request beyond the batched compute" in table
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result.rows)) and len(saved["load"]["before"]) == 3
+
+
+def test_the_ray_serve_comparison_client_and_our_side(store):
+    """The comparison's client against our endpoint in its own process: every answer checked, a
+    curve point per concurrency. (Ray Serve's side needs the ``rayserve`` extra, see docs/benchmarks.md.)"""
+    import numpy as np
+
+    from mm_jupyter.bench.rayserve import _ours, load_curve
+    from mm_jupyter.usecases.models import ffnn, seeded_models
+
+    store.save_set(seeded_models(ffnn, 6, hidden=8), "cells")
+    rng = np.random.default_rng(0)
+    ids, xs = rng.integers(0, 6, 50).tolist(), rng.standard_normal((50, 5)).astype(np.float32)
+    proc, host, port, token = _ours(store.root, "cells")
+    try:
+        point = load_curve(host, port, "/predict", {"Authorization": f"Bearer {token}"}, ids, xs, 2, 0.5)
+        refused = load_curve(host, port, "/predict", {}, ids, xs, 1, 0.2)  # no token: every answer an error
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(60) == 0
+    assert point["answered"] > 0 and point["errors"] == 0 and point["rps"] > 0 and point["p99_ms"] >= point["p50_ms"]
+    assert refused["errors"] == refused["answered"] > 0
