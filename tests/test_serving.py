@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from serve_models import held
 
 import mm_jupyter as mm
 from mm_jupyter.serving import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
@@ -56,8 +57,9 @@ def test_batched_answers_equal_single_model_answers(cells, batching):
     xs = torch.randn(3 * N, 5, generator=gen)
     with mm.serve(cells, "cells@latest", batching=batching, max_wait_ms=200, max_batch=4 * N,
                   cache_size=0) as server:
-        futures = [server.submit(str(j % N), xs[j]) for j in range(3 * N)]
-        futures.append(server.submit("5", xs[:7]))            # several rows for one model
+        with held(server):  # the requests queue up while the worker is busy, then form batches
+            futures = [server.submit(str(j % N), xs[j]) for j in range(3 * N)]
+            futures.append(server.submit("5", xs[:7]))            # several rows for one model
         answers = [f.result(30) for f in futures]
         metrics = server.metrics()
     for j, a in enumerate(answers[:-1]):
@@ -65,7 +67,7 @@ def test_batched_answers_equal_single_model_answers(cells, batching):
         assert close(a.output, ms[j % N](xs[j : j + 1])[0]), j
     assert answers[-1].output.shape == (7, 1) and close(answers[-1].output, ms[5](xs[:7]))
     sizes = metrics["batch_sizes"]
-    assert sum(k * v for k, v in sizes.items()) == 3 * N + 1
+    assert sum(k * v for k, v in sizes.items()) == 3 * N + 2  # (+1: the request the worker was held on)
     if batching == "multi":  # requests for different models shared one call
         assert max(sizes) > N
     elif batching == "model":  # one call per model: its requests together
@@ -101,6 +103,32 @@ def test_multi_model_paths_chain_vmap_and_fallback(store):
         assert server._runner.layers is not None and server.input_shape == (5,)
 
 
+def test_the_batched_chain_equals_each_model_alone(store):
+    """Every row through its own model in one batched call (nested Sequentials, bias-less layers, other
+    activations, dropout in eval mode), repeated and unordered models, equals ``ms[i](x)``."""
+    from torch import nn
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(5, 16), nn.Tanh(),
+                             nn.Sequential(nn.Linear(16, 16, bias=False), nn.GELU(), nn.Dropout(0.5)),
+                             nn.Linear(16, 3), nn.Sigmoid()).eval()
+
+    torch.manual_seed(0)
+    store.save_set([net() for _ in range(7)], "chain")
+    ms = store.recover_set("chain")
+    with mm.serve(store, "chain", cache_size=0) as server:
+        runner = server._runner
+        assert runner.layers is not None and runner.multi_error is None, "runs as the baddbmm chain"
+        gen = torch.Generator().manual_seed(4)
+        idx = torch.tensor([6, 0, 3, 3, 1, 6, 2, 5, 4, 0, 0])
+        x = torch.randn(len(idx), 5, generator=gen)
+        batched = runner.run_multi(idx, x)
+        alone = torch.cat([ms[int(i)](x[r : r + 1]) for r, i in enumerate(idx)])
+        assert close(batched, alone), (batched - alone).abs().max()
+        answers = [server.submit(int(i), x[r]) for r, i in enumerate(idx)]
+        assert close(torch.stack([f.result(30).output for f in answers]), alone)
+
+
 def test_cache_hits_return_the_same_answer_and_are_invalidated_on_a_new_version(cells):
     x = torch.randn(5)
     with mm.serve(cells, "cells@latest", watch_s=None) as server:
@@ -132,13 +160,34 @@ def test_a_pinned_version_stays(cells):
 
 def test_a_full_queue_rejects_and_the_queued_requests_are_still_answered(cells):
     with mm.serve(cells, "cells", max_queue=3, max_batch=64, max_wait_ms=400, cache_size=0) as server:
-        queued = [server.submit(i, torch.randn(5)) for i in range(3)]  # the worker waits for a fuller batch
-        with pytest.raises(QueueFullError, match="queue full"):
-            server.submit(3, torch.randn(5))
+        with held(server):
+            queued = [server.submit(i, torch.randn(5)) for i in range(3)]  # the worker is busy: they wait
+            with pytest.raises(QueueFullError, match="queue full"):
+                server.submit(3, torch.randn(5))
         assert all(f.result(10).version.version == 1 for f in queued)
         m = server.metrics()
-        assert m["rejected"] == 1 and m["answered"] == 3 and m["queue_peak"] == 3
+        assert m["rejected"] == 1 and m["answered"] == 4 and m["queue_peak"] == 3
         assert server.submit(3, torch.randn(5)).result(10).model == "3"   # room again
+
+
+def test_an_idle_worker_answers_at_once_and_a_forming_batch_waits_to_fill(cells):
+    """max_wait_ms holds back only a batch that formed while the worker was busy (Triton's max queue
+    delay); a request that finds the worker idle is taken at once, however long max_wait_ms is."""
+    with mm.serve(cells, "cells", max_wait_ms=120_000, max_batch=4, cache_size=0) as server:
+        for i in range(3):  # each would wait two minutes if an idle worker waited for a batch to fill
+            assert server.predict(i, torch.zeros(5), timeout=20).model == str(i)
+        with held(server):
+            forming = [server.submit(i, torch.zeros(5)) for i in range(3)]
+        time.sleep(0.2)  # the worker is back and holds the three for a fuller batch (not a wait for an outcome)
+        assert not any(f.done() for f in forming), "a forming batch of 3 < max_batch rows waits for more"
+        forming.append(server.submit(3, torch.zeros(5)))  # the batch is full: it goes at once
+        assert [f.result(20).model for f in forming] == ["0", "1", "2", "3"]
+        sizes = server.metrics()["batch_sizes"]
+    assert sizes == {1: 4, 4: 1}, sizes
+    with mm.serve(cells, "cells", max_wait_ms=0, cache_size=0) as server:  # 0: what queued up while busy
+        with held(server):
+            queued = [server.submit(i, torch.zeros(5)) for i in range(5)]
+        assert all(f.result(20) for f in queued) and server.metrics()["batch_sizes"] == {1: 1, 5: 1}
 
 
 def test_version_switch_under_load_drops_and_mixes_nothing(cells):
@@ -233,11 +282,15 @@ def test_metrics_describe_the_traffic(cells):
 
 def test_close_answers_or_fails_what_is_queued(cells):
     server = mm.serve(cells, "cells", max_wait_ms=10_000, max_batch=100, cache_size=0)
-    pending = [server.submit(i, torch.zeros(5)) for i in range(3)]
-    server.close(drain=False)
-    for f in pending:
-        with pytest.raises(ServerClosedError):
-            f.result(10)
+    with held(server) as running:
+        pending = [server.submit(i, torch.zeros(5)) for i in range(3)]
+        closer = threading.Thread(target=server.close, kwargs={"drain": False})
+        closer.start()
+        for f in pending:
+            with pytest.raises(ServerClosedError):
+                f.result(10)
+    closer.join(30)
+    assert not closer.is_alive() and running.result(10).model == "0", "the running batch finishes"
     with pytest.raises(ServerClosedError):
         server.submit(0, torch.zeros(5))
     server.close()                                                 # closing twice is fine

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 import torch
+from serve_models import held
 
 import mm_jupyter as mm
 from mm_jupyter.serving.runner import ATOL, RTOL
@@ -113,10 +114,11 @@ def test_back_pressure_over_http_and_closing(store):
     server = mm.serve(store, "cells", max_queue=1, max_batch=64, max_wait_ms=1500, cache_size=0)
     endpoint = server.http()
     try:
-        queued = server.submit(0, torch.zeros(5))        # waits for a fuller batch, holding the one slot
-        r = httpx.post(f"{endpoint.url}/predict", json={"model": "1", "x": [0.0] * 5},
-                       headers={"Authorization": f"Bearer {endpoint.token}"})
-        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "queue full" in r.json()["error"]
+        with held(server):
+            queued = server.submit(0, torch.zeros(5))        # the worker is busy: this holds the one slot
+            r = httpx.post(f"{endpoint.url}/predict", json={"model": "1", "x": [0.0] * 5},
+                           headers={"Authorization": f"Bearer {endpoint.token}"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1" and "queue full" in r.json()["error"]
         assert queued.result(10).model == "0"
     finally:
         server.close()
@@ -217,14 +219,20 @@ def test_a_client_that_disconnects_is_logged_in_one_line(store, caplog):
     from mm_jupyter.serving.http import HTTPEndpoint
 
     store.save_set(seeded_models(ffnn, 4, hidden=8), "cells")
-    server = mm.serve(store, "cells", max_wait_ms=400, cache_size=0)  # answers wait for a batch
+    server = mm.serve(store, "cells", cache_size=0)
     endpoint = HTTPEndpoint(server)
     caplog.set_level(logging.INFO, logger="mm_jupyter.serving")
     try:
         body = json.dumps({"model": "2", "x": [0.0] * 5}).encode()
-        with _raw(endpoint, b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + endpoint.token.encode()
-                  + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body):
-            pass  # closed before the answer
+        with held(server):  # the worker is busy: the answer comes after the client is gone
+            with _raw(endpoint, b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                      + endpoint.token.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                      + b"\r\n\r\n" + body):
+                pass  # closed before the answer
+            deadline = time.monotonic() + 20
+            while not len(server.queue):
+                assert time.monotonic() < deadline, "the request never reached the queue"
+                time.sleep(0.01)  # polling for the endpoint thread's submission
         deadline = time.monotonic() + 20
         while not any("disconnected before its answer" in r.getMessage() for r in caplog.records):
             assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]

@@ -634,8 +634,41 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_limits(sub: Any) -> None:
+    from .limits import DEFAULT_OUT
+
+    p = sub.add_parser("limits", help="the roofline table: every hot path beside its physical limit, one run",
+                       description="Save, update save, list(ms), serving (client threads, a burst, Ray Serve) "
+                                   "and proxy scoring, each interleaved with its limit; median of the rounds.")
+    p.add_argument("--models", type=int, default=5000, help="FFNN-48 models in the set (default 5000)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, median reported (default 3)")
+    p.add_argument("--threads", type=int, default=8, help="client threads calling predict (default 8)")
+    p.add_argument("--requests", type=int, default=4000, help="requests per serving measurement (default 4000)")
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve comparison")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    p.set_defaults(func=cmd_limits)
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    import os
+
+    from .limits import format_limits, machine, run_limits
+
+    print(f"limits: {args.models} FFNN-48 models, {args.rounds} rounds, {args.threads} client threads, "
+          f"{args.requests} requests; machine: {machine()}")
+    print("load average before: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    result = run_limits(models=args.models, rounds=args.rounds, threads=args.threads, requests=args.requests,
+                        ray_serve=not args.no_ray, out=args.out, progress=_say)
+    print("load average after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    print()
+    print(format_limits(result))
+    print()
+    print(f"took {result.seconds:.0f} s; results: {', '.join(result.files) or '-'}")
+    return 0
+
+
 COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving,
-                                         add_partition, add_alsatian, add_gpu, add_report]
+                                         add_partition, add_alsatian, add_gpu, add_report, add_limits]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -287,7 +287,7 @@ def search(
 
     if approach not in APPROACHES:
         raise SearchError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACHES)}")
-    score_fn = get_proxy(proxy)
+    get_proxy(proxy)  # an unknown proxy fails here, before any work
     _positive_int(k, "k")
     _positive_int(eta, "eta (the halving factor)", 2)
     _positive_int(batch_size, "batch_size")
@@ -346,7 +346,7 @@ def search(
         meter.add("prepare model", time.perf_counter() - t1)
     try:
         return _run(named, cands, x_train, y_train, x_test, y_test, rungs, approach, k, shared, dev, meter, emit,
-                    score_fn, batch_size, cache_budget, seed, remote)
+                    proxy, batch_size, cache_budget, seed, remote)
     finally:
         if remote is not None:
             remote.close()
@@ -354,10 +354,12 @@ def search(
 
 def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_train: "torch.Tensor",
          x_test: "torch.Tensor", y_test: "torch.Tensor", rungs: list[Rung], approach: str, k: int, shared: bool,
-         dev: str, meter: Meter, emit: Callable[[dict[str, Any]], None], score_fn: Callable[..., Any],
+         dev: str, meter: Meter, emit: Callable[[dict[str, Any]], None], proxy: str,
          batch_size: int, cache_budget: int | None, seed: int, remote: Any) -> SearchResult:
     """The rungs: extract new features, score, prune (locally or on the Ray workers)."""
     import torch
+
+    from .proxies import score_many
 
     active = list(cands)
     test_feats: dict[str, torch.Tensor] = {}
@@ -396,8 +398,9 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
             scores = remote.score([(n, torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in active],
                                   y_train[: rung.items], y_test)
         else:
-            scores = {n: score_fn(torch.cat(train_feats[n])[: rung.items], y_train[: rung.items], test_feats[n],
-                                  y_test, seed=seed) for n in active}
+            together = score_many(proxy, [(torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in active],
+                                  y_train[: rung.items], y_test, seed=seed)  # the rung's survivors together
+            scores = dict(zip(active, together))
         for name in active:
             s = scores[name]
             results[name] = {"model": name, "score": s.score, "loss": s.loss, "rung": rung.index}

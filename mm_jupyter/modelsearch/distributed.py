@@ -192,11 +192,18 @@ class Worker:
 
     def score(self, items: Sequence[tuple[str, "torch.Tensor", "torch.Tensor"]], y_train: "torch.Tensor",
               y_test: "torch.Tensor", proxy: str, seed: int) -> dict[str, "ProxyScore"]:
-        """Proxy scores of candidates from their train and test features."""
-        from .proxies import get_proxy
+        """Proxy scores of candidates from their train and test features (those with the same number
+        of train rows together, see ``score_many``: the same scores as one at a time)."""
+        from .proxies import score_many
 
-        score_fn = get_proxy(proxy)
-        return {name: score_fn(tr, y_train[: len(tr)], te, y_test, seed=seed) for name, tr, te in items}
+        by_rows: dict[int, list[tuple[str, "torch.Tensor", "torch.Tensor"]]] = {}
+        for item in items:
+            by_rows.setdefault(len(item[1]), []).append(item)
+        out: dict[str, "ProxyScore"] = {}
+        for rows, group in by_rows.items():
+            scores = score_many(proxy, [(tr, te) for _, tr, te in group], y_train[:rows], y_test, seed=seed)
+            out.update(zip([name for name, _, _ in group], scores))
+        return out
 
     def reset(self) -> None:
         """Forget the last search's candidates and loaded blocks."""

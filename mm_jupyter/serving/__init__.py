@@ -7,7 +7,7 @@ from typing import Any
 __all__ = ["BATCHING", "BadInputError", "HTTPEndpoint", "Prediction", "QueueFullError", "Server",
            "ServerClosedError", "UnknownModelError", "serve"]
 _LAZY = {
-    "serve": "server", "Server": "server", "Prediction": "server", "BATCHING": "server",
+    "serve": "server", "Server": "server", "Prediction": "types", "BATCHING": "server",
     "HTTPEndpoint": "http",
     "BadInputError": "errors", "QueueFullError": "errors", "ServerClosedError": "errors",
     "UnknownModelError": "errors",

@@ -2,8 +2,11 @@
 
 ``put`` never blocks: a full queue raises ``QueueFullError`` at once (back-pressure the caller can
 see, instead of a silently dropped or endlessly waiting request). ``take`` hands the worker the next
-batch: after the oldest waiting request arrived it waits at most ``max_wait_s`` for the batch to
-fill up to ``max_batch`` rows, and returns earlier as soon as it is full.
+batch, at most ``max_batch`` rows. An idle worker never waits: when it found the queue empty, the
+request that wakes it is taken with whatever else is queued by then, so a lone request costs no
+batching delay. Batches form while the worker computes: the requests that arrived meanwhile are
+the next batch. Only such a forming batch may be held back for more requests (Triton's "max queue
+delay"): at most until its oldest request has waited ``max_wait_s``, or until it is full.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 from .errors import QueueFullError, ServerClosedError
 
 if TYPE_CHECKING:
-    from .server import Prediction
+    from .types import Prediction
 
 
 @dataclass(eq=False)
@@ -82,12 +85,13 @@ class RequestQueue:
     def take(self, batching: bool = True) -> list[Request] | None:
         """The next batch (one request when ``batching`` is False); None once closed and empty."""
         with self._cond:
+            idle = not self._items  # nothing queued up while the worker was busy: take the next one at once
             while True:
                 while not self._items:
                     if self._closed:
                         return None
                     self._cond.wait()
-                if batching and self.max_wait_s > 0:
+                if batching and not idle and self.max_wait_s > 0:
                     deadline = self._items[0].t_submit + self.max_wait_s
                     while self._items and self._rows < self.max_batch and not self._closed:
                         remaining = deadline - self._clock()

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    from .server import Server
+    from .types import Answering
 
 #: Largest request body accepted (bytes).
 MAX_BODY = 4 * 2**20
@@ -116,7 +116,7 @@ def parse_json(body: bytes) -> tuple[object, str | None]:
     return payload, None
 
 
-def build_app(server: "Server", token: str, body_timeout_s: float = BODY_TIMEOUT_S) -> "Starlette":
+def build_app(server: "Answering", token: str, body_timeout_s: float = BODY_TIMEOUT_S) -> "Starlette":
     """The ASGI app answering for ``server``; every route checks ``token``."""
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect
@@ -231,7 +231,7 @@ class HTTPEndpoint:
     """uvicorn serving ``build_app(server, token)`` on ``host:port`` (0: a free port) in a daemon
     thread; ``url`` and ``token`` say how to reach it, ``close()`` stops it."""
 
-    def __init__(self, server: "Server", host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+    def __init__(self, server: "Answering", host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  start_timeout: float = 10.0, *, max_connections: int = MAX_CONNECTIONS,
                  header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         import uvicorn

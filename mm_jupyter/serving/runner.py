@@ -75,7 +75,8 @@ class Runner:
         self.np_dtype = {torch.float16: np.float16, torch.float64: np.float64}.get(self.dtype, np.float32)
         self._stacked: dict[str, "torch.Tensor"] | None = None
         self._vmapped: Callable[..., "torch.Tensor"] | None = None
-        self.layers: list[Any] | None = None  # the baddbmm plan (see linear_chain), None: vmap
+        self.layers: list[Any] | None = None  # the baddbmm chain (see linear_chain), None: vmap
+        self._plan: list[Any] = []  # the chain's steps: (weights, biases) as stacked views, or an activation
         self.multi_error: str | None = None  # why multi-model batching fell back to per-model calls
 
     # -- inputs --------------------------------------------------------------------------------------
@@ -167,9 +168,14 @@ class Runner:
             out: torch.Tensor = functional_call(template, params, (x.unsqueeze(0),))
             return out.squeeze(0)
 
-        self.layers = linear_chain(template)
         self._vmapped = vmap(one)
         self._stacked = {key: self.ms.stacked(key) for key in self.ms.layout.keys}
+        self.layers = linear_chain(template)
+        stacked = self._stacked
+        # weights as (models, in, out) and biases as (models, 1, out), made once: views, no copies
+        self._plan = [layer if not isinstance(layer, tuple) else
+                      (stacked[layer[0]].transpose(1, 2), None if layer[1] is None else stacked[layer[1]].unsqueeze(1))
+                      for layer in self.layers or []]
 
     def run_multi(self, idx: "torch.Tensor", x: "torch.Tensor") -> "torch.Tensor":
         """Row ``r`` of ``x`` through model ``idx[r]``, all rows in one batched call."""
@@ -182,15 +188,13 @@ class Runner:
                 params = {key: s.index_select(0, idx) for key, s in self._stacked.items()}
                 return self._vmapped(params, x)
             h = x.unsqueeze(1)  # (rows, 1, features): every row is a batch of one for its own model
-            for layer in self.layers:
-                if isinstance(layer, tuple):
-                    w = self._stacked[layer[0]].index_select(0, idx).transpose(1, 2)
-                    if layer[1] is None:
-                        h = torch.bmm(h, w)
-                    else:
-                        h = torch.baddbmm(self._stacked[layer[1]].index_select(0, idx).unsqueeze(1), h, w)
+            for step in self._plan:
+                if isinstance(step, tuple):
+                    w, b = step
+                    h = torch.bmm(h, w.index_select(0, idx)) if b is None else \
+                        torch.baddbmm(b.index_select(0, idx), h, w.index_select(0, idx))
                 else:
-                    h = layer(h)
+                    h = step(h)
             return h.squeeze(1)
 
     def close(self) -> None:

@@ -21,7 +21,6 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -33,6 +32,7 @@ from .cache import PredictionCache, input_digest
 from .errors import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
 from .metrics import Metrics, Span
 from .runner import Runner
+from .types import Prediction
 
 if TYPE_CHECKING:
     import torch
@@ -43,22 +43,6 @@ if TYPE_CHECKING:
 #: ``multi``: one call over many models; ``model``: one call per model in a batch; ``none``: one request at a time.
 BATCHING = ("multi", "model", "none")
 LATEST = "latest"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One answer: the model's output and the set version that produced it."""
-
-    model: str
-    version: "SetRef"
-    output: "torch.Tensor"
-    cached: bool
-    latency_s: float          # from the request's arrival (default: its submission) to the answer
-    answered_at: float = 0.0  # time.perf_counter() when answered: the metrics' clock
-
-    def __repr__(self) -> str:
-        how = "cache" if self.cached else "computed"
-        return f"Prediction({self.model!r} by {self.version}, {how}, shape {list(self.output.shape)})"
 
 
 def _open_store(store: "Store | str | os.PathLike[str] | None") -> "Store":
@@ -93,13 +77,14 @@ def _parse_ref(ref: Any) -> tuple[str, int | None]:
 class Server:
     """A running server over one stored set; see the module docstring. Use ``mm.serve(...)``.
 
-    ``max_batch`` rows per batch, ``max_wait_ms`` the longest the oldest queued request waits for a
-    batch to fill, ``cache_size`` answers kept (0: no cache), ``max_queue`` requests waiting before
-    ``submit`` rejects with QueueFullError, ``max_modules`` built modules kept for the ``model`` and
-    ``none`` modes (0: every request builds its module with ``ms[i]``), ``input_shape`` the shape of
-    one item (inferred when the first layer is ``nn.Linear``), ``watch_s`` the catalog polling
-    interval when following the latest version (None: only ``refresh()`` switches), ``trust_code``
-    whether code recorded in the store may run to build the models (default: the store's).
+    ``max_batch`` rows per batch, ``max_wait_ms`` the longest a batch that formed while the worker
+    was busy is held back to fill (a request that finds the worker idle is taken at once),
+    ``cache_size`` answers kept (0: no cache), ``max_queue`` requests waiting before ``submit``
+    rejects with QueueFullError, ``max_modules`` built modules kept for the ``model`` and ``none``
+    modes (0: every request builds its module with ``ms[i]``), ``input_shape`` the shape of one item
+    (inferred when the first layer is ``nn.Linear``), ``watch_s`` the catalog polling interval when
+    following the latest version (None: only ``refresh()`` switches), ``trust_code`` whether code
+    recorded in the store may run to build the models (default: the store's).
     """
 
     def __init__(self, store: "Store | str | os.PathLike[str] | None", ref: "SetRef | str", *,
@@ -451,7 +436,8 @@ def serve(store: "Store | str | os.PathLike[str] | None", ref: "SetRef | str", *
         batching: ``"multi"`` (requests for different models share a batch), ``"model"`` (one model per batch)
             or ``"none"`` (one request at a time).
         max_batch: rows per batch at most.
-        max_wait_ms: the longest the oldest queued request waits for its batch to fill.
+        max_wait_ms: the longest a batch that formed while the worker was busy is held back to fill
+            (from its oldest request's arrival); a request that finds the worker idle never waits.
         cache_size: answers kept for repeated requests (0: no cache).
         max_queue: requests waiting before ``submit`` rejects one with ``QueueFullError``.
         max_modules: built modules kept for the ``model`` and ``none`` modes (0: build per request).
