@@ -122,10 +122,9 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
     import torch
     from safetensors.torch import save_file
 
-    import mm_jupyter as mm
-
     from ..serving.server import serve
     from ..store.files import fsync_path
+    from ..store.store import Store
     from ..usecases.models import ffnn
     from ..usecases.training import initial_models
     from .modelsets import _flat_bytes
@@ -152,7 +151,7 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
         for r in range(rounds):
             progress(f"round {r + 1}/{rounds} (load average {_load()[0]:.1f})")
             # -- saving --------------------------------------------------------------------------
-            store = mm.Store(root / f"r{r}-baseline")
+            store = Store(root / f"r{r}-baseline")
             note("save", _sync_then(lambda: store.save_set(base, "cells", approach="baseline")))
             flat_path = root / f"r{r}-flat.safetensors"
 
@@ -162,11 +161,11 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
 
             note("save limit", _sync_then(write_flat))
             flat_path.unlink()
-            upd = mm.Store(root / f"r{r}-update")
+            upd = Store(root / f"r{r}-update")
             upd.save_set(base, "cells", approach="update")
             note("update", _sync_then(lambda: upd.save_set(step, "cells", approach="update")))
             upd.close()
-            other = mm.Store(root / f"r{r}-step-baseline")
+            other = Store(root / f"r{r}-step-baseline")
             note("update limit", _sync_then(lambda: other.save_set(step, "cells", approach="baseline")))
             other.close()
             # -- every model as a module -------------------------------------------------------------
@@ -214,7 +213,7 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
 
             if available():
                 progress("Ray Serve beside our HTTP endpoint (same models, same client)")
-                store = mm.Store(root / "serve")
+                store = Store(root / "serve")
                 store.save_set(base, "cells", approach="baseline")
                 store.close()
                 ray_row = compare(root / "serve", "cells", ids, xs, progress=progress)

@@ -109,10 +109,10 @@ def _serve_ours(store: str, ref: str) -> None:
     """The subprocess: serve, print where, run until stdin closes."""
     import torch
 
-    import mm_jupyter as mm
+    from mm_jupyter.serving.server import serve
 
     torch.set_num_threads(1)
-    server = mm.serve(store, ref, cache_size=0, watch_s=None)
+    server = serve(store, ref, cache_size=0, watch_s=None)
     server.warm()
     endpoint = server.http()
     print(json.dumps({"host": endpoint.host, "port": endpoint.port, "token": endpoint.token}), flush=True)
@@ -128,11 +128,11 @@ def _ray_app(store: str, ref: str, max_batch: int, wait_s: float) -> Any:
         def __init__(self) -> None:
             import torch
 
-            import mm_jupyter as mm
             from mm_jupyter.serving.runner import Runner
+            from mm_jupyter.store.store import Store
 
             torch.set_num_threads(1)
-            self.runner = Runner(mm.Store(store).recover_set(ref))
+            self.runner = Runner(Store(store).recover_set(ref))
             self.runner.prepare_multi()
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=wait_s)
