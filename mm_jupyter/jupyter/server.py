@@ -28,21 +28,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import MMError, RefError
+from ..errors import MMError, PayloadError as PayloadError, RefError
 
 URL_PREFIX = "mm-jupyter"
 CATALOG = "catalog.sqlite"
 #: What jupyter_server's authorizer is asked about (action ``read``) before a store is read.
 AUTH_RESOURCE = "mm_jupyter"
-
-
-class PayloadError(Exception):
-    """A request the endpoints answer with ``{"error": message}`` and an HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def store_path(root_dir: str | os.PathLike[str] | None = None, store: str | None = None,

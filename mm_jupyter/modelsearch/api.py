@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..errors import SearchError, a_type
+from ..errors import ProbeMismatch, SearchError, a_type
 from .engine import Candidate, Meter, check_items, extract_shared, extract_whole
 from .halving import Rung, schedule
 
@@ -146,7 +146,6 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     phase. ``costs``: also count each block's work (a distributed search balances its workers by it)."""
     from .blocks import block_costs, output_sizes, split_model
     from .hashing import block_id
-    from .verify import ProbeMismatch
 
     total = len(named)
     emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import SearchError
+from ..errors import ProbeMismatch, SearchError
 from .blocks import Block, ClsToken, Split, has_state
 from .traced import chain
 
@@ -795,8 +795,6 @@ class _Observer:
         try:
             calls, _ = _observe(self.model, watched, self.forward, self.probe)
         except Exception as e:  # noqa: BLE001 - the data does not fit the model itself
-            from .verify import ProbeMismatch
-
             lines = str(e).strip().splitlines()
             raise ProbeMismatch(f"the model's own forward raised {type(e).__name__}: {lines[0] if lines else ''}"
                                 ) from None

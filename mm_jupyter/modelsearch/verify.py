@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import SearchError
+from ..errors import ProbeMismatch as ProbeMismatch, SearchError
 from .blocks import Block, Split, eval_mode, fresh_caches, methods, split_by
 
 PROBE_ITEMS = 8
@@ -84,15 +84,6 @@ def clear_verdicts() -> None:
 
 # --------------------------------------------------------------------------------------------
 # The cache key
-
-
-class ProbeMismatch(SearchError):
-    """The model's own forward fails on the probe: the data does not fit the model (not a split
-    problem). ``split`` is an unverified split, to name the block that fails."""
-
-    def __init__(self, message: str, split: Split | None = None) -> None:
-        super().__init__(message)
-        self.split = split
 
 
 class _Uncacheable(Exception):

@@ -17,9 +17,9 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IntegrityError, StoreError
+from ..errors import EmptyCatalog, IntegrityError, MissingCatalog, StoreError
 from . import manifest as manifests
-from .catalog import EmptyCatalog, MissingCatalog, SQLiteCatalog, rebuild_hint
+from .catalog import SQLiteCatalog, rebuild_hint
 from .contracts import Catalog, ObjectArea
 from .files import is_read_only, os_error
 from .objects import FolderObjects

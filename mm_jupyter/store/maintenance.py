@@ -11,10 +11,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import IntegrityError, MMError, StoreError
+from ..errors import IntegrityError, MMError, StoreError, human_bytes
 from . import approaches, manifest as manifests
 from .contracts import Manifests, ObjectArea
-from .files import human_bytes
 from .limits import decoding
 
 if TYPE_CHECKING:
