@@ -275,7 +275,7 @@ class ModelMagics(Magics):
         except RefError:
             return EmptyStore(str(store_location(args.store, self.store)), exists=False)
         listing = store.sets()
-        return EmptyStore(str(store.root), exists=True) if listing.empty else listing
+        return EmptyStore(store.location, exists=True) if listing.empty else listing
 
     def _show(self, args: Any) -> SetInfo:
         return SetInfo.of(self._store(args.store, create=False), args.ref)

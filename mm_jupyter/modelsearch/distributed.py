@@ -47,8 +47,9 @@ START_TIMEOUT_S = 600.0  # workers import torch; on a busy machine that takes a 
 
 
 def store_address(store: "Store") -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Arguments that open ``store`` again in another process (a Ray worker)."""
-    return (str(store.root),), {"trust_code": store.trust_code}
+    """Arguments that open ``store`` again in another process (a Ray worker): a folder store or a
+    team store (PostgreSQL catalog + S3 objects) alike."""
+    return store.address()
 
 
 # -- what travels to a worker -----------------------------------------------------------------------

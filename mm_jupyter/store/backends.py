@@ -74,6 +74,20 @@ def open_objects(spec: str | os.PathLike[str]) -> ObjectArea:
     return FolderObjects(Path(text))
 
 
+def portable(path: str | os.PathLike[str], objects: str | os.PathLike[str] | None) -> tuple[str, str | None]:
+    """``(path, objects)`` that open the same store from any process: folders made absolute (a Ray
+    worker may run in another working directory) and a database catalog's object area written out
+    (``$MM_JUPYTER_OBJECTS`` may be unset there)."""
+    def absolute(location: str | os.PathLike[str]) -> str:
+        text = os.fspath(location)
+        return text if _URL.match(text) else os.path.abspath(text)
+
+    if is_database(path):
+        spec = objects if objects is not None else os.environ.get(ENV_OBJECTS)
+        return os.fspath(path), absolute(spec) if spec else None
+    return absolute(path), None if objects is None else absolute(objects)
+
+
 @dataclass
 class Opened:
     """A store's backends, as ``Store`` holds them."""
