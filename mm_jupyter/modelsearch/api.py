@@ -255,7 +255,8 @@ def search(
         approach: ``"alsatian"`` (shared blocks run once, DFS+ plan, successive halving), ``"shift"``
             (successive halving, every candidate whole) or ``"base"`` (every candidate on all data).
         cache_budget: bytes of cached intermediate results at most (None: unbounded); the data is chunked
-            when the plan needs more.
+            when the plan needs more. On a GPU it bounds GPU memory and host memory each: results that
+            fit neither spill to disk.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:n]"``.
         proxy: the score of a candidate's features: ``"linear"`` (a linear classifier) or another of
             ``modelsearch.proxies``.
@@ -377,7 +378,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
             per_segment = remote.extract(group, segments, meter, emit)
         elif shared:
             per_segment = extract_shared(group, segments, batch_size=batch_size, device=dev,
-                                         budget=cache_budget, meter=meter, progress=emit, resident=resident)
+                                         budget=cache_budget, host_budget=cache_budget, meter=meter, progress=emit,
+                                         resident=resident)
         else:
             per_model = {c.name: extract_whole(c, segments, batch_size=batch_size, device=dev, meter=meter)
                          for c in group}

@@ -183,8 +183,8 @@ class Worker:
                 parts = [t.exports[job.source] for t in trunk]
                 inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
             per_segment = extract_shared(group, segments, batch_size=batch_size, device=self.device, budget=budget,
-                                         meter=meter, resident=self.resident, from_depth=job.start, inputs=inputs,
-                                         exports={c.name for c in cuts.values()})
+                                         host_budget=budget, meter=meter, resident=self.resident,
+                                         from_depth=job.start, inputs=inputs, exports={c.name for c in cuts.values()})
             for key, cut in cuts.items():
                 exports[key] = torch.cat([seg[cut.name] for seg in per_segment])
             for i, seg in enumerate(per_segment):

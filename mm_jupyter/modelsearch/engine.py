@@ -226,7 +226,10 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
     root, so a block still needed by surviving candidates is not loaded again. A subtree starts at
     depth ``from_depth`` from ``inputs`` (the candidates' shared first ``from_depth`` blocks' output on
     the items of ``segments``, which still give the batches and the blocks' context); candidates
-    named in ``exports`` yield their last output as it is (not flattened to features)."""
+    named in ``exports`` yield their last output as it is (not flattened to features).
+
+    Off the CPU the cache has two memory tiers: ``budget`` bytes on ``device`` and ``host_budget``
+    bytes of host memory (None: unbounded); what fits neither spills to disk."""
     import torch
 
     if not cands:
