@@ -393,7 +393,7 @@ def _runtime_dir() -> str | None:
         from ipykernel.connect import get_connection_file
 
         return os.path.dirname(os.path.abspath(get_connection_file()))
-    except Exception:  # noqa: BLE001 - not in a kernel (a terminal IPython, tests): the default folder
+    except (ImportError, RuntimeError, OSError):  # no ipykernel, not in a kernel (terminal IPython, tests), no file
         return None
 
 

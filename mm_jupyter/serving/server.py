@@ -190,7 +190,9 @@ class Server:
         while not self._stop.wait(every):
             try:
                 self.refresh()
-            except Exception:  # a half-written store or a busy catalog: keep serving, try again later
+            # the watcher thread outlives a failed refresh (a half-written store, a busy catalog, a
+            # dropped connection): the current version keeps serving, and it tries again next time
+            except Exception:  # noqa: BLE001 - any failure of one refresh, see above
                 continue
 
     def warm(self, models: Sequence[str | int] | None = None) -> None:
@@ -263,7 +265,7 @@ class Server:
             runner = self._runner
             try:
                 self._answer(runner, batch)
-            except Exception as e:  # never let the worker die: fail this batch, serve the next
+            except Exception as e:  # noqa: BLE001 - the worker must not die: the failure is each waiting request's answer
                 error = ServeError(f"serving {runner.ref} failed: {type(e).__name__}: {e}")
                 failed = [r for r in batch if not r.future.done()]
                 for r in failed:
@@ -295,7 +297,7 @@ class Server:
         if self.batching == "multi" and runner.multi_error is None:
             try:
                 outputs = self._multi(runner, ready, x)
-            except Exception as e:  # e.g. a model vmap cannot batch: answer per model from now on
+            except Exception as e:  # noqa: BLE001 - vmap raises the model's own errors: answer per model from now
                 runner.multi_error = f"{type(e).__name__}: {e}"
                 outputs = self._per_model(runner, ready)
         elif self.batching == "none":

@@ -205,7 +205,7 @@ def import_ref(ref: str) -> Any:
         obj: Any = importlib.import_module(mod)
         for part in qual.split("."):
             obj = getattr(obj, part)
-    except Exception as e:  # noqa: BLE001 - any failure of a module's own import code: one clear error
+    except Exception as e:  # noqa: BLE001 - a module's import code may raise anything (a missing name: AttributeError)
         raise ArchitectureError(f"cannot import {ref!r}: {type(e).__name__}: {e}") from None
     return obj
 
