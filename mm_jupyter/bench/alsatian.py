@@ -467,7 +467,8 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
                     eos_token_id=2), pad_token_id=0, num_labels=10)),
     }
     out = {}
-    for i, (family, build) in enumerate({**image, **text}.items()):
+    builds: dict[str, Callable[[], Any]] = {**image, **text}
+    for i, (family, build) in enumerate(builds.items()):
         with _seeded(seed + i):
             out[family] = ("image" if family in image else "text", build().eval())
     return out

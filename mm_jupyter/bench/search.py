@@ -245,7 +245,7 @@ class CostCalibration:
     def sample(self) -> None:
         import torch
 
-        sync = torch.cuda.synchronize if self.device != "cpu" else (lambda: None)
+        sync: Callable[[], None] = torch.cuda.synchronize if self.device != "cpu" else (lambda: None)
         with torch.inference_mode():
             for block, h, got in zip(self.blocks, self.inputs, self.samples):
                 best = float("inf")

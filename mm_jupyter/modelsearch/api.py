@@ -123,7 +123,8 @@ def _named(candidates: Any) -> dict[str, Any]:
     elif hasattr(candidates, "engine_candidates"):
         if not len(candidates):
             raise SearchError("no candidates to search")
-        return candidates  # stored candidates resolve themselves
+        stored: dict[str, Any] = candidates  # stored candidates resolve themselves
+        return stored
     elif isinstance(candidates, nn.Module):
         raise SearchError("candidates must be a list or dict of models; wrap a single model as [model]")
     else:
@@ -150,8 +151,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     total = len(named)
     emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})
     if hasattr(named, "engine_candidates"):
-        out = named.engine_candidates(sample, shared=shared, device=device,
-                                      costs=costs)
+        out: list[Candidate] = named.engine_candidates(sample, shared=shared, device=device, costs=costs)
         emit({"event": "prepare", "done": total, "total": total, "blocks": 0})
         return out
     t0 = time.perf_counter()
@@ -170,7 +170,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
         splits[name] = (split, output_sizes(split, sample[:1].to(device), name))
     out = []
     ids_of: dict[int, str] = {}
-    costs_of: dict[tuple, list[float]] = {}  # work depends on the architecture, not on the weights
+    costs_of: dict[tuple[Any, ...], list[float]] = {}  # work depends on the architecture, not on the weights
     distinct: set[str] = set()
     for done, (name, (split, sizes)) in enumerate(splits.items(), start=1):
         ids = None
@@ -373,7 +373,7 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
         segments = [seg for _, seg in pairs]
         group = [cands[n] for n in active]
         if not segments:
-            per_segment: list[dict] = []
+            per_segment: list[dict[Any, Any]] = []
         elif remote is not None:
             per_segment = remote.extract(group, segments, meter, emit)
         elif shared:

@@ -66,7 +66,7 @@ class Candidate:
     get a block (in memory, or loaded from a store on first use)."""
 
     def __init__(self, name: Hashable, blocks: Callable[[int], "Block"], count: int,
-                 context: Callable[["torch.Tensor"], dict], ids: list[str] | None = None,
+                 context: Callable[["torch.Tensor"], dict[str, Any]], ids: list[str] | None = None,
                  sizes: list[int] | None = None, nbytes: Callable[[int], int] | None = None,
                  costs: list[float] | None = None) -> None:
         self.name = name
@@ -122,7 +122,7 @@ def chunk_ranges(batches: list[tuple[int, int]], chunk_items: int) -> list[list[
     return chunks
 
 
-def _context(cand: Candidate, raw: "torch.Tensor", device: str) -> dict:
+def _context(cand: Candidate, raw: "torch.Tensor", device: str) -> dict[str, Any]:
     from .blocks import block_failure
 
     try:

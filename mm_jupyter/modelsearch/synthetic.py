@@ -220,15 +220,16 @@ def clone_module(model: nn.Module) -> nn.Module:
 def _plain_module(cls: type) -> bool:
     """No custom copy protocol, so deepcopy would copy ``__dict__`` as ``_clone`` does (a custom
     ``__setstate__``, e.g. Conv's, only fills in attributes missing from old pickles)."""
+    c: Any = cls  # compares unbound methods: mypy would call the identity checks non-overlapping
     return (
-        getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
-        and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
-        and not any("__slots__" in k.__dict__ for k in cls.__mro__ if k is not object)
+        getattr(c, "__deepcopy__", None) is None and c.__reduce_ex__ is object.__reduce_ex__
+        and c.__reduce__ is object.__reduce__ and c.__getstate__ is nn.Module.__getstate__
+        and not any("__slots__" in k.__dict__ for k in c.__mro__ if k is not object)
     )
 
 
 def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    found = memo.get(id(module))
+    found: nn.Module | None = memo.get(id(module))
     if found is not None:
         return found
     cls = type(module)
@@ -478,7 +479,8 @@ class _Logits(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x).logits
+        logits: Tensor = self.model(x).logits
+        return logits
 
 
 __all__ = [

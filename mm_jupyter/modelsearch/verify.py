@@ -313,7 +313,7 @@ def _first_tensor(out: Any) -> Tensor | None:
     return None
 
 
-def _hidden(args: tuple, kwargs: dict) -> Tensor | None:
+def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     """The hidden-state argument of a call: the first positional one, else ``hidden_states``."""
     if args and isinstance(args[0], Tensor):
         return args[0]

@@ -437,7 +437,7 @@ def _unstack(y: "torch.Tensor", requests: Sequence[tuple[Request, int]], rows: l
     """Each request's part of a batched output: one item for a single-item request, else its rows."""
     if len(y) == len(requests) and all(r.single for r, _ in requests):
         return y.unbind(0)  # one view per request in one call (the common case: one item each)
-    parts = y.split(rows)  # type: ignore[no-untyped-call]  # torch's Tensor.split has no annotations
+    parts = y.split(rows)
     return [part[0] if r.single else part for (r, _), part in zip(requests, parts)]
 
 
