@@ -379,11 +379,6 @@ class Server:
         span = self.last_load
         return None if span is None else self.metrics(since=span.start, until=span.end, label=span.label)
 
-    def reset_metrics(self) -> None:
-        """Start counting afresh (e.g. after a warm-up); the cache keeps its entries."""
-        self._metrics.reset()
-        self.cache.hits = self.cache.misses = 0
-
     # -- HTTP and lifetime ---------------------------------------------------------------------------
     def http(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> "HTTPEndpoint":
         """Serve this server over HTTP too (see ``mm_jupyter.serving.http``); port 0 picks a free port.

@@ -25,7 +25,6 @@ from .architectures import _json, allow_hint, capture_source, ref_of, source_cla
 from .trust import import_ref
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 
@@ -309,7 +308,3 @@ def train_one(train: TrainFn, model: "nn.Module", data: Any, config: dict[str, A
         model = result
     model.eval()
     return model
-
-
-def state_of(model: "nn.Module") -> dict[str, "torch.Tensor"]:
-    return {k: v.detach() for k, v in model.state_dict().items()}

@@ -446,14 +446,3 @@ def refuse(subject: str, items: list[tuple[str, str]], allow: str) -> TrustError
         parts.append(f"  {title}:\n{preview(code)}")
     parts.append(f"  If you trust whoever wrote this store, allow it: {allow}")
     return TrustError("\n".join(parts))
-
-
-def session_object(name: str, matches: Callable[[Any], bool]) -> Any:
-    """An object named ``name`` defined in the running session (``__main__``, i.e. the notebook)
-    for which ``matches`` holds, else None."""
-    main = sys.modules.get("__main__")
-    obj = getattr(main, name, None) if main is not None else None
-    try:
-        return obj if obj is not None and matches(obj) else None
-    except ArchitectureError:
-        return None
