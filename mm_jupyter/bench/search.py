@@ -118,8 +118,8 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
 
     from ..modelsearch.api import resolve_device
     from ..modelsearch.stored import add_candidates, load_candidates
-    from ..modelsearch.synthetic import base_model, sample_data, synthetic_candidates
     from ..store.architectures import Architecture
+    from .synthetic import base_model, sample_data, synthetic_candidates
 
     if repeat < 1:
         raise ValueError("repeat must be at least 1")
