@@ -312,8 +312,8 @@ def pad(name: str) -> int | None:
 def derived(name: str, count: int = 3) -> dict[str, nn.Module]:
     """A base and ``count - 1`` copies whose last one or two parameterised blocks are redrawn
     (candidates that share a prefix, as fine-tunes of one base do)."""
+    from mm_jupyter.bench.synthetic import parameterised, reinitialise
     from mm_jupyter.modelsearch.splitting import split_model
-    from mm_jupyter.modelsearch.synthetic import parameterised, reinitialise
 
     base = build(name, 0)
     models: dict[str, nn.Module] = {"base": base}

@@ -58,6 +58,18 @@ def noisy_train(model: torch.nn.Module, data: Any, config: dict[str, Any]) -> No
         last.bias.add_(float(noise) * 1e-3 + 1e-6)
 
 
+#: While this variable is set, ``failing_when_asked`` raises the user's own error.
+FAIL_ENV = "MM_TEST_TRAIN_FAIL"
+
+
+@mm.trusted
+def failing_when_asked(model: torch.nn.Module, data: Any, config: dict[str, Any]) -> None:
+    """``counting_train``, or a ValueError of the user's own while ``$MM_TEST_TRAIN_FAIL`` is set."""
+    if os.environ.get(FAIL_ENV):
+        raise ValueError("the user's training code failed here")
+    counting_train(model, data, config)
+
+
 @mm.trusted
 def noisy_when_asked(model: torch.nn.Module, data: Any, config: dict[str, Any]) -> None:
     """``noisy_train`` for models whose config says ``noisy``, deterministic training otherwise."""

@@ -87,6 +87,27 @@ def test_commands_that_only_read_create_nothing(ip: Any, tmp_path: Path) -> None
     assert repr(ip.run_line_magic("modelset", "list")).startswith(f"no model sets: the store {str(missing)!r}")
 
 
+def test_list_of_an_empty_team_store_names_its_masked_url(ip: Any) -> None:
+    """An empty PostgreSQL + S3 store names its URL with the password masked (it once said 'None':
+    a database store has no folder)."""
+    from mm_jupyter.store import testing
+    from mm_jupyter.store.backends import display
+
+    with testing.postgres_server(durable=False) as pg, testing.s3_server() as s3:
+        # the test server trusts local connections: a password in the URL is sent only if asked for
+        url = pg.database().replace(f"://{pg.user}@", f"://{pg.user}:S3cretPW@", 1)
+        objects = s3.bucket_url()
+        mm.Store(url, objects=objects).close()  # the store exists, with no sets
+        ip.run_line_magic("config", f"ModelMagics.objects = {objects!r}")
+        ip.run_line_magic("config", f"ModelMagics.store = {url!r}")
+        try:
+            shown = repr(ip.run_line_magic("modelset", "list"))
+        finally:
+            ip.run_line_magic("config", "ModelMagics.objects = None")
+    assert shown == f"no model sets: the store {display(url)!r}; save one with %%modelset save NAME"
+    assert ":***@" in shown and "S3cretPW" not in shown and "None" not in shown
+
+
 def test_kernel_store_tells_the_sidebar_which_store(ip: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mm_jupyter.jupyter.locations import location_id, lookup
     from mm_jupyter.jupyter.magics import kernel_store

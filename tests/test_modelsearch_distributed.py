@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import mm_jupyter as mm
-from mm_jupyter.modelsearch.distributed import RayExecutor
+from mm_jupyter.modelsearch.distributed import RayExecutor, store_address
+from mm_jupyter.store import testing
 from test_modelsearch_engine import blobs, family
 
 pytest.importorskip("ray")  # an extra; `make install` installs it, so the suite runs these tests
@@ -18,7 +19,10 @@ TESTS = str(Path(__file__).resolve().parent)
 @pytest.fixture(scope="module")
 def ray2():
     """Two CPU workers on a local Ray started for this module (and shut down after it). Workers
-    import the test helper modules (factories of stored candidates) from PYTHONPATH."""
+    import the test helper modules (factories of stored candidates) from PYTHONPATH, and have moto's
+    test credentials (for the team store's S3 objects), set before the workers start."""
+    for key, value in testing.S3_ENV.items():
+        os.environ.setdefault(key, value)
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, saved) if p)
     ex = RayExecutor(2, object_store_memory=256 * 2**20)
@@ -154,6 +158,37 @@ def test_stored_candidates_are_read_by_the_workers(ray2, tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(mm.IntegrityError):
         mm.search(load_candidates(store, "mlps"), data, k=1, approach="alsatian", batch_size=32, executor=ray2)
+    store.close()
+
+
+def test_stored_candidates_of_a_team_store_are_read_by_the_workers(ray2):
+    """PostgreSQL catalog + S3 objects: the workers open the same team store, not a folder named
+    'None' (the address once carried ``store.root``, which a database store does not have)."""
+    from mm_jupyter.modelsearch.stored import add_candidates, load_candidates
+
+    cands, data = family(8, seed=5), blobs(400)
+    with testing.postgres_server(durable=False) as pg, testing.s3_server() as s3:
+        store = mm.Store(pg.database(), objects=s3.bucket_url())
+        (where,), kwargs = store_address(store)
+        assert where.startswith("postgresql://") and kwargs["objects"].startswith("s3://")
+        add_candidates(store, cands, "mlps")
+        stored = load_candidates(store, "mlps")
+        dist = mm.search(stored, data, k=1, approach="alsatian", batch_size=32, executor=ray2)
+        same(dist, mm.search(cands, data, k=1, approach="alsatian", batch_size=32))
+        assert dist.stats["bytes_loaded"] > 0  # the workers read the blocks from S3
+        store.close()
+
+
+def test_store_address_opens_the_same_store_from_another_directory(tmp_path, monkeypatch):
+    """A relative folder (and a relative object folder) stay the same store in a process that runs elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    store = mm.Store("rel", objects="objs")
+    args, kwargs = store_address(store)
+    assert args == (str(tmp_path / "rel"),) and kwargs["objects"] == str(tmp_path / "objs")
+    monkeypatch.chdir(tmp_path.parent)
+    twin = mm.Store(*args, **kwargs)
+    assert twin.location == str(tmp_path / "rel") and twin.sets().empty
+    twin.close()
     store.close()
 
 

@@ -177,3 +177,34 @@ def test_stored_candidates_dedup_and_partial_access(tmp_path):
     rebuilt = stored.model("m3")
     xb = data[0][:5]
     assert torch.equal(rebuilt(xb), cands["m3"](xb))
+
+
+def test_host_memory_tier_keeps_the_budget(monkeypatch):
+    """Off the CPU the cache has a device tier and a host-memory tier; each holds at most
+    ``cache_budget`` bytes (the host tier was unbounded). ``cpu:0`` takes that two-tier path on a
+    machine without a GPU. The plan is made without a budget, as when real sizes exceed the plan's
+    estimate: intermediates overflow the device tier, the host tier keeps its budget, the rest
+    spills to disk, and the ranking and scores are those of the plain search."""
+    from mm_jupyter.modelsearch import cache as cache_mod, engine
+
+    seen: list[tuple[list[int | None], list[int], int]] = []
+
+    class Watched(cache_mod.TieredCache):
+        def put(self, key, tensor):
+            super().put(key, tensor)
+            seen.append((list(self.budgets), list(self.used), self.spilled_bytes))
+
+    plan_for = engine.plan_for
+    monkeypatch.setattr(engine, "TieredCache", Watched)
+    monkeypatch.setattr(engine, "plan_for", lambda cands, root, budget, meter, start: plan_for(
+        cands, root, None, meter, start))
+    cands, data = family(6, seed=4), blobs(200)
+    budget = 8_000  # bytes; one layer's outputs for 200 items are 25,600
+    tiered = mm.search(cands, data, k=1, approach="alsatian", cache_budget=budget, device="cpu:0", batch_size=32)
+    assert seen and all(budgets == [budget, budget] for budgets, _, _ in seen)
+    assert max(used[0] for _, used, _ in seen) <= budget
+    assert 0 < max(used[1] for _, used, _ in seen) <= budget  # the host tier was used, within its budget
+    assert max(spilled for _, _, spilled in seen) > 0
+    plain = mm.search(cands, data, k=1, approach="alsatian", batch_size=32)
+    assert list(tiered.ranking["model"]) == list(plain.ranking["model"])
+    assert tiered.ranking["score"].tolist() == pytest.approx(plain.ranking["score"].tolist(), abs=1e-6)

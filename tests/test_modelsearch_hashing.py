@@ -10,8 +10,8 @@ from torch import nn
 from mm_jupyter.errors import SearchError
 from mm_jupyter.modelsearch.blocks import Block
 from mm_jupyter.modelsearch.hashing import block_id, block_ids
+from mm_jupyter.bench.synthetic import generation_plan, parameterised, synthetic_candidates
 from mm_jupyter.modelsearch.splitting import split_model
-from mm_jupyter.modelsearch.synthetic import generation_plan, parameterised, synthetic_candidates
 
 
 def _ids(model: nn.Module) -> list[str]:

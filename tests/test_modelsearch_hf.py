@@ -7,7 +7,7 @@ import torch
 import mm_jupyter as mm
 
 pytest.importorskip("transformers")
-from mm_jupyter.modelsearch.synthetic import sample_data, synthetic_candidates  # noqa: E402
+from mm_jupyter.bench.synthetic import sample_data, synthetic_candidates  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit", "bert"])

@@ -11,8 +11,9 @@ import torch
 from search_models import assert_search_agrees
 from torch import nn
 
+from mm_jupyter.bench.synthetic import parameterised, reinitialise
 from mm_jupyter.modelsearch.splitting import split_model
-from mm_jupyter.modelsearch.synthetic import parameterised, reinitialise
+from search_models import assert_search_agrees
 
 tf = pytest.importorskip("transformers")
 

@@ -16,8 +16,8 @@ import mm_jupyter as mm
 from mm_jupyter.errors import SearchError
 from mm_jupyter.modelsearch.blocks import output_sizes
 from mm_jupyter.modelsearch.hashing import block_id, block_ids
+from mm_jupyter.bench.synthetic import parameterised, reinitialise, sample_data
 from mm_jupyter.modelsearch.splitting import split_model
-from mm_jupyter.modelsearch.synthetic import parameterised, reinitialise, sample_data
 
 
 def _check_composes(model: nn.Module, x: torch.Tensor) -> None:

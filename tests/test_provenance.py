@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Mapping
 
@@ -172,9 +173,31 @@ def test_changed_dataset_raises_before_any_training(store: mm.Store, tmp_path: P
 
     # a dataset that is gone is named too, also without training
     paths["2"].unlink()
-    with pytest.raises(mm.RecoveryError, match=r"model '2'.*cannot be loaded"):
+    with pytest.raises(mm.RecoveryError, match=r"model '2'.*cannot be loaded") as gone:
         store.recover_set(ref)
     assert calls(train_log) == []
+    assert "is gone" in str(gone.value.__cause__)  # the loader's own error, chained
+
+
+def test_training_error_at_save_keeps_the_users_traceback(store: mm.Store, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """Training code that fails while a save verifies the provenance is one StoreError, chained to
+    the user's own exception (its traceback kept)."""
+    x, y = cell_arrays(2, 1)
+    path = tmp_path / "cell2.npy"
+    np.save(path, np.concatenate([x, y], axis=1))
+    base = initial_models(3, seed=21)
+    store.save_set(base, "cells", approach="baseline")
+    prov = mm.Provenance(train=provenance_helpers.failing_when_asked, config={"epochs": 1},
+                         datasets={"2": mm.DatasetRef.file(path)}, seed=3)
+    full = named(base) | prov.run(named(base))
+    monkeypatch.setenv(provenance_helpers.FAIL_ENV, "1")
+    with pytest.raises(mm.StoreError, match=r"retraining model '2' to verify its provenance failed") as failed:
+        store.save_set(full, "cells", approach="provenance", provenance=prov)
+    assert isinstance(failed.value.__cause__, ValueError)
+    assert failed.value.__cause__.__traceback__ is not None
+    assert "failing_when_asked" in "".join(traceback.format_tb(failed.value.__cause__.__traceback__))
+    assert len(store.sets()) == 1  # nothing was stored
 
 
 # -- 3. non-deterministic training is refused at save, and caught at recovery -------------------

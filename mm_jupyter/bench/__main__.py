@@ -686,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        code = args.func(args)
+        code: int = args.func(args)
     except MMError as e:  # bad input or a machine that cannot run it: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

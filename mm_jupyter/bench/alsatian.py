@@ -180,7 +180,7 @@ def table1_model(name: str, scale: str = "cpu", side: int | None = None) -> tupl
     import torch
     import transformers as tf
 
-    from ..modelsearch.synthetic import _seeded, base_model, hf_config, input_shape
+    from .synthetic import _seeded, base_model, hf_config, input_shape
 
     quick = scale == "quick"
     side = side or (32 if quick else 224)
@@ -306,7 +306,7 @@ def search_set(arch: str, models: int, distribution: str, items: int, scale: str
     widths at 224 px, 128 tokens."""
     import transformers as tf
 
-    from ..modelsearch.synthetic import _seeded, derived_candidates, hf_config, sample_data, synthetic_candidates
+    from .synthetic import _seeded, derived_candidates, hf_config, sample_data, synthetic_candidates
 
     reduced = scale != "paper"
     side = 16 if reduced else 224
@@ -337,7 +337,7 @@ def fig10(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
           archs: Sequence[str] | None = None, progress: Progress = lambda m: None) -> Artefact:
     """Figs. 10-12: per architecture, the three distributions at one dataset size, and top-layers at
     several dataset sizes; base vs shift vs alsatian."""
-    from ..modelsearch.synthetic import DISTRIBUTIONS
+    from .synthetic import DISTRIBUTIONS
 
     default_archs, models, items, sizes, default_repeats = FIG10_CPU if scale == "cpu" else SEARCH_SIZES[scale]
     repeats = repeats or default_repeats
@@ -400,7 +400,7 @@ def fig13(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
           progress: Progress = lambda m: None) -> Artefact:
     """Figs. 13-14: the digits fine-tunes (CNNs) and their text counterpart (small BERTs fine-tuned
     on a generated topic task); search time and rankings equal to the baselines'."""
-    from ..modelsearch.synthetic import trained_candidates, trained_text_candidates
+    from .synthetic import trained_candidates, trained_text_candidates
 
     models, items, default_repeats = TRAINED[scale]
     repeats = repeats or default_repeats
@@ -425,7 +425,7 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
     model). Tiny widths below ``full``; ``full`` uses the families' default (base-size) configs."""
     import transformers as tf
 
-    from ..modelsearch.synthetic import _seeded, hf_config
+    from .synthetic import _seeded, hf_config
 
     full = scale == "paper"
     side = 224 if full else 32
@@ -468,7 +468,8 @@ def zoo_bases(scale: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Any]]:
                     eos_token_id=2), pad_token_id=0, num_labels=10)),
     }
     out = {}
-    for i, (family, build) in enumerate({**image, **text}.items()):
+    builds: dict[str, Callable[[], Any]] = {**image, **text}
+    for i, (family, build) in enumerate(builds.items()):
         with _seeded(seed + i):
             out[family] = ("image" if family in image else "text", build().eval())
     return out
@@ -481,7 +482,7 @@ def fig15(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
           progress: Progress = lambda m: None) -> Artefact:
     """Fig. 15: candidates of eleven Hugging Face families (each family a base model and its
     derivations, top-25), searched together per input modality."""
-    from ..modelsearch.synthetic import derived_candidates, sample_data
+    from .synthetic import derived_candidates, sample_data
 
     per_family, items, default_repeats = ZOO[scale]
     repeats = repeats or default_repeats
@@ -541,7 +542,7 @@ def fig17(scale: str = "cpu", *, device: str = "auto", repeats: int | None = Non
           progress: Progress = lambda m: None) -> Artefact:
     """Fig. 17: BERT candidates (reduced on CPU, BERT-base at ``full``) on the generated topic task,
     every distribution, alsatian vs base vs shift."""
-    from ..modelsearch.synthetic import DISTRIBUTIONS
+    from .synthetic import DISTRIBUTIONS
 
     models, sizes, default_repeats = BERT_SIZES[scale]
     repeats = repeats or default_repeats

@@ -74,9 +74,9 @@ def run_ray_bench(arch: str = "resnet18", models: int = 35, distribution: str = 
     from ..modelsearch.api import search
     from ..modelsearch.distributed import RayExecutor, start_local_ray
     from ..modelsearch.stored import add_candidates, load_candidates
-    from ..modelsearch.synthetic import base_model, sample_data, synthetic_candidates
     from ..store import Store
     from ..store.architectures import Architecture
+    from .synthetic import base_model, sample_data, synthetic_candidates
 
     began = t0 = time.perf_counter()
     cands = synthetic_candidates(arch, models, distribution, seed=seed, reduced=reduced, image_size=image_size)
@@ -210,7 +210,7 @@ def profile(arch: str, reduced: bool = False, image_size: int | None = 64) -> Pr
     """Per-block costs of ``arch``'s base model on one item of its sample data."""
     from ..modelsearch.blocks import block_costs, output_sizes
     from ..modelsearch.splitting import split_model
-    from ..modelsearch.synthetic import base_model, parameterised, sample_data
+    from .synthetic import base_model, parameterised, sample_data
 
     size = image_size if arch in ("resnet18", "resnet152", "vit") else None
     split = split_model(base_model(arch, reduced=reduced, image_size=size))
@@ -221,8 +221,8 @@ def profile(arch: str, reduced: bool = False, image_size: int | None = 64) -> Pr
 def mixed_tree(profiles: Sequence[Profile], models: int, seed: int = 0) -> tuple[Any, dict[int, float]]:
     """Task tree of ``models`` candidates spread over the architectures and distributions; per
     architecture all distributions derive from one base model, so their trees share it."""
-    from ..modelsearch.synthetic import generation_plan
     from ..modelsearch.tree import TaskTree
+    from .synthetic import generation_plan
 
     tree = TaskTree(0)
     cost: dict[int, float] = {}
@@ -259,7 +259,8 @@ def run_partition_sim(models: int = 500, workers: Sequence[int] = (8, 64, 512), 
     """Subtree partitioning vs a shared queue of block steps on a mixed ``models``-candidate tree,
     per worker count. ``flops`` (per second, one worker) and ``bandwidth`` (bytes per second
     between workers) set what moving a byte costs in block work: ``flops / bandwidth`` FLOPs."""
-    from ..modelsearch.partition import dfs_order, partition_tree, simulate_queue
+    from ..modelsearch.partition import partition_tree
+    from .queue import dfs_order, simulate_queue
 
     t0 = time.perf_counter()
     profiles = [profile(a) for a in archs]

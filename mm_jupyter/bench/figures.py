@@ -431,7 +431,7 @@ def search_chart(rows: Sequence[dict[str, Any]], items: int, title: str) -> Pape
 
 def _per_paper_set(row: dict[str, Any], key: str = "bytes") -> float:
     """A row's bytes per model times the paper's 5,000 models, in MB: sets of any size compare."""
-    return row[key] / row["models"] * papers.number("mmm.setup.models").centre / 1e6
+    return float(row[key] / row["models"] * papers.number("mmm.setup.models").centre / 1e6)
 
 
 def mmm_storage_paper() -> dict[tuple[str, str], float]:

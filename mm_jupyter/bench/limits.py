@@ -364,7 +364,9 @@ def machine() -> str:
 
 
 def format_number(stats: dict[str, float], unit: str) -> str:
-    fmt = (lambda v: f"{v:,.0f}") if unit == "req/s" else (lambda v: f"{v:.3f}")
+    def fmt(v: float) -> str:
+        return f"{v:,.0f}" if unit == "req/s" else f"{v:.3f}"
+
     return f"{fmt(stats['median'])} ({fmt(stats['min'])}–{fmt(stats['max'])}) {unit}"
 
 

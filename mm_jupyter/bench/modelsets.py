@@ -228,7 +228,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def _recover(store: Any, ref: Any) -> "ModelSet":
-    ms = store.recover_set(ref)
+    ms: ModelSet = store.recover_set(ref)
     ms.load()
     return ms
 
@@ -495,10 +495,10 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[Target]:
     steps = sorted({r["step"] for r in rows})
     u3 = [s for s in steps if s > 0]
 
-    def pairs(a: str, b: str, which: list[int]) -> list[tuple[int, dict, dict]]:
+    def pairs(a: str, b: str, which: list[int]) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
         return [(s, by[(s, a)], by[(s, b)]) for s in which if (s, a) in by and (s, b) in by]
 
-    def worst(values: list[tuple[int, float]], pick: Callable) -> tuple[float | None, str]:
+    def worst(values: list[tuple[int, float]], pick: Callable[..., Any]) -> tuple[float | None, str]:
         if not values:
             return None, "not measured (approach not run)"
         s, v = pick(values, key=lambda x: x[1])

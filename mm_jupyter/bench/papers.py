@@ -14,7 +14,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ..errors import BenchError
+from ..errors import PaperNumbersError as PaperNumbersError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,10 +31,6 @@ UNITS = frozenset({
     "cost units", "learning rate",
 })
 FIELDS = ("id", "paper", "artefact", "where", "series", "setting", "relation", "unit", "source", "claim")
-
-
-class PaperNumbersError(BenchError):
-    """``paper_numbers.toml`` is malformed, or an id asked for is not in it."""
 
 
 @dataclass(frozen=True)

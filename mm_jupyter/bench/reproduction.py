@@ -492,7 +492,7 @@ def _feature_kb(doc: dict[str, Any]) -> tuple[float, str, bool] | None:
     return worst, ", ".join(f"{a} {v:.1f} KB" for a, v in per.items()), worst < 10
 
 
-def _fig5_share(arch: str, cached: bool, smallest: bool = True) -> Callable[[dict[str, Any]], tuple | None]:
+def _fig5_share(arch: str, cached: bool, smallest: bool = True) -> Callable[[dict[str, Any]], tuple[Any, ...] | None]:
     def run(doc: dict[str, Any]) -> tuple[float, str, bool] | None:
         rows = [r for r in doc["rows"] if r["arch"] == arch]
         plain = sorted((r for r in rows if not r["cached_blocks"]), key=lambda r: r["items"])
@@ -548,7 +548,7 @@ def _search_rows(res: Results, distribution: str | None = None, min_items: int =
 
 
 def _best_search(res: Results, distribution: str, items: int | None = None,
-                 min_items: int = 0) -> tuple[str, dict, dict] | None:
+                 min_items: int = 0) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
     """The search run closest to the paper's setting: GPU first, then the most items (up to ``items``
     when given, at least ``min_items``), then the most candidates."""
     runs = _search_rows(res, distribution, min_items)
@@ -557,7 +557,7 @@ def _best_search(res: Results, distribution: str, items: int | None = None,
     if not runs:
         return None
 
-    def key(run: tuple[str, dict, dict]) -> tuple:
+    def key(run: tuple[str, dict[str, Any], dict[str, Any]]) -> tuple[Any, ...]:
         c = run[1]["config"]
         return (str(c.get("device_used", "cpu")).startswith("cuda"), c["items"], c["models"],
                 c.get("image_size") or 224)
@@ -737,7 +737,7 @@ def _fig16_all_budgets(doc: dict[str, Any]) -> tuple[None, str, bool] | None:
                                                       for r in al), worst > 1
 
 
-def _fig_speed(figure: str, vs: str = "base", **match: Any) -> Callable[[dict[str, Any]], tuple | None]:
+def _fig_speed(figure: str, vs: str = "base", **match: Any) -> Callable[[dict[str, Any]], tuple[Any, ...] | None]:
     def run(doc: dict[str, Any]) -> tuple[float, str, bool] | None:
         rows = [r for r in doc["rows"] if r["approach"] == "alsatian" and r.get(f"vs_{vs}")
                 and all(r.get(k) == v for k, v in match.items())]

@@ -116,9 +116,9 @@ def _run_search_bench(arch: str, models: int, distribution: str, items: int, app
                       progress: Progress) -> SearchBench:
     from ..modelsearch.api import resolve_device, search
     from ..modelsearch.stored import add_candidates, load_candidates
-    from ..modelsearch.synthetic import base_model, sample_data, synthetic_candidates
     from ..store import Store
     from ..store.architectures import Architecture
+    from .synthetic import base_model, sample_data, synthetic_candidates
 
     if repeat < 1:
         raise ValueError("repeat must be at least 1")
@@ -244,7 +244,7 @@ class CostCalibration:
     def sample(self) -> None:
         import torch
 
-        sync = torch.cuda.synchronize if self.device != "cpu" else (lambda: None)
+        sync: Callable[[], None] = torch.cuda.synchronize if self.device != "cpu" else (lambda: None)
         with torch.inference_mode():
             for block, h, got in zip(self.blocks, self.inputs, self.samples):
                 best = float("inf")

@@ -37,10 +37,10 @@ def run_store(label: str, path: str, objects: str | None, approach: str, workloa
     try:
         for step in workload.steps:
             kwargs = save_kwargs(approach, step)
-            tts, ref = _timed(lambda: store.save_set(step.models, workload.arch, **kwargs))  # noqa: B023
+            tts, ref = _timed(lambda: store.save_set(step.models, workload.arch, **kwargs))
             ttrs = []
             for _ in range(max(1, repeat)):
-                took, ms = _timed(lambda: _recover(store, ref))  # noqa: B023
+                took, ms = _timed(lambda: _recover(store, ref))
                 ms.close()
                 ttrs.append(took)
             fresh = Store(path, objects=objects)  # a new handle: no cached manifest or chunk

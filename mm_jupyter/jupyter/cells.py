@@ -12,25 +12,12 @@ from typing import Any, Callable, TypeVar
 
 from IPython.core.error import UsageError
 
-from ..errors import MMError
+from ..errors import CellError as CellError, MMError
 
 T = TypeVar("T")
 
 TRAIN_NAME = "train_cell"
 TRAIN_ARGS = ("model", "data", "config")
-
-
-class CellError(MMError):
-    """The user's own cell code failed. The notebook shows that error as IPython shows any cell's:
-    the traceback from the cell's first frame down (their frames, none of the magic's)."""
-
-    def __init__(self, error: BaseException, lines: list[str]) -> None:
-        super().__init__(f"the cell raised {type(error).__name__}: {error}")
-        self.error = error
-        self._lines = lines
-
-    def _render_traceback_(self) -> list[str]:
-        return self._lines
 
 
 def _first_user_frame(tb: TracebackType | None, is_user: Callable[[CodeType], bool]) -> TracebackType | None:

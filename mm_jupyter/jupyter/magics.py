@@ -275,7 +275,7 @@ class ModelMagics(Magics):
         except RefError:
             return EmptyStore(str(store_location(args.store, self.store)), exists=False)
         listing = store.sets()
-        return EmptyStore(str(store.root), exists=True) if listing.empty else listing
+        return EmptyStore(store.location, exists=True) if listing.empty else listing
 
     def _show(self, args: Any) -> SetInfo:
         return SetInfo.of(self._store(args.store, create=False), args.ref)
@@ -393,7 +393,7 @@ def _runtime_dir() -> str | None:
         from ipykernel.connect import get_connection_file
 
         return os.path.dirname(os.path.abspath(get_connection_file()))
-    except Exception:  # noqa: BLE001 - not in a kernel (a terminal IPython, tests): the default folder
+    except (ImportError, RuntimeError, OSError):  # no ipykernel, not in a kernel (terminal IPython, tests), no file
         return None
 
 

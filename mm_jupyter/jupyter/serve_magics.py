@@ -185,10 +185,6 @@ class ServeMagics(Magics):
                                  repeat=args.repeat, seed=args.seed)
         return open_loop(server, workload, inputs, args.rate)
 
-    def close_all(self) -> None:
-        for ref in list(self.servers):
-            self._close(ref)
-
 
 ServeMagics.modelserve.__doc__ = "\n".join([__doc__ or ""] + [p.format_help() for p in PARSERS.values()])
 

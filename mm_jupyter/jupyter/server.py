@@ -28,21 +28,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import MMError, RefError
+from ..errors import MMError, PayloadError as PayloadError, RefError
 
 URL_PREFIX = "mm-jupyter"
 CATALOG = "catalog.sqlite"
 #: What jupyter_server's authorizer is asked about (action ``read``) before a store is read.
 AUTH_RESOURCE = "mm_jupyter"
-
-
-class PayloadError(Exception):
-    """A request the endpoints answer with ``{"error": message}`` and an HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def store_path(root_dir: str | os.PathLike[str] | None = None, store: str | None = None,
@@ -249,7 +240,7 @@ def _handlers(serverapp: Any) -> list[tuple[str, type, dict[str, Any]]]:
             notebook = self.get_query_argument("path", default="") or None
             try:  # in a worker thread: a slow disk or a busy catalog never blocks the server
                 payload = await asyncio.to_thread(lambda: build(store_path(root_dir, store, notebook, runtime_dir)))
-            except Exception as e:  # every failure becomes {"error": ...}, never an HTML page
+            except Exception as e:  # noqa: BLE001 - every failure becomes {"error": ...}, never an HTML page
                 status, payload = error_payload(e)
                 if status == 500:  # one line, password masked (a traceback could quote a store URL)
                     self.log.error("mm_jupyter: %s failed: %s", self.request.path, payload["error"])

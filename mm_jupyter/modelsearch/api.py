@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..errors import SearchError, a_type
+from ..errors import ProbeMismatch, SearchError, a_type
 from .engine import Candidate, Meter, check_items, extract_shared, extract_whole
 from .halving import Rung, schedule
 
@@ -123,7 +123,8 @@ def _named(candidates: Any) -> dict[str, Any]:
     elif hasattr(candidates, "engine_candidates"):
         if not len(candidates):
             raise SearchError("no candidates to search")
-        return candidates  # stored candidates resolve themselves
+        stored: dict[str, Any] = candidates  # stored candidates resolve themselves
+        return stored
     elif isinstance(candidates, nn.Module):
         raise SearchError("candidates must be a list or dict of models; wrap a single model as [model]")
     else:
@@ -147,13 +148,11 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     from .blocks import block_costs, output_sizes
     from .hashing import block_id
     from .splitting import split_model
-    from .verify import ProbeMismatch
 
     total = len(named)
     emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})
     if hasattr(named, "engine_candidates"):
-        out = named.engine_candidates(sample, shared=shared, device=device,
-                                      costs=costs)
+        out: list[Candidate] = named.engine_candidates(sample, shared=shared, device=device, costs=costs)
         emit({"event": "prepare", "done": total, "total": total, "blocks": 0})
         return out
     t0 = time.perf_counter()
@@ -172,7 +171,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
         splits[name] = (split, output_sizes(split, sample[:1].to(device), name))
     out = []
     ids_of: dict[int, str] = {}
-    costs_of: dict[tuple, list[float]] = {}  # work depends on the architecture, not on the weights
+    costs_of: dict[tuple[Any, ...], list[float]] = {}  # work depends on the architecture, not on the weights
     distinct: set[str] = set()
     for done, (name, (split, sizes)) in enumerate(splits.items(), start=1):
         ids = None
@@ -257,7 +256,8 @@ def search(
         approach: ``"alsatian"`` (shared blocks run once, DFS+ plan, successive halving), ``"shift"``
             (successive halving, every candidate whole) or ``"base"`` (every candidate on all data).
         cache_budget: bytes of cached intermediate results at most (None: unbounded); the data is chunked
-            when the plan needs more.
+            when the plan needs more. On a GPU it bounds GPU memory and host memory each: results that
+            fit neither spill to disk.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:n]"``.
         proxy: the score of a candidate's features: ``"linear"`` (a linear classifier) or another of
             ``modelsearch.proxies``.
@@ -376,12 +376,13 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
         segments = [seg for _, seg in pairs]
         group = [cands[n] for n in active]
         if not segments:
-            per_segment: list[dict] = []
+            per_segment: list[dict[Any, Any]] = []
         elif remote is not None:
             per_segment = remote.extract(group, segments, meter, emit)
         elif shared:
             per_segment = extract_shared(group, segments, batch_size=batch_size, device=dev,
-                                         budget=cache_budget, meter=meter, progress=emit, resident=resident)
+                                         budget=cache_budget, host_budget=cache_budget, meter=meter, progress=emit,
+                                         resident=resident)
         else:
             per_model = {c.name: extract_whole(c, segments, batch_size=batch_size, device=dev, meter=meter)
                          for c in group}

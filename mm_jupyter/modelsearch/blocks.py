@@ -62,13 +62,14 @@ class Block:
 
     def __call__(self, h: Tensor, ctx: dict[str, Tensor]) -> Tensor:
         if self.call == "plain":
-            return self.module(h)
+            y: Tensor = self.module(h)
+            return y
         if self.call == "hf-layer":
             inputs = {name: context_value(ctx, entry) for name, entry in map(_entry, self.inputs)}
             return _first(self.module(h, **inputs))
         if self.call == "hf-grid-layer":
             return _first(self.module(h, _grid(ctx["grid"], h.shape[1])))
-        out = self.module(h)
+        out: Tensor = self.module(h)
         last = ctx.get("last_index")
         return out[:, -1] if last is None else out[torch.arange(out.shape[0], device=out.device), last]
 

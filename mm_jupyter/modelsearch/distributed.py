@@ -47,8 +47,9 @@ START_TIMEOUT_S = 600.0  # workers import torch; on a busy machine that takes a 
 
 
 def store_address(store: "Store") -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Arguments that open ``store`` again in another process (a Ray worker)."""
-    return (str(store.root),), {"trust_code": store.trust_code}
+    """Arguments that open ``store`` again in another process (a Ray worker): a folder store or a
+    team store (PostgreSQL catalog + S3 objects) alike."""
+    return store.address()
 
 
 # -- what travels to a worker -----------------------------------------------------------------------
@@ -182,8 +183,8 @@ class Worker:
                 parts = [t.exports[job.source] for t in trunk]
                 inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
             per_segment = extract_shared(group, segments, batch_size=batch_size, device=self.device, budget=budget,
-                                         meter=meter, resident=self.resident, from_depth=job.start, inputs=inputs,
-                                         exports={c.name for c in cuts.values()})
+                                         host_budget=budget, meter=meter, resident=self.resident,
+                                         from_depth=job.start, inputs=inputs, exports={c.name for c in cuts.values()})
             for key, cut in cuts.items():
                 exports[key] = torch.cat([seg[cut.name] for seg in per_segment])
             for i, seg in enumerate(per_segment):

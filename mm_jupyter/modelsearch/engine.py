@@ -66,7 +66,7 @@ class Candidate:
     get a block (in memory, or loaded from a store on first use)."""
 
     def __init__(self, name: Hashable, blocks: Callable[[int], "Block"], count: int,
-                 context: Callable[["torch.Tensor"], dict], ids: list[str] | None = None,
+                 context: Callable[["torch.Tensor"], dict[str, Any]], ids: list[str] | None = None,
                  sizes: list[int] | None = None, nbytes: Callable[[int], int] | None = None,
                  costs: list[float] | None = None) -> None:
         self.name = name
@@ -122,7 +122,7 @@ def chunk_ranges(batches: list[tuple[int, int]], chunk_items: int) -> list[list[
     return chunks
 
 
-def _context(cand: Candidate, raw: "torch.Tensor", device: str) -> dict:
+def _context(cand: Candidate, raw: "torch.Tensor", device: str) -> dict[str, Any]:
     from .blocks import block_failure
 
     try:
@@ -226,7 +226,10 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
     root, so a block still needed by surviving candidates is not loaded again. A subtree starts at
     depth ``from_depth`` from ``inputs`` (the candidates' shared first ``from_depth`` blocks' output on
     the items of ``segments``, which still give the batches and the blocks' context); candidates
-    named in ``exports`` yield their last output as it is (not flattened to features)."""
+    named in ``exports`` yield their last output as it is (not flattened to features).
+
+    Off the CPU the cache has two memory tiers: ``budget`` bytes on ``device`` and ``host_budget``
+    bytes of host memory (None: unbounded); what fits neither spills to disk."""
     import torch
 
     if not cands:

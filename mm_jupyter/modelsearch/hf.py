@@ -55,9 +55,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import SearchError
+from ..errors import ProbeMismatch, SearchError
 from .blocks import Block, ClsToken, Split, has_state
-from .probes import ProbeMismatch, differs, hidden_argument
+from .probes import differs, hidden_argument
 from .traced import chain
 
 _POSITIONS = ("position_ids", "cache_position")
@@ -125,7 +125,7 @@ class TokenPositionStem(nn.Module):
         self.rest = nn.ModuleList(rest)
 
     def forward(self, ids: Tensor) -> Tensor:
-        h = self.token(ids)
+        h: Tensor = self.token(ids)
         where = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         for table in self.positions:
             h = h + table(where)
@@ -158,7 +158,8 @@ class PooledHead(nn.Module):
         self.classifier = classifier
 
     def forward(self, cls: Tensor) -> Tensor:
-        return self.classifier(self.pooler(cls))
+        out: Tensor = self.classifier(self.pooler(cls))
+        return out
 
 
 class RelativeBiasLayer(nn.Module):
@@ -287,7 +288,8 @@ class Context:
         if build is None:
             raise SearchError(f"{type(self.backbone).__name__} has no build_alibi_tensor")
         heads = getattr(config, "n_head", None) or config.num_attention_heads
-        return build(keep, heads, dtype)
+        alibi: Tensor = build(keep, heads, dtype)
+        return alibi
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,8 +380,8 @@ class ForwardPrefix(nn.Module):
 @dataclass
 class _Call:
     module: nn.Module
-    args: tuple
-    kwargs: dict
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     output: Any = None
     path: str = ""
 
@@ -390,12 +392,12 @@ def _observe(model: nn.Module, watched: list[nn.Module], forward: Any, raw: Tens
     open_calls: dict[int, list[_Call]] = {}
     handles = []
 
-    def pre(m: nn.Module, args: tuple, kwargs: dict) -> None:
+    def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         call = _Call(m, args, dict(kwargs))
         calls.append(call)
         open_calls.setdefault(id(m), []).append(call)
 
-    def post(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+    def post(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         open_calls[id(m)].pop().output = out
 
     try:
@@ -463,7 +465,7 @@ def _head_input(model: nn.Module, backbone: nn.Module, forward: Any, raw: Tensor
     if not leaves:
         return None
 
-    def stop(m: nn.Module, args: tuple, kwargs: dict) -> None:
+    def stop(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         value = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         raise _HeadReached(value if isinstance(value, Tensor) else None)
 
@@ -544,7 +546,8 @@ def _family_model(backbone: nn.Module) -> nn.Module | None:
         if type(getattr(task, prefix, None)) is not type(backbone):
             return None
         setattr(task, prefix, backbone)
-        return task.eval()
+        model: nn.Module = task.eval()
+        return model
     except Exception:  # noqa: BLE001 - a family model that does not build has no reference
         return None
 

@@ -16,7 +16,7 @@ over all depth-first orders (exchange argument; checked against brute force in t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Literal
+from typing import Any, Hashable, Literal
 
 from ..errors import SearchError
 from .tree import TaskTree
@@ -112,7 +112,7 @@ def _expand(tree: TaskTree, req: dict[int, int]) -> list[Step]:
     """The DFS+ step sequence (iterative, so deep trees do not hit the recursion limit)."""
     steps: list[Step] = []
     # work items: ("visit", node) or ("infer", child, parent, release_parent_after)
-    work: list[tuple] = [("visit", 0)]
+    work: list[tuple[Any, ...]] = [("visit", 0)]
     while work:
         item = work.pop()
         if item[0] == "infer":

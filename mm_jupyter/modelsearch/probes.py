@@ -11,20 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import SearchError
-from .blocks import Split
-
 #: relative tolerance per dtype (``verify.py``'s docstring states the rule)
 RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-class ProbeMismatch(SearchError):
-    """The model's own forward fails on the probe: the data does not fit the model (not a split
-    problem). ``split`` is an unverified split, to name the block that fails."""
-
-    def __init__(self, message: str, split: Split | None = None) -> None:
-        super().__init__(message)
-        self.split = split
 
 
 def first_tensor(out: Any) -> Tensor | None:
@@ -37,7 +25,7 @@ def first_tensor(out: Any) -> Tensor | None:
     return None
 
 
-def hidden_argument(args: tuple, kwargs: dict) -> Tensor | None:
+def hidden_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     """The hidden-state argument of a call: the first positional one, else ``hidden_states``."""
     if args and isinstance(args[0], Tensor):
         return args[0]
@@ -63,4 +51,4 @@ def differs(ours: Tensor, ref: Tensor) -> str | None:
     return f"max difference {float(gap.max()):.3g} (tolerance {rtol:g} relative, {atol:.2g} absolute)"
 
 
-__all__ = ["RTOL", "ProbeMismatch", "differs", "first_tensor", "hidden_argument"]
+__all__ = ["RTOL", "differs", "first_tensor", "hidden_argument"]

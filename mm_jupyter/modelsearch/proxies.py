@@ -106,7 +106,8 @@ def _as_features(x: Any, split: str) -> Tensor:
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise SearchError(f"{split} features contain NaN or inf values ({bad} of {x.shape[0]} rows affected)")
-    return x
+    features: Tensor = x
+    return features
 
 
 def _as_labels(y: Any, split: str) -> Tensor:
@@ -125,7 +126,8 @@ def _as_labels(y: Any, split: str) -> Tensor:
         raise SearchError(f"{split}_y must have shape (N,), got {tuple(y.shape)}")
     if y.numel() and int(y.min()) < 0:
         raise SearchError(f"{split}_y contains negative class indices (min {int(y.min())})")
-    return y
+    labels: Tensor = y
+    return labels
 
 
 def _validate(train_x: Any, train_y: Any, test_x: Any, test_y: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
@@ -475,7 +477,7 @@ def _logme_evidence(
         - alpha / 2.0 * m2
         - 0.5 * logdet
     )
-    return evidence / n
+    return float(evidence / n)
 
 
 def logme_proxy(

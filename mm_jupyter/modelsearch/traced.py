@@ -106,7 +106,7 @@ class _ChildrenAsLeaves(fx.Tracer):
         return not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
 
-_CHAINS: dict[tuple, tuple[str, ...] | None] = {}  # chain() by module structure: candidates repeat stages
+_CHAINS: dict[tuple[Any, ...], tuple[str, ...] | None] = {}  # chain() by module structure: candidates repeat stages
 
 
 def chain(module: nn.Module) -> list[nn.Module] | None:
@@ -160,11 +160,11 @@ def _chain(module: nn.Module) -> list[str] | None:
 # Where the batch axis is (static, conservative: unknown is None and forbids a cut)
 
 
-class _Each(tuple):
+class _Each(tuple[Any, ...]):
     """A tuple value whose every element has the batch axis at the same position."""
 
 
-Axis = Union[int, None, str, tuple]
+Axis = Union[int, None, str, tuple[Any, ...]]
 _NT = "non-tensor"  # sizes, shapes, dtypes: values derived from the input that are not tensors
 
 _NON_TENSOR = {"size", "dim", "numel", "nelement", "element_size", "tolist", "item", "stride", "data_ptr",

@@ -55,10 +55,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import SearchError
+from ..errors import ProbeMismatch as ProbeMismatch, SearchError
 from .blocks import Block, Split, eval_mode, fresh_caches, methods
 from .cuts import split_by
-from .probes import ProbeMismatch, differs, first_tensor, hidden_argument
+from .probes import differs, first_tensor, hidden_argument
 
 PROBE_ITEMS = 8
 _KEY_VERSION = "mm-split-verdict/1"
@@ -395,13 +395,13 @@ def _check(model: nn.Module, split: Split, probe: Tensor) -> str | None:
     with torch.no_grad(), eval_mode(split.modules() + ([split.head] if split.head is not None else [])):
         try:
             ctx = split.context(probe)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the user's model code, any type: this split is not proven
             return f"preparing the batch context raised {type(e).__name__}: {_line(e)}"
         h = probe
         for i, b in enumerate(split.blocks):
             try:
                 h = b(h, ctx)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - the user's model code, any type: this split is not proven
                 return f"{_name(i, b)} raised {type(e).__name__}: {_line(e)}"
             outs.append(h)
     occurrence, seen = _occurrences([id(b.module) for b in split.blocks])
@@ -478,7 +478,7 @@ def _check_head(split: Split, feats: Tensor, leaf: nn.Module | None, captured: l
         with torch.no_grad(), eval_mode([split.head]):
             try:
                 split.head(feats)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - the user's model code, any type: this split is not proven
                 return f"the head raised {type(e).__name__} on the features after {last}: {_line(e)}"
         ours = rec.inputs[id(leaf)]
     finally:

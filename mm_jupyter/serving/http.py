@@ -39,8 +39,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import ServeError
-from .errors import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
+from ..errors import BadInputError, QueueFullError, ServeError, ServerClosedError, UnknownModelError
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import CancelledError
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import QueueFullError
+from ..errors import QueueFullError, ServeError
 from .metrics import Span, WindowStats, ms, summarize
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def open_loop(server: "Server", workload: Workload, inputs: Sequence[Any], rate:
     for future in pending:
         try:
             answers.append(future.result(timeout))
-        except Exception:
+        except (ServeError, TimeoutError, CancelledError):  # answered with an error, late, or never
             failed += 1
     end = max([start] + [a.answered_at for a in answers])
     label = f"load at {rate:,.0f}/s"

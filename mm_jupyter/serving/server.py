@@ -175,7 +175,9 @@ class Server:
         while not self._stop.wait(every):
             try:
                 self.refresh()
-            except Exception:  # a half-written store or a busy catalog: keep serving, try again later
+            # the watcher thread outlives a failed refresh (a half-written store, a busy catalog, a
+            # dropped connection): the current version keeps serving, and it tries again next time
+            except Exception:  # noqa: BLE001 - any failure of one refresh, see above
                 continue
 
     def warm(self, models: Sequence[str | int] | None = None) -> None:
@@ -248,7 +250,7 @@ class Server:
             runner = self._runner
             try:
                 self._answer(runner, batch)
-            except Exception as e:  # never let the worker die: fail this batch, serve the next
+            except Exception as e:  # noqa: BLE001 - the worker must not die: the failure is each waiting request's answer
                 error = ServeError(f"serving {runner.ref} failed: {type(e).__name__}: {e}")
                 failed = [r for r in batch if not r.future.done()]
                 for r in failed:
@@ -280,7 +282,7 @@ class Server:
         if self.batching == "multi" and runner.multi_error is None:
             try:
                 outputs = self._multi(runner, ready, x)
-            except Exception as e:  # e.g. a model vmap cannot batch: answer per model from now on
+            except Exception as e:  # noqa: BLE001 - vmap raises the model's own errors: answer per model from now
                 runner.multi_error = f"{type(e).__name__}: {e}"
                 outputs = self._per_model(runner, ready)
         elif self.batching == "none":
@@ -362,11 +364,6 @@ class Server:
         span = self.last_load
         return None if span is None else self.metrics(since=span.start, until=span.end, label=span.label)
 
-    def reset_metrics(self) -> None:
-        """Start counting afresh (e.g. after a warm-up); the cache keeps its entries."""
-        self._metrics.reset()
-        self.cache.hits = self.cache.misses = 0
-
     # -- HTTP and lifetime ---------------------------------------------------------------------------
     def http(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> "HTTPEndpoint":
         """Serve this server over HTTP too (see ``mm_jupyter.serving.http``); port 0 picks a free port.
@@ -420,7 +417,7 @@ def _unstack(y: "torch.Tensor", requests: Sequence[tuple[Request, int]], rows: l
     """Each request's part of a batched output: one item for a single-item request, else its rows."""
     if len(y) == len(requests) and all(r.single for r, _ in requests):
         return y.unbind(0)  # one view per request in one call (the common case: one item each)
-    parts = y.split(rows)  # type: ignore[no-untyped-call]  # torch's Tensor.split has no annotations
+    parts = y.split(rows)
     return [part[0] if r.single else part for (r, _), part in zip(requests, parts)]
 
 

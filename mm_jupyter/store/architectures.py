@@ -174,15 +174,6 @@ class Architecture:
             return f"{self.ref} (structure)"
         return self.ref
 
-    def recorded_code(self) -> list[tuple[str, str]]:
-        """(title, code) of the recorded source rebuilding would run (empty: none)."""
-        if self.kind == "source":
-            return [(f"class {self.ref}", self.source or "")]
-        src = (self.structure or {}).get("source")
-        if self.kind == "structure" and src:
-            return [(f"definitions of {', '.join(src['names'])}", src["code"])]
-        return []
-
     # -- build ------------------------------------------------------------------------------
     def build(self, *, trusted: bool = False, subject: str = "this set", meta: bool = False) -> "nn.Module":
         """A module of this architecture. Recorded source runs only with ``trusted`` (or when the

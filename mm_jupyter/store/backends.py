@@ -16,9 +16,9 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IntegrityError, StoreError
+from ..errors import EmptyCatalog, IntegrityError, MissingCatalog, StoreError
 from . import manifest as manifests
-from .catalog import EmptyCatalog, MissingCatalog, SQLiteCatalog, rebuild_hint
+from .catalog import SQLiteCatalog, rebuild_hint
 from .contracts import Catalog, ObjectArea
 from .files import is_read_only, os_error
 from .locations import URL_SCHEME, display, is_database
@@ -51,6 +51,20 @@ def open_objects(spec: str | os.PathLike[str]) -> ObjectArea:
     elif URL_SCHEME.match(text):
         raise StoreError(f"objects {display(text)!r}: use s3://bucket/prefix or a folder")
     return FolderObjects(Path(text))
+
+
+def portable(path: str | os.PathLike[str], objects: str | os.PathLike[str] | None) -> tuple[str, str | None]:
+    """``(path, objects)`` that open the same store from any process: folders made absolute (a Ray
+    worker may run in another working directory) and a database catalog's object area written out
+    (``$MM_JUPYTER_OBJECTS`` may be unset there)."""
+    def absolute(location: str | os.PathLike[str]) -> str:
+        text = os.fspath(location)
+        return text if URL_SCHEME.match(text) else os.path.abspath(text)
+
+    if is_database(path):
+        spec = objects if objects is not None else os.environ.get(ENV_OBJECTS)
+        return os.fspath(path), absolute(spec) if spec else None
+    return absolute(path), None if objects is None else absolute(objects)
 
 
 @dataclass

@@ -30,7 +30,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
-from ..errors import IntegrityError, StoreError
+from ..errors import (
+    EmptyCatalog as EmptyCatalog,
+    IntegrityError,
+    MissingCatalog as MissingCatalog,
+    StoreError,
+)
 from .basetypes import (
     CandidateRow,
     CatalogRow,
@@ -45,7 +50,7 @@ from .basetypes import (
     SetRow,
 )
 from .contracts import Catalog, ObjectArea
-from .files import OutOfSpace, StoreLock, fsync_path, is_read_only, os_error
+from .files import StoreLock, fsync_path, is_read_only, os_error, out_of_space
 
 SCHEMA_VERSION = 2
 FILE = "catalog.sqlite"
@@ -120,14 +125,6 @@ def rebuild_hint(root: str | Path, objects: str | None = None) -> str:
     flag = f" --objects {shlex.quote(objects)}" if objects else ""
     return (f"rebuild it from the objects with mm.Store.rebuild_catalog({str(root)!r}{extra}) "
             f"or `python -m mm_jupyter store rebuild {shlex.quote(str(root))}{flag}`")
-
-
-class MissingCatalog(StoreError):
-    """The store folder has no catalog file."""
-
-
-class EmptyCatalog(StoreError):
-    """The catalog file holds no tables (0 bytes, or created but never initialised)."""
 
 
 def _code(e: sqlite3.Error) -> int:
@@ -473,7 +470,7 @@ class SQLiteCatalog(SQLCatalog):
         code = _code(e)
         if code == _FULL:
             page = 4096
-            return OutOfSpace(self.path, 8 * page, "the catalog")
+            return out_of_space(self.path, 8 * page, "the catalog")
         if code in (_CORRUPT, _NOTADB):
             return IntegrityError(f"catalog {self.path} is damaged ({e}); {self.hint}")
         if code == _READONLY:

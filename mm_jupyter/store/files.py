@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import IntegrityError, StoreError
+from ..errors import IntegrityError, OutOfSpace as OutOfSpace, StoreError, human_bytes as human_bytes
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 #: fallocate is not offered by this file system: write the bytes with plain write() calls
@@ -48,13 +48,6 @@ def _new_token() -> None:
 os.register_at_fork(after_in_child=_new_token)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
 
 def mount_point(path: Path) -> Path:
     """The mount point of the file system holding ``path`` (the folder where the device changes)."""
@@ -75,20 +68,10 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-class OutOfSpace(StoreError):
-    """A write failed with ENOSPC/EDQUOT. ``about(what)`` names what was being saved."""
 
-    def __init__(self, path: Path, needed: int, what: str = "the store") -> None:
-        self.path, self.needed, self.what = Path(path), int(needed), what
-        self.fs = mount_point(self.path)
-        self.free = free_bytes(self.path)
-        super().__init__(
-            f"no space left on {self.fs} for {what}: needed {human_bytes(self.needed)}, "
-            f"free {human_bytes(self.free)}; nothing was stored (free space and save again)"
-        )
-
-    def about(self, what: str) -> "OutOfSpace":
-        return OutOfSpace(self.path, self.needed, what)
+def out_of_space(path: Path, needed: int, what: str = "the store") -> OutOfSpace:
+    """The ``OutOfSpace`` for a write of ``needed`` bytes at ``path``, with the file system and its free bytes."""
+    return OutOfSpace(path, needed, what, fs=mount_point(path), free=free_bytes(path))
 
 
 def is_read_only(path: Path) -> bool:
@@ -104,7 +87,7 @@ def is_read_only(path: Path) -> bool:
 def os_error(e: OSError, path: Path, needed: int = 0, what: str = "the store") -> StoreError:
     """The MMError for an OSError met while writing ``path``."""
     if e.errno in NO_SPACE:
-        return OutOfSpace(path, needed, what)
+        return out_of_space(path, needed, what)
     if e.errno in READ_ONLY:
         return StoreError(f"cannot write {what} at {path}: {os.strerror(e.errno)} (read-only store?)")
     return StoreError(f"cannot write {what} at {path}: {e.strerror or e}")

@@ -11,11 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import IntegrityError, MMError, StoreError
+from ..errors import IntegrityError, MMError, StoreError, human_bytes
 from . import approaches, manifest as manifests
 from .basetypes import Manifests, SetObjects
 from .contracts import Catalog, ObjectArea
-from .files import human_bytes
 from .limits import decoding
 
 

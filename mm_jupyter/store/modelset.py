@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -306,7 +306,3 @@ def require_layout(found: Layout, base: Layout, what: str) -> None:
                   else f"tensor {b[len(a)][0]!r} of the base is gone")
     raise StoreError(f"{what}: the models' architecture changed against the base version ({change}); "
                      "save with approach='auto' or 'baseline' to store this version in full")
-
-
-def arrays_to_list(x: Any) -> Any:
-    return x.tolist() if isinstance(x, np.ndarray) else x

@@ -26,7 +26,6 @@ from .sourcecode import capture_source, ref_of
 from .trust import import_ref
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 
@@ -310,7 +309,3 @@ def train_one(train: TrainFn, model: "nn.Module", data: Any, config: dict[str, A
         model = result
     model.eval()
     return model
-
-
-def state_of(model: "nn.Module") -> dict[str, "torch.Tensor"]:
-    return {k: v.detach() for k, v in model.state_dict().items()}

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from ..errors import IntegrityError
 from .files import TempFile, fsync_path, read_small
 
 REF_PATTERN = re.compile(r"^(.+)@([1-9][0-9]{0,18})$")
@@ -55,7 +56,7 @@ def read(root: Path, kind: str, name: str, version: int) -> str | None:
     """The manifest id a ref names, or None (missing, unreadable or not a regular file)."""
     try:
         text = read_small(folder(root, kind) / f"{name}@{version}", 200).decode("ascii", "replace").strip()
-    except Exception:
+    except (OSError, IntegrityError):  # missing, unreadable, or a special file / symbolic link
         return None
     return text if len(text) == 64 else None
 

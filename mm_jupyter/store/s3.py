@@ -119,6 +119,9 @@ class S3Objects(ObjectArea):
         return f"{self.prefix}objects/{oid[:2]}/{oid}"
 
     def _fail(self, e: Exception, what: str) -> StoreError:
+        """One StoreError naming what failed. boto3 and botocore raise errors of unrelated
+        hierarchies (ClientError, BotoCoreError, boto3's S3UploadFailedError, the HTTP transport's
+        own), so the S3 calls catch ``Exception`` and hand it here, or test it with ``_missing``."""
         return StoreError(f"{what} in {self.location}: {e}")
 
     def pool(self) -> ThreadPoolExecutor:
@@ -147,7 +150,7 @@ class S3Objects(ObjectArea):
         """True when the object exists with its size (content addressing makes it identical)."""
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self.key(oid))["ContentLength"]) == total
-        except Exception as e:  # noqa: BLE001 - botocore's ClientError: missing, or unreachable
+        except Exception as e:  # noqa: BLE001 - any S3 client error (see _fail): missing, or a failure
             if _missing(e):
                 return False
             raise self._fail(e, f"cannot check object {oid[:12]}…") from None
@@ -162,7 +165,7 @@ class S3Objects(ObjectArea):
                 config = TransferConfig(multipart_threshold=MULTIPART, multipart_chunksize=PART,
                                         max_concurrency=THREADS, use_threads=True)
                 self.client.upload_fileobj(_View(whole), self.bucket, self.key(oid), Config=config)
-        except Exception as e:  # noqa: BLE001 - any failure of the upload: nothing was published
+        except Exception as e:  # noqa: BLE001 - any S3 client error (see _fail): nothing was published
             raise self._fail(e, f"cannot write object {oid[:12]}…") from None
 
     def put(self, data: bytes | bytearray | memoryview) -> PutResult:
@@ -189,7 +192,7 @@ class S3Objects(ObjectArea):
     def delete(self, oid: str) -> bool:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key(oid))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any S3 client error (see _fail)
             raise self._fail(e, f"cannot delete object {oid[:12]}…") from None
         return True
 
@@ -212,7 +215,7 @@ class S3Objects(ObjectArea):
             resp = self.client.get_object(Bucket=self.bucket, Key=key,
                                           Range=f"bytes={start}-{'' if end is None else end}")
             data = resp["Body"].read()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any S3 client error (see _fail)
             if _missing(e):
                 raise IntegrityError(f"object {key.rsplit('/', 1)[-1][:12]}… is missing from {self.location}") from None
             raise self._fail(e, f"cannot read {key}") from None
@@ -229,7 +232,7 @@ class S3Objects(ObjectArea):
     def _size(self, oid: str) -> int | None:
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self.key(oid))["ContentLength"])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any S3 client error (see _fail)
             if _missing(e):
                 return None
             raise self._fail(e, f"cannot check object {oid[:12]}…") from None
@@ -250,7 +253,7 @@ class S3Objects(ObjectArea):
                 oid = item["Key"].rsplit("/", 1)[-1]
                 if is_oid(oid) and item["Key"] == self.key(oid):
                     yield oid, int(item["Size"])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any S3 client error (see _fail)
             if _missing(e):  # no bucket yet: no objects
                 return
             raise self._fail(e, "cannot list objects") from None
@@ -269,7 +272,7 @@ class S3Objects(ObjectArea):
     def write_ref(self, kind: str, name: str, version: int, oid: str) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._ref_key(kind, name, version), Body=f"{oid}\n".encode())
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any S3 client error (see _fail)
             raise self._fail(e, f"cannot write ref {name}@{version}") from None
 
     def ref_names(self, kind: str) -> set[tuple[str, int]]:
@@ -279,7 +282,7 @@ class S3Objects(ObjectArea):
                 m = REF_PATTERN.match(item["Key"].rsplit("/", 1)[-1])
                 if m is not None:
                     out.add((m.group(1), int(m.group(2))))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any S3 client error (see _fail)
             if not _missing(e):
                 raise self._fail(e, "cannot list refs") from None
         return out

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ArchitectureError, IntegrityError, RefError, StoreError, a_type
+from ..errors import ArchitectureError, IntegrityError, OutOfSpace, RefError, StoreError, a_type
 from . import approaches, backends, maintenance, trust
 from .approaches.common import Saved, SaveInput
 from .approaches.update import changed_mask
@@ -21,7 +21,6 @@ from .basetypes import SetRow
 from .catalog import now_iso
 from .diff import diff_sets
 from .environment import environment
-from .files import OutOfSpace
 from .limits import decoding
 from .lineage import Lineage, build_lineage
 from .manifest import seconds
@@ -87,7 +86,7 @@ class Store:
             raise StoreError(f"max_chain must be an integer from 1 to {MAX_CHAIN}, not {max_chain!r}")
         self.max_chain = max_chain
         where = path if path is not None else backends.default_location()
-        self._opened_with = (where, objects)
+        self._address = backends.portable(where, objects)
         opened = backends.open_store(where, objects)
         #: the folder of an embedded store (None for a database catalog)
         self.root: Path | None = opened.root
@@ -107,11 +106,19 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.location!r})"
 
+    def address(self) -> tuple[tuple[str], dict[str, Any]]:
+        """``(args, kwargs)`` with which ``Store(*args, **kwargs)`` opens this same store again, in
+        this process or another (a Ray worker): the catalog and the object area it was opened with
+        (a PostgreSQL URL and its S3 area, or an absolute folder), ``max_chain`` and ``trust_code``.
+        The arguments hold the catalog URL's password, as the caller gave it: never display them."""
+        where, objects = self._address
+        return (where,), {"objects": objects, "max_chain": self.max_chain, "trust_code": self.trust_code}
+
     def twin(self) -> "Store":
         """A second handle on the same store with its own connections (a server's watcher thread
         reads through one, so its reads never run inside a transaction of the caller's)."""
-        where, objects = self._opened_with
-        return Store(where, objects=objects, max_chain=self.max_chain, trust_code=self.trust_code)
+        args, kwargs = self.address()
+        return Store(*args, **kwargs)
 
     def close(self) -> None:
         self.catalog.close()

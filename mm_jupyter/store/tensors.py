@@ -325,19 +325,6 @@ def view_tensor(raw: "torch.Tensor", spec: TensorSpec) -> "torch.Tensor":
     return raw.view(dt).view(spec.shape)
 
 
-def stacked_view(payload: "torch.Tensor", layout: Layout, n: int, k: int) -> "torch.Tensor":
-    """All models' tensor ``k`` of a model-major payload as one (n, *shape) view."""
-    import torch
-
-    spec = layout.specs[k]
-    dt = torch_dtype(spec.dtype)
-    if spec.nbytes == 0:
-        return torch.empty((n, *spec.shape), dtype=dt)
-    rows = payload[: n * layout.stride].view(n, layout.stride)
-    cols = rows[:, layout.offsets[k] : layout.offsets[k] + spec.nbytes]
-    return cols.view(dt).view((n, *spec.shape))
-
-
 # -- small binary arrays (digests, masks, indices) without pickle ---------------------------------
 def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     """Arrays as one blob: u32 header length, JSON header, then each array's raw bytes."""

@@ -28,12 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import ServiceError as ServiceError
+
 #: credentials moto accepts (any would do); set for this process and given to subprocesses
 S3_ENV = {"AWS_ACCESS_KEY_ID": "mm-test", "AWS_SECRET_ACCESS_KEY": "mm-test", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-class ServiceError(RuntimeError):
-    """A test service could not be started (missing package, port, permissions)."""
 
 
 def free_port() -> int:

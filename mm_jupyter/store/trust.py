@@ -162,6 +162,14 @@ def is_registered(ref: str, obj: Any) -> bool:
 # -- references ------------------------------------------------------------------------------------
 #: Packages that were renamed: records written before name the old module (stores stay readable).
 RENAMED_PACKAGES = {"mm_jupyter.search": "mm_jupyter.modelsearch", "mm_jupyter.serve": "mm_jupyter.serving"}
+#: Objects that moved to another module: records written before name the old place. Exact
+#: ``module:name`` pairs (after the package renames above), never patterns: the paper's model
+#: factories went to ``usecases``, the candidate-set generator to ``bench``.
+MOVED_OBJECTS = {
+    "mm_jupyter.modelsearch.synthetic:base_model": "mm_jupyter.usecases.candidates:base_model",
+    "mm_jupyter.modelsearch.synthetic:digits_cnn": "mm_jupyter.usecases.candidates:digits_cnn",
+    "mm_jupyter.modelsearch.synthetic:_Logits": "mm_jupyter.bench.synthetic:_Logits",
+}
 
 
 def _current_module(mod: str) -> str:
@@ -177,13 +185,18 @@ def _module_name(mod: str) -> bool:
 
 def _split(ref: Any) -> tuple[str, str]:
     """(module, qualname) of a reference, with a renamed package's old name replaced by its new one
-    (any qualname: also for references a trusted record imports)."""
+    and a moved object's old place by its new one (any qualname: also for references a trusted
+    record imports)."""
     if not isinstance(ref, str) or ref.count(":") != 1 or len(ref) > 400:
         raise ArchitectureError(f"reference {str(ref)[:100]!r} is not of the form 'module:qualname'")
     mod, qual = ref.split(":")
     if not _module_name(mod) or not qual or not all(p.isidentifier() for p in qual.split(".")):
         raise ArchitectureError(f"reference {ref!r} is not of the form 'module:qualname'")
-    return _current_module(mod), qual
+    mod = _current_module(mod)
+    moved = MOVED_OBJECTS.get(f"{mod}:{qual}")
+    if moved is not None:
+        mod, qual = moved.split(":")
+    return mod, qual
 
 
 def split_ref(ref: Any) -> tuple[str, str]:
@@ -205,7 +218,7 @@ def import_ref(ref: str) -> Any:
         obj: Any = importlib.import_module(mod)
         for part in qual.split("."):
             obj = getattr(obj, part)
-    except Exception as e:  # noqa: BLE001 - any failure of a module's own import code: one clear error
+    except Exception as e:  # noqa: BLE001 - a module's import code may raise anything (a missing name: AttributeError)
         raise ArchitectureError(f"cannot import {ref!r}: {type(e).__name__}: {e}") from None
     return obj
 
@@ -446,14 +459,3 @@ def refuse(subject: str, items: list[tuple[str, str]], allow: str) -> TrustError
         parts.append(f"  {title}:\n{preview(code)}")
     parts.append(f"  If you trust whoever wrote this store, allow it: {allow}")
     return TrustError("\n".join(parts))
-
-
-def session_object(name: str, matches: Callable[[Any], bool]) -> Any:
-    """An object named ``name`` defined in the running session (``__main__``, i.e. the notebook)
-    for which ``matches`` holds, else None."""
-    main = sys.modules.get("__main__")
-    obj = getattr(main, name, None) if main is not None else None
-    try:
-        return obj if obj is not None and matches(obj) else None
-    except ArchitectureError:
-        return None

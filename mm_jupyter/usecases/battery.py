@@ -151,7 +151,8 @@ def current_profile(rng: np.random.Generator, steps: int, capacity_ah: float = Q
         [np.zeros(steps), a, -0.35 * a, np.where(on, a, 0.1 * a)],
         default=dynamic,
     )
-    return np.clip(current, -1.0 * c, 3.0 * c)
+    clipped: np.ndarray = np.clip(current, -1.0 * c, 3.0 * c)
+    return clipped
 
 
 @dataclass(frozen=True)

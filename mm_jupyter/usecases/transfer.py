@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..modelsearch.splitting import split_model
-from ..modelsearch.synthetic import clone_module, digits, digits_cnn
 from ..store.trust import trusted
+from .candidates import clone_module, digits, digits_cnn
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -94,7 +94,8 @@ def tick_time(seconds: float, unit: str) -> str:
 def _nice_step(top: float, ticks: int = 4) -> float:
     raw = top / ticks
     power = 10 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    step: float = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    return step
 
 
 @dataclass(frozen=True)

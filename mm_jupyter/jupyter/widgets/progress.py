@@ -50,7 +50,7 @@ class Entry:
     loss: float = math.inf
     pruned: int | None = None
 
-    def key(self) -> tuple:
+    def key(self) -> tuple[Any, ...]:
         """Best first, in the order of ``SearchResult.ranking``: later rung, not pruned, score, loss,
         then the name with its numbers compared as numbers (candidates 2 before 10)."""
         return (-self.rung, self.pruned is not None, -self.score, self.loss, natural_key(self.model))

@@ -147,7 +147,7 @@ def _verify_at_save(store: StoreContext, inp: SaveInput, record: dict[str, Any],
                 data = ref.load()
                 same_data = dataset_hash(data) == bytes(hashes[j]).hex()
             except Exception as e:
-                raise StoreError(f"dataset of model {name!r} ({ref.loader}) cannot be loaded: {e}") from None
+                raise StoreError(f"dataset of model {name!r} ({ref.loader}) cannot be loaded: {e}") from e
             if not same_data:
                 raise StoreError(f"dataset of model {name!r} ({ref.loader}) loads different data than was hashed")
             start = base_set.state_dict(int(src[i]))
@@ -156,7 +156,7 @@ def _verify_at_save(store: StoreContext, inp: SaveInput, record: dict[str, Any],
                                 model_seed(rec["seed"], name))
             except Exception as e:
                 raise StoreError(f"retraining model {name!r} to verify its provenance failed: "
-                                 f"{type(e).__name__}: {e}") from None
+                                 f"{type(e).__name__}: {e}") from e
             _, bad = compare(model, inp.layout, changed[j], iter(digests[j][changed[j]]), start)
             if bad is not None:
                 raise StoreError(
@@ -292,7 +292,7 @@ def resolve(store: StoreContext, row: SetRow, base: Resolved | None, retrain: bo
         try:
             data = ref.load()
         except Exception as e:
-            raise RecoveryError(f"dataset of model {names[i]!r} ({ref.loader}) cannot be loaded: {e}") from None
+            raise RecoveryError(f"dataset of model {names[i]!r} ({ref.loader}) cannot be loaded: {e}") from e
         want = bytes(arrays["hashes"][j]).hex()
         if dataset_hash(data) != want:
             raise RecoveryError(

@@ -11,7 +11,7 @@ from torch import nn
 from mm_jupyter.errors import SearchError
 from mm_jupyter.modelsearch.hashing import block_ids
 from mm_jupyter.modelsearch.splitting import split_model
-from mm_jupyter.modelsearch.synthetic import (
+from mm_jupyter.bench.synthetic import (
     ARCHS,
     DISTRIBUTIONS,
     base_model,
