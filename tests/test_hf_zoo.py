@@ -46,6 +46,7 @@ def roundtrip(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     return want, got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_a_set_and_its_update_recover_exactly_in_a_fresh_process(roundtrip: tuple[dict, dict], name: str) -> None:
     want, got = roundtrip

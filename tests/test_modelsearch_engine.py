@@ -46,6 +46,7 @@ def runs():
     return cands, data, out
 
 
+@pytest.mark.slow
 def test_alsatian_equals_shift_on_the_same_rungs(runs):
     _, _, r = runs
     a, s = r["alsatian"].ranking, r["shift"].ranking
@@ -144,6 +145,7 @@ def test_bad_input():
         mm.search([Opaque(), Opaque()], (x, y))
 
 
+@pytest.mark.slow
 def test_stored_candidates_dedup_and_partial_access(tmp_path):
     from mm_jupyter.modelsearch.stored import add_candidates, load_candidates
 

@@ -38,6 +38,7 @@ def test_the_fixture_names_the_old_packages() -> None:
     assert b"mm_jupyter.search.synthetic:digits_cnn" in raw and b"mm_jupyter.search.hf:GlobalMean" in raw
 
 
+@pytest.mark.slow
 def test_an_old_store_verifies_and_recovers_bit_exactly_in_a_fresh_process(legacy: Path) -> None:
     code = f"""
 import hashlib, json, sys, torch, mm_jupyter as mm

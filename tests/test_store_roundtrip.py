@@ -82,6 +82,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, dict[str, Any
     store.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,approach,container", COMBOS, ids=["-".join(c) for c in COMBOS])
 def test_fresh_process_recovers_bit_exactly(saved, kind, approach, container):
     info = saved[(kind, approach, container)]

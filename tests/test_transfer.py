@@ -93,6 +93,7 @@ def test_trainable_counts(task, pretrained) -> None:
     assert total > counts["freeze-early"] > counts["freeze-most"] > counts["probe"] > 0
 
 
+@pytest.mark.slow
 def test_deterministic_under_a_seed(task, pretrained) -> None:
     state = torch.random.get_rng_state()
     a = tr.run_strategy("finetune", task, pretrained, epochs=EPOCHS, seed=3)

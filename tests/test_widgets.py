@@ -193,6 +193,7 @@ def _yaxis(chart: ComparisonChart, row: int, col: int) -> dict:
     return chart.figure["layout"]["yaxis" if n == 1 else f"yaxis{n}"]
 
 
+@pytest.mark.slow
 def test_comparison_chart_from_benchmark_json(bench):
     out, result = bench
     chart = ComparisonChart.from_benchmark(out / "results.json")
