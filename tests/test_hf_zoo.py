@@ -21,6 +21,8 @@ from search_models import assert_search_agrees  # noqa: E402
 from mm_jupyter.modelsearch.blocks import split_model  # noqa: E402
 from mm_jupyter.modelsearch.verify import check_split, clear_verdicts, general_position  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("hf-zoo")  # its module-scoped fixture is built once
+
 NAMES = hf_zoo.profile()
 SEARCHED = [n for n in NAMES if hf_zoo.ZOO[n].domain != "audio"]
 

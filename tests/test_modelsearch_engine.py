@@ -11,6 +11,8 @@ import mm_jupyter as mm
 import search_models
 from mm_jupyter.modelsearch.halving import schedule
 
+pytestmark = pytest.mark.xdist_group("search-engine")  # its module-scoped fixture is built once
+
 
 def family(n: int = 12, seed: int = 0) -> dict[str, nn.Module]:
     """A base MLP and fine-tune-like copies: each copies a random earlier model and re-initialises

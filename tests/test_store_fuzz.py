@@ -32,6 +32,8 @@ import store_models as sm
 import zoo_models as zoo
 import zoo_patterns as zp
 
+pytestmark = pytest.mark.xdist_group("store-fuzz")  # its module-scoped fixture is built once
+
 QUICK_EXAMPLES = 60
 EXAMPLES = int(os.environ.get("MM_FUZZ_EXAMPLES", QUICK_EXAMPLES))
 LONG = "MM_FUZZ_EXAMPLES" in os.environ

@@ -11,6 +11,8 @@ from mm_jupyter.modelsearch.blocks import split_model
 from mm_jupyter.modelsearch.hashing import block_id
 from mm_jupyter.usecases import transfer as tr
 
+pytestmark = pytest.mark.xdist_group("transfer")  # its module-scoped fixture is built once
+
 SHOTS = 5
 EPOCHS = 10  # enough to move every trainable tensor; the exercise's default is longer
 

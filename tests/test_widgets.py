@@ -21,6 +21,8 @@ from mm_jupyter.jupyter.widgets.lineage import LIMIT_COLOUR, lanes
 from mm_jupyter.jupyter.widgets.progress import natural_key
 from mm_jupyter.store.lineage import Lineage, Version
 
+pytestmark = pytest.mark.xdist_group("widgets")  # its module-scoped fixture is built once
+
 _TD = r"<td[^>]*>"
 LEADERBOARD_ROW = re.compile(rf"<tr( style=\"color:#999\")?>{_TD}\d+</td>{_TD}([^<]*)</td>{_TD}[^<]*</td>"
                              rf"{_TD}(\d+)</td>{_TD}([^<]*)</td></tr>")
