@@ -611,12 +611,13 @@ def test_interrupted_search_refreshes_its_static_picture():
 def test_every_figure_output_gets_a_log_toggle_that_switches_all_value_axes():
     """A chart with log/linear buttons for every value axis (a title's 'log scale' note follows the
     scale); the lineage graph (versions and lanes) has none, the comparison chart keeps its own."""
-    from mm_jupyter.jupyter.paper_figures import Panel, PaperChart, Series
+    from mm_jupyter.bench.figures import Panel, PaperChart, Series
+    from mm_jupyter.jupyter.charts import chart_output
     from mm_jupyter.jupyter.widgets._static import add_log_toggle
 
-    chart = PaperChart("t", [Panel("latency", "answers/s", "p99 ms", [Series("a", [1.0, 10.0], [2.0, 40.0])],
+    chart = chart_output(PaperChart("t", [Panel("latency", "answers/s", "p99 ms", [Series("a", [1.0, 10.0], [2.0, 40.0])],
                                    kind="line", log_y=True, log_x=True),
-                             Panel("bars", "kind", "seconds", [Series("b", ["x", "y"], [1.0, 2.0])])])
+                             Panel("bars", "kind", "seconds", [Series("b", ["x", "y"], [1.0, 2.0])])]))
     figure = chart._repr_mimebundle_()[PLOTLY_MIME]
     (menu,) = figure["layout"]["updatemenus"]
     log, linear = (b["args"][0] for b in menu["buttons"])
