@@ -34,7 +34,7 @@ run: install
 # (bench/results.py) instead of running them again; their correctness checks were proven by the tests.
 # Scheduling (tests/conftest.py): every test is a unit of its own, so a heavy file is split over both workers,
 # except the xdist groups (a notebook's cells, a module's expensive fixture, the session's Ray cluster), which are
-# queued first; the lax notebooks, one unit each, are queued longest first.
+# queued first.
 DIST := -n 2 --dist loadgroup --no-loadscope-reorder
 test: install
 	$(VENV)/bin/ruff check mm_jupyter

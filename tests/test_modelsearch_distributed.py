@@ -149,7 +149,7 @@ def test_stored_candidates_are_read_by_the_workers(ray2, tmp_path):
     store.close()
 
 
-def test_executor_arguments_are_checked(ray2):
+def test_executor_arguments_are_checked(ray2, ray_cluster):
     cands, data = family(4), blobs(100)
     with pytest.raises(mm.SearchError, match="executor must be"):
         mm.search(cands, data, executor="dask")
@@ -157,8 +157,8 @@ def test_executor_arguments_are_checked(ray2):
         RayExecutor(0)
     with pytest.raises(mm.SearchError, match="not what the Ray workers have"):
         mm.search(cands, data, device="cuda", executor=ray2)
-    with pytest.raises(mm.SearchError, match="3 Ray worker"):
-        RayExecutor(3).start()  # the cluster has two CPU slots
+    with pytest.raises(mm.SearchError, match=f"{ray_cluster + 1} Ray worker"):
+        RayExecutor(ray_cluster + 1).start()  # more workers than the cluster has CPU slots
     with pytest.raises(mm.SearchError, match="need 4 CPU slots"):
         RayExecutor(2, threads=2).start()  # a worker reserves a slot per thread
     # a block failing inside a worker is the usual one-line SearchError naming candidate and block
