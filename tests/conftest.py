@@ -36,7 +36,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if type(item).__name__ == "IPyNbCell":  # nbval's item class: a cell of a notebook run under nbval
             item.add_marker(pytest.mark.notebook)
             item.add_marker(pytest.mark.xdist_group(f"nbval-{Path(str(item.fspath)).stem}"))
+        mark = item.get_closest_marker("xdist_group")
+        if mark is not None and getattr(config.option, "loadgroup", False):  # set on xdist's workers
+            _join_group(item, str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")))
     items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
+def _join_group(item: pytest.Item, group: str) -> None:
+    """Give ``item`` the ``@group`` suffix by which xdist's scheduler keeps a group on one worker. xdist
+    (3.8) writes it to ``item._nodeid``, which pytest 9 no longer reads (a node's id lives in ``_id``), so
+    without this every grouped test would be scheduled on its own."""
+    if not hasattr(item, "_id") or "@" in item.nodeid.rsplit("::", 1)[-1].rsplit("]", 1)[-1]:
+        return  # an older pytest (xdist's own suffix works) or already suffixed
+    from _pytest.nodeid import coerce_node_id
+
+    item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture(scope="session")
