@@ -34,14 +34,15 @@ run: install
 # (bench/results.py) instead of running them again; their correctness checks were proven by the tests.
 # Scheduling (tests/conftest.py): every test is a unit of its own, so a heavy file is split over both workers,
 # except the xdist groups (a notebook's cells, a module's expensive fixture, the session's Ray cluster), which are
-# queued first.
+# queued first. The lax notebooks run one notebook per unit (loadfile: tests/conftest.py, which groups a notebook's
+# cells, is not loaded by a run of notebooks alone).
 DIST := -n 2 --dist loadgroup --no-loadscope-reorder
 test: install
 	$(VENV)/bin/ruff check mm_jupyter
 	$(VENV)/bin/mypy
 	export MM_JUPYTER_BENCH_RESULTS=$$(mktemp -d); \
 	$(PY) -m pytest $(DIST) --nbval $(NBVAL) tests $(STRICT_NOTEBOOKS) $(PYTEST_ARGS) && \
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(DIST) --nbval-lax $(NBVAL) $(LAX_NOTEBOOKS) \
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -n 2 --dist loadfile --nbval-lax $(NBVAL) $(LAX_NOTEBOOKS) \
 		$(PYTEST_ARGS); rc=$$?; rm -rf "$$MM_JUPYTER_BENCH_RESULTS"; exit $$rc
 
 # The inner loop: lint, types and the unit tests that need no service, notebook, browser or benchmark run
