@@ -4,13 +4,15 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 JUPYTER_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL := --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
-# small notebooks with deterministic outputs: compared strictly; notebooks holding timings: run, lax
-STRICT_NOTEBOOKS := notebooks/00_tour.ipynb notebooks/01_exercise_model_registry.ipynb
+# small notebooks with deterministic outputs: compared strictly; notebooks holding timings: run, lax.
+# The tour (00) is run once, by tests/test_browser.py in JupyterLab, which compares its saved outputs with the
+# committed ones by nbval's strict rules (tests/notebook_outputs.py).
+STRICT_NOTEBOOKS := notebooks/01_exercise_model_registry.ipynb
 LAX_NOTEBOOKS := notebooks/02_exercise_transfer_learning.ipynb notebooks/03_paper_multi_model_management.ipynb \
 	notebooks/04_paper_alsatian.ipynb notebooks/05_exercise_model_serving.ipynb \
 	notebooks/06_paper_alsatian_evaluation.ipynb
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -30,14 +32,28 @@ run: install
 # The paper benchmarks run once: the tests write their results to a folder both runs share
 # (MM_JUPYTER_BENCH_RESULTS), and notebooks 03 and 06 read the runs of the same code and arguments from it
 # (bench/results.py) instead of running them again; their correctness checks were proven by the tests.
+# Scheduling (tests/conftest.py): every test is a unit of its own, so a heavy file is split over both workers,
+# except the xdist groups (a notebook's cells, a module's expensive fixture, the session's Ray cluster), which are
+# queued first. The lax notebooks run one notebook per unit (loadfile: tests/conftest.py, which groups a notebook's
+# cells, is not loaded by a run of notebooks alone).
+DIST := -n 2 --dist loadgroup --no-loadscope-reorder
 test: install
 	$(VENV)/bin/ruff check mm_jupyter
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	export MM_JUPYTER_BENCH_RESULTS=$$(mktemp -d); \
-	$(PY) -m pytest -n 2 --dist loadfile --nbval $(NBVAL) tests $(STRICT_NOTEBOOKS) $(PYTEST_ARGS) && \
+	$(PY) -m pytest $(DIST) --nbval $(NBVAL) tests $(STRICT_NOTEBOOKS) $(PYTEST_ARGS) && \
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -n 2 --dist loadfile --nbval-lax $(NBVAL) $(LAX_NOTEBOOKS) \
 		$(PYTEST_ARGS); rc=$$?; rm -rf "$$MM_JUPYTER_BENCH_RESULTS"; exit $$rc
+
+# The inner loop: lint, types and the unit tests that need no service, notebook, browser or benchmark run
+# (markers in pyproject.toml); `make test` runs everything.
+FAST := not (services or notebook or browser or bench or slow)
+test-fast: install
+	$(VENV)/bin/ruff check mm_jupyter
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -n 2 -q -m "$(FAST)" tests $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m mm_jupyter.bench modelsets --quick

@@ -1,7 +1,20 @@
-"""Shared fixtures (generic: other suites add theirs here)."""
+"""Shared fixtures and the suite's scheduling (generic: other suites add theirs here).
+
+Markers (registered in pyproject.toml) say what a test needs beyond the package: ``services`` (a throwaway
+PostgreSQL, S3 emulator, Jupyter server or Ray cluster), ``notebook`` (it runs a notebook on a kernel;
+nbval's cells get it here), ``browser`` (Chromium), ``bench`` (a paper benchmark at its quick size) and
+``slow`` (a long unit test). ``make test-fast`` runs what has none of them; ``make test`` runs everything.
+
+``make test`` distributes with ``--dist loadgroup``: a test is a unit of its own unless it carries
+``xdist_group`` — a notebook's cells (one kernel, in order), a module whose expensive module-scoped fixture
+must be built once, the tests sharing the session's Ray cluster. Groups are queued first (they are the long
+units), so no worker is left running one alone at the end.
+"""
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +22,66 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:  # helper modules (e.g. store_models) import as top-level modules
     sys.path.insert(0, str(TESTS))
+
+#: CPU slots of the session's Ray cluster: two 1-thread workers (tests/test_modelsearch_distributed.py), or the
+#: Ray benchmark's two executors side by side (1 + 2 one-thread workers, tests/test_bench_distributed.py).
+RAY_SLOTS = 3
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """nbval's cells: ``notebook`` and one group per notebook; grouped tests first, otherwise in
+    collection order (the sort is stable, and every worker computes the same order)."""
+    for item in items:
+        if type(item).__name__ == "IPyNbCell":  # nbval's item class: a cell of a notebook run under nbval
+            item.add_marker(pytest.mark.notebook)
+            item.add_marker(pytest.mark.xdist_group(f"nbval-{Path(str(item.fspath)).stem}"))
+        mark = item.get_closest_marker("xdist_group")
+        if mark is not None and getattr(config.option, "loadgroup", False):  # set on xdist's workers
+            _join_group(item, str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")))
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
+def _join_group(item: pytest.Item, group: str) -> None:
+    """Give ``item`` the ``@group`` suffix by which xdist's scheduler keeps a group on one worker. xdist
+    (3.8) writes it to ``item._nodeid``, which pytest 9 no longer reads (a node's id lives in ``_id``), so
+    without this every grouped test would be scheduled on its own."""
+    if not hasattr(item, "_id") or "@" in item.nodeid.rsplit("::", 1)[-1].rsplit("]", 1)[-1]:
+        return  # an older pytest (xdist's own suffix works) or already suffixed
+    from _pytest.nodeid import coerce_node_id
+
+    item._id = coerce_node_id(f"{item.nodeid}@{group}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[int]:
+    """One private local Ray for the session (starting one takes seconds), with ``RAY_SLOTS`` CPU slots;
+    tests start and close their own executors (actors) on it. Its workers import the test helper modules
+    (factories of stored candidates) from PYTHONPATH. Tests using it carry ``xdist_group("ray")``, so one
+    xdist worker holds the only cluster. Yields the number of CPU slots."""
+    pytest.importorskip("ray")  # an extra; `make install` installs it, so the suite runs these tests
+    import ray
+
+    from mm_jupyter.modelsearch.distributed import start_local_ray
+
+    from mm_jupyter.store import testing
+
+    for key, value in testing.S3_ENV.items():  # moto's test credentials, for team stores' S3 objects
+        os.environ.setdefault(key, value)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), saved) if p)
+    try:
+        started = start_local_ray(RAY_SLOTS, object_store_memory=256 * 2**20)
+        assert started, "Ray was already running in this test process: the session's cluster must be the only one"
+        try:
+            yield RAY_SLOTS
+        finally:
+            ray.shutdown()
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture

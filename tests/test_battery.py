@@ -54,6 +54,7 @@ def test_same_arguments_give_identical_tensors():
     assert a[0].data_ptr() != b[0].data_ptr()
 
 
+@pytest.mark.slow
 def test_identical_in_a_fresh_process():
     args = [(3, 2, 256, 0), (0, 0, 100, 5), (17, 7, 64, 1)]
     code = (

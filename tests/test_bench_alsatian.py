@@ -18,6 +18,8 @@ from mm_jupyter.bench import results  # noqa: E402
 from mm_jupyter.bench.__main__ import main  # noqa: E402
 from mm_jupyter.bench.bottleneck import PHASES  # noqa: E402
 
+pytestmark = [pytest.mark.bench, pytest.mark.xdist_group("bench-alsatian")]  # one quick run of every artefact
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, al.Artefact]:

@@ -24,8 +24,9 @@ def test_partition_sim_cli(tmp_path, capsys):
         assert row["ours_balance"] >= 1 and 1 <= row["ours_speedup"] <= row["workers"]
 
 
-def test_ray_bench_rotates_rounds_and_describes_itself(tmp_path, capsys):
-    pytest.importorskip("ray")
+@pytest.mark.services
+@pytest.mark.xdist_group("ray")
+def test_ray_bench_rotates_rounds_and_describes_itself(tmp_path, capsys, ray_cluster):
     from mm_jupyter.bench.__main__ import main
 
     assert main(["search", "--executor", "ray", "--quick", "--arch", "mlp", "--models", "4", "--items", "160",

@@ -13,6 +13,8 @@ import pytest
 from mm_jupyter.bench import catalog as cat, modelsets as M, results
 from mm_jupyter.bench.__main__ import main
 
+pytestmark = [pytest.mark.bench, pytest.mark.xdist_group("bench-modelsets")]  # one quick run
+
 QUICK_STEPS = 3
 
 

@@ -79,6 +79,7 @@ def test_an_artefact_runs_once_for_the_same_arguments(tmp_path: Path, monkeypatc
     assert len(calls) == 3
 
 
+@pytest.mark.bench
 def test_a_modelsets_run_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = {"models": 4, "steps": 1, "approaches": ("baseline", "update"), "repeat": 1, "out": tmp_path,
               "reuse": True}

@@ -15,6 +15,7 @@ from mm_jupyter.bench.search import sharing_bound  # noqa: E402
 NOISE = 1.15
 
 
+@pytest.mark.bench
 def test_quick_search_bench(tmp_path):
     from mm_jupyter.bench.search import QUICK, run_search_bench
 

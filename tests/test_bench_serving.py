@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
+
+@pytest.mark.bench
 def test_serving_bench_small(tmp_path):
     from mm_jupyter.bench.serving import MODES, run_serving_bench
 
@@ -21,6 +24,7 @@ def test_serving_bench_small(tmp_path):
     assert saved["experiment"] == "serving" and saved["targets"][0]["name"] == "multi-model / one-at-a-time throughput"
 
 
+@pytest.mark.bench
 def test_cli_quick(tmp_path, capsys):
     from mm_jupyter.bench.__main__ import main
 

@@ -140,6 +140,7 @@ def test_clone_module_is_a_deep_copy() -> None:
     assert torch.equal(copied[0].weight, copy.deepcopy(tied)[0].weight)
 
 
+@pytest.mark.slow
 def test_trained_candidates_are_fine_tunes_and_learn() -> None:
     pytest.importorskip("sklearn")
     n = 7

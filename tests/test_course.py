@@ -103,6 +103,7 @@ def test_metadata_mistakes_are_named(change, message):
         release(nb, "ex.ipynb")
 
 
+@pytest.mark.notebook
 def test_check_reports_pass_fail_and_not_attempted(tmp_path):
     solution = tmp_path / "solution.ipynb"
     nbformat.write(exercise(), solution)
@@ -132,6 +133,7 @@ def test_check_reports_pass_fail_and_not_attempted(tmp_path):
     assert "1 of 3 points" not in str(report) and "2 of 3 checks pass (2 of 3 points)" in str(report)
 
 
+@pytest.mark.notebook
 def test_command_line_release_and_check(tmp_path):
     src = tmp_path / "ex.ipynb"
     nbformat.write(exercise(), src)

@@ -58,6 +58,7 @@ def test_student_version_has_stubs_and_visible_checks_only(name: str) -> None:
     nbformat.validate(student)
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("name", EXERCISES)
 def test_student_version_runs_until_its_first_gap(name: str, tmp_path: Path) -> None:
     """Executed as a student would (a fresh kernel, the notebook's folder), it stops in the first task —
@@ -77,6 +78,7 @@ def test_student_version_runs_until_its_first_gap(name: str, tmp_path: Path) -> 
     assert failed and failed[0] in (*first.solutions, first.check), (failed, first)
 
 
+@pytest.mark.notebook
 @pytest.mark.slow
 def test_check_reports_every_task_of_a_student_version(tmp_path: Path) -> None:
     """``check`` on the student version of Exercise 1, its first task answered: task 1 passes, the others

@@ -34,6 +34,7 @@ def task() -> tuple[list[Any], tuple[torch.Tensor, torch.Tensor]]:
     return cands, sample_data("resnet18", 192, seed=0, reduced=True)
 
 
+@pytest.mark.slow
 def test_rankings_on_the_device_equal_shift_and_base(task: tuple[list[Any], Any]) -> None:
     cands, data = task
     al = mm.search(cands, data, approach="alsatian", device=DEVICE)

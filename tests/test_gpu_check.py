@@ -24,6 +24,7 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_dry_run_on_the_cpu_runs_every_step(tmp_path: Path) -> None:
     done = run("--device", "cpu", "--dry-run", "--out", str(tmp_path), "--tests-k", "features")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -45,6 +46,7 @@ def test_dry_run_on_the_cpu_runs_every_step(tmp_path: Path) -> None:
     assert rows_r["alsatian.sec41.transfer"].status == R.NOT_RUN
 
 
+@pytest.mark.slow
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     import torch
@@ -82,6 +84,7 @@ def _wheel(folder: Path, name: str = "mm_gpu_dummy", version: str = "0.1") -> Pa
     return path
 
 
+@pytest.mark.slow
 def test_missing_dependencies_install_from_the_wheel_folder_only(tmp_path: Path) -> None:
     """A Python without torch: the script makes a venv and installs from the folder of wheels, with no index
     (the requirement here is a one-module wheel); as torch is still missing it stops with a clear line."""

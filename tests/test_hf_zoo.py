@@ -22,6 +22,8 @@ from search_models import assert_search_agrees  # noqa: E402
 from mm_jupyter.modelsearch.splitting import split_model  # noqa: E402
 from mm_jupyter.modelsearch.verify import check_split, clear_verdicts, general_position  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("hf-zoo")  # its module-scoped fixture is built once
+
 NAMES = hf_zoo.profile()
 SEARCHED = [n for n in NAMES if hf_zoo.ZOO[n].domain != "audio"]
 
@@ -47,6 +49,7 @@ def roundtrip(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     return want, got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_a_set_and_its_update_recover_exactly_in_a_fresh_process(roundtrip: tuple[dict, dict], name: str) -> None:
     want, got = roundtrip

@@ -90,11 +90,13 @@ def test_prebuilt_extension_is_committed_and_complete() -> None:
     assert (Path(mm_jupyter.__file__).parent / hook["src"]).resolve() == PREBUILT and hook["dest"] == "mm-jupyter"
 
 
+@pytest.mark.slow
 def test_jupyterlab_lists_the_extension_enabled() -> None:
     out = _jupyter("labextension", "list")
     assert re.search(r"mm-jupyter v\S+ enabled\s+OK", out), out
 
 
+@pytest.mark.slow
 def test_server_extension_is_enabled_and_valid() -> None:
     out = _jupyter("server", "extension", "list")
     assert re.search(r"mm_jupyter enabled", out), out
@@ -248,6 +250,7 @@ def _get(url: str, token: str | None) -> tuple[int, dict]:
             return e.code, {"raw": body.decode(errors="replace")}
 
 
+@pytest.mark.services
 def test_server_round_trip(tmp_path: Path) -> None:
     root = tmp_path / "root"
     _save_demo(root / ".mm_store")  # the default store under the server's root folder
@@ -304,6 +307,7 @@ SECRET = "S3cretPW-4711"
 DB_URL = f"postgresql://mm:{SECRET}@127.0.0.1:9/models"  # port 9 (discard): nothing listens
 
 
+@pytest.mark.services
 def test_store_passwords_never_leave_the_server_and_requests_cannot_redirect_it(tmp_path: Path) -> None:
     """A server configured with a database store (password in the URL): the password appears in no
     response and no log line; a request can neither point the server at another folder or host nor
@@ -336,6 +340,7 @@ def test_store_passwords_never_leave_the_server_and_requests_cannot_redirect_it(
         assert SECRET not in content, f"the password leaked into the {where}"
 
 
+@pytest.mark.services
 def test_handlers_ask_the_authorizer_about_mm_jupyter(tmp_path: Path) -> None:
     root = tmp_path / "root"
     _save_demo(root / ".mm_store")

@@ -87,6 +87,7 @@ def test_commands_that_only_read_create_nothing(ip: Any, tmp_path: Path) -> None
     assert repr(ip.run_line_magic("modelset", "list")).startswith(f"no model sets: the store {str(missing)!r}")
 
 
+@pytest.mark.services
 def test_list_of_an_empty_team_store_names_its_masked_url(ip: Any) -> None:
     """An empty PostgreSQL + S3 store names its URL with the password masked (it once said 'None':
     a database store has no folder)."""
@@ -137,6 +138,7 @@ def test_kernel_store_tells_the_sidebar_which_store(ip: Any, tmp_path: Path, mon
     assert (tmp_path / "runtime" / "mm_jupyter_stores").stat().st_mode & 0o077 == 0  # owner only
 
 
+@pytest.mark.slow
 def test_save_last_expression_recover_show_diff(ip: Any, tmp_path: Path) -> None:
     ip.run_cell(TINY)
     saved = ip.run_cell_magic("modelset", "save tiny", "torch.manual_seed(0)\nms_in = {f'm{i}': Tiny() for i in range(4)}\nms_in")
@@ -261,6 +263,7 @@ for _ in range(config["epochs"]):
 """
 
 
+@pytest.mark.slow
 def test_provenance_cell_is_the_recorded_training_code(ip: Any, tmp_path: Path) -> None:
     ip.run_cell("from mm_jupyter.usecases.training import initial_models\n"
                 "from mm_jupyter.usecases.battery import cell_ref\nLR = 0.01")

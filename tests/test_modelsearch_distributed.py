@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,28 +12,18 @@ from mm_jupyter.store import testing
 from test_modelsearch_engine import blobs, family
 
 pytest.importorskip("ray")  # an extra; `make install` installs it, so the suite runs these tests
-TESTS = str(Path(__file__).resolve().parent)
+pytestmark = [pytest.mark.services, pytest.mark.xdist_group("ray")]  # the session's Ray cluster (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def ray2():
-    """Two CPU workers on a local Ray started for this module (and shut down after it). Workers
-    import the test helper modules (factories of stored candidates) from PYTHONPATH, and have moto's
-    test credentials (for the team store's S3 objects), set before the workers start."""
-    for key, value in testing.S3_ENV.items():
-        os.environ.setdefault(key, value)
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, saved) if p)
-    ex = RayExecutor(2, object_store_memory=256 * 2**20)
+def ray2(ray_cluster: int):
+    """Two one-thread CPU workers on the session's local Ray (closed after this module)."""
+    ex = RayExecutor(2, threads=1)
     try:
         ex.start()
         yield ex
     finally:
         ex.close()
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture(autouse=True)
@@ -62,11 +51,11 @@ def same(a, b, work: bool = True) -> None:
         assert a.stats["block_inferences"] >= b.stats["block_inferences"]
 
 
-def test_local_ray_is_private_and_quiet(ray2):
+def test_local_ray_is_private_and_quiet(ray2, ray_cluster):
     import ray
 
     ctx = ray.get_runtime_context()
-    assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
+    assert ray.is_initialized() and ray.cluster_resources()["CPU"] == ray_cluster
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     assert ctx.gcs_address.startswith("127.0.0.1:")
     assert ray2.device == "cpu" and len(ray2.actors) == 2
@@ -192,7 +181,7 @@ def test_store_address_opens_the_same_store_from_another_directory(tmp_path, mon
     store.close()
 
 
-def test_executor_arguments_are_checked(ray2):
+def test_executor_arguments_are_checked(ray2, ray_cluster):
     cands, data = family(4), blobs(100)
     with pytest.raises(mm.SearchError, match="executor must be"):
         mm.search(cands, data, executor="dask")
@@ -200,8 +189,8 @@ def test_executor_arguments_are_checked(ray2):
         RayExecutor(0)
     with pytest.raises(mm.SearchError, match="not what the Ray workers have"):
         mm.search(cands, data, device="cuda", executor=ray2)
-    with pytest.raises(mm.SearchError, match="3 Ray worker"):
-        RayExecutor(3).start()  # the cluster has two CPU slots
+    with pytest.raises(mm.SearchError, match=f"{ray_cluster + 1} Ray worker"):
+        RayExecutor(ray_cluster + 1).start()  # more workers than the cluster has CPU slots
     with pytest.raises(mm.SearchError, match="need 4 CPU slots"):
         RayExecutor(2, threads=2).start()  # a worker reserves a slot per thread
     # a block failing inside a worker is the usual one-line SearchError naming candidate and block

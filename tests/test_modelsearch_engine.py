@@ -11,6 +11,8 @@ from torch import nn
 import mm_jupyter as mm
 from mm_jupyter.modelsearch.halving import schedule
 
+pytestmark = pytest.mark.xdist_group("search-engine")  # its module-scoped fixture is built once
+
 
 def family(n: int = 12, seed: int = 0) -> dict[str, nn.Module]:
     """A base MLP and fine-tune-like copies: each copies a random earlier model and re-initialises
@@ -46,6 +48,7 @@ def runs():
     return cands, data, out
 
 
+@pytest.mark.slow
 def test_alsatian_equals_shift_on_the_same_rungs(runs):
     _, _, r = runs
     a, s = r["alsatian"].ranking, r["shift"].ranking
@@ -144,6 +147,7 @@ def test_bad_input():
         mm.search([Opaque(), Opaque()], (x, y))
 
 
+@pytest.mark.slow
 def test_stored_candidates_dedup_and_partial_access(tmp_path):
     from mm_jupyter.modelsearch.stored import add_candidates, load_candidates
 

@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 from mm_jupyter.bench.synthetic import sample_data, synthetic_candidates  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "vit", "bert"])
 def test_same_result_for_every_approach(arch):
     cands = synthetic_candidates(arch, 6, "top-25", seed=1)

@@ -330,6 +330,7 @@ def test_search_over_resnet_like_classes_equals_shift() -> None:
     assert math.isfinite(shared.ranking["score"].iloc[0])
 
 
+@pytest.mark.slow
 def test_stored_traced_candidates(tmp_path) -> None:
     """Traced candidates go into the store block by block; the skeleton rebuilt from the recorded
     architecture is traced the same way (same block ids), and a search over the stored set equals

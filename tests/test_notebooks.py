@@ -1,4 +1,5 @@
-"""The committed notebooks: all seven exist, all run in CI (the Makefile names each), one flag
+"""The committed notebooks: all seven exist, all run in CI (the Makefile names each; the tour runs in the
+browser test), one flag
 switches them to full scale, no widget state or widget output is committed, and no float result of training is
 compared character by character."""
 from __future__ import annotations
@@ -17,11 +18,71 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
 def test_every_notebook_runs_in_ci() -> None:
+    """Under nbval (the Makefile names each) or, the tour, in the browser test, which compares its outputs
+    by nbval's strict rules."""
     found = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
     assert found == NOTEBOOKS
     makefile = (ROOT / "Makefile").read_text()
-    named = set(re.findall(r"notebooks/(\w+)\.ipynb", makefile))
-    assert named == set(NOTEBOOKS)
+    nbval = re.search(r"^STRICT_NOTEBOOKS := (.*)$", makefile, re.MULTILINE)
+    lax = re.search(r"^LAX_NOTEBOOKS := ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
+    assert nbval and lax
+    named = set(re.findall(r"notebooks/(\w+)\.ipynb", nbval.group(1) + lax.group(1)))
+    assert named == set(NOTEBOOKS) - {"00_tour"}
+    browser = (ROOT / "tests" / "test_browser.py").read_text()  # the tour: run, saved, compared strictly
+    assert 'TOUR = "notebooks/00_tour.ipynb"' in browser and 'differences(ROOT / TOUR, lab["root"] / TOUR' in browser
+
+
+def _tour() -> nbformat.NotebookNode:
+    return nbformat.read(ROOT / "notebooks" / "00_tour.ipynb", as_version=4)
+
+
+def _checked(nb: nbformat.NotebookNode, ignored: bool) -> nbformat.NotebookNode:
+    """The first code cell with a text/plain result whose output nbval compares (``ignored=False``) or not."""
+    return next(c for c in nb.cells if c.cell_type == "code" and c.outputs
+                and ("NBVAL_IGNORE_OUTPUT" in c.source) == ignored
+                and any("text/plain" in o.get("data", {}) for o in c.outputs))
+
+
+def test_outputs_are_compared_by_nbvals_strict_rules(tmp_path: Path) -> None:
+    """The comparison that stands for ``pytest --nbval`` on the tour fails where nbval would, and only there."""
+    from notebook_outputs import differences
+
+    ref, cfg = ROOT / "notebooks" / "00_tour.ipynb", ROOT / "notebooks" / "nbval_sanitize.cfg"
+    run = tmp_path / "run.ipynb"
+    assert differences(ref, ref, cfg) == []
+
+    def changed(edit) -> list[str]:
+        nb = _tour()
+        edit(nb)
+        nbformat.write(nb, run)
+        return differences(ref, run, cfg)
+
+    def retext(cell: nbformat.NotebookNode, text: str) -> None:
+        next(o for o in cell.outputs if "text/plain" in o.get("data", {})).data["text/plain"] = text
+
+    def error(nb: nbformat.NotebookNode) -> None:
+        _checked(nb, ignored=True).outputs.append(nbformat.v4.new_output("error", ename="ValueError", evalue="x"))
+
+    def warning(nb: nbformat.NotebookNode) -> None:
+        _checked(nb, ignored=False).outputs.append(nbformat.v4.new_output("stream", name="stderr", text="oh"))
+
+    def rerun(nb: nbformat.NotebookNode) -> None:
+        for cell in nb.cells:
+            if cell.cell_type == "code" and cell.execution_count is not None:
+                cell.execution_count += 100  # counts, metadata and widget views are not compared
+                for out in cell.outputs:
+                    out.setdefault("metadata", {})["extra"] = 1
+                    if "data" in out:
+                        out.data["image/png"] = "AAAA"
+
+    assert len(changed(lambda nb: retext(_checked(nb, ignored=False), "something else"))) == 1
+    assert changed(lambda nb: retext(_checked(nb, ignored=True), "timings vary")) == []
+    assert "raised ValueError: x" in changed(error)[0]
+    assert "stderr" in changed(warning)[0]
+    assert changed(rerun) == []
+    assert changed(lambda nb: setattr(_checked(nb, ignored=False), "execution_count", None)) != []
+    assert changed(lambda nb: nb.cells.append(nbformat.v4.new_code_cell("1"))) == \
+        ["the code cells differ from the reference's"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

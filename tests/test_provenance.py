@@ -102,6 +102,7 @@ def train_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 # -- 1. save and recover a retrained set -------------------------------------------------------
+@pytest.mark.slow
 def test_provenance_set_recovers_bit_exactly_in_a_fresh_process(store: mm.Store):
     base = initial_models(6)
     r1 = store.save_set(base, "cells", approach="baseline")
@@ -271,6 +272,7 @@ def test_verification_prefers_start_states_that_need_no_training(store: mm.Store
 
 
 # -- 4. a chain of approaches ------------------------------------------------------------------
+@pytest.mark.slow
 def test_chain_baseline_provenance_update_provenance(store: mm.Store):
     v1 = named(initial_models(6, seed=40))
     r1 = store.save_set(v1, "cells", approach="baseline")
@@ -438,6 +440,7 @@ print(json.dumps(shell.user_ns["RESULT"]))
 """
 
 
+@pytest.mark.slow
 def test_training_function_from_a_notebook_cell_is_recorded_as_source(tmp_path: Path):
     path = tmp_path / "store"
     saved = run_python(IPYTHON_DRIVER, str(path), json.dumps(NOTEBOOK_CELLS))

@@ -176,6 +176,7 @@ def test_baseline_storage_for_larger_sets(store):
             assert padding == 0 and s["bytes"] <= s["parameter_bytes"] + 4096
 
 
+@pytest.mark.slow
 def test_tensors_outlive_closed_readers(tmp_path):
     """Closing a ModelSet (or a reader) must never unmap memory that returned tensors still view."""
     import gc

@@ -24,6 +24,7 @@ def check_report(report: dict, ref: str, models) -> None:
     assert got["ties"] == [sm.ties(m) for m in mods], ref
 
 
+@pytest.mark.slow
 def test_importable_factories_and_classes(store, store_path):
     sets = {}
 
@@ -83,6 +84,7 @@ def test_architecture_records_are_checked():
 # -- Hugging Face --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hugging_face_models_rebuild_from_config(store, store_path):
     transformers = pytest.importorskip("transformers")
     from transformers import BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTModel
@@ -211,13 +213,18 @@ def shell(tmp_path, monkeypatch):
     main = sys.modules["__main__"]
     cfg = Config()
     cfg.HistoryManager.enabled = False
+    before = InteractiveShell._instance  # the process-wide test shell other suites' fixtures use, if started
     InteractiveShell.clear_instance()
     sh = InteractiveShell.instance(config=cfg)
     yield sh
     InteractiveShell.clear_instance()
+    if before is not None:  # put it back: the same worker process may run those suites next
+        for cls in type(before)._walk_mro():
+            cls._instance = before
     sys.modules["__main__"] = main
 
 
+@pytest.mark.slow
 def test_class_defined_in_a_notebook_cell(shell, store_path):
     shell.user_ns["STORE_PATH"] = str(store_path)
     for cell in CELLS:
@@ -284,6 +291,7 @@ print(json.dumps(store_models.model_digests(models)))
 """
 
 
+@pytest.mark.slow
 def test_class_defined_in_a_script(tmp_path, store_path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT))

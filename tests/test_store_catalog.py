@@ -133,6 +133,7 @@ def damage(root: Path, how: str) -> None:
         shutil.rmtree(root / "refs")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["deleted", "empty", "header", "pages", "deleted-with-refs"])
 def test_damaged_catalog_is_an_error_and_rebuild_restores_everything(rich, tmp_path, how):
     src, want, before = rich
@@ -165,6 +166,7 @@ def test_damaged_catalog_is_an_error_and_rebuild_restores_everything(rich, tmp_p
     store.close()
 
 
+@pytest.mark.slow
 def test_rebuild_cli(rich, tmp_path):
     src, want, before = rich
     root = copy_store(src, tmp_path / "store")
@@ -219,6 +221,7 @@ print(store.save_set(models(int(sys.argv[3])), sys.argv[2], architecture=ARCH), 
 """
 
 
+@pytest.mark.slow
 def test_deleted_wal_under_an_open_writer_loses_no_acknowledged_save(tmp_path):
     root = tmp_path / "store"
     writer = mm.Store(root)
@@ -260,6 +263,7 @@ store.save_set(models(5), "upd", architecture=ARCH, approach="update")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep_refs", [True, False])
 def test_rebuild_picks_the_committed_manifest(plain, tmp_path, keep_refs):
     """A killed save leaves a manifest claiming the next version; the next save takes that number.
@@ -310,6 +314,7 @@ def outcome(root: Path, refs: list[str], want: dict) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_every_byte_and_digit_of_every_manifest(plain, tmp_path):
     src, want = plain
     root = copy_store(src, tmp_path / "store")

@@ -25,6 +25,7 @@ def test_max_chain_is_validated(tmp_path):
     mm.Store(tmp_path / "s", max_chain=MAX_CHAIN).close()
 
 
+@pytest.mark.slow
 def test_a_5000_version_chain(tmp_path, monkeypatch):
     # durability is not under test here: skip the fsyncs so 5,000 saves take seconds
     monkeypatch.setattr(os, "fsync", lambda fd: None)

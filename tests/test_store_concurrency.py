@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import mm_jupyter as mm
 import store_models as sm
 
@@ -34,6 +36,7 @@ for k in range(versions):
 """
 
 
+@pytest.mark.slow
 def test_four_writers_at_once(tmp_path):
     root = tmp_path / "store"
     # the store does not exist yet: the workers race on creating its folder and catalog too

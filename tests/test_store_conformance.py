@@ -40,7 +40,9 @@ from mm_jupyter.store.s3 import PROBE, S3Objects
 from mm_jupyter.usecases.battery import cell_ref
 from mm_jupyter.usecases.training import initial_models
 
-BACKENDS = ["sqlite+folder", "postgresql+s3"]
+pytestmark = pytest.mark.xdist_group("team-store")  # one PostgreSQL + S3 server for the module
+
+BACKENDS = ["sqlite+folder", pytest.param("postgresql+s3", marks=pytest.mark.services)]
 TRAIN = "mm_jupyter.usecases.training:train"
 
 
@@ -136,6 +138,7 @@ def digests(models: dict[str, nn.Module]) -> dict[str, dict[str, str]]:
     return {n: sm.sd_digests(m.state_dict()) for n, m in models.items()}
 
 
+@pytest.mark.slow
 def test_round_trip_every_approach_in_a_fresh_process(backend: Backend) -> None:
     store = backend.open()
     base = {str(i): m for i, m in enumerate(initial_models(4))}
@@ -207,6 +210,7 @@ def check_versions(store: mm.Store, reported: dict[str, dict[str, Any]]) -> None
             assert seed == reported[ref]["seed"], ref
 
 
+@pytest.mark.slow
 def test_two_processes_save_and_recover_at_once(backend: Backend) -> None:
     backend.open().save_set(sm.crash_models(0, 99), "shared", approach="baseline")  # creates the store
     procs = [run_child(WRITER, *backend.args, str(w), "3") for w in (1, 2)]
@@ -227,6 +231,7 @@ def test_two_processes_save_and_recover_at_once(backend: Backend) -> None:
     assert store.verify() == []
 
 
+@pytest.mark.slow
 def test_a_killed_writer_loses_nothing_acknowledged(backend: Backend) -> None:
     backend.open().save_set(sm.crash_models(0, 99), "shared", approach="baseline")
     reported: dict[str, dict[str, Any]] = {"shared@1": {"seed": 99}}
@@ -254,6 +259,7 @@ def test_a_killed_writer_loses_nothing_acknowledged(backend: Backend) -> None:
     assert sm.check_crash_set(store.recover_set(ref), 0) == 7
 
 
+@pytest.mark.slow
 def test_gc_while_another_process_saves(backend: Backend) -> None:
     store = backend.open()
     store.save_set(sm.crash_models(0, 99), "shared", approach="baseline")
@@ -291,6 +297,7 @@ def test_catalog_rebuilt_from_the_objects(backend: Backend) -> None:
 
 
 # -- PostgreSQL + S3 only: what only remote objects have ------------------------------------------
+@pytest.mark.slow
 def test_one_model_of_5000_fetches_only_its_chunks(team: Team) -> None:
     objects = team.s3.bucket_url()
     url = team.pg.database()
@@ -316,6 +323,7 @@ def test_one_model_of_5000_fetches_only_its_chunks(team: Team) -> None:
     fresh.close()
 
 
+@pytest.mark.services
 def test_large_objects_go_up_in_parallel_parts(team: Team) -> None:
     store = mm.Store(team.pg.database(), objects=team.s3.bucket_url())
     parts: list[int] = []
@@ -329,6 +337,7 @@ def test_large_objects_go_up_in_parallel_parts(team: Team) -> None:
     store.close()
 
 
+@pytest.mark.services
 def test_the_two_urls_from_the_environment(team: Team, monkeypatch: pytest.MonkeyPatch) -> None:
     url, objects = team.pg.database(), team.s3.bucket_url()
     monkeypatch.setenv("MM_JUPYTER_STORE", url)
@@ -345,6 +354,7 @@ def test_the_two_urls_from_the_environment(team: Team, monkeypatch: pytest.Monke
     store.close()
 
 
+@pytest.mark.slow
 def test_notebooks_point_at_the_team_store(team: Team, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """``%config ModelMagics.store/objects`` and the server extension's resolver keep a database URL
     (no folder made of it); the sidebar's payload lists what the magics saved. The kernel reports the
@@ -409,6 +419,7 @@ class TestFolderObjects(ObjectAreaTests):
         _flip(objects, oid, offset)
 
 
+@pytest.mark.services
 class TestS3Objects(ObjectAreaTests):
     @pytest.fixture(autouse=True)
     def _team(self, team: Team) -> None:
@@ -432,6 +443,7 @@ class TestSQLiteFolderCatalog(CatalogTests):
         _flip(objects, oid, offset)
 
 
+@pytest.mark.services
 class TestSQLiteS3Catalog(TestSQLiteFolderCatalog):
     @pytest.fixture(autouse=True)
     def _team(self, team: Team) -> None:
@@ -443,6 +455,7 @@ class TestSQLiteS3Catalog(TestSQLiteFolderCatalog):
         return catalog
 
 
+@pytest.mark.services
 class TestPostgresS3Catalog(CatalogTests):
     @pytest.fixture(autouse=True)
     def _team(self, team: Team) -> None:

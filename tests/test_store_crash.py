@@ -69,6 +69,7 @@ def check_store(root: Path, reported: dict[str, dict]) -> list[str]:
         store.close()
 
 
+@pytest.mark.slow
 def test_random_sigkill_rounds(tmp_path):
     root = tmp_path / "store"
     rng = random.Random(20240607)
@@ -152,6 +153,7 @@ POINTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("approach,point", POINTS, ids=[f"{a}-{p}" for a, p in POINTS])
 def test_kill_at_chosen_points(tmp_path, approach, point):
     root = tmp_path / "store"

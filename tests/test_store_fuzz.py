@@ -32,6 +32,8 @@ import store_models as sm
 import zoo_models as zoo
 import zoo_patterns as zp
 
+pytestmark = pytest.mark.xdist_group("store-fuzz")  # its module-scoped fixture is built once
+
 QUICK_EXAMPLES = 60
 EXAMPLES = int(os.environ.get("MM_FUZZ_EXAMPLES", QUICK_EXAMPLES))
 LONG = "MM_FUZZ_EXAMPLES" in os.environ
@@ -348,6 +350,7 @@ def hostile(draw: st.DrawFn, templates: dict[str, Any], sentinel: str) -> tuple[
     return key, msg, ", ".join(done)
 
 
+@pytest.mark.slow
 def test_the_worker_recovers_the_untouched_templates(templates: dict[str, Any], worker: Worker) -> None:
     """The harness sees real recoveries: every template set recovers, builds and runs without trust."""
     for key, (ref, manifest) in templates["manifests"].items():
@@ -375,6 +378,7 @@ def test_a_side_effect_is_seen(templates: dict[str, Any], worker: Worker) -> Non
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not LONG, print_blob=True,
           suppress_health_check=list(HealthCheck))
+@pytest.mark.slow
 @given(data=st.data())
 def test_hostile_stores_never_run_code_crash_or_raise_raw_errors(templates: dict[str, Any], worker: Worker,
                                                                   data: st.DataObject) -> None:

@@ -48,6 +48,7 @@ def pending_rows(root: Path) -> int:
         db.close()
 
 
+@pytest.mark.slow
 def test_gc_removes_what_killed_saves_left(tmp_path):
     root = tmp_path / "store"
     store = mm.Store(root)
@@ -127,6 +128,7 @@ def check_all(root: Path, reported: dict[str, dict]) -> None:
     store.close()
 
 
+@pytest.mark.slow
 def test_gc_while_other_processes_save(tmp_path):
     root = tmp_path / "store"
     store = mm.Store(root)
@@ -148,6 +150,7 @@ def test_gc_while_other_processes_save(tmp_path):
     store.close()
 
 
+@pytest.mark.slow
 def test_two_pid_namespaces_share_one_folder(tmp_path):
     """Writers in separate PID namespaces (as in two containers) see PIDs that mean nothing to each
     other; neither may take the other's temp files for a dead writer's."""

@@ -25,6 +25,7 @@ def sentinel(tmp_path: Path) -> Path:
 
 
 # -- 1. references name exact objects ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_function_references_never_walk_through_module_attributes(tmp_path: Path, sentinel: Path) -> None:
     store = mm.Store(tmp_path / "s")
     refs = {  # each was resolved attribute by attribute and accepted before
@@ -67,6 +68,7 @@ def test_classes_must_be_the_object_they_name(tmp_path: Path) -> None:
 
 
 # -- 2. restored attributes are data ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_restored_attributes_never_replace_methods_or_module_internals(tmp_path: Path, sentinel: Path) -> None:
     store = mm.Store(tmp_path / "s")
     relu = {"$fn": "torch.nn.functional:relu"}  # an allowed function: only the name is wrong
@@ -98,6 +100,7 @@ def test_restored_attributes_never_replace_methods_or_module_internals(tmp_path:
         mm.Store(tmp_path / "t").save_set([odd], "odd")
 
 
+@pytest.mark.slow
 def test_issue_chain_on_a_bias_runs_nothing(tmp_path: Path, sentinel: Path) -> None:
     """The issue's exploit: methods of tensors chained through restored attributes until exec."""
     store = mm.Store(tmp_path / "s")
@@ -119,6 +122,7 @@ def test_issue_chain_on_a_bias_runs_nothing(tmp_path: Path, sentinel: Path) -> N
 
 
 # -- 1. modules are refused before they are imported ---------------------------------------------------------
+@pytest.mark.slow
 def test_modules_outside_allowed_packages_are_never_imported(tmp_path: Path, sentinel: Path) -> None:
     store = mm.Store(tmp_path / "s")
     hm.forged(store, "figure", mm.Architecture("structure", "x", {}, None, None, hm.identity_record(
@@ -138,6 +142,7 @@ def test_modules_outside_allowed_packages_are_never_imported(tmp_path: Path, sen
 
 
 # -- 3. Hugging Face builds are literal and offline ----------------------------------------------------------
+@pytest.mark.slow
 def test_hugging_face_records_cannot_reach_the_hub(tmp_path: Path, sentinel: Path) -> None:
     store = mm.Store(tmp_path / "s")
     bert = "transformers.models.bert.modeling_bert:BertModel"
@@ -189,6 +194,7 @@ def _linear_set(tmp_path: Path) -> Path:
     return tmp_path / "s"
 
 
+@pytest.mark.slow
 def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path: Path, sentinel: Path) -> None:
     root = _linear_set(tmp_path)
     cases = {}

@@ -3,6 +3,7 @@ NaN payloads) survives every approach bit-exactly, here and in a fresh process."
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,6 +45,7 @@ def content(model: torch.nn.Module, seed: int, nan: bool) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_generated_state_dicts_round_trip(tmp_path):
     root = tmp_path / "store"
     store = mm.Store(root)

@@ -107,6 +107,7 @@ def positions(size: int, payload: int) -> list[int]:
     return sorted({p for p in cand if 0 <= p < size})
 
 
+@pytest.mark.slow
 def test_every_flipped_byte_is_detected(pristine, tmp_path):
     src, want = pristine
     root = tmp_path / "store"

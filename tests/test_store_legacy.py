@@ -68,6 +68,7 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.slow
 def test_an_old_store_verifies_and_recovers_bit_exactly_in_a_fresh_process(legacy: Path) -> None:
     recovers_in_a_fresh_process(legacy, DATA / "store_v0.expected.json")
 
@@ -133,6 +134,7 @@ def test_moved_objects_map_exactly_those_objects() -> None:
         assert (obj.__module__, obj.__qualname__) == (mod, name)
 
 
+@pytest.mark.slow
 def test_store_v1_verifies_and_recovers_bit_exactly_in_a_fresh_process(legacy_v1: Path) -> None:
     expected = DATA / "store_v1.expected.json"
     assert sorted(json.loads(expected.read_text())) == ["digits@1", "digits@2", "mlp@1"]

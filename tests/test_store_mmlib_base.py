@@ -23,6 +23,7 @@ def _records(store: mm.Store, ref: mm.SetRef) -> list[tuple[str, str, str]]:
     return [tuple(r[2:]) for r in store.catalog.model_rows(ref.id)]
 
 
+@pytest.mark.slow
 def test_every_version_stores_every_model_again_in_full(tmp_path):
     store = mm.Store(tmp_path / "s")
     v1 = _models(0)

@@ -11,6 +11,8 @@ import torch
 import mm_jupyter as mm
 import store_models as sm
 
+pytestmark = pytest.mark.xdist_group("store-roundtrip")  # its module-scoped fixture is built once
+
 #: "update-derived"/"auto-derived": a first version differing in some tensors (and with one model
 #: more, one less) is saved first, then the real models as the next version of the same name.
 APPROACHES = ["baseline", "update", "update-derived", "mmlib-base", "auto", "auto-derived"]
@@ -82,6 +84,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, dict[str, Any
     store.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,approach,container", COMBOS, ids=["-".join(c) for c in COMBOS])
 def test_fresh_process_recovers_bit_exactly(saved, kind, approach, container):
     info = saved[(kind, approach, container)]

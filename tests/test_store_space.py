@@ -125,6 +125,7 @@ def no_temps(root: Path) -> bool:
     return not list((root / "tmp").glob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,approach", [("tmpfs", "baseline"), ("ext4", "baseline"), ("tmpfs", "mmlib-base")])
 def test_save_on_a_full_disk_is_a_clear_error(tmp_path, kind, approach):
     with mounted(tmp_path / "fs", kind, 32) as fs:
@@ -218,6 +219,7 @@ except mm.MMError as e:
 """
 
 
+@pytest.mark.slow
 def test_without_fallocate_bytes_are_written_not_mapped(tmp_path):
     """Where the file system cannot allocate ahead, saves use write() calls: they work, and on a
     full disk they fail with a clear error instead of a SIGBUS."""
@@ -232,6 +234,7 @@ def test_without_fallocate_bytes_are_written_not_mapped(tmp_path):
         assert no_temps(fs / "store")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer_open", [False, True], ids=["closed", "writer-open"])
 def test_reading_a_store_on_a_full_disk(tmp_path, writer_open):
     with mounted(tmp_path / "fs", "tmpfs", 16) as fs:
@@ -259,6 +262,7 @@ def test_reading_a_store_on_a_full_disk(tmp_path, writer_open):
         reader.close()
 
 
+@pytest.mark.slow
 def test_read_only_mount(tmp_path):
     with mounted(tmp_path / "fs", "tmpfs", 16) as fs:
         root = fs / "store"

@@ -37,6 +37,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_zoo_roundtrips_in_a_fresh_process(tmp_path: Path):
     assert len(zoo.ZOO) >= 25
     store = mm.Store(tmp_path / "zoo")
@@ -143,6 +144,7 @@ def test_models_of_one_set_must_share_attributes_and_parameter_free_modules(tmp_
     store.close()
 
 
+@pytest.mark.slow
 def test_allow_functions_extends_the_allow_list(tmp_path: Path, monkeypatch):
     from mm_jupyter.store import trust
 
@@ -178,6 +180,7 @@ def _structure(classes: list[str], attrs: list, source=None) -> dict:
             "root": {"c": 0, "t": False, "p": [], "b": [], "m": [], "a": attrs}}
 
 
+@pytest.mark.slow
 def test_crafted_records_are_refused_and_run_nothing(tmp_path: Path, monkeypatch):
     sentinel = tmp_path / "pwned"
     cmd = f"touch {sentinel}"
@@ -222,6 +225,7 @@ def test_crafted_records_are_refused_and_run_nothing(tmp_path: Path, monkeypatch
     store.close()
 
 
+@pytest.mark.slow
 def test_provenance_code_needs_trust_before_anything_runs(tmp_path: Path):
     """A provenance version whose training function and dataset loader are not registered: recovery
     in a fresh process lists them and runs nothing (not even the loader) until the store is trusted."""
@@ -257,6 +261,7 @@ print(json.dumps(sm.model_digests(new)))
     assert sentinel.read_text().split() == ["data", "train"]
 
 
+@pytest.mark.slow
 def test_notebook_class_with_arguments_in_the_magic(tmp_path: Path):
     """``%%modelset save`` takes plain models and notebook classes with constructor arguments."""
     from IPython.testing import globalipapp
@@ -317,6 +322,7 @@ def test_materialize_benchmark_runs():
     assert main(["materialize", "--models", "20", "--repeat", "1"]) == 0
 
 
+@pytest.mark.slow
 def test_stored_candidates_of_script_classes_need_trust_in_another_process(tmp_path: Path):
     save = r"""
 import sys, torch

@@ -1,6 +1,7 @@
 """Update chains: deltas against a base matched by model name, lineage, max_chain, and ``auto``."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import mm_jupyter as mm
@@ -58,6 +59,7 @@ def check_versions(store: mm.Store, refs: list, want: list[dict]) -> None:
         ms.close()
 
 
+@pytest.mark.slow
 def test_chain_of_five_versions(store, store_path):
     refs, want = save_chain(store)
     assert [r.version for r in refs] == [1, 2, 3, 4, 5]
@@ -98,6 +100,7 @@ def test_chain_of_five_versions(store, store_path):
     assert per_model <= s3["bytes"] < 2 * per_model
 
 
+@pytest.mark.slow
 def test_max_chain_stores_a_self_contained_version(store_path):
     store = mm.Store(store_path, max_chain=2)
     refs, want = save_chain(store)
@@ -246,6 +249,7 @@ def test_update_matches_models_by_name_not_position(store):
             assert [sm.tensor_digest(x) for x in ms.stacked(key)] == [d[key] for d in sm.model_digests(v)]
 
 
+@pytest.mark.slow
 def test_updates_on_top_of_every_approach(store, store_path):
     """update/auto derive from baseline and mmlib-base versions too (their digests are computed
     from the stored parameters), and every version recovers bit-exactly."""

@@ -72,6 +72,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dic
     return root, want
 
 
+@pytest.mark.slow
 def test_every_pattern_recovers_bit_exactly_in_a_fresh_process(saved: tuple[Path, dict[str, dict]]) -> None:
     root, want = saved
     got = json.loads(sm.run_python(FRESH, str(root), *want, timeout=600).stdout)
@@ -147,6 +148,7 @@ def test_attribute_state_is_compared_by_structure_not_value(tmp_path: Path) -> N
     store.close()
 
 
+@pytest.mark.slow
 def test_an_enum_of_a_module_nobody_imported_is_refused_before_import(tmp_path: Path) -> None:
     """Enum classes pass the same gate as every class: imported or in an allowed package."""
     import hostile_models as hm

@@ -11,6 +11,8 @@ from mm_jupyter.modelsearch.hashing import block_id
 from mm_jupyter.modelsearch.splitting import split_model
 from mm_jupyter.usecases import transfer as tr
 
+pytestmark = pytest.mark.xdist_group("transfer")  # its module-scoped fixture is built once
+
 SHOTS = 5
 EPOCHS = 10  # enough to move every trainable tensor; the exercise's default is longer
 
@@ -93,6 +95,7 @@ def test_trainable_counts(task, pretrained) -> None:
     assert total > counts["freeze-early"] > counts["freeze-most"] > counts["probe"] > 0
 
 
+@pytest.mark.slow
 def test_deterministic_under_a_seed(task, pretrained) -> None:
     state = torch.random.get_rng_state()
     a = tr.run_strategy("finetune", task, pretrained, epochs=EPOCHS, seed=3)

@@ -21,6 +21,8 @@ from mm_jupyter.jupyter.widgets.lineage import LIMIT_COLOUR, lanes
 from mm_jupyter.jupyter.widgets.progress import natural_key
 from mm_jupyter.store.lineage import Lineage, Version
 
+pytestmark = pytest.mark.xdist_group("widgets")  # its module-scoped fixture is built once
+
 _TD = r"<td[^>]*>"
 LEADERBOARD_ROW = re.compile(rf"<tr( style=\"color:#999\")?>{_TD}\d+</td>{_TD}([^<]*)</td>{_TD}[^<]*</td>"
                              rf"{_TD}(\d+)</td>{_TD}([^<]*)</td></tr>")
@@ -193,6 +195,7 @@ def _yaxis(chart: ComparisonChart, row: int, col: int) -> dict:
     return chart.figure["layout"]["yaxis" if n == 1 else f"yaxis{n}"]
 
 
+@pytest.mark.slow
 def test_comparison_chart_from_benchmark_json(bench):
     out, result = bench
     chart = ComparisonChart.from_benchmark(out / "results.json")
