@@ -361,6 +361,7 @@ def test_the_worker_recovers_the_untouched_templates(templates: dict[str, Any], 
         assert out["errors"] == {}, (key, out["errors"])
 
 
+@pytest.mark.slow
 def test_a_side_effect_is_seen(templates: dict[str, Any], worker: Worker) -> None:
     """The harness would notice code running: a trusted-looking source record is refused, and a
     record naming the canary module shows up if the gate let it import (here it does not)."""

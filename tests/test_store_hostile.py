@@ -329,6 +329,7 @@ def test_verify_reports_damaged_refs_and_gc_repairs_them(tmp_path: Path) -> None
     store.close()
 
 
+@pytest.mark.slow
 def test_rnn_size_attributes_must_match_their_weights(tmp_path: Path, sentinel: Path) -> None:
     """An RNN allocates its initial state from hidden_size and num_layers before it checks its
     weights (found by the long fuzz run): a record whose sizes disagree with its tensors is refused
