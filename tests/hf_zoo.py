@@ -377,7 +377,7 @@ def save(store: Any, name: str) -> dict[str, Any]:
 
 #: run in a fresh process: ``python -c FRESH store name...`` prints what it recovers, as JSON
 FRESH = r"""
-import json, sys
+import importlib, json, sys
 import mm_jupyter as mm
 import hf_zoo
 from store_models import sd_digests
@@ -385,6 +385,9 @@ store = mm.Store(sys.argv[1])
 out = {}
 for name in sys.argv[2:]:
     got = {}
+    entry = hf_zoo.ZOO[name]
+    if not entry.config and ":" in entry.model:  # a hand-built class: its module imported, as its user has it
+        importlib.import_module(entry.model.split(":")[0])
     for version in ("1", "2"):
         try:
             ms = store.recover_set(f"{name}@{version}")
