@@ -32,11 +32,12 @@ run: install
 # The paper benchmarks run once: the tests write their results to a folder both runs share
 # (MM_JUPYTER_BENCH_RESULTS), and notebooks 03 and 06 read the runs of the same code and arguments from it
 # (bench/results.py) instead of running them again; their correctness checks were proven by the tests.
-# Scheduling (tests/conftest.py): every test is a unit of its own, so a heavy file is split over both workers,
+# Scheduling (tests/conftest.py): three workers on two cores (many tests wait on fsync, subprocesses or the
+# browser: 9.7 min instead of 10.3 quiet); every test is a unit of its own, so a heavy file is split over workers,
 # except the xdist groups (a notebook's cells, a module's expensive fixture, the session's Ray cluster), which are
 # queued first. The lax notebooks run one notebook per unit (loadfile: tests/conftest.py, which groups a notebook's
 # cells, is not loaded by a run of notebooks alone).
-DIST := -n 2 --dist loadgroup --no-loadscope-reorder
+DIST := -n 3 --dist loadgroup --no-loadscope-reorder
 test: install
 	$(VENV)/bin/ruff check mm_jupyter
 	$(VENV)/bin/mypy
