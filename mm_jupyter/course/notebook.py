@@ -67,48 +67,44 @@ def _where(name: str, index: int) -> str:
     return f"{name}: cell {index + 1}"
 
 
+def _replace_regions(source: str, begin: str, end: str, region: str, where: str, exact: bool,
+                     stub: list[str]) -> tuple[str, bool]:
+    """``source`` with each ``begin``..``end`` region (marker lines included) replaced by ``stub``, indented
+    like its BEGIN line; whether it had one. ``exact``: a marker is a whole line, else any line holding it."""
+
+    def marks(line: str, marker: str) -> bool:
+        return line.strip() == marker if exact else marker in line
+
+    out: list[str] = []
+    inside = found = False
+    for line in source.split("\n"):
+        if marks(line, begin):
+            if inside:
+                raise CourseError(f"{where}: '{begin}' inside {region}")
+            inside = found = True
+            indent = line[: line.index(begin)]
+            out += [indent + s for s in stub]
+        elif marks(line, end):
+            if not inside:
+                raise CourseError(f"{where}: '{end}' without '{begin}'")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise CourseError(f"{where}: '{begin}' is never closed by '{end}'")
+    return "\n".join(out), found
+
+
 def strip_solution(source: str, code: bool, where: str = "a cell") -> tuple[str, bool]:
     """``source`` with each solution region replaced by the stub (indented like its BEGIN line);
     whether it had one. Nested or unclosed regions are a CourseError."""
     stub = (CODE_STUB if code else TEXT_STUB).split("\n")
-    out: list[str] = []
-    inside = found = False
-    for line in source.split("\n"):
-        if line.strip() == BEGIN_SOLUTION:
-            if inside:
-                raise CourseError(f"{where}: '{BEGIN_SOLUTION}' inside a solution region")
-            inside = found = True
-            indent = line[: line.index(BEGIN_SOLUTION)]
-            out += [indent + s for s in stub]
-        elif line.strip() == END_SOLUTION:
-            if not inside:
-                raise CourseError(f"{where}: '{END_SOLUTION}' without '{BEGIN_SOLUTION}'")
-            inside = False
-        elif not inside:
-            out.append(line)
-    if inside:
-        raise CourseError(f"{where}: '{BEGIN_SOLUTION}' is never closed by '{END_SOLUTION}'")
-    return "\n".join(out), found
+    return _replace_regions(source, BEGIN_SOLUTION, END_SOLUTION, "a solution region", where, True, stub)
 
 
 def strip_hidden(source: str, where: str = "a cell") -> tuple[str, bool]:
     """``source`` without its hidden-test regions (marker lines included); whether it had one."""
-    out: list[str] = []
-    inside = found = False
-    for line in source.split("\n"):
-        if BEGIN_HIDDEN in line:
-            if inside:
-                raise CourseError(f"{where}: '{BEGIN_HIDDEN}' inside a hidden-test region")
-            inside = found = True
-        elif END_HIDDEN in line:
-            if not inside:
-                raise CourseError(f"{where}: '{END_HIDDEN}' without '{BEGIN_HIDDEN}'")
-            inside = False
-        elif not inside:
-            out.append(line)
-    if inside:
-        raise CourseError(f"{where}: '{BEGIN_HIDDEN}' is never closed by '{END_HIDDEN}'")
-    return "\n".join(out), found
+    return _replace_regions(source, BEGIN_HIDDEN, END_HIDDEN, "a hidden-test region", where, False, [])
 
 
 def _title(source: str) -> str:
