@@ -25,27 +25,27 @@ run: install
 	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) --LabApp.default_url=/lab/tree/notebooks/00_tour.ipynb
 
 # Lint and types first (ruff: httpx's rule set on the package; mypy: [tool.mypy] in pyproject.toml),
-# then the unit tests and the strict notebooks in one run, then the notebooks whose outputs hold timings and
-# training results. Those run on torch's plain (non-SIMD) CPU kernels: references are written on the machine's own
-# path (scripts/refresh_notebooks.py), so every run proves that the notebooks' checks hold on another kernel path
-# (float results are compared with a stated tolerance, never character by character).
-# The paper benchmarks run once: the tests write their results to a folder both runs share
-# (MM_JUPYTER_BENCH_RESULTS), and notebooks 03 and 06 read the runs of the same code and arguments from it
-# (bench/results.py) instead of running them again; their correctness checks were proven by the tests.
-# Scheduling (tests/conftest.py): three workers on two cores (many tests wait on fsync, subprocesses or the
-# browser: 9.7 min instead of 10.3 quiet); every test is a unit of its own, so a heavy file is split over workers,
-# except the xdist groups (a notebook's cells, a module's expensive fixture, the session's Ray cluster), which are
-# queued first. The lax notebooks run one notebook per unit (loadfile: tests/conftest.py, which groups a notebook's
-# cells, is not loaded by a run of notebooks alone).
+# then everything else in one run: the unit tests, the strict notebooks and the notebooks whose outputs hold timings
+# and training results (--lax-notebook: compared only where a cell asks, as --nbval-lax does). Those run on torch's
+# plain (non-SIMD) CPU kernels: references are written on the machine's own path (scripts/refresh_notebooks.py), so
+# every run proves that the notebooks' checks hold on another kernel path (float results are compared with a
+# stated tolerance, never character by character).
+# The paper benchmarks run once: the tests write their results to a folder both share (MM_JUPYTER_BENCH_RESULTS),
+# and notebooks 03 and 06 read the runs of the same code and arguments from it (bench/results.py) instead of
+# running them again; their correctness checks were proven by the tests.
+# Scheduling (tests/conftest.py): three workers on two cores (many tests wait on fsync, subprocesses, kernels or
+# the browser); every test is a unit of its own, so a heavy file is split over workers, except the xdist groups (a
+# notebook's cells, a module's expensive fixture, the session's Ray cluster, a benchmark module and the notebook
+# that reads its results), which are queued first.
 DIST := -n 3 --dist loadgroup --no-loadscope-reorder
 test: install
 	$(VENV)/bin/ruff check mm_jupyter
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	export MM_JUPYTER_BENCH_RESULTS=$$(mktemp -d); \
-	$(PY) -m pytest $(DIST) --nbval $(NBVAL) tests $(STRICT_NOTEBOOKS) $(PYTEST_ARGS) && \
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -n 2 --dist loadfile --nbval-lax $(NBVAL) $(LAX_NOTEBOOKS) \
-		$(PYTEST_ARGS); rc=$$?; rm -rf "$$MM_JUPYTER_BENCH_RESULTS"; exit $$rc
+	$(PY) -m pytest $(DIST) --nbval $(NBVAL) tests $(STRICT_NOTEBOOKS) $(LAX_NOTEBOOKS) \
+		$(foreach nb,$(LAX_NOTEBOOKS),--lax-notebook $(nb)) $(PYTEST_ARGS); \
+	rc=$$?; rm -rf "$$MM_JUPYTER_BENCH_RESULTS"; exit $$rc
 
 # The inner loop: lint, types and the unit tests that need no service, notebook, browser or benchmark run
 # (markers in pyproject.toml); `make test` runs everything.

@@ -4,7 +4,10 @@ switches them to full scale, no widget state or widget output is committed, and 
 compared character by character."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -102,3 +105,35 @@ def test_notebook_is_clean_and_scalable(name: str) -> None:
             if "NBVAL_" in line and line.strip().startswith("#"):
                 assert re.fullmatch(r"\s*# NBVAL_(IGNORE_OUTPUT|CHECK_OUTPUT|SKIP|RAISES_EXCEPTION)", line), \
                     f"{name}: {line.strip()!r} is not a marker nbval recognises (put the note on the next line)"
+
+
+def _capability_notebook(path: Path) -> None:
+    """Two cells printing the kernel's CPU kernel path: the first with a stale output (compared by strict runs
+    only), the second asking to be compared (``# NBVAL_CHECK_OUTPUT``) against torch's plain path."""
+    code = "import torch\nprint(torch.backends.cpu.get_cpu_capability())"
+    nb = nbformat.v4.new_notebook()
+    for n, (source, shown) in enumerate(((code, "STALE"), ("# NBVAL_CHECK_OUTPUT\n" + code, "DEFAULT")), 1):
+        cell = nbformat.v4.new_code_cell(source, execution_count=n)
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=shown + "\n")]
+        nb.cells.append(cell)
+    nbformat.write(nb, path)
+
+
+@pytest.mark.notebook
+def test_a_lax_notebook_is_compared_only_where_a_cell_asks_on_plain_kernels(tmp_path: Path) -> None:
+    """``--lax-notebook`` (tests/conftest.py) makes one notebook of a strict run lax, as ``--nbval-lax`` would,
+    and starts its kernel on torch's plain CPU kernels; the other notebooks stay strict."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    _capability_notebook(tmp_path / "lax.ipynb")
+    _capability_notebook(tmp_path / "strict.ipynb")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--nbval",
+         "--nbval-current-env", "-rA", "--lax-notebook", "lax.ipynb", "lax.ipynb", "strict.ipynb"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"})
+    outcome = {node: status for status, node in re.findall(r"^(PASSED|FAILED) (\S+::Cell \d+)", done.stdout, re.MULTILINE)}
+    import torch
+
+    native = torch.backends.cpu.get_cpu_capability()  # strict Cell 1 passes only where the native path is DEFAULT
+    assert outcome == {"lax.ipynb::Cell 0": "PASSED", "lax.ipynb::Cell 1": "PASSED", "strict.ipynb::Cell 0": "FAILED",
+                       "strict.ipynb::Cell 1": "PASSED" if native == "DEFAULT" else "FAILED"}, done.stdout[-3000:]
