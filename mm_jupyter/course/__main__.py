@@ -10,7 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import nbformat
+
 from ..errors import CourseError
+from .check import check
+from .notebook import read, release, tasks
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,9 +33,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .check import check
-    from .notebook import read, release, tasks
-
     args = _parser().parse_args(argv)
     try:
         if args.command == "check":
@@ -48,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
             target = out / src.name
             if target.resolve() == src.resolve():
                 raise CourseError(f"{target} is the exercise itself: release into another folder")
-        import nbformat
-
         out.mkdir(parents=True, exist_ok=True)
         for src in sources:
             nb = release(read(src), src.name)

@@ -3,6 +3,7 @@ proxies, and the ``base``/``shift`` baselines. The entry point is :func:`mm_jupy
 (``modelsearch.api.search``)."""
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 __all__ = ["APPROACHES", "Blocks", "RayExecutor", "SearchResult", "add_candidates", "block_id", "load_candidates",
@@ -16,7 +17,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from importlib import import_module
 
         return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from ..errors import ProbeMismatch, SearchError, a_type
+from .distributed import RaySearch, resolve_executor
 from .engine import Candidate, Meter, check_items, extract_shared, extract_whole
 from .halving import Rung, schedule
 
@@ -58,7 +61,6 @@ class SearchResult:
 
 def _as_tensor(value: Any, what: str) -> "torch.Tensor":
     """A tensor from a tensor, NumPy array or (nested) list of numbers; anything else is refused."""
-    import numpy as np
     import torch
 
     if isinstance(value, torch.Tensor):
@@ -305,7 +307,6 @@ def search(
     if progress is not None and not callable(progress):
         raise SearchError(f"progress must be a callable or None, not {type(progress).__name__}")
     if executor is not None:
-        from .distributed import resolve_executor
 
         pool = resolve_executor(executor)
     dev = resolve_device(device) if executor is None else "cpu"  # the driver only probes; workers run
@@ -338,7 +339,6 @@ def search(
     cands = {str(c.name): c for c in _prepare(named, probe, shared, dev, meter, emit, costs=executor is not None)}
     remote = None
     if executor is not None:
-        from .distributed import RaySearch
 
         t1 = time.perf_counter()
         remote = RaySearch(pool, named, list(cands.values()), probe, device, shared=shared, batch_size=batch_size,

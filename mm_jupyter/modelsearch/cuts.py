@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .blocks import Block, Split, declared_split, sequential_split
+from .hf import split_hf
+from .traced import traced_blocks
 
 
 def split_by(model: nn.Module, method: str, probe: Tensor | None = None, recipe: object = None) -> Split:
@@ -15,10 +17,8 @@ def split_by(model: nn.Module, method: str, probe: Tensor | None = None, recipe:
     if method == "sequential":
         return sequential_split(model)
     if method == "hf":
-        from .hf import split_hf
 
         return split_hf(model, probe, recipe)  # type: ignore[arg-type]
-    from .traced import traced_blocks
 
     blocks, head = traced_blocks(model)
     return Split([Block(b) for b in blocks], head, "traced")

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 from ..errors import MMError, SearchError
+from ..store import Store, trust
 from .engine import Candidate, Meter, batch_ranges, extract_shared, extract_whole
 from .partition import BALANCE_LIMIT, Partition, items_balance, partition_tree, split_batches
+from .stored import load_candidates
 from .tree import TaskTree
 
 if TYPE_CHECKING:
@@ -130,8 +132,6 @@ class Worker:
         self.reset()
         if isinstance(source, StoredSource):
             if self._stored is None or self._stored[0] != source:
-                from ..store import Store, trust
-                from .stored import load_candidates
 
                 self.forget()
                 trust.adopt_session(source.modules)  # the worker acts for the driver's session
@@ -404,7 +404,6 @@ class RaySearch:
     def _source(self, named: Any, cands: list[Candidate]) -> StoredSource | MemorySource:
         ray = _ray()
         if hasattr(named, "engine_candidates"):
-            from ..store import trust
 
             return StoredSource(store_address(named.store), named.ref.name, named.ref.version, named.trust_code,
                                 trust.session_modules())

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ProbeMismatch, SearchError
-from .blocks import Block, ClsToken, Split, has_state
+from .blocks import Block, ClsToken, Split, eval_mode, has_state
 from .probes import differs, hidden_argument
 from .traced import chain
 
@@ -512,7 +512,6 @@ class Reference:
         self.forward = forward
 
     def __call__(self, raw: Tensor) -> Tensor | None:
-        from .blocks import eval_mode
 
         with eval_mode([self.model]):
             return self._reference(raw)
@@ -747,7 +746,6 @@ def split_hf(model: nn.Module, probe: Tensor | None, recipe: Recipe | None = Non
     from the config when None); a SearchError saying what the rule does not understand."""
     if recipe is not None:
         return build(model, recipe)
-    from .blocks import eval_mode
 
     with eval_mode([model]):  # dropout off, batch-norm statistics untouched
         recipe = _Observer(model, probe if probe is not None else default_probe(model)).recipe()

@@ -25,6 +25,7 @@ from ..errors import RefError, SearchError
 from ..store.architectures import Architecture
 from ..store.store import check_rebuilds, valid_name
 from ..store.tensors import Layout, extract_states, fill_model_major, view_tensor
+from .engine import Candidate
 
 if TYPE_CHECKING:
     import torch
@@ -214,7 +215,6 @@ class StoredCandidates:
         copy is in use. ``costs``: also count each block's work on the skeleton (the same for every
         candidate of an architecture)."""
         from .blocks import Block, block_costs, output_sizes
-        from .engine import Candidate
 
         out = []
         sizes_of: dict[int, list[int]] = {}

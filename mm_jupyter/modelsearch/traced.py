@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import SearchError, a_type
+from .blocks import eval_mode, fresh_caches
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MAX_OPAQUE = 64  # distinct submodule classes kept whole before giving up
@@ -73,7 +74,6 @@ def _where(exc: BaseException) -> str:
 def trace(model: nn.Module) -> fx.GraphModule:
     """fx graph of ``model`` (traced in eval mode: blocks only ever run inference; caches of tensors
     the forward fills are empty while tracing, so the graph computes their content)."""
-    from .blocks import eval_mode, fresh_caches
 
     name = type(model).__name__
     opaque: set[type] = set()
@@ -129,7 +129,6 @@ def chain(module: nn.Module) -> list[nn.Module] | None:
 
 
 def _chain(module: nn.Module) -> list[str] | None:
-    from .blocks import eval_mode
 
     try:
         params = list(inspect.signature(module.forward).parameters.values())

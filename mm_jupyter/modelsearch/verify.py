@@ -54,10 +54,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from ..errors import ProbeMismatch as ProbeMismatch, SearchError
 from .blocks import Block, Split, eval_mode, fresh_caches, methods
 from .cuts import split_by
+from .hf import default_probe, padded_probe
 from .probes import differs, first_tensor, hidden_argument
 
 PROBE_ITEMS = 8
@@ -224,8 +226,6 @@ class _Key:
                 self.put(repr(c))
 
     def model(self, model: nn.Module) -> None:
-        from torch.nn.modules import module as torch_module
-
         for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs"):
             if getattr(torch_module, name, None):
                 raise _Uncacheable("a global module hook")
@@ -503,14 +503,12 @@ def probe_of(model: nn.Module, probe: Tensor | None) -> Tensor:
     a pad token, plus a copy of the first row padded at its end, so the padding mask is always
     exercised), or one made from a Hugging Face model's config."""
     if probe is None:
-        from .hf import default_probe
 
         return default_probe(model)
     if probe.dim() == 0 or probe.shape[0] == 0:
         raise SearchError("a probe batch needs at least one item")
     probe = probe[:PROBE_ITEMS]
     if "transformers" in sys.modules and "hf" in methods(model)[:1]:
-        from .hf import padded_probe
 
         probe = padded_probe(model, probe)
     return probe

@@ -2,6 +2,7 @@
 cache, metrics, and an HTTP endpoint. The entry point is :func:`mm_jupyter.serve` (``serving.server.serve``)."""
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 __all__ = ["BATCHING", "BadInputError", "HTTPEndpoint", "Prediction", "QueueFullError", "Server",
@@ -16,7 +17,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from importlib import import_module
 
         return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

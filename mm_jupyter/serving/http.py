@@ -40,6 +40,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import BadInputError, QueueFullError, ServeError, ServerClosedError, UnknownModelError
+from ..store.limits import depth
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -102,7 +103,6 @@ def _client_name(request: "Request") -> str:
 
 def parse_json(body: bytes) -> tuple[object, str | None]:
     """(payload, None), or (None, why) when the body is not JSON or nests deeper than MAX_JSON_DEPTH."""
-    from ..store.limits import depth
 
     try:
         payload = json.loads(body)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..errors import ServeError
+from ..store.structure import is_attribute_state
 from .errors import BadInputError
 
 if TYPE_CHECKING:
@@ -154,7 +155,6 @@ class Runner:
             return
         from torch.func import functional_call, vmap
 
-        from ..store.structure import is_attribute_state
 
         held = [key for key in self.ms.layout.keys if is_attribute_state(key)]
         if held:  # functional_call swaps parameters and buffers only: these would be the template's

@@ -27,9 +27,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..errors import RefError, ServeError
+from ..store import SetRef, Store
+from ..store.backends import default_location, is_database
 from .batching import Request, RequestQueue
 from .cache import PredictionCache, input_digest
 from .errors import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
+from .http import HTTPEndpoint
 from .metrics import Metrics, Span
 from .runner import Runner
 from .types import Prediction
@@ -47,8 +50,6 @@ LATEST = "latest"
 
 def _open_store(store: "Store | str | os.PathLike[str] | None") -> "Store":
     """A private Store on the same store; a folder without a catalog is an error, never created."""
-    from ..store import Store
-    from ..store.backends import default_location, is_database
 
     if isinstance(store, Store):
         return store.twin()
@@ -60,7 +61,6 @@ def _open_store(store: "Store | str | os.PathLike[str] | None") -> "Store":
 
 def _parse_ref(ref: Any) -> tuple[str, int | None]:
     """("name", None) to follow the latest version, ("name", v) for a pinned one."""
-    from ..store import SetRef
 
     if isinstance(ref, SetRef):
         return ref.name, ref.version
@@ -368,7 +368,6 @@ class Server:
     def http(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> "HTTPEndpoint":
         """Serve this server over HTTP too (see ``mm_jupyter.serving.http``); port 0 picks a free port.
         Returns the endpoint (``.url``, ``.token``); it stops when the server closes."""
-        from .http import HTTPEndpoint
 
         if self._closed:
             raise ServerClosedError("the server is closed")

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, ParamSpec, TypeVar
 
 from ..errors import ArchitectureError, MMError, a_type
 from . import structure, structure_clone, structure_decode, structure_encode, trust
+from .hfrecords import build_config, check_literal, construct
 from .sourcecode import capture_source, exec_source, ref_of, session_namespaces
+from .tensors import layout_mismatch, match_dtypes
 from .trust import import_ref
 
 if TYPE_CHECKING:
@@ -101,7 +103,6 @@ class Architecture:
     @classmethod
     def hf(cls, model: Any) -> "Architecture":
         """A Hugging Face model: class path and config (weights are the set's parameters)."""
-        from .hfrecords import check_literal
 
         ref = ref_of(type(model))
         if ref is None:
@@ -207,7 +208,6 @@ class Architecture:
         more derived tensors — non-persistent buffers, tensors in plain attributes a constructor
         made — than :data:`MAX_DERIVED_BYTES` allows, and only then built for real: a record cannot
         make this process allocate more than the stored bytes say."""
-        from .tensors import layout_mismatch, match_dtypes
 
         with _registrations_bounded(MODULES_PER_KEY * len(layout.specs) + MIN_REGISTRATIONS):
             probe = self.build(trusted=trusted, subject=subject, meta=True)
@@ -233,7 +233,6 @@ class Architecture:
             target = _factory_target(self.ref, trusted)
             return lambda: target(**self.kwargs)
         if self.kind == "hf":
-            from .hfrecords import build_config, construct
 
             klass = trust.module_class(self.ref, "Hugging Face model class", trusted)
             config_class = getattr(klass, "config_class", None)

@@ -23,6 +23,8 @@ from .contracts import Catalog, ObjectArea
 from .files import is_read_only, os_error
 from .locations import URL_SCHEME, display, is_database
 from .objects import FolderObjects
+from .postgres import PostgresCatalog
+from .s3 import S3Objects
 
 ENV_STORE = "MM_JUPYTER_STORE"
 ENV_OBJECTS = "MM_JUPYTER_OBJECTS"
@@ -43,7 +45,6 @@ def open_objects(spec: str | os.PathLike[str]) -> ObjectArea:
     """The object area an ``objects=`` value names: ``s3://bucket/prefix[?endpoint_url=…]`` or a folder."""
     text = os.fspath(spec)
     if text.startswith("s3://"):
-        from .s3 import S3Objects
 
         return S3Objects(text)
     if text.startswith("file://"):
@@ -86,7 +87,6 @@ def open_store(path: str | os.PathLike[str] | None, objects: str | os.PathLike[s
         if not spec:
             raise StoreError(f"a PostgreSQL catalog needs an object area: mm.Store({display(location)!r}, "
                              f"objects='s3://bucket/prefix') or ${ENV_OBJECTS}")
-        from .postgres import PostgresCatalog
 
         area = open_objects(spec)
         return Opened(None, display(location), area, PostgresCatalog(location, area))
@@ -110,7 +110,6 @@ def for_rebuild(path: str | os.PathLike[str], objects: str | os.PathLike[str] | 
                 ) -> tuple[type[Catalog], str, ObjectArea]:
     """(catalog class, location, object area) whose catalog ``Store.rebuild_catalog`` recreates."""
     if is_database(path):
-        from .postgres import PostgresCatalog
 
         spec = objects if objects is not None else os.environ.get(ENV_OBJECTS)
         if not spec:

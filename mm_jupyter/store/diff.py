@@ -5,6 +5,7 @@ parameters; baseline and mmlib-base versions are hashed once on the fly.
 """
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -61,7 +62,6 @@ def _some(names: tuple[str, ...], limit: int = 10) -> str:
 
 
 def _escape(text: str) -> str:
-    import html
 
     return html.escape(text)
 

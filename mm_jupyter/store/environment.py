@@ -5,10 +5,11 @@ import platform
 import sys
 from typing import Any
 
+import numpy
+
 
 def environment(device: str = "cpu") -> dict[str, Any]:
     """Versions and platform that decide whether retraining is bit-exact."""
-    import numpy
     import torch
 
     return {

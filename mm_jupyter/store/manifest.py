@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import IntegrityError, MMError
 from .limits import loads
+from .tensors import Layout
 
 MAGIC = b"MMMANIFEST\x00\x01\n"
 KINDS = ("set", "candidates")
@@ -113,7 +114,6 @@ def _problem(m: dict[str, Any], kind: str) -> str | None:
 def set_problem(s: dict[str, Any], approach: str) -> str | None:
     """What is wrong with the set record of a version (None: its fields have the types and
     ranges recovery relies on)."""
-    from .tensors import Layout
 
     if not isinstance(s.get("architecture"), dict):
         return "architecture record is not an object"

@@ -10,6 +10,7 @@ result is bit-identical on the same software environment.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
 from contextlib import contextmanager
@@ -234,7 +235,6 @@ class Provenance:
 
     def run(self, models: Mapping[str, "nn.Module"], names: list[str] | None = None) -> dict[str, "nn.Module"]:
         """Train copies of the named models exactly as recovery will retrain them."""
-        import copy
 
         out = {}
         for name in names if names is not None else list(self.datasets):

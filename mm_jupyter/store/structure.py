@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import functools
 import math
+import sys
 import types
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -163,7 +164,6 @@ def tensor_from(dtype: str, shape: Sequence[int], data: str, where: str) -> "tor
 
 
 def hf_config_types() -> tuple[HFConfigClass, ...]:
-    import sys
 
     tf = sys.modules.get("transformers")
     if tf is None:

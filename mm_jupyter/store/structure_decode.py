@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+from .hfrecords import build_config
 from .structure import STATE_MARK, attribute_refusal, capture_local, dense_strides, join_path, tensor_from
 
 
@@ -256,7 +257,6 @@ def _build(struct: Mapping[str, Any], meta: bool, trusted: bool, subject: str, a
                 return fn
             return trust.function(x)
         if tag == "$hfconfig":
-            from .hfrecords import build_config
 
             return build_config(trust.config_class(x[0], trusted=trusted), x[1], x[2] if len(x) > 2 else {},
                                 f"attribute {at}")

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+import json
+
+from .hfrecords import check_literal
 from .structure import (
     FUNCTION_TYPES,
     STATE_MARK,
@@ -219,7 +222,6 @@ class _Recorder:
                 private = {k: x for k, x in vars(v).items()
                            if k.startswith("_") and not k.startswith("__") and k not in public
                            and (x is None or type(x) in (bool, int, float, str))}
-                from .hfrecords import check_literal
 
                 check_literal(public, f"attribute {where}")  # refused now if recovery would refuse it
                 check_literal(private, f"attribute {where}")
@@ -230,7 +232,6 @@ class _Recorder:
 
 
 def json_clean(value: Any, what: str) -> Any:
-    import json
 
     try:
         return json.loads(json.dumps(value))

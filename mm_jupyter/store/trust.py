@@ -28,6 +28,7 @@ SECURITY.md for what this allows and what it does not.
 """
 from __future__ import annotations
 
+import ast
 import contextvars
 import enum
 import functools
@@ -430,7 +431,6 @@ def scope(trust: bool) -> Iterator[None]:
 def preview(code: str, lines: int = 2) -> str:
     """The first lines of each class and function of recorded code (and what it imports), indented,
     for an error message: enough to recognise the code, not all of it."""
-    import ast
 
     text = code.strip("\n").splitlines()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..store.trust import trusted
+from .models import ffnn, seeded_models
 
 if TYPE_CHECKING:
     import torch
@@ -104,6 +105,5 @@ def initial_models(n: int, hidden: int = 48, seed: int = 0) -> list["nn.Module"]
 
     The caller's RNG state is untouched.
     """
-    from .models import ffnn, seeded_models
 
     return seeded_models(ffnn, n, seed, hidden=hidden)

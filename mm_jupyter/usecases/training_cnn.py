@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..store.trust import trusted
+from .models import cnn, seeded_models
 from .training import SCOPES, last_linear
 
 if TYPE_CHECKING:
@@ -93,6 +94,5 @@ def initial_models(n: int, classes: int = 10, seed: int = 0) -> list["nn.Module"
 
     The caller's RNG state is untouched.
     """
-    from .models import cnn, seeded_models
 
     return seeded_models(cnn, n, seed, classes=classes)

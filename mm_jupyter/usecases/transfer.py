@@ -18,6 +18,7 @@ they share blocks) for the model-search part of the exercise.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..modelsearch.blocks import Block
+from ..modelsearch.hashing import block_id
 from ..modelsearch.splitting import split_model
+from ..store.approaches.provenance import record
+from ..store.architectures import Architecture
+from ..store.provenance import DatasetRef, Provenance
 from ..store.trust import trusted
 from .candidates import clone_module, digits, digits_cnn
 
@@ -308,10 +314,7 @@ class FeatureCache:
 
     def features(self, blocks: Sequence[nn.Module], x: Tensor) -> Tensor:
         """``blocks`` applied to ``x`` (no gradients), from the cache when seen before."""
-        import hashlib
 
-        from ..modelsearch.blocks import Block
-        from ..modelsearch.hashing import block_id
 
         key = (tuple(block_id(Block(b)) for b in blocks),
                hashlib.sha256(x.detach().contiguous().numpy().tobytes()).hexdigest() + str(tuple(x.shape)))
@@ -463,8 +466,6 @@ def record_runs(store: Any, runs: Sequence[OptimisationRun], task: TransferTask,
     holds every run's starting model, version 2 (provenance) the trained models with how each was
     trained — ``train_run``, its configuration plus what it measured, and the content hash of the
     training data. Recovering version 2 retrains every run and checks it bit for bit."""
-    from ..store.architectures import Architecture
-    from ..store.provenance import DatasetRef, Provenance
 
     arch = Architecture.factory(digits_cnn, classes=task.target_n_classes)
     start = {r.run: prepare(r.strategy, pretrained, task.target_n_classes, seed=seed) for r in runs}
@@ -483,7 +484,6 @@ def recorded_runs(store: Any, ref: Any) -> pd.DataFrame:
     measured results per run."""
     import pandas as pd
 
-    from ..store.approaches.provenance import record
 
     rec = record(store, store.row(ref))
     rows = [{"run": run, **{k: v for k, v in cfg.items() if k != "measured"}, **cfg.get("measured", {})}
