@@ -342,7 +342,8 @@ def _rows(times: dict[str, list[float]], ray_row: dict[str, Any] | None) -> list
         if goal.path.startswith("serving: burst") and ratio:  # what a request costs beyond its arithmetic
             note = f"{1e6 / path['median'] - 1e6 / limit['median']:.0f} µs per request beyond the batched compute"
         elif goal.path.startswith("HTTP") and ray_row is not None:
-            note = f"at p99 <= {ray_row['p99_bound_ms']:.1f} ms (Ray Serve's p99 at its best throughput)"
+            note = (f"at p99 <= {ray_row['p99_bound_ms']:.1f} ms (Ray Serve's p99 at its best throughput, "
+                    f"batch wait {ray_row['ray_wait_ms']:g} ms)")
         rows.append({"path": goal.path, "note": note, "limit_name": goal.limit, "unit": unit, "path_stats": path,
                      "limit_stats": limit, "ratio": ratio, "goal": f"{goal.comparison} {goal.threshold:g}"
                      f"{'x' if goal.unit == 'x' else ' s'}", "status": {True: "PASS", False: "FAIL",
