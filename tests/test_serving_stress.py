@@ -144,3 +144,35 @@ def test_the_automatic_hold_is_one_batch_cost_and_follows_the_version(cells):
         assert server.predict(0, np.zeros(5, np.float32)).version.version == 2
     with mm.serve(cells, "cells", max_wait_ms=5) as fixed:
         assert not fixed.auto_wait and fixed.max_wait_ms == 5.0 and fixed.queue.max_wait_s == 0.005
+
+
+def test_submit_many_answers_like_submit_all_or_nothing(cells):
+    ms = cells.recover_set("cells")
+    gen = torch.Generator().manual_seed(7)
+    models = [5, "0", 39, 5, 17, "3"]
+    xs = torch.randn(len(models), 5, generator=gen)
+    with mm.serve(cells, "cells", max_queue=8, cache_size=100) as server:
+        answers = [f.result(30) for f in server.submit_many(models, xs)]
+        with torch.no_grad():
+            for m, x, a in zip(models, xs, answers):
+                assert a.model == str(m) and a.output.shape == (1,) and not a.cached
+                assert torch.allclose(a.output, ms[int(m)](x[None])[0], rtol=RTOL, atol=ATOL)
+                assert torch.equal(a.output, server.submit(m, x).result(30).output)  # (a cache hit of it)
+        again = [f.result(30) for f in server.submit_many(models, xs.numpy())]
+        assert all(a.cached for a in again) and [a.model for a in again] == [str(m) for m in models]
+        assert server.submit_many([], torch.zeros(0, 5)) == []
+        before = server.metrics()["answered"]
+        with pytest.raises(mm.ServeError, match="no model named"):
+            server.submit_many([1, "nope"], torch.zeros(2, 5))
+        with pytest.raises(mm.ServeError, match="2 models but 3 inputs"):
+            server.submit_many([1, 2], torch.zeros(3, 5))
+        with pytest.raises(mm.ServeError, match="shape"):
+            server.submit_many([1, 2], torch.zeros(2, 4))
+        with held(server):
+            with pytest.raises(mm.ServeError, match="queue full"):
+                server.submit_many(list(range(9)), torch.randn(9, 5, generator=gen))
+            assert len(server.queue) == 0, "all or nothing: none of the nine was queued"
+            room = server.submit_many(list(range(8)), torch.randn(8, 5, generator=gen))
+        assert [f.result(30).model for f in room] == [str(i) for i in range(8)]
+        m = server.metrics()
+    assert m["answered"] == before + 1 + 8 and m["rejected"] == 9

@@ -88,6 +88,22 @@ class RequestQueue:
             if depth == 1 or self._rows >= self.max_batch:
                 self._cond.notify()
 
+    def put_many(self, requests: list[Request]) -> None:
+        """Enqueue all of ``requests`` under one lock, or none of them (QueueFullError, ServerClosedError)."""
+        with self._cond:
+            items = self._items
+            if self._closed:
+                raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
+            if len(items) + len(requests) > self.max_size:
+                raise QueueFullError(f"request queue full ({len(items)} of {self.max_size} waiting, "
+                                     f"{len(requests)} more sent): retry later, or serve with a larger max_queue")
+            was_empty = not items
+            items.extend(requests)
+            self._rows += sum(int(r.x.shape[0]) for r in requests)
+            self.peak = max(self.peak, len(items))
+            if requests and (was_empty or self._rows >= self.max_batch):
+                self._cond.notify()
+
     def take(self, batching: bool = True) -> list[Request] | None:
         """The next batch (one request when ``batching`` is False); None once closed and empty."""
         with self._cond:
