@@ -100,7 +100,7 @@ class Server:
                                   ("max_modules", max_modules, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ServeError(f"{label} must be an integer >= {low}, not {value!r}")
-        if max_wait_ms is not None and not (isinstance(max_wait_ms, (int, float)) and max_wait_ms >= 0):
+        if max_wait_ms is not None and not max_wait_ms >= 0:
             raise ServeError(f"max_wait_ms must be >= 0 or None (automatic), not {max_wait_ms!r}")
         if watch_s is not None and not watch_s > 0:
             raise ServeError(f"watch_s must be > 0 seconds or None, not {watch_s!r}")
