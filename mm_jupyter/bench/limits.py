@@ -17,7 +17,8 @@ Paths (one store of ``models`` FFNN-48 models, one torch thread throughout):
 * **serving, client threads** — ``threads`` Python threads calling ``server.predict`` for random
   models, against the plain loop ``ms[n](x)`` one request at a time;
 * **serving, a burst** — ``requests`` requests submitted at once, then all answers awaited, against
-  the batched compute alone: gather + ``baddbmm`` over the stacked weights at batch 256;
+  the batched compute alone: gather + ``baddbmm`` over the stacked weights at batch 256 (the note
+  beside it: the same requests through one ``submit_many`` call);
 * **proxy scoring** — the linear proxy over a successive-halving schedule of ``proxy_models``
   candidates × ``proxy_items`` items with 512-wide features (ResNet-18's; synthetic, 10 classes),
   the survivors of each rung scored together; the goal is absolute (seconds); one candidate at a
@@ -196,6 +197,10 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
                 for f in futures:
                     f.result(120)
                 note("burst rps", _rate(requests, time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                for f in server.submit_many(ids[:requests], xs[:requests]):
+                    f.result(120)
+                note("burst many rps", _rate(requests, time.perf_counter() - t0))
                 note("compute rps", _batched_compute(server, ids, xs, requests))
             finally:
                 server.close()
@@ -341,8 +346,13 @@ def _rows(times: dict[str, list[float]], ray_row: dict[str, Any] | None) -> list
         note = ""
         if goal.path.startswith("serving: burst") and ratio:  # what a request costs beyond its arithmetic
             note = f"{1e6 / path['median'] - 1e6 / limit['median']:.0f} µs per request beyond the batched compute"
+            if "burst many rps" in times:  # the same requests through one submit_many call
+                many = _stats(times["burst many rps"])["median"]
+                note += (f"; with one submit_many: {many:,.0f} req/s = {many / limit['median']:.2f}x, "
+                         f"{1e6 / many - 1e6 / limit['median']:.0f} µs")
         elif goal.path.startswith("HTTP") and ray_row is not None:
-            note = f"at p99 <= {ray_row['p99_bound_ms']:.1f} ms (Ray Serve's p99 at its best throughput)"
+            note = (f"at p99 <= {ray_row['p99_bound_ms']:.1f} ms (Ray Serve's p99 at its best throughput, "
+                    f"batch wait {ray_row['ray_wait_ms']:g} ms)")
         rows.append({"path": goal.path, "note": note, "limit_name": goal.limit, "unit": unit, "path_stats": path,
                      "limit_stats": limit, "ratio": ratio, "goal": f"{goal.comparison} {goal.threshold:g}"
                      f"{'x' if goal.unit == 'x' else ' s'}", "status": {True: "PASS", False: "FAIL",

@@ -14,7 +14,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -25,18 +24,23 @@ if TYPE_CHECKING:
     from .types import Prediction
 
 
-@dataclass(eq=False)
 class Request:
-    """One request: a model name, its input as ``(rows, *input_shape)`` and where the answer goes."""
+    """One request: a model (name, and its index in the version ``ref_id`` it was checked against),
+    its input as ``(rows, *input_shape)`` and where the answer goes. A plain slotted class: one is
+    made per request, so its construction cost counts."""
 
-    model: str
-    x: np.ndarray
-    single: bool              # the caller sent one item (answer without the row dimension)
-    digest: bytes | None      # input digest for the cache (None: cache disabled)
-    t_submit: float
-    future: Future[Prediction] = field(default_factory=Future)
-    #: when the request arrived (latency runs from here): its submission, or a load generator's schedule
-    t_arrival: float | None = None
+    __slots__ = ("model", "index", "ref_id", "x", "single", "digest", "t_submit", "t_arrival", "future")
+
+    def __init__(self, model: str, x: np.ndarray, single: bool, digest: bytes | None, t_submit: float,
+                 t_arrival: float | None = None, index: int = -1, ref_id: int | None = None) -> None:
+        self.model, self.index, self.ref_id = model, index, ref_id
+        self.x = x
+        self.single = single        # the caller sent one item (answer without the row dimension)
+        self.digest = digest        # input digest for the cache (None: cache disabled)
+        self.t_submit = t_submit
+        #: when the request arrived (latency runs from here): its submission, or a load generator's schedule
+        self.t_arrival = t_arrival
+        self.future: Future[Prediction] = Future()
 
     @property
     def rows(self) -> int:
@@ -56,6 +60,7 @@ class RequestQueue:
         self._items: deque[Request] = deque()
         self._rows = 0
         self._closed = False
+        self.peak = 0  # the most requests ever waiting
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
@@ -65,22 +70,39 @@ class RequestQueue:
     def closed(self) -> bool:
         return self._closed
 
-    def put(self, request: Request) -> int:
-        """Enqueue ``request``; returns the queue depth after it. Raises QueueFullError or
-        ServerClosedError instead of blocking."""
+    def put(self, request: Request) -> None:
+        """Enqueue ``request``. Raises QueueFullError or ServerClosedError instead of blocking."""
         with self._cond:
+            items = self._items
             if self._closed:
                 raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
-            if len(self._items) >= self.max_size:
+            if len(items) >= self.max_size:
                 raise QueueFullError(f"request queue full ({self.max_size} waiting): retry later, "
                                      "or serve with a larger max_queue")
-            self._items.append(request)
-            self._rows += request.rows
-            depth = len(self._items)
+            items.append(request)
+            self._rows += int(request.x.shape[0])
+            depth = len(items)
+            if depth > self.peak:
+                self.peak = depth
             # wake the worker only when it can act: a first request, or a full batch
             if depth == 1 or self._rows >= self.max_batch:
                 self._cond.notify()
-        return depth
+
+    def put_many(self, requests: list[Request]) -> None:
+        """Enqueue all of ``requests`` under one lock, or none of them (QueueFullError, ServerClosedError)."""
+        with self._cond:
+            items = self._items
+            if self._closed:
+                raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
+            if len(items) + len(requests) > self.max_size:
+                raise QueueFullError(f"request queue full ({len(items)} of {self.max_size} waiting, "
+                                     f"{len(requests)} more sent): retry later, or serve with a larger max_queue")
+            was_empty = not items
+            items.extend(requests)
+            self._rows += sum(int(r.x.shape[0]) for r in requests)
+            self.peak = max(self.peak, len(items))
+            if requests and (was_empty or self._rows >= self.max_batch):
+                self._cond.notify()
 
     def take(self, batching: bool = True) -> list[Request] | None:
         """The next batch (one request when ``batching`` is False); None once closed and empty."""

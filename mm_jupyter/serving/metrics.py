@@ -129,9 +129,9 @@ class Metrics:
             self.rows += rows
             self.batch_sizes[requests] += 1
 
-    def record_rejected(self) -> None:
+    def record_rejected(self, n: int = 1) -> None:
         with self._lock:
-            self.rejected += 1
+            self.rejected += n
 
     def record_failed(self, n: int = 1) -> None:
         with self._lock:

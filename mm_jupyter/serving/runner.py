@@ -74,11 +74,15 @@ class Runner:
         self.dtype = floats[0] if floats else torch.get_default_dtype()
         #: the dtype requests travel in: the models' own where numpy has it (bfloat16: float32)
         self.np_dtype = {torch.float16: np.float16, torch.float64: np.float64}.get(self.dtype, np.float32)
+        #: tensor dtypes whose ``.numpy()`` is a plain view (real numbers numpy has)
+        self._numpy_dtypes = frozenset((torch.float32, torch.float64, torch.float16, torch.uint8, torch.int8,
+                                        torch.int16, torch.int32, torch.int64))
         self._stacked: dict[str, "torch.Tensor"] | None = None
         self._vmapped: Callable[..., "torch.Tensor"] | None = None
         self.layers: list[Any] | None = None  # the baddbmm chain (see linear_chain), None: vmap
         self._plan: list[Any] = []  # the chain's steps: (weights, biases) as stacked views, or an activation
         self.multi_error: str | None = None  # why multi-model batching fell back to per-model calls
+        self.wait_ms = 0.0  # the server's automatic hold for this version (see server.auto_wait_ms)
 
     # -- inputs --------------------------------------------------------------------------------------
     def as_input(self, x: Any, max_rows: int) -> tuple[np.ndarray, bool]:
@@ -89,9 +93,12 @@ class Runner:
         import torch
 
         if isinstance(x, torch.Tensor):
-            if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_int(x.dtype)):
-                raise BadInputError(f"input must be real numbers, not a {x.dtype} tensor")
-            arr = (x if x.dtype != torch.bfloat16 else x.float()).detach().cpu().numpy()
+            if x.is_cpu and not x.requires_grad and x.dtype in self._numpy_dtypes:
+                arr = x.numpy()  # the common case, without the checks and copies below
+            else:
+                if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_int(x.dtype)):
+                    raise BadInputError(f"input must be real numbers, not a {x.dtype} tensor")
+                arr = (x if x.dtype != torch.bfloat16 else x.float()).detach().cpu().numpy()
         else:
             try:
                 arr = np.asarray(x)
@@ -196,6 +203,23 @@ class Runner:
                 else:
                     h = step(h)
             return h.squeeze(1)
+
+    def batch_cost(self, multi: bool, repeats: int = 5) -> float:
+        """Seconds one request of one row takes through the call the server makes (``run_multi``,
+        else ``run_one``), the fastest of ``repeats`` after a warm-up: a batch's fixed cost."""
+        import time
+
+        import torch
+
+        x = torch.zeros((1, *self.input_shape), dtype=self.dtype)
+        idx = torch.zeros(1, dtype=torch.int64)
+        best = float("inf")
+        for k in range(repeats + 1):
+            t0 = time.perf_counter()
+            self.run_multi(idx, x) if multi else self.run_one(0, x)
+            if k:
+                best = min(best, time.perf_counter() - t0)
+        return best
 
     def close(self) -> None:
         """Drop the readers; tensors still in use keep their mappings alive (see ObjectReader.close)."""

@@ -78,7 +78,8 @@ class Server:
     """A running server over one stored set; see the module docstring. Use ``mm.serve(...)``.
 
     ``max_batch`` rows per batch, ``max_wait_ms`` the longest a batch that formed while the worker
-    was busy is held back to fill (a request that finds the worker idle is taken at once),
+    was busy is held back to fill (a request that finds the worker idle is taken at once; None: as
+    long as one batch's fixed cost, measured, see ``auto_wait_ms``),
     ``cache_size`` answers kept (0: no cache), ``max_queue`` requests waiting before ``submit``
     rejects with QueueFullError, ``max_modules`` built modules kept for the ``model`` and ``none``
     modes (0: every request builds its module with ``ms[i]``), ``input_shape`` the shape of one item
@@ -88,7 +89,7 @@ class Server:
     """
 
     def __init__(self, store: "Store | str | os.PathLike[str] | None", ref: "SetRef | str", *,
-                 batching: str = "multi", max_batch: int = 256, max_wait_ms: float = 2.0,
+                 batching: str = "multi", max_batch: int = 256, max_wait_ms: float | None = None,
                  cache_size: int = 10_000, max_queue: int = 10_000, max_modules: int = 1024,
                  max_rows: int = 4096, input_shape: Sequence[int] | None = None,
                  watch_s: float | None = 1.0, trust_code: bool | None = None) -> None:
@@ -99,12 +100,15 @@ class Server:
                                   ("max_modules", max_modules, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ServeError(f"{label} must be an integer >= {low}, not {value!r}")
-        if not max_wait_ms >= 0:
-            raise ServeError(f"max_wait_ms must be >= 0, not {max_wait_ms!r}")
+        if max_wait_ms is not None and not max_wait_ms >= 0:
+            raise ServeError(f"max_wait_ms must be >= 0 or None (automatic), not {max_wait_ms!r}")
         if watch_s is not None and not watch_s > 0:
             raise ServeError(f"watch_s must be > 0 seconds or None, not {watch_s!r}")
         self.batching = batching
-        self.max_batch, self.max_wait_ms, self.max_rows = max_batch, float(max_wait_ms), max_rows
+        self.max_batch, self.max_rows = max_batch, max_rows
+        #: whether the hold follows the served version's measured batch cost (``max_wait_ms=None``)
+        self.auto_wait = max_wait_ms is None
+        self.max_wait_ms = 0.0 if max_wait_ms is None else float(max_wait_ms)
         self.max_modules = max_modules
         self.name, pinned = _parse_ref(ref)
         self.follow = pinned is None
@@ -113,6 +117,8 @@ class Server:
         self._store = _open_store(store)
         try:
             self._runner = self._load(pinned)
+            if self.auto_wait:
+                self.max_wait_ms = self._runner.wait_ms
         except BaseException:
             self._store.close()
             raise
@@ -140,6 +146,8 @@ class Server:
         runner = Runner(self._store.recover_set(ref, trust_code=self._trust_code), self.max_modules, self._input_shape)
         if self.batching == "multi":
             runner.prepare_multi()
+        if self.auto_wait:
+            runner.wait_ms = auto_wait_ms(runner, self.batching == "multi" and runner.multi_error is None)
         return runner
 
     @property
@@ -165,6 +173,9 @@ class Server:
             if row is None or row.id == self._runner.ref.id:
                 return self.version
             runner = self._load(row.version)
+            if self.auto_wait:
+                self.max_wait_ms = runner.wait_ms
+                self.queue.max_wait_s = runner.wait_ms / 1e3
             old, self._runner = self._runner, runner
             self.cache.clear()
             self.history.append((runner.ref, time.time()))
@@ -215,7 +226,8 @@ class Server:
         if self._closed:
             raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
         runner = self._runner
-        name = runner.names[self._index(runner, model)]
+        i = self._index(runner, model)
+        name = runner.names[i]
         x_t, single = runner.as_input(x, self.max_rows)
         digest = input_digest(x_t) if self.cache.enabled else None
         if digest is not None:
@@ -227,14 +239,53 @@ class Server:
                 done.set_result(Prediction(name, runner.ref, hit, True, latency, now))
                 self._metrics.record((latency,), cached=True, done=now)
                 return done
-        request = Request(name, x_t, single, digest, t0, t_arrival=arrival)
+        request = Request(name, x_t, single, digest, t0, arrival, i, runner.ref.id)
         try:
-            depth = self.queue.put(request)
+            self.queue.put(request)
         except QueueFullError:
             self._metrics.record_rejected()
             raise
-        self._metrics.record_depth(depth)
         return request.future
+
+    def submit_many(self, models: Sequence[str | int], xs: Any) -> "list[Future[Prediction]]":
+        """Queue one request per model: ``models[j]`` answers item ``xs[j]`` (``xs``: ``(len(models),
+        *input_shape)``); the futures in order. The input is checked and copied once and the requests
+        are queued under one lock, so a request costs a fraction of a ``submit``. All or nothing: a
+        bad model or input raises before anything is queued, and so does a queue without room for all
+        (QueueFullError)."""
+        t0 = time.perf_counter()
+        if self._closed:
+            raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
+        runner = self._runner
+        index = [self._index(runner, m) for m in models]
+        if not index:
+            return []
+        arr, _ = runner.as_input(xs, 1 << 62)  # (rows are counted against the models just below)
+        if len(arr) != len(index):
+            raise BadInputError(f"{len(index)} models but {len(arr)} inputs: submit_many takes one item per model")
+        names, ref_id, cache = runner.names, runner.ref.id, self.cache.enabled
+        futures: list[Future[Prediction]] = []
+        queued: list[Request] = []
+        for j, i in enumerate(index):
+            x = arr[j : j + 1]
+            digest = input_digest(x) if cache else None
+            hit = None if digest is None else self.cache.get((ref_id, names[i], digest))
+            if hit is not None:
+                done: Future[Prediction] = Future()
+                now = time.perf_counter()
+                done.set_result(Prediction(names[i], runner.ref, hit, True, now - t0, now))
+                self._metrics.record((now - t0,), cached=True, done=now)
+                futures.append(done)
+                continue
+            request = Request(names[i], x, True, digest, t0, None, i, ref_id)
+            queued.append(request)
+            futures.append(request.future)
+        try:
+            self.queue.put_many(queued)
+        except QueueFullError:
+            self._metrics.record_rejected(len(queued))
+            raise
+        return futures
 
     def predict(self, model: str | int, x: Any, timeout: float | None = 60.0) -> Prediction:
         """Submit and wait for the answer (see ``submit``)."""
@@ -259,7 +310,11 @@ class Server:
 
     def _answer(self, runner: Runner, batch: list[Request]) -> None:
         ready: list[tuple[Request, int]] = []
+        same = runner.ref.id
         for r in batch:
+            if r.ref_id == same:  # checked against this version when submitted
+                ready.append((r, r.index))
+                continue
             i = runner.index.get(r.model)
             if i is None:  # the model is gone from a version switched to after the request was queued
                 self._fail(r, UnknownModelError(f"{runner.ref} has no model named {r.model!r}"))
@@ -343,6 +398,7 @@ class Server:
         ``window_s`` seconds, or ``[since, until]`` in ``time.perf_counter()`` time — named under
         ``window`` with its length; queue depth, batch-size histogram (requests per model call), cache
         hit rate and the version served. A load run's window: ``last_load`` (see ``load_metrics``)."""
+        self._metrics.record_depth(self.queue.peak)
         snap = self._metrics.snapshot(window_s, len(self.queue), self.cache.hits, self.cache.misses,
                                       since, until, label)
         runner = self._runner
@@ -353,6 +409,7 @@ class Server:
             "batching": self.batching if runner.multi_error is None else "model (multi failed)",
             "max_batch": self.max_batch,
             "max_wait_ms": self.max_wait_ms,
+            "max_wait_auto": self.auto_wait,
             "models": len(runner.names),
             "cache_size": len(self.cache),
             **snap,
@@ -412,6 +469,18 @@ class Server:
                 f"max_batch {self.max_batch}, max_wait {self.max_wait_ms:g} ms, cache {self.cache.size})")
 
 
+def auto_wait_ms(runner: Runner, multi: bool) -> float:
+    """The default hold of a forming batch: one batch's fixed cost (one row through the batched call,
+    measured), at most 2 ms. Holding a batch longer than that delays the requests already in it by
+    more than a separate batch for the latecomers costs; holding it that long is what lets a busy
+    server's batches fill. Closed-loop callers (threads waiting in ``predict``) never gain from a
+    hold: the requests that can come are already queued."""
+    try:
+        return min(2.0, runner.batch_cost(multi) * 1e3)
+    except Exception:  # noqa: BLE001 - a model that fails on zeros fails its real requests clearly; hold 2 ms
+        return 2.0
+
+
 def _unstack(y: "torch.Tensor", requests: Sequence[tuple[Request, int]], rows: list[int]) -> Sequence["torch.Tensor"]:
     """Each request's part of a batched output: one item for a single-item request, else its rows."""
     if len(y) == len(requests) and all(r.single for r, _ in requests):
@@ -421,7 +490,7 @@ def _unstack(y: "torch.Tensor", requests: Sequence[tuple[Request, int]], rows: l
 
 
 def serve(store: "Store | str | os.PathLike[str] | None", ref: "SetRef | str", *, batching: str = "multi",
-          max_batch: int = 256, max_wait_ms: float = 2.0, cache_size: int = 10_000, max_queue: int = 10_000,
+          max_batch: int = 256, max_wait_ms: float | None = None, cache_size: int = 10_000, max_queue: int = 10_000,
           max_modules: int = 1024, max_rows: int = 4096, input_shape: Sequence[int] | None = None,
           watch_s: float | None = 1.0, trust_code: bool | None = None) -> Server:
     """Serve the models of a stored set: a request queue with dynamic batching, a prediction cache and metrics.
@@ -434,6 +503,7 @@ def serve(store: "Store | str | os.PathLike[str] | None", ref: "SetRef | str", *
         max_batch: rows per batch at most.
         max_wait_ms: the longest a batch that formed while the worker was busy is held back to fill
             (from its oldest request's arrival); a request that finds the worker idle never waits.
+            None (default): the fixed cost of one batch, measured when a version is loaded (``auto_wait_ms``).
         cache_size: answers kept for repeated requests (0: no cache).
         max_queue: requests waiting before ``submit`` rejects one with ``QueueFullError``.
         max_modules: built modules kept for the ``model`` and ``none`` modes (0: build per request).
