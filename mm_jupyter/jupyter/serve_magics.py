@@ -37,8 +37,9 @@ def _parsers() -> dict[str, MagicArgumentParser]:
     start.add_argument("--batching", default="multi", choices=BATCHING,
                        help="multi: one call over many models; model: one call per model; none: one at a time")
     start.add_argument("--max-batch", type=int, default=256, help="rows per batch")
-    start.add_argument("--max-wait-ms", type=float, default=2.0,
-                       help="longest wait of a batch forming while the worker computes (an idle worker never waits)")
+    start.add_argument("--max-wait-ms", type=float, default=None,
+                       help="longest wait of a batch forming while the worker computes (an idle worker never waits; "
+                            "default: one measured batch's cost, at most 2 ms)")
     start.add_argument("--cache", type=int, default=10_000, help="answers kept in the prediction cache (0: off)")
     start.add_argument("--queue", type=int, default=10_000,
                        help="requests that may wait before new ones are rejected")

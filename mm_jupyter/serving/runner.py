@@ -20,6 +20,7 @@ for float32 models (tested on FFNN-48; observed differences are ~1e-8).
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -207,8 +208,6 @@ class Runner:
     def batch_cost(self, multi: bool, repeats: int = 5) -> float:
         """Seconds one request of one row takes through the call the server makes (``run_multi``,
         else ``run_one``), the fastest of ``repeats`` after a warm-up: a batch's fixed cost."""
-        import time
-
         import torch
 
         x = torch.zeros((1, *self.input_shape), dtype=self.dtype)
