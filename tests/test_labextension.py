@@ -78,7 +78,9 @@ def test_prebuilt_extension_is_committed_and_complete() -> None:
                  # widget outputs whose model is gone show their static picture
                  "jupyter.widget", "application/vnd.jupyter.widget-view+json",
                  # a selected version's details; the store a notebook's kernel last reported is remembered
-                 "mm-store-details", "mm-store-selected", "mm-jupyter:notebook-stores", "last used by this notebook"):
+                 "mm-store-details", "mm-store-selected", "mm-jupyter:notebook-stores", "last used by this notebook",
+                 # the kept searches: dataset, day, winner, top 5, and an empty state that says what to do
+                 "Kept searches", "mm-store-search", "top 5: ", "No kept searches yet"):
         assert text in bundle, f"{text!r} is not in the prebuilt bundle: rebuild it (labextension/README.md)"
     # the source points its build output at the committed folder, under the same name
     source = json.loads((ROOT / "labextension" / "package.json").read_text())

@@ -396,7 +396,8 @@ def test_find_answers_from_the_catalog_and_keep_saves_the_search(ip: Any, tmp_pa
     none = ip.run_line_magic("modelset", "find params < 1")
     assert isinstance(none, NoMatch) and "params < 1" in repr(none)
     for bad, what in [("find nosuchcolumn > 3", "nosuchcolumn"), ("find params <", "cannot evaluate"),
-                      ("find params", "not a condition"), ("find x = params", "not a condition"), ("find", "arguments are required")]:
+                      ("find params", "not a condition"), ("find x = params", "not a condition"),
+                      ("find", "arguments are required")]:
         with pytest.raises(UsageError, match=what):
             ip.run_line_magic("modelset", bad)
     shown = ip.run_cell("%modelset find 'params >'")
