@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from . import approaches
@@ -55,7 +56,14 @@ def arch_hash(record: Any) -> str:
 
 
 def _params(layouts: Sequence[Any]) -> int:
+    """State-dict elements of layouts read from a store (checked here: a candidate record's are not
+    checked when its manifest is decoded)."""
     return sum(s.numel for lay in layouts for s in Layout.from_json(lay).specs)
+
+
+def _checked_params(layout: dict[str, Any]) -> int:
+    """The same for a set manifest's layout, which ``manifest.decode`` already checked."""
+    return sum(math.prod(shape) for _, _, shape in layout["keys"])
 
 
 def _set_rows(store: StoreContext, catalog: Catalog) -> Iterator[list[Any]]:
@@ -66,7 +74,7 @@ def _set_rows(store: StoreContext, catalog: Catalog) -> Iterator[list[Any]]:
         with decoding(f"the records of {row.name}@{row.version}"):
             m = row.manifest
             arch = m["architecture"]
-            fam, ahash, params = family(arch), arch_hash(arch), _params([m["layout"]])
+            fam, ahash, params = family(arch), arch_hash(arch), _checked_params(m["layout"])
             by_model: dict[str, list[str]] = {}
             for model, loader, _ in approaches.get(row.approach).datasets(store, row):
                 by_model.setdefault(model, []).append(loader)
