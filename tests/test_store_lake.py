@@ -277,3 +277,26 @@ def test_a_rebuilt_catalog_keeps_the_searches(tmp_path):
     again = mm.Store(tmp_path / "s")
     assert list(again.searches()["winner"]) == [result.best]
     assert list(again.models().query("best_on == 'cifar-subset'")["name"]) == [result.best]
+
+
+def test_what_is_kept_reads_back_and_what_could_not_is_refused(tmp_path, monkeypatch):
+    store = mm.Store(tmp_path / "s")
+    ranking = [("a", float("nan"), 0.1, 0), ("b", 0.5, float("inf"), 0)]
+    ident = store.keep_search("d", "shift", 2, ranking, {"x" * 500: 1.0, "nan": float("nan")})
+    kept = store.kept_search(ident)
+    assert [(r.model, r.score, r.loss) for r in kept.ranking] == [("a", None, 0.1), ("b", 0.5, None)]
+    assert kept.timings == {"x" * 100: 1.0} and kept.k == 2 and kept.top == ["a", "b"]
+    for bad, what in [([("a", 0.5, 0.1, -1)], "rung"), ([("a", 0.5, 0.1, True)], "rung"),
+                      ([("", 0.5, 0.1, 0)], "candidate name"), ([("a", 1, 1, 0), ("a", 1, 1, 0)], "twice"),
+                      ([], "1 to")]:
+        with pytest.raises(StoreError, match=what):
+            store.keep_search("d", "shift", 1, bad, {})
+    with pytest.raises(StoreError, match="k must be"):
+        store.keep_search("d", "shift", 3, ranking, {})
+    with pytest.raises(StoreError, match="approach"):
+        store.keep_search("d", "magic", 1, ranking, {})
+    monkeypatch.setattr(searchlog, "MAX_RECORD_CHARS", 100)
+    with pytest.raises(StoreError, match="more than 100"):
+        store.keep_search("d", "shift", 1, [(f"model-{i}", 0.5, 0.1, 0) for i in range(20)], {})
+    monkeypatch.undo()
+    assert len(store.searches()) == 1

@@ -34,6 +34,8 @@ TOP = 5
 #: the search approaches a kept row may name (``modelsearch.api.APPROACHES``; store never imports it)
 APPROACHES = ("alsatian", "shift", "base")
 _TIMINGS = 32
+_TIMING_NAME = 100
+_RUNGS = 1000
 _COLUMNS = ["id", "dataset", "created", "approach", "k", "candidates", "winner", "score", "top5", "source",
             "total_s"]
 
@@ -106,13 +108,19 @@ def encode(approach: str, k: int, ranking: Sequence[tuple[str, float, float, int
     for model, score, loss, rung in ranking:
         if not isinstance(model, str) or not 0 < len(model) <= MAX_NAME:
             raise StoreError(f"candidate name {str(model)[:60]!r} cannot be kept (1-{MAX_NAME} characters)")
-        rows.append([model, _finite(score), _finite(loss), int(rung)])
+        if isinstance(rung, bool) or not isinstance(rung, int) or not 0 <= rung < _RUNGS:
+            raise StoreError(f"rung {rung!r} of candidate {model!r} is not a rung number")
+        rows.append([model, _finite(score), _finite(loss), rung])
     if len({r[0] for r in rows}) != len(rows):
         raise StoreError("the ranking names a candidate twice")
-    times = {str(key): float(v) for key, v in list(timings.items())[:_TIMINGS] if _finite(v) is not None}
+    times = {str(key)[:_TIMING_NAME]: float(v) for key, v in list(timings.items())[:_TIMINGS]
+             if _finite(v) is not None}
     record = {"format": FORMAT, "k": k, "ranking": rows, "timings": times,
               "source": None if source is None else {"kind": "candidates", "name": source[0], "version": source[1]}}
-    return str(rows[0][0]), json.dumps(record, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(record, separators=(",", ":"), allow_nan=False)
+    if len(text) > MAX_RECORD_CHARS:  # what could not be read back is never written
+        raise StoreError(f"the search's record takes {len(text)} characters, more than {MAX_RECORD_CHARS}")
+    return str(rows[0][0]), text
 
 
 def _finite(x: Any) -> float | None:
@@ -168,7 +176,7 @@ def _decode(row: SearchRow) -> KeptSearch:
         raise IntegrityError(f"k {str(k)[:20]!r}")
     timings = rec.get("timings")
     if not isinstance(timings, dict) or len(timings) > _TIMINGS or not all(
-            isinstance(key, str) and len(key) <= 100 and _number(v) for key, v in timings.items()):
+            isinstance(key, str) and len(key) <= _TIMING_NAME and _number(v) for key, v in timings.items()):
         raise IntegrityError("its timings are not a few named numbers")
     return KeptSearch(ident, dataset, created, approach, k, ranked, {key: float(v) for key, v in timings.items()},
                       _source(rec.get("source")))
@@ -181,7 +189,7 @@ def _number(x: Any) -> bool:
 def _ranked(r: Any, i: int) -> Ranked:
     if not (isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) and 0 < len(r[0]) <= MAX_NAME
             and all(x is None or _number(x) for x in r[1:3])
-            and isinstance(r[3], int) and not isinstance(r[3], bool) and 0 <= r[3] < 1000):
+            and isinstance(r[3], int) and not isinstance(r[3], bool) and 0 <= r[3] < _RUNGS):
         raise IntegrityError(f"ranking entry {i} is not [model, score, loss, rung]")
     return Ranked(r[0], None if r[1] is None else float(r[1]), None if r[2] is None else float(r[2]), r[3])
 
