@@ -244,7 +244,10 @@ def _forge(store, **change):
 ])
 def test_a_hand_written_row_is_an_integrity_error_naming_it(tmp_path, change, what):
     store, _, _ = kept_search(tmp_path)
+    assert store.verify() == []
     _forge(store, **change)
+    (problem,) = store.verify()
+    assert problem.startswith("kept search #") and what in problem
     for read in (store.searches, store.models):
         with pytest.raises(IntegrityError, match="kept search #") as info:
             read()

@@ -436,8 +436,15 @@ class Store:
     def verify(self) -> list[str]:
         """Check catalog against objects: every visible version's manifest and every object it
         references verify by hash, catalog rows and artifact lists agree with the manifests, and
-        no acknowledged version is missing. One line per problem (empty: intact)."""
-        return maintenance.verify(self.catalog)
+        no acknowledged version is missing, every kept search is well-formed. One line per problem
+        (empty: intact)."""
+        problems = maintenance.verify(self.catalog)
+        for row in self.catalog.raw_searches():
+            try:
+                searchlog.decode(row)
+            except IntegrityError as e:
+                problems.append(str(e))
+        return problems
 
     def gc(self, wait_s: float = LOCK_WAIT_S) -> "GcReport":
         """Remove what no version references — objects of killed or failed saves, their pending
