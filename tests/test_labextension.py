@@ -21,6 +21,7 @@ from mm_jupyter.jupyter.server import (
     PayloadError,
     error_payload,
     lineage_payload,
+    searches_payload,
     sets_payload,
     store_path,
 )
@@ -77,7 +78,9 @@ def test_prebuilt_extension_is_committed_and_complete() -> None:
                  # widget outputs whose model is gone show their static picture
                  "jupyter.widget", "application/vnd.jupyter.widget-view+json",
                  # a selected version's details; the store a notebook's kernel last reported is remembered
-                 "mm-store-details", "mm-store-selected", "mm-jupyter:notebook-stores", "last used by this notebook"):
+                 "mm-store-details", "mm-store-selected", "mm-jupyter:notebook-stores", "last used by this notebook",
+                 # the kept searches: dataset, day, winner, top 5, and an empty state that says what to do
+                 "Kept searches", "mm-store-search", "top 5: ", "No kept searches yet"):
         assert text in bundle, f"{text!r} is not in the prebuilt bundle: rebuild it (labextension/README.md)"
     # the source points its build output at the committed folder, under the same name
     source = json.loads((ROOT / "labextension" / "package.json").read_text())
@@ -160,6 +163,46 @@ def test_missing_store_lists_empty_and_is_not_created(tmp_path: Path) -> None:
     empty = tmp_path / "empty"  # a folder that is not a store yet: still nothing written
     empty.mkdir()
     assert sets_payload(empty)["sets"] == [] and list(empty.iterdir()) == []
+
+
+def _keep_search(path: Path, dataset: str, winner: str = "b") -> None:
+    import mm_jupyter
+
+    store = mm_jupyter.Store(path)
+    try:
+        others = [m for m in "abcdefg" if m != winner]
+        ranking = [(winner, 0.9, 0.1, 2)] + [(m, 0.5 - i / 10, 0.5, 1) for i, m in enumerate(others)]
+        store.keep_search(dataset, "alsatian", 1, ranking, {"inference": 1.5})
+    finally:
+        store.close()
+
+
+def test_searches_payload_lists_kept_searches_newest_first(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    _save_demo(path)
+    assert searches_payload(path) == {"store": str(path), "exists": True, "searches": []}
+    _keep_search(path, "cifar-subset")
+    _keep_search(path, "digits", winner="e")
+    payload = searches_payload(path)
+    assert json.loads(json.dumps(payload)) == payload
+    first, second = payload["searches"]
+    assert (first["dataset"], first["winner"], first["top5"]) == ("digits", "e", ["e", "a", "b", "c", "d"])
+    assert (second["dataset"], second["winner"], second["id"], second["k"]) == ("cifar-subset", "b", 1, 1)
+    assert second["candidates"] == 7 and second["score"] == 0.9 and second["source"] is None
+    assert second["created"] <= first["created"] and second["approach"] == "alsatian"
+    missing = tmp_path / "nowhere"
+    assert searches_payload(missing) == {"store": str(missing), "exists": False, "searches": []}
+    assert not missing.exists()
+    import sqlite3
+
+    db = sqlite3.connect(path / "catalog.sqlite")
+    with db:
+        db.execute("UPDATE searches SET record='{' WHERE id=2")
+    db.close()
+    with pytest.raises(Exception) as e:
+        searches_payload(path)
+    status, body = error_payload(e.value)
+    assert status == 400 and "kept search #2" in body["error"] and "digits" in body["error"]
 
 
 def test_lineage_errors_become_error_payloads(demo_store: Path) -> None:
@@ -265,6 +308,14 @@ def test_server_round_trip(tmp_path: Path) -> None:
 
         status, body = _get(f"{base}/mm-jupyter/lineage?name=demo", token)
         assert status == 200 and body["edges"] == [[1, 2]] and body["figure"]["data"], body
+
+        status, body = _get(f"{base}/mm-jupyter/searches", token)
+        assert status == 200 and body["searches"] == [] and body["exists"], body
+        _keep_search(root / ".mm_store", "cifar-subset")
+        status, body = _get(f"{base}/mm-jupyter/searches", token)
+        assert status == 200 and body == json.loads(json.dumps(searches_payload(root / ".mm_store"))), body
+        assert [s["winner"] for s in body["searches"]] == ["b"]
+        assert _get(f"{base}/mm-jupyter/searches", None)[0] == 403
 
         # the store a kernel reported (by the id it registered), and the store of a notebook's folder
         other = tmp_path / "kernel-store"

@@ -62,11 +62,12 @@ def test_load_ext_registers_magics_without_importing_torch() -> None:
 def test_usage_is_the_docstring_with_the_right_prefixes(ip: Any) -> None:
     doc = ip.find_line_magic("modelset").__doc__
     for part in ("%%modelset save", "%modelset recover", "%modelset diff", "%modelset lineage",
-                 "%modelset compare", "--approach", "--datasets"):
+                 "%modelset compare", "%modelset find", "best_on", "--approach", "--datasets"):
         assert part in doc
     usages = re.findall(r"^  (%+\w+(?: \w+)?)", doc, re.MULTILINE)
     assert usages == ["%%modelset save", "%modelset recover", "%modelset list", "%modelset show", "%modelset diff",
-                      "%modelset lineage", "%modelset compare"]  # a cell magic has %%, a line magic one %
+                      "%modelset lineage", "%modelset compare", "%modelset find",
+                      "%modelset searches"]  # a cell magic has %%, a line magic one %
     search = ip.find_line_magic("modelsearch").__doc__
     assert "--budget" in search and re.findall(r"^  (%+\w+)", search, re.MULTILINE) == ["%modelsearch"]
 
@@ -367,6 +368,45 @@ def test_modelsearch_variable_and_store(ip: Any, monkeypatch: pytest.MonkeyPatch
         ip.run_line_magic("modelsearch", "cands xy --proxy magic")
     with pytest.raises(mm.SearchError, match="larger than the number of candidates"):
         ip.run_line_magic("modelsearch", "cands xy -k 50 --no-widget")
+
+
+def test_find_answers_from_the_catalog_and_keep_saves_the_search(ip: Any, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from mm_jupyter.jupyter.display import NoMatch, NoSearches
+    from mm_jupyter.modelsearch import api
+
+    assert isinstance(ip.run_line_magic("modelset", "searches"), NoSearches)  # no store yet: nothing created
+    assert not (tmp_path / "store").exists()
+    ip.run_cell(SEARCH_SETUP)
+    store = ip.find_magic("modelset").__self__._store(None)
+    mm.add_candidates(store, ip.user_ns["cands"], "mlps")
+    result = ip.run_line_magic("modelsearch", "store:mlps xy -k 1 --no-widget --keep cifar-subset")
+    kept = ip.run_line_magic("modelset", "searches")
+    assert list(kept["dataset"]) == ["cifar-subset"] and list(kept["winner"]) == [result.best]
+
+    def no_search(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("find ran a search")
+
+    monkeypatch.setattr(api, "search", no_search)
+    found = ip.run_line_magic("modelset", "find \"params < 20e6 and best_on == 'cifar-subset'\"")
+    assert list(found["name"]) == [result.best] and list(found["set"]) == ["mlps"]
+    unquoted = ip.run_line_magic("modelset", "find params > 0 and kind == 'candidates'")
+    assert len(unquoted) == len(ip.user_ns["cands"])
+    none = ip.run_line_magic("modelset", "find params < 1")
+    assert isinstance(none, NoMatch) and "params < 1" in repr(none)
+    for bad, what in [("find nosuchcolumn > 3", "nosuchcolumn"), ("find params <", "cannot evaluate"),
+                      ("find params", "not a condition"), ("find x = params", "not a condition"),
+                      ("find", "arguments are required")]:
+        with pytest.raises(UsageError, match=what):
+            ip.run_line_magic("modelset", bad)
+    shown = ip.run_cell("%modelset find 'params >'")
+    assert isinstance(shown.error_in_exec, UsageError)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("UsageError: %modelset find: cannot evaluate")
+    with pytest.raises(UsageError, match="--keep"):
+        ip.run_line_magic("modelsearch", "cands xy --no-widget --keep ' x'")
+    assert len(store.searches()) == 1
 
 
 def test_modelsearch_interrupt_stops_cleanly(ip: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

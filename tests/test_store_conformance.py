@@ -476,3 +476,25 @@ class TestPostgresS3Catalog(CatalogTests):
 
     def corrupt(self, objects: ObjectArea, oid: str, offset: int) -> None:
         _flip(objects, oid, offset)
+
+
+def test_the_lake_on_every_backend(backend: Backend) -> None:
+    """store.models() and kept searches over both backend pairs: a kept search's winner is best on its
+    dataset for another opening of the store too (another connection, the candidates read from the area)."""
+    import search_models
+
+    store = backend.open()
+    torch.manual_seed(0)
+    store.save_set([nn.Linear(4, 2), nn.Linear(4, 2)], "pair")
+    mm.add_candidates(store, {f"m{i}": search_models.mlp() for i in range(3)}, "zoo")
+    assert store.searches().empty
+    ident = store.keep_search("cifar-subset", "alsatian", 1, [("m2", 0.9, 0.1, 1), ("m0", 0.5, 0.4, 0),
+                                                              ("m1", 0.4, 0.5, 0)], {"inference": 1.0}, ("zoo", 1))
+    other = backend.open()
+    assert list(other.searches()["winner"]) == ["m2"] and int(other.searches()["id"].iloc[0]) == ident
+    models = other.models()
+    assert list(zip(models["kind"], models["set"], models["name"])) == [
+        ("set", "pair", "0"), ("set", "pair", "1"), ("candidates", "zoo", "m0"), ("candidates", "zoo", "m1"),
+        ("candidates", "zoo", "m2")]
+    assert list(models.query("params < 20e6 and best_on == 'cifar-subset'")["name"]) == ["m2"]
+    assert set(models[models["set"] == "pair"]["params"]) == {10}

@@ -49,6 +49,28 @@ export interface ILineagePayload {
   figure: Record<string, unknown>;
 }
 
+/** One kept search, as listed by `GET mm-jupyter/searches` (newest first). */
+export interface ISearchRow {
+  id: number;
+  dataset: string;
+  created: string;
+  approach: string;
+  k: number;
+  candidates: number;
+  winner: string;
+  score: number | null;
+  top5: string[];
+  /** The stored candidate set (`name@version`) the candidates came from; null: held in memory. */
+  source: string | null;
+}
+
+/** Reply of `GET mm-jupyter/searches`. */
+export interface ISearchesPayload {
+  store: string;
+  exists: boolean;
+  searches: ISearchRow[];
+}
+
 /**
  * Which store a request means: `store` (an absolute path the kernel reported)
  * or `path` (a notebook: the store the magics use in its folder); neither

@@ -9,6 +9,7 @@ import { Widget } from '@lumino/widgets';
 
 import {
   ILineagePayload,
+  ISearchesPayload,
   ISetRow,
   ISetsPayload,
   IStoreSource,
@@ -25,6 +26,17 @@ export function formatCreated(created: string): string {
   const date = new Date(created);
   return isNaN(date.getTime()) ? created : date.toLocaleString();
 }
+
+/** The day of an ISO timestamp in the browser's locale (short, for the searches list). */
+export function formatDay(created: string): string {
+  const date = new Date(created);
+  return isNaN(date.getTime()) ? created.slice(0, 10) : date.toLocaleDateString();
+}
+
+/** What the searches view says while the store has kept none. */
+export const NO_SEARCHES =
+  'No kept searches yet. After a search, keep it with result.save(store, dataset="NAME") ' +
+  '(or %modelsearch … --keep NAME): its dataset, date, winner and top 5 show up here.';
 
 function element<K extends keyof HTMLElementTagNameMap>(
   tag: K,
@@ -85,7 +97,7 @@ export class StoreBrowser extends Widget {
     super();
     this._rendermime = rendermime;
     this.addClass('mm-store-browser');
-    this.node.append(this._path, this._message, this._sets, this._lineage);
+    this.node.append(this._path, this._message, this._sets, this._lineage, this._searches);
   }
 
   /** The name whose lineage is shown, or null. */
@@ -139,6 +151,7 @@ export class StoreBrowser extends Widget {
     this._path.title = payload.store + (remembered ? `: the store this notebook's kernel reported before; ` +
       'run its cells to refresh' : '');
     this._renderSets(payload.sets);
+    const searches = this._refreshSearches(request);
     if (payload.sets.length === 0) {
       this._showMessage(
         payload.exists
@@ -157,6 +170,60 @@ export class StoreBrowser extends Widget {
     } else {
       this._clearLineage();
     }
+    await searches;
+  }
+
+  /** Fetch and show the kept searches (dataset, date, winner, top 5); an error stays in this view. */
+  private async _refreshSearches(request: number): Promise<void> {
+    const heading = element('div', 'mm-store-heading');
+    heading.appendChild(element('span', '', 'Kept searches'));
+    let payload: ISearchesPayload;
+    try {
+      payload = await requestAPI<ISearchesPayload>('searches', this._query());
+    } catch (error) {
+      if (request === this._requests) {
+        this._searches.replaceChildren(
+          heading,
+          element('div', 'mm-store-message mm-store-error', `Cannot list the kept searches: ${(error as Error).message}`)
+        );
+      }
+      return;
+    }
+    if (request !== this._requests) {
+      return; // a newer refresh is under way
+    }
+    if (payload.searches.length === 0) {
+      this._searches.replaceChildren(heading, element('div', 'mm-store-message mm-store-searches-empty', NO_SEARCHES));
+      return;
+    }
+    const node = element('table', 'mm-store-table mm-store-searches-table');
+    const head = node.createTHead().insertRow();
+    for (const header of ['dataset', 'date', 'winner']) {
+      head.appendChild(element('th', '', header));
+    }
+    const body = node.createTBody();
+    for (const s of payload.searches) {
+      const row = body.insertRow();
+      row.className = 'mm-store-search';
+      row.dataset.search = String(s.id);
+      const score = s.score === null ? '' : `, score ${s.score.toFixed(3)}`;
+      row.title =
+        `search #${s.id} on ${s.dataset}: ${s.approach}, ${s.candidates} candidates, k=${s.k}` +
+        `${s.source ? `, from ${s.source}` : ''}; kept ${formatCreated(s.created)}`;
+      row.insertCell().textContent = s.dataset;
+      row.insertCell().textContent = formatDay(s.created);
+      const winner = row.insertCell();
+      winner.className = 'mm-store-winner';
+      winner.textContent = s.winner;
+      winner.title = `${s.winner}${score}`;
+      const top = body.insertRow();
+      top.className = 'mm-store-top';
+      const cell = top.insertCell();
+      cell.colSpan = 3;
+      cell.textContent = `top 5: ${s.top5.join(' · ')}`;
+      cell.title = cell.textContent;
+    }
+    this._searches.replaceChildren(heading, node);
   }
 
   /**
@@ -340,6 +407,7 @@ export class StoreBrowser extends Widget {
   private _message = element('div', 'mm-store-message');
   private _sets = element('div', 'mm-store-sets');
   private _lineage = element('div', 'mm-store-lineage');
+  private _searches = element('div', 'mm-store-searches');
 }
 
 /** The left-sidebar panel: title, refresh button and a `StoreBrowser`. */
@@ -359,7 +427,7 @@ export function createStorePanel(
     'refresh',
     new ToolbarButton({
       icon: refreshIcon,
-      tooltip: 'Refresh the list of model sets',
+      tooltip: 'Refresh the model sets and kept searches',
       onClick: () => void browser.refresh()
     })
   );

@@ -117,6 +117,34 @@ class EmptyStore:
 
 
 @dataclass(frozen=True)
+class NoMatch:
+    """``%modelset find`` that selects no stored model: one line."""
+
+    query: str
+    models: int
+
+    def __repr__(self) -> str:
+        return f"no stored model matches {self.query!r} ({self.models} stored)"
+
+    def _repr_html_(self) -> str:
+        return f"<p><i>{html.escape(repr(self))}</i></p>"
+
+
+@dataclass(frozen=True)
+class NoSearches:
+    """``%modelset searches`` of a store that kept none: what to do."""
+
+    path: str
+
+    def __repr__(self) -> str:
+        return (f"no kept searches in {self.path!r}; keep one with result.save(store, dataset='name') "
+                "after mm.search or %modelsearch")
+
+    def _repr_html_(self) -> str:
+        return f"<p><i>{html.escape(repr(self))}</i></p>"
+
+
+@dataclass(frozen=True)
 class StoreInfo:
     """The store a kernel uses, as JSON (``application/json``) for the JupyterLab sidebar."""
 

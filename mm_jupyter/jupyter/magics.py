@@ -20,7 +20,7 @@ from traitlets import Unicode
 from ..errors import MMError, RefError, StoreError, a_type
 from ..store.store import APPROACH_CHOICES as APPROACHES  # the store's registry, plus "auto"
 from .cells import TRAIN_NAME, run_cell, train_function_source, user_code
-from .display import EmptyStore, SavedSet, SetInfo, StoreInfo
+from .display import EmptyStore, NoMatch, NoSearches, SavedSet, SetInfo, StoreInfo
 from .server import store_exists
 
 if TYPE_CHECKING:
@@ -99,6 +99,15 @@ def _modelset_parsers() -> dict[str, MagicArgumentParser]:
                          help="benchmark results.json / results.csv, or a folder of results.json files")
     compare.add_argument("--no-ttr", action="store_true", help="do not measure time-to-recover")
     compare.add_argument("--store", default=None, help=STORE_HELP)
+    find = p["find"] = _parser("modelset find", "Stored models matching a pandas query over store.models() "
+                               "(columns: kind, set, version, name, family, arch_hash, params, parent, datasets, "
+                               "tags, best_on, score); answered from the catalog, nothing runs. Example: "
+                               "%modelset find \"params < 20e6 and best_on == 'cifar-subset'\"")
+    find.add_argument("query", nargs="+", help="the query (quote it when it holds quotes)")
+    find.add_argument("--store", default=None, help=STORE_HELP)
+    searches = p["searches"] = _parser("modelset searches", "The kept searches (result.save(store, dataset=...)): "
+                                       "dataset, date, approach, winner, top 5.")
+    searches.add_argument("--store", default=None, help=STORE_HELP)
     return p
 
 
@@ -117,6 +126,8 @@ def _search_parser() -> MagicArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--out", default=None, metavar="VAR", help="also assign the SearchResult to VAR")
     p.add_argument("--no-widget", action="store_true", help="do not show the live progress widget")
+    p.add_argument("--keep", default=None, metavar="DATASET",
+                   help="keep the result in the store as the search on DATASET (see %%modelset searches / find)")
     p.add_argument("--store", default=None, help=STORE_HELP)
     return p
 
@@ -189,6 +200,8 @@ class ModelMagics(Magics):
         if command == "save" and cell is None and (args.models is None or args.approach == "provenance"):
             raise UsageError("save runs a cell: write %%modelset save NAME at the top of a cell "
                              "(the line form %modelset save NAME --models VAR saves a variable)")
+        if command == "find" and len(args.query) > 1 and args.store is None:
+            args.query = [line.strip()[len("find"):].strip()]  # unquoted: as typed, its own quotes kept
         handler: Callable[..., Any] = getattr(self, f"_{command}")
         return handler(args, cell) if command == "save" else handler(args)
 
@@ -288,6 +301,33 @@ class ModelMagics(Magics):
 
         return LineageGraph(self._store(args.store, create=False).lineage(args.name))
 
+    def _find(self, args: Any) -> Any:
+        """The stored models a query selects (a DataFrame); a query pandas cannot evaluate, or one
+        that does not select rows, is one UsageError line naming the columns."""
+        query = " ".join(args.query)
+        models = self._store(args.store, create=False).models()
+        import pandas as pd
+
+        try:
+            mask = models.eval(query)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's expression is a bad argument
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UsageError(f"%modelset find: cannot evaluate {query!r} ({type(e).__name__}: {detail}); columns: "
+                             f"{', '.join(models.columns)}") from None
+        if not (isinstance(mask, pd.Series) and pd.api.types.is_bool_dtype(mask.dtype)):
+            raise UsageError(f"%modelset find: {query!r} is not a condition on each model (e.g. params < 1e6)")
+        found = models[mask.fillna(False).astype(bool)]
+        return found if len(found) else NoMatch(query, len(models))
+
+    def _searches(self, args: Any) -> Any:
+        """The kept searches (a DataFrame); none: one line saying how to keep one."""
+        try:
+            store = self._store(args.store, create=False)
+        except RefError:
+            return NoSearches(str(store_location(args.store, self.store)))
+        kept = store.searches()
+        return NoSearches(store.location) if kept.empty else kept
+
     def _compare(self, args: Any) -> Any:
         from .widgets import ComparisonChart
 
@@ -319,6 +359,13 @@ class ModelMagics(Magics):
             raise UsageError(f"-k must be at least 1, not {args.k}")
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
+        if args.keep is not None:
+            from ..store.searchlog import check_dataset
+
+            try:
+                check_dataset(args.keep)
+            except StoreError as e:
+                raise UsageError(f"--keep: {e}") from None
         progress = None
         if not args.no_widget:
             from .widgets import SearchProgress
@@ -337,6 +384,8 @@ class ModelMagics(Magics):
             if not args.out.isidentifier():
                 raise UsageError(f"-o must be a variable name, not {args.out!r}")
             self.shell.user_ns[args.out] = result
+        if args.keep is not None:
+            result.save(self._store(args.store), dataset=args.keep)
         return result
 
 

@@ -1,7 +1,8 @@
 """The server side of the JupyterLab extension: read-only REST endpoints over the model store.
 
 ``GET <base_url>/mm-jupyter/sets`` lists every stored version, ``GET <base_url>/mm-jupyter/lineage?name=NAME``
-the version graph of one set (its versions, and the same plotly figure as the notebook's lineage graph).
+the version graph of one set (its versions, and the same plotly figure as the notebook's lineage graph),
+``GET <base_url>/mm-jupyter/searches`` the kept searches (newest first).
 Which store: ``?store=ID`` (the id a kernel of this server registered for the store its magics use, see
 ``locations``), else ``?path=NOTEBOOK`` (the store the magics would use in that notebook's folder:
 ``$MM_JUPYTER_STORE`` or ``.mm_store``, relative to the folder — ``store.store.default_path``, the rule the
@@ -203,6 +204,25 @@ def lineage_payload(path: str | os.PathLike[str], name: str | None) -> dict[str,
     }
 
 
+def searches_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"store", "exists", "searches": [{id, dataset, created, approach, k, candidates, winner, score, top5,
+    source}]}``, newest first: the searches kept with ``result.save(store, dataset=...)``. A store
+    without any (or none at all) lists none and is not created; a malformed row is a 400 naming it."""
+    from ..store.backends import display
+
+    path = _location(path)
+    if not store_exists(path):
+        return {"store": display(path), "exists": False, "searches": []}
+    store = _open_store(path)
+    try:
+        frame = store.searches()
+    finally:
+        store.close()
+    keep = ("id", "dataset", "created", "approach", "k", "candidates", "winner", "score", "top5", "source")
+    rows = [{k: _plain(row[k]) for k in keep} for row in frame.to_dict(orient="records")]
+    return {"store": display(path), "exists": True, "searches": rows[::-1]}
+
+
 #: ``scheme://user:password@`` in any text: the password is masked before text leaves the server.
 _PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
@@ -261,15 +281,22 @@ def _handlers(serverapp: Any) -> list[tuple[str, type, dict[str, Any]]]:
             name = self.get_query_argument("name", default="")
             await self._reply(lambda path: lineage_payload(path, name))
 
+    class SearchesHandler(_StoreHandler):
+        @tornado.web.authenticated
+        @authorized
+        async def get(self) -> None:
+            await self._reply(searches_payload)
+
     base = url_path_join(serverapp.web_app.settings["base_url"], URL_PREFIX)
     return [
         (url_path_join(base, "sets"), SetsHandler, {}),
         (url_path_join(base, "lineage"), LineageHandler, {}),
+        (url_path_join(base, "searches"), SearchesHandler, {}),
     ]
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    """Register ``<base_url>/mm-jupyter/sets`` and ``<base_url>/mm-jupyter/lineage``."""
+    """Register ``<base_url>/mm-jupyter/sets``, ``.../lineage`` and ``.../searches``."""
     from ..store.backends import display
 
     serverapp.web_app.add_handlers(".*$", _handlers(serverapp))

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from ..store import Store
+
 APPROACHES = ("alsatian", "shift", "base")
 MIN_RUNG_ITEMS = 32
 
@@ -39,6 +41,8 @@ class SearchResult:
     rungs: list[Rung]
     k: int
     models: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: the stored candidate set (name, version) the candidates came from; None: held in memory
+    source: tuple[str, int] | None = None
 
     @property
     def best(self) -> str:
@@ -49,6 +53,20 @@ class SearchResult:
     def top(self) -> list[str]:
         """Names of the ``k`` selected candidates."""
         return [str(m) for m in self.ranking["model"].iloc[: self.k]]
+
+    def save(self, store: "Store", dataset: str) -> int:
+        """Keep this result in ``store`` as the search on ``dataset`` (its name, e.g. "cifar-subset"):
+        date, approach, k, the ranking with scores, winner, top 5, timings, and the candidates' stored
+        identities when they came from ``mm.load_candidates`` (else only their names). Then
+        ``store.searches()`` lists it and ``store.models()`` marks the winner ``best_on`` it. Returns
+        the kept search's id."""
+        from ..store import Store
+
+        if not isinstance(store, Store):
+            raise SearchError(f"save needs an mm.Store, not {type(store).__name__}")
+        cols = self.ranking[["model", "score", "loss", "rung"]]
+        ranking = [(str(m), float(s), float(loss), int(rung)) for m, s, loss, rung in cols.to_numpy().tolist()]
+        return store.keep_search(dataset, self.approach, self.k, ranking, self.timings, self.source)
 
     def __repr__(self) -> str:
         head = self.ranking.head(5)
@@ -425,8 +443,10 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
     if remote is not None:
         stats["distributed"] = remote.stats
     emit({"event": "done", "timings": dict(meter.timings), "stats": stats})
+    ref = getattr(named, "ref", None) if hasattr(named, "engine_candidates") else None
     return SearchResult(approach, ranking, dict(meter.timings), stats, rungs, k,
-                        {n: named[n] for n in named} if isinstance(named, dict) else {})
+                        {n: named[n] for n in named} if isinstance(named, dict) else {},
+                        None if ref is None else (str(ref.name), int(ref.version)))
 
 
 def _ranking(results: dict[str, dict[str, Any]], survivors: list[str]) -> "pd.DataFrame":

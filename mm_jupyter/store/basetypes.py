@@ -72,6 +72,17 @@ class CandidateRow(NamedTuple):
     created: str
 
 
+class SearchRow(NamedTuple):
+    """A kept search's catalog columns, unchecked (``searchlog.decode`` checks them and its record)."""
+
+    id: int
+    dataset: str
+    created: str
+    approach: str
+    winner: str
+    record: str
+
+
 class FoundCandidates(NamedTuple):
     """A candidate set checked against its manifest: catalog id, version and its record."""
 
@@ -116,4 +127,5 @@ class SetRow:
 
 
 __all__ = ["REF_KINDS", "CandidateRow", "CatalogRow", "FoundCandidates", "Listed", "ListingRow", "Manifest",
-           "Manifests", "ModelRow", "PutResult", "RebuildWriter", "SetColumns", "SetObjects", "SetRow"]
+           "Manifests", "ModelRow", "PutResult", "RebuildWriter", "SearchRow", "SetColumns", "SetObjects",
+           "SetRow"]

@@ -45,6 +45,7 @@ from .basetypes import (
     Manifests,
     ModelRow,
     RebuildWriter,
+    SearchRow,
     SetColumns,
     SetObjects,
     SetRow,
@@ -54,6 +55,18 @@ from .files import StoreLock, fsync_path, is_read_only, os_error, out_of_space
 
 SCHEMA_VERSION = 2
 FILE = "catalog.sqlite"
+
+#: Kept search results. Not part of the tables every catalog of this schema has: a store written
+#: before them gets the table on its first kept search (opening never writes) and reads as none.
+SEARCHES = """CREATE TABLE IF NOT EXISTS searches(
+    id INTEGER PRIMARY KEY,
+    dataset TEXT NOT NULL,
+    created TEXT NOT NULL,
+    approach TEXT NOT NULL,
+    winner TEXT NOT NULL,
+    record TEXT NOT NULL             -- JSON (searchlog.py): bounded and checked when read
+)"""
+_SEARCH_COLUMNS = "id, dataset, created, approach, winner, record"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -105,7 +118,7 @@ CREATE TABLE IF NOT EXISTS models(
     environment TEXT NOT NULL,
     PRIMARY KEY(set_id, idx)
 );
-"""
+""" + SEARCHES + ";\n"
 
 #: SQLite primary result codes (``sqlite3.Error.sqlite_errorcode & 0xff``)
 _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 8, 10, 11, 13, 14, 26
@@ -136,8 +149,15 @@ class SQLCatalog(Catalog):
     backend whose driver wants another style rewrites them in ``_sql``). Subclasses provide the
     connection: ``_rows``/``_one`` for reads, ``transaction`` and ``_run`` for writes."""
 
+    #: the searches table's definition in this database's dialect
+    SEARCHES_DDL: ClassVar[str] = SEARCHES
+
     def _sql(self, sql: str) -> str:
         return sql
+
+    @abstractmethod
+    def _has_table(self, name: str) -> bool:
+        """Whether the table exists (a catalog written before the searches table lacks it)."""
 
     @abstractmethod
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
@@ -222,6 +242,20 @@ class SQLCatalog(Catalog):
         except (OSError, StoreError):
             pass  # the version is committed and its manifest durable; gc writes missing refs
         return set_id, version
+
+    def insert_search(self, dataset: str, approach: str, winner: str, record: str) -> SearchRow:
+        with self.transaction() as tx:
+            self._x(tx, self.SEARCHES_DDL)
+            (v,) = self._x(tx, "SELECT COALESCE(MAX(id), 0) FROM searches").fetchone()
+            row = SearchRow(int(v) + 1, dataset, now_iso(), approach, winner, record)
+            self._x(tx, f"INSERT INTO searches({_SEARCH_COLUMNS}) VALUES (?,?,?,?,?,?)", tuple(row))
+        self.checkpoint()
+        return row
+
+    def raw_searches(self) -> list[SearchRow]:
+        if not self._has_table("searches"):
+            return []
+        return [SearchRow(*r) for r in self._rows(f"SELECT {_SEARCH_COLUMNS} FROM searches ORDER BY id")]
 
     def write_all(self, tx: Any, sets: Manifests, cands: Manifests, set_objects: SetObjects) -> None:
         """Rows for every manifest of a rebuild (inside one transaction on an empty catalog)."""
@@ -535,6 +569,9 @@ class SQLiteCatalog(SQLCatalog):
         result: list[tuple[Any, ...]] = self._q(lambda db: db.execute(sql, params).fetchall())
         return result
 
+    def _has_table(self, name: str) -> bool:
+        return bool(self._rows("SELECT count(*) FROM sqlite_master WHERE type='table' AND name=?", (name,))[0][0])
+
     def save_lock(self, exclusive: bool, wait_s: float, why: str) -> AbstractContextManager[None]:
         return self._lock.hold(exclusive, wait_s, why)
 
@@ -563,6 +600,7 @@ class SQLiteCatalog(SQLCatalog):
 
         def write(sets: Manifests, cands: Manifests, set_objects: SetObjects) -> None:
             tmp = root / "tmp" / f"catalog-rebuild-{uuid.uuid4().hex}.sqlite"
+            kept = _old_searches(root / FILE)
             try:
                 db = sqlite3.connect(tmp, isolation_level=None)
                 try:
@@ -575,6 +613,7 @@ class SQLiteCatalog(SQLCatalog):
                     writer = cls.__new__(cls)
                     SQLCatalog.__init__(writer, objects)
                     writer.write_all(db, sets, cands, set_objects)
+                    db.executemany(f"INSERT INTO searches({_SEARCH_COLUMNS}) VALUES (?,?,?,?,?,?)", kept)
                     db.execute("COMMIT")
                 except sqlite3.Error as e:
                     raise StoreError(f"cannot write the rebuilt catalog {tmp}: {e}") from None
@@ -593,6 +632,24 @@ class SQLiteCatalog(SQLCatalog):
 
         with StoreLock(root / "locks" / "save").hold(True, wait_s, "cannot rebuild the catalog"):
             yield write
+
+
+def _old_searches(path: Path) -> list[tuple[Any, ...]]:
+    """The kept searches of the catalog a rebuild replaces, where it can still be read (they live
+    in no object, so a rebuild can only carry them over; a damaged or missing file has none)."""
+    if not path.is_file():
+        return []
+    try:
+        db = sqlite3.connect("file:" + urllib.parse.quote(str(path.absolute())) + "?mode=ro", uri=True, timeout=5.0)
+        try:
+            exists = "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='searches'"
+            if not db.execute(exists).fetchone()[0]:
+                return []
+            return db.execute(f"SELECT {_SEARCH_COLUMNS} FROM searches ORDER BY id").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []
 
 
 def _same_folder(objects: ObjectArea, root: Path) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 
 from ..errors import IntegrityError, StoreError
-from .basetypes import PutResult, SetRow
+from .basetypes import PutResult, SearchRow, SetRow
 from .catalog import now_iso
 from .contracts import Catalog, ObjectArea
 from .tensors import Layout, TensorSpec
@@ -162,7 +162,8 @@ class ObjectAreaTests:
 
 class CatalogTests:
     """Checks of the ``Catalog`` contract: gapless versions in one transaction, rows checked against
-    their manifests, pending rows invisible, candidate sets, and a rebuild from manifests."""
+    their manifests, pending rows invisible, candidate sets, kept searches, and a rebuild from
+    manifests (which keeps the searches)."""
 
     def make_catalog(self, tmp_path: Path) -> Catalog:
         """A fresh, empty catalog over a fresh object area (``catalog.objects``)."""
@@ -219,6 +220,7 @@ class CatalogTests:
         assert catalog.visible_versions() == (set(), set())
         assert catalog.all_objects() == [] and catalog.lost_versions() == []
         assert catalog.find_candidates("zoo") is None
+        assert catalog.raw_searches() == []
 
     def test_versions_are_gapless_rows_match_their_manifests(self, catalog: Catalog) -> None:
         rows = [self.commit(catalog, n)[0] for n in ("cells", "cells", "other", "cells")]
@@ -311,6 +313,22 @@ class CatalogTests:
         assert catalog.visible_versions()[1] == {("zoo", 1), ("zoo", 2)}
         assert {b.oid for b in blobs} <= set(catalog.all_objects())
 
+    def test_kept_searches(self, catalog: Catalog) -> None:
+        """Rows kept in order with gapless ids, the record text exactly as given, seen by another
+        connection; a search needs no set."""
+        first = catalog.insert_search("cifar-subset", "alsatian", "m1", '{"format":1}')
+        second = catalog.insert_search("cifar-subset", "shift", "m2", "\u00e9" * 10_000)
+        assert isinstance(first, SearchRow) and (first.id, second.id) == (1, 2)
+        assert (first.dataset, first.approach, first.winner, first.record) == ("cifar-subset", "alsatian", "m1",
+                                                                               '{"format":1}')
+        assert catalog.raw_searches() == [first, second] and first.created <= second.created
+        other = self.reopen(catalog)
+        try:
+            assert other.raw_searches() == [first, second]
+        finally:
+            other.close()
+        assert catalog.listing() == [] and catalog.all_objects() == []
+
     def test_lost_versions_are_named(self, catalog: Catalog) -> None:
         _, oid = self.commit(catalog, "cells")
         catalog.objects.write_ref("sets", "cells", 1, oid)
@@ -341,6 +359,7 @@ class CatalogTests:
     def test_a_rebuild_replaces_every_row(self, catalog: Catalog) -> None:
         keep, keep_oid = self.commit(catalog, "cells")
         self.commit(catalog, "dropped")
+        kept = catalog.insert_search("cifar-subset", "alsatian", "m1", "{}")
         m = catalog.manifest(keep_oid)
         location = self.location(catalog)
         kind, objects = type(catalog), catalog.objects
@@ -354,6 +373,7 @@ class CatalogTests:
             again = fresh.find("cells", 1)
             assert again is not None and again.manifest_oid == keep_oid and again.manifest == keep.manifest
             assert [(r, o) for r, o, _ in fresh.artifacts(again.id)] == [("params", m["set"]["params"])]
+            assert fresh.raw_searches() == [kept]  # no object holds them: carried over
         finally:
             fresh.close()
 

@@ -10,7 +10,8 @@ runs them on every pair.
   every read, plus the refs (one small record per acknowledged version). A write is atomic: a
   reader sees a whole object or none.
 * ``Catalog``: an index over the manifests in the object area, split by job: ``VersionCatalog``
-  (one row per model-set version) and ``CandidateCatalog`` (the search's candidate sets), with
+  (one row per model-set version), ``CandidateCatalog`` (the search's candidate sets) and
+  ``SearchCatalog`` (kept search results), with
   typed rows (``basetypes.py``). A version becomes visible in one ``transaction()`` after its
   objects are durable; its version number is taken inside that transaction, so concurrent writers
   get numbers without gaps. ``save_lock`` is held shared by every save and exclusively by gc and
@@ -41,6 +42,7 @@ from .basetypes import (
     ModelRow,
     PutResult,
     RebuildWriter,
+    SearchRow,
     SetColumns,
     SetRow,
 )
@@ -315,9 +317,23 @@ class CandidateCatalog(ABC):
         """(id, version, manifest record) of a candidate set, the latest version by default."""
 
 
-class Catalog(VersionCatalog, CandidateCatalog):
+class SearchCatalog(ABC):
+    """Kept search results (``result.save(store, dataset=...)``): one row per saved search. Its
+    table is created by the first save, so a store written before it reads as "no searches"."""
+
+    @abstractmethod
+    def insert_search(self, dataset: str, approach: str, winner: str, record: str) -> SearchRow:
+        """Keep one search (``record``: its JSON, ``searchlog.py``) in its own transaction; its row."""
+
+    @abstractmethod
+    def raw_searches(self) -> list[SearchRow]:
+        """Every kept search, oldest first, unchecked (empty when the table does not exist yet)."""
+
+
+class Catalog(VersionCatalog, CandidateCatalog, SearchCatalog):
     """A store's whole catalog: its versions and its candidate sets, rebuilt together from the
-    manifests in the object area."""
+    manifests in the object area, and the kept searches (rows only: a rebuild carries them over
+    from the old catalog where it can still be read)."""
 
     #: the catalog kind's name in messages and benchmarks ("sqlite", "postgresql")
     KIND: ClassVar[str]

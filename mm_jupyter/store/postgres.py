@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from ..errors import StoreError
 from .basetypes import Manifests, RebuildWriter, SetObjects
-from .catalog import SCHEMA, SCHEMA_VERSION, SQLCatalog, rebuild_hint
+from .catalog import SCHEMA, SCHEMA_VERSION, SEARCHES, SQLCatalog, rebuild_hint
 from .contracts import ObjectArea
 from .locations import display
 
@@ -30,7 +30,12 @@ if TYPE_CHECKING:
 #: advisory lock keys (64-bit; scoped to the database): "mm_save", "mm_write"
 SAVE_KEY = 0x6D6D5F73617665
 WRITE_KEY = 0x6D6D5F7772697465
-_SCHEMA_PG = SCHEMA.replace("INTEGER", "BIGINT").replace(" REAL ", " DOUBLE PRECISION ")
+def _dialect(sql: str) -> str:
+    return sql.replace("INTEGER", "BIGINT").replace(" REAL ", " DOUBLE PRECISION ")
+
+
+_SCHEMA_PG = _dialect(SCHEMA)
+#: the tables every catalog of this schema has (``searches`` is created by the first kept search)
 _TABLES = ("meta", "sets", "artifacts", "candidate_sets", "candidate_objects", "models")
 
 
@@ -38,6 +43,7 @@ class PostgresCatalog(SQLCatalog):
     """The catalog in a PostgreSQL database (created on first use); errors become StoreErrors."""
 
     KIND: ClassVar[str] = "postgresql"
+    SEARCHES_DDL: ClassVar[str] = _dialect(SEARCHES)
 
     def __init__(self, url: str, objects: ObjectArea) -> None:
         super().__init__(objects)
@@ -87,6 +93,9 @@ class PostgresCatalog(SQLCatalog):
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
+
+    def _has_table(self, name: str) -> bool:
+        return self._one("SELECT to_regclass(?)", (name,)) != (None,)
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         import psycopg
@@ -158,7 +167,8 @@ class PostgresCatalog(SQLCatalog):
     @contextmanager
     def rebuilding(cls, location: str, objects: ObjectArea, wait_s: float
                    ) -> Iterator[RebuildWriter]:
-        """Every row replaced in one transaction (readers see the old catalog until it commits)."""
+        """Every row replaced in one transaction (readers see the old catalog until it commits);
+        the kept searches, which no object holds, stay."""
         catalog = cls(location, objects)
         try:
             with catalog.save_lock(True, wait_s, "cannot rebuild the catalog"):

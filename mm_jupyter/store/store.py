@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import ArchitectureError, IntegrityError, OutOfSpace, RefError, StoreError, a_type
-from . import approaches, backends, maintenance, trust
+from . import approaches, backends, inventory, maintenance, searchlog, trust
 from .approaches.common import Saved, SaveInput
 from .approaches.update import changed_mask
 from .architectures import TAG, Architecture
@@ -356,6 +356,47 @@ class Store:
         cols = ["name", "version", "approach", "models", "bytes", "created", "tts_s"]
         return pd.DataFrame(self.catalog.listing(), columns=cols)
 
+    def models(self) -> "pd.DataFrame":
+        """Every stored model, one row each (a model best on several datasets: one row per dataset):
+        kind ("set" or "candidates"), set, version, name, family, arch_hash, params, parent,
+        datasets, tags, best_on, score — from the catalog and manifests; nothing is built or read
+        beyond them. ``best_on``: the datasets whose latest kept search this model won (see
+        ``inventory.py``), so ``store.models().query("params < 20e6 and best_on == 'cifar'")`` works."""
+        return inventory.models(self, self.catalog, self._kept())
+
+    def searches(self) -> "pd.DataFrame":
+        """Every kept search (``result.save(store, dataset=...)``), oldest first: id, dataset,
+        created, approach, k, candidates, winner, score, top5, source, total_s. A store written
+        before searches were kept has none; a malformed row is an IntegrityError naming it."""
+        return searchlog.frame(self._kept())
+
+    def kept_search(self, search_id: int) -> searchlog.KeptSearch:
+        """One kept search with its whole ranking (``.frame``), checked."""
+        for s in self._kept():
+            if s.id == search_id:
+                return s
+        raise RefError(f"no kept search #{search_id!r} in store {self.location!r}")
+
+    def _kept(self) -> list[searchlog.KeptSearch]:
+        return [searchlog.decode(r) for r in self.catalog.raw_searches()]
+
+    def keep_search(self, dataset: str, approach: str, k: int, ranking: Sequence[tuple[str, float, float, int]],
+                    timings: Mapping[str, float], source: tuple[str, int] | None = None) -> int:
+        """Keep a search's outcome (``SearchResult.save`` calls this); its id. ``source``: the stored
+        candidate set (name, version) the candidates came from; it must exist and hold the
+        ranked candidates, else StoreError and nothing is kept."""
+        searchlog.check_dataset(dataset)
+        if source is not None:
+            found = self.catalog.find_candidates(source[0], source[1])
+            names = {e.get("name") for e in found.record["candidates"]} if found is not None else set()
+            missing = [m for m, *_ in ranking if m not in names]
+            if found is None or missing:
+                raise StoreError(f"candidate set {source[0]}@{source[1]} is not in store {self.location!r} or lacks "
+                                 f"ranked candidates ({', '.join(map(str, missing[:3]))}); the search was not kept")
+        winner, record = searchlog.encode(approach, k, ranking, timings, source)
+        with self.writing(f"the search on {dataset!r}"):  # a catalog rebuild waits, then carries it over
+            return self.catalog.insert_search(dataset, approach, winner, record).id
+
     def lineage(self, name: str) -> Lineage:
         """The version graph of ``name``: bases, approaches, models added/dropped, datasets."""
         rows = self.catalog.versions(name)
@@ -395,8 +436,15 @@ class Store:
     def verify(self) -> list[str]:
         """Check catalog against objects: every visible version's manifest and every object it
         references verify by hash, catalog rows and artifact lists agree with the manifests, and
-        no acknowledged version is missing. One line per problem (empty: intact)."""
-        return maintenance.verify(self.catalog)
+        no acknowledged version is missing, every kept search is well-formed. One line per problem
+        (empty: intact)."""
+        problems = maintenance.verify(self.catalog)
+        for row in self.catalog.raw_searches():
+            try:
+                searchlog.decode(row)
+            except IntegrityError as e:
+                problems.append(str(e))
+        return problems
 
     def gc(self, wait_s: float = LOCK_WAIT_S) -> "GcReport":
         """Remove what no version references — objects of killed or failed saves, their pending
