@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ProbeMismatch, SearchError, a_type
+from ..store import Store
 from .distributed import RaySearch, resolve_executor
 from .engine import Candidate, Meter, check_items, extract_shared, extract_whole
 from .halving import Rung, schedule
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..store import Store
 
 APPROACHES = ("alsatian", "shift", "base")
 MIN_RUNG_ITEMS = 32
@@ -60,8 +60,6 @@ class SearchResult:
         identities when they came from ``mm.load_candidates`` (else only their names). Then
         ``store.searches()`` lists it and ``store.models()`` marks the winner ``best_on`` it. Returns
         the kept search's id."""
-        from ..store import Store
-
         if not isinstance(store, Store):
             raise SearchError(f"save needs an mm.Store, not {type(store).__name__}")
         cols = self.ranking[["model", "score", "loss", "rung"]]
