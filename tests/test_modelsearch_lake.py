@@ -111,7 +111,7 @@ def test_reused_features_are_bit_identical_across_processes_and_after_gc(tmp_pat
     xy = data(300)
     other = tmp_path / "other"
     script = (
-        "import sys, json, torch; sys.path.insert(0, sys.argv[2]); import test_modelsearch_lake as t, mm_jupyter as mm\n"
+        "import sys, json; sys.path.insert(0, sys.argv[2]); import test_modelsearch_lake as t, mm_jupyter as mm\n"
         "r = t.run({**t.family(4, 1), **t.family(4, 2)}, t.data(300), mm.Store(sys.argv[1]))\n"
         "print(json.dumps(r.ranking[['model', 'score']].values.tolist()))\n")
     done = subprocess.run([sys.executable, "-c", script, str(other), str(ROOT / "tests")], capture_output=True,
