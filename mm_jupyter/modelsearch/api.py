@@ -433,7 +433,7 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
     features (``lay``: the content layout, ``kept``: the store's features) every segment is one chunk."""
     import torch
 
-    from .proxies import score_many
+    from .proxies import ProxyScore, score_many
 
     active = list(cands)
     test_feats: dict[str, torch.Tensor] = {}
@@ -491,6 +491,19 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
         if remote is not None:
             scores = remote.score([(n, torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in active],
                                   y_train[: rung.items], y_test)
+        elif kept is not None:  # a proxy score computed before on the same features is kept too
+            train_chunks = [h for _, _, h in lay.chunks("train", 0, rung.items)]
+            test_chunks = [h for _, _, h in lay.test_chunks]
+            label_bytes = y_train[: rung.items].numpy().tobytes() + b"|" + y_test.numpy().tobytes()
+            keys = {n: kept.score_key(cands[n].ids, train_chunks, test_chunks, label_bytes, proxy, seed)
+                    for n in active}
+            known = kept.scores(keys)
+            todo = [n for n in active if n not in known]
+            together = score_many(proxy, [(torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in todo],
+                                  y_train[: rung.items], y_test, seed=seed)
+            fresh = {n: (s.score, s.loss) for n, s in zip(todo, together)}
+            kept.keep_scores(keys, fresh)
+            scores = {n: ProxyScore(*(known.get(n) or fresh[n])) for n in active}
         else:
             together = score_many(proxy, [(torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in active],
                                   y_train[: rung.items], y_test, seed=seed)  # the rung's survivors together

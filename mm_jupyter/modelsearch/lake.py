@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
@@ -62,6 +63,12 @@ class Layout:
         """Chunks of ``part`` lying in items ``lo:hi`` of its order (rung bounds fall on chunk bounds)."""
         pool = self.test_chunks if part == "test" else self.train_chunks
         return [c for c in pool if lo <= c[0] and c[1] <= hi]
+
+
+def torch_float64() -> "torch.dtype":
+    import torch
+
+    return torch.float64
 
 
 def item_hashes(x: "torch.Tensor") -> list[bytes]:
@@ -160,10 +167,18 @@ class Kept:
     reused: int = 0
     computed: int = 0
 
-    def key(self, path: list[str] | tuple[str, ...], chunk: str, kind: str) -> str:
-        from ..store.features import feature_key
+    _paths: dict[tuple[tuple[str, ...], str], Any] = field(default_factory=dict)
 
-        return feature_key(list(path), chunk, f"{self.precision}|{kind}")
+    def key(self, path: list[str] | tuple[str, ...], chunk: str, kind: str) -> str:
+        """``store.features.feature_key`` of a block path and chunk (the path's hash state reused)."""
+        from ..store.features import add_field, path_hasher
+
+        at = (tuple(path), kind)
+        if at not in self._paths:
+            self._paths[at] = path_hasher(at[0], f"{self.precision}|{kind}")
+        h = self._paths[at].copy()
+        add_field(h, chunk)
+        return str(h.hexdigest())
 
     def extract(self, group: list[Candidate], segments: list["torch.Tensor"], hashes: list[str], *,
                 shared: bool, batch_size: int, device: str, budget: int | None, meter: Meter,
@@ -173,6 +188,7 @@ class Kept:
         (from a kept last-block input where every segment has one) and kept."""
         import torch
 
+        t0 = time.perf_counter()
         out: list[dict[Hashable, torch.Tensor]] = [{} for _ in segments]
         need: dict[tuple[Hashable, ...], list[int]] = {}
         for j, h in enumerate(hashes):
@@ -187,6 +203,7 @@ class Kept:
                     self.reused += 1
             if missing:
                 need.setdefault(tuple(missing), []).append(j)
+        meter.add("inference", time.perf_counter() - t0)  # reading kept features replaces inference
         by_name = {c.name: c for c in group}
         for names, idx in need.items():
             segs = [segments[j] for j in idx]
@@ -235,6 +252,34 @@ class Kept:
                     self.computed += 1
             self.features.put(keep)
         return out
+
+    def score_key(self, ids: list[str], train: list[str], test: list[str], labels: bytes, proxy: str,
+                  seed: int) -> str:
+        """Key of a proxy score: the proxy, its seed, the labels and the keys of every feature it
+        trains and tests on (a proxy's score does not depend on the other candidates it is trained
+        beside, see ``proxies.score_many``)."""
+        h = hashlib.sha256(b"mm-proxy-score/1")
+        h.update(f"{proxy}|{seed}|".encode())
+        h.update(hashlib.sha256(labels).digest())
+        for part, hashes in (("train", train), ("test", test)):
+            h.update(part.encode())
+            for chunk in hashes:
+                h.update(self.key(ids, chunk, "features").encode())
+        return self.key([], h.hexdigest(), "score")
+
+    def scores(self, keys: dict[Hashable, str]) -> dict[Hashable, tuple[float, float]]:
+        """Kept (score, loss) of the names in ``keys`` that have one."""
+        out = {}
+        for name, key in keys.items():
+            t = self.features.get(key)
+            if t is not None and t.dtype == torch_float64() and t.shape == (2,):
+                out[name] = (float(t[0]), float(t[1]))
+        return out
+
+    def keep_scores(self, keys: dict[Hashable, str], got: dict[Hashable, tuple[float, float]]) -> None:
+        import torch
+
+        self.features.put([(keys[n], torch.tensor(v, dtype=torch.float64)) for n, v in got.items()])
 
     @staticmethod
     def _merge(into: list[dict[Hashable, "torch.Tensor"]], more: list[dict[Hashable, "torch.Tensor"]]) -> None:

@@ -36,6 +36,8 @@ INDEX_NAME = "index"
 INDEX_MAGIC = b"MMFEATURES-INDEX\x00\x01\n"
 PAYLOAD_MAGIC = b"MMFEATURES-DATA\x00\x01\n"
 _ALIGN = 64
+#: seconds within which a read does not refresh a feature's last use (and so needs no index write)
+TOUCH_S = 60.0
 #: default byte budget of a store's kept features
 DEFAULT_BUDGET = 4 << 30
 _DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
@@ -45,12 +47,24 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16
 def feature_key(path: Sequence[str], chunk: str, precision: str) -> str:
     """sha256 hex of a block path (content ids from the input), a chunk's content hash and the
     precision tag: equal keys mean bit-identical outputs."""
-    h = hashlib.sha256(b"mm-feature/1\n")
-    for part in (*path, "|", chunk, "|", precision):
-        raw = part.encode()
-        h.update(len(raw).to_bytes(8, "little"))
-        h.update(raw)
-    return h.hexdigest()
+    h = path_hasher(path, precision)
+    add_field(h, chunk)
+    return str(h.hexdigest())
+
+
+def path_hasher(path: Sequence[str], precision: str) -> Any:
+    """The hash state of ``feature_key`` before its chunk (copy it to key many chunks of one path)."""
+    h = hashlib.sha256(b"mm-feature/2\n")
+    for part in (precision, "|", *path, "|"):
+        add_field(h, part)
+    return h
+
+
+def add_field(h: Any, part: str) -> None:
+    """A length-prefixed field (no two field sequences hash alike)."""
+    raw = part.encode()
+    h.update(len(raw).to_bytes(8, "little"))
+    h.update(raw)
 
 
 @dataclass
@@ -96,6 +110,7 @@ class FeatureStore:
         self._bad: set[str] = set()
         self.added: set[str] = set()
         self.hits = self.misses = self.corrupt = self.written_bytes = 0
+        self.touched = False
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries and self.entries[key].oid not in self._bad
@@ -125,7 +140,10 @@ class FeatureStore:
             self._drop(e.oid)
             self.misses += 1
             return None
-        e.used = time.time()
+        now = time.time()
+        if now - e.used > TOUCH_S:  # recency is kept to the minute: a search that only reads rarely writes
+            e.used = now
+            self.touched = True
         self.hits += 1
         return out.view(dtype).reshape(e.shape)
 
@@ -176,6 +194,8 @@ class FeatureStore:
         """Merge with the index as stored now (another search may have written since), evict the
         least recently used objects down to the budget, and write the index."""
         self.close()
+        if not (self.added or self.touched or self._bad) and not over_budget(self.entries, self.budget):
+            return
         try:
             with self.store.writing("the feature index"):
                 stored = load_index(self.objects)
@@ -251,4 +271,5 @@ def drop_all(objects: "ObjectArea") -> None:
     objects.remove_ref(KIND, INDEX_NAME, 1)
 
 
-__all__ = ["DEFAULT_BUDGET", "Entry", "FeatureStore", "drop_all", "feature_key", "live_objects", "load_index"]
+__all__ = ["DEFAULT_BUDGET", "Entry", "FeatureStore", "add_field", "drop_all", "feature_key", "live_objects",
+           "load_index", "path_hasher"]
