@@ -38,6 +38,16 @@ class RungState:
     items: int
     scored: set[str] = field(default_factory=set)
     survivors: list[str] | None = None
+    reused: int | None = None  # kept features (candidate x chunk) read instead of computed
+    computed: int = 0
+
+    @property
+    def label(self) -> str:
+        """'rung 0: 1,600 items' and, with kept features, how many were reused and computed."""
+        text = f"rung {self.index}: {self.items:,} items"
+        if self.reused is not None:
+            text += f" · features {self.reused} reused, {self.computed} computed"
+        return text
 
 
 @dataclass
@@ -155,6 +165,10 @@ class SearchProgress(StaticFallback, widgets.VBox):
         rung, survivors = int(e["rung"]), [str(m) for m in e["survivors"]]
         self.rungs[rung].survivors = survivors
 
+    def _reuse(self, e: dict[str, Any]) -> None:
+        rung = self.rungs[int(e["rung"])]
+        rung.reused, rung.computed = int(e["reused"]), int(e["computed"])
+
     def _cache(self, e: dict[str, Any]) -> None:
         size = int(e["bytes"])
         chunks = int(e.get("chunk", self.chunks))
@@ -168,7 +182,7 @@ class SearchProgress(StaticFallback, widgets.VBox):
 
     _HANDLERS: ClassVar[dict[str, Callable[["SearchProgress", dict[str, Any]], None]]] = {
         "prepare": _prepare, "rung_start": _rung_start, "model_scored": _model_scored, "model_pruned": _model_pruned,
-        "rung_end": _rung_end, "cache": _cache, "done": _done,
+        "rung_end": _rung_end, "cache": _cache, "done": _done, "reuse": _reuse,
     }
 
     def interrupted(self) -> None:
@@ -226,7 +240,10 @@ class SearchProgress(StaticFallback, widgets.VBox):
     def _draw_bars(self) -> None:
         bars = list(self.bars.children)
         for rung in sorted(self.rungs.values(), key=lambda r: r.index)[len(bars):]:
-            bars.append(widgets.IntProgress(min=0, description=f"rung {rung.index}: {rung.items:,} items"))
+            bars.append(widgets.IntProgress(min=0, description=rung.label))
+        for bar, rung in zip(bars, sorted(self.rungs.values(), key=lambda r: r.index)):
+            if bar.description != rung.label:
+                bar.description = rung.label
         # one label width for every bar, so the bars start at the same left edge
         width = f"{max((len(b.description) for b in bars), default=0) + 1}ch"
         for bar in bars:
@@ -282,7 +299,8 @@ class SearchProgress(StaticFallback, widgets.VBox):
         """The widget's state as HTML and text, for viewers without the live widget (saved notebooks)."""
         rungs = "".join(
             f"<li>rung {r.index}: {len(r.models)} models on {r.items} items, {len(r.scored)} scored"
-            + (f" &rarr; {survivors(len(r.survivors))}" if r.survivors is not None else "") + "</li>"
+            + (f" &rarr; {survivors(len(r.survivors))}" if r.survivors is not None else "")
+            + (f"; features {r.reused} reused, {r.computed} computed" if r.reused is not None else "") + "</li>"
             for r in sorted(self.rungs.values(), key=lambda r: r.index)
         )
         parts = [self.status.value, f"<ul>{rungs}</ul>" if rungs else "", self.cache.value,
@@ -311,8 +329,10 @@ class SearchProgress(StaticFallback, widgets.VBox):
         lines = [f"SearchProgress: {self.state}, {len(self.rungs)} rung(s), {len(self.entries)} models"]
         for rung in sorted(self.rungs.values(), key=lambda r: r.index):
             end = f" -> {survivors(len(rung.survivors))}" if rung.survivors is not None else ""
+            kept = (f", features {rung.reused} reused / {rung.computed} computed" if rung.reused is not None
+                    else "")
             lines.append(f"  rung {rung.index}: {len(rung.models)} models, {rung.items} items, "
-                         f"{len(rung.scored)} scored{end}")
+                         f"{len(rung.scored)} scored{end}{kept}")
         if self.state == "done" and self.entries:
             lines.append(f"  best: {self.ranking[0].model!r}")
         return "\n".join(lines)
