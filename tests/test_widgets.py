@@ -542,14 +542,15 @@ def test_progress_shows_reused_and_computed_features_per_rung(tmp_path):
     rungs = sorted(widget.rungs.values(), key=lambda r: r.index)
     assert sum(r.reused for r in rungs) == result.stats["features_reused"] > 0
     assert sum(r.computed for r in rungs) == result.stats["features_computed"] > 0
-    for bar, rung in zip(widget.bars.children, rungs):
-        assert bar.description == f"rung {rung.index}: {rung.items:,} items · features {rung.reused} reused, " \
-                                  f"{rung.computed} computed"
+    shown = re.findall(rf"{_TD}rung (\d+)</td><td[^>]*>(\d+) reused</td><td[^>]*>(\d+) computed</td>",
+                       widget.reuse.value)
+    assert [tuple(map(int, row)) for row in shown] == [(r.index, r.reused, r.computed) for r in rungs]
     assert f"features {rungs[0].reused} reused / {rungs[0].computed} computed" in repr(widget)
     assert f"features {rungs[0].reused} reused, {rungs[0].computed} computed" in widget.static_bundle()["text/html"]
     plain = SearchProgress()
     mm.search(candidates, (x, y), k=1, device="cpu", progress=plain)
     assert "features" not in repr(plain) and all(r.reused is None for r in plain.rungs.values())
+    assert plain.reuse.value == ""
 
 
 def test_progress_shows_model_preparation_before_the_first_rung():

@@ -41,14 +41,6 @@ class RungState:
     reused: int | None = None  # kept features (candidate x chunk) read instead of computed
     computed: int = 0
 
-    @property
-    def label(self) -> str:
-        """'rung 0: 1,600 items' and, with kept features, how many were reused and computed."""
-        text = f"rung {self.index}: {self.items:,} items"
-        if self.reused is not None:
-            text += f" · features {self.reused} reused, {self.computed} computed"
-        return text
-
 
 @dataclass
 class Entry:
@@ -109,9 +101,11 @@ class SearchProgress(StaticFallback, widgets.VBox):
                                                layout={"display": "none"})
         self.bars = widgets.VBox()
         self.cache = widgets.HTML()
+        self.reuse = widgets.HTML()
         self.leaderboard = widgets.HTML()
         self.summary = widgets.HTML()
-        self.children = [self.status, self.preparation, self.bars, self.cache, self.leaderboard, self.summary]
+        self.children = [self.status, self.preparation, self.bars, self.reuse, self.cache, self.leaderboard,
+                         self.summary]
         self.flush()
 
     # -- events ------------------------------------------------------------------------------
@@ -214,6 +208,7 @@ class SearchProgress(StaticFallback, widgets.VBox):
         self.cache.value = (f"cache: peak {human_bytes(self.cache_bytes)} in this rung · "
                             f"{human_bytes(self.cache_peak)} overall · {self.chunks} chunk(s)"
                             if self.cache_bytes is not None else "")
+        self.reuse.value = self._reuse_html()
         self.leaderboard.value = self._leaderboard_html() if self.entries else ""
         self.summary.value = self._summary_html() if self.state == "done" else ""
 
@@ -240,10 +235,7 @@ class SearchProgress(StaticFallback, widgets.VBox):
     def _draw_bars(self) -> None:
         bars = list(self.bars.children)
         for rung in sorted(self.rungs.values(), key=lambda r: r.index)[len(bars):]:
-            bars.append(widgets.IntProgress(min=0, description=rung.label))
-        for bar, rung in zip(bars, sorted(self.rungs.values(), key=lambda r: r.index)):
-            if bar.description != rung.label:
-                bar.description = rung.label
+            bars.append(widgets.IntProgress(min=0, description=f"rung {rung.index}: {rung.items:,} items"))
         # one label width for every bar, so the bars start at the same left edge
         width = f"{max((len(b.description) for b in bars), default=0) + 1}ch"
         for bar in bars:
@@ -256,6 +248,25 @@ class SearchProgress(StaticFallback, widgets.VBox):
             bar.bar_style = "success" if complete else "danger" if self.state == "interrupted" else ""
         if len(bars) != len(self.bars.children):
             self.bars.children = bars
+
+    def _reuse_html(self) -> str:
+        """Per rung, kept features read (green) beside features computed (blue): a search with
+        ``reuse=True`` shows what the store saved it; empty otherwise."""
+        rows = []
+        for r in sorted(self.rungs.values(), key=lambda r: r.index):
+            if r.reused is None:
+                continue
+            total = max(1, r.reused + r.computed)
+            bar = (f'<div style="display:flex;width:160px;height:0.8em;background:#eee">'
+                   f'<div style="background:#2ca02c;width:{100 * r.reused / total:.1f}%"></div>'
+                   f'<div style="background:#1f77b4;width:{100 * r.computed / total:.1f}%"></div></div>')
+            rows.append(f"<tr><td{CELL}>rung {r.index}</td><td{NUM}>{r.reused} reused</td>"
+                        f"<td{NUM}>{r.computed} computed</td><td{CELL}>{bar}</td></tr>")
+        if not rows:
+            return ""
+        return ("<b>kept features</b> (candidate × chunk; "
+                '<span style="color:#2ca02c">reused</span> / <span style="color:#1f77b4">computed</span>)'
+                f'<table style="border-collapse:collapse">{"".join(rows)}</table>')
 
     def _leaderboard_html(self) -> str:
         done = self.state == "done"
@@ -303,7 +314,7 @@ class SearchProgress(StaticFallback, widgets.VBox):
             + (f"; features {r.reused} reused, {r.computed} computed" if r.reused is not None else "") + "</li>"
             for r in sorted(self.rungs.values(), key=lambda r: r.index)
         )
-        parts = [self.status.value, f"<ul>{rungs}</ul>" if rungs else "", self.cache.value,
+        parts = [self.status.value, f"<ul>{rungs}</ul>" if rungs else "", self.reuse.value, self.cache.value,
                  self.leaderboard.value, self.summary.value]
         return {"text/html": "<div>" + "".join(f"<div>{p}</div>" for p in parts if p) + "</div>",
                 "text/plain": "\n".join([repr(self), *self.leaderboard_lines()])}
