@@ -334,3 +334,54 @@ def test_team_store_features_read_in_part(team_store_args: tuple[str, str], tmp_
     assert got is not None and torch.equal(got, parts[1][1])
     fetched = area.bytes_fetched - before
     assert 1_200_000 <= fetched < area.size(reader.entries[parts[1][0]].oid) * 2 // 3
+
+
+def test_two_writers_merge_their_features(tmp_path: Path) -> None:
+    """Two searches keeping features at once: the second index write merges the first's entries."""
+    store = mm.Store(tmp_path / "s")
+    a, b = FeatureStore(store), FeatureStore(store)
+    a.put([("a" * 64, torch.arange(10.0))])
+    b.put([("b" * 64, torch.arange(5.0))])
+    a.flush()
+    b.flush()
+    index = load_index(store.objects)
+    assert {"a" * 64, "b" * 64} <= index.keys()
+    c = FeatureStore(store)
+    assert torch.equal(c.get("a" * 64), torch.arange(10.0)) and torch.equal(c.get("b" * 64), torch.arange(5.0))
+
+
+def test_index_entry_that_lies_about_its_bytes_is_not_used(tmp_path: Path) -> None:
+    """An index naming a range past its object, or a shape that does not fit its bytes: a miss."""
+    store = mm.Store(tmp_path / "s")
+    fs = FeatureStore(store)
+    fs.put([("a" * 64, torch.arange(16.0)), ("b" * 64, torch.arange(4.0))])
+    fs.flush()
+    entries = load_index(store.objects)
+    entries["a" * 64].nbytes += 4096  # past the end of the object
+    entries["b" * 64].shape = (5,)  # 5 floats do not fit 16 bytes
+    kept_features.write_index(store.objects, entries)
+    fresh = FeatureStore(store)
+    assert fresh.get("a" * 64) is None and fresh.get("b" * 64) is None and fresh.corrupt >= 1
+
+
+def test_kept_scores_follow_the_labels(tmp_path: Path, cands: dict[str, nn.Module]) -> None:
+    """A kept proxy score is found only for the same features, labels, proxy and seed; the same
+    inputs with other labels rank as a fresh search does."""
+    from mm_jupyter.modelsearch.lake import Kept
+
+    k = Kept(FeatureStore(mm.Store(tmp_path / "keys")), "cpu")
+    base = k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labels", "linear", 0)
+    assert base == k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labels", "linear", 0)
+    for other_key in (k.score_key(["b1", "b3"], ["c1", "c2"], ["t1"], b"labels", "linear", 0),
+                      k.score_key(["b1", "b2"], ["c1"], ["t1"], b"labels", "linear", 0),
+                      k.score_key(["b1", "b2"], ["c1", "c2"], ["t2"], b"labels", "linear", 0),
+                      k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labelz", "linear", 0),
+                      k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labels", "knn", 0),
+                      k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labels", "linear", 1)):
+        assert other_key != base
+    store = mm.Store(tmp_path / "s")
+    x, y = data(300)
+    run(cands, (x, y), store)
+    other = (y + 1) % 4
+    relabelled = run(cands, (x, other), store)
+    same(relabelled, run(cands, (x, other), mm.Store(tmp_path / "fresh")))

@@ -246,15 +246,15 @@ def search(
     proxy: str = "linear",
     progress: Callable[[dict[str, Any]], None] | None = None,
     executor: Any = None,
+    store: Any = None,
+    reuse: bool = False,
+    layers: int = 1,
     *,
     eta: int = 2,
     batch_size: int = 64,
     test_fraction: float = 0.2,
     seed: int = 0,
     halving: bool | None = None,
-    store: Any = None,
-    reuse: bool = False,
-    layers: int = 1,
     feature_budget: int | None = None,
 ) -> SearchResult:
     """Rank ``candidates`` as base models for the labelled ``data`` (Alsatian model search).
@@ -276,11 +276,6 @@ def search(
         progress: called with event dicts (candidates prepared, rung start/end, model scored/pruned, cache).
         executor: ``"ray"`` or a ``RayExecutor``: each rung on several workers, each taking whole subtrees of
             the task tree; pruning stays global, scores and ranking are the single process's.
-        eta: the halving factor (keep ``1/eta`` per rung).
-        batch_size: items per inference batch.
-        test_fraction: the part of ``data`` the proxy is scored on.
-        seed: the seed of the data split and the proxy.
-        halving: successive halving on or off (default: on for alsatian and shift, off for base).
         store: the ``mm.Store`` whose kept features a search with ``reuse=True`` reads and writes.
         reuse: keep block outputs in ``store`` and reuse those kept by earlier searches (the model
             lake): the same search again, a search over appended items or over candidates derived from
@@ -290,6 +285,11 @@ def search(
         layers: score the outputs of each candidate's last ``layers`` block boundaries as separate arms
             (VISTA): the ranking gets a ``layer`` column (-1: the candidate's own output, -2: the
             input of its last block, ...) and ``result.best_arm`` names the best (model, layer).
+        eta: the halving factor (keep ``1/eta`` per rung).
+        batch_size: items per inference batch.
+        test_fraction: the part of ``data`` the proxy is scored on.
+        seed: the seed of the data split and the proxy.
+        halving: successive halving on or off (default: on for alsatian and shift, off for base).
         feature_budget: bytes of kept features in ``store`` at most (default 4 GiB); the least recently
             used are evicted.
 
