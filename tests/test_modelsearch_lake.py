@@ -385,3 +385,31 @@ def test_kept_scores_follow_the_labels(tmp_path: Path, cands: dict[str, nn.Modul
     other = (y + 1) % 4
     relabelled = run(cands, (x, other), store)
     same(relabelled, run(cands, (x, other), mm.Store(tmp_path / "fresh")))
+
+
+def test_unusual_dtypes_are_not_kept(tmp_path: Path) -> None:
+    """A dtype the index cannot describe is skipped, never written into (and so never poisons) the index."""
+    store = mm.Store(tmp_path / "s")
+    fs = FeatureStore(store)
+    fs.put([("a" * 64, torch.zeros(4, dtype=torch.float8_e4m3fn)), ("b" * 64, torch.ones(3, dtype=torch.bfloat16))])
+    fs.flush()
+    index = load_index(store.objects)
+    assert set(index) == {"b" * 64}
+    assert torch.equal(FeatureStore(store).get("b" * 64), torch.ones(3, dtype=torch.bfloat16))
+
+
+def test_stored_candidates_share_kept_features_with_in_memory_ones(tmp_path: Path) -> None:
+    """Candidates loaded from the store have the same block ids as the models they were saved from,
+    so their features are the kept ones (and the ranking is the same)."""
+    from search_models import mlp
+
+    store = mm.Store(tmp_path / "s")
+    torch.manual_seed(0)
+    cands = {f"m{i}": mlp() for i in range(4)}
+    x = torch.randn(240, 16)
+    y = (x[:, 0] > 0).long()
+    live = run(cands, (x, y), store)
+    mm.add_candidates(store, cands, "mlps")
+    stored = run(mm.load_candidates(store, "mlps"), (x, y), store)
+    assert stored.stats["features_computed"] == 0
+    same(live, stored)

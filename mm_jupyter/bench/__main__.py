@@ -698,7 +698,9 @@ def cmd_lake(args: argparse.Namespace) -> int:
           "times in seconds (median, min-max); timings on a shared machine are noisy")
     print(format_table(res.rows, [("step", "step", "str"), ("versus", "versus", "str"), ("median_s", "median s", "s"),
                                   ("min_s", "min s", "s"), ("max_s", "max s", "s"), ("ratio", "ratio", "x"),
-                                  ("goal", "goal", "x")]))
+                                  ("work", "block work", "x"), ("goal", "goal", "x")]))
+    print("block work: items through blocks (all depths) against the step it is compared with; it does not "
+          "vary with load, and leaves out preparing candidates (split checks, block hashing) and the proxy")
     print(format_targets(res.targets))
     print("load average per round: " + ", ".join(f"{v:.2f}" for v in res.loads))
     print("load average after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))

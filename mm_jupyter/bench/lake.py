@@ -76,9 +76,14 @@ def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, 
         first = int(round(items / (1 + append)))
         progress(f"built {models}+{derived} {arch} candidates and {items} items in {time.perf_counter() - t0:.1f} s")
 
-        def timed(cands: Any, xy: Any, **kw: Any) -> tuple[float, Any]:
+        work: dict[str, int] = {}
+
+        def timed(cands: Any, xy: Any, step: str | None = None, **kw: Any) -> tuple[float, Any]:
             t = time.perf_counter()
             r = search(cands, xy, k=1, device=device, batch_size=batch_size, seed=seed, **kw)
+            if step is not None:  # block work: items through blocks, all depths (the same every round)
+                depths: Any = r.stats["items_per_depth"]  # SearchResult.stats is typed as counts
+                work[step] = sum(depths)
             return time.perf_counter() - t, r
 
         timed(more, (x, y))  # warm-up: the split verdicts and allocator are then as in every later round
@@ -91,18 +96,18 @@ def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, 
             progress(f"round {r + 1}/{rounds} (load average {loads[-1]:.1f})")
             s1 = Store(os.path.join(tmp, f"r{r}-a"))
             s2 = Store(os.path.join(tmp, f"r{r}-b"))
-            times["fresh"].append(timed(base, (x, y))[0])
-            times["fresh+"].append(timed(more, (x, y))[0])
-            t, keep = timed(base, (x, y), store=s1, reuse=True)
+            times["fresh"].append(timed(base, (x, y), "fresh")[0])
+            times["fresh+"].append(timed(more, (x, y), "fresh+")[0])
+            t, keep = timed(base, (x, y), "keep", store=s1, reuse=True)
             times["keep"].append(t)
-            t, again = timed(base, (x, y), store=s1, reuse=True)
+            t, again = timed(base, (x, y), "again", store=s1, reuse=True)
             times["again"].append(t)
-            t, grown = timed(more, (x, y), store=s1, reuse=True)
+            t, grown = timed(more, (x, y), "derived", store=s1, reuse=True)
             times["derived"].append(t)
             timed(base, (x[:first], y[:first]), store=s2, reuse=True)
-            t, appended = timed(base, (x, y), store=s2, reuse=True)
+            t, appended = timed(base, (x, y), "appended", store=s2, reuse=True)
             times["appended"].append(t)
-            times["layers"].append(timed(base, (x, y), layers=layers)[0])
+            times["layers"].append(timed(base, (x, y), "layers", layers=layers)[0])
             if r == 0:
                 progress("checking rankings against fresh searches on empty stores")
                 fresh_more = timed(more, (x, y), store=Store(os.path.join(tmp, "check")), reuse=True)[1]
@@ -121,6 +126,7 @@ def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, 
                          ("fresh+", None), ("derived", "fresh+"), ("layers", "fresh")):
         rows.append({"step": name, "median_s": med[name], "min_s": min(times[name]), "max_s": max(times[name]),
                      "ratio": None if versus is None else med[name] / med[versus], "versus": versus or "-",
+                     "work": None if versus is None else work[name] / max(1, work[versus]),
                      "goal": GOALS.get(name)})
     targets = [Target(f"{name} / {versus} (rankings equal: {equal.get(name, 'n/a')})", med[name] / med[versus],
                       GOALS[name], "<=", "x") for name, versus in (("again", "fresh"), ("appended", "fresh"),

@@ -158,10 +158,12 @@ class FeatureStore:
             del self.entries[key]
 
     def put(self, items: Iterable[tuple[str, "torch.Tensor"]]) -> None:
-        """Keep features (one object for all of them; keys already kept are skipped)."""
+        """Keep features (one object for all of them). Keys already kept are skipped, and so are
+        tensors of a dtype or layout the index does not describe (they are simply recomputed)."""
         import torch
 
-        todo = [(k, t.detach().cpu().contiguous()) for k, t in items if k not in self]
+        todo = [(k, t.detach().cpu().contiguous()) for k, t in items
+                if k not in self and str(t.dtype).removeprefix("torch.") in _DTYPES and t.layout == torch.strided]
         if not todo:
             return
         parts: list[bytes] = [PAYLOAD_MAGIC + b"\x00" * (_ALIGN - len(PAYLOAD_MAGIC))]
