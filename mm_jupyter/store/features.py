@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 from ..errors import IntegrityError, MMError, StoreError
 from .limits import loads
@@ -29,7 +30,14 @@ if TYPE_CHECKING:
     import torch
 
     from .contracts import ObjectArea, Reader
-    from .store import Store
+
+
+class Writable(Protocol):
+    """What kept features need of a store (``mm.Store``): its object area and its save lock."""
+
+    objects: "ObjectArea"
+
+    def writing(self, what: str) -> AbstractContextManager[None]: ...
 
 KIND = "features"
 INDEX_NAME = "index"
@@ -101,7 +109,7 @@ class FeatureStore:
     """The kept features of one store, for one search: ``get`` / ``put`` during it, ``flush`` at its
     end (eviction under ``budget`` bytes, then one index write)."""
 
-    def __init__(self, store: "Store", budget: int | None = None) -> None:
+    def __init__(self, store: Writable, budget: int | None = None) -> None:
         self.store = store
         self.objects: ObjectArea = store.objects
         self.budget = DEFAULT_BUDGET if budget is None else int(budget)
