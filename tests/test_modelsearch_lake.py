@@ -413,3 +413,11 @@ def test_stored_candidates_share_kept_features_with_in_memory_ones(tmp_path: Pat
     stored = run(mm.load_candidates(store, "mlps"), (x, y), store)
     assert stored.stats["features_computed"] == 0
     same(live, stored)
+
+
+def test_precision_names_what_changes_float_results() -> None:
+    from mm_jupyter.modelsearch.lake import precision
+
+    tag = precision("cpu")
+    assert f"torch {torch.__version__}" in tag and f"threads {torch.get_num_threads()}" in tag
+    assert f"cpu {torch.backends.cpu.get_cpu_capability()}" in tag

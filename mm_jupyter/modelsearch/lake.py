@@ -12,9 +12,9 @@ data are laid out by content, not by position:
   depends on the chunk's items alone. Appending items leaves every full old chunk as it was.
 
 Features are keyed by (block-id path, chunk hash, precision); the precision tag holds what else can
-change float results (device kind, torch version, CPU threads, TF32 switches). Per candidate the
-search keeps its features (the flattened last output) and the input of its last block, so a
-candidate derived from a kept one by retraining its last block runs only that block.
+change float results (device kind and name, torch version, CPU threads and vector capability, TF32
+and cuDNN switches). Per candidate the search keeps its features (the flattened last output) and the
+input of its last block, so a candidate derived from a kept one by retraining its last block runs only that block.
 """
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def precision(device: str) -> str:
     import torch
 
     dev = torch.device(device)
-    tag = f"{dev.type}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    tag = (f"{dev.type}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+           f"|cpu {torch.backends.cpu.get_cpu_capability()}")  # the kernels' vector width (ATEN_CPU_CAPABILITY)
     if dev.type == "cuda":
         tag += (f"|{torch.cuda.get_device_name(dev)}|tf32 {torch.backends.cuda.matmul.allow_tf32}"
                 f" {torch.backends.cudnn.allow_tf32}|det {torch.backends.cudnn.deterministic}")
