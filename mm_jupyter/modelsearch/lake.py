@@ -14,7 +14,8 @@ data are laid out by content, not by position:
 Features are keyed by (block-id path, chunk hash, precision); the precision tag holds what else can
 change float results (device kind and name, torch version, CPU threads and vector capability, TF32
 and cuDNN switches). Per candidate the search keeps its features (the flattened last output) and the
-input of its last block, so a candidate derived from a kept one by retraining its last block runs only that block.
+input of its last block, so a candidate derived from a kept one by retraining its last block runs
+only that block. Proxy scores are kept too, keyed by the features and labels they were computed on.
 """
 from __future__ import annotations
 
