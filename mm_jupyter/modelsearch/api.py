@@ -394,6 +394,8 @@ def search(
     else:
         counts = lay.rung_items(len(rungs) - 1, MIN_RUNG_ITEMS)
         rungs = [Rung(r.index, r.models, counts[r.index], r.keep) for r in rungs]
+        lay = lay.grouped(lay.rung_levels(len(rungs) - 1, MIN_RUNG_ITEMS)[0])  # the first rung's items: one group
+        x_train, y_train = x[lay.train], y[lay.train]
     kept = None
     if reuse:
         from ..store.features import FeatureStore

@@ -39,31 +39,66 @@ MAX_LEVEL = 30
 @dataclass
 class Layout:
     """Content-determined order of the data: ``test`` and ``train`` are item indices; chunks are
-    ``(start, stop, hash)`` ranges of those orders; ``levels[i]`` is train item ``i``'s level."""
+    ``(start, stop, hash)`` ranges of those orders; ``levels[i]`` is train item ``i``'s level.
+
+    Train items are grouped by level, every level above ``top`` (the first rung's) in one group, in
+    data order within a group: appended items go to the end of their group, and the small groups
+    of the highest levels (where every candidate runs) do not each end in a partial chunk."""
 
     test: "torch.Tensor"
     train: "torch.Tensor"
     levels: list[int]
     test_chunks: list[tuple[int, int, str]]
     train_chunks: list[tuple[int, int, str]]
+    hashes: list[bytes] = field(repr=False, default_factory=list)
+    batch_size: int = 1
 
-    def rung_items(self, last: int, least: int) -> list[int]:
-        """Training items of each of ``last + 1`` rungs: rung ``r`` takes levels >= ``last - r``, or
-        the smallest level set holding ``least`` items (train order is by level, highest first)."""
+    def rung_levels(self, last: int, least: int) -> list[int]:
+        """The lowest level of each of ``last + 1`` rungs: rung ``r`` takes levels >= ``last - r``, or
+        the smallest level set holding ``least`` items."""
         out = []
         for r in range(last + 1):
             level = last - r
-            count = sum(1 for v in self.levels if v >= level)
-            while count < min(least, len(self.levels)) and level > 0:
+            while sum(1 for v in self.levels if v >= level) < min(least, len(self.levels)) and level > 0:
                 level -= 1
-                count = sum(1 for v in self.levels if v >= level)
-            out.append(count)
+            out.append(level)
         return out
+
+    def rung_items(self, last: int, least: int) -> list[int]:
+        """Training items of each rung (see ``rung_levels``): a prefix of the train order."""
+        return [sum(1 for v in self.levels if v >= level) for level in self.rung_levels(last, least)]
+
+    def grouped(self, top: int) -> "Layout":
+        """This layout with every level above ``top`` in one group (see the class docstring)."""
+        import torch
+
+        pairs = sorted(zip(self.levels, self.train.tolist()), key=lambda p: (-min(p[0], top), p[1]))
+        train = [i for _, i in pairs]
+        levels = [lv for lv, _ in pairs]
+        return Layout(self.test, torch.tensor(train, dtype=torch.long), levels, self.test_chunks,
+                      _cut(train, [min(lv, top) for lv in levels], self.hashes, self.batch_size),
+                      self.hashes, self.batch_size)
 
     def chunks(self, part: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
         """Chunks of ``part`` lying in items ``lo:hi`` of its order (rung bounds fall on chunk bounds)."""
         pool = self.test_chunks if part == "test" else self.train_chunks
         return [c for c in pool if lo <= c[0] and c[1] <= hi]
+
+
+def _cut(order: list[int], groups: list[int], hashes: list[bytes], batch_size: int) -> list[tuple[int, int, str]]:
+    """Chunks of at most ``batch_size`` consecutive items of one group, each named by its items' hashes."""
+    out: list[tuple[int, int, str]] = []
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and stop - start < batch_size and groups[stop] == groups[start]:
+            stop += 1
+        h = hashlib.sha256(b"mm-chunk/1")
+        for i in order[start:stop]:
+            h.update(hashes[i])
+        out.append((start, stop, h.hexdigest()))
+        start = stop
+    return out
 
 
 def torch_float64() -> "torch.dtype":
@@ -115,22 +150,9 @@ def layout(x: "torch.Tensor", y: "torch.Tensor", *, test_fraction: float, seed: 
     train = [i for _, i in pairs]
     levels = [lv for lv, _ in pairs]
 
-    def cut(order: list[int], groups: list[int]) -> list[tuple[int, int, str]]:
-        out: list[tuple[int, int, str]] = []
-        start = 0
-        while start < len(order):
-            stop = start + 1
-            while stop < len(order) and stop - start < batch_size and groups[stop] == groups[start]:
-                stop += 1
-            h = hashlib.sha256(b"mm-chunk/1")
-            for i in order[start:stop]:
-                h.update(hashes[i])
-            out.append((start, stop, h.hexdigest()))
-            start = stop
-        return out
-
     return Layout(torch.tensor(test, dtype=torch.long), torch.tensor(train, dtype=torch.long), levels,
-                  cut(test, [0] * len(test)), cut(train, levels))
+                  _cut(test, [0] * len(test), hashes, batch_size), _cut(train, levels, hashes, batch_size), hashes,
+                  batch_size)
 
 
 def precision(device: str) -> str:
