@@ -269,6 +269,7 @@ def test_layers_are_arms_and_shift_agrees(cands: dict[str, nn.Module]) -> None:
     assert set(three.ranking["layer"]) == {-1, -2, -3}
     assert set(three.ranking["model"]) == set(cands)
     assert three.best_arm == (three.ranking.iloc[0]["model"], three.ranking.iloc[0]["layer"])
+    assert f"{three.best_arm[0]} layer {three.best_arm[1]}:" in repr(three)
     shift = mm.search(cands, xy, k=1, device="cpu", batch_size=16, layers=3, approach="shift")
     cols = ["model", "layer", "score", "loss", "rung"]
     assert three.ranking[cols].equals(shift.ranking[cols])

@@ -58,7 +58,8 @@ class SearchResult:
         lines = [f"SearchResult({self.approach}: best {self.best!r} of {len(self.ranking)}, "
                  f"{len(self.rungs)} rung(s), {self.stats['block_inferences']} block inferences)"]
         for _, r in head.iterrows():
-            lines.append(f"  {r['model']}: score {r['score']:.4f} (rung {r['rung']})")
+            layer = f" layer {r['layer']}" if "layer" in head else ""
+            lines.append(f"  {r['model']}{layer}: score {r['score']:.4f} (rung {r['rung']})")
         return "\n".join(lines)
 
 
