@@ -101,12 +101,6 @@ def _cut(order: list[int], groups: list[int], hashes: list[bytes], batch_size: i
     return out
 
 
-def torch_float64() -> "torch.dtype":
-    import torch
-
-    return torch.float64
-
-
 def item_hashes(x: "torch.Tensor") -> list[bytes]:
     """sha256 of every item's dtype, shape and bytes."""
     import torch
@@ -293,10 +287,12 @@ class Kept:
 
     def scores(self, keys: dict[Hashable, str]) -> dict[Hashable, tuple[float, float]]:
         """Kept (score, loss) of the names in ``keys`` that have one."""
+        import torch
+
         out = {}
         for name, key in keys.items():
             t = self.features.get(key)
-            if t is not None and t.dtype == torch_float64() and t.shape == (2,):
+            if t is not None and t.dtype == torch.float64 and t.shape == (2,):
                 out[name] = (float(t[0]), float(t[1]))
         return out
 
