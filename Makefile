@@ -10,7 +10,7 @@ NBVAL := --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 STRICT_NOTEBOOKS := notebooks/01_exercise_model_registry.ipynb
 LAX_NOTEBOOKS := notebooks/02_exercise_transfer_learning.ipynb notebooks/03_paper_multi_model_management.ipynb \
 	notebooks/04_paper_alsatian.ipynb notebooks/05_exercise_model_serving.ipynb \
-	notebooks/06_paper_alsatian_evaluation.ipynb
+	notebooks/06_paper_alsatian_evaluation.ipynb notebooks/07_model_lake.ipynb
 
 .PHONY: install run test test-fast bench clean
 

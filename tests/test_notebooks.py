@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["00_tour", "01_exercise_model_registry", "02_exercise_transfer_learning",
              "03_paper_multi_model_management", "04_paper_alsatian", "05_exercise_model_serving",
-             "06_paper_alsatian_evaluation"]
+             "06_paper_alsatian_evaluation", "07_model_lake"]
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 

@@ -521,6 +521,38 @@ def test_progress_of_a_real_alsatian_search():
     assert repr(widget).endswith(f"best: {result.best!r}")
 
 
+def test_progress_shows_reused_and_computed_features_per_rung(tmp_path):
+    """A search with kept features reports per rung how many (candidate, chunk) features it read
+    and computed; the bars, the text and the static picture show them."""
+    import torch
+    from search_models import mlp
+
+    torch.manual_seed(0)
+    candidates = {f"mlp{i}": mlp() for i in range(4)}
+    x = torch.randn(240, 16)
+    y = torch.randint(0, 4, (240,))
+    store = mm.Store(tmp_path / "s")
+    first = SearchProgress()
+    mm.search(candidates, (x[:200], y[:200]), k=1, device="cpu", store=store, reuse=True, batch_size=16,
+              progress=first)
+    assert all(r.reused == 0 and r.computed > 0 for r in first.rungs.values())
+    widget = SearchProgress()
+    result = mm.search(candidates, (x, y), k=1, device="cpu", store=store, reuse=True, batch_size=16,
+                       progress=widget)
+    rungs = sorted(widget.rungs.values(), key=lambda r: r.index)
+    assert sum(r.reused for r in rungs) == result.stats["features_reused"] > 0
+    assert sum(r.computed for r in rungs) == result.stats["features_computed"] > 0
+    shown = re.findall(rf"{_TD}rung (\d+)</td><td[^>]*>(\d+) reused</td><td[^>]*>(\d+) computed</td>",
+                       widget.reuse.value)
+    assert [tuple(map(int, row)) for row in shown] == [(r.index, r.reused, r.computed) for r in rungs]
+    assert f"features {rungs[0].reused} reused / {rungs[0].computed} computed" in repr(widget)
+    assert f"features {rungs[0].reused} reused, {rungs[0].computed} computed" in widget.static_bundle()["text/html"]
+    plain = SearchProgress()
+    mm.search(candidates, (x, y), k=1, device="cpu", progress=plain)
+    assert "features" not in repr(plain) and all(r.reused is None for r in plain.rungs.values())
+    assert plain.reuse.value == ""
+
+
 def test_progress_shows_model_preparation_before_the_first_rung():
     widget = SearchProgress(clock=Clock(), throttle=0.0)
     assert widget.preparation.layout.display == "none"  # nothing to prepare yet

@@ -7,6 +7,7 @@ experiment by writing both and listing ``add_<name>`` in ``COMMANDS``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -667,8 +668,47 @@ def cmd_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- lake ---------------------------------------------------------------------------------------------
+def add_lake(sub: Any) -> None:
+    p = sub.add_parser("lake", help="the model lake: incremental searches and layers as arms vs a fresh search",
+                       description="Search again, with appended items, with derived candidates, and with "
+                                   "layers=3; each against a fresh search (interleaved rounds, medians).")
+    p.add_argument("--arch", default="resnet18", help="resnet18, resnet152, vit, bert or mlp (default resnet18)")
+    p.add_argument("--models", type=int, default=35, help="candidates (default 35, the paper's)")
+    p.add_argument("--derived", type=int, default=5, help="candidates derived from existing ones (default 5)")
+    p.add_argument("--items", type=int, default=2000, help="data items (default 2000, the paper's)")
+    p.add_argument("--append", type=float, default=0.25, help="part of the items appended (default 0.25)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's)")
+    p.add_argument("--quick", action="store_true", help="mlp, 8+2 candidates, 400 items, 1 round (the test run)")
+    p.set_defaults(func=cmd_lake)
+
+
+def cmd_lake(args: argparse.Namespace) -> int:
+    from .lake import run_lake_bench
+
+    if args.quick:
+        args.arch, args.models, args.derived, args.items, args.rounds = "mlp", 8, 2, 400, 1
+    print("load average before: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    res = run_lake_bench(arch=args.arch, models=args.models, items=args.items, derived=args.derived,
+                         append=args.append, rounds=args.rounds, device=args.device, threads=args.threads or None,
+                         progress=_say)
+    print(f"lake: {args.arch}, {args.models}+{args.derived} candidates, {args.items} items, {args.rounds} round(s); "
+          "times in seconds (median, min-max); timings on a shared machine are noisy")
+    print(format_table(res.rows, [("step", "step", "str"), ("versus", "versus", "str"), ("median_s", "median s", "s"),
+                                  ("min_s", "min s", "s"), ("max_s", "max s", "s"), ("ratio", "ratio", "x"),
+                                  ("work", "block work", "x"), ("goal", "goal", "x")]))
+    print("block work: items through blocks (all depths) against the step it is compared with; it does not "
+          "vary with load, and leaves out preparing candidates (split checks, block hashing) and the proxy")
+    print(format_targets(res.targets))
+    print("load average per round: " + ", ".join(f"{v:.2f}" for v in res.loads))
+    print("load average after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    return 0 if all(res.equal.values()) else 1
+
+
 COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving,
-                                         add_partition, add_alsatian, add_gpu, add_report, add_limits]
+                                         add_partition, add_alsatian, add_gpu, add_report, add_limits, add_lake]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,6 +50,12 @@ class SearchResult:
         return str(self.ranking.iloc[0]["model"])
 
     @property
+    def best_arm(self) -> tuple[str, int]:
+        """(model, layer) of the best arm; layer -1 is the model's own output (``layers=1``: always)."""
+        row = self.ranking.iloc[0]
+        return str(row["model"]), int(row["layer"]) if "layer" in self.ranking else -1
+
+    @property
     def top(self) -> list[str]:
         """Names of the ``k`` selected candidates."""
         return [str(m) for m in self.ranking["model"].iloc[: self.k]]
@@ -71,7 +77,8 @@ class SearchResult:
         lines = [f"SearchResult({self.approach}: best {self.best!r} of {len(self.ranking)}, "
                  f"{len(self.rungs)} rung(s), {self.stats['block_inferences']} block inferences)"]
         for _, r in head.iterrows():
-            lines.append(f"  {r['model']}: score {r['score']:.4f} (rung {r['rung']})")
+            layer = f" layer {r['layer']}" if "layer" in head else ""
+            lines.append(f"  {r['model']}{layer}: score {r['score']:.4f} (rung {r['rung']})")
         return "\n".join(lines)
 
 
@@ -156,13 +163,15 @@ def _named(candidates: Any) -> dict[str, Any]:
 
 
 def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device: str,
-             meter: Meter, emit: Callable[[dict[str, Any]], None], costs: bool = False) -> list[Candidate]:
+             meter: Meter, emit: Callable[[dict[str, Any]], None], costs: bool = False,
+             with_ids: bool = False) -> list[Candidate]:
     """Split every candidate into blocks, verified on the first items of the data (``sample``: the
     probe; a split that does not reproduce a candidate's own features is never used, see
     ``verify.py``), run one item through them (the data must fit every candidate before any real
     work starts), and for sharing hash the blocks. Emits ``prepare`` events (candidates done /
     total, distinct blocks hashed): on large candidates this is the search's first, silent-looking
-    phase. ``costs``: also count each block's work (a distributed search balances its workers by it)."""
+    phase. ``costs``: also count each block's work (a distributed search balances its workers by it);
+    ``with_ids``: hash the blocks without sharing too (kept features are keyed by block ids)."""
     from .blocks import block_costs, output_sizes
     from .hashing import block_id
     from .splitting import split_model
@@ -170,7 +179,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     total = len(named)
     emit({"event": "prepare", "done": 0, "total": total, "blocks": 0})
     if hasattr(named, "engine_candidates"):
-        out: list[Candidate] = named.engine_candidates(sample, shared=shared, device=device, costs=costs)
+        out: list[Candidate] = named.engine_candidates(sample, shared=shared or with_ids, device=device, costs=costs)
         emit({"event": "prepare", "done": total, "total": total, "blocks": 0})
         return out
     t0 = time.perf_counter()
@@ -193,7 +202,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     distinct: set[str] = set()
     for done, (name, (split, sizes)) in enumerate(splits.items(), start=1):
         ids = None
-        if shared:  # only once every candidate took the data
+        if shared or with_ids:  # only once every candidate took the data
             ids = []
             for b in split.blocks:  # the same block object in several candidates is hashed once
                 if id(b.module) not in ids_of:
@@ -256,12 +265,16 @@ def search(
     proxy: str = "linear",
     progress: Callable[[dict[str, Any]], None] | None = None,
     executor: Any = None,
+    store: Any = None,
+    reuse: bool = False,
+    layers: int = 1,
     *,
     eta: int = 2,
     batch_size: int = 64,
     test_fraction: float = 0.2,
     seed: int = 0,
     halving: bool | None = None,
+    feature_budget: int | None = None,
 ) -> SearchResult:
     """Rank ``candidates`` as base models for the labelled ``data`` (Alsatian model search).
 
@@ -282,15 +295,27 @@ def search(
         progress: called with event dicts (candidates prepared, rung start/end, model scored/pruned, cache).
         executor: ``"ray"`` or a ``RayExecutor``: each rung on several workers, each taking whole subtrees of
             the task tree; pruning stays global, scores and ranking are the single process's.
+        store: the ``mm.Store`` whose kept features a search with ``reuse=True`` reads and writes.
+        reuse: keep block outputs in ``store`` and reuse those kept by earlier searches (the model
+            lake): the same search again, a search over appended items or over candidates derived from
+            kept ones computes only what is new. The data are then split and chunked by content (see
+            ``modelsearch.lake``), so rankings equal a fresh ``reuse=True`` search's on any store, but
+            may differ from ``reuse=False``'s (a different, position-free split).
+        layers: score the outputs of each candidate's last ``layers`` block boundaries as separate arms
+            (VISTA): the ranking gets a ``layer`` column (-1: the candidate's own output, -2: the
+            input of its last block, ...) and ``result.best_arm`` names the best (model, layer).
         eta: the halving factor (keep ``1/eta`` per rung).
         batch_size: items per inference batch.
         test_fraction: the part of ``data`` the proxy is scored on.
         seed: the seed of the data split and the proxy.
         halving: successive halving on or off (default: on for alsatian and shift, off for base).
+        feature_budget: bytes of kept features in ``store`` at most (default 4 GiB); the least recently
+            used are evicted.
 
     Returns:
         A ``SearchResult``: ``ranking`` (a DataFrame, best first), ``best``, ``top``, ``timings``, ``stats``
-        (``block_inferences``, ``unique_edges``, ``cache_peak_bytes``, ``bytes_loaded``) and ``rungs``.
+        (``block_inferences``, ``unique_edges``, ``cache_peak_bytes``, ``bytes_loaded``; with ``reuse``
+        also ``features_reused`` and ``features_computed``: per candidate and chunk) and ``rungs``.
 
     Raises:
         SearchError: bad candidates, data or options, or a model whose blocks cannot be split.
@@ -298,6 +323,8 @@ def search(
     Example:
         >>> result = mm.search({"a": net_a, "b": net_b}, (X, y), k=1)
         >>> result.best, result.ranking.head()
+        >>> again = mm.search(models, (X, y), store=store, reuse=True)     # computes only what is new
+        >>> mm.search(models, (X, y), layers=3).best_arm                  # ("b", -2): b's second-last layer
     """
     import torch
 
@@ -322,6 +349,17 @@ def search(
         raise SearchError(f"halving must be True, False or None, not {halving!r}")
     if progress is not None and not callable(progress):
         raise SearchError(f"progress must be a callable or None, not {type(progress).__name__}")
+    _positive_int(layers, "layers")
+    if not isinstance(reuse, bool):
+        raise SearchError(f"reuse must be True or False, not {reuse!r}")
+    if reuse and store is None:
+        raise SearchError("reuse=True needs store=mm.Store(...): the kept features live there")
+    if store is not None and not hasattr(store, "objects"):
+        raise SearchError(f"store must be an mm.Store, not {type(store).__name__}")
+    if feature_budget is not None:
+        _positive_int(feature_budget, "feature_budget (bytes)", 0)
+    if executor is not None and (reuse or layers > 1):
+        raise SearchError("reuse and layers > 1 run in this process; leave executor out")
     if executor is not None:
 
         pool = resolve_executor(executor)
@@ -334,17 +372,21 @@ def search(
     if k > n_models:
         raise SearchError(f"k={k} is larger than the number of candidates ({n_models})")
     x, y = _as_data(data)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(x), generator=gen)
-    n_test = max(1, int(round(len(x) * test_fraction)))
-    if len(x) - n_test < 2:
+    lay = None
+    if reuse:  # a content-determined split: appended items never move old ones
+        from .lake import layout
+
+        lay = layout(x, y, test_fraction=test_fraction, seed=seed, batch_size=batch_size)
+        test_idx, train_idx = lay.test, lay.train
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(x), generator=gen)
+        n_test = max(1, int(round(len(x) * test_fraction)))
+        test_idx, train_idx = order[:n_test], order[n_test:]
+    if len(train_idx) < 2:
         raise SearchError(f"{len(x)} items are too few to split into training and test data")
-    test_idx, train_idx = order[:n_test], order[n_test:]
     x_test, y_test = x[test_idx], y[test_idx]
     x_train, y_train = x[train_idx], y[train_idx]
-    use_halving = (approach != "base") if halving is None else halving
-    rungs = schedule(n_models, k, len(x_train), eta, use_halving)
-    rungs = [Rung(r.index, r.models, max(r.items, min(len(x_train), MIN_RUNG_ITEMS)), r.keep) for r in rungs]
     meter.add("prepare data", time.perf_counter() - t0)
 
     shared = approach == "alsatian"
@@ -352,7 +394,33 @@ def search(
     from .verify import PROBE_ITEMS
 
     probe = x[:PROBE_ITEMS]
-    cands = {str(c.name): c for c in _prepare(named, probe, shared, dev, meter, emit, costs=executor is not None)}
+    cands = {str(c.name): c for c in _prepare(named, probe, shared, dev, meter, emit, costs=executor is not None,
+                                              with_ids=reuse)}
+    arms = {name: (name, -1) for name in cands}
+    if layers > 1:  # every candidate's last block boundaries as arms; prefixes shared in the task tree
+        arms = {f"{name} [layer {-off}]": (name, -off) for name, c in cands.items()
+                for off in range(1, min(layers, c.count) + 1)}
+        cands = {arm: cands[m].prefix(cands[m].count + 1 + layer, arm) for arm, (m, layer) in arms.items()}
+    t0 = time.perf_counter()
+    n_arms = len(cands)
+    if k > n_arms:
+        raise SearchError(f"k={k} is larger than the number of arms ({n_arms})")
+    use_halving = (approach != "base") if halving is None else halving
+    rungs = schedule(n_arms, k, len(x_train), eta, use_halving)
+    if lay is None:
+        rungs = [Rung(r.index, r.models, max(r.items, min(len(x_train), MIN_RUNG_ITEMS)), r.keep) for r in rungs]
+    else:
+        counts = lay.rung_items(len(rungs) - 1, MIN_RUNG_ITEMS)
+        rungs = [Rung(r.index, r.models, counts[r.index], r.keep) for r in rungs]
+        lay = lay.grouped(lay.rung_levels(len(rungs) - 1, MIN_RUNG_ITEMS)[0])  # the first rung's items: one group
+        x_train, y_train = x[lay.train], y[lay.train]
+    kept = None
+    if reuse:
+        from ..store.features import FeatureStore
+        from .lake import Kept, precision
+
+        kept = Kept(FeatureStore(store, feature_budget), precision(dev))
+    meter.add("prepare data", time.perf_counter() - t0)
     remote = None
     if executor is not None:
 
@@ -361,24 +429,34 @@ def search(
                            budget=cache_budget, proxy=proxy, seed=seed)
         meter.add("prepare model", time.perf_counter() - t1)
     try:
-        return _run(named, cands, x_train, y_train, x_test, y_test, rungs, approach, k, shared, dev, meter, emit,
-                    proxy, batch_size, cache_budget, seed, remote)
+        result = _run(named, cands, x_train, y_train, x_test, y_test, rungs, approach, k, shared, dev, meter, emit,
+                      proxy, batch_size, cache_budget, seed, remote, lay, kept)
     finally:
         if remote is not None:
             remote.close()
+        if kept is not None:
+            kept.features.flush()
+    if layers > 1:
+        ranking = result.ranking
+        ranking.insert(2, "layer", [arms[a][1] for a in ranking["model"]])
+        ranking["model"] = [arms[a][0] for a in ranking["model"]]
+    return result
 
 
 def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_train: "torch.Tensor",
          x_test: "torch.Tensor", y_test: "torch.Tensor", rungs: list[Rung], approach: str, k: int, shared: bool,
          dev: str, meter: Meter, emit: Callable[[dict[str, Any]], None], proxy: str,
-         batch_size: int, cache_budget: int | None, seed: int, remote: Any) -> SearchResult:
-    """The rungs: extract new features, score, prune (locally or on the Ray workers)."""
+         batch_size: int, cache_budget: int | None, seed: int, remote: Any, lay: Any = None,
+         kept: Any = None) -> SearchResult:
+    """The rungs: extract new features, score, prune (locally or on the Ray workers). With kept
+    features (``lay``: the content layout, ``kept``: the store's features) every segment is one chunk."""
     import torch
 
-    from .proxies import score_many
+    from .proxies import ProxyScore, score_many
 
     active = list(cands)
     test_feats: dict[str, torch.Tensor] = {}
+    test_parts: dict[str, list[torch.Tensor]] = {name: [] for name in cands}
     train_feats: dict[str, list[torch.Tensor]] = {name: [] for name in cands}
     done_items = 0
     results: dict[str, dict[str, Any]] = {}
@@ -386,13 +464,24 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
     for rung in rungs:
         emit({"event": "rung_start", "rung": rung.index, "models": list(active), "items": rung.items,
               "rungs": len(rungs)})
-        pairs = ([("test", x_test)] if rung.index == 0 else []) + [("train", x_train[done_items:rung.items])]
-        pairs = [(label, seg) for label, seg in pairs if len(seg)]
+        if lay is None:
+            pairs = ([("test", x_test)] if rung.index == 0 else []) + [("train", x_train[done_items:rung.items])]
+            pairs = [(label, seg) for label, seg in pairs if len(seg)]
+            hashes: list[str] = []
+        else:
+            parts = ([("test", x_test, c) for c in lay.test_chunks] if rung.index == 0 else []) + [
+                ("train", x_train, c) for c in lay.chunks("train", done_items, rung.items)]
+            pairs = [(label, whole[a:b]) for label, whole, (a, b, _) in parts]
+            hashes = [h for _, _, (_, _, h) in parts]
         labels = [label for label, _ in pairs]
         segments = [seg for _, seg in pairs]
         group = [cands[n] for n in active]
+        before = (kept.reused, kept.computed, meter.block_inferences) if kept is not None else (0, 0, 0)
         if not segments:
             per_segment: list[dict[Any, Any]] = []
+        elif kept is not None:
+            per_segment = kept.extract(group, segments, hashes, shared=shared, batch_size=batch_size, device=dev,
+                                       budget=cache_budget, meter=meter, emit=emit, resident=resident)
         elif remote is not None:
             per_segment = remote.extract(group, segments, meter, emit)
         elif shared:
@@ -406,14 +495,34 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
         for label, feats in zip(labels, per_segment):
             for name, f in feats.items():
                 if label == "test":
-                    test_feats[name] = f
+                    test_parts[name].append(f)
                 else:
                     train_feats[name].append(f)
+        for name in active:
+            if test_parts[name]:
+                test_feats[name] = torch.cat(test_parts[name]) if len(test_parts[name]) > 1 else test_parts[name][0]
+                test_parts[name] = []
+        if kept is not None:
+            emit({"event": "reuse", "rung": rung.index, "reused": kept.reused - before[0],
+                  "computed": kept.computed - before[1], "block_inferences": meter.block_inferences - before[2]})
         done_items = rung.items
         t1 = time.perf_counter()
         if remote is not None:
             scores = remote.score([(n, torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in active],
                                   y_train[: rung.items], y_test)
+        elif kept is not None:  # a proxy score computed before on the same features is kept too
+            train_chunks = [h for _, _, h in lay.chunks("train", 0, rung.items)]
+            test_chunks = [h for _, _, h in lay.test_chunks]
+            label_bytes = y_train[: rung.items].numpy().tobytes() + b"|" + y_test.numpy().tobytes()
+            keys = {n: kept.score_key(cands[n].ids, train_chunks, test_chunks, label_bytes, proxy, seed)
+                    for n in active}
+            known = kept.scores(keys)
+            todo = [n for n in active if n not in known]
+            together = score_many(proxy, [(torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in todo],
+                                  y_train[: rung.items], y_test, seed=seed)
+            fresh = {n: (s.score, s.loss) for n, s in zip(todo, together)}
+            kept.keep_scores(keys, fresh)
+            scores = {n: ProxyScore(*(known.get(n) or fresh[n])) for n in active}
         else:
             together = score_many(proxy, [(torch.cat(train_feats[n])[: rung.items], test_feats[n]) for n in active],
                                   y_train[: rung.items], y_test, seed=seed)  # the rung's survivors together
@@ -440,6 +549,9 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
     stats = meter.stats()
     if remote is not None:
         stats["distributed"] = remote.stats
+    if kept is not None:
+        stats.update(features_reused=kept.reused, features_computed=kept.computed,
+                     features_corrupt=kept.features.corrupt)
     emit({"event": "done", "timings": dict(meter.timings), "stats": stats})
     ref = getattr(named, "ref", None) if hasattr(named, "engine_candidates") else None
     return SearchResult(approach, ranking, dict(meter.timings), stats, rungs, k,

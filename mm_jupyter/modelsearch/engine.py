@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Collection, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Collection, Hashable, Protocol
 
 from ..errors import SearchError
 from .cache import TieredCache
@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     from .blocks import Block
 
 Progress = Callable[[dict[str, Any]], None]
+
+
+class Tap(Protocol):
+    """Receives chosen block outputs during shared extraction (see ``extract_shared``)."""
+
+    @property
+    def paths(self) -> Collection[tuple[str, ...]]: ...
+
+    def take(self, path: tuple[str, ...], start: int, stop: int, output: "torch.Tensor") -> None: ...
 
 
 @dataclass
@@ -85,9 +94,8 @@ class Candidate:
     def prefix(self, depth: int, name: Hashable) -> "Candidate":
         """The first ``depth`` blocks as a candidate called ``name``: its "features" are the
         intermediate output at that depth (what a distributed trunk hands to other workers)."""
-        assert self.ids is not None and self.sizes is not None
-        return Candidate(name, self._blocks, depth, self.context, self.ids[:depth], self.sizes[:depth],
-                         self._nbytes)
+        return Candidate(name, self._blocks, depth, self.context, None if self.ids is None else self.ids[:depth],
+                         None if self.sizes is None else self.sizes[:depth], self._nbytes)
 
 
 def batch_ranges(lengths: list[int], batch_size: int) -> list[tuple[int, int]]:
@@ -218,7 +226,8 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
                    host_budget: int | None = None,
                    resident: dict[tuple[str, ...], "Block"] | None = None, from_depth: int = 0,
                    inputs: "torch.Tensor | None" = None,
-                   exports: Collection[Hashable] = ()) -> list[dict[Hashable, "torch.Tensor"]]:
+                   exports: Collection[Hashable] = (),
+                   tap: Tap | None = None) -> list[dict[Hashable, "torch.Tensor"]]:
     """Features of all candidates per segment, every shared block run once per chunk (Alsatian):
     one task tree, one DFS+ plan, and the same batches as the whole-model path.
 
@@ -227,6 +236,11 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
     depth ``from_depth`` from ``inputs`` (the candidates' shared first ``from_depth`` blocks' output on
     the items of ``segments``, which still give the batches and the blocks' context); candidates
     named in ``exports`` yield their last output as it is (not flattened to features).
+
+    ``tap`` (kept features) receives every block output whose block-id path it names:
+    ``tap.take(path, start, stop, output)`` for items ``start:stop`` of the concatenated segments.
+    With a tap, batches are never cut (chunks hold whole batches), so an output depends only on its
+    batch's items, whatever the budget.
 
     Off the CPU the cache has two memory tiers: ``budget`` bytes on ``device`` and ``host_budget``
     bytes of host memory (None: unbounded); what fits neither spills to disk."""
@@ -238,6 +252,8 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
     root = raw if inputs is None else inputs
     tree, plan = plan_for(cands, root, budget, meter, from_depth)
     chunk_items = plan.chunk_items
+    if tap is not None:
+        chunk_items = max(chunk_items, batch_size)
     if batch_size <= chunk_items < len(raw):
         chunk_items = chunk_items // batch_size * batch_size  # whole batches per chunk
     chunks = chunk_ranges(batch_ranges([len(s) for s in segments], batch_size), max(1, chunk_items))
@@ -289,6 +305,8 @@ def extract_shared(cands: list[Candidate], segments: list["torch.Tensor"], *, ba
                         parent = cache.get(node.parent, device)  # type: ignore[arg-type]
                         out = _apply(loaded[key], parent, piece, local, cand, depth, device)
                         del parent
+                        if tap is not None and key in tap.paths:
+                            tap.take(key, start, stop, out)
                         cache.put(st.node, out)
                         meter.add("inference", time.perf_counter() - t0)
                         meter.ran(depth, len(piece))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IntegrityError, MMError, StoreError, human_bytes
-from . import approaches, manifest as manifests
+from . import approaches, features as kept_features, manifest as manifests
 from .basetypes import Manifests, SetObjects
 from .contracts import Catalog, ObjectArea
 from .limits import decoding
@@ -127,7 +127,7 @@ def _ref_problems(objects: ObjectArea, kind: str, name: str, version: int, oid: 
 
 
 # -- gc ----------------------------------------------------------------------------------------
-def gc(cat: Catalog, wait_s: float) -> GcReport:
+def gc(cat: Catalog, wait_s: float, features: bool = False) -> GcReport:
     objects = cat.objects
     cat.check_writable("nothing to collect")
     with cat.save_lock(True, wait_s, "cannot collect garbage"):
@@ -153,6 +153,10 @@ def gc(cat: Catalog, wait_s: float) -> GcReport:
                 raise IntegrityError(f"gc refuses to run: candidate set {name}@{version}: {e}") from None
             if objects.read_ref("candidates", name, version) != oid:
                 missing_refs.append(("candidates", name, version, oid))
+        if features:  # kept search features are a cache: freed on request
+            kept_features.drop_all(objects)
+        else:
+            live |= kept_features.live_objects(objects)
         with cat.transaction() as tx:
             pending = cat.delete_pending(tx)
         removed = freed = 0

@@ -446,12 +446,13 @@ class Store:
                 problems.append(str(e))
         return problems
 
-    def gc(self, wait_s: float = LOCK_WAIT_S) -> "GcReport":
+    def gc(self, wait_s: float = LOCK_WAIT_S, *, features: bool = False) -> "GcReport":
         """Remove what no version references — objects of killed or failed saves, their pending
         catalog rows, temp files of writers that are gone — and write refs a killed writer left
         out. Waits for saves in flight and holds new ones back while it runs, so it is safe while
-        other processes save."""
-        return maintenance.gc(self.catalog, _wait(wait_s))
+        other processes save. Kept search features (``mm.search(..., reuse=True)``) stay unless
+        ``features=True``, which frees them all (later searches compute them again)."""
+        return maintenance.gc(self.catalog, _wait(wait_s), features)
 
     @staticmethod
     def rebuild_catalog(path: str | os.PathLike[str], wait_s: float = LOCK_WAIT_S, *,

@@ -38,6 +38,8 @@ class RungState:
     items: int
     scored: set[str] = field(default_factory=set)
     survivors: list[str] | None = None
+    reused: int | None = None  # kept features (candidate x chunk) read instead of computed
+    computed: int = 0
 
 
 @dataclass
@@ -99,9 +101,11 @@ class SearchProgress(StaticFallback, widgets.VBox):
                                                layout={"display": "none"})
         self.bars = widgets.VBox()
         self.cache = widgets.HTML()
+        self.reuse = widgets.HTML()
         self.leaderboard = widgets.HTML()
         self.summary = widgets.HTML()
-        self.children = [self.status, self.preparation, self.bars, self.cache, self.leaderboard, self.summary]
+        self.children = [self.status, self.preparation, self.bars, self.reuse, self.cache, self.leaderboard,
+                         self.summary]
         self.flush()
 
     # -- events ------------------------------------------------------------------------------
@@ -155,6 +159,10 @@ class SearchProgress(StaticFallback, widgets.VBox):
         rung, survivors = int(e["rung"]), [str(m) for m in e["survivors"]]
         self.rungs[rung].survivors = survivors
 
+    def _reuse(self, e: dict[str, Any]) -> None:
+        rung = self.rungs[int(e["rung"])]
+        rung.reused, rung.computed = int(e["reused"]), int(e["computed"])
+
     def _cache(self, e: dict[str, Any]) -> None:
         size = int(e["bytes"])
         chunks = int(e.get("chunk", self.chunks))
@@ -168,7 +176,7 @@ class SearchProgress(StaticFallback, widgets.VBox):
 
     _HANDLERS: ClassVar[dict[str, Callable[["SearchProgress", dict[str, Any]], None]]] = {
         "prepare": _prepare, "rung_start": _rung_start, "model_scored": _model_scored, "model_pruned": _model_pruned,
-        "rung_end": _rung_end, "cache": _cache, "done": _done,
+        "rung_end": _rung_end, "cache": _cache, "done": _done, "reuse": _reuse,
     }
 
     def interrupted(self) -> None:
@@ -200,6 +208,7 @@ class SearchProgress(StaticFallback, widgets.VBox):
         self.cache.value = (f"cache: peak {human_bytes(self.cache_bytes)} in this rung · "
                             f"{human_bytes(self.cache_peak)} overall · {self.chunks} chunk(s)"
                             if self.cache_bytes is not None else "")
+        self.reuse.value = self._reuse_html()
         self.leaderboard.value = self._leaderboard_html() if self.entries else ""
         self.summary.value = self._summary_html() if self.state == "done" else ""
 
@@ -239,6 +248,25 @@ class SearchProgress(StaticFallback, widgets.VBox):
             bar.bar_style = "success" if complete else "danger" if self.state == "interrupted" else ""
         if len(bars) != len(self.bars.children):
             self.bars.children = bars
+
+    def _reuse_html(self) -> str:
+        """Per rung, kept features read (green) beside features computed (blue): a search with
+        ``reuse=True`` shows what the store saved it; empty otherwise."""
+        rows = []
+        for r in sorted(self.rungs.values(), key=lambda r: r.index):
+            if r.reused is None:
+                continue
+            total = max(1, r.reused + r.computed)
+            bar = (f'<div style="display:flex;width:160px;height:0.8em;background:#eee">'
+                   f'<div style="background:#2ca02c;width:{100 * r.reused / total:.1f}%"></div>'
+                   f'<div style="background:#1f77b4;width:{100 * r.computed / total:.1f}%"></div></div>')
+            rows.append(f"<tr><td{CELL}>rung {r.index}</td><td{NUM}>{r.reused} reused</td>"
+                        f"<td{NUM}>{r.computed} computed</td><td{CELL}>{bar}</td></tr>")
+        if not rows:
+            return ""
+        return ("<b>kept features</b> (candidate × chunk; "
+                '<span style="color:#2ca02c">reused</span> / <span style="color:#1f77b4">computed</span>)'
+                f'<table style="border-collapse:collapse">{"".join(rows)}</table>')
 
     def _leaderboard_html(self) -> str:
         done = self.state == "done"
@@ -282,10 +310,11 @@ class SearchProgress(StaticFallback, widgets.VBox):
         """The widget's state as HTML and text, for viewers without the live widget (saved notebooks)."""
         rungs = "".join(
             f"<li>rung {r.index}: {len(r.models)} models on {r.items} items, {len(r.scored)} scored"
-            + (f" &rarr; {survivors(len(r.survivors))}" if r.survivors is not None else "") + "</li>"
+            + (f" &rarr; {survivors(len(r.survivors))}" if r.survivors is not None else "")
+            + (f"; features {r.reused} reused, {r.computed} computed" if r.reused is not None else "") + "</li>"
             for r in sorted(self.rungs.values(), key=lambda r: r.index)
         )
-        parts = [self.status.value, f"<ul>{rungs}</ul>" if rungs else "", self.cache.value,
+        parts = [self.status.value, f"<ul>{rungs}</ul>" if rungs else "", self.reuse.value, self.cache.value,
                  self.leaderboard.value, self.summary.value]
         return {"text/html": "<div>" + "".join(f"<div>{p}</div>" for p in parts if p) + "</div>",
                 "text/plain": "\n".join([repr(self), *self.leaderboard_lines()])}
@@ -311,8 +340,10 @@ class SearchProgress(StaticFallback, widgets.VBox):
         lines = [f"SearchProgress: {self.state}, {len(self.rungs)} rung(s), {len(self.entries)} models"]
         for rung in sorted(self.rungs.values(), key=lambda r: r.index):
             end = f" -> {survivors(len(rung.survivors))}" if rung.survivors is not None else ""
+            kept = (f", features {rung.reused} reused / {rung.computed} computed" if rung.reused is not None
+                    else "")
             lines.append(f"  rung {rung.index}: {len(rung.models)} models, {rung.items} items, "
-                         f"{len(rung.scored)} scored{end}")
+                         f"{len(rung.scored)} scored{end}{kept}")
         if self.state == "done" and self.entries:
             lines.append(f"  best: {self.ranking[0].model!r}")
         return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""``python -m mm_jupyter.bench lake``: searches that remember, against a fresh search.
+
+Per round (rounds interleaved, medians reported with min-max and the load average):
+
+* ``fresh``: a plain search (``reuse=False``) of the candidates on all items: the denominator;
+* ``again``: the same search with ``reuse=True`` on a store that already holds its features;
+* ``appended``: all items, on a store that holds the features of the first ``1/(1+append)`` of them;
+* ``derived``: ``derived`` more candidates (copies of existing ones with their last block re-initialised)
+  on a store holding the original candidates' features, against a fresh search of all of them;
+* ``layers``: ``layers=3`` (every candidate's last three block boundaries as arms) against ``fresh``.
+
+Round 1 also checks that every incremental ranking equals a fresh ``reuse=True`` search's on an
+empty store (the claim the tests prove; a benchmark that got it wrong would say so).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .modelsets import Target
+
+Progress = Callable[[str], None]
+GOALS = {"again": 0.10, "appended": 0.40, "derived": 0.25, "layers": 1.30}
+
+
+@dataclass
+class LakeBench:
+    rows: list[dict[str, Any]]
+    targets: list[Target]
+    equal: dict[str, bool]
+    loads: list[float] = field(default_factory=list)
+
+
+def _derive(cands: list[Any], n: int, seed: int) -> list[Any]:
+    """``n`` copies of the first candidates with their last block drawn afresh."""
+    import torch
+
+    from ..modelsearch.splitting import split_model
+    from .synthetic import reinitialise
+
+    out = []
+    torch.manual_seed(seed)
+    for m in cands[:n]:
+        d = copy.deepcopy(m)
+        blocks = split_model(d).blocks
+        reinitialise(blocks[-1].module)
+        out.append(d)
+    return out
+
+
+def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, derived: int = 5,
+                   append: float = 0.25, rounds: int = 3, layers: int = 3, device: str = "cpu",
+                   batch_size: int = 64, seed: int = 0, threads: int | None = 1,
+                   progress: Progress = lambda m: None) -> LakeBench:
+    import torch
+
+    from ..modelsearch.api import search
+    from ..store import Store
+    from .synthetic import sample_data, synthetic_candidates
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    tmp = tempfile.mkdtemp(prefix="mm_lake_bench_")
+    try:
+        t0 = time.perf_counter()
+        base = synthetic_candidates(arch, models, seed=seed)
+        more = base + _derive(base, derived, seed + 1)
+        x, y = sample_data(arch, items, seed=seed)
+        first = int(round(items / (1 + append)))
+        progress(f"built {models}+{derived} {arch} candidates and {items} items in {time.perf_counter() - t0:.1f} s")
+
+        work: dict[str, int] = {}
+
+        def timed(cands: Any, xy: Any, step: str | None = None, **kw: Any) -> tuple[float, Any]:
+            t = time.perf_counter()
+            r = search(cands, xy, k=1, device=device, batch_size=batch_size, seed=seed, **kw)
+            if step is not None:  # block work: items through blocks, all depths (the same every round)
+                depths: Any = r.stats["items_per_depth"]  # SearchResult.stats is typed as counts
+                work[step] = sum(depths)
+            return time.perf_counter() - t, r
+
+        timed(more, (x, y))  # warm-up: the split verdicts and allocator are then as in every later round
+        times: dict[str, list[float]] = {k: [] for k in ("fresh", "fresh+", "keep", "again", "appended", "derived",
+                                                          "layers")}
+        equal: dict[str, bool] = {}
+        loads = []
+        for r in range(rounds):
+            loads.append(os.getloadavg()[0])
+            progress(f"round {r + 1}/{rounds} (load average {loads[-1]:.1f})")
+            s1 = Store(os.path.join(tmp, f"r{r}-a"))
+            s2 = Store(os.path.join(tmp, f"r{r}-b"))
+            times["fresh"].append(timed(base, (x, y), "fresh")[0])
+            times["fresh+"].append(timed(more, (x, y), "fresh+")[0])
+            t, keep = timed(base, (x, y), "keep", store=s1, reuse=True)
+            times["keep"].append(t)
+            t, again = timed(base, (x, y), "again", store=s1, reuse=True)
+            times["again"].append(t)
+            t, grown = timed(more, (x, y), "derived", store=s1, reuse=True)
+            times["derived"].append(t)
+            timed(base, (x[:first], y[:first]), store=s2, reuse=True)
+            t, appended = timed(base, (x, y), "appended", store=s2, reuse=True)
+            times["appended"].append(t)
+            times["layers"].append(timed(base, (x, y), "layers", layers=layers)[0])
+            if r == 0:
+                progress("checking rankings against fresh searches on empty stores")
+                fresh_more = timed(more, (x, y), store=Store(os.path.join(tmp, "check")), reuse=True)[1]
+                equal = {"again": again.ranking.equals(keep.ranking), "appended": appended.ranking.equals(keep.ranking),
+                         "derived": grown.ranking.equals(fresh_more.ranking)}
+            for s in (s1, s2):
+                s.close()
+            shutil.rmtree(os.path.join(tmp, f"r{r}-a"), ignore_errors=True)
+            shutil.rmtree(os.path.join(tmp, f"r{r}-b"), ignore_errors=True)
+    finally:
+        torch.set_num_threads(before)
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for name, versus in (("fresh", None), ("keep", "fresh"), ("again", "fresh"), ("appended", "fresh"),
+                         ("fresh+", None), ("derived", "fresh+"), ("layers", "fresh")):
+        rows.append({"step": name, "median_s": med[name], "min_s": min(times[name]), "max_s": max(times[name]),
+                     "ratio": None if versus is None else med[name] / med[versus], "versus": versus or "-",
+                     "work": None if versus is None else work[name] / max(1, work[versus]),
+                     "goal": GOALS.get(name)})
+    targets = [Target(f"{name} / {versus} (rankings equal: {equal.get(name, 'n/a')})", med[name] / med[versus],
+                      GOALS[name], "<=", "x") for name, versus in (("again", "fresh"), ("appended", "fresh"),
+                                                                   ("derived", "fresh+"), ("layers", "fresh"))]
+    return LakeBench(rows, targets, equal, loads)
+
+
+__all__ = ["GOALS", "LakeBench", "run_lake_bench"]

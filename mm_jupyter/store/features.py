@@ -1,0 +1,285 @@
+"""Kept search features (the model lake): block outputs a search computed, reused by later searches.
+
+A feature is one block output over one data chunk, keyed by ``feature_key`` (the block path's
+content ids + the chunk's content hash + the precision it was computed at). Features are packed
+into ordinary verified objects (one per block path and write), each holding many chunks; an index
+object names, per key, the object and the byte range, and ``refs/features/index@1`` names the index.
+A reader fetches and hashes only the object chunks a range touches (S3: ranged GETs).
+
+Features are a cache, never a source of truth: a feature whose object is missing, corrupt or does
+not match its index entry is dropped and recomputed, never used. Two searches writing at once may
+each drop the other's new entries from the index (their objects are collected by ``gc``); nothing
+is ever wrong, at worst recomputed. A byte budget is kept by evicting the least recently used
+objects. Every feature object's payload starts with ``PAYLOAD_MAGIC``, so no model object can ever
+share its id and eviction only ever deletes feature objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
+
+from ..errors import IntegrityError, MMError, StoreError
+from .limits import loads
+from .objects import is_oid
+
+if TYPE_CHECKING:
+    import torch
+
+    from .contracts import ObjectArea, Reader
+
+
+class Writable(Protocol):
+    """What kept features need of a store (``mm.Store``): its object area and its save lock."""
+
+    objects: "ObjectArea"
+
+    def writing(self, what: str) -> AbstractContextManager[None]: ...
+
+KIND = "features"
+INDEX_NAME = "index"
+INDEX_MAGIC = b"MMFEATURES-INDEX\x00\x01\n"
+PAYLOAD_MAGIC = b"MMFEATURES-DATA\x00\x01\n"
+_ALIGN = 64
+#: seconds within which a read does not refresh a feature's last use (and so needs no index write)
+TOUCH_S = 60.0
+#: default byte budget of a store's kept features
+DEFAULT_BUDGET = 4 << 30
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+           "complex64", "complex128")
+
+
+def feature_key(path: Sequence[str], chunk: str, precision: str) -> str:
+    """sha256 hex of a block path (content ids from the input), a chunk's content hash and the
+    precision tag: equal keys mean bit-identical outputs."""
+    h = path_hasher(path, precision)
+    add_field(h, chunk)
+    return str(h.hexdigest())
+
+
+def path_hasher(path: Sequence[str], precision: str) -> Any:
+    """The hash state of ``feature_key`` before its chunk (copy it to key many chunks of one path)."""
+    h = hashlib.sha256(b"mm-feature/2\n")
+    for part in (precision, "|", *path, "|"):
+        add_field(h, part)
+    return h
+
+
+def add_field(h: Any, part: str) -> None:
+    """A length-prefixed field (no two field sequences hash alike)."""
+    raw = part.encode()
+    h.update(len(raw).to_bytes(8, "little"))
+    h.update(raw)
+
+
+@dataclass
+class Entry:
+    """Where one feature lives: ``nbytes`` at ``offset`` of object ``oid``'s payload."""
+
+    oid: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    used: float
+
+
+def _check_entry(raw: Any) -> Entry:
+    """An index entry, every field checked (an index is read from a store: trust nothing)."""
+    oid, offset, nbytes, dtype, shape, used = raw
+    ok = (isinstance(oid, str) and is_oid(oid) and type(offset) is int and type(nbytes) is int
+          and 0 <= offset and 0 <= nbytes and dtype in _DTYPES and isinstance(shape, list)
+          and all(type(s) is int and s >= 0 for s in shape) and len(shape) <= 16
+          and isinstance(used, (int, float)))
+    if not ok:
+        raise IntegrityError("the feature index has a malformed entry")
+    return Entry(oid, offset, nbytes, dtype, tuple(shape), float(used))
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, name)  # type: ignore[no-any-return]  # name is one of _DTYPES
+
+
+class FeatureStore:
+    """The kept features of one store, for one search: ``get`` / ``put`` during it, ``flush`` at its
+    end (eviction under ``budget`` bytes, then one index write)."""
+
+    def __init__(self, store: Writable, budget: int | None = None) -> None:
+        self.store = store
+        self.objects: ObjectArea = store.objects
+        self.budget = DEFAULT_BUDGET if budget is None else int(budget)
+        self.entries = load_index(self.objects)
+        self._readers: dict[str, Reader] = {}
+        self._bad: set[str] = set()
+        self.added: set[str] = set()
+        self.hits = self.misses = self.corrupt = self.written_bytes = 0
+        self.touched = False
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries and self.entries[key].oid not in self._bad
+
+    def get(self, key: str) -> "torch.Tensor | None":
+        """The verified feature, or None (absent, or its object is missing or corrupt: dropped)."""
+        import torch
+
+        e = self.entries.get(key)
+        if e is None or e.oid in self._bad:
+            self.misses += 1
+            return None
+        try:
+            reader = self._readers.get(e.oid)
+            if reader is None:
+                reader = self._readers[e.oid] = self.objects.open(e.oid)
+            size = 1
+            for s in e.shape:
+                size *= s
+            dtype = _torch_dtype(e.dtype)
+            if size * dtype.itemsize != e.nbytes or e.offset + e.nbytes > reader.size:
+                raise IntegrityError(f"feature object {e.oid[:12]}… does not match its index entry")
+            out = torch.empty(e.nbytes, dtype=torch.uint8)
+            if e.nbytes:
+                out.copy_(reader.tensor(e.offset, e.nbytes))
+        except (IntegrityError, StoreError, OSError):
+            self._drop(e.oid)
+            self.misses += 1
+            return None
+        now = time.time()
+        if now - e.used > TOUCH_S:  # recency is kept to the minute: a search that only reads rarely writes
+            e.used = now
+            self.touched = True
+        self.hits += 1
+        return out.view(dtype).reshape(e.shape)
+
+    def _drop(self, oid: str) -> None:
+        """Forget every feature of a damaged or missing object (recomputed; the object is deleted)."""
+        self.corrupt += 1
+        self._bad.add(oid)
+        reader = self._readers.pop(oid, None)
+        if reader is not None:
+            reader.close()
+        for key in [k for k, e in self.entries.items() if e.oid == oid]:
+            del self.entries[key]
+
+    def put(self, items: Iterable[tuple[str, "torch.Tensor"]]) -> None:
+        """Keep features (one object for all of them). Keys already kept are skipped, and so are
+        tensors of a dtype or layout the index does not describe (they are simply recomputed)."""
+        import torch
+
+        todo = [(k, t.detach().cpu().contiguous()) for k, t in items
+                if k not in self and str(t.dtype).removeprefix("torch.") in _DTYPES and t.layout == torch.strided]
+        if not todo:
+            return
+        parts: list[bytes] = [PAYLOAD_MAGIC + b"\x00" * (_ALIGN - len(PAYLOAD_MAGIC))]
+        at = _ALIGN
+        placed = []
+        for key, t in todo:
+            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            placed.append((key, at, len(raw), str(t.dtype).removeprefix("torch."), tuple(t.shape)))
+            pad = -len(raw) % _ALIGN
+            parts.append(raw + b"\x00" * pad)
+            at += len(raw) + pad
+        try:
+            with self.store.writing("search features"):
+                oid = self.objects.put(b"".join(parts)).oid
+        except StoreError:
+            return  # a read-only store: the features are simply not kept
+        now = time.time()
+        self._bad.discard(oid)
+        for key, offset, nbytes, dtype, shape in placed:
+            self.entries[key] = Entry(oid, offset, nbytes, dtype, shape, now)
+            self.added.add(key)
+            self.written_bytes += nbytes
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+    def flush(self) -> None:
+        """Merge with the index as stored now (another search may have written since), evict the
+        least recently used objects down to the budget, and write the index."""
+        self.close()
+        if not (self.added or self.touched or self._bad) and not over_budget(self.entries, self.budget):
+            return
+        try:
+            with self.store.writing("the feature index"):
+                stored = load_index(self.objects)
+                merged = {k: e for k, e in stored.items() if e.oid not in self._bad}
+                for k, e in self.entries.items():
+                    if k not in merged or merged[k].used < e.used:
+                        merged[k] = e
+                doomed = over_budget(merged, self.budget)
+                for oid in doomed:
+                    self.objects.delete(oid)
+                merged = {k: e for k, e in merged.items() if e.oid not in doomed}
+                write_index(self.objects, merged)
+                self.entries = merged
+        except StoreError:
+            return
+
+
+def over_budget(entries: dict[str, Entry], budget: int) -> set[str]:
+    """Objects to evict, least recently used first, until the rest fit ``budget`` bytes."""
+    size: dict[str, int] = {}
+    used: dict[str, float] = {}
+    for e in entries.values():
+        size[e.oid] = max(size.get(e.oid, 0), e.offset + e.nbytes)
+        used[e.oid] = max(used.get(e.oid, 0.0), e.used)
+    total = sum(size.values())
+    doomed: set[str] = set()
+    for oid in sorted(size, key=lambda o: (used[o], o)):
+        if total <= budget:
+            break
+        doomed.add(oid)
+        total -= size[oid]
+    return doomed
+
+
+def load_index(objects: "ObjectArea") -> dict[str, Entry]:
+    """The stored index (empty when there is none or it is damaged: features are only a cache)."""
+    oid = objects.read_ref(KIND, INDEX_NAME, 1)
+    if oid is None:
+        return {}
+    try:
+        payload = objects.get(oid)
+        if not payload.startswith(INDEX_MAGIC):
+            raise IntegrityError("not a feature index")
+        raw = loads(payload[len(INDEX_MAGIC):], "the feature index")
+        if not isinstance(raw, dict) or not isinstance(raw.get("entries"), dict):
+            raise IntegrityError("the feature index is malformed")
+        return {k: _check_entry(v) for k, v in raw["entries"].items() if isinstance(k, str) and len(k) == 64}
+    except (MMError, ValueError, TypeError, OSError):
+        return {}
+
+
+def write_index(objects: "ObjectArea", entries: dict[str, Entry]) -> None:
+    """Store the index as an object, point the ref at it, and delete the index it replaces."""
+    old = objects.read_ref(KIND, INDEX_NAME, 1)
+    body = {"entries": {k: [e.oid, e.offset, e.nbytes, e.dtype, list(e.shape), e.used]
+                        for k, e in sorted(entries.items())}}
+    oid = objects.put(INDEX_MAGIC + json.dumps(body, separators=(",", ":")).encode()).oid
+    objects.write_ref(KIND, INDEX_NAME, 1, oid)
+    if old is not None and old != oid and is_oid(old):
+        objects.delete(old)
+
+
+def live_objects(objects: "ObjectArea") -> set[str]:
+    """The index and every object it names (what ``gc`` keeps unless asked to free features)."""
+    oid = objects.read_ref(KIND, INDEX_NAME, 1)
+    if oid is None:
+        return set()
+    return {oid} | {e.oid for e in load_index(objects).values()}
+
+
+def drop_all(objects: "ObjectArea") -> None:
+    """Forget every kept feature (``gc(features=True)``: their objects are then collected)."""
+    objects.remove_ref(KIND, INDEX_NAME, 1)
+
+
+__all__ = ["DEFAULT_BUDGET", "Entry", "FeatureStore", "add_field", "drop_all", "feature_key", "live_objects",
+           "load_index", "path_hasher"]

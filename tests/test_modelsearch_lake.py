@@ -1,0 +1,424 @@
+"""The model lake's search side: kept features (bit-identical reuse, corruption, eviction, gc, S3),
+incremental search (again, appended items, derived candidates: rankings equal a fresh search), and
+layers as arms (``layers=3``; alsatian equals shift over the same arms)."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import mm_jupyter as mm
+from mm_jupyter.errors import SearchError
+from mm_jupyter.modelsearch.lake import layout
+from mm_jupyter.store import features as kept_features
+from mm_jupyter.store.features import FeatureStore, load_index
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def family(n: int, seed: int, width: int = 24) -> dict[str, nn.Module]:
+    """``n`` models sharing a trunk (as fine-tuned siblings do), each with its own last two blocks."""
+    g = torch.Generator().manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    out: dict[str, nn.Module] = {}
+    for i in range(n):
+        m = nn.Sequential(copy.deepcopy(trunk), nn.Sequential(nn.Linear(width, 16), nn.ReLU()), nn.Linear(16, 12))
+        with torch.no_grad():
+            for p in list(m.parameters())[4:]:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+        out[f"f{seed}-{i}"] = m
+    return out
+
+
+def derived(parents: dict[str, nn.Module], seed: int) -> dict[str, nn.Module]:
+    """Copies of ``parents`` with the last block retrained (new weights)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in parents.items():
+        d = copy.deepcopy(m)
+        with torch.no_grad():
+            for p in d[-1].parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+        out[f"{name}-ft"] = d
+    return out
+
+
+def data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] + 0.3 * x[:, 2] > 0).long()
+    return x, y
+
+
+def run(cands: Any, xy: Any, store: mm.Store, **kw: Any) -> Any:
+    kw.setdefault("batch_size", 16)
+    return mm.search(cands, xy, k=1, device="cpu", store=store, reuse=True, **kw)
+
+
+def same(a: Any, b: Any) -> None:
+    """Rankings equal: order, scores, losses, rungs (exactly: features are bit-identical)."""
+    cols = [c for c in a.ranking.columns]
+    assert list(b.ranking.columns) == cols
+    assert a.ranking.equals(b.ranking), (a.ranking, b.ranking)
+
+
+def kept(store: mm.Store) -> dict[str, bytes]:
+    """Every kept feature's bytes by key."""
+    fs = FeatureStore(store)
+    out = {}
+    for key in fs.entries:
+        t = fs.get(key)
+        assert t is not None
+        out[key] = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    fs.close()
+    return out
+
+
+@pytest.fixture
+def cands() -> dict[str, nn.Module]:
+    return {**family(4, 1), **family(4, 2)}
+
+
+def test_same_search_again_reuses_everything(tmp_path: Path, cands: dict[str, nn.Module]) -> None:
+    store = mm.Store(tmp_path / "s")
+    xy = data(400)
+    first = run(cands, xy, store)
+    assert first.stats["features_reused"] == 0 and first.stats["features_computed"] > 0
+    again = run(cands, xy, store)
+    same(first, again)
+    assert again.stats["block_inferences"] == 0
+    assert again.stats["features_computed"] == 0
+    assert again.stats["features_reused"] == first.stats["features_computed"]
+    fresh = run(cands, xy, mm.Store(tmp_path / "fresh"))  # a store that never saw these features
+    same(first, fresh)
+
+
+def test_reused_features_are_bit_identical_across_processes_and_after_gc(tmp_path: Path,
+                                                                         cands: dict[str, nn.Module]) -> None:
+    """Another process fills a store; this one fills another; every kept feature is byte-equal, and a
+    search reading the other process's features ranks as this one's fresh search. A plain gc keeps the
+    features; gc(features=True) frees them and the recomputed ones are byte-equal again."""
+    xy = data(300)
+    other = tmp_path / "other"
+    script = (
+        "import sys, json; sys.path.insert(0, sys.argv[2]); import test_modelsearch_lake as t, mm_jupyter as mm\n"
+        "r = t.run({**t.family(4, 1), **t.family(4, 2)}, t.data(300), mm.Store(sys.argv[1]))\n"
+        "print(json.dumps(r.ranking[['model', 'score']].values.tolist()))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(other), str(ROOT / "tests")], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    here = mm.Store(tmp_path / "here")
+    mine = run(cands, xy, here)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == mine.ranking[["model", "score"]].values.tolist()
+    theirs_store = mm.Store(other)
+    theirs, ours = kept(theirs_store), kept(here)
+    assert theirs and theirs.keys() == ours.keys()
+    assert all(theirs[k] == ours[k] for k in ours)
+    reused = run(cands, xy, theirs_store)  # reads what the other process computed
+    assert reused.stats["features_computed"] == 0
+    same(mine, reused)
+
+    here.gc()
+    assert kept(here) == ours
+    report = here.gc(features=True)
+    assert report.objects > 0 and load_index(here.objects) == {}
+    again = run(cands, xy, here)
+    assert again.stats["features_reused"] == 0
+    same(mine, again)
+    assert kept(here) == ours
+
+
+def test_corrupt_feature_object_is_detected_and_recomputed(tmp_path: Path, cands: dict[str, nn.Module]) -> None:
+    store = mm.Store(tmp_path / "s")
+    xy = data(300)
+    first = run(cands, xy, store)
+    before = kept(store)
+    index = load_index(store.objects)
+    oids = sorted({e.oid for e in index.values()})
+    damaged = {}
+    for oid in oids:  # flip one byte of the first feature in every feature object
+        key, e = min(((k, e) for k, e in index.items() if e.oid == oid), key=lambda p: p[1].offset)
+        path = store.objects.path(oid)  # type: ignore[attr-defined]
+        raw = bytearray(path.read_bytes())
+        hsize = len(raw) - store.objects.open(oid).size
+        raw[hsize + e.offset] ^= 0x55
+        path.chmod(0o644)
+        path.write_bytes(bytes(raw))
+        damaged[key] = oid
+    again = run(cands, xy, store)
+    assert again.stats["features_corrupt"] >= 1
+    assert again.stats["features_computed"] > 0  # what the damage touched was recomputed, not used
+    same(first, again)
+    assert kept(store) == before  # the recomputed features are kept again, byte-equal
+    for oid in {e.oid for e in load_index(store.objects).values()}:  # damaged objects were rewritten or dropped
+        store.objects.open(oid).verify()
+
+
+def test_budget_evicts_least_recently_used(tmp_path: Path, cands: dict[str, nn.Module]) -> None:
+    store = mm.Store(tmp_path / "s")
+    xy = data(300)
+    run(cands, xy, store)
+    full = sum(store.objects.size(o) for o in {e.oid for e in load_index(store.objects).values()})
+    budget = full // 3
+    other = {**family(3, 7)}
+    r = run(other, xy, store, feature_budget=budget)  # newer features push the older out
+    index = load_index(store.objects)
+    sizes: dict[str, int] = {}
+    for e in index.values():
+        sizes[e.oid] = max(sizes.get(e.oid, 0), e.offset + e.nbytes)
+    assert 0 < sum(sizes.values()) <= budget
+    assert all(store.objects.exists(o) for o in sizes)
+    newest = max(e.used for e in index.values())
+    assert any(e.used == newest for e in index.values())
+    again = run(other, xy, store, feature_budget=budget)  # what was evicted is recomputed: same ranking
+    same(r, again)
+
+
+def test_over_budget_order() -> None:
+    E = kept_features.Entry
+    entries = {"a": E("a" * 64, 64, 100, "uint8", (100,), 1.0), "b": E("b" * 64, 64, 100, "uint8", (100,), 3.0),
+               "c": E("c" * 64, 64, 100, "uint8", (100,), 2.0), "d": E("c" * 64, 164, 100, "uint8", (100,), 0.5)}
+    assert kept_features.over_budget(entries, 1000) == set()
+    # objects take 164, 164 and 264 bytes (the end of their last feature); c was last used at 2.0
+    assert kept_features.over_budget(entries, 450) == {"a" * 64}  # least recently used object first
+    assert kept_features.over_budget(entries, 300) == {"a" * 64, "c" * 64}
+
+
+def test_damaged_index_is_an_empty_cache(tmp_path: Path, cands: dict[str, nn.Module]) -> None:
+    store = mm.Store(tmp_path / "s")
+    xy = data(200)
+    first = run(cands, xy, store)
+    bad = store.objects.put(kept_features.INDEX_MAGIC + b'{"entries": {"' + b"0" * 64 + b'": [1, 2]}}').oid
+    store.objects.write_ref(kept_features.KIND, kept_features.INDEX_NAME, 1, bad)
+    assert load_index(store.objects) == {}
+    again = run(cands, xy, store)
+    assert again.stats["features_reused"] == 0
+    same(first, again)
+
+
+def test_layout_is_content_determined_and_appends_keep_old_chunks() -> None:
+    x, y = data(400)
+    a = layout(x[:320], y[:320], test_fraction=0.2, seed=0, batch_size=16)
+    b = layout(x, y, test_fraction=0.2, seed=0, batch_size=16)
+    old_test = set(a.test.tolist())
+    assert old_test == {i for i in b.test.tolist() if i < 320}
+    full_a = {h for s, e, h in a.train_chunks + a.test_chunks if e - s == 16}
+    full_b = {h for _, _, h in b.train_chunks + b.test_chunks}
+    assert len(full_a - full_b) <= len({lv for lv in a.levels}) + 1  # at most each group's last full chunk moved
+    perm = torch.randperm(320, generator=torch.Generator().manual_seed(3))  # the split ignores positions
+    c = layout(x[:320][perm], y[:320][perm], test_fraction=0.2, seed=0, batch_size=16)
+    assert sorted(perm[c.test].tolist()) == sorted(a.test.tolist())
+    counts = a.rung_items(3, 32)
+    assert counts == sorted(counts) and counts[-1] == len(a.train) and counts[0] >= 32
+
+
+def test_appended_items_rank_as_a_fresh_search(tmp_path: Path, cands: dict[str, nn.Module]) -> None:
+    store = mm.Store(tmp_path / "s")
+    x, y = data(500)
+    first = run(cands, (x[:400], y[:400]), store)
+    grown = run(cands, (x, y), store)
+    fresh = run(cands, (x, y), mm.Store(tmp_path / "fresh"))
+    same(fresh, grown)
+    assert grown.stats["features_reused"] > 0
+    assert grown.stats["features_computed"] < fresh.stats["features_computed"]
+    assert first.stats["features_computed"] > 0
+    # block work (items through blocks, all depths): the old items' features were read, not computed
+    assert sum(grown.stats["items_per_depth"]) < 0.6 * sum(fresh.stats["items_per_depth"])
+
+
+def test_derived_candidates_run_only_their_new_block(tmp_path: Path) -> None:
+    store = mm.Store(tmp_path / "s")
+    xy = data(400)
+    base = {**family(5, 1), **family(5, 2)}
+    run(base, xy, store)
+    more = {**base, **derived({n: base[n] for n in list(base)[:3]}, 9)}
+    grown = run(more, xy, store)
+    fresh = run(more, xy, mm.Store(tmp_path / "fresh"))
+    same(fresh, grown)
+    assert sum(grown.stats["items_per_depth"]) < sum(fresh.stats["items_per_depth"])
+    # the derived candidates resumed from their parents' kept last-block inputs: only depth-2 blocks ran
+    # for the chunks the parents had seen
+    assert grown.stats["items_per_depth"][0] < fresh.stats["items_per_depth"][0]
+
+
+def test_shift_reuses_the_same_features(tmp_path: Path, cands: dict[str, nn.Module]) -> None:
+    store = mm.Store(tmp_path / "s")
+    xy = data(300)
+    a = run(cands, xy, store)
+    s = run(cands, xy, store, approach="shift")
+    assert s.stats["features_computed"] == 0
+    assert a.ranking[["model", "score", "rung"]].equals(s.ranking[["model", "score", "rung"]])
+
+
+def test_layers_are_arms_and_shift_agrees(cands: dict[str, nn.Module]) -> None:
+    xy = data(300)
+    one = mm.search(cands, xy, k=1, device="cpu", batch_size=16)
+    assert "layer" not in one.ranking and one.best_arm == (one.best, -1)
+    three = mm.search(cands, xy, k=1, device="cpu", batch_size=16, layers=3)
+    assert len(three.ranking) == 3 * len(cands)
+    assert set(three.ranking["layer"]) == {-1, -2, -3}
+    assert set(three.ranking["model"]) == set(cands)
+    assert three.best_arm == (three.ranking.iloc[0]["model"], three.ranking.iloc[0]["layer"])
+    assert f"{three.best_arm[0]} layer {three.best_arm[1]}:" in repr(three)
+    shift = mm.search(cands, xy, k=1, device="cpu", batch_size=16, layers=3, approach="shift")
+    cols = ["model", "layer", "score", "loss", "rung"]
+    assert three.ranking[cols].equals(shift.ranking[cols])
+    # without halving every arm sees all data: the arms share all prefix inference (the same block work
+    # as the single-layer search) and each (model, -1) arm scores exactly as the model does alone
+    flat1 = mm.search(cands, xy, k=1, device="cpu", batch_size=16, halving=False)
+    flat3 = mm.search(cands, xy, k=1, device="cpu", batch_size=16, halving=False, layers=3)
+    assert flat3.stats["items_per_depth"] == flat1.stats["items_per_depth"]
+    own = flat3.ranking[flat3.ranking["layer"] == -1]
+    assert dict(zip(own["model"], own["score"])) == dict(zip(flat1.ranking["model"], flat1.ranking["score"]))
+
+
+def test_layers_with_reuse(tmp_path: Path, cands: dict[str, nn.Module]) -> None:
+    store = mm.Store(tmp_path / "s")
+    xy = data(300)
+    a = run(cands, xy, store, layers=2)
+    b = run(cands, xy, store, layers=2)
+    same(a, b)
+    assert b.stats["features_computed"] == 0
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"reuse": True}, "needs store"),
+    ({"layers": 0}, "layers"),
+    ({"reuse": "yes"}, "reuse must be"),
+    ({"store": object(), "reuse": True}, "mm.Store"),
+])
+def test_bad_options(kw: dict[str, Any], match: str, cands: dict[str, nn.Module]) -> None:
+    with pytest.raises(SearchError, match=match):
+        mm.search(cands, data(100), device="cpu", **kw)
+
+
+# -- team stores: PostgreSQL + S3 (moto) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def team_store_args() -> Iterator[tuple[str, str]]:
+    from mm_jupyter.store import testing
+
+    with testing.postgres_server(durable=False) as pg, testing.s3_server() as s3:
+        yield pg.database(), s3.bucket_url()
+
+
+@pytest.mark.services
+def test_team_store_features_read_in_part(team_store_args: tuple[str, str], tmp_path: Path,
+                                          cands: dict[str, nn.Module]) -> None:
+    path, objects = team_store_args
+    store = mm.Store(path, objects=objects)
+    xy = data(300)
+    first = run(cands, xy, store)
+    folder = run(cands, xy, mm.Store(tmp_path / "folder"))
+    same(first, folder)
+    again = run(cands, xy, mm.Store(path, objects=objects))
+    assert again.stats["features_computed"] == 0
+    same(first, again)
+    # one object of several large features: reading one of them fetches only the chunks it touches
+    fs = FeatureStore(store)
+    parts = [(f"{i:064x}", torch.full((300_000,), float(i))) for i in range(3)]
+    fs.put(parts)
+    fs.flush()
+    reader = FeatureStore(mm.Store(path, objects=objects))
+    area = reader.objects
+    before = area.bytes_fetched
+    got = reader.get(parts[1][0])
+    assert got is not None and torch.equal(got, parts[1][1])
+    fetched = area.bytes_fetched - before
+    assert 1_200_000 <= fetched < area.size(reader.entries[parts[1][0]].oid) * 2 // 3
+
+
+def test_two_writers_merge_their_features(tmp_path: Path) -> None:
+    """Two searches keeping features at once: the second index write merges the first's entries."""
+    store = mm.Store(tmp_path / "s")
+    a, b = FeatureStore(store), FeatureStore(store)
+    a.put([("a" * 64, torch.arange(10.0))])
+    b.put([("b" * 64, torch.arange(5.0))])
+    a.flush()
+    b.flush()
+    index = load_index(store.objects)
+    assert {"a" * 64, "b" * 64} <= index.keys()
+    c = FeatureStore(store)
+    assert torch.equal(c.get("a" * 64), torch.arange(10.0)) and torch.equal(c.get("b" * 64), torch.arange(5.0))
+
+
+def test_index_entry_that_lies_about_its_bytes_is_not_used(tmp_path: Path) -> None:
+    """An index naming a range past its object, or a shape that does not fit its bytes: a miss."""
+    store = mm.Store(tmp_path / "s")
+    fs = FeatureStore(store)
+    fs.put([("a" * 64, torch.arange(16.0)), ("b" * 64, torch.arange(4.0))])
+    fs.flush()
+    entries = load_index(store.objects)
+    entries["a" * 64].nbytes += 4096  # past the end of the object
+    entries["b" * 64].shape = (5,)  # 5 floats do not fit 16 bytes
+    kept_features.write_index(store.objects, entries)
+    fresh = FeatureStore(store)
+    assert fresh.get("a" * 64) is None and fresh.get("b" * 64) is None and fresh.corrupt >= 1
+
+
+def test_kept_scores_follow_the_labels(tmp_path: Path, cands: dict[str, nn.Module]) -> None:
+    """A kept proxy score is found only for the same features, labels, proxy and seed; the same
+    inputs with other labels rank as a fresh search does."""
+    from mm_jupyter.modelsearch.lake import Kept
+
+    k = Kept(FeatureStore(mm.Store(tmp_path / "keys")), "cpu")
+    base = k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labels", "linear", 0)
+    assert base == k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labels", "linear", 0)
+    for other_key in (k.score_key(["b1", "b3"], ["c1", "c2"], ["t1"], b"labels", "linear", 0),
+                      k.score_key(["b1", "b2"], ["c1"], ["t1"], b"labels", "linear", 0),
+                      k.score_key(["b1", "b2"], ["c1", "c2"], ["t2"], b"labels", "linear", 0),
+                      k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labelz", "linear", 0),
+                      k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labels", "knn", 0),
+                      k.score_key(["b1", "b2"], ["c1", "c2"], ["t1"], b"labels", "linear", 1)):
+        assert other_key != base
+    store = mm.Store(tmp_path / "s")
+    x, y = data(300)
+    run(cands, (x, y), store)
+    other = (y + 1) % 4
+    relabelled = run(cands, (x, other), store)
+    same(relabelled, run(cands, (x, other), mm.Store(tmp_path / "fresh")))
+
+
+def test_unusual_dtypes_are_not_kept(tmp_path: Path) -> None:
+    """A dtype the index cannot describe is skipped, never written into (and so never poisons) the index."""
+    store = mm.Store(tmp_path / "s")
+    fs = FeatureStore(store)
+    fs.put([("a" * 64, torch.zeros(4, dtype=torch.float8_e4m3fn)), ("b" * 64, torch.ones(3, dtype=torch.bfloat16))])
+    fs.flush()
+    index = load_index(store.objects)
+    assert set(index) == {"b" * 64}
+    assert torch.equal(FeatureStore(store).get("b" * 64), torch.ones(3, dtype=torch.bfloat16))
+
+
+def test_stored_candidates_share_kept_features_with_in_memory_ones(tmp_path: Path) -> None:
+    """Candidates loaded from the store have the same block ids as the models they were saved from,
+    so their features are the kept ones (and the ranking is the same)."""
+    from search_models import mlp
+
+    store = mm.Store(tmp_path / "s")
+    torch.manual_seed(0)
+    cands = {f"m{i}": mlp() for i in range(4)}
+    x = torch.randn(240, 16)
+    y = (x[:, 0] > 0).long()
+    live = run(cands, (x, y), store)
+    mm.add_candidates(store, cands, "mlps")
+    stored = run(mm.load_candidates(store, "mlps"), (x, y), store)
+    assert stored.stats["features_computed"] == 0
+    same(live, stored)
+
+
+def test_precision_names_what_changes_float_results() -> None:
+    from mm_jupyter.modelsearch.lake import precision
+
+    tag = precision("cpu")
+    assert f"torch {torch.__version__}" in tag and f"threads {torch.get_num_threads()}" in tag
+    assert f"cpu {torch.backends.cpu.get_cpu_capability()}" in tag
