@@ -16,9 +16,11 @@ import numpy as np
 
 from ..errors import ProbeMismatch, SearchError, a_type
 from ..store import Store
+from ..store.features import FeatureStore
 from .distributed import RaySearch, resolve_executor
 from .engine import Candidate, Meter, check_items, extract_shared, extract_whole
 from .halving import Rung, schedule
+from .lake import Kept, layout, precision
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -374,7 +376,6 @@ def search(
     x, y = _as_data(data)
     lay = None
     if reuse:  # a content-determined split: appended items never move old ones
-        from .lake import layout
 
         lay = layout(x, y, test_fraction=test_fraction, seed=seed, batch_size=batch_size)
         test_idx, train_idx = lay.test, lay.train
@@ -416,8 +417,6 @@ def search(
         x_train, y_train = x[lay.train], y[lay.train]
     kept = None
     if reuse:
-        from ..store.features import FeatureStore
-        from .lake import Kept, precision
 
         kept = Kept(FeatureStore(store, feature_budget), precision(dev))
     meter.add("prepare data", time.perf_counter() - t0)

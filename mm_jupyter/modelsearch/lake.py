@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
+from ..store.features import add_field, path_hasher
 from .engine import Candidate, Meter, extract_shared, extract_whole
 
 if TYPE_CHECKING:
@@ -189,7 +190,6 @@ class Kept:
 
     def key(self, path: list[str] | tuple[str, ...], chunk: str, kind: str) -> str:
         """``store.features.feature_key`` of a block path and chunk (the path's hash state reused)."""
-        from ..store.features import add_field, path_hasher
 
         at = (tuple(path), kind)
         if at not in self._paths:
