@@ -34,6 +34,14 @@ QUICK = ("bert-classifier", "albert-factorized", "llama", "t5-encoder", "dinov2-
          "wav2vec2")
 
 
+#: families the Hugging Face rule learnt last (issue 20): searched in every run, one per mechanism —
+#: context the backbone computes before its layers (DeBERTa-v2's relative embeddings, a holder child
+#: never called; Falcon's mask with ALiBi folded in; MPNet's relative bias), stages whose tokens the
+#: model turns into a map (PVT-v2 with the grid it returns, PVT with the grid it was given), a
+#: classifier that reads another output of the last stage (CvT's class token)
+LEARNT = ("deberta-v2", "falcon-alibi", "mpnet", "pvt", "pvt-v2", "cvt")
+
+
 def profile() -> tuple[str, ...]:
     """The entries of this run: the whole zoo with ``MM_ZOO=full``, else ``QUICK``."""
     return tuple(ZOO) if os.environ.get("MM_ZOO", "").lower() == "full" else QUICK
