@@ -1,6 +1,6 @@
-"""Print the Hugging Face zoo's table: every architecture of ``tests/hf_zoo.py`` saved as a set of three
-plus an update and recovered in a fresh process (state bit-exact, outputs equal), and every text and
-vision model searched with ``alsatian`` and ``shift`` on verified blocks.
+"""Print the zoo's table: every architecture of ``mm_jupyter/bench/zoo.py`` (through the suite's helpers in
+``tests/hf_zoo.py``) saved as a set of three plus an update and recovered in a fresh process (state
+bit-exact, outputs equal), and every text and vision model searched with ``alsatian`` and ``shift`` on verified blocks.
 
     python scripts/zoo_table.py [NAME ...]        (all entries by default; several minutes)
 

@@ -7,6 +7,7 @@ shared block run once, and the split's features equal to what the model's classi
 runs every entry (``python scripts/zoo_table.py`` prints the whole zoo's table)."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.xdist_group("hf-zoo")  # its module-scoped fixture is b
 
 NAMES = hf_zoo.profile()
 SEARCHED = [n for n in NAMES if hf_zoo.ZOO[n].domain != "audio"]
+SEARCHED += [n for n in hf_zoo.LEARNT if n not in SEARCHED]
 
 
 def test_the_zoo_covers_text_vision_and_audio() -> None:
@@ -114,3 +116,31 @@ def test_own_features_reference_is_not_the_first_token_for_dinov2(tmp_path: Path
         tokens = model(x).last_hidden_state
     assert ref.shape == (3, 2 * tokens.shape[-1])
     torch.testing.assert_close(ref, torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1))
+
+
+def test_context_the_backbone_computes_before_its_layers_is_owned_by_the_stem() -> None:
+    """DeBERTa-v2's layers get relative embeddings that its encoder computes from its own table
+    (read as a weight, never called): the forward-prefix stem owns that table, so a candidate whose
+    table differs shares no block with the base (its layers would get other embeddings), while one
+    that differs in its last layer shares the stem; both splits give their own model's features."""
+    from mm_jupyter.modelsearch.hashing import block_ids
+
+    x = hf_zoo.inputs("deberta-v2", 8, seed=1)
+    base = hf_zoo.build("deberta-v2", 0)
+    table, last = copy.deepcopy(base), copy.deepcopy(base)
+    with torch.no_grad():
+        table.encoder.rel_embeddings.weight.add_(0.5)
+        last.encoder.layer[-1].output.dense.weight.add_(0.5)
+    splits = {name: split_model(m, x) for name, m in (("base", base), ("table", table), ("last", last))}
+    recipe = splits["base"].recipe
+    assert recipe.stem == "prefix" and any(p.endswith("rel_embeddings") for p in recipe.stem_paths)
+    assert any("=prefix.rel_embeddings" in entry for _, _, inputs, _ in recipe.layers for entry in inputs)
+    ids = {name: block_ids(split.blocks) for name, split in splits.items()}
+    assert ids["table"][0] != ids["base"][0]
+    assert ids["last"][:2] == ids["base"][:2] and ids["last"][2] != ids["base"][2]
+    for name, model in (("table", table), ("last", last)):
+        assert check_split(model, splits[name], x) is None
+        torch.testing.assert_close(hf_zoo.head_input(splits[name], splits[name].features(x)),
+                                   hf_zoo.own_features(model, "deberta-v2", x), atol=1e-4, rtol=1e-4)
+    assert_search_agrees({"base": base, "table": table, "last": last}, hf_zoo.inputs("deberta-v2", 24, seed=2),
+                         hf_zoo.labels(24))

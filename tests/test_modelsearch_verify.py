@@ -372,7 +372,7 @@ def test_a_cache_an_eval_forward_fills_is_neither_stale_in_the_check_nor_pollute
     """LeViT keeps its gathered attention biases in a dict after an eval forward: tracing must not
     leave a symbolic entry there, and the check must compute them from the perturbed parameters
     on both sides (else a stale cache makes a right split look wrong)."""
-    import timm_patterns
+    from mm_jupyter.bench import _timm_patterns as timm_patterns
 
     torch.manual_seed(0)
     model = timm_patterns.CachedLeViT().eval()

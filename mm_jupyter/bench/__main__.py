@@ -707,8 +707,60 @@ def cmd_lake(args: argparse.Namespace) -> int:
     return 0 if all(res.equal.values()) else 1
 
 
+# -- zoo (issue 20: saving a set of 3 zoo models vs one torch.save) ----------------------------------------
+def add_zoo(sub: Any) -> None:
+    from .zoosave import GOAL, QUICK
+
+    p = sub.add_parser("zoo", help="save speed over the model zoo: a set of 3 models vs one torch.save",
+                       description="For each zoo architecture (random weights, tiny configs), save a set of 3 "
+                                   "models into a fresh store and write their state dicts with one torch.save "
+                                   "+ fsync (same disk), in interleaved rounds; the median ratio over the zoo "
+                                   f"against the goal (<= {GOAL:g}x).")
+    p.add_argument("names", nargs="*", metavar="ARCH",
+                   help=f"architectures of mm_jupyter.bench.zoo (default: a quick subset of {len(QUICK)})")
+    p.add_argument("--full", action="store_true", help="every architecture of the zoo")
+    p.add_argument("--rounds", type=_positive, default=3, help="timed rounds per architecture (default 3)")
+    p.add_argument("--dir", default=None, help="folder for the stores and files (default: the temp folder)")
+    p.set_defaults(func=cmd_zoo)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def zoo_names(args: argparse.Namespace) -> list[str]:
+    """The architectures a parsed ``zoo`` command measures (unknown names: one BenchError)."""
+    from ..errors import BenchError
+    from .zoo import ZOO
+    from .zoosave import QUICK
+
+    if args.full and args.names:
+        raise BenchError("give architectures or --full, not both")
+    names = list(ZOO) if args.full else list(args.names or QUICK)
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        raise BenchError(f"unknown zoo architecture(s) {', '.join(unknown)}; known: {', '.join(ZOO)}")
+    return names
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from .limits import machine
+    from .zoosave import format_zoo, run_zoo
+
+    names = zoo_names(args)
+    print(f"zoo save speed: {len(names)} architectures, {args.rounds} rounds (+1 warm-up); machine: {machine()}")
+    result = run_zoo(names, rounds=args.rounds, folder=args.dir, progress=_say)
+    print()
+    print(format_zoo(result))
+    return 0
+
+
 COMMANDS: list[Callable[[Any], None]] = [add_modelsets, add_catalog, add_search, add_materialize, add_serving,
-                                         add_partition, add_alsatian, add_gpu, add_report, add_limits, add_lake]
+                                         add_partition, add_alsatian, add_gpu, add_report, add_limits, add_lake,
+                                         add_zoo]
 
 
 def build_parser() -> argparse.ArgumentParser:

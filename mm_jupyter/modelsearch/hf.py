@@ -24,8 +24,16 @@ blocks from what it saw:
   rotary ``(cos, sin)`` from the model's rotary module (per layer type), ALiBi biases from the
   model's ``build_alibi_tensor``, the token grid (Swin); plain constants the model passes (BEiT's
   patch grid) are kept. T5's relative position bias, which its first layer computes and hands on, is
-  computed in every later block by that layer's attention (so the block owns that table). A layer
-  given a tensor nothing reproduces (DeBERTa's relative embeddings) has no block view.
+  computed in every later block by that layer's attention (so the block owns that table). What the
+  backbone computes before its layers and passes each of them alike (Falcon's mask with ALiBi folded
+  in, DeBERTa's relative positions and embeddings, MPNet's relative bias, RoFormer's sinusoidal
+  positions) is batch context computed by the forward-prefix stem (``prefix.<name>``): the stem
+  block then owns every module and the config that computation reads — with the layer holder's
+  children read as weights (DeBERTa's ``rel_embeddings``) — so a candidate whose context would
+  differ shares no block. A stage whose tokens the model turns into the next stage's feature map
+  returns that map (``SequenceToMap``: the grid the stage returns, PVT-v2, or was given, PVT); a
+  last layer with another output that is exactly what the classifier consumes returns that one
+  (``PickOutput``: CvT's class token). A layer given a tensor nothing reproduces has no block view.
 * **tail and features**: the features are what the model's classifier consumes (``Reference``): for
   a task model the input of its first parameterised layer outside the backbone, after the model's
   own pooling when that layer is the head's only one (made the identity: a causal model's sequence
@@ -177,6 +185,48 @@ class RelativeBiasLayer(nn.Module):
         return self.layer(h, position_bias=bias, **inputs)
 
 
+class SequenceToMap(nn.Module):
+    """A stage whose model turns the tokens it returns into the feature map the next stage takes:
+    the block returns that map. The grid is the one the stage returns, ``(outputs, height, width)``
+    (PVT-v2), or, ``given``, the ``height`` and ``width`` the stage was given (PVT)."""
+
+    def __init__(self, layer: nn.Module, given: bool = False) -> None:
+        super().__init__()
+        self.layer = layer
+        self.given = given
+
+    def forward(self, h: Tensor, **inputs: Any) -> Tensor:
+        out = self.layer(h, **inputs)
+        found = _as_map((out, inputs.get("height"), inputs.get("width")) if self.given else out)
+        if found is None:
+            raise SearchError(f"{type(self.layer).__name__} returned no token sequence of its grid")
+        return found
+
+
+class PickOutput(nn.Module):
+    """The last layer's output at ``index`` (CvT: its class token, which the classifier reads)."""
+
+    def __init__(self, layer: nn.Module, index: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.index = index
+
+    def forward(self, h: Tensor, **inputs: Any) -> Tensor:
+        out: Tensor = self.layer(h, **inputs)[self.index]
+        return out
+
+
+def _as_map(out: Any) -> Tensor | None:
+    """``(outputs, height, width)`` of a stage as the ``(N, C, height, width)`` map of its tokens;
+    None when ``out`` is not of that form."""
+    if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(v, int) for v in out[1:])):
+        return None
+    tokens = _first(out[0])
+    if not isinstance(tokens, Tensor) or tokens.dim() != 3 or tokens.shape[1] != out[1] * out[2]:
+        return None
+    return tokens.reshape(tokens.shape[0], out[1], out[2], -1).permute(0, 3, 1, 2).contiguous()
+
+
 def _first(out: Any) -> Any:
     if isinstance(out, Tensor):
         return out
@@ -214,16 +264,34 @@ class Context:
     bidirectional window), ``position_ids`` (``0..L-1``; ``.padded``: counting non-pad tokens
     only), ``cache_position``, ``rope{i}.0/.1`` (the ``i``-th rotary module's cos and sin;
     ``rope{i}:{layer type}`` for one that serves several layer types), ``alibi`` (the model's ``build_alibi_tensor``),
-    ``last_index`` (each row's last non-pad token) and ``grid`` (an image's token grid)."""
+    ``last_index`` (each row's last non-pad token), ``grid`` (an image's token grid) and
+    ``prefix.{name}`` (what the backbone's own forward passes its first layer as ``name``, computed
+    by the forward-prefix stem block, which owns every module and the config it reads: Falcon's
+    mask with ALiBi folded in, DeBERTa's relative positions and embeddings, MPNet's relative bias,
+    RoFormer's sinusoidal positions — the same for every layer)."""
 
-    def __init__(self, backbone: nn.Module, needs: tuple[str, ...], rotary: list[nn.Module]) -> None:
+    def __init__(self, backbone: nn.Module, needs: tuple[str, ...], rotary: list[nn.Module],
+                 prefix: ForwardPrefix | None = None, first: nn.Module | None = None) -> None:
         self.backbone = backbone
         self.needs = needs
         self.rotary = rotary
+        self.prefix = prefix
+        self.first = first
 
     def __call__(self, raw: Tensor) -> dict[str, Tensor]:
         config: Any = self.backbone.config
         out: dict[str, Tensor] = {}
+        wanted = [n for n in self.needs if n.startswith("prefix.")]
+        if wanted:
+            if self.prefix is None or self.first is None:
+                raise SearchError("a layer input computed by the backbone's forward needs the forward-prefix stem")
+            found = self.prefix.layer_inputs(raw, self.first)
+            for name in wanted:
+                value = found.get(name[len("prefix."):])
+                if isinstance(value, Tensor):
+                    out[name] = value
+                elif isinstance(value, tuple):
+                    out.update({f"{name}.{i}": v for i, v in enumerate(value)})
         if "grid" in self.needs:
             patch = config.patch_size
             ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
@@ -297,9 +365,11 @@ class Context:
 
 
 class _Reached(Exception):
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> None:
         super().__init__("reached the first layer")
         self.value = value
+        self.args_ = args
+        self.kwargs = kwargs or {}
 
 
 class _Stop(nn.Module):
@@ -314,7 +384,7 @@ class _Stop(nn.Module):
                 setattr(self, key, value)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise _Reached(hidden_argument(args, kwargs))
+        raise _Reached(hidden_argument(args, kwargs), args, kwargs)
 
 
 _FRESH = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks",
@@ -361,6 +431,10 @@ class ForwardPrefix(nn.Module):
         self.config = config.to_json_string()
 
     def forward(self, raw: Tensor) -> Tensor:
+        return self.reach(raw).value  # type: ignore[no-any-return]
+
+    def reach(self, raw: Tensor) -> _Reached:
+        """The backbone's forward stopped at its first layer's call (hidden states and arguments)."""
         try:
             if self.text:
                 text_forward(self.shell, raw)
@@ -369,8 +443,15 @@ class ForwardPrefix(nn.Module):
         except _Reached as reached:
             if not isinstance(reached.value, Tensor):
                 raise SearchError("the backbone's forward gave its first layer no hidden-state tensor") from None
-            return reached.value
+            return reached
         raise SearchError("the backbone's forward did not reach its first layer")
+
+    def layer_inputs(self, raw: Tensor, layer: nn.Module) -> dict[str, Any]:
+        """What the backbone's forward passes its first layer besides the hidden states, by the
+        parameter names of ``layer`` (the real first layer): batch context that the model computes
+        before its layers (a mask with ALiBi folded in, relative positions, a relative bias)."""
+        reached = self.reach(raw)
+        return _layer_arguments(layer, reached.args_, reached.kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,7 +642,8 @@ class Recipe:
 
     stem: str  # "chain" | "tables" | "prefix"
     stem_paths: tuple[str, ...]  # the modules that run before the first layer
-    layers: tuple[tuple[str, str, tuple[str, ...], str], ...]  # (path, call, inputs, bias source path)
+    #: (path, call, inputs, wrapper): a bias source path (T5), "#map"/"#map-given" (PVT-v2/PVT), "#out<i>" or ""
+    layers: tuple[tuple[str, str, tuple[str, ...], str], ...]
     spatial: bool
     tail: tuple[str, ...]  # sequence: norms before the reduction; feature map: ``_spatial_steps``
     reduce: str  # "cls" | "last" | "mean" | "cls+mean:<start>" | "pool:<path>" | "tail:<paths>" | "" (map)
@@ -706,12 +788,17 @@ def build(model: nn.Module, recipe: Recipe) -> Split:
     get = model.get_submodule
     backbone: Any = model.base_model
     blocks = []
+    stem = None
     if recipe.stem_paths:
         stem = _stem(model, recipe.stem, [get(p) for p in recipe.stem_paths], get(recipe.list_path))
         blocks.append(Block(stem, "hf-layer"))
     for path, call, inputs, source in recipe.layers:
         layer = get(path)
-        if source:
+        if source in ("#map", "#map-given"):
+            layer = SequenceToMap(layer, given=source == "#map-given")
+        elif source.startswith("#out"):
+            layer = PickOutput(layer, int(source[4:]))
+        elif source:
             layer = RelativeBiasLayer(layer, get(source))
         blocks.append(Block(layer, call, inputs))
     reduce = None
@@ -731,7 +818,9 @@ def build(model: nn.Module, recipe: Recipe) -> Split:
     split = Split(blocks, head, f"hf-{backbone.config.model_type}", forward=forward, reduce=reduce,
                   pooler=pooler if head is None else None, recipe=recipe)
     if recipe.needs:
-        split.context = Context(backbone, recipe.needs, [get(p) for p in recipe.rotary])
+        prefix = stem if isinstance(stem, ForwardPrefix) else None  # the stem block computes that context
+        first = get(recipe.layers[0][0]) if recipe.layers else None
+        split.context = Context(backbone, recipe.needs, [get(p) for p in recipe.rotary], prefix, first)
     if head is None:
         split.reference = Reference(model, forward)
     return split
@@ -771,6 +860,7 @@ class _Observer:
             self.paths.setdefault(id(m), path)
         self.forward = text_forward if _text(model) else _plain
         self.causal = False
+        self.prefix_found: dict[str, Any] | None = None  # what a forward-prefix stem passes the first layer
 
     def fail(self, why: str) -> SearchError:
         return SearchError(f"the Hugging Face rule cannot split {self.name}: {why}")
@@ -793,7 +883,7 @@ class _Observer:
         containers = {id(backbone), id(holder)} | lists
         watched = list(children) + (list(holder.children()) if holder is not first_list else []) + units
         try:
-            calls, _ = _observe(self.model, watched, self.forward, self.probe)
+            calls, output = _observe(self.model, watched, self.forward, self.probe)
         except Exception as e:  # noqa: BLE001 - the data does not fit the model itself
             lines = str(e).strip().splitlines()
             raise ProbeMismatch(f"the model's own forward raised {type(e).__name__}: {lines[0] if lines else ''}"
@@ -811,20 +901,32 @@ class _Observer:
         pre = list({id(c.module): c.module for c in calls[:first]}.values())
         layer_calls = calls[first:last + 1]
         self.causal = any(vars(m).get("is_causal") is True for m in units[0].modules())
+        self.holder, self.first_list, self.pre = holder, first_list, pre
+        self.unit_ids, self.witness, self.first_layer = in_layers, _hidden_of(layer_calls[0]), layer_calls[0].module
         if pre:
-            stem, stem_mods = self._stem(pre, _hidden_of(layer_calls[0]), first_list)
+            stem, stem_mods = self._stem(pre, self.witness, first_list)
         else:  # the first layer takes the raw input (hierarchical vision models: patch embeddings)
             stem, stem_mods = "chain", []
         entries = self._entries(rotary)
         used: set[str] = set()
-        layer_recipe = [spec for call in layer_calls for spec in self._layer(call, entries, used, layer_calls[0])]
+        takes = [_hidden_of(c) for c in layer_calls[1:]] + [_first(output)]  # what follows each layer call
+        layer_recipe = [spec for call, after in zip(layer_calls, takes)
+                        for spec in self._layer(call, entries, used, layer_calls[0], after)]
         if any(entry.endswith(("=attention_mask.causal", "=attention_mask.sliding")) for spec in layer_recipe
                for entry in spec[2]):
             self.causal = True  # the model gives its layers a causal mask
+        if any("=prefix." in entry for spec in layer_recipe for entry in spec[2]) and stem != "prefix":
+            # the context those inputs come from is computed by the stem block: it must own all it reads
+            stem, stem_mods = "prefix", self._prefix_mods() or stem_mods
         tail_calls = [c for c in calls[last + 1:] if not _rotary(c.module)]
-        out = _first(layer_calls[-1].output)
+        out = _as_map(layer_calls[-1].output) if layer_recipe[-1][3] == "#map" else _first(layer_calls[-1].output)
         if not isinstance(out, Tensor):
             raise self.fail("its last layer returns no tensor")
+        picked = self._picked_output(layer_calls[-1]) if not layer_recipe[-1][3] else None
+        if picked is not None:  # the classifier reads another output of the last layer (CvT's class token)
+            index, out = picked
+            layer_recipe[-1] = (*layer_recipe[-1][:3], f"#out{index}")
+            tail_calls = []
         needs = {e.split("=", 1)[1] if "=" in e else e for spec in layer_recipe for e in spec[2]}
         needs = {n for n in needs if not n.startswith("#")}
         pooler: tuple[tuple[str, bool], ...] = ()
@@ -860,9 +962,10 @@ class _Observer:
             kinds.append("tables")
         kinds.append("prefix")
         tried = []
-        for kind in kinds:
+        extra = self._extra()
+        for kind, used in [(k, mods) for k in kinds] + ([("prefix", mods + extra)] if extra else []):
             try:
-                module = _stem(self.model, kind, mods, layers)
+                module = _stem(self.model, kind, used, layers)
                 with torch.no_grad():
                     got = _first(module(self.probe))
             except Exception as e:  # noqa: BLE001 - this stem form does not apply
@@ -870,7 +973,7 @@ class _Observer:
                 continue
             why = differs(got, witness) if isinstance(got, Tensor) else "no tensor"
             if why is None:
-                return kind, mods
+                return kind, used
             tried.append(f"{kind}: {why}")
         names = ", ".join(type(m).__name__ for m in mods)
         raise self.fail(f"no stem of {names} gives what the model feeds its first layer ({'; '.join(tried)})")
@@ -897,33 +1000,30 @@ class _Observer:
                 found[name] = part.get(name)
         return found
 
-    def _layer(self, call: _Call, entries: dict[str, Any], used: set[str],
-               first: _Call) -> list[tuple[str, str, tuple[str, ...], str]]:
+    def _layer(self, call: _Call, entries: dict[str, Any], used: set[str], first: _Call,
+               after: Any) -> list[tuple[str, str, tuple[str, ...], str]]:
         layer = call.module
         try:
-            sig = inspect.signature(layer.forward)
-            bound = sig.bind(*call.args, **call.kwargs)
+            args = _layer_arguments(layer, call.args, call.kwargs)
         except (TypeError, ValueError) as e:
             raise self.fail(f"cannot read the call of {type(layer).__name__}: {e}") from None
-        params = list(sig.parameters)
-        args: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                args.update(value)
-            elif name != params[0]:
-                args[name] = value
+        sig = inspect.signature(layer.forward)
         inputs: list[str] = []
         source = ""
         grid = False
         for name, value in args.items():
             if name in _IGNORED_ARGS:
+                if name in sig.parameters and sig.parameters[name].default is inspect.Parameter.empty and \
+                        _plain_value(value):
+                    inputs.append(f"{name}=#{json.dumps(value)}")  # required all the same (PVT-v2's stages)
                 continue
             if name == "input_dimensions":
                 grid = True
                 continue
             if name == "position_bias" and isinstance(value, Tensor):
                 source = self._bias_source(call, first)
-                continue
+                if source:
+                    continue
             tensors = isinstance(value, Tensor) or (isinstance(value, tuple) and value and all(
                 isinstance(v, Tensor) for v in value))
             if not tensors:
@@ -942,6 +1042,11 @@ class _Observer:
                                 "reproduces")
             used.add(entry)
             inputs.append(name if entry == name else f"{name}={entry}")
+        if isinstance(after, Tensor) and after.dim() == 4:  # the model makes a map of the tokens it returns
+            if _as_map(call.output) is not None:  # with their grid (PVT-v2)
+                return [(self.path(layer), "hf-layer", tuple(inputs), "#map")]
+            if _as_map((call.output, args.get("height"), args.get("width"))) is not None:  # the grid it was given (PVT)
+                return [(self.path(layer), "hf-layer", tuple(inputs), "#map-given")]
         if grid:
             if inputs or source:
                 raise self.fail(f"{type(layer).__name__} takes a token grid and other inputs")
@@ -973,15 +1078,64 @@ class _Observer:
         for entry in order:
             if entry in entries and _same(entries[entry], value):
                 return entry
+        prefix = self._prefix_inputs()
+        if name in prefix and _same(prefix[name], value):
+            return f"prefix.{name}"
+        return None
+
+    def _prefix_inputs(self) -> dict[str, Any]:
+        """What the backbone's forward-prefix stem passes the first layer on the probe ({} when
+        no forward-prefix stem reproduces the first layer's hidden states)."""
+        if self.prefix_found is None:
+            self.prefix_found = {}
+            mods = self._prefix_mods()
+            if mods is not None:
+                stem = ForwardPrefix(self.backbone, mods, self.first_list, _text(self.model))
+                with torch.no_grad():
+                    self.prefix_found = stem.layer_inputs(self.probe, self.first_layer)
+        return self.prefix_found
+
+    def _picked_output(self, call: _Call) -> tuple[int, Tensor] | None:
+        """The position and value of a later output of the last layer that is exactly what the
+        model's classifier consumes (CvT's last stage returns its map and its class token)."""
+        out = call.output
+        if not (isinstance(out, tuple) and any(isinstance(v, Tensor) for v in out[1:])):
+            return None
+        reference = Reference(self.model, self.forward)(self.probe)
+        for i, value in enumerate(out[1:], 1):
+            if isinstance(reference, Tensor) and isinstance(value, Tensor) and value.shape == reference.shape and \
+                    differs(value, reference) is None:
+                return i, value
+        return None
+
+    def _extra(self) -> list[nn.Module]:
+        """The layer holder's children that hold no layers and do not run before them."""
+        if self.holder is self.first_list:
+            return []
+        return [c for c in self.holder.children() if not any(
+            m is self.first_list or id(m) in self.unit_ids for m in c.modules()) and all(c is not p for p in self.pre)]
+
+    def _prefix_mods(self) -> list[nn.Module] | None:
+        """The modules with which the backbone's forward up to its first layer gives exactly what
+        the model feeds it: those called before it, plus, when they are not enough, the layer
+        holder's children that hold no layers (DeBERTa's relative embeddings table, read as a
+        weight, never called)."""
+        extra = self._extra()
+        for mods in (self.pre, self.pre + extra) if extra else (self.pre,):
+            try:
+                with torch.no_grad():
+                    got = ForwardPrefix(self.backbone, mods, self.first_list, _text(self.model))(self.probe)
+            except Exception:  # noqa: BLE001 - the forward needs something else
+                continue
+            if self.witness is not None and differs(got, self.witness) is None:
+                return mods
         return None
 
     def _bias_source(self, call: _Call, first: _Call) -> str:
-        """The attention of the first layer that computes the relative bias it hands on (T5)."""
+        """The attention of the first layer that computes the relative bias it hands on (T5), or ""."""
         source = next((m for m in first.module.modules() if vars(m).get("has_relative_attention_bias") is True
                        and callable(getattr(m, "compute_bias", None))), None)
-        if source is None:
-            raise self.fail(f"{type(call.module).__name__} is given a position bias that no layer computes")
-        return self.path(source)
+        return "" if source is None else self.path(source)  # none: computed before the layers (MPNet)
 
     # -- features -----------------------------------------------------------------------------
 
@@ -1040,6 +1194,20 @@ class _Observer:
                 tried.append(f"{reduce.split(':')[0]}{' + pooler' if pooler else ''}")
         raise self.fail(f"none of its feature reductions ({', '.join(tried)}) gives what its classifier consumes "
                         f"(shape {tuple(reference.shape)})")
+
+
+def _layer_arguments(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A layer call's arguments by parameter name, without the first (the hidden states)."""
+    sig = inspect.signature(layer.forward)
+    bound = sig.bind(*args, **kwargs)
+    params = list(sig.parameters)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif name != params[0]:
+            out[name] = value
+    return out
 
 
 def _plain_value(value: Any) -> bool:

@@ -2,7 +2,12 @@
 does not install with this CPU torch): an enum attribute (ViT, DeiT, Swin, Mixer, ... keep
 ``patch_embed.output_fmt``) and a dict of tensors an eval forward fills (LeViT, EfficientViT-M,
 EfficientFormer-V2 keep ``attention_bias_cache``). Importable by a fresh process; built with random
-weights, no arguments."""
+weights, no arguments.
+
+The module is private on purpose: :mod:`mm_jupyter` is an allowed package of the trust gate, its
+private modules are not, so a process recovers these classes only after importing this module
+itself, as the user of a class of their own has it (the zoo's fresh processes do).
+"""
 from __future__ import annotations
 
 import enum
@@ -41,11 +46,14 @@ class EnumViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x).flatten(1, 2)
-        return self.head(self.norm(self.blocks(tokens)).mean(1))
+        out: torch.Tensor = self.head(self.norm(self.blocks(tokens)).mean(1))
+        return out
 
 
 class CachedBiasAttention(nn.Module):
     """LeViT's attention: learned biases gathered per head pair, cached per device in eval."""
+
+    attention_bias_idxs: torch.Tensor
 
     def __init__(self, dim: int = 16, heads: int = 2, tokens: int = 16) -> None:
         super().__init__()
@@ -75,7 +83,8 @@ class CachedBiasAttention(nn.Module):
         n, length, dim = x.shape
         q, k, v = self.qkv(x).reshape(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         attn = (q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5 + self.biases(x.device)
-        return x + self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(n, length, dim))
+        out: torch.Tensor = x + self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(n, length, dim))
+        return out
 
 
 class CachedLeViT(nn.Module):
@@ -89,4 +98,5 @@ class CachedLeViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
-        return self.head(self.attn(tokens).mean(1))
+        out: torch.Tensor = self.head(self.attn(tokens).mean(1))
+        return out
