@@ -28,7 +28,7 @@ from .modelset import ModelSet, Resolved, SetRef
 from .structure import module_state, with_attribute_states
 from .structure_check import SameArchitecture
 from .structure_encode import json_clean
-from .tensors import Layout, digest_rows, extract_states, layout_mismatch, match_dtypes
+from .tensors import Layout, extract_states, layout_mismatch, match_dtypes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -232,8 +232,7 @@ class Store:
             return "provenance", "how the models were trained was given"
         if Layout.from_json(inp.base.manifest["layout"]).signature() != inp.layout.signature():
             return "baseline", f"the architecture differs from {base}'s"  # nothing to diff against
-        digests = digest_rows(inp.rows, inp.layout)
-        _, changed = changed_mask(self, inp, digests)
+        _, changed = changed_mask(self, inp, inp.digests())
         sizes = np.array([s.nbytes for s in inp.layout.specs], dtype=np.float64)
         frac = float((changed * sizes).sum() / max(1.0, sizes.sum() * inp.n))
         models = f"{int(changed.any(axis=1).sum())} of {inp.n} models changed against {base}"
