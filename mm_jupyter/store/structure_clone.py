@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import gc
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -148,21 +147,7 @@ class Cloner:
         return cls([n for n in nodes if n is not None], slots, originals)  # every visit filled its place
 
     def make(self, state: Sequence["torch.Tensor"]) -> "nn.Module":
-        """A fresh module in eval mode holding copies of ``state`` (tensors in key order).
-
-        The cycle collector is paused while one model is assembled: its hundreds of fresh
-        containers (hook registries, parameter dicts) would otherwise trigger collections that
-        rescan every model made before (``list(ms)`` keeps 5,000 alive); they are counted and
-        collected as usual once it is back on."""
-        was_on = gc.isenabled()
-        gc.disable()
-        try:
-            return self._make(state)
-        finally:
-            if was_on:
-                gc.enable()
-
-    def _make(self, state: Sequence["torch.Tensor"]) -> "nn.Module":
+        """A fresh module in eval mode holding copies of ``state`` (tensors in key order)."""
         import torch
         from torch import nn
 
