@@ -19,6 +19,7 @@ import stat
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -132,6 +133,7 @@ class FolderObjects(ObjectArea):
         self.location = str(self.root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self._deferred = threading.local()  # .paths: objects published in a deferred_durability scope
 
     def prepare(self) -> None:
         """Create the folders a writer needs (on the first save of a store)."""
@@ -192,8 +194,38 @@ class FolderObjects(ObjectArea):
             folder.mkdir(exist_ok=True)
             fsync_path(self.objects)
         os.replace(tmp.path, final)
+        pending: list[Path] | None = getattr(self._deferred, "paths", None)
+        if pending is not None:
+            pending.append(final)  # made durable by make_durable, before the catalog commit
+            return
         os.fsync(tmp.fileno())
         fsync_path(folder)
+
+    @contextmanager
+    def deferred_durability(self) -> Iterator[None]:
+        """Objects published in this scope are fsynced together by ``make_durable`` (file by file,
+        then each folder once): the first fsync's journal commit carries every object's data and
+        name, the rest find nothing left to commit. A scope left by an exception syncs nothing: its
+        objects are unreferenced (a concurrent writer relying on one fsyncs it, ``_already_stored``)."""
+        if getattr(self._deferred, "paths", None) is not None:  # nested: the outer scope syncs
+            yield
+            return
+        self._deferred.paths = []
+        try:
+            yield
+            self.make_durable()
+        finally:
+            self._deferred.paths = None
+
+    def make_durable(self) -> None:
+        pending: list[Path] | None = getattr(self._deferred, "paths", None)
+        if not pending:
+            return
+        for path in pending:
+            fsync_path(path)
+        for folder in dict.fromkeys(path.parent for path in pending):
+            fsync_path(folder)
+        pending.clear()
 
     def put(self, data: bytes | bytearray | memoryview) -> PutResult:
         """Store bytes; returns the existing object when the same payload is already stored."""

@@ -205,7 +205,8 @@ class Store:
             raise StoreError(f"architecture must be an mm.Architecture, not {type(architecture).__name__}")
         layout, rows = extract_states(mods, names)
         arch, layout, rows = _settle_architecture(architecture, mods, names, layout, rows)
-        with self.writing(f"set {name!r}"), trust.scope(self.trust_code):  # a base may be retrained
+        with (self.writing(f"set {name!r}"), trust.scope(self.trust_code),  # a base may be retrained
+              self.objects.deferred_durability()):  # every object synced together before the commit
             parent = self.row(base) if base is not None else self.catalog.find(name, None)
             inp = SaveInput(name, names, explicit, layout, rows, arch, environment(),
                             parent if approach in (*approaches.DELTA, "auto") else None, provenance, verify)
@@ -262,6 +263,7 @@ class Store:
                 if why is not None:
                     m["why"] = why  # old manifests have none: the field is optional
                 oid, size = self.catalog.put_manifest(m)
+                self.objects.make_durable()  # the set's objects and manifest, before the commit
                 self.catalog.insert_set(tx, m, oid, size)
                 self.catalog.add_artifacts(tx, sid, [(r, p.oid, p.size) for r, p in saved.artifacts + saved.extra])
         except BaseException:
