@@ -95,7 +95,8 @@ class ObjectArea(ABC):
 
     @abstractmethod
     def put(self, data: bytes | bytearray | memoryview) -> PutResult:
-        """Store bytes (atomically, durable on return); an existing identical object is kept."""
+        """Store bytes (atomically; durable on return outside ``deferred_durability``); an existing identical
+        object is kept."""
 
     @abstractmethod
     def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor", Callable[[int], None]], None]) -> PutResult:

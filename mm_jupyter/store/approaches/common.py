@@ -96,7 +96,7 @@ class Approach(Protocol):
     NAME: str
 
     def save(self, store: StoreContext, inp: SaveInput) -> Saved:
-        """Write the set's objects (durable when this returns); the store then commits them."""
+        """Write the set's objects; the store makes them durable (``make_durable``) and commits them."""
 
     def resolve(self, store: StoreContext, row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
         """Where every tensor of ``row`` lives, given its resolved base (derived versions)."""
