@@ -370,3 +370,32 @@ def test_a_meta_probe_skips_value_fills_only():
         torch.empty(3).add_(1)
     assert torch.Tensor.normal_ not in seen and torch.nn.init.kaiming_uniform_ not in seen
     assert torch.Tensor.add_ in seen
+
+
+def test_the_probe_verdict_is_reused_only_for_the_same_factory_object(store, monkeypatch):
+    """The save-time meta rebuild is skipped when the same record, layout and factory object were
+    probed before; a factory redefined under the same name (a notebook cell run again) is probed
+    afresh, so a record that no longer rebuilds the models is refused, never waved through."""
+    from mm_jupyter.store import store as store_module
+
+    models = [sm.mlp(width=6) for _ in range(2)]
+    builds = []
+    real_build = mm.Architecture.build_meta
+    monkeypatch.setattr(mm.Architecture, "build_meta", lambda self, **kw: builds.append(1) or real_build(self, **kw))
+    store_module._VERDICTS.clear()
+    store.save_set(models, "p")
+    store.save_set(models, "p")
+    assert len(builds) == 1  # the second save reused the verdict
+
+    def mlp(width: int = 8, depth: int = 2, inputs: int = 4) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(inputs, width + 1), torch.nn.Linear(width + 1, 1))
+
+    from mm_jupyter.store import trust
+
+    mlp.__module__, mlp.__qualname__ = sm.mlp.__module__, sm.mlp.__qualname__
+    monkeypatch.setitem(trust._REGISTERED, "store_models:mlp", trust._REGISTERED["store_models:mlp"])  # restored after
+    monkeypatch.setattr(sm, "mlp", mm.architecture(mlp))
+    with pytest.raises(mm.StoreError, match="does not rebuild"):
+        store.save_set(models, "p")
+    assert len(builds) == 2
+    assert store.recover_set("p").state_dict(1).keys() == models[1].state_dict().keys()

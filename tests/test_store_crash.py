@@ -171,3 +171,42 @@ def test_kill_at_chosen_points(tmp_path, approach, point):
     assert sm.check_crash_set(store.recover_set("fam0@1"), 0) == 1
     assert store.verify() == []
     store.close()
+
+
+def test_every_object_of_a_save_is_fsynced_before_its_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save publishes its objects first and fsyncs them together (one journal commit) right before
+    the catalog commit: every object the save wrote (manifest, parameters, indexes, mmlib-base's
+    per-model objects) and its folder must have been fsynced when the version's row is inserted.
+    Outside a save, ``put`` is durable on return."""
+    from mm_jupyter.store import objects as objects_module
+
+    store = mm.Store(tmp_path / "s")
+    synced: list[Path] = []
+    real = objects_module.fsync_path
+    monkeypatch.setattr(objects_module, "fsync_path", lambda p: synced.append(Path(p)) or real(p))
+    at_insert: list[tuple[set[Path], set[Path]]] = []
+    insert = store.catalog.insert_set
+
+    def on_disk() -> set[Path]:
+        return {path for _, path, _ in store.objects.scan_paths()}
+
+    def watched(tx, m, oid, size):  # type: ignore[no-untyped-def]
+        at_insert.append((on_disk(), set(synced)))
+        return insert(tx, m, oid, size)
+
+    monkeypatch.setattr(store.catalog, "insert_set", watched)
+    models = [sm.mlp(width=8) for _ in range(3)]
+    for i, approach in enumerate(("baseline", "update", "mmlib-base")):
+        models[i].get_parameter("0.bias").data.add_(1.0)  # new bytes for every save
+        before = on_disk()
+        synced.clear()
+        store.save_set(models, f"d-{approach}", approach=approach)
+        (present, done), = at_insert
+        at_insert.clear()
+        new = present - before
+        assert len(new) >= 2, approach  # at least the parameters and the manifest
+        for path in new:
+            assert path in done and path.parent in done, (approach, path)
+    synced.clear()
+    put = store.objects.put(b"outside a save")
+    assert put.written and store.objects.path(put.oid).parent in synced  # the file itself: os.fsync on its fd

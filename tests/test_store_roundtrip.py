@@ -151,8 +151,12 @@ def test_recovered_tensors_do_not_write_through(saved):
         t.fill_(7)
     ms.stacked("fc2.bias").fill_(3)
     m = ms[1]
+    before = ms.state_dict(1)["fc1.weight"].clone()
     with torch.no_grad():
         m.fc1.weight.fill_(5)
+    # a model owns its tensors: writing to one never shows in the set's views or its next models
+    assert torch.equal(ms.state_dict(1)["fc1.weight"], before)
+    assert torch.equal(ms[1].fc1.weight, before) and not torch.equal(m.fc1.weight, before)
     fresh = mm.Store(saved[("store",)]["root"]).recover_set(info["ref"])
     assert [sm.sd_digests(sd) for sd in fresh.state_dicts()] == info["digests"]
 

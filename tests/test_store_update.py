@@ -265,3 +265,67 @@ def test_updates_on_top_of_every_approach(store, store_path):
     for r, v in zip(refs, versions):
         assert report[str(r)].get("state_dicts") == sm.model_digests(v), report[str(r)]
         assert report[str(r)]["names"] == list(v)
+
+
+# -- the save path's shortcuts, each against the plain computation ---------------------------------
+def test_fast_digests_equal_the_plain_tensor_digest():
+    """``digest_rows`` hashes straight from each tensor's memory; it must give exactly the digests
+    of the plain path for every dtype, empty tensors, offset views and storables made from
+    non-contiguous or negated tensors."""
+    from mm_jupyter.store.tensors import Layout, _as_storable, digest_rows, spec_of, tensor_digest
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=g)
+    cplx = torch.randn(3, 2, dtype=torch.complex64, generator=g)
+    tensors = {
+        "f32": torch.randn(5, 7, generator=g), "f64": torch.randn(3, dtype=torch.float64, generator=g),
+        "bf16": torch.randn(4, 4, generator=g).to(torch.bfloat16), "i64": torch.arange(9),
+        "bool": torch.rand(11, generator=g) > 0.5, "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5),
+        "offset": base[2:4],  # a contiguous view into the middle of a storage
+        "transposed": base.t(), "negated": cplx.conj().imag, "conj": cplx.conj(),
+    }
+    rows_in = [tensors, {k: (t + 1 if t.dtype is not torch.bool else ~t) for k, t in tensors.items()}]
+    rows = [[_as_storable(t, k) for k, t in r.items()] for r in rows_in]
+    layout = Layout.of([spec_of(k, t) for k, t in zip(tensors, rows[0])])
+    got = digest_rows(rows, layout)
+    assert got.shape == (2, len(tensors), 16)
+    for i, r in enumerate(rows_in):
+        for k, t in enumerate(r.values()):
+            plain = tensor_digest(t.resolve_conj().resolve_neg().contiguous())
+            assert bytes(got[i, k]) == plain, list(tensors)[k]
+
+
+def test_update_sees_in_place_edits_that_keep_identity_and_version_counter(store):
+    """An Update compares every tensor's bytes (by digest): edits through ``.data`` or numpy keep the
+    tensor object and its ``_version`` counter, so neither may be taken as proof of "unchanged"."""
+    models = {n: model(i) for i, n in enumerate("abc")}
+    store.save_set(models, "edits", approach="update", architecture=ARCH)
+    w = models["a"].get_parameter("0.weight")
+    b = models["c"].get_parameter("6.bias")
+    versions = (w._version, b._version)
+    with torch.no_grad():
+        w.data.add_(1.0)  # .data has its own version counter
+        b.detach().numpy()[0] += 1.0  # numpy writes bump no counter at all
+    assert (w._version, b._version) == versions
+    ref = store.save_set(models, "edits", approach="update", architecture=ARCH)
+    assert store.lineage("edits").versions[1].changed == 2
+    ms = store.recover_set(ref)
+    assert [sm.sd_digests(sd) for sd in ms.state_dicts()] == sm.model_digests(models)
+    ms.close()
+
+
+def test_auto_hashes_the_set_once(store, monkeypatch):
+    """``auto`` decides by the digests and ``update`` stores them: one hashing pass per save."""
+    from mm_jupyter.store.approaches import common
+
+    models = {n: model(i) for i, n in enumerate("abc")}
+    store.save_set(models, "once", approach="update", architecture=ARCH)
+    change(models["b"], "6.bias", 7)
+    calls = []
+    real = common.digest_rows
+    monkeypatch.setattr(common, "digest_rows", lambda rows, layout: calls.append(1) or real(rows, layout))
+    ref = store.save_set(models, "once", approach="auto", architecture=ARCH)
+    assert store.stats(ref)["approach"] == "update" and len(calls) == 1
+    ms = store.recover_set(ref)
+    assert [sm.sd_digests(sd) for sd in ms.state_dicts()] == sm.model_digests(models)
+    ms.close()

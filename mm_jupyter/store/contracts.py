@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Protocol
 
 from ..errors import IntegrityError
@@ -97,11 +97,22 @@ class ObjectArea(ABC):
 
     @abstractmethod
     def put(self, data: bytes | bytearray | memoryview) -> PutResult:
-        """Store bytes (atomically, durable on return); an existing identical object is kept."""
+        """Store bytes (atomically; durable on return outside ``deferred_durability``); an existing identical
+        object is kept."""
 
     @abstractmethod
     def put_filled(self, nbytes: int, fill: Callable[["torch.Tensor", Callable[[int], None]], None]) -> PutResult:
         """Store ``nbytes`` written by ``fill(dst, progress)`` straight into the upload buffer."""
+
+    def deferred_durability(self) -> AbstractContextManager[None]:
+        """Inside (one thread's scope): puts may return before their objects are durable, and
+        ``make_durable`` makes them so; a save calls it right before its catalog commit, so one
+        journal commit carries all of its objects. Areas whose puts are durable anyway ignore it."""
+        return nullcontext()
+
+    def make_durable(self) -> None:
+        """Make every object put in this thread's ``deferred_durability`` scope durable."""
+        return None  # the default scope defers nothing
 
     @abstractmethod
     def open(self, oid: str) -> Reader:

@@ -19,6 +19,7 @@ import stat
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -39,6 +40,7 @@ MIN_CHUNK = 64 * 1024
 _PAGE = 4096
 _PARALLEL_HASH_BYTES = 8 * 1024 * 1024
 _MAP_AT_LEAST = 1024 * 1024
+_COMPARE_WINDOW = 4 * 1024 * 1024
 
 
 def align(n: int, to: int) -> int:
@@ -77,8 +79,9 @@ class _ChunkHasher:
         self.chunk = chunk_size_for(len(payload))
         self.count = -(-len(payload) // self.chunk)
         self._next = 0
-        # one-chunk payloads (small objects) are hashed inline: no thread for them
-        self._pool = ThreadPoolExecutor(max_workers=1) if self.count > 1 else None
+        # payloads under 8 MiB are hashed inline: starting a thread costs more than it saves there
+        self._pool = (ThreadPoolExecutor(max_workers=1)
+                      if self.count > 1 and len(payload) >= _PARALLEL_HASH_BYTES else None)
         self._futures: list[Future[bytes]] = []
 
     def _one(self, c: int) -> bytes:
@@ -130,6 +133,7 @@ class FolderObjects(ObjectArea):
         self.location = str(self.root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self._deferred = threading.local()  # .paths: objects published in a deferred_durability scope
 
     def prepare(self) -> None:
         """Create the folders a writer needs (on the first save of a store)."""
@@ -152,31 +156,76 @@ class FolderObjects(ObjectArea):
         except FileNotFoundError:
             return False
 
-    def _already_stored(self, oid: str, header: bytes, total: int) -> bool:
-        """True when an intact copy exists: skip the write. A damaged copy (wrong size, header or
-        payload, or a special file in its place) is replaced by the caller's good bytes, so
-        re-saving repairs bit rot."""
-        p = self.path(oid)
+    def _already_stored(self, oid: str, header: bytes, payload: Callable[[int, int], bytes]) -> bool:
+        """True when an intact copy exists: skip the write. Intact means the same header (the id is
+        its hash) and the same payload bytes as the caller's (``payload(offset, n)`` gives them),
+        compared, not re-hashed: the caller's bytes were hashed moments ago and a comparison is ten
+        times cheaper. The copy is then fsynced, since it may be a concurrent writer's, renamed into
+        place before its own fsync (``_publish``). A damaged copy (wrong size, header or payload, or
+        a special file in its place) is replaced by the caller's good bytes: re-saving repairs bit rot."""
         try:
-            if os.lstat(p).st_size != total:
-                return False
-            reader = FolderReader(p, oid, self)
-            try:
-                reader.verify()
-            finally:
-                reader.close()
-            return True
+            fd = open_regular(self.path(oid))
         except (FileNotFoundError, IntegrityError):
             return False
+        try:
+            nbytes = os.fstat(fd).st_size - len(header)
+            if nbytes < 0 or os.pread(fd, len(header), 0) != header or nbytes != FIXED.unpack_from(header)[1]:
+                return False
+            for at in range(0, nbytes, _COMPARE_WINDOW):
+                n = min(_COMPARE_WINDOW, nbytes - at)
+                if os.pread(fd, n, len(header) + at) != payload(at, n):
+                    return False
+            os.fsync(fd)
+            return True
+        finally:
+            os.close(fd)
 
-    def _publish(self, tmp: Path, oid: str) -> None:
+    def _publish(self, tmp: TempFile, oid: str) -> None:
+        """Rename a filled temp file into place, then make it durable: fsync the file, then its
+        folder. Renaming first lets one journal commit carry the data, the inode and the new name
+        (ext4, XFS: the folder's fsync then finds nothing left to commit), where fsync, rename,
+        fsync paid two; a small save has several objects. Nothing refers to the object before the
+        catalog commit, which comes after, and a concurrent writer that finds it early fsyncs it
+        itself (``_already_stored``); a crash in between leaves an unreferenced object that fails
+        verification, which the next save of the same bytes replaces and ``gc`` removes."""
         final = self.path(oid)
         folder = final.parent
         if not folder.is_dir():
             folder.mkdir(exist_ok=True)
             fsync_path(self.objects)
-        os.replace(tmp, final)
+        os.replace(tmp.path, final)
+        pending: list[Path] | None = getattr(self._deferred, "paths", None)
+        if pending is not None:
+            pending.append(final)  # made durable by make_durable, before the catalog commit
+            return
+        os.fsync(tmp.fileno())
         fsync_path(folder)
+
+    @contextmanager
+    def deferred_durability(self) -> Iterator[None]:
+        """Objects published in this scope are fsynced together by ``make_durable`` (file by file,
+        then each folder once): the first fsync's journal commit carries every object's data and
+        name, the rest find nothing left to commit. A scope left by an exception syncs nothing: its
+        objects are unreferenced (a concurrent writer relying on one fsyncs it, ``_already_stored``)."""
+        if getattr(self._deferred, "paths", None) is not None:  # nested: the outer scope syncs
+            yield
+            return
+        self._deferred.paths = []
+        try:
+            yield
+            self.make_durable()
+        finally:
+            self._deferred.paths = None
+
+    def make_durable(self) -> None:
+        pending: list[Path] | None = getattr(self._deferred, "paths", None)
+        if not pending:
+            return
+        for path in pending:
+            fsync_path(path)
+        for folder in dict.fromkeys(path.parent for path in pending):
+            fsync_path(folder)
+        pending.clear()
 
     def put(self, data: bytes | bytearray | memoryview) -> PutResult:
         """Store bytes; returns the existing object when the same payload is already stored."""
@@ -184,7 +233,7 @@ class FolderObjects(ObjectArea):
         header = header_of(payload)
         oid = hashlib.sha256(header).hexdigest()
         total = len(header) + len(payload)
-        if self._already_stored(oid, header, total):
+        if self._already_stored(oid, header, lambda at, n: bytes(payload[at : at + n])):
             return PutResult(oid, total, False)
         try:
             tmp = TempFile(self.tmp)
@@ -192,8 +241,7 @@ class FolderObjects(ObjectArea):
                 tmp.file.write(header)
                 tmp.file.write(payload)
                 tmp.file.flush()
-                os.fsync(tmp.fileno())
-                self._publish(tmp.path, oid)
+                self._publish(tmp, oid)
             finally:
                 tmp.close()
         except OSError as e:
@@ -221,11 +269,11 @@ class FolderObjects(ObjectArea):
                     header = self._fill_mapped(tmp, hsize, nbytes, fill)
                 else:
                     header = self._fill_written(tmp, hsize, nbytes, fill)
-                os.fsync(tmp.fileno())  # writes back the mapping's dirty pages too
                 oid = hashlib.sha256(header).hexdigest()
-                if self._already_stored(oid, header, total):
+                fd = tmp.fileno()
+                if self._already_stored(oid, header, lambda at, n: os.pread(fd, n, hsize + at)):
                     return PutResult(oid, total, False)
-                self._publish(tmp.path, oid)
+                self._publish(tmp, oid)  # its fsync writes back the mapping's dirty pages too
             finally:
                 tmp.close()
         except OSError as e:

@@ -31,8 +31,8 @@ def write(root: Path, kind: str, name: str, version: int, oid: str) -> None:
     try:
         tmp.file.write(f"{oid}\n".encode())
         tmp.file.flush()
-        os.fsync(tmp.fileno())
         os.replace(tmp.path, target / f"{name}@{version}")
+        os.fsync(tmp.fileno())  # after the rename: one journal commit for content and name (objects._publish)
         fsync_path(target)
     finally:
         tmp.close()

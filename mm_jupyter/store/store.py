@@ -28,7 +28,7 @@ from .modelset import ModelSet, Resolved, SetRef
 from .structure import module_state, with_attribute_states
 from .structure_check import SameArchitecture
 from .structure_encode import json_clean
-from .tensors import Layout, digest_rows, extract_states, layout_mismatch, match_dtypes
+from .tensors import Layout, extract_states, layout_mismatch, match_dtypes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -205,7 +205,8 @@ class Store:
             raise StoreError(f"architecture must be an mm.Architecture, not {type(architecture).__name__}")
         layout, rows = extract_states(mods, names)
         arch, layout, rows = _settle_architecture(architecture, mods, names, layout, rows)
-        with self.writing(f"set {name!r}"), trust.scope(self.trust_code):  # a base may be retrained
+        with (self.writing(f"set {name!r}"), trust.scope(self.trust_code),  # a base may be retrained
+              self.objects.deferred_durability()):  # every object synced together before the commit
             parent = self.row(base) if base is not None else self.catalog.find(name, None)
             inp = SaveInput(name, names, explicit, layout, rows, arch, environment(),
                             parent if approach in (*approaches.DELTA, "auto") else None, provenance, verify)
@@ -232,8 +233,7 @@ class Store:
             return "provenance", "how the models were trained was given"
         if Layout.from_json(inp.base.manifest["layout"]).signature() != inp.layout.signature():
             return "baseline", f"the architecture differs from {base}'s"  # nothing to diff against
-        digests = digest_rows(inp.rows, inp.layout)
-        _, changed = changed_mask(self, inp, digests)
+        _, changed = changed_mask(self, inp, inp.digests())
         sizes = np.array([s.nbytes for s in inp.layout.specs], dtype=np.float64)
         frac = float((changed * sizes).sum() / max(1.0, sizes.sum() * inp.n))
         models = f"{int(changed.any(axis=1).sum())} of {inp.n} models changed against {base}"
@@ -263,6 +263,7 @@ class Store:
                 if why is not None:
                     m["why"] = why  # old manifests have none: the field is optional
                 oid, size = self.catalog.put_manifest(m)
+                self.objects.make_durable()  # the set's objects and manifest, before the commit
                 self.catalog.insert_set(tx, m, oid, size)
                 self.catalog.add_artifacts(tx, sid, [(r, p.oid, p.size) for r, p in saved.artifacts + saved.extra])
         except BaseException:
@@ -554,22 +555,56 @@ def check_rebuilds(arch: Architecture, model: "nn.Module") -> None:
 
 def _check_architecture(arch: Architecture, layout: Layout) -> None:
     """StoreError unless the record rebuilds modules with the models' keys, shapes and dtypes."""
-    _, diff = _probe(arch, layout)
+    diff, _ = _probe(arch, layout)
     if diff is not None:
         raise StoreError(f"architecture {arch.describe()} does not rebuild these models: it builds {diff}")
 
 
-def _probe(arch: Architecture, layout: Layout) -> tuple["nn.Module", str | None]:
-    """The record rebuilt on the meta device (the saving session's own code may run: it is the
-    user's) and its first difference from ``layout`` (None: it rebuilds these models)."""
+#: Verdicts of the save-time probe, by everything that decides one (see ``_verdict_key``).
+_VERDICTS: "OrderedDict[tuple[Any, ...], tuple[str | None, Any]]" = OrderedDict()
+_VERDICTS_KEPT = 64
+
+
+def _verdict_key(arch: Architecture, layout: Layout) -> tuple[Any, ...] | None:
+    """What decides a factory or Hugging Face record's probe: the record, the layout and the very
+    object the record calls (a redefined or reloaded factory or class is another key). Saving the
+    same kind of set again (a notebook saving after every epoch, a small set's fixed cost) then skips
+    the meta-device rebuild. Structural and source records resolve many objects and are probed every
+    time."""
+    if arch.kind not in ("factory", "hf"):
+        return None
+    try:
+        target = trust.lookup(arch.ref, "the probe's target", True)
+    except (StoreError, ArchitectureError):
+        return None
+    import json
+
+    return (target, json.dumps(arch.to_json(), sort_keys=True), json.dumps(layout.to_json(), sort_keys=True))
+
+
+def _probe(arch: Architecture, layout: Layout) -> tuple[str | None, Any]:
+    """The record's first difference from ``layout`` when rebuilt on the meta device (None: it
+    rebuilds these models; the saving session's own code may run: it is the user's), and the config
+    the rebuilt module carries (Hugging Face records, as JSON; else None)."""
+    key = _verdict_key(arch, layout)
+    if key is not None and key in _VERDICTS:
+        _VERDICTS.move_to_end(key)
+        return _VERDICTS[key]
     try:
         probe_module = arch.build_meta(trusted=True, subject="the models being saved")
         match_dtypes(probe_module, layout)
-        return probe_module, layout_mismatch(module_state(probe_module, layout.keys), layout)
+        diff = layout_mismatch(module_state(probe_module, layout.keys), layout)
+        config: Any = getattr(probe_module, "config", None) if arch.kind == "hf" else None
+        verdict = (diff, None if config is None else json_clean(config.to_dict(), "the rebuilt config"))
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's factory or class failed: name it, one line
         raise StoreError(f"architecture {arch.describe()} cannot be built: {type(e).__name__}: {e}") from None
+    if key is not None:
+        _VERDICTS[key] = verdict
+        while len(_VERDICTS) > _VERDICTS_KEPT:
+            _VERDICTS.popitem(last=False)
+    return verdict
 
 
 def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.Module"], names: Sequence[str],
@@ -579,7 +614,7 @@ def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.M
     again on the meta device (the check every save makes), it must give the same config and tensors.
     A constructor that edits its config (LevitModel appends to ``config.down_ops``) fails that, and
     the models are recorded structurally instead — tree, attributes and config exactly as they are."""
-    def prepared(arch: Architecture) -> tuple[Layout, list[list[Any]], "nn.Module", str | None]:
+    def prepared(arch: Architecture) -> tuple[Layout, list[list[Any]], str | None, Any]:
         if architecture is None:
             check_same_architecture(arch, mods, names)
         full_layout, full_rows = (with_attribute_states(arch.structure or {}, layout, rows, mods, names)
@@ -587,12 +622,10 @@ def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.M
         return (full_layout, full_rows, *_probe(arch, full_layout))
 
     arch = architecture if architecture is not None else Architecture.infer(mods[0])
-    full_layout, full_rows, probe, diff = prepared(arch)
-    config: Any = getattr(probe, "config", None)
-    if architecture is None and arch.kind == "hf" and (
-            diff is not None or config is None or json_clean(config.to_dict(), "the rebuilt config") != arch.config):
+    full_layout, full_rows, diff, config = prepared(arch)
+    if architecture is None and arch.kind == "hf" and (diff is not None or config is None or config != arch.config):
         arch = Architecture.structural(mods[0])
-        full_layout, full_rows, probe, diff = prepared(arch)
+        full_layout, full_rows, diff, config = prepared(arch)
     if diff is not None:
         raise StoreError(f"architecture {arch.describe()} does not rebuild these models: it builds {diff}")
     return arch, full_layout, full_rows

@@ -283,12 +283,25 @@ def key_major_size(layout: Layout, changed: np.ndarray) -> int:
 
 
 def digest_rows(rows: Sequence[Sequence["torch.Tensor"]], layout: Layout) -> np.ndarray:
-    """Per-tensor digests, shape (models, keys, 16) uint8: what ``update`` compares."""
-    out = np.empty((len(rows), len(layout.specs), DIGEST_BYTES), dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for k, t in enumerate(row):
-            out[i, k] = np.frombuffer(tensor_digest(t), dtype=np.uint8)
-    return out
+    """Per-tensor digests, shape (models, keys, 16) uint8: what ``update`` compares.
+
+    Each tensor is hashed straight from its memory (one C call per tensor, no views or numpy
+    wrappers: those were 80 % of the time for small tensors); the rows are what
+    ``extract_states`` returns, dense contiguous CPU tensors of the layout's sizes, so
+    ``data_ptr() .. + nbytes`` is exactly the tensor's bytes. Equal to ``tensor_digest`` (tested).
+    """
+    sizes = [s.nbytes for s in layout.specs]
+    views = {n: ctypes.c_char * n for n in set(sizes) if n}
+    empty = hashlib.sha256(b"").digest()[:DIGEST_BYTES]
+    sha = hashlib.sha256
+    out = bytearray()
+    add = out.extend
+    for row in rows:
+        if len(row) != len(sizes):
+            raise StoreError(f"a row of {len(row)} tensors does not fit a layout of {len(sizes)} keys")
+        for t, n in zip(row, sizes):
+            add(sha(views[n].from_address(t.data_ptr())).digest()[:DIGEST_BYTES] if n else empty)
+    return np.frombuffer(out, dtype=np.uint8).reshape(len(rows), len(sizes), DIGEST_BYTES)
 
 
 def tensor_digest(t: "torch.Tensor") -> bytes:

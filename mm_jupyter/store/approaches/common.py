@@ -11,7 +11,7 @@ from ..architectures import Architecture
 from ..basetypes import Listed, PutResult, SetRow
 from ..contracts import ObjectArea, VersionCatalog
 from ..modelset import ModelSet, ObjectShape, Resolved, SetRef, default_names
-from ..tensors import Layout, fill_model_major, tensor_digest
+from ..tensors import Layout, digest_rows, fill_model_major, tensor_digest
 
 if TYPE_CHECKING:
     import torch
@@ -51,10 +51,17 @@ class SaveInput:
     base: SetRow | None
     provenance: "Provenance | None"
     verify: int | str = 1
+    _digests: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
         return len(self.names)
+
+    def digests(self) -> np.ndarray:
+        """Per-tensor digests of every model, hashed once per save (``auto`` and ``update`` share them)."""
+        if self._digests is None:
+            self._digests = digest_rows(self.rows, self.layout)
+        return self._digests
 
 
 @dataclass
@@ -89,7 +96,7 @@ class Approach(Protocol):
     NAME: str
 
     def save(self, store: StoreContext, inp: SaveInput) -> Saved:
-        """Write the set's objects (durable when this returns); the store then commits them."""
+        """Write the set's objects; the store makes them durable (``make_durable``) and commits them."""
 
     def resolve(self, store: StoreContext, row: SetRow, base: Resolved | None, retrain: bool = True) -> Resolved:
         """Where every tensor of ``row`` lives, given its resolved base (derived versions)."""

@@ -16,7 +16,7 @@ from ...errors import IntegrityError
 from ..architectures import Architecture
 from ..basetypes import SetRow
 from ..modelset import ObjectShape, Resolved, require_layout
-from ..tensors import Layout, digest_rows, fill_key_major, key_major_size, pack_arrays, unpack_arrays
+from ..tensors import Layout, fill_key_major, key_major_size, pack_arrays, unpack_arrays
 from .common import (
     Saved,
     SaveInput,
@@ -52,7 +52,7 @@ def changed_mask(store: StoreContext, inp: SaveInput, digests: np.ndarray) -> tu
 
 
 def save(store: StoreContext, inp: SaveInput) -> Saved:
-    digests = digest_rows(inp.rows, inp.layout)
+    digests = inp.digests()
     if inp.base is None:
         params = write_full(store, inp)
         dig = store.objects.put(pack_arrays({"digests": digests}))
