@@ -2,6 +2,7 @@
 team's PostgreSQL database and S3-compatible bucket (``backends.py`` picks them from the URLs)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -577,7 +578,6 @@ def _verdict_key(arch: Architecture, layout: Layout) -> tuple[Any, ...] | None:
         target = trust.lookup(arch.ref, "the probe's target", True)
     except (StoreError, ArchitectureError):
         return None
-    import json
 
     return (target, json.dumps(arch.to_json(), sort_keys=True), json.dumps(layout.to_json(), sort_keys=True))
 
