@@ -71,6 +71,19 @@ def _chunk_digests(payload: memoryview, chunk: int) -> list[bytes]:
     return [one(s) for s in spans]
 
 
+
+def _durable_or_gone(path: Path, sync: Callable[[], None]) -> None:
+    """Run ``sync`` (an fsync of the object at ``path``); when it fails, remove the object before the
+    error goes on. A failed fsync (ENOSPC, EIO) may have dropped the file's pages while a later fsync
+    of the same file reports success (Linux reports a write-back error once): left in place, the
+    object could be taken by a save of the same bytes, which compares the cached bytes, fsyncs
+    without an error and commits a reference to data the disk never got."""
+    try:
+        sync()
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+
 class _ChunkHasher:
     """Hashes a payload's chunks on a worker thread as soon as the filler has passed them."""
 
@@ -198,7 +211,7 @@ class FolderObjects(ObjectArea):
         if pending is not None:
             pending.append(final)  # made durable by make_durable, before the catalog commit
             return
-        os.fsync(tmp.fileno())
+        _durable_or_gone(final, lambda: os.fsync(tmp.fileno()))
         fsync_path(folder)
 
     @contextmanager
@@ -221,10 +234,13 @@ class FolderObjects(ObjectArea):
         pending: list[Path] | None = getattr(self._deferred, "paths", None)
         if not pending:
             return
-        for path in pending:
-            fsync_path(path)
-        for folder in dict.fromkeys(path.parent for path in pending):
-            fsync_path(folder)
+        try:
+            for path in pending:
+                _durable_or_gone(path, lambda: fsync_path(path))  # noqa: B023 - called at once
+            for folder in dict.fromkeys(path.parent for path in pending):
+                fsync_path(folder)
+        except OSError as e:
+            raise os_error(e, self.root, 0, "an object") from None
         pending.clear()
 
     def put(self, data: bytes | bytearray | memoryview) -> PutResult:
