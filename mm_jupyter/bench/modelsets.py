@@ -624,10 +624,15 @@ def run_modelsets(arch: str = "ffnn48", models: int = 5000, steps: int = 3, upda
         if threads < 1:
             raise ValueError("threads must be at least 1")
         torch.set_num_threads(threads)
+    # every timed step starts with a full collection (_timed): objects older than the run are frozen out
+    # of it, so in a long-lived process (a notebook's kernel, a test worker) each one scans only the run's
+    gc.collect()
+    gc.freeze()
     try:
         result = _run_modelsets(arch, models, steps, update_rate, approaches, out, repeat, keep, check, seed,
                                 epochs, progress)
     finally:
+        gc.unfreeze()
         torch.set_num_threads(before)
     if write:
         result.files = write_results(result, out, args)
