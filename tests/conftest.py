@@ -12,6 +12,7 @@ units), so no worker is left running one alone at the end.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -67,6 +68,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if mark is not None and getattr(config.option, "loadgroup", False):  # set on xdist's workers
             _join_group(item, str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")))
     items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection imported (torch, transformers, the package, the tests' modules) out of the
+    garbage collector's full scans: they live as long as the worker, and a full scan of them costs every
+    test that triggers one (and every benchmark step that collects before it times)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _make_lax(cell: Any) -> None:
