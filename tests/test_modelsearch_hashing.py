@@ -177,3 +177,35 @@ def test_synthetic_candidates_share_exactly_the_expected_blocks(arch: str) -> No
         for j in range(first_new, len(ids[i])):
             if j not in params:  # parameter-free tail (ResNet pooling, BERT CLS): unchanged
                 assert ids[i][j] == ids[step.source][j]
+
+
+def test_id_is_the_plain_field_by_field_hash() -> None:
+    """The gathered hashing gives exactly the id of hashing each length-prefixed field on its own
+    (ids kept in stores must not move): recomputed here the plain way for a small block."""
+    import hashlib
+
+    torch.manual_seed(0)
+    block = Block(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    h = hashlib.sha256()
+
+    def put(raw: bytes) -> None:
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+
+    put(b"mm-block-id/1")
+    put(block.call.encode())
+    for name, module in block.module.named_modules():
+        cls = type(module)
+        for field in ("module", name, f"{cls.__module__}:{cls.__qualname__}", module.extra_repr()):
+            put(field.encode())
+        attrs = [f"{k}={v!r}" for k, v in sorted(vars(module).items()) if not k.startswith("_") and k not in (
+            "training", "gradient_checkpointing", "layer_idx") and isinstance(v, (bool, int, float, str, type(None),
+                                                                               tuple))]
+        put(";".join(attrs).encode())
+    tensors = [("param", n, t) for n, t in block.module.named_parameters()]
+    tensors += [("buffer", n, t) for n, t in block.module.named_buffers()]
+    for kind, name, t in tensors:
+        for field in (kind, name, str(t.dtype), ",".join(map(str, t.shape))):
+            put(field.encode())
+        put(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert block_id(block) == h.hexdigest()

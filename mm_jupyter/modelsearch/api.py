@@ -174,7 +174,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     total, distinct blocks hashed): on large candidates this is the search's first, silent-looking
     phase. ``costs``: also count each block's work (a distributed search balances its workers by it);
     ``with_ids``: hash the blocks without sharing too (kept features are keyed by block ids)."""
-    from .blocks import block_costs, output_sizes
+    from .blocks import block_costs, cached_output_sizes, output_sizes
     from .hashing import block_id
     from .splitting import split_model
 
@@ -185,7 +185,9 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
         emit({"event": "prepare", "done": total, "total": total, "blocks": 0})
         return out
     t0 = time.perf_counter()
-    splits = {}
+    splits: dict[str, tuple[Any, list[int], list[str] | None]] = {}
+    ids_of: dict[int, str] = {}
+    distinct: set[str] = set()
     for name, model in named.items():
         model.eval().to(device)
         try:
@@ -197,20 +199,19 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
                               f"{tuple(sample.shape)}, {sample.dtype}): {e}") from None
         except SearchError as e:
             raise SearchError(f"candidate {name!r}: {e}") from None
-        splits[name] = (split, output_sizes(split, sample[:1].to(device), name))
-    out = []
-    ids_of: dict[int, str] = {}
-    costs_of: dict[tuple[Any, ...], list[float]] = {}  # work depends on the architecture, not on the weights
-    distinct: set[str] = set()
-    for done, (name, (split, sizes)) in enumerate(splits.items(), start=1):
-        ids = None
-        if shared or with_ids:  # only once every candidate took the data
-            ids = []
+        if shared or with_ids:  # hashed anyway: the sizes are then remembered by block ids
+            hashed: list[str] = []
             for b in split.blocks:  # the same block object in several candidates is hashed once
                 if id(b.module) not in ids_of:
                     ids_of[id(b.module)] = block_id(b)
                     distinct.add(ids_of[id(b.module)])
-                ids.append(ids_of[id(b.module)])
+                hashed.append(ids_of[id(b.module)])
+            splits[name] = (split, cached_output_sizes(split, hashed, sample[:1].to(device), name), hashed)
+        else:
+            splits[name] = (split, output_sizes(split, sample[:1].to(device), name), None)
+    out = []
+    costs_of: dict[tuple[Any, ...], list[float]] = {}  # work depends on the architecture, not on the weights
+    for done, (name, (split, sizes, ids)) in enumerate(splits.items(), start=1):
         work = None
         if costs:
             shape = (tuple(sizes), tuple(tuple((k, tuple(v.shape)) for k, v in b.module.state_dict().items())

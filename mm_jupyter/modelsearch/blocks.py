@@ -14,8 +14,10 @@ blocks do not reproduce the model's own features is never used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -138,6 +140,7 @@ class Split:
     pooler: nn.Module | None = field(default=None, repr=False)
     reference: Callable[[Tensor], Tensor | None] | None = field(default=None, repr=False)
     recipe: object = field(default=None, repr=False)
+    architecture: str | None = field(default=None, repr=False)  # the verdict key (verify.py) when verified
 
     def modules(self) -> list[nn.Module]:
         """The block modules in order (what the engine moves, hashes and runs)."""
@@ -224,6 +227,31 @@ def output_sizes(split: Split, sample: Tensor, candidate: str | None = None) -> 
                 raise SearchError(f"{who}: block {i} ({type(block.module).__name__}) does not keep the batch "
                                   f"dimension (output {got} for one item)")
             sizes.append(h.numel() * h.element_size())
+    return sizes
+
+
+_SIZES: "OrderedDict[tuple[object, ...], list[int]]" = OrderedDict()
+_MAX_SIZES = 4096
+
+
+def cached_output_sizes(split: Split, ids: list[str], sample: Tensor, candidate: str | None = None) -> list[int]:
+    """``output_sizes``, remembered per verified architecture (``split.architecture``: every
+    module's class, attributes, buffers and parameter shapes), the blocks' ids (their structure and
+    every tensor's bytes), the device and the item's dtype, shape and bytes: all that a block's
+    output shape can depend on. An unverified split is measured every time."""
+    if split.architecture is None:
+        return output_sizes(split, sample, candidate)
+    one = sample[:1]
+    flat = one.detach().cpu().contiguous().reshape(-1)
+    key = (split.architecture, tuple(ids), str(one.device), str(one.dtype), tuple(one.shape),
+           hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest())
+    if key in _SIZES:
+        _SIZES.move_to_end(key)
+        return list(_SIZES[key])
+    sizes = output_sizes(split, sample, candidate)
+    _SIZES[key] = list(sizes)
+    while len(_SIZES) > _MAX_SIZES:
+        _SIZES.popitem(last=False)
     return sizes
 
 

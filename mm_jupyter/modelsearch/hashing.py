@@ -26,11 +26,30 @@ _IGNORED_ATTRS = frozenset({"training", "gradient_checkpointing", "layer_idx"})
 _SCALARS = (bool, int, float, str, type(None))
 
 
-def _put(h: Any, data: bytes | str | memoryview) -> None:
-    """Length-prefixed field, so no two different field sequences hash the same."""
-    raw = memoryview(data.encode() if isinstance(data, str) else data)
-    h.update(raw.nbytes.to_bytes(8, "little"))
-    h.update(raw)
+class _Fields:
+    """Length-prefixed fields, so no two different field sequences hash the same. Small fields are
+    gathered and hashed in one call (the byte stream, hence the id, is the same as field by field);
+    a tensor's bytes go to the hash directly, never copied."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.small: list[bytes] = []
+
+    def put(self, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        self.small.append(len(raw).to_bytes(8, "little"))
+        self.small.append(raw)
+
+    def put_large(self, raw: memoryview) -> None:
+        self.small.append(raw.nbytes.to_bytes(8, "little"))
+        self.h.update(b"".join(self.small))
+        self.small.clear()
+        self.h.update(raw)
+
+    def hexdigest(self) -> str:
+        self.h.update(b"".join(self.small))
+        self.small.clear()
+        return self.h.hexdigest()
 
 
 def _scalar_attrs(module: nn.Module) -> str:
@@ -78,31 +97,31 @@ def block_structure(block: Block) -> str:
 def _digest(block: Block, values: bool) -> str:
     if not isinstance(block, Block):
         raise SearchError(f"block_id takes a Block, got {type(block).__name__}")
-    h = hashlib.sha256()
-    _put(h, _VERSION)
-    _put(h, block.call)
+    h = _Fields()
+    h.put(_VERSION)
+    h.put(block.call)
     if block.inputs:
-        _put(h, "inputs")
-        _put(h, ",".join(block.inputs))
+        h.put("inputs")
+        h.put(",".join(block.inputs))
     for name, module in block.module.named_modules():
         cls = type(module)
-        _put(h, "module")
-        _put(h, name)
-        _put(h, f"{cls.__module__}:{cls.__qualname__}")
-        _put(h, module.extra_repr())
-        _put(h, _scalar_attrs(module))
+        h.put("module")
+        h.put(name)
+        h.put(f"{cls.__module__}:{cls.__qualname__}")
+        h.put(module.extra_repr())
+        h.put(_scalar_attrs(module))
         if isinstance(module, fx.GraphModule):
-            _put(h, "code")
-            _put(h, module.code)
+            h.put("code")
+            h.put(module.code)
     tensors: list[tuple[str, str, Any]] = [("param", n, t) for n, t in block.module.named_parameters()]
     tensors += [("buffer", n, t) for n, t in block.module.named_buffers()]
     for kind, name, t in tensors:
-        _put(h, kind)
-        _put(h, name)
-        _put(h, str(t.dtype))
-        _put(h, ",".join(map(str, t.shape)))
+        h.put(kind)
+        h.put(name)
+        h.put(str(t.dtype))
+        h.put(",".join(map(str, t.shape)))
         if values:
-            _put(h, _tensor_bytes(name, t))
+            h.put_large(_tensor_bytes(name, t))
     return h.hexdigest()
 
 

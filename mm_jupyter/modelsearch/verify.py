@@ -114,16 +114,20 @@ class _Key:
     """sha256 over a model's structure (module docstring): everything but parameter values."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.h = hashlib.sha256()
+        self.out: list[bytes] = []  # length-prefixed fields, hashed once at the end (one C call, not thousands)
         self.modules = {id(m): i for i, m in enumerate(model.modules())}
         self.seen: dict[int, int] = {}  # objects already described, by id: described once, then referenced
         self.keep: list[object] = []  # keeps described objects alive, so their ids are not reused meanwhile
 
     def put(self, *parts: object) -> None:
+        out = self.out
         for part in parts:
-            raw = part if isinstance(part, bytes) else str(part).encode()
-            self.h.update(len(raw).to_bytes(8, "little"))
-            self.h.update(raw)
+            raw = part if type(part) is bytes else str(part).encode()
+            out.append(len(raw).to_bytes(8, "little"))
+            out.append(raw)
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(b"".join(self.out)).hexdigest()
 
     def value(self, v: Any, depth: int = 0) -> None:
         if depth > 8:
@@ -271,7 +275,7 @@ def structure_key(model: nn.Module, probe: Tensor) -> str | None:
         key.model(model)
     except (_Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
         return None
-    return key.h.hexdigest()
+    return key.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +531,9 @@ def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
         if verdict.error is not None:
             raise SearchError(verdict.error)
         assert verdict.method is not None
-        return split_by(model, verdict.method, probe, verdict.recipe)
+        cached = split_by(model, verdict.method, probe, verdict.recipe)
+        cached.architecture = key
+        return cached
     name = type(model).__name__
     reasons: list[str] = []
     found: Split | None = None
@@ -555,6 +561,7 @@ def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
         _remember(key, Verdict(None, None, message))
         raise SearchError(message)
     _remember(key, Verdict(method, found.recipe))
+    found.architecture = key
     return found
 
 
