@@ -101,8 +101,15 @@ def _describe(arch: Any) -> str:
     return f"{arch.kind} {arch.ref}".strip()
 
 
+class _OneLine:
+    """A display object that is one line of text: the notebook shows it in italics."""
+
+    def _repr_html_(self) -> str:
+        return f"<p><i>{html.escape(repr(self))}</i></p>"
+
+
 @dataclass(frozen=True)
-class EmptyStore:
+class EmptyStore(_OneLine):
     """``%modelset list`` of a store that holds nothing (or does not exist yet): one clear line."""
 
     path: str
@@ -112,12 +119,9 @@ class EmptyStore:
         where = "the store" if self.exists else "no store yet at"
         return f"no model sets: {where} {self.path!r}; save one with %%modelset save NAME"
 
-    def _repr_html_(self) -> str:
-        return f"<p><i>{html.escape(repr(self))}</i></p>"
-
 
 @dataclass(frozen=True)
-class NoMatch:
+class NoMatch(_OneLine):
     """``%modelset find`` that selects no stored model: one line."""
 
     query: str
@@ -126,12 +130,9 @@ class NoMatch:
     def __repr__(self) -> str:
         return f"no stored model matches {self.query!r} ({self.models} stored)"
 
-    def _repr_html_(self) -> str:
-        return f"<p><i>{html.escape(repr(self))}</i></p>"
-
 
 @dataclass(frozen=True)
-class NoSearches:
+class NoSearches(_OneLine):
     """``%modelset searches`` of a store that kept none: what to do."""
 
     path: str
@@ -139,9 +140,6 @@ class NoSearches:
     def __repr__(self) -> str:
         return (f"no kept searches in {self.path!r}; keep one with result.save(store, dataset='name') "
                 "after mm.search or %modelsearch")
-
-    def _repr_html_(self) -> str:
-        return f"<p><i>{html.escape(repr(self))}</i></p>"
 
 
 @dataclass(frozen=True)
