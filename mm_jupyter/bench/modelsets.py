@@ -626,13 +626,17 @@ def run_modelsets(arch: str = "ffnn48", models: int = 5000, steps: int = 3, upda
         torch.set_num_threads(threads)
     # every timed step starts with a full collection (_timed): objects older than the run are frozen out
     # of it, so in a long-lived process (a notebook's kernel, a test worker) each one scans only the run's
-    gc.collect()
-    gc.freeze()
+    # (a caller that froze its own objects already, as the test suite does, keeps them frozen after the run)
+    ours = gc.get_freeze_count() == 0
+    if ours:
+        gc.collect()
+        gc.freeze()
     try:
         result = _run_modelsets(arch, models, steps, update_rate, approaches, out, repeat, keep, check, seed,
                                 epochs, progress)
     finally:
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
         torch.set_num_threads(before)
     if write:
         result.files = write_results(result, out, args)
