@@ -409,6 +409,31 @@ def test_find_answers_from_the_catalog_and_keep_saves_the_search(ip: Any, tmp_pa
     assert len(store.searches()) == 1
 
 
+def test_modelsearch_reuse_layers_and_feature_budget(ip: Any) -> None:
+    """--reuse keeps features in the magics' store (a repeated search computes none), --layers N ranks
+    (model, layer) arms as mm.search does, and the options are checked before anything runs."""
+    ip.run_cell(SEARCH_SETUP)
+    store = ip.find_magic("modelset").__self__._store(None)
+    cands, xy = ip.user_ns["cands"], ip.user_ns["xy"]
+    first = ip.run_line_magic("modelsearch", "cands xy -k 1 --no-widget --reuse --feature-budget 64MB")
+    assert first.stats["features_computed"] > 0 and first.stats["features_reused"] == 0
+    again = ip.run_line_magic("modelsearch", "cands xy -k 1 --no-widget --reuse")
+    assert again.stats["features_computed"] == 0 and again.stats["features_reused"] > 0
+    expected = mm.search(cands, xy, k=1, store=store, reuse=True)
+    assert list(again.ranking["model"]) == list(first.ranking["model"]) == list(expected.ranking["model"])
+    arms = ip.run_line_magic("modelsearch", "cands xy -k 1 --no-widget --layers 2")
+    direct = mm.search(cands, xy, k=1, layers=2)
+    assert set(arms.ranking["layer"]) == {-1, -2}
+    assert list(zip(arms.ranking["model"], arms.ranking["layer"])) == \
+        list(zip(direct.ranking["model"], direct.ranking["layer"]))
+    assert arms.best_arm == direct.best_arm
+    for bad, what in [("--layers 0", "--layers must be at least 1"),
+                      ("--feature-budget 1MB", "--feature-budget needs --reuse"),
+                      ("--reuse --feature-budget lots", "--feature-budget 'lots' is not a size")]:
+        with pytest.raises(UsageError, match=what):
+            ip.run_line_magic("modelsearch", f"cands xy --no-widget {bad}")
+
+
 def test_modelsearch_interrupt_stops_cleanly(ip: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import IPython.display
 

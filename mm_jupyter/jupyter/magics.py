@@ -36,14 +36,14 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "gib": 2**30, "ti": 2**40, "tib": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """``"64MB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (a cache budget on the command line)."""
+def parse_size(text: str, option: str = "--budget") -> int:
+    """``"64MB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (a budget on the command line)."""
     m = _SIZE.match(text)
     if not m or m.group(2) is None and not m.group(1):
-        raise UsageError(f"--budget {text!r} is not a size like 1000000, 64MB or 1.5GiB")
+        raise UsageError(f"{option} {text!r} is not a size like 1000000, 64MB or 1.5GiB")
     value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
     if value < 1:
-        raise UsageError(f"--budget {text!r} must be at least one byte")
+        raise UsageError(f"{option} {text!r} must be at least one byte")
     return int(value)
 
 
@@ -128,6 +128,13 @@ def _search_parser() -> MagicArgumentParser:
     p.add_argument("--no-widget", action="store_true", help="do not show the live progress widget")
     p.add_argument("--keep", default=None, metavar="DATASET",
                    help="keep the result in the store as the search on DATASET (see %%modelset searches / find)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read and keep block features in the store: a repeated or extended search computes only "
+                        "what is new")
+    p.add_argument("--feature-budget", default=None, metavar="SIZE",
+                   help="with --reuse: bytes of kept features at most, e.g. 2GB (least recently used go first)")
+    p.add_argument("--layers", type=int, default=1, metavar="N",
+                   help="score the features at each candidate's last N block boundaries as separate arms")
     p.add_argument("--store", default=None, help=STORE_HELP)
     return p
 
@@ -359,6 +366,12 @@ class ModelMagics(Magics):
             raise UsageError(f"-k must be at least 1, not {args.k}")
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
+        if args.layers < 1:
+            raise UsageError(f"--layers must be at least 1, not {args.layers}")
+        if args.feature_budget is not None and not args.reuse:
+            raise UsageError("--feature-budget needs --reuse")
+        feature_budget = None if args.feature_budget is None else parse_size(args.feature_budget,
+                                                                             "--feature-budget")
         if args.keep is not None:
             from ..store.searchlog import check_dataset
 
@@ -374,8 +387,10 @@ class ModelMagics(Magics):
             progress.display_live()
         try:
             result = search(candidates, data, k=args.k, approach=args.approach, cache_budget=budget,
-                               device=args.device, proxy=args.proxy, progress=progress,
-                               batch_size=args.batch_size, seed=args.seed)
+                            device=args.device, proxy=args.proxy, progress=progress,
+                            store=self._store(args.store) if args.reuse else None, reuse=args.reuse,
+                            layers=args.layers, batch_size=args.batch_size, seed=args.seed,
+                            feature_budget=feature_budget)
         except (KeyboardInterrupt, MMError):
             if progress is not None:
                 progress.interrupted()
