@@ -84,16 +84,16 @@ RECOVER = r"""
 import json, os, sys
 import mm_jupyter as mm
 out = {}
-store = mm.Store(sys.argv[1])
-for name in sys.argv[2:]:
+for key, root, name in json.loads(sys.argv[1]):
     try:
+        store = mm.Store(root)
         ms = store.recover_set(name)
         m = ms[0]
-        out[name] = {"ok": type(m).__name__}
+        out[key] = {"ok": type(m).__name__}
     except mm.MMError as e:
-        out[name] = {"error": f"{type(e).__name__}: {e}"}
+        out[key] = {"error": f"{type(e).__name__}: {e}"}
     except BaseException as e:  # what must never happen
-        out[name] = {"raw": f"{type(e).__name__}: {e}"}
+        out[key] = {"raw": f"{type(e).__name__}: {e}"}
 out["_modules"] = sorted(m for m in ("matplotlib.pyplot", "fuzz_canary", "this", "antigravity") if m in sys.modules)
 print(json.dumps(out))
 """
@@ -102,9 +102,16 @@ print(json.dumps(out))
 def recover_fresh(root: Path, names: list[str], sentinel: Path, setup: str = "") -> dict[str, Any]:
     """Recover ``names`` from the store at ``root`` in a fresh, untrusting process (``setup``: code
     it runs first, e.g. imports the user would have made)."""
+    return recover_fresh_many({name: (root, name) for name in names}, sentinel, setup)
+
+
+def recover_fresh_many(cases: dict[str, tuple[Path, str]], sentinel: Path, setup: str = "") -> dict[str, Any]:
+    """Recover each case's (store, set name) in one fresh, untrusting process, one after another: a
+    process start per case would cost seconds each, and every case must fail on its own anyway."""
     import store_models as sm
 
     env_code = f"import os\nos.environ['MM_FUZZ_SENTINEL'] = {str(sentinel)!r}\n{setup}\n"
-    proc = sm.run_python(env_code + RECOVER, str(root), *names, timeout=600)
+    spec = json.dumps([[key, str(root), name] for key, (root, name) in cases.items()])
+    proc = sm.run_python(env_code + RECOVER, spec, timeout=600)
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out

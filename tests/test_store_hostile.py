@@ -234,8 +234,9 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path: Path,
                 "shape_in_layout": "holds 120 bytes", "models": "declares 5000000 models",
                 "strides": "not a dense layout", "factory": "builds other tensors than the stored ones",
                 "layers": "builds more than", "attribute": "attribute tensors are not the stored ones"}
-    for name, path in cases.items():
-        got = hm.recover_fresh(path, ["lin"], sentinel, setup=limit)["lin"]
+    every = hm.recover_fresh_many({name: (path, "lin") for name, path in cases.items()}, sentinel, setup=limit)
+    for name in cases:
+        got = every[name]
         assert "error" in got and expected[name] in got["error"], (name, got)
         assert "allocate" not in got["error"] and "MemoryError" not in got["error"], (name, got)
 
@@ -362,10 +363,14 @@ def test_rnn_size_attributes_must_match_their_weights(tmp_path: Path, sentinel: 
     edits = [setting("hidden_size", 2**31), setting("num_layers", 2**40), setting("input_size", 2**31),
              setting("mode", "GRU"), setting("proj_size", 5), setting("bidirectional", False)]
     limit = "import resource\nresource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))"
+    cases = {}
     for i, edit in enumerate(edits):
         path = tmp_path / f"c{i}"
         shutil.copytree(tmp_path / "s", path)
         hm.rewrite_manifest(path, "lstm@1", edit)
-        got = hm.recover_fresh(path, ["lstm"], sentinel, setup=limit)["lstm"]
+        cases[edit.__name__] = (path, "lstm")
+    every = hm.recover_fresh_many(cases, sentinel, setup=limit)
+    for edit in edits:
+        got = every[edit.__name__]
         assert "error" in got and "not the ones its tensors were made with" in got["error"], (edit.__name__, got)
         assert "allocate" not in got["error"] and "MemoryError" not in got["error"], (edit.__name__, got)
