@@ -147,6 +147,21 @@ def ray_cluster() -> Iterator[int]:
             os.environ["PYTHONPATH"] = saved
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Stop the session's Ray cluster once the tests that use it are done (its group runs on one worker, in a
+    row): its idle daemons would otherwise take CPU from every other test until the session ends. Only at a
+    module's end (module fixtures such as executors are closed by then); a later user starts it again."""
+    result = yield
+    if "ray_cluster" not in getattr(item, "fixturenames", ()):
+        return result
+    same_module = nextitem is not None and getattr(nextitem, "module", None) is getattr(item, "module", None)
+    if nextitem is None or not (same_module or "ray_cluster" in getattr(nextitem, "fixturenames", ())):
+        for fixturedef in item._fixtureinfo.name2fixturedefs.get("ray_cluster", ()):
+            fixturedef.finish(item._request)
+    return result
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     """A not-yet-created store folder inside the test's tmp_path."""
