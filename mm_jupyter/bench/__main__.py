@@ -681,6 +681,9 @@ def add_lake(sub: Any) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels for image architectures (default 32; 224: the papers' resolution, "
+                        "reduced widths; use fewer --items)")
     p.add_argument("--quick", action="store_true", help="mlp, 8+2 candidates, 400 items, 1 round (the test run)")
     p.set_defaults(func=cmd_lake)
 
@@ -693,8 +696,10 @@ def cmd_lake(args: argparse.Namespace) -> int:
     print("load average before: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     res = run_lake_bench(arch=args.arch, models=args.models, items=args.items, derived=args.derived,
                          append=args.append, rounds=args.rounds, device=args.device, threads=args.threads or None,
-                         progress=_say)
-    print(f"lake: {args.arch}, {args.models}+{args.derived} candidates, {args.items} items, {args.rounds} round(s); "
+                         size=args.size, progress=_say)
+    size = f" at {args.size} px" if args.size else ""
+    print(f"lake: {args.arch}{size}, {args.models}+{args.derived} candidates, {args.items} items, "
+          f"{args.rounds} round(s); "
           "times in seconds (median, min-max); timings on a shared machine are noisy")
     print(format_table(res.rows, [("step", "step", "str"), ("versus", "versus", "str"), ("median_s", "median s", "s"),
                                   ("min_s", "min s", "s"), ("max_s", "max s", "s"), ("ratio", "ratio", "x"),
