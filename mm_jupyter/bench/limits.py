@@ -13,6 +13,9 @@ Paths (one store of ``models`` FFNN-48 models, one torch thread throughout):
 * **update save** — an Update save of one U3-like step (``update_rate`` of the models changed:
   half of them every tensor, half only the last layer) on top of an Update save of the set, against
   a Baseline save of the same step into a fresh store;
+* **one small save** — the median of ``small_saves`` Baseline saves of one 2-layer MLP into one
+  store, minus the median write + fsync of its bytes as one ``safetensors`` file: the fixed cost
+  (catalog commit, manifest, ref, folder fsyncs), judged in absolute seconds;
 * **every model as a module** — ``list(ms)`` against constructing each model and ``load_state_dict``;
 * **serving, client threads** — ``threads`` Python threads calling ``server.predict`` for random
   models, against the plain loop ``ms[n](x)`` one request at a time;
@@ -60,6 +63,7 @@ class Goal:
 GOALS = [
     Goal("Baseline save", "flat write + fsync", "<=", 1.3, "x"),
     Goal("Update save (one step)", "Baseline save of the step", "<=", 1.0, "x"),
+    Goal("one small save: fixed cost", "write + fsync of its bytes", "<=", 0.005, "s"),
     Goal("list(ms)", "construct + load_state_dict", "<=", 0.3, "x"),
     Goal("serving: client threads predict", "plain loop ms[n](x)", ">=", 3.0, "x"),
     Goal("serving: burst submitted at once", "gather + baddbmm, batch 256", ">=", 0.25, "x"),
@@ -116,7 +120,8 @@ def _rate(n: int, seconds: float) -> float:
 
 def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, threads: int = 8,
                requests: int = 4000, plain_requests: int = 1000, proxy_models: int = 35, proxy_items: int = 2000,
-               ray_serve: bool = True, seed: int = 0, out: str | os.PathLike[str] | None = DEFAULT_OUT,
+               small_saves: int = 20, ray_serve: bool = True, seed: int = 0,
+               out: str | os.PathLike[str] | None = DEFAULT_OUT,
                progress: Progress = lambda m: None) -> LimitsResult:
     """Measure every path and its limit ``rounds`` times, interleaved; see the module docstring."""
     import numpy as np
@@ -169,6 +174,9 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
             other = Store(root / f"r{r}-step-baseline")
             note("update limit", _sync_then(lambda: other.save_set(step, "cells", approach="baseline")))
             other.close()
+            small, bytes_only = _small_save(root / f"r{r}-small", small_saves)
+            note("small fixed", small - bytes_only)
+            note("small bytes", bytes_only)
             # -- every model as a module -------------------------------------------------------------
             ms = store.recover_set("cells").load()
             with torch.no_grad():
@@ -230,7 +238,7 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
     rows = _rows(times, ray_row)
     config = {"models": models, "rounds": rounds, "update_rate": update_rate, "threads": threads,
               "requests": requests, "plain_requests": plain_requests, "proxy_models": proxy_models,
-              "proxy_items": proxy_items, "torch_threads": 1, "seed": seed}
+              "proxy_items": proxy_items, "small_saves": small_saves, "torch_threads": 1, "seed": seed}
     load = {"before": load_before, "after": _load(), "cpus": os.cpu_count(), "machine": machine()}
     result = LimitsResult(rows, config, load, time.perf_counter() - t_start)
     if out is not None:
@@ -311,6 +319,35 @@ def _proxy_times(work: list[tuple[list[tuple[Any, Any]], Any, Any]]) -> tuple[fl
     return t_together, t_alone, together == alone
 
 
+def _small_save(root: Path, n: int) -> tuple[float, float]:
+    """Median seconds of one small model's Baseline save and of writing + fsyncing its bytes alone."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from ..store.files import fsync_path
+    from ..store.store import Store
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    store = Store(root)
+    store.save_set([model], "warm", approach="baseline")
+    saves, writes = [], []
+    for i in range(n):
+        flat = root / f"flat{i}.safetensors"
+
+        def save(name: str = f"m{i}") -> None:
+            store.save_set([model], name, approach="baseline")
+
+        def write(flat: Path = flat) -> None:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(flat))
+            fsync_path(flat)
+
+        saves.append(_sync_then(save))
+        writes.append(_sync_then(write))
+    store.close()
+    shutil.rmtree(root, ignore_errors=True)
+    return statistics.median(saves), statistics.median(writes)
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -320,6 +357,7 @@ def _rows(times: dict[str, list[float]], ray_row: dict[str, Any] | None) -> list
     pairs = {  # goal path -> (path key, limit key, unit of the numbers, ratio of rates?)
         "Baseline save": ("save", "save limit", "s", False),
         "Update save (one step)": ("update", "update limit", "s", False),
+        "one small save: fixed cost": ("small fixed", "small bytes", "s", False),
         "list(ms)": ("list", "list limit", "s", False),
         "serving: client threads predict": ("threads rps", "plain rps", "req/s", True),
         "serving: burst submitted at once": ("burst rps", "compute rps", "req/s", True),
