@@ -366,7 +366,7 @@ class Server:
     def _multi(self, runner: Runner, ready: list[tuple[Request, int]], x: np.ndarray) -> Sequence["torch.Tensor"]:
         import torch
 
-        idx = torch.tensor([i for _, i in ready], dtype=torch.int64)
+        idx = torch.from_numpy(np.fromiter([i for _, i in ready], np.int64, len(ready)))  # (torch.tensor(list): 4x)
         rows = [r.rows for r, _ in ready]
         if len(rows) != len(x):
             idx = idx.repeat_interleave(torch.tensor(rows))
