@@ -170,8 +170,6 @@ class RequestQueue:
                         if remaining <= 0:
                             break
                         self._cond.wait(remaining)
-                elif batching and idle:
-                    self._let_callers_in()
                 if self._items:  # (a close without draining may have emptied the queue meanwhile)
                     break
             batch = [self._items.popleft()]
@@ -183,21 +181,6 @@ class RequestQueue:
                     batch.append(item)
             self._rows -= rows
             return batch
-
-    def _let_callers_in(self) -> None:
-        """Called by a worker woken from idle, holding the lock: give up the lock and the GIL for a
-        moment (``sleep(0)``, no timed wait), and again while each such moment brought more requests.
-        Threads that were woken by the last batch's answers and are about to submit again get to
-        queue theirs, so closed-loop callers form one batch instead of the first of them a batch of
-        its own; a lone request pays one ``sleep(0)``, microseconds."""
-        seen = 0
-        while seen != len(self._items) and self._rows < self.max_batch and not self._closed:
-            seen = len(self._items)
-            self._cond.release()
-            try:
-                time.sleep(0)
-            finally:
-                self._cond.acquire()
 
     def close(self) -> None:
         """Refuse new requests; the worker still answers those waiting (see ``drain``)."""
