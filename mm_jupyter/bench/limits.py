@@ -203,17 +203,21 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
                 del constructed
             # -- serving -------------------------------------------------------------------------------
             with torch.no_grad():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for j in range(plain_requests):
                     ms[ids[j]](xs[j : j + 1])
                 note("plain rps", _rate(plain_requests, time.perf_counter() - t0))
+                note("plain cpu", (time.process_time() - c0) / plain_requests)
             ms.close()
             server = serve(store, "cells", cache_size=0, watch_s=None)
             try:
                 server.warm()
                 for j in range(200):
                     server.predict(ids[j], xs[j])
+                c0, b0 = time.process_time(), server.metrics()["batches"]
                 note("threads rps", _client_threads(server, ids, xs, threads, requests))
+                note("threads cpu", (time.process_time() - c0) / requests)  # every thread of the process
+                note("threads batch", requests / max(1, server.metrics()["batches"] - b0))
                 t0 = time.perf_counter()
                 futures = [server.submit(ids[j], xs[j]) for j in range(requests)]
                 for f in futures:
@@ -411,6 +415,12 @@ def _rows(times: dict[str, list[float]], ray_row: dict[str, Any] | None) -> list
                 many = _stats(times["burst many rps"])["median"]
                 note += (f"; with one submit_many: {many:,.0f} req/s = {many / limit['median']:.2f}x, "
                          f"{1e6 / many - 1e6 / limit['median']:.0f} µs")
+        elif goal.path.startswith("serving: client threads") and "threads cpu" in times:
+            # CPU time per answer (all threads) is the comparison machine load does not tilt: a loaded
+            # machine slows the one-thread plain loop more than the server's many threads
+            cpu, plain_cpu = _stats(times["threads cpu"])["median"], _stats(times["plain cpu"])["median"]
+            note = (f"CPU per answer {cpu * 1e6:.0f} µs (all threads) vs {plain_cpu * 1e6:.0f} µs plain "
+                    f"= {plain_cpu / cpu:.2f}x; {_stats(times['threads batch'])['median']:.1f} requests per batch")
         elif goal.path.startswith("HTTP") and ray_row is not None:
             note = (f"at p99 <= {ray_row['p99_bound_ms']:.1f} ms (Ray Serve's p99 at its best throughput, "
                     f"batch wait {ray_row['ray_wait_ms']:g} ms)")
