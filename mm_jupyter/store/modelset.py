@@ -7,9 +7,11 @@ every parameter usable with one vectorised gather per key and object.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -71,6 +73,23 @@ def default_names(n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
+_ITER_MODELS = 256  # iteration makes at most this many models at once ...
+_ITER_BYTES = 4 << 20  # ... holding together at most about this many bytes of tensors
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (restored only if it was on: nesting and another
+    thread's pause stay correct). For library code that creates many objects and runs no user code."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class ModelSet:
     """A recovered set of same-architecture models. Nothing is read until asked for."""
 
@@ -84,7 +103,7 @@ class ModelSet:
         self._readers: dict[str, Reader] = {}
         self._index = {name: i for i, name in enumerate(resolved.names)}
         self._template: "nn.Module | None" = None
-        self._make: "Callable[[list[torch.Tensor]], nn.Module] | None" = None
+        self._make: "Callable[[Sequence[torch.Tensor]], nn.Module] | None" = None
         self._stacked: dict[int, "torch.Tensor"] = {}
 
     # -- basic protocol -------------------------------------------------------------------------
@@ -122,8 +141,27 @@ class ModelSet:
         return self.model(item)
 
     def __iter__(self) -> Iterator["nn.Module"]:
-        for i in range(len(self)):
-            yield self.model(i)
+        """Every model in order. Once the set is loaded, models are made a few at a time (about
+        ``_ITER_BYTES`` of tensors, so a break wastes little) with the cyclic garbage collector
+        paused while they are made: a list of thousands of small models otherwise spends more time
+        in collections traversing the new models than in making them."""
+        n, keys = len(self), len(self._r.layout.specs)
+        chunk = max(1, min(_ITER_MODELS, _ITER_BYTES // max(1, sum(s.nbytes for s in self._r.layout.specs))))
+        i = 0
+        while i < n:
+            if self._make is None or len(self._stacked) < keys:
+                yield self.model(i)  # builds the template; not loaded: reads each model's bytes
+                i += 1
+                continue
+            hi = min(n, i + chunk)
+            cols = [self._stacked[k][i:hi].unbind(0) for k in range(keys)]  # one call per key
+            make = self._make
+            with gc_paused():
+                batch = [make(state) for state in zip(*cols)]
+            batch.reverse()
+            while batch:
+                yield batch.pop()  # the set keeps no reference to a model it handed out
+            i = hi
 
     # -- tensors ---------------------------------------------------------------------------------
     def _reader(self, o: int) -> Reader:
@@ -255,10 +293,13 @@ class ModelSet:
         """
         import torch
 
-        sd = self.state_dict(item)
+        i = self._pos(item)
+        if self._make is not None and len(self._stacked) == len(self._r.layout.specs):
+            return self._make([self._stacked[k][i] for k in range(len(self._stacked))])  # loaded: no dict
+        sd = self.state_dict(i)
         if self._template is None:
             template = build_template(self._r.architecture, self._r.layout, self.trust_code, f"set '{self.ref}'",
-                                      f"model {self._r.names[self._pos(item)]!r}")
+                                      f"model {self._r.names[i]!r}")
             self._make = make_cloner(template, self._r.layout.keys)
             self._template = template
         if self._make is not None:

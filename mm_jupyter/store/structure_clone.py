@@ -38,11 +38,18 @@ class _Node:
     cls: type[nn.Module]
     shared: dict[str, Any]  # immutable attribute values, shared by every copy
     deep: list[tuple[str, Any]]  # mutable attribute values, deep-copied per copy
-    params: list[tuple[str, int | None]]  # slot index of each parameter (None: empty slot)
-    buffers: list[tuple[str, int | None]]
-    children: list[tuple[str, int | None]]  # node index of each child
+    param_names: tuple[str, ...]
+    param_slots: tuple[int, ...]  # slot index of each parameter (-1: empty slot)
+    buffer_names: tuple[str, ...]
+    buffer_slots: tuple[int, ...]
+    child_names: tuple[str, ...]
+    child_nodes: tuple[int, ...]  # node index of each child (-1: empty)
     nonpersistent: frozenset[str]
-    containers: tuple[type, type, type]
+    pc: type
+    bc: type
+    mc: type
+    hook_names: tuple[str, ...]  # hook registries: a new empty one per copy
+    hook_types: tuple[type, ...]
 
 
 def _immutable(v: Any) -> bool:
@@ -66,11 +73,18 @@ class Cloner:
     constructing them would (see ``python -m mm_jupyter.bench materialize``).
     """
 
-    def __init__(self, nodes: list[_Node], slots: list[tuple["torch.Tensor", int, bool, bool]],
+    def __init__(self, nodes: list[_Node], slots: list[tuple["torch.Tensor", int, bool, bool, bool]],
                  originals: list[int]) -> None:
+        import torch
+        from torch import nn
+
+        self.parameter = nn.Parameter
+        self.subclass = torch.Tensor._make_subclass  # what nn.Parameter(plain tensor, grad) calls
         self.nodes = nodes
-        self.slots = slots  # (template tensor, state index or -1, is parameter, requires_grad)
+        self.classes = [n.cls for n in nodes]
+        self.slots = slots  # (template tensor, state index or -1, is parameter, requires_grad, contiguous)
         self.originals = originals  # id() of the template module of each node (for the deepcopy memo)
+        self.deep = any(n.deep for n in nodes)
 
     @classmethod
     def of(cls, template: "nn.Module", keys: Sequence[str]) -> "Cloner | None":
@@ -79,7 +93,7 @@ class Cloner:
 
         index = {k: i for i, k in enumerate(keys)}
         nodes: list[_Node | None] = []
-        slots: list[tuple[Any, int, bool, bool]] = []
+        slots: list[tuple[Any, int, bool, bool, bool]] = []
         slot_of: dict[int, int] = {}
         node_of: dict[int, int] = {}
         internal = internal_attributes()
@@ -95,7 +109,7 @@ class Cloner:
                     raise LookupError(key)
                 covered.add(key)
             slot_of[id(t)] = len(slots)
-            slots.append((t, k, is_param, bool(getattr(t, "requires_grad", False))))
+            slots.append((t, k, is_param, bool(getattr(t, "requires_grad", False)), bool(t.is_contiguous())))
             return slot_of[id(t)]
 
         def visit(mod: nn.Module, path: str) -> int:
@@ -106,14 +120,14 @@ class Cloner:
             me = len(nodes)
             nodes.append(None)  # its place in pre-order; filled below
             np_set = frozenset(mod._non_persistent_buffers_set)
-            params = [(n, None if p is None else tensor_slot(p, join_path(path, n), True, True))
+            params = [(n, -1 if p is None else tensor_slot(p, join_path(path, n), True, True))
                       for n, p in mod._parameters.items()]
-            buffers = [(n, None if b is None else tensor_slot(b, join_path(path, n), False, n not in np_set))
+            buffers = [(n, -1 if b is None else tensor_slot(b, join_path(path, n), False, n not in np_set))
                        for n, b in mod._buffers.items()]
-            children: list[tuple[str, int | None]] = []
+            children: list[tuple[str, int]] = []
             for n, c in mod._modules.items():
                 if c is None:
-                    children.append((n, None))
+                    children.append((n, -1))
                 elif id(c) in node_of:
                     children.append((n, node_of[id(c)]))
                 else:
@@ -128,8 +142,10 @@ class Cloner:
                     shared[k] = v
                 else:
                     deep.append((k, v))
-            nodes[me] = _Node(klass, shared, deep, params, buffers, children, np_set,
-                              (type(mod._parameters), type(mod._buffers), type(mod._modules)))
+            hooks = fresh_containers()
+            nodes[me] = _Node(klass, shared, deep, *_unzip(params), *_unzip(buffers), *_unzip(children), np_set,
+                              type(mod._parameters), type(mod._buffers), type(mod._modules),
+                              tuple(k for k, _ in hooks), tuple(kind for _, kind in hooks))
             return me
 
         try:
@@ -147,37 +163,52 @@ class Cloner:
         return cls([n for n in nodes if n is not None], slots, originals)  # every visit filled its place
 
     def make(self, state: Sequence["torch.Tensor"]) -> "nn.Module":
-        """A fresh module in eval mode holding copies of ``state`` (tensors in key order)."""
-        import torch
-        from torch import nn
+        """A fresh module in eval mode holding copies of ``state`` (tensors in key order).
 
-        memo: dict[int, Any] = {}
-        new_slots = []
-        for t, k, is_param, grad in self.slots:
-            src = (state[k] if k >= 0 else t).detach()
-            if t.is_contiguous():
-                data = src.clone()
-            else:  # keep the template's memory layout: it changes float rounding in matmuls
-                data = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype).copy_(src)
-            obj = nn.Parameter(data, requires_grad=grad) if is_param else data
-            memo[id(t)] = obj
-            new_slots.append(obj)
-        mods = [object.__new__(n.cls) for n in self.nodes]
-        for i, mod_id in enumerate(self.originals):
-            memo[mod_id] = mods[i]
-        containers = fresh_containers()
+        Every tensor is copied into storage of its own (a write never reaches the store, another
+        model or a later copy); modules are created by ``object.__new__`` with a fresh ``__dict__``
+        whose immutable values are shared and whose containers (hook registries, parameter,
+        buffer and child dicts) are new. Everything is planned once in ``of``: per model this is a
+        handful of C-level calls per module and two per tensor.
+        """
+        import torch
+
+        new: list[Any] = []
+        subclass, parameter = self.subclass, self.parameter
+        with torch.no_grad():  # a clone of a tensor that requires grad must not record history
+            for t, k, is_param, grad, contig in self.slots:
+                src = state[k] if k >= 0 else t
+                if contig:
+                    data = src.clone(memory_format=torch.contiguous_format)
+                else:  # keep the template's memory layout: it changes float rounding in matmuls
+                    data = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype).copy_(src)
+                new.append(subclass(parameter, data, grad) if is_param else data)
+        new.append(None)  # the index of an empty slot
+        mods: list[Any] = [object.__new__(cls) for cls in self.classes]
+        mods.append(None)  # the index of an empty child
+        memo: dict[int, Any] | None = None
+        if self.deep:
+            memo = {id(slot[0]): t for slot, t in zip(self.slots, new)}
+            memo.update(zip(self.originals, mods))
+        pick, pick_mod, call = new.__getitem__, mods.__getitem__, type.__call__
         for mod, node in zip(mods, self.nodes):
-            d = dict(node.shared)  # attributes and the scalar bookkeeping
-            d.update({k: kind() for k, kind in containers})  # empty hook registries of its own
-            pc, bc, mc = node.containers
-            d["_parameters"] = pc((n, None if s is None else new_slots[s]) for n, s in node.params)
-            d["_buffers"] = bc((n, None if s is None else new_slots[s]) for n, s in node.buffers)
+            d = node.shared.copy()  # attributes and the scalar bookkeeping
+            d.update(zip(node.hook_names, map(call, node.hook_types)))  # empty hook registries of its own
+            d["_parameters"] = node.pc(zip(node.param_names, map(pick, node.param_slots)))
+            d["_buffers"] = node.bc(zip(node.buffer_names, map(pick, node.buffer_slots)))
             d["_non_persistent_buffers_set"] = set(node.nonpersistent)
-            d["_modules"] = mc((n, None if c is None else mods[c]) for n, c in node.children)
-            for name, v in node.deep:
-                d[name] = _copy_value(v, memo)
+            d["_modules"] = node.mc(zip(node.child_names, map(pick_mod, node.child_nodes)))
+            if node.deep:
+                assert memo is not None
+                for name, v in node.deep:
+                    d[name] = _copy_value(v, memo)
             object.__setattr__(mod, "__dict__", d)
-        return mods[0]
+        root: nn.Module = mods[0]
+        return root
+
+
+def _unzip(pairs: list[tuple[str, int]]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    return tuple(n for n, _ in pairs), tuple(i for _, i in pairs)
 
 
 def _copy_value(v: Any, memo: dict[int, Any]) -> Any:
