@@ -60,6 +60,14 @@ from ..errors import ProbeMismatch as ProbeMismatch, SearchError
 from .blocks import Block, Split, eval_mode, fresh_caches, methods
 from .cuts import split_by
 from .hf import default_probe, padded_probe
+from .identity import (
+    HOOK_DICTS as _HOOK_DICTS,
+    SKIP_ATTRS as _SKIP_ATTRS,
+    STATS as _STATS,
+    IdentityCache,
+    Uncacheable,
+    digest as _bytes,
+)
 from .probes import differs, first_tensor, hidden_argument
 
 PROBE_ITEMS = 8
@@ -90,19 +98,8 @@ def clear_verdicts() -> None:
 # The cache key
 
 
-class _Uncacheable(Exception):
-    """Something the key cannot describe faithfully: verify this model on its own."""
-
-
 _CLASS_TOKENS: "weakref.WeakKeyDictionary[type, int]" = weakref.WeakKeyDictionary()
 _NEXT_TOKEN = itertools.count()
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-_SKIP_ATTRS = frozenset({"_parameters", "_buffers", "_modules", "training", "_backward_hooks",
-                         "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
-                         "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-                         *_HOOK_DICTS})
-_STATS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 
 
 def _class_token(cls: type) -> str:
@@ -136,7 +133,7 @@ class _Key:
 
     def value(self, v: Any, depth: int = 0) -> None:
         if depth > 8:
-            raise _Uncacheable("nesting too deep")
+            raise Uncacheable("nesting too deep")
         if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
             self.put(type(v).__name__, repr(v))
         elif isinstance(v, enum.Enum):
@@ -186,7 +183,7 @@ class _Key:
             self.put("object", _class_token(type(v)))
             self.value(dict(vars(v)), depth + 1)
         else:
-            raise _Uncacheable(f"an attribute of type {type(v).__name__}")
+            raise Uncacheable(f"an attribute of type {type(v).__name__}")
 
     def _outside(self, m: nn.Module, depth: int) -> None:
         """A module held outside the model's tree (a kernel wrapper made per layer): by its class
@@ -237,7 +234,7 @@ class _Key:
     def model(self, model: nn.Module) -> None:
         for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs"):
             if getattr(torch_module, name, None):
-                raise _Uncacheable("a global module hook")
+                raise Uncacheable("a global module hook")
         first: dict[int, int] = {}
         for pos, (name, m) in enumerate(model.named_modules(remove_duplicate=False)):
             self.put("node", name)
@@ -266,177 +263,21 @@ class _Key:
             self.put("tie", pname, ties.setdefault(id(p), pname))
 
 
-def _bytes(t: Tensor) -> bytes:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).digest()
-
-
-# --------------------------------------------------------------------------------------------
-# The key's model part, remembered per model object and revalidated on every use
-#
-# Describing a model (``_Key.model``) walks every attribute of every module in Python; a search
-# asks again for the same candidate objects. The described bytes are kept per model object
-# together with an identity signature (``_Signature``) that is rebuilt and compared on every use.
-# The signature holds, in walk order: every module and attribute object by identity (atoms --
-# ints, strings, floats, dtypes, sizes -- are immutable and kept alive by the entry, so the same id
-# is the same value; other objects are held by weak reference, and a dead one voids the entry,
-# so no id can be reused meanwhile), each object's type, every mutable container's contents
-# (rebuilt each time, never trusted by identity) and its sharing within the walk, every
-# parameter's dtype and shape, and the digest of every buffer's bytes the key reads. Anything it
-# cannot pin down this way (a tensor or function in an attribute, a hook, a module outside the
-# tree) makes the model uncached: described in full on every call, as before.
-
-
-_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
-                    torch.layout, torch.memory_format})
-_CONTAINERS = frozenset({tuple, list, dict, OrderedDict, set, frozenset})
-_MAX_STREAMS = 1024
-
-
-class _Signature:
-    """Identity signature of what ``_Key.model`` reads (block comment above)."""
-
-    def __init__(self) -> None:
-        self.out: list[object] = []
-        self.atoms: list[object] = []  # keeps atoms alive, so equal ids stay equal values
-        self.objects: dict[int, object] = {}  # id -> object, held weakly by the cache entry
-        self.local: dict[int, int] = {}  # containers and objects met in this walk: sharing, cycles
-        self.attr_modules: list[int] = []
-
-    def obj(self, v: object) -> None:
-        self.objects[id(v)] = v
-        self.out.append(id(v))
-
-    def value(self, v: Any, depth: int = 0) -> None:
-        t = type(v)
-        if t in _ATOMS:
-            self.out.append(id(v))
-            self.atoms.append(v)
-            return
-        if depth > 8:
-            raise _Uncacheable("nesting too deep")
-        if isinstance(v, nn.Module):
-            self.obj(v)
-            self.attr_modules.append(id(v))
-            return
-        if isinstance(v, type):
-            self.obj(v)
-            return
-        if id(v) in self.local:
-            self.out.append(("seen", self.local[id(v)]))
-            return
-        self.local[id(v)] = len(self.local)
-        out = self.out
-        if t in _CONTAINERS:
-            out.append((t.__name__, len(v)))
-            if t is dict or t is OrderedDict:
-                for k, item in v.items():
-                    self.value(k, depth + 1)
-                    self.value(item, depth + 1)
-            else:
-                for item in v:
-                    self.value(item, depth + 1)
-        elif isinstance(v, (Tensor, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
-                            types.ModuleType, functools.partial, weakref.ref)) or not hasattr(v, "__dict__"):
-            raise _Uncacheable(f"an attribute of type {t.__name__}")
-        else:
-            self.obj(v)
-            self.obj(t)
-            self.value(dict(vars(v)), depth + 1)
-
-    def model(self, model: nn.Module) -> None:
-        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs"):
-            if getattr(torch_module, name, None):
-                raise _Uncacheable("a global module hook")
-        out = self.out
-        tree: set[int] = set()
-        stack = [model]
-        while stack:
-            m = stack.pop()
-            self.obj(m)
-            if id(m) in tree:
-                continue
-            tree.add(id(m))
-            d = m.__dict__
-            self.obj(type(m))
-            for hooks in _HOOK_DICTS:
-                if d.get(hooks):
-                    raise _Uncacheable("a module hook")
-            for k, v in d.items():
-                if k not in _SKIP_ATTRS:
-                    self.value(k)
-                    self.value(v)
-            out.append("params")
-            for pname, p in m._parameters.items():
-                self.value(pname)
-                if p is None:
-                    out.append(None)
-                else:
-                    self.obj(p)
-                    out.extend((p.dtype, p.shape))
-            out.append("buffers")
-            stats = isinstance(m, nn.modules.batchnorm._NormBase)
-            for bname, b in m._buffers.items():
-                self.value(bname)
-                if b is None:
-                    out.append(None)
-                else:
-                    self.obj(b)
-                    out.extend((b.dtype, b.shape))
-                    if not (stats and bname in _STATS):
-                        out.append(_bytes(b))
-            out.append(("children", len(m._modules)))
-            children = []
-            for cname, child in m._modules.items():
-                self.value(cname)
-                out.append(None if child is None else id(child))
-                if child is not None:
-                    self.objects[id(child)] = child
-                    children.append(child)
-            stack.extend(reversed(children))
-        if any(i not in tree for i in self.attr_modules):
-            raise _Uncacheable("a module outside the model")
-
-
-@dataclass
-class _Stream:
-    signature: tuple[object, ...]
-    atoms: list[object]
-    refs: list["weakref.ref[Any]"]
-    data: bytes | None  # None: the key cannot describe this model
-
-
-_STREAMS: OrderedDict[int, _Stream] = OrderedDict()
+_STREAMS = IdentityCache[bytes](1024)
 
 
 def _model_stream(model: nn.Module) -> bytes | None:
-    """``_Key.model``'s bytes for ``model``, from the per-object cache when its signature still holds."""
-    sig = _Signature()
-    try:
-        sig.model(model)
-        refs = [weakref.ref(o) for o in sig.objects.values()]
-    except (_Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
-        refs = None
-    signature = tuple(sig.out)
-    entry = _STREAMS.get(id(model))
-    if refs is not None and entry is not None and entry.signature == signature and all(
-            r() is not None for r in entry.refs):
-        _STREAMS.move_to_end(id(model))
-        return entry.data
-    key = _Key(model)
-    try:
-        key.model(model)
-        data: bytes | None = b"".join(key.out)
-    except (_Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
-        data = None
-    if refs is None:
-        _STREAMS.pop(id(model), None)
-    else:
-        _STREAMS[id(model)] = _Stream(signature, sig.atoms, refs, data)
-        _STREAMS.move_to_end(id(model))
-        while len(_STREAMS) > _MAX_STREAMS:
-            _STREAMS.popitem(last=False)
-    return data
+    """``_Key.model``'s bytes for ``model``: remembered per model object (``identity.py``)."""
+
+    def describe() -> bytes | None:
+        key = _Key(model)
+        try:
+            key.model(model)
+        except (Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
+            return None
+        return b"".join(key.out)
+
+    return _STREAMS.get(model, (), describe)
 
 
 def structure_key(model: nn.Module, probe: Tensor) -> str | None:
