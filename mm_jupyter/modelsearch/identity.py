@@ -107,7 +107,7 @@ class _Signature:
         for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs"):
             if getattr(torch_module, name, None):
                 raise Uncacheable("a global module hook")
-        out = self.out
+        out, atoms = self.out, self.atoms
         tree: set[int] = set()
         stack = [root]
         while stack:
@@ -122,7 +122,14 @@ class _Signature:
                 if d.get(hooks):
                     raise Uncacheable("a module hook")
             for k, v in d.items():
-                if k not in SKIP_ATTRS:
+                if k in SKIP_ATTRS:
+                    continue
+                if type(k) is str and type(v) in _ATOMS:  # the common case, inlined
+                    out.append(id(k))
+                    out.append(id(v))
+                    atoms.append(k)
+                    atoms.append(v)
+                else:
                     self.value(k)
                     self.value(v)
             out.append("params")
