@@ -56,8 +56,10 @@ def _derive(cands: list[Any], n: int, seed: int) -> list[Any]:
 
 def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, derived: int = 5,
                    append: float = 0.25, rounds: int = 3, layers: int = 3, device: str = "cpu",
-                   batch_size: int = 64, seed: int = 0, threads: int | None = 1,
+                   batch_size: int = 64, seed: int = 0, threads: int | None = 1, image_size: int | None = None,
                    progress: Progress = lambda m: None) -> LakeBench:
+    """``image_size``: the side of image items (None: the reduced architecture's own, 32 px); at the
+    paper's 224 px inference outweighs the search's fixed preparation, as in real use."""
     import torch
 
     from ..modelsearch.api import search
@@ -70,9 +72,9 @@ def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, 
     tmp = tempfile.mkdtemp(prefix="mm_lake_bench_")
     try:
         t0 = time.perf_counter()
-        base = synthetic_candidates(arch, models, seed=seed)
+        base = synthetic_candidates(arch, models, seed=seed, image_size=image_size)
         more = base + _derive(base, derived, seed + 1)
-        x, y = sample_data(arch, items, seed=seed)
+        x, y = sample_data(arch, items, seed=seed, image_size=image_size)
         first = int(round(items / (1 + append)))
         progress(f"built {models}+{derived} {arch} candidates and {items} items in {time.perf_counter() - t0:.1f} s")
 
