@@ -324,6 +324,33 @@ def test_a_dead_model_object_id_reused_is_not_mistaken() -> None:
         gc.collect()
 
 
+def test_the_key_tells_plain_attribute_values_apart_by_type_and_sign() -> None:
+    """Plain attributes are described by one repr: values equal in Python but not in meaning (1, 1.0,
+    True; 0.0, -0.0), a changed tuple, a string holding another value's text, a swapped submodule and
+    a changed parameter shape all give other keys; the same model described twice the same key."""
+    base = _Net()
+    assert _key(base) == _key(base)
+    keys = set()
+    for value in (1, 1.0, True, 0.0, -0.0, "1", (1,), (1, 2), None, b"1", "(1,)"):
+        model = _Net()
+        model.act.flag = value
+        keys.add(_key(model))
+    assert len(keys) == 11 and _key(base) not in keys
+    model = _Net()
+    before = _key(model)
+    model.act.negative_slope = 0.2  # changed in place on the same object
+    assert _key(model) != before
+    model = _Net()
+    model.act = nn.ReLU()  # a swapped submodule
+    assert _key(model) != before
+    model = _Net()
+    model.a.weight = nn.Parameter(torch.zeros(6, 7))  # another parameter shape
+    assert _key(model) != before
+    model = _Net()
+    model.a.bias = None
+    assert _key(model) != before
+
+
 def _redefined() -> nn.Module:
     """A class of the same name defined anew on every call (a notebook cell run again)."""
 

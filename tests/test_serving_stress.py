@@ -176,3 +176,83 @@ def test_submit_many_answers_like_submit_all_or_nothing(cells):
         assert [f.result(30).model for f in room] == [str(i) for i in range(8)]
         m = server.metrics()
     assert m["answered"] == before + 1 + 8 and m["rejected"] == 9
+
+
+def test_predict_callers_blocked_at_a_close_each_get_an_answer_or_the_closed_error(cells):
+    """``predict`` waits on an ``Answer`` slot, not a Future: a close without draining still ends every
+    blocked caller, with its answer or ServerClosedError, and none hangs."""
+    server = mm.serve(cells, "cells", cache_size=0, watch_s=None)
+    outcomes: dict[str, list[int]] = {"answered": [], "closed": []}
+    other: list[BaseException] = []
+    running = threading.Barrier(9)
+
+    def client(k: int) -> None:
+        gen = torch.Generator().manual_seed(k)
+        running.wait()
+        while True:
+            try:
+                server.predict(k % N, torch.randn(5, generator=gen), timeout=60)
+                outcomes["answered"].append(k)
+            except ServerClosedError:
+                outcomes["closed"].append(k)
+                return
+            except BaseException as e:  # noqa: BLE001 - reported below
+                other.append(e)
+                return
+
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for w in workers:
+        w.start()
+    running.wait()
+    while len(outcomes["answered"]) < 200:
+        threading.Event().wait(0.005)
+    server.close(drain=False)
+    for w in workers:
+        w.join(30)
+    assert not other and not any(w.is_alive() for w in workers), "every blocked predict ended"
+    assert sorted(outcomes["closed"]) == list(range(8)), "each caller saw the close once"
+    assert not server._worker.is_alive()
+
+
+def test_predict_errors_reach_their_own_caller_under_concurrency(cells):
+    """Callers sending NaN get BadInputError in their own thread; the others' answers in the same
+    batches are right."""
+    from mm_jupyter.serving import BadInputError
+
+    threads, per_thread = 8, 40
+    got: list[list[tuple[int, torch.Tensor, object]]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads)
+    with mm.serve(cells, "cells", cache_size=0, watch_s=None) as server:
+        def client(k: int) -> None:
+            rng = random.Random(k)
+            gen = torch.Generator().manual_seed(k)
+            start.wait()
+            for _ in range(per_thread):
+                i, x = rng.randrange(N), torch.randn(5, generator=gen)
+                if rng.random() < 0.25:
+                    x[rng.randrange(5)] = float("nan")
+                try:
+                    got[k].append((i, x, server.predict(i, x)))
+                except BadInputError as e:
+                    got[k].append((i, x, e))
+
+        workers = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(120)
+        assert not any(w.is_alive() for w in workers)
+    flat = [entry for part in got for entry in part]
+    assert len(flat) == threads * per_thread
+    ms = cells.recover_set("cells")
+    errors = 0
+    with torch.no_grad():
+        for i, x, answer in flat:
+            if torch.isnan(x).any():
+                assert isinstance(answer, BadInputError), "a NaN input fails, in its own caller"
+                errors += 1
+            else:
+                assert not isinstance(answer, BaseException)
+                assert answer.model == str(i)
+                assert torch.allclose(answer.output, ms[i](x[None])[0], rtol=RTOL, atol=ATOL)
+    assert 0 < errors < len(flat)

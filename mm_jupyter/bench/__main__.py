@@ -678,12 +678,12 @@ def add_lake(sub: Any) -> None:
     p.add_argument("--derived", type=int, default=5, help="candidates derived from existing ones (default 5)")
     p.add_argument("--items", type=int, default=2000, help="data items (default 2000, the paper's)")
     p.add_argument("--append", type=float, default=0.25, help="part of the items appended (default 0.25)")
-    p.add_argument("--size", type=int, default=None,
-                   help="image side in pixels for image architectures (default: the reduced models' 32; the paper's "
-                        "224 with --items 400 makes inference, not preparation, the bulk of a search)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels for image architectures (default 32; 224: the papers' resolution, "
+                        "reduced widths; use fewer --items)")
     p.add_argument("--quick", action="store_true", help="mlp, 8+2 candidates, 400 items, 1 round (the test run)")
     p.set_defaults(func=cmd_lake)
 
@@ -696,10 +696,11 @@ def cmd_lake(args: argparse.Namespace) -> int:
     print("load average before: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     res = run_lake_bench(arch=args.arch, models=args.models, items=args.items, derived=args.derived,
                          append=args.append, rounds=args.rounds, device=args.device, threads=args.threads or None,
-                         image_size=args.size, progress=_say)
-    side = f" at {args.size} px" if args.size else ""
-    print(f"lake: {args.arch}{side}, {args.models}+{args.derived} candidates, {args.items} items, "
-          f"{args.rounds} round(s); times in seconds (median, min-max); timings on a shared machine are noisy")
+                         size=args.size, progress=_say)
+    size = f" at {args.size} px" if args.size else ""
+    print(f"lake: {args.arch}{size}, {args.models}+{args.derived} candidates, {args.items} items, "
+          f"{args.rounds} round(s); "
+          "times in seconds (median, min-max); timings on a shared machine are noisy")
     print(format_table(res.rows, [("step", "step", "str"), ("versus", "versus", "str"), ("median_s", "median s", "s"),
                                   ("min_s", "min s", "s"), ("max_s", "max s", "s"), ("ratio", "ratio", "x"),
                                   ("work", "block work", "x"), ("goal", "goal", "x")]))

@@ -56,10 +56,10 @@ def _derive(cands: list[Any], n: int, seed: int) -> list[Any]:
 
 def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, derived: int = 5,
                    append: float = 0.25, rounds: int = 3, layers: int = 3, device: str = "cpu",
-                   batch_size: int = 64, seed: int = 0, threads: int | None = 1, image_size: int | None = None,
+                   batch_size: int = 64, seed: int = 0, threads: int | None = 1, size: int | None = None,
                    progress: Progress = lambda m: None) -> LakeBench:
-    """``image_size``: the side of image items (None: the reduced architecture's own, 32 px); at the
-    paper's 224 px inference outweighs the search's fixed preparation, as in real use."""
+    """``size``: the image side of image architectures (None: the reduced default, 32 px; 224 is the
+    papers' resolution, where inference outweighs a search's fixed preparation)."""
     import torch
 
     from ..modelsearch.api import search
@@ -72,9 +72,9 @@ def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, 
     tmp = tempfile.mkdtemp(prefix="mm_lake_bench_")
     try:
         t0 = time.perf_counter()
-        base = synthetic_candidates(arch, models, seed=seed, image_size=image_size)
+        base = synthetic_candidates(arch, models, seed=seed, image_size=size)
         more = base + _derive(base, derived, seed + 1)
-        x, y = sample_data(arch, items, seed=seed, image_size=image_size)
+        x, y = sample_data(arch, items, seed=seed, image_size=size)
         first = int(round(items / (1 + append)))
         progress(f"built {models}+{derived} {arch} candidates and {items} items in {time.perf_counter() - t0:.1f} s")
 

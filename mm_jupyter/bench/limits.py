@@ -13,7 +13,12 @@ Paths (one store of ``models`` FFNN-48 models, one torch thread throughout):
 * **update save** — an Update save of one U3-like step (``update_rate`` of the models changed:
   half of them every tensor, half only the last layer) on top of an Update save of the set, against
   a Baseline save of the same step into a fresh store;
-* **every model as a module** — ``list(ms)`` against constructing each model and ``load_state_dict``;
+* **one small save** — the median of ``small_saves`` Baseline saves of one 2-layer MLP into one
+  store, minus the median write + fsync of its bytes as one ``safetensors`` file: the fixed cost
+  (catalog commit, manifest, ref, folder fsyncs), judged in absolute seconds;
+* **every model as a module** — ``list(ms)`` against constructing each model and ``load_state_dict``,
+  each kept in a list as ``list(ms)`` keeps its models (the collector's full passes walk what is kept:
+  with 5,000 kept models they are half of either loop's time);
 * **serving, client threads** — ``threads`` Python threads calling ``server.predict`` for random
   models, against the plain loop ``ms[n](x)`` one request at a time;
 * **serving, a burst** — ``requests`` requests submitted at once, then all answers awaited, against
@@ -40,7 +45,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 DEFAULT_OUT = Path("bench_results") / "limits"
 Progress = Callable[[str], None]
@@ -60,6 +69,7 @@ class Goal:
 GOALS = [
     Goal("Baseline save", "flat write + fsync", "<=", 1.3, "x"),
     Goal("Update save (one step)", "Baseline save of the step", "<=", 1.0, "x"),
+    Goal("one small save: fixed cost", "write + fsync of its bytes", "<=", 0.005, "s"),
     Goal("list(ms)", "construct + load_state_dict", "<=", 0.3, "x"),
     Goal("serving: client threads predict", "plain loop ms[n](x)", ">=", 3.0, "x"),
     Goal("serving: burst submitted at once", "gather + baddbmm, batch 256", ">=", 0.25, "x"),
@@ -116,7 +126,8 @@ def _rate(n: int, seconds: float) -> float:
 
 def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, threads: int = 8,
                requests: int = 4000, plain_requests: int = 1000, proxy_models: int = 35, proxy_items: int = 2000,
-               ray_serve: bool = True, seed: int = 0, out: str | os.PathLike[str] | None = DEFAULT_OUT,
+               small_saves: int = 20, ray_serve: bool = True, seed: int = 0,
+               out: str | os.PathLike[str] | None = DEFAULT_OUT,
                progress: Progress = lambda m: None) -> LimitsResult:
     """Measure every path and its limit ``rounds`` times, interleaved; see the module docstring."""
     import numpy as np
@@ -140,6 +151,7 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
     def note(key: str, value: float) -> None:
         times.setdefault(key, []).append(value)
 
+    froze = False
     try:
         progress(f"building {models} FFNN-48 models and one update step ({update_rate:.0%} changed)")
         base = initial_models(models, seed=seed)
@@ -149,6 +161,12 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
         ids = rng.integers(0, models, max(requests, plain_requests, 4000)).tolist()
         xs = torch.from_numpy(rng.standard_normal((len(ids), 5)).astype(np.float32))
         proxy_work = _proxy_workload(proxy_models, proxy_items, seed)
+        # the workload (10,000 modules of the set and its step) lives for the whole run: frozen out of the
+        # collector's full passes, which would otherwise rescan it inside every timed path and its limit
+        froze = gc.get_freeze_count() == 0
+        if froze:
+            gc.collect()
+            gc.freeze()
         for r in range(rounds):
             progress(f"round {r + 1}/{rounds} (load average {_load()[0]:.1f})")
             # -- saving --------------------------------------------------------------------------
@@ -169,29 +187,37 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
             other = Store(root / f"r{r}-step-baseline")
             note("update limit", _sync_then(lambda: other.save_set(step, "cells", approach="baseline")))
             other.close()
+            small, bytes_only = _small_save(root / f"r{r}-small", small_saves)
+            note("small fixed", small - bytes_only)
+            note("small bytes", bytes_only)
             # -- every model as a module -------------------------------------------------------------
             ms = store.recover_set("cells").load()
             with torch.no_grad():
                 t0 = time.perf_counter()
-                list(ms)
+                recovered = list(ms)
                 note("list", time.perf_counter() - t0)
+                del recovered
                 t0 = time.perf_counter()
-                for i in range(len(ms)):
-                    ffnn().load_state_dict(ms.state_dict(i))
+                constructed = [_constructed(ffnn, ms.state_dict(i)) for i in range(len(ms))]
                 note("list limit", time.perf_counter() - t0)
+                del constructed
             # -- serving -------------------------------------------------------------------------------
             with torch.no_grad():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for j in range(plain_requests):
                     ms[ids[j]](xs[j : j + 1])
                 note("plain rps", _rate(plain_requests, time.perf_counter() - t0))
+                note("plain cpu", (time.process_time() - c0) / plain_requests)
             ms.close()
             server = serve(store, "cells", cache_size=0, watch_s=None)
             try:
                 server.warm()
                 for j in range(200):
                     server.predict(ids[j], xs[j])
+                c0, b0 = time.process_time(), server.metrics()["batches"]
                 note("threads rps", _client_threads(server, ids, xs, threads, requests))
+                note("threads cpu", (time.process_time() - c0) / requests)  # every thread of the process
+                note("threads batch", requests / max(1, server.metrics()["batches"] - b0))
                 t0 = time.perf_counter()
                 futures = [server.submit(ids[j], xs[j]) for j in range(requests)]
                 for f in futures:
@@ -225,12 +251,14 @@ def run_limits(models: int = 5000, rounds: int = 3, update_rate: float = 0.05, t
             else:
                 progress("Ray Serve is not installed (pip install 'ray[serve]'): its row is skipped")
     finally:
+        if froze:
+            gc.unfreeze()
         torch.set_num_threads(threads_before)
         shutil.rmtree(root, ignore_errors=True)
     rows = _rows(times, ray_row)
     config = {"models": models, "rounds": rounds, "update_rate": update_rate, "threads": threads,
               "requests": requests, "plain_requests": plain_requests, "proxy_models": proxy_models,
-              "proxy_items": proxy_items, "torch_threads": 1, "seed": seed}
+              "proxy_items": proxy_items, "small_saves": small_saves, "torch_threads": 1, "seed": seed}
     load = {"before": load_before, "after": _load(), "cpus": os.cpu_count(), "machine": machine()}
     result = LimitsResult(rows, config, load, time.perf_counter() - t_start)
     if out is not None:
@@ -311,6 +339,42 @@ def _proxy_times(work: list[tuple[list[tuple[Any, Any]], Any, Any]]) -> tuple[fl
     return t_together, t_alone, together == alone
 
 
+def _constructed(build: Callable[[], "nn.Module"], state: dict[str, "torch.Tensor"]) -> "nn.Module":
+    """A model built by its constructor and ``load_state_dict`` (the limit of materialising one)."""
+    model = build()
+    model.load_state_dict(state)
+    return model
+
+
+def _small_save(root: Path, n: int) -> tuple[float, float]:
+    """Median seconds of one small model's Baseline save and of writing + fsyncing its bytes alone."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from ..store.files import fsync_path
+    from ..store.store import Store
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    store = Store(root)
+    store.save_set([model], "warm", approach="baseline")
+    saves, writes = [], []
+    for i in range(n):
+        flat = root / f"flat{i}.safetensors"
+
+        def save(name: str = f"m{i}") -> None:
+            store.save_set([model], name, approach="baseline")
+
+        def write(flat: Path = flat) -> None:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(flat))
+            fsync_path(flat)
+
+        saves.append(_sync_then(save))
+        writes.append(_sync_then(write))
+    store.close()
+    shutil.rmtree(root, ignore_errors=True)
+    return statistics.median(saves), statistics.median(writes)
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -320,6 +384,7 @@ def _rows(times: dict[str, list[float]], ray_row: dict[str, Any] | None) -> list
     pairs = {  # goal path -> (path key, limit key, unit of the numbers, ratio of rates?)
         "Baseline save": ("save", "save limit", "s", False),
         "Update save (one step)": ("update", "update limit", "s", False),
+        "one small save: fixed cost": ("small fixed", "small bytes", "s", False),
         "list(ms)": ("list", "list limit", "s", False),
         "serving: client threads predict": ("threads rps", "plain rps", "req/s", True),
         "serving: burst submitted at once": ("burst rps", "compute rps", "req/s", True),
@@ -350,6 +415,12 @@ def _rows(times: dict[str, list[float]], ray_row: dict[str, Any] | None) -> list
                 many = _stats(times["burst many rps"])["median"]
                 note += (f"; with one submit_many: {many:,.0f} req/s = {many / limit['median']:.2f}x, "
                          f"{1e6 / many - 1e6 / limit['median']:.0f} µs")
+        elif goal.path.startswith("serving: client threads") and "threads cpu" in times:
+            # CPU time per answer (all threads) is the comparison machine load does not tilt: a loaded
+            # machine slows the one-thread plain loop more than the server's many threads
+            cpu, plain_cpu = _stats(times["threads cpu"])["median"], _stats(times["plain cpu"])["median"]
+            note = (f"CPU per answer {cpu * 1e6:.0f} µs (all threads) vs {plain_cpu * 1e6:.0f} µs plain "
+                    f"= {plain_cpu / cpu:.2f}x; {_stats(times['threads batch'])['median']:.1f} requests per batch")
         elif goal.path.startswith("HTTP") and ray_row is not None:
             note = (f"at p99 <= {ray_row['p99_bound_ms']:.1f} ms (Ray Serve's p99 at its best throughput, "
                     f"batch wait {ray_row['ray_wait_ms']:g} ms)")

@@ -8,6 +8,7 @@ Approaches (same proxy, same splits, same batches — so the same scores on the 
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -187,6 +188,8 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     total, distinct blocks hashed): on large candidates this is the search's first, silent-looking
     phase. ``costs``: also count each block's work (a distributed search balances its workers by it);
     ``with_ids``: hash the blocks without sharing too (kept features are keyed by block ids)."""
+    import torch
+
     from .blocks import block_costs, cached_output_sizes, output_sizes
     from .hashing import block_id
     from .splitting import split_model
@@ -201,8 +204,11 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     splits: dict[str, tuple[Any, list[int], list[str] | None]] = {}
     ids_of: dict[int, str] = {}
     distinct: set[str] = set()
+    target = torch.device(device)
     for name, model in named.items():
-        model.eval().to(device)
+        model.eval()
+        if any(t.device != target for t in itertools.chain(model.parameters(), model.buffers())):
+            model.to(device)  # a walk over every module: only when a tensor is elsewhere
         try:
             split = split_model(model, sample.to(device))
         except ProbeMismatch as e:  # the data does not fit the model: name the block that fails on it

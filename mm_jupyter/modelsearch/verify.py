@@ -71,7 +71,7 @@ from .identity import (
 from .probes import differs, first_tensor, hidden_argument
 
 PROBE_ITEMS = 8
-_KEY_VERSION = "mm-split-verdict/1"
+_KEY_VERSION = "mm-split-verdict/2"
 _MAX_VERDICTS = 1024
 
 
@@ -100,6 +100,9 @@ def clear_verdicts() -> None:
 
 _CLASS_TOKENS: "weakref.WeakKeyDictionary[type, int]" = weakref.WeakKeyDictionary()
 _NEXT_TOKEN = itertools.count()
+#: exact types (no subclasses) whose ``repr`` tells every two values apart, type included (1, 1.0,
+#: True; 0.0, -0.0; strings quoted): tuples of them are described in one repr, not field by field
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})
 
 
 def _class_token(cls: type) -> str:
@@ -243,17 +246,23 @@ class _Key:
                 continue
             first[id(m)] = pos
             self.put(_class_token(type(m)))
+            plain = []  # attributes of exact plain types, described by one repr (injective for them)
             for key, v in sorted(vars(m).items()):
-                if key not in _SKIP_ATTRS:
+                if key in _SKIP_ATTRS:
+                    continue
+                if type(v) in _PLAIN or (type(v) is tuple and all(type(i) in _PLAIN for i in v)):
+                    plain.append((key, v))
+                else:
                     self.put("attr", key)
                     self.value(v)
+            self.put("plain", repr(plain))
             for hooks in _HOOK_DICTS:
                 found = getattr(m, hooks, None)
                 if found:
                     self.put(hooks)
                     self.value(list(found.values()))
-            for pname, p in m._parameters.items():
-                self.put("param", pname, "none" if p is None else f"{p.dtype}{tuple(p.shape)}")
+            self.put("params", repr([(pname, None if p is None else (str(p.dtype), tuple(p.shape)))
+                                     for pname, p in m._parameters.items()]))
             for bname, b in m._buffers.items():
                 self.put("buffer", bname, "none" if b is None else f"{b.dtype}{tuple(b.shape)}")
                 if b is not None and not (bname in _STATS and isinstance(m, nn.modules.batchnorm._NormBase)):

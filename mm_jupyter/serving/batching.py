@@ -10,11 +10,12 @@ delay"): at most until its oldest request has waited ``max_wait_s``, or until it
 """
 from __future__ import annotations
 
+import _thread
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Callable
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import numpy as np
 
@@ -22,6 +23,54 @@ from .errors import QueueFullError, ServerClosedError
 
 if TYPE_CHECKING:
     from .types import Prediction
+
+
+class Answer:
+    """Where the answer of one ``predict`` goes: a one-shot slot the caller blocks on. It holds one C
+    lock, taken at creation and released by the single ``set_result``/``set_exception``, so handing an
+    answer to a waiting thread is one lock release (a ``Future`` is a Condition: a lock per waiter, a
+    second lock to re-take, callbacks; about twice the hand-off time). Setting it twice raises, as a
+    Future does."""
+
+    __slots__ = ("_lock", "_value", "_error", "_done")
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def _refuse_second(self) -> None:
+        if self._done:
+            raise RuntimeError("this answer was already set")
+
+    def set_result(self, value: Any) -> None:
+        self._refuse_second()
+        self._value = value
+        self._done = True  # (after the value: a caller that sees done reads the value without the lock)
+        self._lock.release()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._refuse_second()
+        self._error = error
+        self._done = True
+        self._lock.release()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The answer, waiting at most ``timeout`` seconds (None: for ever); the error, raised."""
+        if not self._done and not self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+            raise FutureTimeout(f"no answer within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+#: a request's answer: a Future for ``submit`` (callers may wait, poll or chain), an Answer for ``predict``
+Reply = Union["Future[Prediction]", Answer]
 
 
 class Request:
@@ -32,7 +81,8 @@ class Request:
     __slots__ = ("model", "index", "ref_id", "x", "single", "digest", "t_submit", "t_arrival", "future")
 
     def __init__(self, model: str, x: np.ndarray, single: bool, digest: bytes | None, t_submit: float,
-                 t_arrival: float | None = None, index: int = -1, ref_id: int | None = None) -> None:
+                 t_arrival: float | None = None, index: int = -1, ref_id: int | None = None,
+                 reply: Reply | None = None) -> None:
         self.model, self.index, self.ref_id = model, index, ref_id
         self.x = x
         self.single = single        # the caller sent one item (answer without the row dimension)
@@ -40,7 +90,7 @@ class Request:
         self.t_submit = t_submit
         #: when the request arrived (latency runs from here): its submission, or a load generator's schedule
         self.t_arrival = t_arrival
-        self.future: Future[Prediction] = Future()
+        self.future: Reply = Future() if reply is None else reply
 
     @property
     def rows(self) -> int:

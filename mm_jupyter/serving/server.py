@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import RefError, ServeError
 from ..store import SetRef, Store
 from ..store.backends import default_location, is_database
-from .batching import Request, RequestQueue
+from .batching import Answer, Reply, Request, RequestQueue
 from .cache import PredictionCache, input_digest
 from .errors import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
 from .http import HTTPEndpoint
@@ -222,6 +222,12 @@ class Server:
         of ``input_shape`` or a batch ``(rows, *input_shape)`` (tensor, numpy array or nested lists).
         ``arrival``: when the request arrived (a ``time.perf_counter()`` time, e.g. a load
         generator's schedule); latency is measured from it (default: now)."""
+        reply: Future[Prediction] = Future()
+        self._submit(model, x, arrival, reply)
+        return reply
+
+    def _submit(self, model: str | int, x: Any, arrival: float | None, reply: Reply) -> None:
+        """``submit`` with the answer going to ``reply`` (set at once on a cache hit)."""
         t0 = time.perf_counter()
         if self._closed:
             raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
@@ -233,19 +239,17 @@ class Server:
         if digest is not None:
             hit = self.cache.get((runner.ref.id, name, digest))
             if hit is not None:
-                done: Future[Prediction] = Future()
                 now = time.perf_counter()
                 latency = now - (t0 if arrival is None else arrival)
-                done.set_result(Prediction(name, runner.ref, hit, True, latency, now))
+                reply.set_result(Prediction(name, runner.ref, hit, True, latency, now))
                 self._metrics.record((latency,), cached=True, done=now)
-                return done
-        request = Request(name, x_t, single, digest, t0, arrival, i, runner.ref.id)
+                return
+        request = Request(name, x_t, single, digest, t0, arrival, i, runner.ref.id, reply)
         try:
             self.queue.put(request)
         except QueueFullError:
             self._metrics.record_rejected()
             raise
-        return request.future
 
     def submit_many(self, models: Sequence[str | int], xs: Any) -> "list[Future[Prediction]]":
         """Queue one request per model: ``models[j]`` answers item ``xs[j]`` (``xs``: ``(len(models),
@@ -277,9 +281,9 @@ class Server:
                 self._metrics.record((now - t0,), cached=True, done=now)
                 futures.append(done)
                 continue
-            request = Request(names[i], x, True, digest, t0, None, i, ref_id)
-            queued.append(request)
-            futures.append(request.future)
+            reply: Future[Prediction] = Future()
+            queued.append(Request(names[i], x, True, digest, t0, None, i, ref_id, reply))
+            futures.append(reply)
         try:
             self.queue.put_many(queued)
         except QueueFullError:
@@ -288,8 +292,13 @@ class Server:
         return futures
 
     def predict(self, model: str | int, x: Any, timeout: float | None = 60.0) -> Prediction:
-        """Submit and wait for the answer (see ``submit``)."""
-        return self.submit(model, x).result(timeout)
+        """Submit and wait for the answer (see ``submit``); TimeoutError after ``timeout`` seconds
+        (None: no limit). The answer comes through an ``Answer`` slot, not a Future: a blocked caller
+        is woken by one lock release, the cheapest hand-off between threads."""
+        reply = Answer()
+        self._submit(model, x, None, reply)
+        prediction: Prediction = reply.result(timeout)
+        return prediction
 
     # -- the worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -357,7 +366,7 @@ class Server:
     def _multi(self, runner: Runner, ready: list[tuple[Request, int]], x: np.ndarray) -> Sequence["torch.Tensor"]:
         import torch
 
-        idx = torch.tensor([i for _, i in ready], dtype=torch.int64)
+        idx = torch.from_numpy(np.fromiter([i for _, i in ready], np.int64, len(ready)))  # (torch.tensor(list): 4x)
         rows = [r.rows for r, _ in ready]
         if len(rows) != len(x):
             idx = idx.repeat_interleave(torch.tensor(rows))
