@@ -209,3 +209,34 @@ def test_id_is_the_plain_field_by_field_hash() -> None:
             put(field.encode())
         put(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     assert block_id(block) == h.hexdigest()
+
+
+def test_a_remembered_block_plan_never_serves_a_changed_block() -> None:
+    """``block_id`` remembers what it reads besides tensor bytes per block module; every in-place
+    change of the same objects must give the id a fresh computation gives."""
+    from mm_jupyter.modelsearch.hashing import _digest
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    block = Block(module)
+    changes = [
+        lambda m: m[0].weight.data.add_(1.0),  # weights changed in place
+        lambda m: setattr(m[0], "stride", (2, 2)),  # an attribute extra_repr shows
+        lambda m: setattr(m[2], "inplace", True),  # a public scalar attribute
+        lambda m: m[1].running_mean.fill_(3.0),  # a buffer's values
+        lambda m: setattr(m[0], "weight", nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64))),  # dtype
+        lambda m: m.__setitem__(2, nn.GELU()),  # a swapped submodule
+        # not contiguous:
+        lambda m: setattr(m[0].weight, "data", torch.randn(3, 4, 3, 3, dtype=torch.float64).transpose(0, 1)),
+        lambda m: m.register_buffer("extra", torch.ones(2)),  # a new tensor
+    ]
+    seen = {block_id(block)}
+    for i, change in enumerate(changes):
+        assert block_id(block) == block_id(block) == _digest(block, True)
+        change(module)
+        got = block_id(block)
+        assert got == _digest(block, True), f"change {i} got a stale id"
+        assert got not in seen, f"change {i} did not change the id"
+        seen.add(got)
+    other = Block(module, call="hf-layer")  # the same module called differently
+    assert block_id(other) == _digest(other, True) != block_id(block)

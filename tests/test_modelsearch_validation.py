@@ -159,3 +159,22 @@ def test_probe_runs_before_the_search() -> None:
     cands["ok"].items = 0
     _error(r"candidate 'narrow' cannot take the data", cands, _data())
     assert cands["ok"].items == 0 and cands["narrow"].items == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_bad_value_anywhere_in_a_large_batch_is_found(dtype: torch.dtype, bad: float) -> None:
+    """The finiteness check reads extremes, not a mask: one NaN or infinity at any position (first,
+    last, vector-lane edges, a strided view) is still refused, and finite data passes."""
+    from mm_jupyter.modelsearch.api import _finite
+
+    x = torch.randn(40, 3, 11, 13).to(dtype)
+    assert _finite(x) and _finite(x[:, 1]) and _finite(x[:0])
+    for at in (0, 1, 7, 8, 15, 16, 31, 32, 63, 64, 1000, x.numel() - 1):
+        y = x.clone()
+        y.view(-1)[at] = bad
+        assert not _finite(y), at
+        assert not _finite(y.transpose(0, 3)), at
+    z = torch.zeros(5, 4, dtype=torch.complex64)
+    z[2, 3] = complex(0.0, bad)
+    assert not _finite(z) and _finite(torch.zeros(5, 4, dtype=torch.complex64))

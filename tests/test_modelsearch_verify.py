@@ -257,6 +257,73 @@ def test_the_key_holds_everything_but_parameter_values() -> None:
     assert _key(first) == _key(first) != _key(_redefined())
 
 
+class _Config:
+    """A mutable settings object held by a module (as Hugging Face modules hold their config)."""
+
+    def __init__(self) -> None:
+        self.width = 6
+        self.names = ["a", "b"]
+
+
+def _uncached_key(model: nn.Module, x: torch.Tensor) -> str | None:
+    from mm_jupyter.modelsearch import verify
+
+    verify._STREAMS.clear()
+    return structure_key(model, x)
+
+
+def test_the_remembered_key_of_a_changed_model_object_is_never_served() -> None:
+    """The key's model part is kept per model object; every in-place change the key reads must give
+    the key a fresh description gives, on the *same* object the cache remembered."""
+    torch.manual_seed(0)
+    x = torch.ones(2, 6)
+    model = _Net()
+    model.config = _Config()
+    model.sizes = [1, 2]
+    model.act.config = model.config  # shared: the key describes it once, then refers to it
+    changes = [
+        lambda m: setattr(m.act, "negative_slope", 0.2),  # a scalar the forward reads
+        lambda m: setattr(m.act, "negative_slope", 0.2 + 0.0),  # an equal float: still the same key
+        lambda m: m.sizes.append(3),  # a list changed in place
+        lambda m: m.sizes.__setitem__(0, True),  # 1 -> True: equal under ==, another key
+        lambda m: setattr(m.config, "width", 7),  # an attribute of a held object
+        lambda m: m.config.names.__setitem__(1, "c"),  # nested in place
+        lambda m: setattr(m.act, "config", _Config()),  # sharing broken: two equal objects, not one
+        lambda m: setattr(m, "b", nn.Linear(6, 6)),  # a swapped submodule (same structure)
+        lambda m: setattr(m, "b", nn.Linear(6, 6, bias=False)),  # a swapped submodule (other structure)
+        lambda m: setattr(m.a.weight, "data", torch.randn(6, 6, dtype=torch.float64)),  # weights' dtype
+        lambda m: m.order.copy_(torch.arange(6).flip(0)),  # a buffer's values, in place
+        lambda m: setattr(m, "b", m.a),  # a module shared, not two
+        lambda m: m.a.register_forward_hook(lambda mod, args, out: out),  # a hook: never remembered
+        lambda m: setattr(m, "extra", _Opaque(1)),  # not describable: no key at all
+    ]
+    seen = {structure_key(model, x)}
+    for i, change in enumerate(changes):
+        assert structure_key(model, x) == structure_key(model, x)  # remembered now
+        change(model)
+        got = structure_key(model, x)
+        assert got == _uncached_key(model, x), f"change {i} got a stale key"
+        if i not in (1, 7, len(changes) - 1):  # an equal float, an equal module: the same key
+            assert got not in seen, f"change {i} did not change the key"
+        seen.add(got)
+    assert structure_key(model, x) is None
+
+
+def test_a_dead_model_object_id_reused_is_not_mistaken() -> None:
+    """A new model at a freed model's address must not take its remembered key."""
+    import gc
+
+    x = torch.ones(2, 6)
+    keys = set()
+    for slope in (0.1, 0.2, 0.3, 0.4):
+        m = _Net(slope=slope)
+        k = structure_key(m, x)
+        assert k == _uncached_key(m, x) and k not in keys
+        keys.add(k)
+        del m
+        gc.collect()
+
+
 def test_the_key_tells_plain_attribute_values_apart_by_type_and_sign() -> None:
     """Plain attributes are described by one repr: values equal in Python but not in meaning (1, 1.0,
     True; 0.0, -0.0), a changed tuple, a string holding another value's text, a swapped submodule and

@@ -11,6 +11,7 @@ copy, has the same id at any position of any model.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import fx, nn
 
 from ..errors import SearchError
 from .blocks import Block
+from .identity import IdentityCache
 
 _VERSION = b"mm-block-id/1"
 
@@ -72,6 +74,12 @@ def _tensor_bytes(name: str, t: torch.Tensor) -> memoryview:
         raise SearchError(f"cannot hash block tensor {name!r}: it is on the meta device (no data)")
     if t.layout != torch.strided or t.is_quantized:
         raise SearchError(f"cannot hash block tensor {name!r}: unsupported layout {t.layout}")
+    if t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+        return t.detach().view(torch.uint8).numpy().data if t.dim() else _tensor_bytes_slow(t)
+    return _tensor_bytes_slow(t)
+
+
+def _tensor_bytes_slow(t: torch.Tensor) -> memoryview:
     flat = t.detach()
     if flat.device.type != "cpu":
         flat = flat.cpu()
@@ -84,8 +92,47 @@ def _tensor_bytes(name: str, t: torch.Tensor) -> memoryview:
 
 
 def block_id(block: Block) -> str:
-    """sha256 hex id of a block's call, structure and tensors (see the module docstring)."""
-    return _digest(block, True)
+    """sha256 hex id of a block's call, structure and tensors (see the module docstring). What the
+    id reads besides the tensors' bytes is remembered per block module (``identity.py``); the bytes
+    are hashed on every call: they are the proof that a candidate did not change."""
+    if not isinstance(block, Block):
+        raise SearchError(f"block_id takes a Block, got {type(block).__name__}")
+    plan = _PLANS.get(block.module, (block.call, tuple(block.inputs)), lambda: _plan(block))
+    if plan is None:
+        return _digest(block, True)
+    segments, tensors = plan
+    h = hashlib.sha256()
+    for segment, (name, ref) in zip(segments, tensors):
+        t = ref()
+        if t is None:  # cannot happen while the signature holds (it keeps every tensor checked alive)
+            return _digest(block, True)
+        h.update(segment)
+        h.update(_tensor_bytes(name, t))
+    h.update(segments[-1])
+    return h.hexdigest()
+
+
+_Plan = tuple[list[bytes], list[tuple[str, "weakref.ref[torch.Tensor]"]]]
+_PLANS = IdentityCache[_Plan](4096)
+
+
+def _plan(block: Block) -> _Plan:
+    """The id's byte stream as segments around the tensors' bytes (same bytes as ``_digest``)."""
+    f = _Fields()
+    tensors = _fields(block, f)
+    segments: list[bytes] = []
+    refs: list[tuple[str, weakref.ref[torch.Tensor]]] = []
+    for kind, name, t in tensors:
+        f.put(kind)
+        f.put(name)
+        f.put(str(t.dtype))
+        f.put(",".join(map(str, t.shape)))
+        f.small.append((t.numel() * t.element_size()).to_bytes(8, "little"))
+        segments.append(b"".join(f.small))
+        f.small.clear()
+        refs.append((name, weakref.ref(t)))
+    segments.append(b"".join(f.small))
+    return segments, refs
 
 
 def block_structure(block: Block) -> str:
@@ -94,10 +141,8 @@ def block_structure(block: Block) -> str:
     return _digest(block, False)
 
 
-def _digest(block: Block, values: bool) -> str:
-    if not isinstance(block, Block):
-        raise SearchError(f"block_id takes a Block, got {type(block).__name__}")
-    h = _Fields()
+def _fields(block: Block, h: _Fields) -> list[tuple[str, str, Any]]:
+    """Puts the id's fields that precede the tensors; returns the tensors as (kind, name, tensor)."""
     h.put(_VERSION)
     h.put(block.call)
     if block.inputs:
@@ -115,7 +160,14 @@ def _digest(block: Block, values: bool) -> str:
             h.put(module.code)
     tensors: list[tuple[str, str, Any]] = [("param", n, t) for n, t in block.module.named_parameters()]
     tensors += [("buffer", n, t) for n, t in block.module.named_buffers()]
-    for kind, name, t in tensors:
+    return tensors
+
+
+def _digest(block: Block, values: bool) -> str:
+    if not isinstance(block, Block):
+        raise SearchError(f"block_id takes a Block, got {type(block).__name__}")
+    h = _Fields()
+    for kind, name, t in _fields(block, h):
         h.put(kind)
         h.put(name)
         h.put(str(t.dtype))

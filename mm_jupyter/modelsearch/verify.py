@@ -60,6 +60,14 @@ from ..errors import ProbeMismatch as ProbeMismatch, SearchError
 from .blocks import Block, Split, eval_mode, fresh_caches, methods
 from .cuts import split_by
 from .hf import default_probe, padded_probe
+from .identity import (
+    HOOK_DICTS as _HOOK_DICTS,
+    SKIP_ATTRS as _SKIP_ATTRS,
+    STATS as _STATS,
+    IdentityCache,
+    Uncacheable,
+    digest as _bytes,
+)
 from .probes import differs, first_tensor, hidden_argument
 
 PROBE_ITEMS = 8
@@ -81,27 +89,17 @@ _VERDICTS: OrderedDict[str, Verdict] = OrderedDict()
 
 
 def clear_verdicts() -> None:
-    """Forget every cached verdict (tests; a process that redefines split rules)."""
+    """Forget every cached verdict and remembered key (tests; a process that redefines split rules)."""
     _VERDICTS.clear()
+    _STREAMS.clear()
 
 
 # --------------------------------------------------------------------------------------------
 # The cache key
 
 
-class _Uncacheable(Exception):
-    """Something the key cannot describe faithfully: verify this model on its own."""
-
-
 _CLASS_TOKENS: "weakref.WeakKeyDictionary[type, int]" = weakref.WeakKeyDictionary()
 _NEXT_TOKEN = itertools.count()
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-_SKIP_ATTRS = frozenset({"_parameters", "_buffers", "_modules", "training", "_backward_hooks",
-                         "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
-                         "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-                         *_HOOK_DICTS})
-_STATS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 #: exact types (no subclasses) whose ``repr`` tells every two values apart, type included (1, 1.0,
 #: True; 0.0, -0.0; strings quoted): tuples of them are described in one repr, not field by field
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})
@@ -111,6 +109,14 @@ def _class_token(cls: type) -> str:
     if cls not in _CLASS_TOKENS:
         _CLASS_TOKENS[cls] = next(_NEXT_TOKEN)
     return f"{cls.__module__}:{cls.__qualname__}#{_CLASS_TOKENS[cls]}"
+
+
+def _put(out: list[bytes], *parts: object) -> None:
+    """Length-prefixed fields, so no two different field sequences give the same bytes."""
+    for part in parts:
+        raw = part if type(part) is bytes else str(part).encode()
+        out.append(len(raw).to_bytes(8, "little"))
+        out.append(raw)
 
 
 class _Key:
@@ -123,18 +129,14 @@ class _Key:
         self.keep: list[object] = []  # keeps described objects alive, so their ids are not reused meanwhile
 
     def put(self, *parts: object) -> None:
-        out = self.out
-        for part in parts:
-            raw = part if type(part) is bytes else str(part).encode()
-            out.append(len(raw).to_bytes(8, "little"))
-            out.append(raw)
+        _put(self.out, *parts)
 
     def hexdigest(self) -> str:
         return hashlib.sha256(b"".join(self.out)).hexdigest()
 
     def value(self, v: Any, depth: int = 0) -> None:
         if depth > 8:
-            raise _Uncacheable("nesting too deep")
+            raise Uncacheable("nesting too deep")
         if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
             self.put(type(v).__name__, repr(v))
         elif isinstance(v, enum.Enum):
@@ -184,7 +186,7 @@ class _Key:
             self.put("object", _class_token(type(v)))
             self.value(dict(vars(v)), depth + 1)
         else:
-            raise _Uncacheable(f"an attribute of type {type(v).__name__}")
+            raise Uncacheable(f"an attribute of type {type(v).__name__}")
 
     def _outside(self, m: nn.Module, depth: int) -> None:
         """A module held outside the model's tree (a kernel wrapper made per layer): by its class
@@ -235,7 +237,7 @@ class _Key:
     def model(self, model: nn.Module) -> None:
         for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs"):
             if getattr(torch_module, name, None):
-                raise _Uncacheable("a global module hook")
+                raise Uncacheable("a global module hook")
         first: dict[int, int] = {}
         for pos, (name, m) in enumerate(model.named_modules(remove_duplicate=False)):
             self.put("node", name)
@@ -270,21 +272,32 @@ class _Key:
             self.put("tie", pname, ties.setdefault(id(p), pname))
 
 
-def _bytes(t: Tensor) -> bytes:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).digest()
+_STREAMS = IdentityCache[bytes](1024)
+
+
+def _model_stream(model: nn.Module) -> bytes | None:
+    """``_Key.model``'s bytes for ``model``: remembered per model object (``identity.py``)."""
+
+    def describe() -> bytes | None:
+        key = _Key(model)
+        try:
+            key.model(model)
+        except (Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
+            return None
+        return b"".join(key.out)
+
+    return _STREAMS.get(model, (), describe)
 
 
 def structure_key(model: nn.Module, probe: Tensor) -> str | None:
     """The verdict cache key of ``model`` on ``probe`` (module docstring), or None when the model
     holds something the key cannot describe."""
-    key = _Key(model)
-    key.put(_KEY_VERSION, "probe", probe.dtype, tuple(probe.shape), _bytes(probe))
-    try:
-        key.model(model)
-    except (_Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
+    data = _model_stream(model)
+    if data is None:
         return None
-    return key.hexdigest()
+    head: list[bytes] = []
+    _put(head, _KEY_VERSION, "probe", probe.dtype, tuple(probe.shape), _bytes(probe))
+    return hashlib.sha256(b"".join(head) + data).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
