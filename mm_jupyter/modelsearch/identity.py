@@ -46,7 +46,7 @@ _OPAQUE = (Tensor, types.FunctionType, types.MethodType, types.BuiltinFunctionTy
            functools.partial, weakref.ref)
 
 
-class Uncacheable(Exception):
+class _Uncacheable(Exception):
     """Something a signature (or a key) cannot describe faithfully."""
 
 
@@ -77,7 +77,7 @@ class _Signature:
             self.atoms.append(v)
             return
         if depth > 8:
-            raise Uncacheable("nesting too deep")
+            raise _Uncacheable("nesting too deep")
         if isinstance(v, (nn.Module, type)):
             self.obj(v)
             if isinstance(v, nn.Module):
@@ -97,7 +97,7 @@ class _Signature:
                 for item in v:
                     self.value(item, depth + 1)
         elif isinstance(v, _OPAQUE) or not hasattr(v, "__dict__"):
-            raise Uncacheable(f"an attribute of type {t.__name__}")
+            raise _Uncacheable(f"an attribute of type {t.__name__}")
         else:
             self.obj(v)
             self.obj(t)
@@ -106,7 +106,7 @@ class _Signature:
     def tree(self, root: nn.Module) -> None:
         for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs"):
             if getattr(torch_module, name, None):
-                raise Uncacheable("a global module hook")
+                raise _Uncacheable("a global module hook")
         out, atoms = self.out, self.atoms
         tree: set[int] = set()
         stack = [root]
@@ -120,7 +120,7 @@ class _Signature:
             self.obj(type(m))
             for hooks in HOOK_DICTS:
                 if d.get(hooks):
-                    raise Uncacheable("a module hook")
+                    raise _Uncacheable("a module hook")
             for k, v in d.items():
                 if k in SKIP_ATTRS:
                     continue
@@ -161,7 +161,7 @@ class _Signature:
                     children.append(child)
             stack.extend(reversed(children))
         if any(i not in tree for i in self.attr_modules):
-            raise Uncacheable("a module outside the tree")
+            raise _Uncacheable("a module outside the tree")
 
 
 @dataclass
@@ -191,7 +191,7 @@ class IdentityCache(Generic[T]):
                 sig.value(v)
             sig.tree(root)
             refs = [weakref.ref(o) for o in sig.objects.values()]
-        except (Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
+        except (_Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
             refs = None
         signature = tuple(sig.out)
         entry = self.entries.get(id(root))
@@ -210,4 +210,4 @@ class IdentityCache(Generic[T]):
         return value
 
 
-__all__ = ["HOOK_DICTS", "IdentityCache", "SKIP_ATTRS", "STATS", "Uncacheable", "digest"]
+__all__ = ["HOOK_DICTS", "IdentityCache", "SKIP_ATTRS", "STATS", "_Uncacheable", "digest"]

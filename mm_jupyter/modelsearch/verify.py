@@ -65,7 +65,7 @@ from .identity import (
     SKIP_ATTRS as _SKIP_ATTRS,
     STATS as _STATS,
     IdentityCache,
-    Uncacheable,
+    _Uncacheable,
     digest as _bytes,
 )
 from .probes import differs, first_tensor, hidden_argument
@@ -136,7 +136,7 @@ class _Key:
 
     def value(self, v: Any, depth: int = 0) -> None:
         if depth > 8:
-            raise Uncacheable("nesting too deep")
+            raise _Uncacheable("nesting too deep")
         if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
             self.put(type(v).__name__, repr(v))
         elif isinstance(v, enum.Enum):
@@ -186,7 +186,7 @@ class _Key:
             self.put("object", _class_token(type(v)))
             self.value(dict(vars(v)), depth + 1)
         else:
-            raise Uncacheable(f"an attribute of type {type(v).__name__}")
+            raise _Uncacheable(f"an attribute of type {type(v).__name__}")
 
     def _outside(self, m: nn.Module, depth: int) -> None:
         """A module held outside the model's tree (a kernel wrapper made per layer): by its class
@@ -237,7 +237,7 @@ class _Key:
     def model(self, model: nn.Module) -> None:
         for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs"):
             if getattr(torch_module, name, None):
-                raise Uncacheable("a global module hook")
+                raise _Uncacheable("a global module hook")
         first: dict[int, int] = {}
         for pos, (name, m) in enumerate(model.named_modules(remove_duplicate=False)):
             self.put("node", name)
@@ -282,7 +282,7 @@ def _model_stream(model: nn.Module) -> bytes | None:
         key = _Key(model)
         try:
             key.model(model)
-        except (Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
+        except (_Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
             return None
         return b"".join(key.out)
 
