@@ -132,25 +132,18 @@ class _Signature:
                 else:
                     self.value(k)
                     self.value(v)
-            out.append("params")
-            for pname, p in m._parameters.items():
-                self.value(pname)
-                if p is None:
-                    out.append(None)
-                else:
-                    self.obj(p)
-                    out.extend((p.dtype, p.shape))
-            out.append("buffers")
             stats = isinstance(m, nn.modules.batchnorm._NormBase)
-            for bname, b in m._buffers.items():
-                self.value(bname)
-                if b is None:
-                    out.append(None)
-                else:
-                    self.obj(b)
-                    out.extend((b.dtype, b.shape))
-                    if not (stats and bname in STATS):
-                        out.append(digest(b))
+            for label, tensors, hashed in (("params", m._parameters, False), ("buffers", m._buffers, True)):
+                out.append(label)  # parameter values are never in it; buffers' bytes are (but BN statistics)
+                for tname, t in tensors.items():
+                    self.value(tname)
+                    if t is None:
+                        out.append(None)
+                        continue
+                    self.obj(t)
+                    out.extend((t.dtype, t.shape))
+                    if hashed and not (stats and tname in STATS):
+                        out.append(digest(t))
             out.append(("children", len(m._modules)))
             children = []
             for cname, child in m._modules.items():
