@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+import zygote
 from torch import nn
 
 import mm_jupyter as mm
@@ -465,12 +466,16 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_python(code: str, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter (cwd: the repository root, tests/ importable)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
-        text=True, timeout=timeout,
-    )
+def run_python(code: str, *args: str, timeout: float = 300, check: bool = True,
+               real: bool = False) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (cwd: the repository root, tests/ importable): a fork of a
+    zygote that imported torch and nothing of the project (tests/zygote.py), or with ``real`` a new
+    interpreter (for checks of what an import pulls in)."""
+    if real:
+        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = zygote.run(code, *args, cwd=ROOT, env=subprocess_env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -4,13 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zygote
 
 import mm_jupyter as mm
 from mm_jupyter.store.provenance import deterministic
@@ -68,8 +68,7 @@ def test_identical_in_a_fresh_process():
         "    out.append(h.hexdigest())\n"
         "print(json.dumps(out))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    res = zygote.run(code, json.dumps(args), cwd=ROOT, env=dict(os.environ), timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == [digest(*cell_dataset(*a)) for a in args]
 

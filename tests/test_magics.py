@@ -56,7 +56,7 @@ def test_load_ext_registers_magics_without_importing_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch imported by load_ext'\n"
             "ip.run_line_magic('load_ext', 'mm_jupyter')\n"
             "assert sum(type(c).__name__ == 'ModelMagics' for c in ip.configurables) == 1\n")
-    run_python(code)
+    run_python(code, real=True)  # a new interpreter: the zygote has torch imported
 
 
 def test_usage_is_the_docstring_with_the_right_prefixes(ip: Any) -> None:

@@ -5,7 +5,6 @@ import copy
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import zygote
 
 import mm_jupyter as mm
 from mm_jupyter.store.approaches.provenance import record
@@ -73,8 +73,7 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> dict
     full_env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), full_env.get("PYTHONPATH", "")])
     full_env.pop(LOG_ENV, None)
     full_env.update(env or {})
-    res = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=full_env, capture_output=True,
-                         text=True, timeout=300)
+    res = zygote.run(code, *args, cwd=ROOT, env=full_env, timeout=300)
     assert res.returncode == 0, f"subprocess failed:\n{res.stdout}\n{res.stderr}"
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -3,13 +3,12 @@ each, every approach) produce gap-free, duplicate-free versions that all recover
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 import mm_jupyter as mm
 import store_models as sm
+import zygote
 
 WORKERS = 4
 VERSIONS = 4
@@ -41,13 +40,8 @@ def test_four_writers_at_once(tmp_path):
     root = tmp_path / "store"
     # the store does not exist yet: the workers race on creating its folder and catalog too
     go = tmp_path / "go"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(root), str(w), str(go), str(VERSIONS)], cwd=sm.ROOT,
-            env=sm.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for w in range(WORKERS)
-    ]
+    procs = [zygote.start(WORKER, str(root), str(w), str(go), str(VERSIONS), cwd=sm.ROOT, env=sm.subprocess_env())
+             for w in range(WORKERS)]
     go.touch()
     reported: dict[str, dict] = {}
     for p in procs:

@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Iterator
 import pytest
 import store_models as sm
 import torch
+import zygote
 from torch import nn
 
 import mm_jupyter as mm
@@ -115,9 +115,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         s.close()
 
 
-def run_child(code: str, *args: str, timeout: float = 300) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=sm.ROOT, env=sm.subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_child(code: str, *args: str) -> "zygote.Child | subprocess.Popen[str]":
+    return zygote.start(code, *args, cwd=sm.ROOT, env=sm.subprocess_env())
 
 
 #: per ref: approach and the sha256 of every tensor of every model, recovered in a fresh process
@@ -157,8 +156,7 @@ def test_round_trip_every_approach_in_a_fresh_process(backend: Backend) -> None:
     assert [store.stats(r)["approach"] for r in refs] == ["baseline", "provenance", "update", "mmlib-base", "update"]
     assert store.lineage("cells").edges == [(1, 2), (2, 3), (3, 4), (4, 5)]  # every version follows the last
 
-    out = subprocess.run([sys.executable, "-c", RECOVER, *backend.args, *map(str, refs)], cwd=sm.ROOT,
-                         env=sm.subprocess_env(), capture_output=True, text=True, timeout=300)
+    out = zygote.run(RECOVER, *backend.args, *map(str, refs), cwd=sm.ROOT, env=sm.subprocess_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
     assert {r: (g["approach"], g["models"]) for r, g in got.items()} == want

@@ -6,8 +6,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 
 import mm_jupyter as mm
 import store_models as sm
+import zygote
 
 FAMILIES = 3
 
@@ -77,10 +76,7 @@ def test_random_sigkill_rounds(tmp_path):
     unreported_listed = 0
     rounds = 6
     for r in range(rounds):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(root), str(r + 1)], cwd=sm.ROOT, env=sm.subprocess_env(),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        proc = zygote.start(WRITER, str(root), str(r + 1), cwd=sm.ROOT, env=sm.subprocess_env())
         try:
             first = proc.stdout.readline()
             assert first and json.loads(first) == {"ready": True}, proc.stderr.read()

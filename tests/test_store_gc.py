@@ -4,7 +4,6 @@ also while other processes save, and across PID namespaces."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 import mm_jupyter as mm
 import store_models as sm
+import zygote
 
 KILLED_MMLIB = r"""
 import os, signal, sys
@@ -98,16 +98,19 @@ for k in range(count):
 """
 
 
-def start_writers(root: Path, go: Path, prefixes: list[list[str]], count: int, n: int) -> list[subprocess.Popen]:
+def start_writers(root: Path, go: Path, prefixes: list[list[str]], count: int,
+                  n: int) -> list["zygote.Child | subprocess.Popen[str]"]:
+    """One writer per prefix: a fork of the test zygote, or a new interpreter behind the prefix (``unshare``)."""
+    args = [str(root), "", str(go), str(count), str(n)]
     return [
-        subprocess.Popen([*prefix, sys.executable, "-c", WRITER, str(root), str(w), str(go), str(count), str(n)],
-                         cwd=sm.ROOT, env=sm.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+        subprocess.Popen([*prefix, sys.executable, "-c", WRITER, *args[:1], str(w), *args[2:]], cwd=sm.ROOT,
+                         env=sm.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if prefix else zygote.start(WRITER, *args[:1], str(w), *args[2:], cwd=sm.ROOT, env=sm.subprocess_env())
         for w, prefix in enumerate(prefixes)
     ]
 
 
-def collect(procs: list[subprocess.Popen]) -> dict[str, dict]:
+def collect(procs: list["zygote.Child | subprocess.Popen[str]"]) -> dict[str, dict]:
     reported = {}
     for p in procs:
         out, err = p.communicate(timeout=600)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import zygote
 
 import mm_jupyter as mm
 
@@ -64,7 +64,7 @@ for ref, digests in expected.items():
 {check}
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = zygote.run(code, cwd=os.getcwd(), env=dict(os.environ), timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
