@@ -69,7 +69,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # exact Python ints (shapes are checked ints), 1 for a scalar
 
     @property
     def nbytes(self) -> int:
