@@ -1,37 +1,66 @@
-"""Read the state of thousands of same-structure modules without ``state_dict()``'s overhead.
+"""One walk per model of a set: its state tensors and, for a structural record, the check that it
+has the first model's architecture.
 
 ``nn.Module.state_dict()`` costs ~40 µs for a small MLP (recursion, prefixes, hooks, detach), which
-for 5,000 models is more than writing their parameters. The first model's structure is recorded
-as a plan (pre-order modules, their parameter/buffer/child names); every further model is checked
-against the plan node by node — same classes, same names in the same order, same ``None`` slots,
-no state-dict hooks — and its tensors are taken straight from ``_parameters``/``_buffers``.
-Anything unusual (hooks, ``get_extra_state``, overridden ``state_dict``) makes the plan refuse and
-the caller falls back to ``state_dict()``; the result is always what ``state_dict()`` returns.
+for 5,000 models is more than writing their parameters; a second walk comparing each model's tree
+with the first model's cost as much again. ``SetWalk`` records the first model once, node by node
+in pre-order: what ``state_dict`` reads (class, parameter/buffer/child names, ``None`` slots,
+non-persistent buffers, each tensor's dtype and shape) and what the structural record holds (child
+names, the instance attribute keys and values). Every further model is walked once against that
+record. What depends on a module's class only (whether ``state_dict`` is the plain one, which
+attributes are bookkeeping) is decided once per save from the first model, never per model.
+
+Two outcomes are kept apart. A *structural difference* (another class, other child names, an
+attribute added, removed or of another value: what the set's one record would lose) is remembered
+as the message of an ``ArchitectureError`` for the first model that has one; the caller raises it
+where the architecture is settled, so errors come in the order they always did. A model that merely
+does not fit the fast path (a state-dict hook, a non-contiguous or other-dtype tensor, another
+parameter count) gives ``None``: its tensors come from ``state_dict()``, which also names any
+difference in the state. The tensors returned are always the ones ``state_dict()`` holds.
 """
 from __future__ import annotations
 
+import functools
+import math
+import sys
+import types
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from ..errors import a_type
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .trust import HFConfigClass
 
-@dataclass(frozen=True)
-class _Node:
-    parent: int
-    name: str
-    type: type
-    params: tuple[str, ...]
-    buffers: tuple[str, ...]
-    children: tuple[str, ...]
-    nonpersistent: frozenset[str]
-    take: tuple[tuple[bool, str], ...]  # (is_param, name) of the entries state_dict keeps, in order
-    empty: tuple[tuple[bool, str], ...]  # (is_param, name) of slots holding None (state_dict skips them)
+FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.BuiltinMethodType)
+
+
+@functools.lru_cache(maxsize=1)
+def internal_attributes() -> frozenset[str]:
+    """The attributes ``nn.Module.__init__`` creates (bookkeeping, not architecture)."""
+    from torch import nn
+
+    return frozenset(nn.Module().__dict__)
+
+
+def join_path(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def hf_config_types() -> tuple[HFConfigClass, ...]:
+    tf = sys.modules.get("transformers")
+    if tf is None:
+        return ()
+    return tuple(c for c in (getattr(tf, "PretrainedConfig", None), getattr(tf, "GenerationConfig", None)) if c)
 
 
 def plain_class(klass: type[nn.Module]) -> bool:
+    """Whether ``klass`` keeps ``nn.Module``'s own state-dict code. Not cached: a class may be
+    patched between saves, and the walk asks once per module of the first model only."""
     from torch import nn
 
     return (
@@ -45,28 +74,51 @@ def _hooked(mod: "nn.Module") -> bool:
     return bool(getattr(mod, "_state_dict_hooks", None) or getattr(mod, "_state_dict_pre_hooks", None))
 
 
-class StatePlan:
-    """The state-dict structure of one module, reusable for modules built the same way."""
+@dataclass(frozen=True)
+class _Node:
+    parent: int  # index of the parent node, -1 for the root
+    name: str  # child name in the parent
+    path: str
+    type: Any  # the module's class (Any: an identity test must not narrow what is compared)
+    n_params: int
+    n_buffers: int
+    children: tuple[str, ...]
+    none_children: tuple[str, ...]  # child slots holding None
+    nonpersistent: frozenset[str]
+    take: tuple[tuple[bool, str], ...]  # (is_param, name) of the entries state_dict keeps, in order
+    empty: tuple[tuple[bool, str], ...]  # (is_param, name) of slots holding None (state_dict skips them)
+    check: bool  # compare the structure here (the module's first place in the tree)
+    keys: frozenset[str]  # attribute keys without nn.Module's bookkeeping
+    all_keys: frozenset[str]  # every key of the module's __dict__: equal keys need no set difference
+    simple: tuple[tuple[str, Any], ...]  # attributes compared with ==
+    other: tuple[tuple[str, Any], ...]  # attributes compared structurally
 
-    def __init__(self, nodes: list[_Node], keys: list[str]) -> None:
-        self.nodes = nodes
-        self.keys = keys
-        self.expect: list[tuple[torch.dtype, torch.Size]] = []
 
-    def expecting(self, expect: "list[tuple[torch.dtype, torch.Size]]") -> "StatePlan":
-        """Dtype and shape every tensor must have (in key order), e.g. the first model's."""
-        self.expect = expect
-        return self
+class SetWalk:
+    """The first model of a set, recorded for walking every further model once (see the module).
 
-    @classmethod
-    def of(cls, model: "nn.Module") -> "StatePlan | None":
-        """A plan for ``model``, or None when its state dict needs the general path."""
+    ``structure``: also check each model's module tree and attribute values (a structural record);
+    ``keys``/``expect``: the state-dict keys and the (dtype, shape) of each, in order, that the
+    tensors must have for the fast path (None: every model takes ``state_dict()``).
+    """
+
+    def __init__(self, first: "nn.Module", first_name: str, *, structure: bool, keys: list[str] | None = None,
+                 expect: "list[tuple[torch.dtype, torch.Size]] | None" = None) -> None:
+        self.first, self.first_name, self.structure = first, first_name, structure
+        self.difference: str | None = None  # the first structural difference met, as an error message
+        self._paths0: dict[int, str] | None = None
+        self._paths: tuple[Any, dict[int, str]] = (None, {})  # (model, its paths): computed once per model
         nodes: list[_Node] = []
-        keys: list[str] = []
+        state_keys: list[str] = []
+        internal = internal_attributes()
+        seen: set[int] = set()
+        plain = True
 
-        def visit(mod: "nn.Module", parent: int, name: str, prefix: str) -> bool:
-            if not plain_class(type(mod)) or _hooked(mod):
-                return False
+        def visit(mod: "nn.Module", parent: int, name: str, path: str) -> None:
+            nonlocal plain
+            plain = plain and plain_class(type(mod)) and not _hooked(mod)
+            check = structure and id(mod) not in seen
+            seen.add(id(mod))
             nonpersistent = frozenset(mod._non_persistent_buffers_set)
             take = tuple(
                 [(True, k) for k, v in mod._parameters.items() if v is not None]
@@ -76,58 +128,175 @@ class StatePlan:
                 [(True, k) for k, v in mod._parameters.items() if v is None]
                 + [(False, k) for k, v in mod._buffers.items() if v is None]
             )
-            keys.extend(prefix + k for _, k in take)
-            nodes.append(_Node(parent, name, type(mod), tuple(mod._parameters), tuple(mod._buffers),
-                               tuple(mod._modules), nonpersistent, take, empty))
+            state_keys.extend(join_path(path, k) for _, k in take)
+            attrs = {k: v for k, v in mod.__dict__.items() if k not in internal} if check else {}
+            simple = tuple((k, v) for k, v in attrs.items() if simple_value(v))
+            other = tuple((k, v) for k, v in attrs.items() if not simple_value(v))
+            nodes.append(_Node(parent, name, path, type(mod), len(mod._parameters), len(mod._buffers),
+                               tuple(mod._modules), tuple(k for k, c in mod._modules.items() if c is None),
+                               nonpersistent, take, empty, check, frozenset(attrs),
+                               frozenset(mod.__dict__) if check else frozenset(), simple, other))
             me = len(nodes) - 1
             for child_name, child in mod._modules.items():
-                if child is None:
-                    continue
-                if not visit(child, me, child_name, prefix + child_name + "."):
-                    return False
-            return True
+                if child is not None:
+                    visit(child, me, child_name, join_path(path, child_name))
 
-        return cls(nodes, keys) if visit(model, -1, "", "") else None
+        visit(first, -1, "", "")
+        self.nodes = nodes
+        #: the fast path: every class plain, no state-dict hooks, the walk's keys those of state_dict
+        self.collect = plain and expect is not None and keys == state_keys
+        self.expect = expect if self.collect and expect is not None else []
 
-    def tensors(self, model: "nn.Module") -> "list[torch.Tensor] | None":
-        """The model's state tensors in the plan's order, or None if it does not fit the plan.
-
-        Counts are compared and every planned name is looked up, so the name sets are equal; an
-        insertion-order difference is harmless because tensors are taken by name. Each tensor
-        must also be a dense, contiguous CPU tensor of the first model's dtype and shape (what
-        the byte copies rely on); anything else goes the general way.
-        """
+    def walk(self, model: "nn.Module", name: str) -> "list[torch.Tensor] | None":
+        """``model``'s state tensors in ``state_dict`` order, or None when they must come from
+        ``state_dict()``; a structural difference is remembered in ``difference`` (first one only)."""
+        collect = self.collect
+        structure = self.structure
         out: list[torch.Tensor] = []
-        mods: list[nn.Module] = []
         append = out.append
+        mods: list[nn.Module | None] = []
         expect = iter(self.expect)
-        try:
-            for node in self.nodes:
-                mod = model if node.parent < 0 else mods[node.parent]._modules[node.name]
-                if mod is None:  # a child slot set to None: state_dict skips it, the plan does not
+        for node in self.nodes:
+            if node.parent < 0:
+                mod: Any = model
+            else:
+                parent = mods[node.parent]
+                mod = None if parent is None else parent._modules.get(node.name)
+            if node.check:
+                why = self._differs(node, mod, model)
+                if why is not None:
+                    if self.difference is None:
+                        self.difference = self._message(name, why)
                     return None
-                params, buffers = mod._parameters, mod._buffers
-                if (
-                    type(mod) is not node.type
-                    or len(params) != len(node.params)
-                    or len(buffers) != len(node.buffers)
-                    or len(mod._modules) != len(node.children)
-                    or mod._state_dict_hooks
-                    or mod._state_dict_pre_hooks
-                    or (buffers and mod._non_persistent_buffers_set != node.nonpersistent)
-                ):
+            if not collect:
+                if not structure:
                     return None
                 mods.append(mod)
-                for is_param, name in node.take:
-                    t = params[name] if is_param else buffers[name]
-                    dtype, shape = next(expect)
-                    if (t is None or t.dtype is not dtype or t.shape != shape or not t.is_cpu
-                            or not t.is_contiguous() or t.is_neg() or t.is_conj()):
-                        return None
-                    append(t)
-                for is_param, name in node.empty:
-                    if (params[name] if is_param else buffers[name]) is not None:
-                        return None
-        except (KeyError, AttributeError, RuntimeError):  # RuntimeError: is_contiguous of sparse
-            return None
-        return out
+                continue
+            try:
+                params, buffers = mod._parameters, mod._buffers
+                fits = (
+                    type(mod) is node.type
+                    and len(params) == node.n_params
+                    and len(buffers) == node.n_buffers
+                    and len(mod._modules) == len(node.children)
+                    and not mod._state_dict_hooks
+                    and not mod._state_dict_pre_hooks
+                    and (not buffers or mod._non_persistent_buffers_set == node.nonpersistent)
+                    and (not node.none_children or all(mod._modules[k] is None for k in node.none_children))
+                )
+                if fits:
+                    for is_param, key in node.take:
+                        t = params[key] if is_param else buffers[key]
+                        dtype, shape = next(expect)
+                        if (t is None or t.dtype is not dtype or t.shape != shape or not t.is_cpu
+                                or not t.is_contiguous() or t.is_neg() or t.is_conj()):
+                            fits = False
+                            break
+                        append(t)
+                if fits:
+                    fits = all((params[k] if is_param else buffers[k]) is None for is_param, k in node.empty)
+            except (KeyError, AttributeError, RuntimeError):  # RuntimeError: is_contiguous of sparse
+                fits = False
+            if not fits:  # state_dict() gives the tensors; the rest of the tree is still checked
+                if not structure:
+                    return None
+                collect = False
+            mods.append(mod)
+        return out if collect else None
+
+    def _differs(self, node: _Node, mod: Any, model: "nn.Module") -> str | None:
+        """How ``mod``, at ``node``'s place in ``model``, differs from the first model's module there."""
+        if mod is None:
+            return f"has no module {node.path}"
+        where = node.path or "(root)"
+        if type(mod) is not node.type:
+            return f"module {where} is {a_type(mod)}, not a {node.type.__name__}"
+        modules = mod._modules
+        if tuple(modules) != node.children:
+            return f"module {where} has children {list(modules)}, not {list(node.children)}"
+        for k in node.none_children:
+            if modules[k] is not None:
+                return f"module {join_path(node.path, k)} is {a_type(modules[k])}, model {self.first_name!r} has None"
+        d = mod.__dict__
+        if d.keys() != node.all_keys:
+            keys = d.keys() - internal_attributes()
+            if keys != node.keys:
+                extra, missing = sorted(keys - node.keys), sorted(node.keys - keys)
+                return (f"module {where} has attributes {extra or missing} that model "
+                        f"{self.first_name!r} {'lacks' if extra else 'has'}")
+        for k, v0 in node.simple:
+            v = d.get(k, _MISSING)
+            if v is not v0 and (type(v) is not type(v0) or not _equal_simple(v, v0)):
+                return f"attribute {join_path(node.path, k)} is {v!r}, model {self.first_name!r} has {v0!r}"
+        if node.other:
+            if self._paths[0] is not model:
+                self._paths = (model, _paths(model))
+            paths = self._paths[1]
+            if self._paths0 is None:
+                self._paths0 = _paths(self.first)
+            for k, v0 in node.other:
+                if not _same(d.get(k, _MISSING), v0, paths, self._paths0):
+                    return f"attribute {join_path(node.path, k)} differs"
+        return None
+
+    def _message(self, name: str, what: str) -> str:
+        return (f"all models of a set must share one architecture: model {name!r} {what} (compared with model "
+                f"{self.first_name!r}); save them as separate sets")
+
+
+_MISSING = object()
+
+
+def simple_value(v: Any) -> bool:
+    """A value compared with ``==`` (and its type): None, bool, int, float, str and lists/tuples of them."""
+    if v is None or type(v) in (bool, int, float, str):
+        return True
+    if type(v) in (tuple, list):
+        return all(simple_value(x) for x in v)
+    return False
+
+
+def _equal_simple(a: Any, b: Any) -> bool:
+    if type(a) is float:
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if type(a) in (tuple, list):
+        return len(a) == len(b) and all(type(x) is type(y) and _equal_simple(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _paths(model: "nn.Module") -> dict[int, str]:
+    out: dict[int, str] = {}
+    for mname, mod in model.named_modules(remove_duplicate=True):
+        out.setdefault(id(mod), "m:" + mname)
+        for k, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None:
+                out.setdefault(id(t), "t:" + join_path(mname, k))
+    return out
+
+
+def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str]) -> bool:
+    import torch
+
+    if a is _MISSING or type(a) is not type(b):
+        return False
+    if type(a) is weakref.ReferenceType:
+        x, y = a(), b()
+        return (x is None and y is None) or (x is not None and y is not None and _same(x, y, pa, pb))
+    if isinstance(a, (torch.Tensor, torch.nn.Module)):
+        if id(a) in pa or id(b) in pb:
+            return pa.get(id(a)) == pb.get(id(b))
+        # a plain tensor is stored per model (like a buffer): the set shares its place, dtype and shape
+        return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y, pa, pb) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k], pa, pb) for k in a)
+    if isinstance(a, (set, frozenset)) or simple_value(a) or isinstance(a, (torch.dtype, torch.device)):
+        return bool(a == b)
+    if isinstance(a, (type, *FUNCTION_TYPES)):
+        return a is b
+    configs = hf_config_types()
+    if configs and isinstance(a, configs):
+        return a is b or a.to_dict() == b.to_dict()
+    return a is b
