@@ -150,8 +150,10 @@ class SetWalk:
     def walk(self, model: "nn.Module", name: str) -> "list[torch.Tensor] | None":
         """``model``'s state tensors in ``state_dict`` order, or None when they must come from
         ``state_dict()``; a structural difference is remembered in ``difference`` (first one only)."""
+        return self._walk(model, name, self.structure)
+
+    def _walk(self, model: "nn.Module", name: str, structure: bool) -> "list[torch.Tensor] | None":
         collect = self.collect
-        structure = self.structure
         out: list[torch.Tensor] = []
         append = out.append
         mods: list[nn.Module | None] = []
@@ -162,12 +164,12 @@ class SetWalk:
             else:
                 parent = mods[node.parent]
                 mod = None if parent is None else parent._modules.get(node.name)
-            if node.check:
+            if structure and node.check:
                 why = self._differs(node, mod, model)
-                if why is not None:
+                if why is not None:  # the save fails; its tensors only decide which error comes first
                     if self.difference is None:
                         self.difference = self._message(name, why)
-                    return None
+                    return self._walk(model, name, False)
             if not collect:
                 if not structure:
                     return None

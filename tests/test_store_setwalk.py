@@ -1,0 +1,259 @@
+"""The one walk per model of a save (``SetWalk``) against the two walks it replaced (``StatePlan`` for
+the tensors, ``SameArchitecture`` for the tree; verbatim copies in setwalk_reference.py): every kind
+of difference gives the same verdict — the same tensors or the general path, the same StoreError
+from the state, the same ArchitectureError message — and a save of the pair fails (or not) with the
+message the old order gave. Rows marked ``STRICTER`` are holes of the old walks that the new one
+closes (a module where the first model has a None child slot was silently dropped)."""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any, Callable
+
+import pytest
+import setwalk_reference as ref
+import torch
+from torch import nn
+
+import mm_jupyter as mm
+from mm_jupyter.errors import ArchitectureError, StoreError
+from mm_jupyter.store.statewalk import SetWalk
+from mm_jupyter.store.tensors import _checked_row, extract_states, torch_dtype
+
+
+class Block(nn.Module):
+    """A module with every kind of thing the walks look at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.norm = nn.BatchNorm1d(3)
+        self.act = nn.ReLU()
+        self.register_buffer("mask", torch.ones(3), persistent=False)
+        self.register_buffer("scale", torch.full((3,), 2.0))
+        self.register_module("gap", None)
+        self.k = 1
+        self.eps = 1e-5
+        self.flag = True
+        self.label = "b"
+        self.dims = (4, 3)
+        self.nan = float("nan")
+        self.opts = {"mode": "a"}
+        self.cache = torch.zeros(2)  # a plain tensor attribute: stored per model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.lin(x))) * self.scale * self.mask
+
+
+class SubReLU(nn.ReLU):
+    pass
+
+
+class SubLinear(nn.Linear):
+    pass
+
+
+def base() -> nn.Sequential:
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    return nn.Sequential(Block(), shared, nn.ReLU(), shared)  # one module at two places
+
+
+def _rename(mod: nn.Module, old: str, new: str) -> None:
+    mod._modules = OrderedDict((new if k == old else k, v) for k, v in mod._modules.items())
+
+
+def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod._parameters[name] = nn.Parameter(value)
+
+
+NO_CHANGE: Callable[[nn.Sequential], Any] = lambda m: None  # noqa: E731
+# (what differs, how the second model is changed, old verdict == new verdict?)
+CASES: list[tuple[str, Callable[[nn.Sequential], Any], bool]] = [
+    ("nothing", NO_CHANGE, True),
+    ("type of a stateless module", lambda m: m.__setitem__(2, SubReLU()), True),
+    ("type of a module with state", lambda m: setattr(m[0], "lin", SubLinear(4, 3)), True),
+    ("child names, stateless child", lambda m: _rename(m[0], "act", "act2"), True),
+    ("child names, child with state", lambda m: _rename(m[0], "lin", "lin2"), True),
+    ("child order", lambda m: setattr(m[0], "_modules", OrderedDict(reversed(list(m[0]._modules.items())))), True),
+    ("attribute added", lambda m: setattr(m[0], "extra", 3), True),
+    ("attribute removed", lambda m: delattr(m[0], "label"), True),
+    ("int 1 vs float 1.0", lambda m: setattr(m[0], "k", 1.0), True),
+    ("int 1 vs True", lambda m: setattr(m[0], "k", True), True),
+    ("True vs int 1", lambda m: setattr(m[0], "flag", 1), True),
+    ("float vs equal float", lambda m: setattr(m[0], "eps", float("1e-5")), True),
+    ("float vs other float", lambda m: setattr(m[0], "eps", 1e-6), True),
+    ("NaN vs another NaN", lambda m: setattr(m[0], "nan", float("nan")), True),
+    ("NaN vs a number", lambda m: setattr(m[0], "nan", 0.0), True),
+    ("tuple item int vs float", lambda m: setattr(m[0], "dims", (4.0, 3)), True),
+    ("tuple vs list", lambda m: setattr(m[0], "dims", [4, 3]), True),
+    ("str value", lambda m: setattr(m[0], "label", "c"), True),
+    ("other attribute (dict) value", lambda m: setattr(m[0], "opts", {"mode": "b"}), True),
+    ("other attribute (dict) equal", lambda m: setattr(m[0], "opts", {"mode": "a"}), True),
+    ("tensor attribute shape", lambda m: setattr(m[0], "cache", torch.zeros(3)), True),
+    ("tensor attribute values", lambda m: setattr(m[0], "cache", torch.ones(2)), True),
+    ("simple attribute of a nested module", lambda m: setattr(m[0].lin, "in_features", 5), True),
+    ("ReLU inplace", lambda m: setattr(m[2], "inplace", True), True),
+    ("state-dict hook", lambda m: m[0].lin._register_state_dict_hook(lambda *a: None), True),
+    ("state-dict pre-hook", lambda m: m[0].norm.register_state_dict_pre_hook(lambda *a: None), True),
+    ("forward hook (not compared by either)", lambda m: m[0].lin.register_forward_hook(lambda *a: None), True),
+    ("training flag (not compared by either)", lambda m: m[0].eval(), True),
+    ("non-persistent buffer made persistent", lambda m: m[0]._non_persistent_buffers_set.discard("mask"), True),
+    ("persistent buffer made non-persistent", lambda m: m[0]._non_persistent_buffers_set.add("scale"), True),
+    ("buffer removed", lambda m: m[0]._buffers.pop("scale"), True),
+    ("buffer slot None", lambda m: m[0]._buffers.__setitem__("scale", None), True),
+    ("parameter slot None", lambda m: setattr(m[0].lin, "bias", None), True),
+    ("dtype", lambda m: _set_param(m[0].lin, "weight", torch.zeros(3, 4, dtype=torch.float64)), True),
+    ("shape", lambda m: _set_param(m[0].lin, "weight", torch.zeros(3, 5)), True),
+    ("non-contiguous tensor", lambda m: _set_param(m[0].lin, "weight", torch.zeros(4, 3).t()), True),
+    ("negative-bit view", lambda m: _set_param(m[0].lin, "weight", torch.zeros(3, 4)._neg_view()), True),
+    ("buffer of other dtype", lambda m: m[0]._buffers.__setitem__("scale", torch.ones(3, dtype=torch.int64)), True),
+    ("child module replaced by None", lambda m: setattr(m[0], "act", None), True),
+    ("root child replaced by None", lambda m: m._modules.__setitem__("2", None), True),
+    ("shared module replaced by an equal copy (not compared by either)",
+     lambda m: m.__setitem__(3, copy.deepcopy(m[1])), True),
+    # STRICTER: where the first model has a None child slot, a module in that slot was not looked at
+    ("STRICTER: stateless module in the first model's None slot", lambda m: setattr(m[0], "gap", nn.ReLU()), False),
+    ("STRICTER: module with state in the first model's None slot",
+     lambda m: setattr(m[0], "gap", nn.Linear(1, 1)), False),
+]
+
+
+def _pair(change: Callable[[nn.Sequential], Any]) -> tuple[nn.Sequential, nn.Sequential]:
+    first = base()
+    other = copy.deepcopy(first)
+    change(other)
+    return first, other
+
+
+def _expect(layout: Any) -> list[tuple[torch.dtype, torch.Size]]:
+    return [(torch_dtype(s.dtype), torch.Size(s.shape)) for s in layout.specs]
+
+
+def _state_error(other: nn.Module, layout: Any) -> str | None:
+    try:
+        _checked_row(other, "b", "a", layout)
+    except StoreError as e:
+        return str(e)
+    return None
+
+
+def old_verdict(first: nn.Module, other: nn.Module, structure: bool) -> tuple[Any, str | None, str | None]:
+    """(tensors or None, state error, structure error) of the two old walks."""
+    layout, _ = extract_states([first], ["a"])
+    plan = ref.StatePlan.of(first)
+    if plan is not None and plan.keys != layout.keys:
+        plan = None
+    if plan is not None:
+        plan.expecting(_expect(layout))
+    row = plan.tensors(other) if plan is not None else None
+    state = _state_error(other, layout) if row is None else None
+    arch = None
+    if structure:
+        try:
+            ref.SameArchitecture(first, "a").check(other, "b")
+        except ArchitectureError as e:
+            arch = str(e)
+    return row, state, arch
+
+
+def new_verdict(first: nn.Module, other: nn.Module, structure: bool) -> tuple[Any, str | None, str | None]:
+    layout, _ = extract_states([first], ["a"])
+    walk = SetWalk(first, "a", structure=structure, keys=layout.keys, expect=_expect(layout))
+    row = walk.walk(other, "b")
+    state = _state_error(other, layout) if row is None else None
+    return row, state, walk.difference
+
+
+def _same_rows(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("structure", [True, False], ids=["structural record", "factory record"])
+@pytest.mark.parametrize("what, change, same", CASES, ids=[c[0] for c in CASES])
+def test_one_walk_gives_the_old_verdicts(what: str, change: Callable[[nn.Sequential], Any], same: bool,
+                                         structure: bool) -> None:
+    first, other = _pair(change)
+    old = old_verdict(first, other, structure)
+    new = new_verdict(first, other, structure)
+    if same:
+        assert _same_rows(old[0], new[0]), what
+        assert old[1:] == new[1:], what
+    else:  # the hole: the old walks accepted the model (and the tensors skipped the slot's state)
+        assert old[1] is None and old[2] is None and old[0] is not None
+        assert new[0] is None
+        if what.endswith("with state"):
+            assert new[1] is not None and "has extra key '0.gap.weight'" in new[1]
+        if structure:
+            assert new[2] is not None and "module 0.gap is a" in new[2] and "model 'a' has None" in new[2]
+    if new[0] is not None:  # the fast path returns exactly what state_dict() holds, key by key
+        sd = other.state_dict(keep_vars=True)
+        keys = extract_states([first], ["a"])[0].keys
+        assert sorted(sd) == sorted(keys)
+        assert all(sd[k] is t for k, t in zip(keys, new[0]))
+
+
+@pytest.mark.parametrize("what, change, same", CASES, ids=[c[0] for c in CASES])
+def test_a_save_fails_with_the_old_message(tmp_path: Any, what: str, change: Callable[[nn.Sequential], Any],
+                                           same: bool) -> None:
+    """The whole save: the state's StoreError first (it comes from reading the tensors), else the
+    tree's ArchitectureError, else the pair is stored and recovered equal."""
+    first, other = _pair(change)
+    _, state, arch = (old_verdict if same else new_verdict)(first, other, True)
+    store = mm.Store(tmp_path / "s")
+    expected = state or arch
+    if expected is not None:
+        with pytest.raises(StoreError) as info:
+            store.save_set({"a": first, "b": other}, "pair")
+        assert str(info.value) == expected
+        assert isinstance(info.value, ArchitectureError) == (state is None)
+        assert store.sets().empty  # nothing stored
+    else:
+        store.save_set({"a": first, "b": other}, "pair")
+        ms = store.recover_set("pair")
+        for i, m in enumerate((first, other)):
+            got = ms.state_dict(i)
+            want = m.state_dict()
+            assert list(got) == list(want) + ["0.cache#0"]  # the plain tensor attribute, stored per model
+            assert all(torch.equal(got[k], want[k].contiguous()) for k in want)
+            assert torch.equal(got["0.cache#0"], m[0].cache)
+
+
+def test_first_difference_in_model_order_is_reported(tmp_path: Any) -> None:
+    """Several models differ: the error names the first one in the set's order, as before."""
+    models = [base() for _ in range(5)]
+    models[3][0].k = 2
+    models[2][0].label = "z"
+    with pytest.raises(ArchitectureError, match="model '2' attribute 0.label is 'z'"):
+        mm.Store(tmp_path / "s").save_set(models, "five")
+
+
+def test_state_difference_comes_before_a_tree_difference(tmp_path: Any) -> None:
+    """As before, a difference in the state (any model) is reported before one in the tree."""
+    models = [base() for _ in range(4)]
+    models[1][0].k = 2
+    _set_param(models[3][0].lin, "weight", torch.zeros(3, 5))
+    with pytest.raises(StoreError, match="model '3' key '0.lin.weight'") as info:
+        mm.Store(tmp_path / "s").save_set(models, "four")
+    assert not isinstance(info.value, ArchitectureError)
+
+
+def test_unplain_class_still_checks_the_tree_in_the_same_walk(tmp_path: Any) -> None:
+    """A class with its own state_dict takes the general path for tensors; its tree is still checked."""
+
+    class Custom(nn.Linear):
+        def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            return super().state_dict(*args, **kwargs)
+
+    torch.manual_seed(0)
+    first = nn.Sequential(Custom(2, 2), nn.ReLU())
+    other = copy.deepcopy(first)
+    other[1].inplace = True
+    layout, _ = extract_states([first], ["a"])
+    walk = SetWalk(first, "a", structure=True, keys=layout.keys, expect=_expect(layout))
+    assert not walk.collect
+    assert walk.walk(copy.deepcopy(first), "b") is None and walk.difference is None
+    assert walk.walk(other, "c") is None
+    assert walk.difference is not None and "model 'c' attribute 1.inplace is True" in walk.difference
