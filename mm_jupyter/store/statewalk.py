@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import sys
 import types
 import weakref
@@ -80,18 +81,28 @@ class _Node:
     name: str  # child name in the parent
     path: str
     type: Any  # the module's class (Any: an identity test must not narrow what is compared)
-    n_params: int
-    n_buffers: int
     children: tuple[str, ...]
     none_children: tuple[str, ...]  # child slots holding None
-    nonpersistent: frozenset[str]
-    take: tuple[tuple[bool, str], ...]  # (is_param, name) of the entries state_dict keeps, in order
-    empty: tuple[tuple[bool, str], ...]  # (is_param, name) of slots holding None (state_dict skips them)
     check: bool  # compare the structure here (the module's first place in the tree)
     keys: frozenset[str]  # attribute keys without nn.Module's bookkeeping
-    all_keys: frozenset[str]  # every key of the module's __dict__: equal keys need no set difference
     simple: tuple[tuple[str, Any], ...]  # attributes compared with ==
     other: tuple[tuple[str, Any], ...]  # attributes compared structurally
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _fingerprint(node: _Node, mod: "nn.Module") -> tuple[Any, ...]:
+    """What one walk compares at ``node`` without a Python loop per attribute: the ``__dict__`` keys
+    in order, a getter of the scalar attributes with their values and types, and whether the exact
+    comparison must run anyway (None slots, sequences, structural values). Equal fingerprints imply
+    what ``SetWalk._differs`` would find equal; a mismatch runs it to decide and to name the difference."""
+    scalars = [(k, v) for k, v in node.simple if type(v) in _SCALARS]
+    keys = [k for k, _ in scalars]
+    getter = operator.itemgetter(*keys, *keys[:1]) if keys else None  # at least 2 keys: always a tuple
+    values = tuple(v for _, v in scalars) + tuple(v for _, v in scalars[:1])
+    exact = bool(node.none_children or node.other or len(scalars) != len(node.simple))
+    return tuple(mod.__dict__), getter, values, tuple(map(type, values)), exact
 
 
 class SetWalk:
@@ -108,44 +119,47 @@ class SetWalk:
         self.difference: str | None = None  # the first structural difference met, as an error message
         self._paths0: dict[int, str] | None = None
         self._paths: tuple[Any, dict[int, str]] = (None, {})  # (model, its paths): computed once per model
-        nodes: list[_Node] = []
+        self.nodes: list[_Node] = []
+        steps: list[tuple[Any, ...]] = []
         state_keys: list[str] = []
         internal = internal_attributes()
         seen: set[int] = set()
         plain = True
+        pending = list(expect or [])[::-1]
 
         def visit(mod: "nn.Module", parent: int, name: str, path: str) -> None:
             nonlocal plain
             plain = plain and plain_class(type(mod)) and not _hooked(mod)
             check = structure and id(mod) not in seen
             seen.add(id(mod))
+            params, buffers = mod._parameters, mod._buffers
             nonpersistent = frozenset(mod._non_persistent_buffers_set)
-            take = tuple(
-                [(True, k) for k, v in mod._parameters.items() if v is not None]
-                + [(False, k) for k, v in mod._buffers.items() if v is not None and k not in nonpersistent]
-            )
-            empty = tuple(
-                [(True, k) for k, v in mod._parameters.items() if v is None]
-                + [(False, k) for k, v in mod._buffers.items() if v is None]
-            )
+            take = [(True, k) for k, v in params.items() if v is not None] + [
+                (False, k) for k, v in buffers.items() if v is not None and k not in nonpersistent]
             state_keys.extend(join_path(path, k) for _, k in take)
+            # each tensor's place with the dtype and shape it must have (the first model's)
+            placed = tuple((is_param, k, dtype, shape, dtype.is_complex)
+                           for (is_param, k), (dtype, shape) in zip(take, [pending.pop() for _ in take if pending]))
+            empty = tuple([(True, k) for k, v in params.items() if v is None]
+                          + [(False, k) for k, v in buffers.items() if v is None])
             attrs = {k: v for k, v in mod.__dict__.items() if k not in internal} if check else {}
-            simple = tuple((k, v) for k, v in attrs.items() if simple_value(v))
-            other = tuple((k, v) for k, v in attrs.items() if not simple_value(v))
-            nodes.append(_Node(parent, name, path, type(mod), len(mod._parameters), len(mod._buffers),
-                               tuple(mod._modules), tuple(k for k, c in mod._modules.items() if c is None),
-                               nonpersistent, take, empty, check, frozenset(attrs),
-                               frozenset(mod.__dict__) if check else frozenset(), simple, other))
-            me = len(nodes) - 1
+            node = _Node(parent, name, path, type(mod), tuple(mod._modules),
+                         tuple(k for k, c in mod._modules.items() if c is None), check, frozenset(attrs),
+                         tuple((k, v) for k, v in attrs.items() if simple_value(v)),
+                         tuple((k, v) for k, v in attrs.items() if not simple_value(v)))
+            self.nodes.append(node)
+            steps.append((node, parent, name, type(mod), node.children, check,
+                          *(_fingerprint(node, mod) if check else (None, None, None, None, False)),
+                          len(params), len(buffers), nonpersistent, placed, empty, node.none_children))
+            me = len(self.nodes) - 1
             for child_name, child in mod._modules.items():
                 if child is not None:
                     visit(child, me, child_name, join_path(path, child_name))
 
         visit(first, -1, "", "")
-        self.nodes = nodes
+        self._steps = steps
         #: the fast path: every class plain, no state-dict hooks, the walk's keys those of state_dict
         self.collect = plain and expect is not None and keys == state_keys
-        self.expect = expect if self.collect and expect is not None else []
 
     def walk(self, model: "nn.Module", name: str) -> "list[torch.Tensor] | None":
         """``model``'s state tensors in ``state_dict`` order, or None when they must come from
@@ -154,57 +168,55 @@ class SetWalk:
 
     def _walk(self, model: "nn.Module", name: str, structure: bool) -> "list[torch.Tensor] | None":
         collect = self.collect
+        if not (collect or structure):
+            return None
         out: list[torch.Tensor] = []
         append = out.append
-        mods: list[nn.Module | None] = []
-        expect = iter(self.expect)
-        for node in self.nodes:
-            if node.parent < 0:
+        mods: list[Any] = []
+        push = mods.append
+        for (node, parent, key, klass, children, check, order, getter, values, kinds, exact,
+             n_params, n_buffers, nonpersistent, placed, empty, none_children) in self._steps:
+            if parent < 0:
                 mod: Any = model
             else:
-                parent = mods[node.parent]
-                mod = None if parent is None else parent._modules.get(node.name)
-            if structure and node.check:
-                why = self._differs(node, mod, model)
-                if why is not None:  # the save fails; its tensors only decide which error comes first
-                    if self.difference is None:
-                        self.difference = self._message(name, why)
-                    return self._walk(model, name, False)
+                up = mods[parent]
+                mod = None if up is None else up._modules.get(key)
+            if structure and check:
+                d = None if mod is None or type(mod) is not klass else mod.__dict__
+                if (d is None or exact or tuple(mod._modules) != children or tuple(d) != order
+                        or (getter is not None and ((got := getter(d)) != values or tuple(map(type, got)) != kinds))):
+                    why = self._differs(node, mod, model)
+                    if why is not None:  # the save fails; its tensors only decide which error comes first
+                        if self.difference is None:
+                            self.difference = self._message(name, why)
+                        return self._walk(model, name, False)
+            push(mod)
             if not collect:
-                if not structure:
-                    return None
-                mods.append(mod)
                 continue
-            try:
-                params, buffers = mod._parameters, mod._buffers
-                fits = (
-                    type(mod) is node.type
-                    and len(params) == node.n_params
-                    and len(buffers) == node.n_buffers
-                    and len(mod._modules) == len(node.children)
-                    and not mod._state_dict_hooks
-                    and not mod._state_dict_pre_hooks
-                    and (not buffers or mod._non_persistent_buffers_set == node.nonpersistent)
-                    and (not node.none_children or all(mod._modules[k] is None for k in node.none_children))
-                )
+            try:  # the tests state_dict() makes, on this module and its tensors
+                d = mod.__dict__
+                params, buffers = d["_parameters"], d["_buffers"]
+                fits = ((structure and check  # class, children and None slots compared above
+                         or type(mod) is klass and len(d["_modules"]) == len(children)
+                         and (not none_children or all(d["_modules"][k] is None for k in none_children)))
+                        and len(params) == n_params and len(buffers) == n_buffers
+                        and not d["_state_dict_hooks"] and not d["_state_dict_pre_hooks"]
+                        and (not buffers or d["_non_persistent_buffers_set"] == nonpersistent)
+                        and (not empty or all((params if p else buffers)[k] is None for p, k in empty)))
                 if fits:
-                    for is_param, key in node.take:
-                        t = params[key] if is_param else buffers[key]
-                        dtype, shape = next(expect)
+                    for is_param, k, dtype, shape, complex_ in placed:
+                        t = params[k] if is_param else buffers[k]
                         if (t is None or t.dtype is not dtype or t.shape != shape or not t.is_cpu
-                                or not t.is_contiguous() or t.is_neg() or t.is_conj()):
+                                or not t.is_contiguous() or t.is_neg() or complex_ and t.is_conj()):
                             fits = False
                             break
                         append(t)
-                if fits:
-                    fits = all((params[k] if is_param else buffers[k]) is None for is_param, k in node.empty)
             except (KeyError, AttributeError, RuntimeError):  # RuntimeError: is_contiguous of sparse
                 fits = False
             if not fits:  # state_dict() gives the tensors; the rest of the tree is still checked
                 if not structure:
                     return None
                 collect = False
-            mods.append(mod)
         return out if collect else None
 
     def _differs(self, node: _Node, mod: Any, model: "nn.Module") -> str | None:
@@ -221,12 +233,11 @@ class SetWalk:
             if modules[k] is not None:
                 return f"module {join_path(node.path, k)} is {a_type(modules[k])}, model {self.first_name!r} has None"
         d = mod.__dict__
-        if d.keys() != node.all_keys:
-            keys = d.keys() - internal_attributes()
-            if keys != node.keys:
-                extra, missing = sorted(keys - node.keys), sorted(node.keys - keys)
-                return (f"module {where} has attributes {extra or missing} that model "
-                        f"{self.first_name!r} {'lacks' if extra else 'has'}")
+        keys = d.keys() - internal_attributes()
+        if keys != node.keys:
+            extra, missing = sorted(keys - node.keys), sorted(node.keys - keys)
+            return (f"module {where} has attributes {extra or missing} that model "
+                    f"{self.first_name!r} {'lacks' if extra else 'has'}")
         for k, v0 in node.simple:
             v = d.get(k, _MISSING)
             if v is not v0 and (type(v) is not type(v0) or not _equal_simple(v, v0)):
