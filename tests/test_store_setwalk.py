@@ -257,3 +257,27 @@ def test_unplain_class_still_checks_the_tree_in_the_same_walk(tmp_path: Any) -> 
     assert walk.walk(copy.deepcopy(first), "b") is None and walk.difference is None
     assert walk.walk(other, "c") is None
     assert walk.difference is not None and "model 'c' attribute 1.inplace is True" in walk.difference
+
+
+def test_one_model_that_differs_in_a_large_set_is_named(tmp_path: Any) -> None:
+    """200 models: the walk's rows are state_dict()'s tensors; one model that differs anywhere in
+    the set (first after the record, middle, last) is named."""
+    one = base()
+    models = [copy.deepcopy(one) for _ in range(200)]
+    with torch.no_grad():
+        for m in models:
+            m[0].lin.weight.normal_()
+    names = [str(i) for i in range(200)]
+    layout, _ = extract_states(models[:1], names[:1])
+    walk = SetWalk(models[0], "0", structure=True, keys=layout.keys, expect=_expect(layout))
+    for m, name in zip(models[1:], names[1:]):
+        row = walk.walk(m, name)
+        sd = m.state_dict(keep_vars=True)
+        assert row is not None and all(sd[k] is t for k, t in zip(layout.keys, row))
+    assert walk.difference is None
+    for at in (1, 100, 199):
+        changed = copy.copy(models)
+        changed[at] = copy.deepcopy(models[at])
+        changed[at][0].act.inplace = True
+        with pytest.raises(ArchitectureError, match=f"model '{at}' attribute 0.act.inplace is True"):
+            mm.Store(tmp_path / f"s{at}").save_set(changed, "many")
