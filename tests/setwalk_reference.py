@@ -1,31 +1,30 @@
-"""The two walks a save made before ``SetWalk`` (verbatim from commit f94ed3a, only imports adapted):
+"""The two walks a save made before ``SetWalk`` (verbatim from commit f94ed3a; the value comparisons
+they used moved unchanged into statewalk and are imported from there):
 ``StatePlan`` (the state tensors, or None for ``state_dict()``) and ``SameArchitecture`` (the module
 tree and attribute values against the first model). Kept here only as the oracle of
 tests/test_store_setwalk.py, which proves the one walk gives the same verdicts."""
-# ruff: noqa
 from __future__ import annotations
 
-import math
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mm_jupyter.errors import ArchitectureError, a_type
-from mm_jupyter.store.statewalk import FUNCTION_TYPES, hf_config_types, internal_attributes, join_path, plain_class
+from mm_jupyter.store.statewalk import (
+    _MISSING,
+    _equal_simple,
+    _paths,
+    _same,
+    internal_attributes,
+    join_path,
+    plain_class,
+    simple_value as _simple,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 # -- checking that every model of a set has the recorded architecture ------------------------------------
-def _simple(v: Any) -> bool:
-    if v is None or type(v) in (bool, int, float, str):
-        return True
-    if type(v) in (tuple, list):
-        return all(_simple(x) for x in v)
-    return False
-
-
 @dataclass
 class _Check:
     names: tuple[str, ...]  # child names from the root
@@ -104,52 +103,6 @@ class SameArchitecture:
             f"{self.first_name!r}); save them as separate sets")
 
 
-_MISSING = object()
-
-
-def _equal_simple(a: Any, b: Any) -> bool:
-    if type(a) is float:
-        return a == b or (math.isnan(a) and math.isnan(b))
-    if type(a) in (tuple, list):
-        return len(a) == len(b) and all(type(x) is type(y) and _equal_simple(x, y) for x, y in zip(a, b))
-    return bool(a == b)
-
-
-def _paths(model: "nn.Module") -> dict[int, str]:
-    out: dict[int, str] = {}
-    for mname, mod in model.named_modules(remove_duplicate=True):
-        out.setdefault(id(mod), "m:" + mname)
-        for k, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-            if t is not None:
-                out.setdefault(id(t), "t:" + join_path(mname, k))
-    return out
-
-
-def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str]) -> bool:
-    import torch
-
-    if a is _MISSING or type(a) is not type(b):
-        return False
-    if type(a) is weakref.ReferenceType:
-        x, y = a(), b()
-        return (x is None and y is None) or (x is not None and y is not None and _same(x, y, pa, pb))
-    if isinstance(a, (torch.Tensor, torch.nn.Module)):
-        if id(a) in pa or id(b) in pb:
-            return pa.get(id(a)) == pb.get(id(b))
-        # a plain tensor is stored per model (like a buffer): the set shares its place, dtype and shape
-        return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y, pa, pb) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k], pa, pb) for k in a)
-    if isinstance(a, (set, frozenset)) or _simple(a) or isinstance(a, (torch.dtype, torch.device)):
-        return bool(a == b)
-    if isinstance(a, (type, *FUNCTION_TYPES)):
-        return a is b
-    configs = hf_config_types()
-    if configs and isinstance(a, configs):
-        return a is b or a.to_dict() == b.to_dict()
-    return a is b
 @dataclass(frozen=True)
 class _Node:
     parent: int
