@@ -7,7 +7,10 @@ with the first model's cost as much again. ``SetWalk`` records the first model o
 in pre-order: what ``state_dict`` reads (class, parameter/buffer/child names, ``None`` slots,
 non-persistent buffers, each tensor's dtype and shape) and what the structural record holds (child
 names, the instance attribute keys and values). Every further model is walked once against that
-record. What depends on a module's class only (whether ``state_dict`` is the plain one, which
+record; at each module a fingerprint of the first model's (its ``__dict__`` keys in order, its scalar
+attributes fetched by one ``itemgetter``, compared by identity, else by value and type) decides
+equality without a loop per attribute, and only a mismatch runs the exact comparison that names the
+difference. What depends on a module's class only (whether ``state_dict`` is the plain one, which
 attributes are bookkeeping) is decided once per save from the first model, never per model.
 
 Two outcomes are kept apart. A *structural difference* (another class, other child names, an
@@ -22,12 +25,11 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import sys
 import types
 import weakref
 from dataclasses import dataclass
-from operator import is_
+from operator import is_, itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ..errors import a_type
@@ -100,7 +102,7 @@ def _fingerprint(node: _Node, mod: "nn.Module") -> tuple[Any, ...]:
     what ``SetWalk._differs`` would find equal; a mismatch runs it to decide and to name the difference."""
     scalars = [(k, v) for k, v in node.simple if type(v) in _SCALARS]
     keys = [k for k, _ in scalars]
-    getter = operator.itemgetter(*keys, *keys[:1]) if keys else None  # at least 2 keys: always a tuple
+    getter = itemgetter(*keys, *keys[:1]) if keys else None  # at least 2 keys: always a tuple
     values = tuple(v for _, v in scalars) + tuple(v for _, v in scalars[:1])
     exact = bool(node.none_children or node.other or len(scalars) != len(node.simple))
     return tuple(mod.__dict__), getter, values, tuple(map(type, values)), exact
