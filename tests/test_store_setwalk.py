@@ -293,3 +293,20 @@ def test_one_model_that_differs_in_a_large_set_is_named(tmp_path: Any) -> None:
         changed[at][0].act.inplace = True
         with pytest.raises(ArchitectureError, match=f"model '{at}' attribute 0.act.inplace is True"):
             mm.Store(tmp_path / f"s{at}").save_set(changed, "many")
+
+
+def test_a_record_that_becomes_structural_late_is_still_checked(tmp_path: Any) -> None:
+    """A Hugging Face record that does not rebuild its models (LevitModel edits its config) falls back
+    to a structural record after the tensors were read without the tree check: the tree is walked
+    then, and a difference is named as before."""
+    transformers = pytest.importorskip("transformers")
+    import zoo_patterns as zp
+
+    models = [transformers.LevitModel(zp.levit_config()) for _ in range(3)]
+    models[2].encoder.extra = 1
+    with pytest.raises(ArchitectureError, match="model '2' module encoder has attributes \\['extra'\\] that model "
+                                                "'0' lacks"):
+        mm.Store(tmp_path / "s").save_set(models, "levit")
+    models[2].encoder.__dict__.pop("extra")
+    ref_ = mm.Store(tmp_path / "s").save_set(models, "levit")
+    assert mm.Store(tmp_path / "s").recover_set(ref_).architecture.kind == "structure"
