@@ -106,6 +106,8 @@ CASES: list[tuple[str, Callable[[nn.Sequential], Any], bool]] = [
     ("plain module: attributes in another order", lambda m: m[2].__dict__.update(inplace=m[2].__dict__.pop("inplace")),
      True),
     ("plain module: child renamed", lambda m: _rename(m, "2", "x"), True),
+    ("plain module: child added to a leaf", lambda m: m[2].add_module("x", nn.ReLU()), True),
+    ("plain module: child slot None added to a leaf", lambda m: m[2].register_module("x", None), True),
     ("state-dict hook", lambda m: m[0].lin._register_state_dict_hook(lambda *a: None), True),
     ("state-dict pre-hook", lambda m: m[0].norm.register_state_dict_pre_hook(lambda *a: None), True),
     ("forward hook (not compared by either)", lambda m: m[0].lin.register_forward_hook(lambda *a: None), True),

@@ -186,7 +186,8 @@ class SetWalk:
                 mod = None if up is None else up._modules.get(key)
             if structure and check:
                 d = None if mod is None or type(mod) is not klass else mod.__dict__
-                if (d is None or exact or tuple(mod._modules) != children or tuple(d) != order
+                if (d is None or exact or (tuple(d["_modules"]) != children if children else d["_modules"])
+                        or tuple(d) != order
                         or (getter is not None and not all(map(is_, got := getter(d), values))  # mostly so
                             and (got != values or tuple(map(type, got)) != kinds))):
                     why = self._differs(node, mod, model)
