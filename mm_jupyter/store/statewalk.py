@@ -125,8 +125,16 @@ class SetWalk:
         self.nodes: list[_Node] = []
         steps: list[tuple[Any, ...]] = []
         state_keys: list[str] = []
+        state_slots: list[tuple[int, bool, str]] = []
         internal = internal_attributes()
-        seen: set[int] = set()
+        seen: dict[int, int] = {}  # id of a module -> its first node
+        tensors: dict[int, int] = {}  # id of a tensor -> its first slot
+        #: sharing, which the record keeps: (node, node of its first place) of a module met again, the
+        #: (node, is_param, name) of every tensor slot of a first place, and (slot, slot it is tied to)
+        self._same_module: list[tuple[int, int]] = []
+        self._slots: list[tuple[int, bool, str]] = []
+        self._in_state: list[bool] = []  # per slot: in the state dict (a None there is a state difference)
+        self._ties: list[tuple[int, int]] = []
         plain = True
         pending = list(expect or [])[::-1]
 
@@ -134,12 +142,24 @@ class SetWalk:
             nonlocal plain
             plain = plain and plain_class(type(mod)) and not _hooked(mod)
             check = structure and id(mod) not in seen
-            seen.add(id(mod))
+            if id(mod) in seen:
+                self._same_module.append((len(self.nodes), seen[id(mod)]))
+            seen.setdefault(id(mod), len(self.nodes))
+            if check:
+                for is_param, slots in ((True, mod._parameters), (False, mod._buffers)):
+                    for k, t in slots.items():
+                        if t is not None:
+                            if id(t) in tensors:
+                                self._ties.append((len(self._slots), tensors[id(t)]))
+                            tensors.setdefault(id(t), len(self._slots))
+                            self._slots.append((len(self.nodes), is_param, k))
+                            self._in_state.append(is_param or k not in mod._non_persistent_buffers_set)
             params, buffers = mod._parameters, mod._buffers
             nonpersistent = frozenset(mod._non_persistent_buffers_set)
             take = [(True, k) for k, v in params.items() if v is not None] + [
                 (False, k) for k, v in buffers.items() if v is not None and k not in nonpersistent]
             state_keys.extend(join_path(path, k) for _, k in take)
+            state_slots.extend((len(self.nodes), is_param, k) for is_param, k in take)
             # each tensor's place with the dtype and shape it must have (the first model's)
             placed = tuple((is_param, k, dtype, shape, dtype.is_complex)
                            for (is_param, k), (dtype, shape) in zip(take, [pending.pop() for _ in take if pending]))
@@ -161,6 +181,9 @@ class SetWalk:
 
         visit(first, -1, "", "")
         self._steps = steps
+        self._n_modules, self._n_tensors = len(seen), len(tensors)
+        #: the slots are exactly the state dict's tensors: a walk that read them compares those
+        self._slots_are_state = self._slots == state_slots
         #: the fast path: every class plain, no state-dict hooks, the walk's keys those of state_dict
         self.collect = plain and expect is not None and keys == state_keys
 
@@ -222,7 +245,53 @@ class SetWalk:
                 if not structure:
                     return None
                 collect = False
+        if structure:
+            why = self._sharing(mods, out if collect and self._slots_are_state else None)
+            if why is not None:
+                if self.difference is None:
+                    self.difference = self._message(name, why)
+                return self._walk(model, name, False)
         return out if collect else None
+
+    def _sharing(self, mods: list[Any], ts: "list[torch.Tensor] | None") -> str | None:
+        """How the modules and tensors ``mods`` (one per node) are shared otherwise than the first
+        model's: a recovered model is built with the first model's sharing, so a tensor kept apart
+        from one the first model ties it to would be lost."""
+        nodes = self.nodes
+        for i, j in self._same_module:
+            if mods[i] is not mods[j]:
+                return (f"module {nodes[i].path} is not module {nodes[j].path or '(root)'}, which model "
+                        f"{self.first_name!r} shares at both places")
+        if len(set(map(id, mods))) != self._n_modules:
+            first: dict[int, int] = {}
+            for i, m in enumerate(mods):
+                j = first.setdefault(id(m), i)
+                if j != i and (i, j) not in self._same_module:
+                    return (f"module {nodes[i].path} is module {nodes[j].path or '(root)'}; model "
+                            f"{self.first_name!r} has two modules there")
+        if not self._slots:
+            return None
+        if ts is None:
+            ts = [(mods[n]._parameters if is_param else mods[n]._buffers).get(k) for n, is_param, k in self._slots]
+        ids = set(map(id, ts))
+        if len(ids) == self._n_tensors and _NONE not in ids and all(ts[a] is ts[b] for a, b in self._ties):
+            return None
+
+        def where(a: int) -> str:
+            n, is_param, k = self._slots[a]
+            return f"{'parameter' if is_param else 'buffer'} {join_path(nodes[n].path, k)}"
+
+        seen: dict[int, int] = {}
+        for a, t in enumerate(ts):
+            if t is None:  # in the state dict, reading the state names it (that error comes first)
+                return None if self._in_state[a] else f"{where(a)} is None, model {self.first_name!r} has a tensor"
+            b = seen.setdefault(id(t), a)
+            if b != a and (a, b) not in self._ties:
+                return f"{where(a)} is {where(b)}; model {self.first_name!r} keeps them apart"
+        for a, b in self._ties:
+            if ts[a] is not ts[b]:
+                return f"{where(a)} is not {where(b)}, which model {self.first_name!r} ties to it"
+        return None
 
     def _differs(self, node: _Node, mod: Any, model: "nn.Module") -> str | None:
         """How ``mod``, at ``node``'s place in ``model``, differs from the first model's module there."""
@@ -264,6 +333,7 @@ class SetWalk:
 
 
 _MISSING = object()
+_NONE = id(None)
 
 
 def simple_value(v: Any) -> bool:
