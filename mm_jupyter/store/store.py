@@ -26,10 +26,10 @@ from .limits import decoding
 from .lineage import Lineage, build_lineage
 from .manifest import seconds
 from .modelset import ModelSet, Resolved, SetRef
+from .statewalk import SetWalk
 from .structure import module_state, with_attribute_states
-from .structure_check import SameArchitecture
 from .structure_encode import json_clean
-from .tensors import Layout, extract_states, layout_mismatch, match_dtypes
+from .tensors import Layout, extract_set, extract_states, layout_mismatch, match_dtypes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -204,8 +204,10 @@ class Store:
         names, mods, explicit = _normalise(models)
         if architecture is not None and not isinstance(architecture, Architecture):
             raise StoreError(f"architecture must be an mm.Architecture, not {type(architecture).__name__}")
-        layout, rows = extract_states(mods, names)
-        arch, layout, rows = _settle_architecture(architecture, mods, names, layout, rows)
+        # one walk per model: its tensors and, for a structural record, the check of its tree and attributes
+        structural = architecture is None and Architecture.inferred_kind(mods[0]) == "structure"
+        layout, rows, walk = extract_set(mods, names, structure=structural)
+        arch, layout, rows = _settle_architecture(architecture, mods, names, layout, rows, walk)
         with (self.writing(f"set {name!r}"), trust.scope(self.trust_code),  # a base may be retrained
               self.objects.deferred_durability()):  # every object synced together before the commit
             parent = self.row(base) if base is not None else self.catalog.find(name, None)
@@ -608,7 +610,8 @@ def _probe(arch: Architecture, layout: Layout) -> tuple[str | None, Any]:
 
 
 def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.Module"], names: Sequence[str],
-                         layout: Layout, rows: list[list[Any]]) -> tuple[Architecture, Layout, list[list[Any]]]:
+                         layout: Layout, rows: list[list[Any]], walk: SetWalk
+                         ) -> tuple[Architecture, Layout, list[list[Any]]]:
     """The record a set is saved with, and its layout and rows (plus the tensors its models hold in
     plain attributes, stored per model). An inferred Hugging Face record must be idempotent: built
     again on the meta device (the check every save makes), it must give the same config and tensors.
@@ -616,7 +619,7 @@ def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.M
     the models are recorded structurally instead — tree, attributes and config exactly as they are."""
     def prepared(arch: Architecture) -> tuple[Layout, list[list[Any]], str | None, Any]:
         if architecture is None:
-            check_same_architecture(arch, mods, names)
+            check_same_architecture(arch, mods, names, walk)
         full_layout, full_rows = (with_attribute_states(arch.structure or {}, layout, rows, mods, names)
                                   if arch.kind == "structure" else (layout, rows))
         return (full_layout, full_rows, *_probe(arch, full_layout))
@@ -631,14 +634,21 @@ def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.M
     return arch, full_layout, full_rows
 
 
-def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], names: Sequence[str]) -> None:
+def check_same_architecture(arch: Architecture, models: Sequence["nn.Module"], names: Sequence[str],
+                            walk: SetWalk) -> None:
     """ArchitectureError unless every model is described by the record inferred from the first:
     the same factory call, Hugging Face config, or module tree with the same attribute values
-    (e.g. an activation that differs between models, which the state dicts cannot show)."""
+    (e.g. an activation that differs between models, which the state dicts cannot show). The tree
+    was compared by ``walk`` while the tensors were read, unless the record only now became
+    structural (a Hugging Face record that does not rebuild its models): then it is walked now."""
     if arch.kind == "structure":
-        check = SameArchitecture(models[0], names[0])
-        for model, name in zip(models[1:], names[1:]):
-            check.check(model, name)
+        if not walk.structure:
+            walk = SetWalk(models[0], names[0], structure=True)
+            for model, name in zip(models[1:], names[1:]):
+                if walk.walk(model, name) is None and walk.difference is not None:
+                    break
+        if walk.difference is not None:
+            raise ArchitectureError(walk.difference)
         return
     for model, name in zip(models[1:], names[1:]):
         if arch.kind == "factory":

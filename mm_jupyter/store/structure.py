@@ -36,7 +36,7 @@ only (``attribute_refusal``).
 
 This module holds the format's shared rules and the per-model state of plain attributes; the four
 jobs on a record are one module each: ``structure_encode`` (record a module), ``structure_decode``
-(rebuild one), ``structure_check`` (every model of a set has the recorded architecture) and
+(rebuild one), ``statewalk`` (every model of a set has the first one's tree, checked while its tensors are read) and
 ``structure_clone`` (materialise many models from one rebuilt template).
 """
 from __future__ import annotations
@@ -44,20 +44,18 @@ from __future__ import annotations
 import base64
 import functools
 import math
-import sys
-import types
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import ArchitectureError, StoreError
 from .sourcecode import capture_code, defining_namespace, definition_source
+from .statewalk import internal_attributes
 from .tensors import Layout, TensorSpec, _as_storable, spec_of, torch_dtype
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .trust import HFConfigClass
 
 #: A non-persistent buffer is recorded by value (in the record) up to this size.
 MAX_INLINE_BYTES = 1 << 20
@@ -66,15 +64,6 @@ MAX_INLINE_BYTES = 1 << 20
 #: under such keys, after the state dict's own (which never hold it).
 STATE_MARK = "#"
 _KEEP = ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
-FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.BuiltinMethodType)
-
-
-@functools.lru_cache(maxsize=1)
-def internal_attributes() -> frozenset[str]:
-    """The attributes ``nn.Module.__init__`` creates (bookkeeping, not architecture)."""
-    from torch import nn
-
-    return frozenset(nn.Module().__dict__)
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,10 +110,6 @@ def fresh_bookkeeping() -> tuple[tuple[str, Any], ...]:
                  for k, v in nn.Module().__dict__.items() if k not in _KEEP)
 
 
-def join_path(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
 def hooks_of(mod: "nn.Module") -> list[str]:
     return [k for k, _ in fresh_bookkeeping() if isinstance(mod.__dict__.get(k), (dict, set)) and mod.__dict__[k]]
 
@@ -161,14 +146,6 @@ def tensor_from(dtype: str, shape: Sequence[int], data: str, where: str) -> "tor
     if not raw:
         return torch.empty(tuple(shape), dtype=dt)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dt).reshape(tuple(shape)).clone()
-
-
-def hf_config_types() -> tuple[HFConfigClass, ...]:
-
-    tf = sys.modules.get("transformers")
-    if tf is None:
-        return ()
-    return tuple(c for c in (getattr(tf, "PretrainedConfig", None), getattr(tf, "GenerationConfig", None)) if c)
 
 
 # -- tensors held in plain attributes: per-model state -------------------------------------------------

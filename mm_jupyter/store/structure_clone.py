@@ -14,16 +14,13 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-from .statewalk import plain_class
+from .statewalk import FUNCTION_TYPES, internal_attributes, join_path, plain_class
 from .structure import (
-    FUNCTION_TYPES,
     attribute_states,
     fresh_bookkeeping,
     fresh_containers,
     hooks_of,
-    internal_attributes,
     is_attribute_state,
-    join_path,
     module_state,
 )
 

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 from .hfrecords import build_config
-from .structure import STATE_MARK, attribute_refusal, capture_local, dense_strides, join_path, tensor_from
+from .statewalk import join_path
+from .structure import STATE_MARK, attribute_refusal, capture_local, dense_strides, tensor_from
 
 
 # -- rebuilding ---------------------------------------------------------------------------------------

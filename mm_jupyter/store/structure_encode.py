@@ -21,17 +21,14 @@ if TYPE_CHECKING:
 import json
 
 from .hfrecords import check_literal
+from .statewalk import FUNCTION_TYPES, hf_config_types, internal_attributes, join_path
 from .structure import (
-    FUNCTION_TYPES,
     STATE_MARK,
     attribute_refusal,
     capture_local,
     dtype_name,
-    hf_config_types,
     hooks_of,
-    internal_attributes,
     is_dense_layout,
-    join_path,
     tensor_bytes,
 )
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import IntegrityError, StoreError, a_type
 from .limits import loads
-from .statewalk import StatePlan
+from .statewalk import SetWalk
 
 if TYPE_CHECKING:
     import torch
@@ -189,8 +189,18 @@ def extract_states(models: Sequence["nn.Module"], names: Sequence[str]) -> tuple
     """State dicts of all models as tensor lists in one shared key order (that of ``state_dict``).
 
     Raises StoreError naming the first model and key that differ from the first model, before
-    anything is written. Models built the same way take the fast path of ``StatePlan``.
+    anything is written. Models built the same way take the fast path of ``SetWalk``.
     """
+    layout, rows, _ = extract_set(models, names, structure=False)
+    return layout, rows
+
+
+def extract_set(models: Sequence["nn.Module"], names: Sequence[str], structure: bool
+                ) -> tuple[Layout, list[list["torch.Tensor"]], SetWalk]:
+    """``extract_states`` and, with ``structure``, in the same walk the check that every model has
+    the first model's module tree and attribute values: the walk's ``difference`` is the message of
+    the first model that has not (None: all have), for the caller to raise where the architecture
+    is settled; differences in the state raise StoreError here, as ``extract_states``."""
     import torch
 
     if sys.byteorder != "little":
@@ -202,24 +212,19 @@ def extract_states(models: Sequence["nn.Module"], names: Sequence[str]) -> tuple
     sd0 = models[0].state_dict()
     first = [_as_storable(t, f"model {names[0]!r} key {k!r}") for k, t in sd0.items()]
     layout = Layout.of([spec_of(k, t) for k, t in zip(sd0.keys(), first)])
-    plan = StatePlan.of(models[0])
-    if plan is not None and plan.keys != layout.keys:
-        plan = None
-    if plan is not None:
-        plan.expecting([(torch_dtype(s.dtype), torch.Size(s.shape)) for s in layout.specs])
+    walk = SetWalk(models[0], names[0], structure=structure, keys=layout.keys,
+                   expect=[(torch_dtype(s.dtype), torch.Size(s.shape)) for s in layout.specs])
     out: list[list[torch.Tensor]] = [first]
     for model, mname in zip(models[1:], names[1:]):
-        row = plan.tensors(model) if plan is not None and isinstance(model, torch.nn.Module) else None
+        if not isinstance(model, torch.nn.Module):
+            raise StoreError(f"model {mname!r} is {a_type(model)}, not a torch.nn.Module")
+        row = walk.walk(model, mname)
         out.append(row if row is not None else _checked_row(model, mname, names[0], layout))
-    return layout, out
+    return layout, out, walk
 
 
 def _checked_row(model: "nn.Module", mname: str, first_name: str, layout: Layout) -> list["torch.Tensor"]:
     """One model's tensors via ``state_dict()``, checked against the layout of the first model."""
-    import torch
-
-    if not isinstance(model, torch.nn.Module):
-        raise StoreError(f"model {mname!r} is {a_type(model)}, not a torch.nn.Module")
     sd = model.state_dict()
     if list(sd.keys()) != layout.keys:
         missing = [k for k in layout.keys if k not in sd]
