@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import RefError, ServeError
 from ..store import SetRef, Store
 from ..store.backends import default_location, is_database
-from .batching import Answer, Reply, Request, RequestQueue
+from .batching import Answer, Reply, Request, RequestQueue, hand_over
 from .cache import PredictionCache, input_digest
 from .errors import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
 from .http import HTTPEndpoint
@@ -392,12 +392,23 @@ class Server:
         now = time.perf_counter()
         cache = self.cache.enabled and runner is self._runner  # answers of a replaced version are not kept
         latencies = []
+        waiting: list[Answer] = []  # predict callers, woken as one chain (see Answer)
+        values: list[Prediction] = []
+        ref = runner.ref
         for (r, _), y in zip(ready, outputs):
             latency = now - (r.t_submit if r.t_arrival is None else r.t_arrival)
             if cache and r.digest is not None:
-                self.cache.put((runner.ref.id, r.model, r.digest), y)
-            r.future.set_result(Prediction(r.model, runner.ref, y, False, latency, now))
+                self.cache.put((ref.id, r.model, r.digest), y)
+            prediction = Prediction(r.model, ref, y, False, latency, now)
+            if type(r.future) is Answer:
+                waiting.append(r.future)
+                values.append(prediction)
+            else:
+                r.future.set_result(prediction)
             latencies.append(latency)
+        if waiting:
+            self.queue.handing()
+            hand_over(waiting, values, self.queue.handed)
         self._metrics.record(latencies, done=now)
 
     # -- metrics -------------------------------------------------------------------------------------
