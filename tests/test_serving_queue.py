@@ -180,3 +180,24 @@ def test_a_batch_waits_for_the_last_batch_s_hand_over_to_end_and_no_longer_than_
     full.handing()
     _queued(full, 4)
     assert len(full.take()) == 4, "a full batch goes at once"
+
+
+def test_a_held_batch_is_woken_once_it_fills_and_a_burst_notifies_only_at_the_crossing():
+    from mm_jupyter.serving.batching import RequestQueue
+
+    q = RequestQueue(100, 4, max_wait_s=30.0)
+    _queued(q)  # piled up while the worker was busy: held up to 30 s unless it fills
+    taken: list[int] = []
+    worker = threading.Thread(target=lambda: taken.append(len(q.take())))
+    worker.start()
+    time.sleep(0.1)
+    assert not taken
+    t0 = time.perf_counter()
+    _queued(q, 3)  # the batch is full now: the worker must have been notified
+    worker.join(20)
+    assert taken == [4] and time.perf_counter() - t0 < 20
+    notified: list[int] = []
+    real = q._cond.notify
+    q._cond.notify = lambda n=1: (notified.append(len(q)), real(n))[1]  # type: ignore[method-assign]
+    _queued(q, 10)
+    assert notified == [1, 4], "at the first request and as the first batch filled, not after"

@@ -522,7 +522,9 @@ def serve(store: "Store | str | os.PathLike[str] | None", ref: "SetRef | str", *
             or ``"none"`` (one request at a time).
         max_batch: rows per batch at most.
         max_wait_ms: the longest a batch that formed while the worker was busy is held back to fill
-            (from its oldest request's arrival); a request that finds the worker idle never waits.
+            (from its oldest request's arrival); a request that finds the worker idle never waits (the
+            worker is busy, too, while it hands a batch's answers to waiting ``predict`` callers, who
+            come back with more: that hand-over is waited for, at most max(max_wait_ms, 2 ms)).
             None (default): the fixed cost of one batch, measured when a version is loaded (``auto_wait_ms``).
         cache_size: answers kept for repeated requests (0: no cache).
         max_queue: requests waiting before ``submit`` rejects one with ``QueueFullError``.
