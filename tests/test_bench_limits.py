@@ -23,6 +23,18 @@ def test_limits_measures_every_path_beside_its_limit(tmp_path):
     assert saved["rows"] == json.loads(json.dumps(result.rows)) and len(saved["load"]["before"]) == 3
 
 
+def test_limits_can_measure_only_some_parts(tmp_path):
+    import pytest
+
+    result = run_limits(models=30, rounds=1, threads=2, requests=60, plain_requests=20, only=["serving", "list"],
+                        out=None)
+    assert [row["path"] for row in result.rows] == ["list(ms)", "serving: client threads predict",
+                                                     "serving: burst submitted at once"]
+    assert result.config["sections"] == ["list", "serving"]
+    with pytest.raises(ValueError, match="choose from"):
+        run_limits(models=30, only=["servng"], out=None)
+
+
 def test_the_ray_serve_comparison_client_and_our_side(store):
     """The comparison's client against our endpoint in its own process: every answer checked, a
     curve point per concurrency. (Ray Serve's side needs the ``rayserve`` extra, see docs/benchmarks.md.)"""
