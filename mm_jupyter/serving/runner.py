@@ -127,7 +127,8 @@ class Runner:
         import torch
 
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return torch.from_numpy(x).to(self.dtype)
+        t = torch.from_numpy(x)
+        return t if t.dtype == self.dtype else t.to(self.dtype)
 
     # -- one model at a time ---------------------------------------------------------------------------
     def module(self, i: int) -> "nn.Module":
@@ -193,6 +194,7 @@ class Runner:
         tensors are views into one mapped buffer with a row per model: ``_rows`` is a view of it
         (zero-copy); any other set's tensors are copied into rows once."""
         import torch
+        from torch import nn
 
         stacked = self._stacked
         assert stacked is not None
@@ -220,8 +222,9 @@ class Runner:
         self.rows_shared = shared
         self._rows = rows
         # a layer: (weight offset, in, out, bias offset or -1); an activation: its ``forward`` (the
-        # template is ours: no hooks to run, and ``Module.__call__`` costs several times a ReLU here)
-        self._plan = [layer.forward if not isinstance(layer, tuple) else
+        # template is ours: no hooks to run, and ``Module.__call__`` costs several times a ReLU here),
+        # ReLU's own function (its forward is two more Python calls around it)
+        self._plan = [(torch.relu if type(layer) is nn.ReLU else layer.forward) if not isinstance(layer, tuple) else
                       (where[layer[0]], stacked[layer[0]].shape[2], stacked[layer[0]].shape[1],
                        -1 if layer[1] is None else where[layer[1]])
                       for layer in layers]
