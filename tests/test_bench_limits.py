@@ -17,7 +17,8 @@ def test_limits_measures_every_path_beside_its_limit(tmp_path):
         assert row["path_stats"]["min"] <= row["path_stats"]["median"] <= row["path_stats"]["max"]
     table = format_limits(result)
     assert table.count("|\n") == len(result.rows) + 2 and "Baseline save" in table
-    assert "µs per request beyond the batched compute" in table and "with one submit_many" in table
+    assert "µs per request beyond the batched compute" in table and "one submit_many of the same requests" in table
+    assert "judged on one submit() per request" in table and "CPU per request: submit" in table
     assert "CPU per answer" in table and "requests per batch" in table
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result.rows)) and len(saved["load"]["before"]) == 3
