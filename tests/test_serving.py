@@ -150,6 +150,23 @@ def test_the_chain_gathers_one_row_per_model_a_view_of_a_baseline_set_else_a_cop
             batched = runner.run_multi(idx, x)
             alone = torch.cat([ms[int(i)](x[r : r + 1]) for r, i in enumerate(idx)])
             assert close(batched, alone), (name, (batched - alone).abs().max())
+            # the gather buffer is reused per thread: earlier answers must not change, at any batch size,
+            # nor when threads gather at once
+            kept = batched.clone()
+            again = runner.run_multi(idx.flip(0), x.flip(0))
+            bigger = runner.run_multi(torch.arange(9).repeat(3), torch.randn(27, 5, generator=gen))
+            assert torch.equal(batched, kept) and close(again, alone.flip(0)) and bigger.shape == (27, 1)
+            results: list[bool] = []
+
+            def gather_often(runner=runner, alone=alone, results=results) -> None:
+                results.append(all(close(runner.run_multi(idx, x), alone) for _ in range(50)))
+
+            workers = [threading.Thread(target=gather_often) for _ in range(3)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join(60)
+            assert results == [True, True, True]
             if shared:
                 rows = runner._rows.untyped_storage().data_ptr()
                 assert rows == runner.ms.stacked(0).untyped_storage().data_ptr(), "zero-copy"
