@@ -17,10 +17,23 @@ def test_limits_measures_every_path_beside_its_limit(tmp_path):
         assert row["path_stats"]["min"] <= row["path_stats"]["median"] <= row["path_stats"]["max"]
     table = format_limits(result)
     assert table.count("|\n") == len(result.rows) + 2 and "Baseline save" in table
-    assert "µs per request beyond the batched compute" in table and "with one submit_many" in table
+    assert "µs per request beyond the batched compute" in table and "one submit_many of the same requests" in table
+    assert "judged on one submit() per request" in table and "CPU per request: submit" in table
     assert "CPU per answer" in table and "requests per batch" in table
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result.rows)) and len(saved["load"]["before"]) == 3
+
+
+def test_limits_can_measure_only_some_parts(tmp_path):
+    import pytest
+
+    result = run_limits(models=30, rounds=1, threads=2, requests=60, plain_requests=20, only=["serving", "list"],
+                        out=None)
+    assert [row["path"] for row in result.rows] == ["list(ms)", "serving: client threads predict",
+                                                     "serving: burst submitted at once"]
+    assert result.config["sections"] == ["list", "serving"]
+    with pytest.raises(ValueError, match="choose from"):
+        run_limits(models=30, only=["servng"], out=None)
 
 
 def test_the_ray_serve_comparison_client_and_our_side(store):

@@ -129,6 +129,52 @@ def test_the_batched_chain_equals_each_model_alone(store):
         assert close(torch.stack([f.result(30).output for f in answers]), alone)
 
 
+def test_the_chain_gathers_one_row_per_model_a_view_of_a_baseline_set_else_a_copy(store):
+    """The chain reads each model's parameters as one row: a view of the stored buffer for a baseline
+    set, a copy for an Update set whose models live in several objects; both equal ``ms[i](x)``,
+    and the view never writes to the store."""
+    models = seeded_models(ffnn, 9, hidden=8)
+    store.save_set(models, "rows", approach="baseline")
+    changed = [m if i % 3 else seeded_models(ffnn, 1, seed=100 + i, hidden=8)[0] for i, m in enumerate(models)]
+    store.save_set(models, "upd", approach="update")
+    store.save_set(changed, "upd", approach="update")
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.tensor([8, 0, 3, 3, 1, 7, 2, 5, 4, 0, 6])
+    x = torch.randn(len(idx), 5, generator=gen)
+    for name, shared in (("rows", True), ("upd", False)):
+        ms = store.recover_set(name)
+        with mm.serve(store, name, cache_size=0) as server:
+            runner = server._runner
+            runner.prepare_multi()
+            assert runner.layers is not None and runner.rows_shared is shared, name
+            batched = runner.run_multi(idx, x)
+            alone = torch.cat([ms[int(i)](x[r : r + 1]) for r, i in enumerate(idx)])
+            assert close(batched, alone), (name, (batched - alone).abs().max())
+            # the gather buffer is reused per thread: earlier answers must not change, at any batch size,
+            # nor when threads gather at once
+            kept = batched.clone()
+            again = runner.run_multi(idx.flip(0), x.flip(0))
+            bigger = runner.run_multi(torch.arange(9).repeat(3), torch.randn(27, 5, generator=gen))
+            assert torch.equal(batched, kept) and close(again, alone.flip(0)) and bigger.shape == (27, 1)
+            results: list[bool] = []
+
+            def gather_often(runner=runner, alone=alone, results=results) -> None:
+                results.append(all(close(runner.run_multi(idx, x), alone) for _ in range(50)))
+
+            workers = [threading.Thread(target=gather_often) for _ in range(3)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join(60)
+            assert results == [True, True, True]
+            if shared:
+                rows = runner._rows.untyped_storage().data_ptr()
+                assert rows == runner.ms.stacked(0).untyped_storage().data_ptr(), "zero-copy"
+    for i in (0, 4, 8):
+        assert all(torch.equal(a, b) for a, b in zip(store.recover_set("rows")[i].parameters(),
+                                                     models[i].parameters())), "nothing written to the store"
+
+
 def test_cache_hits_return_the_same_answer_and_are_invalidated_on_a_new_version(cells):
     x = torch.randn(5)
     with mm.serve(cells, "cells@latest", watch_s=None) as server:

@@ -176,6 +176,10 @@ def test_submit_many_answers_like_submit_all_or_nothing(cells):
         assert [f.result(30).model for f in room] == [str(i) for i in range(8)]
         m = server.metrics()
     assert m["answered"] == before + 1 + 8 and m["rejected"] == 9
+    with mm.serve(cells, "cells", cache_size=0) as server:  # no cache: the path without lookups
+        plain = [f.result(30) for f in server.submit_many(models, xs)]
+        assert [a.model for a in plain] == [str(m) for m in models] and not any(a.cached for a in plain)
+        assert all(torch.allclose(a.output, b.output, rtol=RTOL, atol=ATOL) for a, b in zip(plain, answers))
 
 
 def test_predict_callers_blocked_at_a_close_each_get_an_answer_or_the_closed_error(cells):

@@ -636,7 +636,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_limits(sub: Any) -> None:
-    from .limits import DEFAULT_OUT
+    from .limits import DEFAULT_OUT, SECTIONS
 
     p = sub.add_parser("limits", help="the roofline table: every hot path beside its physical limit, one run",
                        description="Save, update save, list(ms), serving (client threads, a burst, Ray Serve) "
@@ -646,6 +646,8 @@ def add_limits(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=8, help="client threads calling predict (default 8)")
     p.add_argument("--requests", type=int, default=4000, help="requests per serving measurement (default 4000)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve comparison")
+    p.add_argument("--only", default=None, help=f"comma-separated parts to measure: {', '.join(SECTIONS)} "
+                                                "(default: all)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
     p.set_defaults(func=cmd_limits)
 
@@ -658,8 +660,9 @@ def cmd_limits(args: argparse.Namespace) -> int:
     print(f"limits: {args.models} FFNN-48 models, {args.rounds} rounds, {args.threads} client threads, "
           f"{args.requests} requests; machine: {machine()}")
     print("load average before: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    only = None if args.only is None else [part.strip() for part in args.only.split(",") if part.strip()]
     result = run_limits(models=args.models, rounds=args.rounds, threads=args.threads, requests=args.requests,
-                        ray_serve=not args.no_ray, out=args.out, progress=_say)
+                        ray_serve=not args.no_ray, out=args.out, only=only, progress=_say)
     print("load average after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print()
     print(format_limits(result))

@@ -81,7 +81,10 @@ class Runner:
         self._stacked: dict[str, "torch.Tensor"] | None = None
         self._vmapped: Callable[..., "torch.Tensor"] | None = None
         self.layers: list[Any] | None = None  # the baddbmm chain (see linear_chain), None: vmap
-        self._plan: list[Any] = []  # the chain's steps: (weights, biases) as stacked views, or an activation
+        self._plan: list[Any] = []  # the chain's steps: offsets of a layer's weight and bias in a row, or an activation
+        self._rows: "torch.Tensor | None" = None  # (models, parameters of the chain): see _plan_rows
+        self.rows_shared = False  # whether _rows is a view of the stored buffer (else a copy)
+        self._buffers = threading.local()  # per thread: the gather buffer of run_multi (see _gathered)
         self.multi_error: str | None = None  # why multi-model batching fell back to per-model calls
         self.wait_ms = 0.0  # the server's automatic hold for this version (see server.auto_wait_ms)
 
@@ -125,7 +128,8 @@ class Runner:
         import torch
 
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return torch.from_numpy(x).to(self.dtype)
+        t = torch.from_numpy(x)
+        return t if t.dtype == self.dtype else t.to(self.dtype)
 
     # -- one model at a time ---------------------------------------------------------------------------
     def module(self, i: int) -> "nn.Module":
@@ -163,7 +167,6 @@ class Runner:
             return
         from torch.func import functional_call, vmap
 
-
         held = [key for key in self.ms.layout.keys if is_attribute_state(key)]
         if held:  # functional_call swaps parameters and buffers only: these would be the template's
             self.multi_error = (f"the models hold tensors in plain attributes ({held[0]}, ...), which a batched "
@@ -179,14 +182,53 @@ class Runner:
         self._vmapped = vmap(one)
         self._stacked = {key: self.ms.stacked(key) for key in self.ms.layout.keys}
         self.layers = linear_chain(template)
+        if self.layers is not None:
+            self._plan_rows(self.layers)
+
+    def _plan_rows(self, layers: list[Any]) -> None:
+        """The chain's parameters as one row per model (``_rows``) and each layer as offsets into it.
+
+        A batch then costs one gather (``index_select`` of its models' rows) and, per layer, views
+        of the gathered rows made by ``as_strided`` (the weight already transposed, the bias) and one
+        ``baddbmm``: a third of the torch calls of a gather per tensor, and every torch call releases
+        and re-takes the GIL that the request threads are waiting for. A baseline set's stacked
+        tensors are views into one mapped buffer with a row per model: ``_rows`` is a view of it
+        (zero-copy); any other set's tensors are copied into rows once."""
+        import torch
+        from torch import nn
+
         stacked = self._stacked
-        # weights as stored, (models, out, in), gathered row-contiguous and transposed after the gather
-        # (a gather from the transposed view copies element by element: 2x slower at 48x48); biases as
-        # (models, 1, out); activations by their ``forward`` (the template is ours: no hooks to run, and
-        # ``Module.__call__`` costs several times the ReLU itself at these sizes)
-        self._plan = [layer.forward if not isinstance(layer, tuple) else
-                      (stacked[layer[0]], None if layer[1] is None else stacked[layer[1]].unsqueeze(1))
-                      for layer in self.layers or []]
+        assert stacked is not None
+        keys = [k for layer in layers if isinstance(layer, tuple) for k in layer if k is not None]
+        tensors = [stacked[k] for k in keys]
+        n = len(self.names)
+        first = tensors[0]
+        shared = (len({t.dtype for t in tensors}) == 1
+                  and len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+                  and len({t.stride(0) for t in tensors}) == 1
+                  and all(t[0].is_contiguous() for t in tensors))
+        if shared:
+            base = min(t.storage_offset() for t in tensors)
+            offsets = [t.storage_offset() - base for t in tensors]
+            span = max(o + t[0].numel() for o, t in zip(offsets, tensors))
+            rows = first.as_strided((n, span), (first.stride(0), 1), base)
+        elif len({t.dtype for t in tensors}) == 1:
+            parts = [t.reshape(n, -1) for t in tensors]
+            rows = torch.cat(parts, dim=1)
+            offsets = np.cumsum([0] + [p.shape[1] for p in parts[:-1]]).tolist()
+        else:  # mixed dtypes cannot share one row (baddbmm would refuse them too): vmap
+            self.layers = None
+            return
+        where = dict(zip(keys, offsets))
+        self.rows_shared = shared
+        self._rows = rows
+        # a layer: (weight offset, in, out, bias offset or -1); an activation: its ``forward`` (the
+        # template is ours: no hooks to run, and ``Module.__call__`` costs several times a ReLU here),
+        # ReLU's own function (its forward is two more Python calls around it)
+        self._plan = [(torch.relu if type(layer) is nn.ReLU else layer.forward) if not isinstance(layer, tuple) else
+                      (where[layer[0]], stacked[layer[0]].shape[2], stacked[layer[0]].shape[1],
+                       -1 if layer[1] is None else where[layer[1]])
+                      for layer in layers]
 
     def run_multi(self, idx: "torch.Tensor", x: "torch.Tensor") -> "torch.Tensor":
         """Row ``r`` of ``x`` through model ``idx[r]``, all rows in one batched call."""
@@ -198,15 +240,35 @@ class Runner:
             if self.layers is None:
                 params = {key: s.index_select(0, idx) for key, s in self._stacked.items()}
                 return self._vmapped(params, x)
+            assert self._rows is not None
+            g = self._gathered(idx)  # (rows, span): every parameter of each row's model
+            b, span = g.shape
             h = x.unsqueeze(1)  # (rows, 1, features): every row is a batch of one for its own model
             for step in self._plan:
-                if isinstance(step, tuple):
-                    w, b = step
-                    wt = w.index_select(0, idx).transpose(1, 2)
-                    h = torch.bmm(h, wt) if b is None else torch.baddbmm(b.index_select(0, idx), h, wt)
+                if type(step) is tuple:
+                    w, n_in, n_out, bias = step
+                    wt = g.as_strided((b, n_in, n_out), (span, 1, n_in), w)  # the weight, transposed
+                    h = torch.bmm(h, wt) if bias < 0 else \
+                        torch.baddbmm(g.as_strided((b, 1, n_out), (span, n_out, 1), bias), h, wt)
                 else:
                     h = step(h)
             return h.squeeze(1)
+
+    def _gathered(self, idx: "torch.Tensor") -> "torch.Tensor":
+        """The rows of ``idx``, gathered into a buffer this thread keeps: a batch of 256 gathers
+        5 MB, and a fresh allocation of that size is new pages from the kernel each time (page
+        faults: 5-10 µs of system time per request, measured). Nothing returned aliases the buffer."""
+        import torch
+
+        rows = self._rows
+        assert rows is not None
+        buf: "torch.Tensor | None" = getattr(self._buffers, "gather", None)
+        n = len(idx)
+        if buf is None or len(buf) < n:
+            buf = self._buffers.gather = torch.empty((max(n, 8), rows.shape[1]), dtype=rows.dtype)
+        out = buf[:n]
+        torch.index_select(rows, 0, idx, out=out)
+        return out
 
     def batch_cost(self, multi: bool, repeats: int = 5) -> float:
         """Seconds one request of one row takes through the call the server makes (``run_multi``,

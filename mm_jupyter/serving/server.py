@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import RefError, ServeError
 from ..store import SetRef, Store
 from ..store.backends import default_location, is_database
-from .batching import Answer, Reply, Request, RequestQueue
+from .batching import Answer, Reply, Request, RequestQueue, hand_over
 from .cache import PredictionCache, input_digest
 from .errors import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
 from .http import HTTPEndpoint
@@ -268,22 +268,22 @@ class Server:
         if len(arr) != len(index):
             raise BadInputError(f"{len(index)} models but {len(arr)} inputs: submit_many takes one item per model")
         names, ref_id, cache = runner.names, runner.ref.id, self.cache.enabled
-        futures: list[Future[Prediction]] = []
-        queued: list[Request] = []
-        for j, i in enumerate(index):
-            x = arr[j : j + 1]
-            digest = input_digest(x) if cache else None
-            hit = None if digest is None else self.cache.get((ref_id, names[i], digest))
-            if hit is not None:
-                done: Future[Prediction] = Future()
+        items = list(arr[:, None])  # one (1, *input_shape) view per request, made in one C loop
+        futures: list[Future[Prediction]] = [Future() for _ in index]
+        if not cache:  # (a burst's common case: no lookups, one comprehension)
+            queued = [Request(names[i], x, True, None, t0, None, i, ref_id, f)
+                      for i, x, f in zip(index, items, futures)]
+        else:
+            queued = []
+            for i, x, f in zip(index, items, futures):
+                digest = input_digest(x)
+                hit = self.cache.get((ref_id, names[i], digest))
+                if hit is None:
+                    queued.append(Request(names[i], x, True, digest, t0, None, i, ref_id, f))
+                    continue
                 now = time.perf_counter()
-                done.set_result(Prediction(names[i], runner.ref, hit, True, now - t0, now))
+                f.set_result(Prediction(names[i], runner.ref, hit, True, now - t0, now))
                 self._metrics.record((now - t0,), cached=True, done=now)
-                futures.append(done)
-                continue
-            reply: Future[Prediction] = Future()
-            queued.append(Request(names[i], x, True, digest, t0, None, i, ref_id, reply))
-            futures.append(reply)
         try:
             self.queue.put_many(queued)
         except QueueFullError:
@@ -392,12 +392,23 @@ class Server:
         now = time.perf_counter()
         cache = self.cache.enabled and runner is self._runner  # answers of a replaced version are not kept
         latencies = []
+        waiting: list[Answer] = []  # predict callers, woken as one chain (see Answer)
+        values: list[Prediction] = []
+        ref = runner.ref
         for (r, _), y in zip(ready, outputs):
             latency = now - (r.t_submit if r.t_arrival is None else r.t_arrival)
             if cache and r.digest is not None:
-                self.cache.put((runner.ref.id, r.model, r.digest), y)
-            r.future.set_result(Prediction(r.model, runner.ref, y, False, latency, now))
+                self.cache.put((ref.id, r.model, r.digest), y)
+            prediction = Prediction(r.model, ref, y, False, latency, now)
+            if type(r.future) is Answer:
+                waiting.append(r.future)
+                values.append(prediction)
+            else:
+                r.future.set_result(prediction)
             latencies.append(latency)
+        if waiting:
+            self.queue.handing()
+            hand_over(waiting, values, self.queue.handed)
         self._metrics.record(latencies, done=now)
 
     # -- metrics -------------------------------------------------------------------------------------
@@ -511,7 +522,9 @@ def serve(store: "Store | str | os.PathLike[str] | None", ref: "SetRef | str", *
             or ``"none"`` (one request at a time).
         max_batch: rows per batch at most.
         max_wait_ms: the longest a batch that formed while the worker was busy is held back to fill
-            (from its oldest request's arrival); a request that finds the worker idle never waits.
+            (from its oldest request's arrival); a request that finds the worker idle never waits (the
+            worker is busy, too, while it hands a batch's answers to waiting ``predict`` callers, who
+            come back with more: that hand-over is waited for, at most max(max_wait_ms, 2 ms)).
             None (default): the fixed cost of one batch, measured when a version is loaded (``auto_wait_ms``).
         cache_size: answers kept for repeated requests (0: no cache).
         max_queue: requests waiting before ``submit`` rejects one with ``QueueFullError``.
