@@ -186,6 +186,8 @@ def test_a_held_batch_is_woken_once_it_fills_and_a_burst_notifies_only_at_the_cr
     from mm_jupyter.serving.batching import RequestQueue
 
     q = RequestQueue(100, 4, max_wait_s=30.0)
+    _queued(q)
+    assert len(q.take()) == 1  # the worker's first batch (it then computes: busy)
     _queued(q)  # piled up while the worker was busy: held up to 30 s unless it fills
     taken: list[int] = []
     worker = threading.Thread(target=lambda: taken.append(len(q.take())))
@@ -201,3 +203,23 @@ def test_a_held_batch_is_woken_once_it_fills_and_a_burst_notifies_only_at_the_cr
     q._cond.notify = lambda n=1: (notified.append(len(q)), real(n))[1]  # type: ignore[method-assign]
     _queued(q, 10)
     assert notified == [1, 4], "at the first request and as the first batch filled, not after"
+
+
+def test_requests_queued_before_the_worker_first_takes_are_not_held():
+    """A worker that is still starting (a server under load) was never busy: what queued up meanwhile
+    goes at once, whatever max_wait is (held, the first predict of a new server waited max_wait)."""
+    from mm_jupyter.serving.batching import RequestQueue
+
+    q = RequestQueue(100, 8, max_wait_s=120.0)
+    _queued(q, 3)
+    t0 = time.perf_counter()
+    assert len(q.take()) == 3 and time.perf_counter() - t0 < 60
+    _queued(q, 2)  # from now on a batch that piles up while the worker computes may be held to fill
+    taken: list[int] = []
+    worker = threading.Thread(target=lambda: taken.append(len(q.take())), daemon=True)
+    worker.start()
+    worker.join(0.3)
+    assert not taken, "a batch that formed while the worker was busy waits to fill"
+    _queued(q, 6)
+    worker.join(30)
+    assert taken == [8]

@@ -204,6 +204,7 @@ class RequestQueue:
         self._closed = False
         self.peak = 0  # the most requests ever waiting
         self._handing = 0  # batches whose answers are being handed to their callers (see ``hand_over``)
+        self._started = False  # the worker took a batch before: until then nothing queued up while it was busy
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
@@ -251,7 +252,8 @@ class RequestQueue:
     def take(self, batching: bool = True) -> list[Request] | None:
         """The next batch (one request when ``batching`` is False); None once closed and empty."""
         with self._cond:
-            piled = bool(self._items)  # queued up while the worker was busy: this batch may be held to fill
+            # queued up while the worker was busy (not while it was starting): this batch may be held to fill
+            piled = bool(self._items) and self._started
             until = self._clock() + max(self.max_wait_s, HAND_OVER_S)
             while True:
                 while not self._items:
@@ -270,6 +272,7 @@ class RequestQueue:
                     rows += item.rows
                     batch.append(item)
             self._rows -= rows
+            self._started = True
             return batch
 
     def _hold(self, piled: bool, until: float) -> None:
