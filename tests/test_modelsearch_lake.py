@@ -422,3 +422,41 @@ def test_precision_names_what_changes_float_results() -> None:
     tag = precision("cpu")
     assert f"torch {torch.__version__}" in tag and f"threads {torch.get_num_threads()}" in tag
     assert f"cpu {torch.backends.cpu.get_cpu_capability()}" in tag
+
+
+def test_features_are_made_durable_together_and_never_named_when_that_fails(
+        tmp_path: Path, cands: dict[str, nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search's feature objects are synced together when it ends (one ``make_durable`` holding
+    every object it wrote), before the index names them. When that fails, the index names none of
+    them, and the next search computes them again and ranks as a fresh one."""
+    from mm_jupyter.errors import StoreError
+
+    xy = data(300)
+    store = mm.Store(tmp_path / "s")
+    durable = store.objects.make_durable
+    pending: list[int] = []
+
+    def counting() -> None:
+        pending.append(len(store.objects._deferred.paths or []))  # type: ignore[attr-defined]
+        durable()
+
+    monkeypatch.setattr(store.objects, "make_durable", counting)
+    first = run(cands, xy, store)
+    written = {e.oid for e in load_index(store.objects).values()}
+    assert pending[:1] == [len(written)] and len(written) > 1  # every feature object, synced at once
+    before = kept(store)
+
+    broken = mm.Store(tmp_path / "broken")
+
+    def failing() -> None:
+        raise StoreError("the disk said no")
+
+    monkeypatch.setattr(broken.objects, "make_durable", failing)
+    lost = run(cands, xy, broken)
+    same(first, lost)
+    assert load_index(broken.objects) == {}  # nothing that may not be on disk is named
+    monkeypatch.undo()
+    again = run(cands, xy, broken)
+    assert again.stats["features_reused"] == 0 and again.stats["features_computed"] > 0
+    same(first, again)
+    assert kept(broken) == before

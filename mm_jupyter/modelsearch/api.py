@@ -222,7 +222,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
             hashed: list[str] = []
             for b in split.blocks:  # the same block object in several candidates is hashed once
                 if id(b.module) not in ids_of:
-                    ids_of[id(b.module)] = block_id(b)
+                    ids_of[id(b.module)] = block_id(b, split.scope)
                     distinct.add(ids_of[id(b.module)])
                 hashed.append(ids_of[id(b.module)])
             splits[name] = (split, cached_output_sizes(split, hashed, sample[:1].to(device), name), hashed)
@@ -407,7 +407,8 @@ def search(
     if len(train_idx) < 2:
         raise SearchError(f"{len(x)} items are too few to split into training and test data")
     x_test, y_test = x[test_idx], y[test_idx]
-    x_train, y_train = x[train_idx], y[train_idx]
+    if lay is None:  # with a layout the training items are gathered once, in their rung order (below)
+        x_train, y_train = x[train_idx], y[train_idx]
     meter.add("prepare data", time.perf_counter() - t0)
 
     shared = approach == "alsatian"
@@ -427,9 +428,9 @@ def search(
     if k > n_arms:
         raise SearchError(f"k={k} is larger than the number of arms ({n_arms})")
     use_halving = (approach != "base") if halving is None else halving
-    rungs = schedule(n_arms, k, len(x_train), eta, use_halving)
+    rungs = schedule(n_arms, k, len(train_idx), eta, use_halving)
     if lay is None:
-        rungs = [Rung(r.index, r.models, max(r.items, min(len(x_train), MIN_RUNG_ITEMS)), r.keep) for r in rungs]
+        rungs = [Rung(r.index, r.models, max(r.items, min(len(train_idx), MIN_RUNG_ITEMS)), r.keep) for r in rungs]
     else:
         counts = lay.rung_items(len(rungs) - 1, MIN_RUNG_ITEMS)
         rungs = [Rung(r.index, r.models, counts[r.index], r.keep) for r in rungs]

@@ -108,12 +108,13 @@ def item_hashes(x: "torch.Tensor") -> list[bytes]:
 
     flat = x.detach().cpu().contiguous()
     head = f"{flat.dtype}|{tuple(flat.shape[1:])}|".encode()
-    raw = flat.reshape(len(flat), -1).view(torch.uint8).numpy() if flat.numel() else None
+    base = hashlib.sha256(head)
+    if not flat.numel():
+        return [base.digest()] * len(flat)
     out = []
-    for i in range(len(flat)):
-        h = hashlib.sha256(head)
-        if raw is not None:
-            h.update(raw[i].tobytes())
+    for row in flat.reshape(len(flat), -1).view(torch.uint8).numpy():  # rows hashed in place, never copied
+        h = base.copy()
+        h.update(row)
         out.append(h.digest())
     return out
 

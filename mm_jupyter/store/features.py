@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
@@ -119,6 +119,11 @@ class FeatureStore:
         self.added: set[str] = set()
         self.hits = self.misses = self.corrupt = self.written_bytes = 0
         self.touched = False
+        # a search's feature objects are made durable together at ``flush`` (one journal commit, not
+        # a file and folder fsync per put); until then they are readable, and a crash leaves at worst
+        # objects that fail verification or are missing: features are only a cache, dropped and recomputed
+        self._deferred = ExitStack()
+        self._deferred.enter_context(self.objects.deferred_durability())
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries and self.entries[key].oid not in self._bad
@@ -201,9 +206,17 @@ class FeatureStore:
         self._readers.clear()
 
     def flush(self) -> None:
-        """Merge with the index as stored now (another search may have written since), evict the
-        least recently used objects down to the budget, and write the index."""
+        """Make this search's feature objects durable, merge with the index as stored now (another
+        search may have written since), evict the least recently used objects down to the budget,
+        and write the index."""
         self.close()
+        try:
+            self._deferred.close()  # fsyncs what ``put`` published
+        except (StoreError, OSError):  # not durable (and maybe removed): never named by the index
+            lost = {self.entries[k].oid for k in self.added if k in self.entries}
+            self._bad |= lost
+            self.entries = {k: e for k, e in self.entries.items() if e.oid not in lost}
+            self.added.clear()
         if not (self.added or self.touched or self._bad) and not over_budget(self.entries, self.budget):
             return
         try:
