@@ -406,9 +406,11 @@ def search(
         test_idx, train_idx = order[:n_test], order[n_test:]
     if len(train_idx) < 2:
         raise SearchError(f"{len(x)} items are too few to split into training and test data")
-    x_test, y_test = x[test_idx], y[test_idx]
-    if lay is None:  # with a layout the training items are gathered once, in their rung order (below)
+    if lay is None:
+        x_test, y_test = x[test_idx], y[test_idx]
         x_train, y_train = x[train_idx], y[train_idx]
+    else:  # with a layout a chunk's items are gathered only when it is computed (``_run``)
+        x_test, y_test = x, y[test_idx]
     meter.add("prepare data", time.perf_counter() - t0)
 
     shared = approach == "alsatian"
@@ -435,7 +437,7 @@ def search(
         counts = lay.rung_items(len(rungs) - 1, MIN_RUNG_ITEMS)
         rungs = [Rung(r.index, r.models, counts[r.index], r.keep) for r in rungs]
         lay = lay.grouped(lay.rung_levels(len(rungs) - 1, MIN_RUNG_ITEMS)[0])  # the first rung's items: one group
-        x_train, y_train = x[lay.train], y[lay.train]
+        x_train, y_train = x, y[lay.train]
     kept = None
     if reuse:
 
@@ -469,7 +471,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
          batch_size: int, cache_budget: int | None, seed: int, remote: Any, lay: Any = None,
          kept: Any = None) -> SearchResult:
     """The rungs: extract new features, score, prune (locally or on the Ray workers). With kept
-    features (``lay``: the content layout, ``kept``: the store's features) every segment is one chunk."""
+    features (``lay``: the content layout, ``kept``: the store's features) every segment is one chunk,
+    ``x_train`` and ``x_test`` are the whole data and a segment is its chunk's item indices."""
     import torch
 
     from .proxies import ProxyScore, score_many
@@ -488,10 +491,10 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
             pairs = ([("test", x_test)] if rung.index == 0 else []) + [("train", x_train[done_items:rung.items])]
             pairs = [(label, seg) for label, seg in pairs if len(seg)]
             hashes: list[str] = []
-        else:
-            parts = ([("test", x_test, c) for c in lay.test_chunks] if rung.index == 0 else []) + [
-                ("train", x_train, c) for c in lay.chunks("train", done_items, rung.items)]
-            pairs = [(label, whole[a:b]) for label, whole, (a, b, _) in parts]
+        else:  # a segment is a chunk's item indices into the data (``x_test is x_train``: all of it)
+            parts = ([("test", lay.test, c) for c in lay.test_chunks] if rung.index == 0 else []) + [
+                ("train", lay.train, c) for c in lay.chunks("train", done_items, rung.items)]
+            pairs = [(label, order[a:b]) for label, order, (a, b, _) in parts]
             hashes = [h for _, _, (_, _, h) in parts]
         labels = [label for label, _ in pairs]
         segments = [seg for _, seg in pairs]
@@ -500,7 +503,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
         if not segments:
             per_segment: list[dict[Any, Any]] = []
         elif kept is not None:
-            per_segment = kept.extract(group, segments, hashes, shared=shared, batch_size=batch_size, device=dev,
+            per_segment = kept.extract(group, x_train, segments, hashes, shared=shared, batch_size=batch_size,
+                                       device=dev,
                                        budget=cache_budget, meter=meter, emit=emit, resident=resident)
         elif remote is not None:
             per_segment = remote.extract(group, segments, meter, emit)

@@ -199,12 +199,13 @@ class Kept:
         add_field(h, chunk)
         return str(h.hexdigest())
 
-    def extract(self, group: list[Candidate], segments: list["torch.Tensor"], hashes: list[str], *,
-                shared: bool, batch_size: int, device: str, budget: int | None, meter: Meter,
+    def extract(self, group: list[Candidate], data: "torch.Tensor", segments: list["torch.Tensor"],
+                hashes: list[str], *, shared: bool, batch_size: int, device: str, budget: int | None, meter: Meter,
                 emit: Callable[[dict[str, Any]], None],
                 resident: dict[tuple[str, ...], Any]) -> list[dict[Hashable, "torch.Tensor"]]:
-        """Features of ``group`` per segment (one chunk each): kept ones read, the rest computed
-        (from a kept last-block input where every segment has one) and kept."""
+        """Features of ``group`` per segment (one chunk each: the indices of its items in ``data``):
+        kept ones read, the rest computed (from a kept last-block input where every segment has one)
+        and kept. Only the items of computed chunks are gathered."""
         import torch
 
         t0 = time.perf_counter()
@@ -225,7 +226,7 @@ class Kept:
         meter.add("inference", time.perf_counter() - t0)  # reading kept features replaces inference
         by_name = {c.name: c for c in group}
         for names, idx in need.items():
-            segs = [segments[j] for j in idx]
+            segs = [data.index_select(0, segments[j]) for j in idx]
             hs = [hashes[j] for j in idx]
             full: list[Candidate] = []
             resume: dict[tuple[str, ...], tuple[list[Candidate], torch.Tensor]] = {}
