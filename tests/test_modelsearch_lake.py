@@ -460,3 +460,30 @@ def test_features_are_made_durable_together_and_never_named_when_that_fails(
     assert again.stats["features_reused"] == 0 and again.stats["features_computed"] > 0
     same(first, again)
     assert kept(broken) == before
+
+
+def test_a_feature_object_is_the_documented_payload(tmp_path: Path) -> None:
+    """``put`` writes the payload straight into the object: the magic, then every tensor's bytes
+    at 64-byte aligned offsets with zero padding; every feature reads back bit-identical."""
+    store = mm.Store(tmp_path / "s")
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a" * 64: torch.randn(3, 5, generator=g), "b" * 64: torch.tensor(2.5, dtype=torch.float64),
+               "c" * 64: torch.zeros(0, 4), "d" * 64: torch.rand(7, generator=g) > 0.5,
+               "e" * 64: torch.randn(2, 3, generator=g).to(torch.bfloat16)}
+    fs = FeatureStore(store)
+    fs.put(list(tensors.items()))
+    fs.flush()
+    fs = FeatureStore(store)
+    expected = bytearray(kept_features.PAYLOAD_MAGIC.ljust(64, b"\x00"))
+    for key, t in tensors.items():
+        got = fs.get(key)
+        assert got is not None and got.dtype == t.dtype and got.shape == t.shape
+        assert got.reshape(-1).view(torch.uint8).tolist() == t.reshape(-1).view(torch.uint8).tolist()
+        e = fs.entries[key]
+        assert e.offset == len(expected)
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        expected += raw + b"\x00" * (-len(raw) % 64)
+    (oid,) = {e.oid for e in fs.entries.values()}
+    reader = store.objects.open(oid)
+    assert bytes(reader.read(0, reader.size)) == bytes(expected)
+    fs.close()

@@ -20,7 +20,7 @@ import json
 import time
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 from ..errors import IntegrityError, MMError, StoreError
 from .limits import loads
@@ -179,18 +179,28 @@ class FeatureStore:
                 if k not in self and str(t.dtype).removeprefix("torch.") in _DTYPES and t.layout == torch.strided]
         if not todo:
             return
-        parts: list[bytes] = [PAYLOAD_MAGIC + b"\x00" * (_ALIGN - len(PAYLOAD_MAGIC))]
-        at = _ALIGN
         placed = []
+        at = _ALIGN
         for key, t in todo:
-            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            placed.append((key, at, len(raw), str(t.dtype).removeprefix("torch."), tuple(t.shape)))
-            pad = -len(raw) % _ALIGN
-            parts.append(raw + b"\x00" * pad)
-            at += len(raw) + pad
+            nbytes = t.numel() * t.element_size()
+            placed.append((key, at, nbytes, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
+            at += nbytes + (-nbytes % _ALIGN)
+        magic = torch.tensor(list(PAYLOAD_MAGIC), dtype=torch.uint8)
+
+        def fill(dst: "torch.Tensor", progress: Callable[[int], None]) -> None:
+            """The payload written once, straight into the object (no joined copy of it in memory)."""
+            dst[:_ALIGN].zero_()
+            dst[: len(magic)].copy_(magic)
+            for (_, offset, nbytes, _, _), (_, t) in zip(placed, todo):
+                end = offset + nbytes + (-nbytes % _ALIGN)
+                if nbytes:
+                    dst[offset : offset + nbytes].copy_(t.reshape(-1).view(torch.uint8))
+                dst[offset + nbytes : end].zero_()
+                progress(end)
+
         try:
             with self.store.writing("search features"):
-                oid = self.objects.put(b"".join(parts)).oid
+                oid = self.objects.put_filled(at, fill).oid
         except StoreError:
             return  # a read-only store: the features are simply not kept
         now = time.time()
