@@ -487,3 +487,60 @@ def test_a_feature_object_is_the_documented_payload(tmp_path: Path) -> None:
     reader = store.objects.open(oid)
     assert bytes(reader.read(0, reader.size)) == bytes(expected)
     fs.close()
+
+
+class _Dense(nn.Module):
+    """One step the Sequential rule keeps whole, so blocks are modules of the model itself (their
+    ids come from the model's identity scope, ``hashing.block_id``)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(cin, cout)
+        self.act: nn.Module = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(x))
+
+
+def dense_family(n: int, seed: int) -> dict[str, nn.Module]:
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, nn.Module] = {}
+    for i in range(n):
+        m = nn.Sequential(_Dense(8, 24), _Dense(24, 24), _Dense(24, 16), nn.Linear(16, 12))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+        out[f"d{seed}-{i}"] = m
+    return out
+
+
+def test_a_changed_candidate_item_or_precision_is_computed_again(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Searches again after changing the same candidate objects in place (weight values, a new
+    parameter object, a swapped submodule), one data item, or the precision tag: what changed is
+    computed again (never read from the kept features), and the ranking equals a fresh search's
+    on an empty store; searching once more then computes nothing."""
+    from mm_jupyter.modelsearch import api
+
+    models = dense_family(4, 3)
+    x, y = data(300)
+    store = mm.Store(tmp_path / "s")
+    run(models, (x, y), store)
+    assert run(models, (x, y), store).stats["features_computed"] == 0  # verdicts cached: ids from the scopes
+    moved = x.clone()
+    moved[7] += 0.25
+    tag = api.precision("cpu")
+    changes = [
+        ("weight values", lambda: models["d3-1"][2].lin.weight.data.add_(0.5)),
+        ("a new parameter", lambda: setattr(models["d3-2"][1].lin, "weight",
+                                            nn.Parameter(models["d3-2"][1].lin.weight.detach() * 1.5))),
+        ("a swapped submodule", lambda: setattr(models["d3-3"][2], "act", nn.Tanh())),
+        ("an item", lambda: x.copy_(moved)),
+        ("the precision", lambda: monkeypatch.setattr(api, "precision", lambda dev: tag + "|elsewhere")),
+    ]
+    for i, (what, change) in enumerate(changes):
+        change()
+        again = run(models, (x, y), store)
+        assert again.stats["features_computed"] > 0, f"{what}: nothing was computed again"
+        same(again, run(models, (x, y), mm.Store(tmp_path / f"fresh{i}")))
+        assert run(models, (x, y), store).stats["features_computed"] == 0, what
