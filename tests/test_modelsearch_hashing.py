@@ -315,3 +315,16 @@ def test_a_declared_split_has_no_scope() -> None:
     x = torch.randn(4, 6)
     split_model(model, x)
     assert split_model(model, x).scope is None
+
+
+def test_identity_digest_is_the_sha256_of_the_raw_bytes() -> None:
+    """``identity.digest`` hashes a tensor's bytes in place; the digest (part of verdict keys) is the
+    plain sha256 of the copied bytes for every layout and dtype."""
+    import hashlib
+
+    from mm_jupyter.modelsearch.identity import digest
+
+    for t in (torch.randn(3, 4), torch.tensor(2.0), torch.zeros(0), torch.ones(5, dtype=torch.bool),
+              torch.randn(4, 3).t(), torch.randn(2, 2).to(torch.bfloat16), torch.randn(3, dtype=torch.complex64)):
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert digest(t) == hashlib.sha256(raw).digest()
