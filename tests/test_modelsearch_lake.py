@@ -544,3 +544,19 @@ def test_a_changed_candidate_item_or_precision_is_computed_again(tmp_path: Path,
         assert again.stats["features_computed"] > 0, f"{what}: nothing was computed again"
         same(again, run(models, (x, y), mm.Store(tmp_path / f"fresh{i}")))
         assert run(models, (x, y), store).stats["features_computed"] == 0, what
+
+
+def test_a_candidate_writing_its_input_never_changes_the_data(tmp_path: Path) -> None:
+    """Verifying a candidate's split runs it on the first items; one that writes its input in place
+    (an in-place first activation) must change neither the caller's data nor what a kept chunk holds:
+    a repeated search reads what a fresh one computes."""
+    torch.manual_seed(0)
+    writer = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12))
+    cands = {"writer": writer, **family(2, 5)}
+    x, y = data(200)
+    before = x.clone()
+    first = run(cands, (x, y), mm.Store(tmp_path / "s"))
+    assert torch.equal(x, before)
+    same(first, run(cands, (x, y), mm.Store(tmp_path / "s")))
+    mm.search(cands, (x, y), k=1, device="cpu")
+    assert torch.equal(x, before)

@@ -417,7 +417,8 @@ def search(
     # str(): the names are already str (_named); Candidate allows any hashable name
     from .verify import PROBE_ITEMS
 
-    probe = x[:PROBE_ITEMS]
+    probe = x[:PROBE_ITEMS].clone()  # verification runs candidates on it: one that writes its input in place
+    # must not change the data (with kept features, chunks are gathered from ``x`` later)
     cands = {str(c.name): c for c in _prepare(named, probe, shared, dev, meter, emit, costs=executor is not None,
                                               with_ids=reuse)}
     arms = {name: (name, -1) for name in cands}
