@@ -53,7 +53,7 @@ class _Uncacheable(Exception):
 def digest(t: Tensor) -> bytes:
     """sha256 of a tensor's raw bytes."""
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy()).digest()  # hashed in place, not copied
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).digest()  # hashed in place, not copied
 
 
 class _Signature:
