@@ -240,3 +240,91 @@ def test_a_remembered_block_plan_never_serves_a_changed_block() -> None:
         seen.add(got)
     other = Block(module, call="hf-layer")  # the same module called differently
     assert block_id(other) == _digest(other, True) != block_id(block)
+
+
+class _Unit(nn.Module):
+    """A step the Sequential rule keeps whole (a block that is a module of the model itself)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def test_block_ids_from_the_models_scope_never_serve_a_changed_model() -> None:
+    """A split rebuilt from a cached verdict carries the model's identity scope, and ``block_id``
+    remembers its plans there instead of walking every block again. After every change of the same
+    objects (values, attributes, swapped submodules, replaced parameters, a submodule swapped out and
+    back in) each block's id must equal a fresh computation's."""
+    from mm_jupyter.modelsearch.hashing import _digest
+    from mm_jupyter.modelsearch.verify import clear_verdicts
+
+    clear_verdicts()
+    torch.manual_seed(0)
+    model = nn.Sequential(_Unit(3, 4), _Unit(4, 4), _Unit(4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    x = torch.randn(4, 3, 8, 8)
+    spare, original = nn.GELU(), model[1].act
+    changes = [
+        lambda m: m[0].conv.weight.data.add_(1.0),  # values: the signature holds, the bytes are hashed again
+        lambda m: setattr(m[1].conv.weight, "data", torch.randn(4, 4, 3, 3)),  # new storage, same Parameter
+        lambda m: setattr(m[0].conv, "weight", nn.Parameter(torch.randn(4, 3, 3, 3))),  # a new Parameter
+        lambda m: setattr(m[1].act, "inplace", True),  # a public scalar attribute
+        lambda m: setattr(m[1], "act", spare),  # a swapped submodule ...
+        lambda m: setattr(m[1], "act", original),  # ... swapped back: the old plans must not return
+        lambda m: m[1].bn.running_var.fill_(2.0),  # statistics: not structure, but bytes
+        lambda m: m[0].register_buffer("extra", torch.ones(2)),  # a new tensor
+    ]
+    seen: list[tuple[str, ...]] = []
+    for i, change in enumerate([lambda m: None, *changes]):
+        change(model)
+        split_model(model, x)  # a changed structure is verified afresh (no scope) ...
+        split = split_model(model, x)  # ... and then comes from the cached verdict
+        assert split.scope is not None, f"change {i}: the rebuilt split has no scope"
+        inside = [b for b in split.blocks if id(b.module) in split.scope.tree]
+        assert len(inside) >= 2  # the Units: blocks that are modules of the model
+        for _ in range(2):  # the second time from the memo
+            got = tuple(block_id(b, split.scope) for b in split.blocks)
+            assert got == tuple(_digest(b, True) for b in split.blocks), f"change {i} got a stale id"
+        assert split.scope.memo, "the plans were not remembered in the scope"
+        seen.append(got)
+    assert seen[6] == seen[4]  # swapped back: the same ids as before the swap (computed afresh above)
+    assert len(set(seen)) == len(seen) - 1, "a change did not change an id"
+
+
+def test_a_declared_split_has_no_scope() -> None:
+    """``mm_blocks`` is the model's own code: it may change the model after the key's walk, so its
+    block ids walk their blocks themselves."""
+
+    class Declared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def mm_blocks(self) -> tuple[list[nn.Module], nn.Module]:
+            return [self.a, self.b], self.head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.b(self.a(x)))
+
+    model = Declared()
+    x = torch.randn(4, 6)
+    split_model(model, x)
+    assert split_model(model, x).scope is None
+
+
+def test_identity_digest_is_the_sha256_of_the_raw_bytes() -> None:
+    """``identity.digest`` hashes a tensor's bytes in place; the digest (part of verdict keys) is the
+    plain sha256 of the copied bytes for every layout and dtype."""
+    import hashlib
+
+    from mm_jupyter.modelsearch.identity import digest
+
+    for t in (torch.randn(3, 4), torch.tensor(2.0), torch.zeros(0), torch.ones(5, dtype=torch.bool),
+              torch.randn(4, 3).t(), torch.randn(2, 2).to(torch.bfloat16), torch.randn(3, dtype=torch.complex64)):
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert digest(t) == hashlib.sha256(raw).digest()

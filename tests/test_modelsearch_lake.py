@@ -422,3 +422,141 @@ def test_precision_names_what_changes_float_results() -> None:
     tag = precision("cpu")
     assert f"torch {torch.__version__}" in tag and f"threads {torch.get_num_threads()}" in tag
     assert f"cpu {torch.backends.cpu.get_cpu_capability()}" in tag
+
+
+def test_features_are_made_durable_together_and_never_named_when_that_fails(
+        tmp_path: Path, cands: dict[str, nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search's feature objects are synced together when it ends (one ``make_durable`` holding
+    every object it wrote), before the index names them. When that fails, the index names none of
+    them, and the next search computes them again and ranks as a fresh one."""
+    from mm_jupyter.errors import StoreError
+
+    xy = data(300)
+    store = mm.Store(tmp_path / "s")
+    durable = store.objects.make_durable
+    pending: list[int] = []
+
+    def counting() -> None:
+        pending.append(len(store.objects._deferred.paths or []))  # type: ignore[attr-defined]
+        durable()
+
+    monkeypatch.setattr(store.objects, "make_durable", counting)
+    first = run(cands, xy, store)
+    written = {e.oid for e in load_index(store.objects).values()}
+    assert pending[:1] == [len(written)] and len(written) > 1  # every feature object, synced at once
+    before = kept(store)
+
+    broken = mm.Store(tmp_path / "broken")
+
+    def failing() -> None:
+        raise StoreError("the disk said no")
+
+    monkeypatch.setattr(broken.objects, "make_durable", failing)
+    lost = run(cands, xy, broken)
+    same(first, lost)
+    assert load_index(broken.objects) == {}  # nothing that may not be on disk is named
+    monkeypatch.undo()
+    again = run(cands, xy, broken)
+    assert again.stats["features_reused"] == 0 and again.stats["features_computed"] > 0
+    same(first, again)
+    assert kept(broken) == before
+
+
+def test_a_feature_object_is_the_documented_payload(tmp_path: Path) -> None:
+    """``put`` writes the payload straight into the object: the magic, then every tensor's bytes
+    at 64-byte aligned offsets with zero padding; every feature reads back bit-identical."""
+    store = mm.Store(tmp_path / "s")
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a" * 64: torch.randn(3, 5, generator=g), "b" * 64: torch.tensor(2.5, dtype=torch.float64),
+               "c" * 64: torch.zeros(0, 4), "d" * 64: torch.rand(7, generator=g) > 0.5,
+               "e" * 64: torch.randn(2, 3, generator=g).to(torch.bfloat16)}
+    fs = FeatureStore(store)
+    fs.put(list(tensors.items()))
+    fs.flush()
+    fs = FeatureStore(store)
+    expected = bytearray(kept_features.PAYLOAD_MAGIC.ljust(64, b"\x00"))
+    for key, t in tensors.items():
+        got = fs.get(key)
+        assert got is not None and got.dtype == t.dtype and got.shape == t.shape
+        assert got.reshape(-1).view(torch.uint8).tolist() == t.reshape(-1).view(torch.uint8).tolist()
+        e = fs.entries[key]
+        assert e.offset == len(expected)
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        expected += raw + b"\x00" * (-len(raw) % 64)
+    (oid,) = {e.oid for e in fs.entries.values()}
+    reader = store.objects.open(oid)
+    assert bytes(reader.read(0, reader.size)) == bytes(expected)
+    fs.close()
+
+
+class _Dense(nn.Module):
+    """One step the Sequential rule keeps whole, so blocks are modules of the model itself (their
+    ids come from the model's identity scope, ``hashing.block_id``)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(cin, cout)
+        self.act: nn.Module = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(x))
+
+
+def dense_family(n: int, seed: int) -> dict[str, nn.Module]:
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, nn.Module] = {}
+    for i in range(n):
+        m = nn.Sequential(_Dense(8, 24), _Dense(24, 24), _Dense(24, 16), nn.Linear(16, 12))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+        out[f"d{seed}-{i}"] = m
+    return out
+
+
+def test_a_changed_candidate_item_or_precision_is_computed_again(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Searches again after changing the same candidate objects in place (weight values, a new
+    parameter object, a swapped submodule), one data item, or the precision tag: what changed is
+    computed again (never read from the kept features), and the ranking equals a fresh search's
+    on an empty store; searching once more then computes nothing."""
+    from mm_jupyter.modelsearch import api
+
+    models = dense_family(4, 3)
+    x, y = data(300)
+    store = mm.Store(tmp_path / "s")
+    run(models, (x, y), store)
+    assert run(models, (x, y), store).stats["features_computed"] == 0  # verdicts cached: ids from the scopes
+    moved = x.clone()
+    moved[7] += 0.25
+    tag = api.precision("cpu")
+    changes = [
+        ("weight values", lambda: models["d3-1"][2].lin.weight.data.add_(0.5)),
+        ("a new parameter", lambda: setattr(models["d3-2"][1].lin, "weight",
+                                            nn.Parameter(models["d3-2"][1].lin.weight.detach() * 1.5))),
+        ("a swapped submodule", lambda: setattr(models["d3-3"][2], "act", nn.Tanh())),
+        ("an item", lambda: x.copy_(moved)),
+        ("the precision", lambda: monkeypatch.setattr(api, "precision", lambda dev: tag + "|elsewhere")),
+    ]
+    for i, (what, change) in enumerate(changes):
+        change()
+        again = run(models, (x, y), store)
+        assert again.stats["features_computed"] > 0, f"{what}: nothing was computed again"
+        same(again, run(models, (x, y), mm.Store(tmp_path / f"fresh{i}")))
+        assert run(models, (x, y), store).stats["features_computed"] == 0, what
+
+
+def test_a_candidate_writing_its_input_never_changes_the_data(tmp_path: Path) -> None:
+    """Verifying a candidate's split runs it on the first items; one that writes its input in place
+    (an in-place first activation) must change neither the caller's data nor what a kept chunk holds:
+    a repeated search reads what a fresh one computes."""
+    torch.manual_seed(0)
+    writer = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12))
+    cands = {"writer": writer, **family(2, 5)}
+    x, y = data(200)
+    before = x.clone()
+    first = run(cands, (x, y), mm.Store(tmp_path / "s"))
+    assert torch.equal(x, before)
+    same(first, run(cands, (x, y), mm.Store(tmp_path / "s")))
+    mm.search(cands, (x, y), k=1, device="cpu")
+    assert torch.equal(x, before)

@@ -222,7 +222,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
             hashed: list[str] = []
             for b in split.blocks:  # the same block object in several candidates is hashed once
                 if id(b.module) not in ids_of:
-                    ids_of[id(b.module)] = block_id(b)
+                    ids_of[id(b.module)] = block_id(b, split.scope)
                     distinct.add(ids_of[id(b.module)])
                 hashed.append(ids_of[id(b.module)])
             splits[name] = (split, cached_output_sizes(split, hashed, sample[:1].to(device), name), hashed)
@@ -406,15 +406,19 @@ def search(
         test_idx, train_idx = order[:n_test], order[n_test:]
     if len(train_idx) < 2:
         raise SearchError(f"{len(x)} items are too few to split into training and test data")
-    x_test, y_test = x[test_idx], y[test_idx]
-    x_train, y_train = x[train_idx], y[train_idx]
+    if lay is None:
+        x_test, y_test = x[test_idx], y[test_idx]
+        x_train, y_train = x[train_idx], y[train_idx]
+    else:  # with a layout a chunk's items are gathered only when it is computed (``_run``)
+        x_test, y_test = x, y[test_idx]
     meter.add("prepare data", time.perf_counter() - t0)
 
     shared = approach == "alsatian"
     # str(): the names are already str (_named); Candidate allows any hashable name
     from .verify import PROBE_ITEMS
 
-    probe = x[:PROBE_ITEMS]
+    probe = x[:PROBE_ITEMS].clone()  # verification runs candidates on it: one that writes its input in place
+    # must not change the data (with kept features, chunks are gathered from ``x`` later)
     cands = {str(c.name): c for c in _prepare(named, probe, shared, dev, meter, emit, costs=executor is not None,
                                               with_ids=reuse)}
     arms = {name: (name, -1) for name in cands}
@@ -427,14 +431,14 @@ def search(
     if k > n_arms:
         raise SearchError(f"k={k} is larger than the number of arms ({n_arms})")
     use_halving = (approach != "base") if halving is None else halving
-    rungs = schedule(n_arms, k, len(x_train), eta, use_halving)
+    rungs = schedule(n_arms, k, len(train_idx), eta, use_halving)
     if lay is None:
-        rungs = [Rung(r.index, r.models, max(r.items, min(len(x_train), MIN_RUNG_ITEMS)), r.keep) for r in rungs]
+        rungs = [Rung(r.index, r.models, max(r.items, min(len(train_idx), MIN_RUNG_ITEMS)), r.keep) for r in rungs]
     else:
         counts = lay.rung_items(len(rungs) - 1, MIN_RUNG_ITEMS)
         rungs = [Rung(r.index, r.models, counts[r.index], r.keep) for r in rungs]
         lay = lay.grouped(lay.rung_levels(len(rungs) - 1, MIN_RUNG_ITEMS)[0])  # the first rung's items: one group
-        x_train, y_train = x[lay.train], y[lay.train]
+        x_train, y_train = x, y[lay.train]
     kept = None
     if reuse:
 
@@ -468,7 +472,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
          batch_size: int, cache_budget: int | None, seed: int, remote: Any, lay: Any = None,
          kept: Any = None) -> SearchResult:
     """The rungs: extract new features, score, prune (locally or on the Ray workers). With kept
-    features (``lay``: the content layout, ``kept``: the store's features) every segment is one chunk."""
+    features (``lay``: the content layout, ``kept``: the store's features) every segment is one chunk,
+    ``x_train`` and ``x_test`` are the whole data and a segment is its chunk's item indices."""
     import torch
 
     from .proxies import ProxyScore, score_many
@@ -487,10 +492,10 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
             pairs = ([("test", x_test)] if rung.index == 0 else []) + [("train", x_train[done_items:rung.items])]
             pairs = [(label, seg) for label, seg in pairs if len(seg)]
             hashes: list[str] = []
-        else:
-            parts = ([("test", x_test, c) for c in lay.test_chunks] if rung.index == 0 else []) + [
-                ("train", x_train, c) for c in lay.chunks("train", done_items, rung.items)]
-            pairs = [(label, whole[a:b]) for label, whole, (a, b, _) in parts]
+        else:  # a segment is a chunk's item indices into the data (``x_test is x_train``: all of it)
+            parts = ([("test", lay.test, c) for c in lay.test_chunks] if rung.index == 0 else []) + [
+                ("train", lay.train, c) for c in lay.chunks("train", done_items, rung.items)]
+            pairs = [(label, order[a:b]) for label, order, (a, b, _) in parts]
             hashes = [h for _, _, (_, _, h) in parts]
         labels = [label for label, _ in pairs]
         segments = [seg for _, seg in pairs]
@@ -499,7 +504,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
         if not segments:
             per_segment: list[dict[Any, Any]] = []
         elif kept is not None:
-            per_segment = kept.extract(group, segments, hashes, shared=shared, batch_size=batch_size, device=dev,
+            per_segment = kept.extract(group, x_train, segments, hashes, shared=shared, batch_size=batch_size,
+                                       device=dev,
                                        budget=cache_budget, meter=meter, emit=emit, resident=resident)
         elif remote is not None:
             per_segment = remote.extract(group, segments, meter, emit)

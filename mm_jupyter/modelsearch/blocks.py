@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SearchError, a_type
+from .identity import Scope
 
 #: How a block is applied to the previous output ``h`` and the batch context ``ctx``:
 #: ``plain``: ``module(h)``; ``hf-layer``: ``module(h, **inputs)``, first element if it returns a tuple;
@@ -141,6 +142,9 @@ class Split:
     reference: Callable[[Tensor], Tensor | None] | None = field(default=None, repr=False)
     recipe: object = field(default=None, repr=False)
     architecture: str | None = field(default=None, repr=False)  # the verdict key (verify.py) when verified
+    #: the model's ``identity.Scope`` when the split was rebuilt from a cached verdict without running any of
+    #: the model's code (verify.py): block ids remember their plans in it (hashing.py)
+    scope: Scope | None = field(default=None, repr=False)
 
     def modules(self) -> list[nn.Module]:
         """The block modules in order (what the engine moves, hashes and runs)."""

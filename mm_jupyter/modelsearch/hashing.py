@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from ..errors import SearchError
 from .blocks import Block
-from .identity import IdentityCache
+from .identity import IdentityCache, Scope
 
 _VERSION = b"mm-block-id/1"
 
@@ -91,13 +91,21 @@ def _tensor_bytes_slow(t: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data
 
 
-def block_id(block: Block) -> str:
+def block_id(block: Block, scope: Scope | None = None) -> str:
     """sha256 hex id of a block's call, structure and tensors (see the module docstring). What the
-    id reads besides the tensors' bytes is remembered per block module (``identity.py``); the bytes
-    are hashed on every call: they are the proof that a candidate did not change."""
+    id reads besides the tensors' bytes is remembered per block module (``identity.py``), or in
+    ``scope`` (a ``Split.scope``: the model's signature just checked covers every module of its
+    tree, so a block inside it needs no walk of its own); the bytes are hashed on every call: they
+    are the proof that a candidate did not change."""
     if not isinstance(block, Block):
         raise SearchError(f"block_id takes a Block, got {type(block).__name__}")
-    plan = _PLANS.get(block.module, (block.call, tuple(block.inputs)), lambda: _plan(block))
+    if scope is not None and id(block.module) in scope.tree:
+        at = (id(block.module), block.call, tuple(block.inputs))
+        plan = scope.memo.get(at)
+        if plan is None:
+            plan = scope.memo[at] = _plan(block)
+    else:
+        plan = _PLANS.get(block.module, (block.call, tuple(block.inputs)), lambda: _plan(block))
     if plan is None:
         return _digest(block, True)
     segments, tensors = plan

@@ -23,7 +23,7 @@ import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -53,7 +53,7 @@ class _Uncacheable(Exception):
 def digest(t: Tensor) -> bytes:
     """sha256 of a tensor's raw bytes."""
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).digest()
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).digest()  # hashed in place, not copied
 
 
 class _Signature:
@@ -65,6 +65,7 @@ class _Signature:
         self.objects: dict[int, object] = {}  # id -> object, held weakly by the cache entry
         self.local: dict[int, int] = {}  # containers and objects met in this walk: sharing, cycles
         self.attr_modules: list[int] = []
+        self.tree_ids: set[int] = set()
 
     def obj(self, v: object) -> None:
         self.objects[id(v)] = v
@@ -155,6 +156,18 @@ class _Signature:
             stack.extend(reversed(children))
         if any(i not in tree for i in self.attr_modules):
             raise _Uncacheable("a module outside the tree")
+        self.tree_ids = tree
+
+
+@dataclass
+class Scope:
+    """What an entry's signature covers, for descriptions of parts of the root made while that
+    signature holds: ``tree`` (ids of the modules in the root's tree, kept alive by the entry's
+    validity) and ``memo`` (such descriptions). It belongs to one entry: a changed root gets a new
+    entry and an empty memo, so a memoised part is never older than the signature it rests on."""
+
+    tree: frozenset[int]
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,6 +176,7 @@ class _Entry(Generic[T]):
     atoms: list[object]
     refs: list["weakref.ref[Any]"]
     value: T | None  # None: the describer cannot describe this root
+    scope: Scope
 
 
 class IdentityCache(Generic[T]):
@@ -177,30 +191,41 @@ class IdentityCache(Generic[T]):
         self.entries.clear()
 
     def get(self, root: nn.Module, extra: tuple[object, ...], describe: Callable[[], T | None]) -> T | None:
+        return self.lookup(root, extra, describe)[0]
+
+    def lookup(self, root: nn.Module, extra: tuple[object, ...],
+               describe: Callable[[], T | None]) -> tuple[T | None, Scope | None]:
+        """``get``, and the entry's ``Scope`` (None when the root is uncached): valid for as long as
+        nothing changes the root, which the caller must ensure (it runs no code of the model's)."""
         sig = _Signature()
-        refs: list[weakref.ref[Any]] | None
+        cacheable = True
         try:
             for v in extra:
                 sig.value(v)
             sig.tree(root)
-            refs = [weakref.ref(o) for o in sig.objects.values()]
         except (_Uncacheable, RecursionError, TypeError, ValueError, RuntimeError):
-            refs = None
+            cacheable = False
         signature = tuple(sig.out)
         entry = self.entries.get(id(root))
-        if refs is not None and entry is not None and entry.signature == signature and all(
+        if cacheable and entry is not None and entry.signature == signature and all(
                 r() is not None for r in entry.refs):
             self.entries.move_to_end(id(root))
-            return entry.value
+            return entry.value, entry.scope
         value = describe()
-        if refs is None:
+        if not cacheable:
             self.entries.pop(id(root), None)
-        else:
-            self.entries[id(root)] = _Entry(signature, sig.atoms, refs, value)
-            self.entries.move_to_end(id(root))
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return value
+            return value, None
+        try:  # weak references only for a new entry (a hit compares ids; the entry holds the refs)
+            refs = [weakref.ref(o) for o in sig.objects.values()]
+        except TypeError:
+            self.entries.pop(id(root), None)
+            return value, None
+        entry = _Entry(signature, sig.atoms, refs, value, Scope(frozenset(sig.tree_ids)))
+        self.entries[id(root)] = entry
+        self.entries.move_to_end(id(root))
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value, entry.scope
 
 
-__all__ = ["HOOK_DICTS", "IdentityCache", "SKIP_ATTRS", "STATS", "_Uncacheable", "digest"]
+__all__ = ["HOOK_DICTS", "IdentityCache", "SKIP_ATTRS", "STATS", "Scope", "_Uncacheable", "digest"]

@@ -108,12 +108,13 @@ def item_hashes(x: "torch.Tensor") -> list[bytes]:
 
     flat = x.detach().cpu().contiguous()
     head = f"{flat.dtype}|{tuple(flat.shape[1:])}|".encode()
-    raw = flat.reshape(len(flat), -1).view(torch.uint8).numpy() if flat.numel() else None
+    base = hashlib.sha256(head)
+    if not flat.numel():
+        return [base.digest()] * len(flat)
     out = []
-    for i in range(len(flat)):
-        h = hashlib.sha256(head)
-        if raw is not None:
-            h.update(raw[i].tobytes())
+    for row in flat.reshape(len(flat), -1).view(torch.uint8).numpy():  # rows hashed in place, never copied
+        h = base.copy()
+        h.update(row)
         out.append(h.digest())
     return out
 
@@ -198,12 +199,13 @@ class Kept:
         add_field(h, chunk)
         return str(h.hexdigest())
 
-    def extract(self, group: list[Candidate], segments: list["torch.Tensor"], hashes: list[str], *,
-                shared: bool, batch_size: int, device: str, budget: int | None, meter: Meter,
+    def extract(self, group: list[Candidate], data: "torch.Tensor", segments: list["torch.Tensor"],
+                hashes: list[str], *, shared: bool, batch_size: int, device: str, budget: int | None, meter: Meter,
                 emit: Callable[[dict[str, Any]], None],
                 resident: dict[tuple[str, ...], Any]) -> list[dict[Hashable, "torch.Tensor"]]:
-        """Features of ``group`` per segment (one chunk each): kept ones read, the rest computed
-        (from a kept last-block input where every segment has one) and kept."""
+        """Features of ``group`` per segment (one chunk each: the indices of its items in ``data``):
+        kept ones read, the rest computed (from a kept last-block input where every segment has one)
+        and kept. Only the items of computed chunks are gathered."""
         import torch
 
         t0 = time.perf_counter()
@@ -224,7 +226,7 @@ class Kept:
         meter.add("inference", time.perf_counter() - t0)  # reading kept features replaces inference
         by_name = {c.name: c for c in group}
         for names, idx in need.items():
-            segs = [segments[j] for j in idx]
+            segs = [data.index_select(0, segments[j]) for j in idx]
             hs = [hashes[j] for j in idx]
             full: list[Candidate] = []
             resume: dict[tuple[str, ...], tuple[list[Candidate], torch.Tensor]] = {}

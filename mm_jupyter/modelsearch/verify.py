@@ -65,6 +65,7 @@ from .identity import (
     SKIP_ATTRS as _SKIP_ATTRS,
     STATS as _STATS,
     IdentityCache,
+    Scope,
     _Uncacheable,
     digest as _bytes,
 )
@@ -86,6 +87,9 @@ class Verdict:
 
 
 _VERDICTS: OrderedDict[str, Verdict] = OrderedDict()
+#: split methods that rebuild a split from a verdict without running the model's code (``mm_blocks``,
+#: tracing, a forward): the model is then as the verdict key's walk found it
+_NO_MODEL_CODE = frozenset({"hf", "sequential"})
 
 
 def clear_verdicts() -> None:
@@ -275,8 +279,9 @@ class _Key:
 _STREAMS = IdentityCache[bytes](1024)
 
 
-def _model_stream(model: nn.Module) -> bytes | None:
-    """``_Key.model``'s bytes for ``model``: remembered per model object (``identity.py``)."""
+def _model_stream(model: nn.Module) -> tuple[bytes | None, Scope | None]:
+    """``_Key.model``'s bytes for ``model``: remembered per model object (``identity.py``), with the
+    entry's scope."""
 
     def describe() -> bytes | None:
         key = _Key(model)
@@ -286,18 +291,22 @@ def _model_stream(model: nn.Module) -> bytes | None:
             return None
         return b"".join(key.out)
 
-    return _STREAMS.get(model, (), describe)
+    return _STREAMS.lookup(model, (), describe)
 
 
 def structure_key(model: nn.Module, probe: Tensor) -> str | None:
     """The verdict cache key of ``model`` on ``probe`` (module docstring), or None when the model
     holds something the key cannot describe."""
-    data = _model_stream(model)
+    return _key_and_scope(model, probe)[0]
+
+
+def _key_and_scope(model: nn.Module, probe: Tensor) -> tuple[str | None, Scope | None]:
+    data, scope = _model_stream(model)
     if data is None:
-        return None
+        return None, None
     head: list[bytes] = []
     _put(head, _KEY_VERSION, "probe", probe.dtype, tuple(probe.shape), _bytes(probe))
-    return hashlib.sha256(b"".join(head) + data).hexdigest()
+    return hashlib.sha256(b"".join(head) + data).hexdigest(), scope
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +555,7 @@ def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
     first method's outputs diverge when none does."""
     order = methods(model)
     probe = probe_of(model, probe)
-    key = structure_key(model, probe)
+    key, scope = _key_and_scope(model, probe)
     if key is not None and key in _VERDICTS:
         _VERDICTS.move_to_end(key)
         verdict = _VERDICTS[key]
@@ -555,6 +564,8 @@ def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
         assert verdict.method is not None
         cached = split_by(model, verdict.method, probe, verdict.recipe)
         cached.architecture = key
+        if verdict.method in _NO_MODEL_CODE:  # the key's walk still describes the model
+            cached.scope = scope
         return cached
     name = type(model).__name__
     reasons: list[str] = []

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 from ..errors import IntegrityError, MMError, StoreError
 from .limits import loads
@@ -119,6 +119,11 @@ class FeatureStore:
         self.added: set[str] = set()
         self.hits = self.misses = self.corrupt = self.written_bytes = 0
         self.touched = False
+        # a search's feature objects are made durable together at ``flush`` (one journal commit, not
+        # a file and folder fsync per put); until then they are readable, and a crash leaves at worst
+        # objects that fail verification or are missing: features are only a cache, dropped and recomputed
+        self._deferred = ExitStack()
+        self._deferred.enter_context(self.objects.deferred_durability())
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries and self.entries[key].oid not in self._bad
@@ -174,18 +179,28 @@ class FeatureStore:
                 if k not in self and str(t.dtype).removeprefix("torch.") in _DTYPES and t.layout == torch.strided]
         if not todo:
             return
-        parts: list[bytes] = [PAYLOAD_MAGIC + b"\x00" * (_ALIGN - len(PAYLOAD_MAGIC))]
-        at = _ALIGN
         placed = []
+        at = _ALIGN
         for key, t in todo:
-            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            placed.append((key, at, len(raw), str(t.dtype).removeprefix("torch."), tuple(t.shape)))
-            pad = -len(raw) % _ALIGN
-            parts.append(raw + b"\x00" * pad)
-            at += len(raw) + pad
+            nbytes = t.numel() * t.element_size()
+            placed.append((key, at, nbytes, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
+            at += nbytes + (-nbytes % _ALIGN)
+        magic = torch.tensor(list(PAYLOAD_MAGIC), dtype=torch.uint8)
+
+        def fill(dst: "torch.Tensor", progress: Callable[[int], None]) -> None:
+            """The payload written once, straight into the object (no joined copy of it in memory)."""
+            dst[:_ALIGN].zero_()
+            dst[: len(magic)].copy_(magic)
+            for (_, offset, nbytes, _, _), (_, t) in zip(placed, todo):
+                end = offset + nbytes + (-nbytes % _ALIGN)
+                if nbytes:
+                    dst[offset : offset + nbytes].copy_(t.reshape(-1).view(torch.uint8))
+                dst[offset + nbytes : end].zero_()
+                progress(end)
+
         try:
             with self.store.writing("search features"):
-                oid = self.objects.put(b"".join(parts)).oid
+                oid = self.objects.put_filled(at, fill).oid
         except StoreError:
             return  # a read-only store: the features are simply not kept
         now = time.time()
@@ -201,9 +216,17 @@ class FeatureStore:
         self._readers.clear()
 
     def flush(self) -> None:
-        """Merge with the index as stored now (another search may have written since), evict the
-        least recently used objects down to the budget, and write the index."""
+        """Make this search's feature objects durable, merge with the index as stored now (another
+        search may have written since), evict the least recently used objects down to the budget,
+        and write the index."""
         self.close()
+        try:
+            self._deferred.close()  # fsyncs what ``put`` published
+        except (StoreError, OSError):  # not durable (and maybe removed): never named by the index
+            lost = {self.entries[k].oid for k in self.added if k in self.entries}
+            self._bad |= lost
+            self.entries = {k: e for k, e in self.entries.items() if e.oid not in lost}
+            self.added.clear()
         if not (self.added or self.touched or self._bad) and not over_budget(self.entries, self.budget):
             return
         try:
