@@ -158,5 +158,8 @@ def _assert_listed(panel: Any, rows: Any) -> None:
     tops = panel.locator("tr.mm-store-top td").all_inner_texts()
     assert tops == ["top 5: mlp-4 · mlp-9 · resnet-7", "top 5: resnet-7 · vit-2 · resnet-3 · bert-1 · mlp-9"]
     assert "search #2 on digits: alsatian, 3 candidates, k=1" in (rows.nth(0).get_attribute("title") or "")
-    box, table = panel.bounding_box(), panel.locator(".mm-store-searches table").bounding_box()
+    table_locator = panel.locator(".mm-store-searches table")
+    table_locator.wait_for(state="visible")  # (after a reload the rows exist a moment before they are laid out)
+    box, table = panel.bounding_box(), table_locator.bounding_box()
+    assert box is not None and table is not None, "the panel and its table are shown"
     assert table["x"] + table["width"] <= box["x"] + box["width"] + 1  # no clipped columns

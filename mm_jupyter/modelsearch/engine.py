@@ -151,7 +151,9 @@ def _apply(block: "Block", h: "torch.Tensor", raw: "torch.Tensor", batches: list
         for a, b in batches:
             ctx = _context(cand, raw[a:b], device)
             try:
-                o = block(h[a:b].to(device), ctx)
+                # a copy: a block may write its input in place (``x.mul_``, ``ReLU(inplace=True)``), and ``h`` is
+                # the cached output other blocks read too (a copy costs little beside a block's arithmetic)
+                o = block(h[a:b].to(device, copy=True), ctx)
                 if out is None:
                     out = torch.empty((len(h), *o.shape[1:]), dtype=o.dtype, device=o.device)
                 out[a:b] = o
@@ -179,7 +181,7 @@ def extract_whole(cand: Candidate, segments: list["torch.Tensor"], *, batch_size
         for a, b in batch_ranges([len(s) for s in segments], batch_size):
             batch = raw[a:b]
             ctx = _context(cand, batch, device)
-            h = batch.to(device)
+            h = batch.to(device, copy=True)  # a block may write its input in place: never the caller's data
             for depth, blk in enumerate(blocks):
                 try:
                     h = blk(h, ctx)
