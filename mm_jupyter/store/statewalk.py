@@ -51,6 +51,34 @@ def internal_attributes() -> frozenset[str]:
     return frozenset(nn.Module().__dict__)
 
 
+@functools.lru_cache(maxsize=1)
+def hook_registries() -> tuple[str, ...]:
+    """The hook containers ``nn.Module.__init__`` creates: hooks are code, which no record holds."""
+    from torch import nn
+
+    state = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"}
+    return tuple(k for k, v in nn.Module().__dict__.items() if isinstance(v, (dict, set)) and k not in state)
+
+
+def hooks_of(mod: "nn.Module") -> list[str]:
+    """The hook registries of ``mod`` that hold something."""
+    d = mod.__dict__
+    return [k for k in hook_registries() if isinstance(d.get(k), (dict, set)) and d[k]]
+
+
+@functools.lru_cache(maxsize=1)
+def _hooks_getter() -> Any:
+    return itemgetter(*hook_registries(), *hook_registries()[:1])  # (at least two: always a tuple)
+
+
+def _maybe_hooked(d: dict[str, Any]) -> bool:
+    """One C call over a module's hook registries; True also when one is missing (the exact path decides)."""
+    try:
+        return any(_hooks_getter()(d))
+    except KeyError:
+        return True
+
+
 def join_path(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
@@ -210,7 +238,7 @@ class SetWalk:
             if structure and check:
                 d = None if mod is None or type(mod) is not klass else mod.__dict__
                 if (d is None or exact or (tuple(d["_modules"]) != children if children else d["_modules"])
-                        or tuple(d) != order
+                        or tuple(d) != order or _maybe_hooked(d)
                         or (getter is not None and not all(map(is_, got := getter(d), values))  # mostly so
                             and (got != values or tuple(map(type, got)) != kinds))):
                     why = self._differs(node, mod, model)
@@ -306,6 +334,10 @@ class SetWalk:
         for k in node.none_children:
             if modules[k] is not None:
                 return f"module {join_path(node.path, k)} is {a_type(modules[k])}, model {self.first_name!r} has None"
+        hooked = hooks_of(mod)
+        if hooked:  # (the first model's are refused where its record is made)
+            return (f"module {where} ({type(mod).__name__}) has hooks registered ({', '.join(hooked)}); hooks are "
+                    "code, which the set's record cannot hold — remove them before saving")
         d = mod.__dict__
         keys = d.keys() - internal_attributes()
         if keys != node.keys:

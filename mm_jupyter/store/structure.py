@@ -110,10 +110,6 @@ def fresh_bookkeeping() -> tuple[tuple[str, Any], ...]:
                  for k, v in nn.Module().__dict__.items() if k not in _KEEP)
 
 
-def hooks_of(mod: "nn.Module") -> list[str]:
-    return [k for k, _ in fresh_bookkeeping() if isinstance(mod.__dict__.get(k), (dict, set)) and mod.__dict__[k]]
-
-
 def dtype_name(t: "torch.Tensor", where: str) -> str:
     name = str(t.dtype).removeprefix("torch.")
     try:

@@ -14,12 +14,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-from .statewalk import FUNCTION_TYPES, internal_attributes, join_path, plain_class
+from .statewalk import FUNCTION_TYPES, hooks_of, internal_attributes, join_path, plain_class
 from .structure import (
     attribute_states,
     fresh_bookkeeping,
     fresh_containers,
-    hooks_of,
     is_attribute_state,
     module_state,
 )

@@ -21,13 +21,12 @@ if TYPE_CHECKING:
 import json
 
 from .hfrecords import check_literal
-from .statewalk import FUNCTION_TYPES, hf_config_types, internal_attributes, join_path
+from .statewalk import FUNCTION_TYPES, hf_config_types, hooks_of, internal_attributes, join_path
 from .structure import (
     STATE_MARK,
     attribute_refusal,
     capture_local,
     dtype_name,
-    hooks_of,
     is_dense_layout,
     tensor_bytes,
 )
