@@ -17,11 +17,11 @@ print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path": sys.path, "env":
 """
 
 
-def both(code: str, *args: str, **kw: object) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+def both(code: str, *args: str) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
     env = {**sm.subprocess_env(), "MM_ZYGOTE_PROBE": "x y"}
     real = subprocess.run([sys.executable, "-c", code, *args], cwd=sm.ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
-    forked = zygote.run(code, *args, cwd=sm.ROOT, env=env, timeout=120, **kw)  # type: ignore[arg-type]
+    forked = zygote.run(code, *args, cwd=sm.ROOT, env=env, timeout=120)
     return real, forked
 
 
@@ -85,3 +85,11 @@ def test_started_children_run_at_once_and_report_like_popen() -> None:
     for k, child in enumerate(children):
         out, err = child.communicate(timeout=60)  # 70 kB: more than a pipe holds, read while the child writes
         assert (out, err, child.returncode) == (str(k) * 70000 + "\n", f"err {k}\n", k)
+
+
+def test_communicate_past_its_timeout_raises_as_popen_does() -> None:
+    child = zygote.start("import time; time.sleep(60)", cwd=sm.ROOT, env=sm.subprocess_env())
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.communicate(timeout=2)
+    child.kill()
+    assert child.wait(timeout=30) == -9

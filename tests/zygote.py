@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import types
 from pathlib import Path
@@ -170,13 +171,18 @@ class Child:
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Both outputs to their end (read side by side, so a full pipe cannot block the child), then the status."""
-        err: list[str] = []
-        reader = threading.Thread(target=lambda: err.append(self.stderr.read()), daemon=True)
-        reader.start()
-        out = self.stdout.read()
-        reader.join(timeout)
-        self.wait(timeout)
-        return out, "".join(err)
+        got: dict[str, str] = {}
+        readers = [threading.Thread(target=lambda k=k, f=f: got.__setitem__(k, f.read()), daemon=True)
+                   for k, f in (("out", self.stdout), ("err", self.stderr))]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if any(r.is_alive() for r in readers):  # the child still writes (or hangs): as Popen, a timeout
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return got["out"], got["err"]
 
 
 def start(code: str, *args: str, cwd: str | os.PathLike[str], env: dict[str, str]) -> "Child | subprocess.Popen[str]":
