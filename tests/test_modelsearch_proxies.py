@@ -478,3 +478,51 @@ def test_errors_render_as_one_line():
     with pytest.raises(SearchError) as err:
         linear_proxy(torch.zeros(3, 2), torch.tensor([0, 0, 0]), torch.zeros(1, 2), torch.tensor([0]))
     assert err.value._render_traceback_() == [f"SearchError: {err.value}"]
+
+
+def test_finite_features_whose_sum_overflows_are_accepted():
+    """The NaN/inf check sums the features first; a sum that overflows on finite values (float64
+    features near 1e308) must not be taken for an inf: the exact test decides."""
+    from mm_jupyter.modelsearch.proxies import _as_features
+
+    huge = torch.randn(30, 6, dtype=torch.float64)
+    huge[:, 0] = 1e308  # the column's sum is inf, every value is finite
+    assert not math.isfinite(float(huge.sum()))
+    assert torch.equal(_as_features(huge, "train"), huge)
+    huge[4, 1] = float("-inf")
+    with pytest.raises(SearchError, match=r"train features contain NaN or inf.*1 of 30 rows"):
+        _as_features(huge, "train")
+
+
+def test_standardisation_matches_torch_std():
+    """The two-pass std (mean, then mean squared deviation) against torch's own, at the scales and
+    offsets features come in; both splits scaled by the train statistics."""
+    from mm_jupyter.modelsearch.proxies import _standardise
+
+    g = torch.Generator().manual_seed(3)
+    for rows, dim, scale, offset in ((32, 6272, 1.0, 0.0), (400, 17, 1e-3, 5.0), (7, 3, 1e4, -1e5)):
+        tx = (torch.randn(rows, dim, generator=g, dtype=torch.float64) * scale + offset)
+        vx = torch.randn(9, dim, generator=g, dtype=torch.float64) * scale + offset
+        mean, std = tx.mean(0), tx.std(0, unbiased=False) + 1e-6
+        got_t, got_v = _standardise(tx.clone(), vx.clone())
+        torch.testing.assert_close(got_t, (tx - mean) / std, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got_v, (vx - mean) / std, rtol=1e-9, atol=1e-9)
+    const = torch.full((5, 2), 3.0, dtype=torch.float64)  # a constant dimension standardises to 0
+    assert torch.equal(_standardise(const, const)[0], torch.zeros(5, 2, dtype=torch.float64))
+
+
+def test_a_single_batch_epoch_does_not_depend_on_row_order(task):
+    """With every train row in one mini-batch an epoch takes the rows in data order (a shuffle
+    would only reorder a sum): permuting the train rows changes the result by rounding only, and a
+    batch size just below the row count (shuffled mini-batches) is the reference procedure's."""
+    tx, ty, vx, vy = split(task["weak"], task["y"], task["n_train"])
+    perm = torch.randperm(len(tx), generator=torch.Generator().manual_seed(1))
+    one = linear_proxy(tx, ty, vx, vy)
+    permuted = linear_proxy(tx[perm], ty[perm], vx, vy)
+    assert permuted.loss == pytest.approx(one.loss, rel=1e-5)
+    assert permuted.score == pytest.approx(one.score, abs=1 / len(vy) + 1e-12)
+    acc, loss = linear_reference(tx, ty, vx, vy)
+    assert one.loss == pytest.approx(loss, rel=1e-4)
+    two = linear_proxy(tx, ty, vx, vy, batch_size=len(tx) - 1)  # two mini-batches per epoch: shuffled
+    acc, loss = linear_reference(tx, ty, vx, vy, batch_size=len(tx) - 1)
+    assert two.loss == pytest.approx(loss, rel=1e-4)

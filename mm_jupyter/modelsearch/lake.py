@@ -278,7 +278,7 @@ class Kept:
         """Key of a proxy score: the proxy, its seed, the labels and the keys of every feature it
         trains and tests on (a proxy's score does not depend on the other candidates it is trained
         beside, see ``proxies.score_many``)."""
-        h = hashlib.sha256(b"mm-proxy-score/1")
+        h = hashlib.sha256(b"mm-proxy-score/2")  # /2: the linear proxy's single-batch epochs in data order
         h.update(f"{proxy}|{seed}|".encode())
         h.update(hashlib.sha256(labels).digest())
         for part, hashes in (("train", train), ("test", test)):
