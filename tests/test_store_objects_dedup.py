@@ -85,3 +85,20 @@ def test_a_damaged_copy_is_replaced(area: objs.FolderObjects, put: Any, damage: 
     again = put(area, data)
     assert again.oid == oid and again.written  # the caller's good bytes replaced the damaged copy
     assert _payload(area, oid) == data
+
+
+def test_window_reader_reads_any_window_and_makes_its_buffer_at_the_first_read(tmp_path: Path) -> None:
+    """The compare reader allocates nothing until it is called (a save of new bytes never calls
+    it), then reads windows of any size, growing its buffer when a later window is larger."""
+    data = _data()[:100_000]
+    path = tmp_path / "f"
+    path.write_bytes(b"HEAD" + data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read = objs._window_reader(fd, 4)
+        assert read.__closure__ is not None
+        assert [len(c.cell_contents) for c in read.__closure__ if isinstance(c.cell_contents, memoryview)] == [0]
+        for at, n in ((0, 10), (5, 70_000), (99_990, 10), (99_995, 100)):  # growing, then past the end
+            assert bytes(read(at, n)) == data[at : at + n]
+    finally:
+        os.close(fd)

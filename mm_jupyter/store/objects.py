@@ -404,10 +404,15 @@ class FolderObjects(ObjectArea):
 
 def _window_reader(fd: int, start: int) -> Callable[[int, int], memoryview]:
     """``read(at, n)``: the ``n`` bytes of file ``fd`` at ``start + at`` (fewer at its end), read into
-    one reused buffer of ``_COMPARE_WINDOW`` bytes; valid until the next call."""
-    buf = memoryview(bytearray(_COMPARE_WINDOW))
+    one reused buffer; valid until the next call. The buffer is made at the first read, as large as
+    it asks (a window at most): most readers are never called (a save of new bytes), and 4 MiB of
+    fresh memory costs ~3 ms in page faults, more than a small save's whole payload."""
+    buf = memoryview(b"")
 
     def read(at: int, n: int) -> memoryview:
+        nonlocal buf
+        if len(buf) < n:
+            buf = memoryview(bytearray(n))
         return buf[: os.preadv(fd, [buf[:n]], start + at)]
 
     return read
