@@ -207,7 +207,7 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
     target = torch.device(device)
     for name, model in named.items():
         model.eval()
-        if any(t.device != target for t in itertools.chain(model.parameters(), model.buffers())):
+        if _elsewhere(model, target):
             model.to(device)  # a walk over every module: only when a tensor is elsewhere
         try:
             split = split_model(model, sample.to(device))
@@ -243,6 +243,23 @@ def _prepare(named: dict[str, Any], sample: "torch.Tensor", shared: bool, device
         emit({"event": "prepare", "done": done, "total": total, "blocks": len(distinct)})
     meter.add("prepare model", time.perf_counter() - t0)
     return out
+
+
+def _elsewhere(model: "torch.nn.Module", target: "torch.device") -> bool:
+    """Whether a parameter or buffer of ``model`` is not on ``target``: its modules' own tensor dicts
+    read directly (``parameters()``'s generators with their name prefixes cost as much as the rest of
+    preparing a kept candidate)."""
+    stack, seen = [model], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+            if t is not None and t.device != target:
+                return True
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return False
 
 
 def resolve_device(device: str) -> str:
