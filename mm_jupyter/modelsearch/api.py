@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -21,7 +22,7 @@ from ..store.features import FeatureStore
 from .distributed import RaySearch, resolve_executor
 from .engine import Candidate, Meter, check_items, extract_shared, extract_whole
 from .halving import Rung, schedule
-from .lake import Kept, layout, precision
+from .lake import Kept, item_hashes, layout, precision
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -289,6 +290,11 @@ def resolve_device(device: str) -> str:
     raise SearchError(f"device {device!r} is not available for search; use 'auto', 'cpu' or 'cuda'")
 
 
+def _enough(items: int, train: Sequence[int] | "torch.Tensor") -> None:
+    if len(train) < 2:
+        raise SearchError(f"{items} items are too few to split into training and test data")
+
+
 def _positive_int(value: Any, what: str, least: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise SearchError(f"{what} must be an integer >= {least}, not {value!r}")
@@ -411,23 +417,20 @@ def search(
     if k > n_models:
         raise SearchError(f"k={k} is larger than the number of candidates ({n_models})")
     x, y = _as_data(data)
-    lay = None
-    if reuse:  # a content-determined split: appended items never move old ones
-
-        lay = layout(x, y, test_fraction=test_fraction, seed=seed, batch_size=batch_size)
-        test_idx, train_idx = lay.test, lay.train
+    lay, hashing = None, None
+    if reuse:  # the items' content hashes (the split rests on them) on a second thread, beside the
+        # candidates' preparation: hashing releases the GIL, preparing is Python (the data is only read)
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="mm-item-hashes")
+        hashing = hasher.submit(item_hashes, x)
+        hasher.shutdown(wait=False)
     else:
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(x), generator=gen)
         n_test = max(1, int(round(len(x) * test_fraction)))
         test_idx, train_idx = order[:n_test], order[n_test:]
-    if len(train_idx) < 2:
-        raise SearchError(f"{len(x)} items are too few to split into training and test data")
-    if lay is None:
+        _enough(len(x), train_idx)
         x_test, y_test = x[test_idx], y[test_idx]
         x_train, y_train = x[train_idx], y[train_idx]
-    else:  # with a layout a chunk's items are gathered only when it is computed (``_run``)
-        x_test, y_test = x, y[test_idx]
     meter.add("prepare data", time.perf_counter() - t0)
 
     shared = approach == "alsatian"
@@ -438,6 +441,13 @@ def search(
     # must not change the data (with kept features, chunks are gathered from ``x`` later)
     cands = {str(c.name): c for c in _prepare(named, probe, shared, dev, meter, emit, costs=executor is not None,
                                               with_ids=reuse)}
+    if hashing is not None:  # a content-determined split: appended items never move old ones
+        t0 = time.perf_counter()
+        lay = layout(x, y, test_fraction=test_fraction, seed=seed, batch_size=batch_size, hashes=hashing.result())
+        test_idx, train_idx = lay.test, lay.train
+        _enough(len(x), train_idx)
+        x_test, y_test = x, y[test_idx]  # with a layout a chunk's items are gathered only when it is computed
+        meter.add("prepare data", time.perf_counter() - t0)
     arms = {name: (name, -1) for name in cands}
     if layers > 1:  # every candidate's last block boundaries as arms; prefixes shared in the task tree
         arms = {f"{name} [layer {-off}]": (name, -off) for name, c in cands.items()

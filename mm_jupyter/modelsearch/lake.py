@@ -119,11 +119,14 @@ def item_hashes(x: "torch.Tensor") -> list[bytes]:
     return out
 
 
-def layout(x: "torch.Tensor", y: "torch.Tensor", *, test_fraction: float, seed: int, batch_size: int) -> Layout:
-    """The content-determined split, levels and chunks of ``(x, y)`` (see the module docstring)."""
+def layout(x: "torch.Tensor", y: "torch.Tensor", *, test_fraction: float, seed: int, batch_size: int,
+           hashes: list[bytes] | None = None) -> Layout:
+    """The content-determined split, levels and chunks of ``(x, y)`` (see the module docstring);
+    ``hashes``: ``item_hashes(x)`` where the caller computed them already."""
     import torch
 
-    hashes = item_hashes(x)
+    if hashes is None:
+        hashes = item_hashes(x)
     labels = y.tolist()
     test, train, levels = [], [], []
     draws = []
