@@ -14,10 +14,10 @@ empty store (the claim the tests prove; a benchmark that got it wrong would say 
 many of the appended search's candidates per rung were in that rung in the first search too: only
 those find their old chunks kept, a new one computes them (the reuse ``appended`` depends on).
 
-The zoo (``zoo``): ``trained`` (the default) derives the candidates from a base trained briefly on
-the task (``synthetic.trained_zoo``), so they differ in quality as pretrained models do and the
-survivors of a rung hardly change when items are appended; ``random`` (``synthetic_candidates``)
-leaves every candidate about equally bad, so noise picks the survivors: the adversarial case.
+The zoo (``zoo``): ``trained`` (the default: what users search) derives the candidates from a base
+trained briefly on the task (``synthetic.trained_zoo``), so they differ in quality as pretrained
+models do and fewer of a rung's survivors change when items are appended; ``random``
+(``synthetic_candidates``) leaves every candidate about equally bad, so noise picks the survivors.
 """
 from __future__ import annotations
 
