@@ -687,28 +687,38 @@ def add_lake(sub: Any) -> None:
     p.add_argument("--size", type=int, default=None,
                    help="image side in pixels for image architectures (default 32; 224: the papers' resolution, "
                         "reduced widths; use fewer --items)")
+    p.add_argument("--zoo", choices=("trained", "random"), default="trained",
+                   help="trained (default): candidates derived from a base trained briefly on the task, so they "
+                        "differ in quality as pretrained models do; random: random weights, every candidate about "
+                        "equally bad, noise picks each rung's survivors (the adversarial case for appended items)")
     p.add_argument("--quick", action="store_true", help="mlp, 8+2 candidates, 400 items, 1 round (the test run)")
     p.set_defaults(func=cmd_lake)
 
 
 def cmd_lake(args: argparse.Namespace) -> int:
-    from .lake import run_lake_bench
+    from .lake import PHASES, run_lake_bench
 
     if args.quick:
         args.arch, args.models, args.derived, args.items, args.rounds = "mlp", 8, 2, 400, 1
     print("load average before: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     res = run_lake_bench(arch=args.arch, models=args.models, items=args.items, derived=args.derived,
                          append=args.append, rounds=args.rounds, device=args.device, threads=args.threads or None,
-                         size=args.size, progress=_say)
+                         size=args.size, zoo=args.zoo, progress=_say)
     size = f" at {args.size} px" if args.size else ""
-    print(f"lake: {args.arch}{size}, {args.models}+{args.derived} candidates, {args.items} items, "
-          f"{args.rounds} round(s); "
+    print(f"lake: {args.arch}{size}, {res.zoo} zoo, {args.models}+{args.derived} candidates, {args.items} items, "
+          f"{args.rounds} round(s); candidates built in {res.build_s:.1f} s; "
           "times in seconds (median, min-max); timings on a shared machine are noisy")
     print(format_table(res.rows, [("step", "step", "str"), ("versus", "versus", "str"), ("median_s", "median s", "s"),
                                   ("min_s", "min s", "s"), ("max_s", "max s", "s"), ("ratio", "ratio", "x"),
                                   ("work", "block work", "x"), ("goal", "goal", "x")]))
     print("block work: items through blocks (all depths) against the step it is compared with; it does not "
           "vary with load, and leaves out preparing candidates (split checks, block hashing) and the proxy")
+    print("search phases (median s): " + "; ".join(
+        f"{step}: " + ", ".join(f"{phase} {res.phases[step][phase]:.3f}" for phase in PHASES)
+        for step in ("fresh", "appended") if step in res.phases))
+    print("appended: candidates per rung (from the second) that were there in the first search too: "
+          + (", ".join(f"{same}/{of}" for same, of in res.kept_survivors) or "-")
+          + " (a candidate new on a rung computes its old chunks)")
     print(format_targets(res.targets))
     print("load average per round: " + ", ".join(f"{v:.2f}" for v in res.loads))
     print("load average after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))

@@ -4,7 +4,9 @@ The paper builds its candidate sets from one base model: every further model cop
 chosen existing one and re-initialises its last ``n`` blocks, ``n`` drawn from a truncated normal
 whose mean is a fraction of the block count ``B``. Sets built that way have the block sharing of
 real fine-tuned model zoos (many models share long prefixes), which is what the search exploits.
-Weights are random (built from ``transformers`` configs), never downloaded. ``trained_candidates``
+Weights are random (built from ``transformers`` configs), never downloaded; ``trained_zoo`` derives
+the set from a base trained briefly on the synthetic task instead, so candidates differ in quality
+systematically (as a zoo of pretrained models does). ``trained_candidates``
 gives a small set of really trained fine-tunes (digits) for tests that need meaningful scores.
 The model factories (``base_model``, ``digits_cnn``) live in ``mm_jupyter.usecases.candidates``,
 where store records name them; they are re-exported here.
@@ -232,6 +234,51 @@ def trained_candidates(n: int, *, seed: int = 0) -> tuple[list[nn.Module], tuple
 
 
 # --------------------------------------------------------------------------------------------
+# A zoo with quality differences: a trained base, candidates derived from it
+
+#: Added to a zoo's ``seed`` for the data its base is trained on: disjoint from the seeds of search
+#: data drawn with ``sample_data`` (small integers), so a search never scores the training items.
+TRAIN_DATA_SEED = 1 << 40
+
+
+def trained_base(arch: str = "resnet18", *, seed: int = 0, image_size: int | None = None, items: int | None = None,
+                 epochs: int = 3, reduced: bool = True, classes: int = 10) -> nn.Module:
+    """``base_model(arch)`` trained briefly on ``sample_data``'s task (items drawn with seed
+    ``TRAIN_DATA_SEED + seed``, never a search's): a stand-in for a pretrained model, built from code.
+    ``items``: default 1024 at 32 px, fewer at larger image sides (the same pixels, at least 256) --
+    at 32 px about 2 s on one core. Trained on one thread with a seeded generator, so the same
+    arguments give the same bytes."""
+    shape = input_shape(arch, reduced=reduced, image_size=image_size)
+    if items is None:
+        items = max(256, 1024 * 32 * 32 // shape.image ** 2) if shape.image else 1024
+    if items < 2 or epochs < 1:
+        raise SearchError(f"need items >= 2 and epochs >= 1 to train a base, got items={items}, epochs={epochs}")
+    x, y = sample_data(arch, items, seed=TRAIN_DATA_SEED + seed, reduced=reduced, classes=classes,
+                       image_size=image_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _seeded(seed):
+            base = base_model(arch, reduced=reduced, classes=classes, seed=seed, image_size=image_size)
+            _train(_Logits(base), x, y, epochs=epochs, lr=3e-3, gen=torch.Generator().manual_seed(seed))
+    finally:
+        torch.set_num_threads(threads)
+    return base.eval()
+
+
+def trained_zoo(arch: str, n: int, distribution: str = "top-layers", *, seed: int = 0, reduced: bool = True,
+                classes: int = 10, image_size: int | None = None, train_items: int | None = None,
+                epochs: int = 3) -> list[nn.Module]:
+    """``synthetic_candidates`` from a trained base (``trained_base`` with ``train_items`` and
+    ``epochs``): a candidate re-initialised in fewer of its last blocks keeps more trained ones and is
+    better, so quality differs systematically, as in a zoo of pretrained models (random weights leave
+    every candidate about equally bad, and which survive a halving rung is then decided by noise)."""
+    base = trained_base(arch, seed=seed, reduced=reduced, classes=classes, image_size=image_size,
+                        items=train_items, epochs=epochs)
+    return derived_candidates(base, n, distribution, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
 # Any base model, and trained text candidates (the Alsatian evaluation, mm_jupyter.bench.alsatian)
 
 
@@ -293,20 +340,22 @@ def trained_text_candidates(n: int, *, items: int = 1200, seed: int = 0) -> tupl
 
 
 class _Logits(nn.Module):
-    """A Hugging Face classifier seen as a plain ``inputs -> logits`` module (what ``_train`` calls)."""
+    """A classifier seen as a plain ``inputs -> logits`` module (what ``_train`` calls): Hugging Face
+    outputs carry the logits as ``.logits``, plain modules (the mlp) return them."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
-        logits: Tensor = self.model(x).logits
+        out = self.model(x)
+        logits: Tensor = getattr(out, "logits", out)
         return logits
 
 
 __all__ = [
     "ARCHS", "DISTRIBUTIONS", "FREEZES", "MLP_FEATURES", "Derivation", "Shape", "base_model", "clone_module",
     "derived_candidates", "digits", "digits_cnn", "frozen_prefix", "generation_plan", "hf_config", "input_shape",
-    "parameterised", "reinitialise", "sample_data", "synthetic_candidates", "trained_candidates",
-    "trained_text_candidates",
+    "parameterised", "reinitialise", "sample_data", "synthetic_candidates", "TRAIN_DATA_SEED", "trained_base",
+    "trained_candidates", "trained_text_candidates", "trained_zoo",
 ]
