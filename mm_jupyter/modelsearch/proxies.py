@@ -340,7 +340,8 @@ def _stacked(features: Sequence[tuple[Tensor, Tensor]], train_y: Tensor, test_y:
     for j, (train_x, test_x) in enumerate(features):
         tx, ty, vx, vy, num_classes = _validate(train_x, train_y, test_x, test_y)
         if scratch is None:
-            out = [torch.empty((len(features), *tx.shape)), torch.empty((len(features), *vx.shape))]
+            out = [torch.empty((len(features), *tx.shape), dtype=torch.float32),
+                   torch.empty((len(features), *vx.shape), dtype=torch.float32)]
             scratch = (torch.empty_like(tx), torch.empty_like(vx))
         for split, x in enumerate(_standardise(tx, vx, scratch)):
             out[split][j].copy_(x)
