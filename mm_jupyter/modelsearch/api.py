@@ -602,8 +602,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
     if remote is not None:
         stats["distributed"] = remote.stats
     if kept is not None:
-        stats.update(features_reused=kept.reused, features_computed=kept.computed,
-                     features_corrupt=kept.features.corrupt)
+        stats.update(features_reused=kept.reused, features_computed=kept.computed, features_resumed=kept.resumed,
+                     features_corrupt=kept.features.corrupt, features_written_bytes=kept.features.written_bytes)
     emit({"event": "done", "timings": dict(meter.timings), "stats": stats})
     ref = getattr(named, "ref", None) if hasattr(named, "engine_candidates") else None
     return SearchResult(approach, ranking, dict(meter.timings), stats, rungs, k,
