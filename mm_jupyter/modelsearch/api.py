@@ -360,7 +360,9 @@ def search(
     Returns:
         A ``SearchResult``: ``ranking`` (a DataFrame, best first), ``best``, ``top``, ``timings``, ``stats``
         (``block_inferences``, ``unique_edges``, ``cache_peak_bytes``, ``bytes_loaded``; with ``reuse``
-        also ``features_reused`` and ``features_computed``: per candidate and chunk) and ``rungs``.
+        also ``features_reused`` and ``features_computed``: per candidate and chunk, ``features_resumed``: the
+        computed ones that started from a kept block output (a last-block input or a fork) instead of the
+        input, and ``features_written_bytes``) and ``rungs``.
 
     Raises:
         SearchError: bad candidates, data or options, or a model whose blocks cannot be split.
