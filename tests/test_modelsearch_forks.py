@@ -15,16 +15,18 @@ from test_modelsearch_lake import data, kept, run, same
 from torch import nn
 
 import mm_jupyter as mm
+from mm_jupyter.modelsearch.api import _prepare
 from mm_jupyter.modelsearch.engine import Meter
-from mm_jupyter.modelsearch.lake import Kept, fork_paths
+from mm_jupyter.modelsearch.lake import Kept, fork_paths, layout, precision
 from mm_jupyter.store.features import load_index
 
 TRUNK = 2  # blocks every candidate of a ``forked`` family shares (a block is a Linear and its ReLU)
 
 
-def forked(n: int, seed: int) -> dict[str, nn.Module]:
-    """``n`` models of 4 blocks sharing their first ``TRUNK`` (the fork) and each with its own last two,
-    every output 8 floats per item (as small as an input item, so the fork is kept)."""
+def forked(n: int, seed: int, width: int = 8) -> dict[str, nn.Module]:
+    """``n`` models of 4 blocks sharing their first ``TRUNK`` (the fork) and each with its own last two;
+    the trunk's output is ``width`` floats per item (8: as large as an input item, so the fork is kept),
+    the others 8."""
     g = torch.Generator().manual_seed(seed)
 
     def lin(a: int, b: int) -> nn.Linear:
@@ -34,8 +36,8 @@ def forked(n: int, seed: int) -> dict[str, nn.Module]:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         return layer
 
-    trunk = [lin(8, 8), nn.ReLU(), lin(8, 8), nn.ReLU()]
-    return {f"k{seed}-{i}": nn.Sequential(*copy.deepcopy(trunk), lin(8, 8), nn.ReLU(), lin(8, 8), nn.ReLU(),
+    trunk = [lin(8, width), nn.ReLU(), lin(width, width), nn.ReLU()]
+    return {f"k{seed}-{i}": nn.Sequential(*copy.deepcopy(trunk), lin(width, 8), nn.ReLU(), lin(8, 8), nn.ReLU(),
                                           lin(8, 6)) for i in range(n)}
 
 
@@ -65,6 +67,16 @@ def trunk_work(r: Any) -> int:
     return sum(r.stats["items_per_depth"][:TRUNK])
 
 
+def fork_keys(store: mm.Store, cands: dict[str, nn.Module], xy: tuple[torch.Tensor, torch.Tensor]) -> set[str]:
+    """Keys of the trunk outputs (the forks) of ``cands`` that ``store`` keeps, on any chunk of ``xy``."""
+    prepared = _prepare(cands, xy[0][:2], True, "cpu", Meter(), lambda e: None)
+    k = Kept(None, precision("cpu"))  # type: ignore[arg-type]  # only its keys are used
+    lay = layout(*xy, test_fraction=0.2, seed=0, batch_size=16)
+    chunks = {h for _, _, h in lay.test_chunks} | {h for top in range(31) for _, _, h in lay.grouped(top).train_chunks}
+    keys = {k.key(tuple(c.ids[:TRUNK]), h, "raw") for c in prepared if c.ids is not None for h in chunks}
+    return keys & set(load_index(store.objects))
+
+
 def same_features(a: mm.Store, b: mm.Store) -> int:
     """Every feature kept in both stores is byte-equal; returns how many were compared."""
     ka, kb = kept(a), kept(b)
@@ -75,8 +87,6 @@ def same_features(a: mm.Store, b: mm.Store) -> int:
 
 def test_forks_are_where_candidates_diverge_and_small_enough() -> None:
     x = torch.randn(4, 8)
-    from mm_jupyter.modelsearch.api import _prepare
-
     cands = _prepare({**forked(3, 1), **forked(2, 2)}, x, True, "cpu", Meter(), lambda e: None)
     ids = {c.name: c.ids for c in cands}
     assert all(c.count == 4 and c.sizes == [32, 32, 32, 32] for c in cands)
@@ -94,6 +104,7 @@ def test_derived_candidates_resume_from_the_fork(tmp_path: Path, no_forks: Any) 
     xy = data(400)
     store = mm.Store(tmp_path / "s")
     run(base, xy, store)
+    assert fork_keys(store, base, xy)
     grown = run(more, xy, store)
     fresh_store = mm.Store(tmp_path / "fresh")
     fresh = run(more, xy, fresh_store)
@@ -105,6 +116,7 @@ def test_derived_candidates_resume_from_the_fork(tmp_path: Path, no_forks: Any) 
     no_forks()  # the control: the same two searches without forks run the trunk again
     plain = mm.Store(tmp_path / "plain")
     run(base, xy, plain)
+    assert not fork_keys(plain, base, xy)
     without = run(more, xy, plain)
     same(fresh, without)
     assert trunk_work(without) > 0
@@ -135,14 +147,17 @@ def test_appended_items_resume_candidates_new_on_a_rung(tmp_path: Path, no_forks
 
 @pytest.mark.parametrize("damage", ["corrupt", "delete"])
 def test_a_damaged_fork_is_detected_and_recomputed(tmp_path: Path, damage: str) -> None:
+    """The objects holding the kept forks are damaged (a byte of every fork flipped) or deleted: the
+    search detects it, recomputes from the input (no trunk output read) and equals a fresh search."""
     base = forked(6, 1)
     more = {**base, **regrown({n: base[n] for n in list(base)[:2]}, 9)}
     xy = data(400)
     store = mm.Store(tmp_path / "s")
-    first = run(base, xy, store)
-    raw_entries = {n: e for n, e in load_index(store.objects).items() if e.shape[1:] == (8,)}  # features: 6
-    assert raw_entries and first.stats["features_written_bytes"] > 0
-    for oid in {e.oid for e in raw_entries.values()}:
+    run(base, xy, store)
+    index = load_index(store.objects)
+    forks = {key: index[key] for key in fork_keys(store, base, xy)}
+    assert forks
+    for oid in {e.oid for e in forks.values()}:
         path = store.objects.path(oid)  # type: ignore[attr-defined]
         path.chmod(0o644)
         if damage == "delete":
@@ -150,17 +165,33 @@ def test_a_damaged_fork_is_detected_and_recomputed(tmp_path: Path, damage: str) 
             continue
         raw = bytearray(path.read_bytes())
         head = len(raw) - store.objects.open(oid).size
-        for e in raw_entries.values():  # every kept block output (forks and last-block inputs) damaged
+        for e in forks.values():
             if e.oid == oid:
-                raw[head + e.offset] ^= 0x55
+                raw[head + e.offset + e.nbytes // 2] ^= 0x55
         path.write_bytes(bytes(raw))
     grown = run(more, xy, store)
-    assert grown.stats["features_corrupt"] >= 1  # detected, and what it held recomputed, never used
+    assert grown.stats["features_corrupt"] >= 1
+    assert trunk_work(grown) > 0  # the regrown candidates started from the input: no damaged fork was used
     fresh_store = mm.Store(tmp_path / "fresh")
     same(run(more, xy, fresh_store), grown)
     assert same_features(store, fresh_store) > 0
     for oid in {e.oid for e in load_index(store.objects).values()}:
         store.objects.open(oid).verify()
+
+
+def test_a_fork_larger_than_an_item_and_a_last_input_is_not_kept(tmp_path: Path) -> None:
+    """A trunk output of 16 floats per item (inputs and last-block inputs: 8) is not kept; the regrown
+    candidates then start from the input, and still rank as a fresh search."""
+    base = forked(6, 1, width=16)
+    more = {**base, **regrown({n: base[n] for n in list(base)[:2]}, 9)}
+    xy = data(400)
+    store = mm.Store(tmp_path / "s")
+    run(base, xy, store)
+    assert not fork_keys(store, base, xy)
+    assert not any(e.shape[1:] == (16,) for e in load_index(store.objects).values())  # no trunk output at all
+    grown = run(more, xy, store)
+    assert trunk_work(grown) > 0
+    same(run(more, xy, mm.Store(tmp_path / "fresh")), grown)
 
 
 def test_forks_kept_by_another_process_give_the_same_search(tmp_path: Path) -> None:
@@ -191,7 +222,7 @@ def test_gc_frees_the_forks_too(tmp_path: Path) -> None:
     xy = data(400)
     store = mm.Store(tmp_path / "s")
     run(base, xy, store)
-    oids = {e.oid for e in load_index(store.objects).values() if e.shape[1:] == (8,)}
+    oids = {load_index(store.objects)[key].oid for key in fork_keys(store, base, xy)}
     assert oids
     report = store.gc(features=True)
     assert report.objects >= len(oids) and load_index(store.objects) == {}
