@@ -230,3 +230,27 @@ def test_gc_frees_the_forks_too(tmp_path: Path) -> None:
     again = run(more, xy, store)
     assert again.stats["features_resumed"] == 0 and trunk_work(again) > 0
     same(run(more, xy, mm.Store(tmp_path / "fresh")), again)
+
+
+def test_the_first_rungs_grouping_does_not_move_when_items_are_appended(tmp_path: Path) -> None:
+    """250 items put the first rung at level 2 (too few items of level 3), 500 at level 3. The train
+    items are still grouped the same way, so the first rung's old full chunks are read, not computed
+    (beyond the test chunks); the ranking equals a fresh search's."""
+    from mm_jupyter.modelsearch.api import MIN_RUNG_ITEMS
+    from mm_jupyter.modelsearch.halving import schedule
+
+    cands = {**forked(5, 1), **forked(5, 2)}
+    x, y = data(500)
+    bs = 8
+    lays = {n: layout(x[:n], y[:n], test_fraction=0.2, seed=0, batch_size=bs) for n in (250, 500)}
+    last = len(schedule(len(cands), 1, len(lays[500].train))) - 1
+    tops = {n: lay.rung_levels(last, MIN_RUNG_ITEMS)[0] for n, lay in lays.items()}
+    assert tops[250] < tops[500]  # the case this test is about: the first rung's level moves
+    events: list[dict[str, Any]] = []
+    store = mm.Store(tmp_path / "s")
+    run(cands, (x[:250], y[:250]), store, batch_size=bs)
+    grown = run(cands, (x, y), store, batch_size=bs, progress=events.append)
+    same(run(cands, (x, y), mm.Store(tmp_path / "fresh"), batch_size=bs), grown)
+    first_rung = next(e for e in events if e["event"] == "reuse" and e["rung"] == 0)
+    old_test = {h for _, _, h in lays[250].test_chunks} & {h for _, _, h in lays[500].test_chunks}
+    assert first_rung["reused"] > len(cands) * len(old_test)  # some of the first rung's train chunks were kept

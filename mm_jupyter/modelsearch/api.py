@@ -466,7 +466,7 @@ def search(
     else:
         counts = lay.rung_items(len(rungs) - 1, MIN_RUNG_ITEMS)
         rungs = [Rung(r.index, r.models, counts[r.index], r.keep) for r in rungs]
-        lay = lay.grouped(lay.rung_levels(len(rungs) - 1, MIN_RUNG_ITEMS)[0])  # the first rung's items: one group
+        lay = lay.grouped(len(rungs) - 1)  # never moves with the item count (see ``Layout``)
         x_train, y_train = x, y[lay.train]
     kept = None
     if reuse:

@@ -46,9 +46,11 @@ class Layout:
     """Content-determined order of the data: ``test`` and ``train`` are item indices; chunks are
     ``(start, stop, hash)`` ranges of those orders; ``levels[i]`` is train item ``i``'s level.
 
-    Train items are grouped by level, every level above ``top`` (the first rung's) in one group, in
-    data order within a group: appended items go to the end of their group, and the small groups
-    of the highest levels (where every candidate runs) do not each end in a partial chunk."""
+    Train items are grouped by level, every level above ``top`` in one group, in data order within a
+    group: appended items go to the end of their group, and the small groups of the highest levels
+    (where every candidate runs) do not each end in a partial chunk. A search groups at its last
+    rung's index (a function of the candidates alone, never of the item count), so appended items
+    never regroup an old item and every rung's levels (``rung_levels``) are whole groups."""
 
     test: "torch.Tensor"
     train: "torch.Tensor"
