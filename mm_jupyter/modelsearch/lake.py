@@ -209,9 +209,9 @@ class Kept:
     """The kept features a search reads and writes, and what it reused (per rung, for progress).
 
     Besides every candidate's features and last-block input, the outputs at the search's forks
-    (``fork_paths`` of its candidates, at most ``fork_item_bytes`` per item; None: as large as one
-    input item or one candidate's last-block input, whichever is larger) are kept, so a candidate that
-    misses a chunk's features resumes from the deepest kept point of its path. ``resumed`` counts
+    (``fork_paths`` of its candidates, each at most as large per item as one input item or as the
+    largest last-block input, which is kept anyway) are kept, so a candidate that misses a chunk's
+    features resumes from the deepest kept point of its path. ``resumed`` counts
     the computed features that started from a kept point instead of the input."""
 
     features: "FeatureStore"
@@ -219,7 +219,6 @@ class Kept:
     reused: int = 0
     computed: int = 0
     resumed: int = 0
-    fork_item_bytes: int | None = None
     forks: set[tuple[str, ...]] = field(default_factory=set)
 
     _paths: dict[tuple[tuple[str, ...], str], Any] = field(default_factory=dict)
@@ -236,11 +235,9 @@ class Kept:
 
     def note_forks(self, group: list[Candidate], data: "torch.Tensor") -> None:
         """Add the forks of ``group`` (this search's candidates on a rung) to the kept points."""
-        limit = self.fork_item_bytes
-        if limit is None:
-            item = data[:1].numel() * data.element_size()
-            limit = max([item] + [c.sizes[c.count - 2] for c in group if c.sizes is not None and c.count >= 2])
-        self.forks |= fork_paths(group, limit)
+        item = data[:1].numel() * data.element_size()
+        lasts = [c.sizes[c.count - 2] for c in group if c.sizes is not None and c.count >= 2]
+        self.forks |= fork_paths(group, max([item, *lasts]))
 
     def _start(self, c: Candidate, hs: list[str], starts: dict[tuple[str, ...], "torch.Tensor | None"]
                ) -> tuple[str, ...] | None:
