@@ -719,6 +719,8 @@ def cmd_lake(args: argparse.Namespace) -> int:
     print("appended: candidates per rung (from the second) that were there in the first search too: "
           + (", ".join(f"{same}/{of}" for same, of in res.kept_survivors) or "-")
           + " (a candidate new on a rung computes its old chunks)")
+    print("kept features (round 1, MiB): " + ", ".join(f"after {step} {n / 2**20:.1f}"
+                                                        for step, n in res.kept_bytes.items()))
     print(format_targets(res.targets))
     print("load average per round: " + ", ".join(f"{v:.2f}" for v in res.loads))
     print("load average after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))

@@ -52,6 +52,8 @@ class LakeBench:
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
     #: seconds spent building the candidates (training the base included)
     build_s: float = 0.0
+    #: bytes of kept features in round 1's stores: after ``keep``, after ``derived`` (same store), after ``appended``
+    kept_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def _derive(cands: list[Any], n: int, seed: int) -> list[Any]:
@@ -121,6 +123,7 @@ def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, 
                                                           "layers")}
         equal: dict[str, bool] = {}
         kept_survivors: list[tuple[int, int]] = []
+        kept_bytes: dict[str, int] = {}
         loads = []
         for r in range(rounds):
             loads.append(os.getloadavg()[0])
@@ -131,13 +134,16 @@ def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, 
             times["fresh+"].append(timed(more, (x, y), "fresh+")[0])
             t, keep = timed(base, (x, y), "keep", store=s1, reuse=True)
             times["keep"].append(t)
+            kept_bytes.setdefault("keep", _kept_bytes(s1))
             t, again = timed(base, (x, y), "again", store=s1, reuse=True)
             times["again"].append(t)
             t, grown = timed(more, (x, y), "derived", store=s1, reuse=True)
             times["derived"].append(t)
+            kept_bytes.setdefault("derived", _kept_bytes(s1))
             earlier = timed(base, (x[:first], y[:first]), store=s2, reuse=True)[1]
             t, appended = timed(base, (x, y), "appended", store=s2, reuse=True)
             times["appended"].append(t)
+            kept_bytes.setdefault("appended", _kept_bytes(s2))
             times["layers"].append(timed(base, (x, y), "layers", layers=layers)[0])
             if r == 0:
                 progress("checking rankings against fresh searches on empty stores")
@@ -164,7 +170,15 @@ def run_lake_bench(arch: str = "resnet18", models: int = 35, items: int = 2000, 
                       GOALS[name], "<=", "x") for name, versus in (("again", "fresh"), ("appended", "fresh"),
                                                                    ("derived", "fresh+"), ("layers", "fresh"))]
     return LakeBench(rows, targets, equal, loads, zoo, kept_survivors,
-                     {step: {p: statistics.median(v) for p, v in by.items()} for step, by in phases.items()}, build_s)
+                     {step: {p: statistics.median(v) for p, v in by.items()} for step, by in phases.items()}, build_s,
+                     kept_bytes)
+
+
+def _kept_bytes(store: Any) -> int:
+    """Bytes of the features a store keeps (their index entries)."""
+    from ..store.features import load_index
+
+    return sum(e.nbytes for e in load_index(store.objects).values())
 
 
 def survivors_kept(first: Any, then: Any) -> list[tuple[int, int]]:

@@ -360,7 +360,9 @@ def search(
     Returns:
         A ``SearchResult``: ``ranking`` (a DataFrame, best first), ``best``, ``top``, ``timings``, ``stats``
         (``block_inferences``, ``unique_edges``, ``cache_peak_bytes``, ``bytes_loaded``; with ``reuse``
-        also ``features_reused`` and ``features_computed``: per candidate and chunk) and ``rungs``.
+        also ``features_reused`` and ``features_computed``: per candidate and chunk, ``features_resumed``: the
+        computed ones that started from a kept block output (a last-block input or a fork) instead of the
+        input, and ``features_written_bytes``) and ``rungs``.
 
     Raises:
         SearchError: bad candidates, data or options, or a model whose blocks cannot be split.
@@ -464,7 +466,7 @@ def search(
     else:
         counts = lay.rung_items(len(rungs) - 1, MIN_RUNG_ITEMS)
         rungs = [Rung(r.index, r.models, counts[r.index], r.keep) for r in rungs]
-        lay = lay.grouped(lay.rung_levels(len(rungs) - 1, MIN_RUNG_ITEMS)[0])  # the first rung's items: one group
+        lay = lay.grouped(len(rungs) - 1)  # never moves with the item count (see ``Layout``)
         x_train, y_train = x, y[lay.train]
     kept = None
     if reuse:
@@ -602,8 +604,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
     if remote is not None:
         stats["distributed"] = remote.stats
     if kept is not None:
-        stats.update(features_reused=kept.reused, features_computed=kept.computed,
-                     features_corrupt=kept.features.corrupt)
+        stats.update(features_reused=kept.reused, features_computed=kept.computed, features_resumed=kept.resumed,
+                     features_corrupt=kept.features.corrupt, features_written_bytes=kept.features.written_bytes)
     emit({"event": "done", "timings": dict(meter.timings), "stats": stats})
     ref = getattr(named, "ref", None) if hasattr(named, "engine_candidates") else None
     return SearchResult(approach, ranking, dict(meter.timings), stats, rungs, k,

@@ -15,7 +15,11 @@ Features are keyed by (block-id path, chunk hash, precision); the precision tag 
 change float results (device kind and name, torch version, CPU threads and vector capability, TF32
 and cuDNN switches). Per candidate the search keeps its features (the flattened last output) and the
 input of its last block, so a candidate derived from a kept one by retraining its last block runs
-only that block. Proxy scores are kept too, keyed by the features and labels they were computed on.
+only that block; and the outputs at the search's forks (where two of its candidates run different
+blocks; not the large maps of early blocks, see ``fork_paths``), so a candidate that misses a chunk
+(new on a rung after items were appended, or derived from one pruned early) resumes from the deepest
+kept point of its path instead of the input. Proxy scores are kept too, keyed by the features and
+labels they were computed on.
 """
 from __future__ import annotations
 
@@ -42,9 +46,11 @@ class Layout:
     """Content-determined order of the data: ``test`` and ``train`` are item indices; chunks are
     ``(start, stop, hash)`` ranges of those orders; ``levels[i]`` is train item ``i``'s level.
 
-    Train items are grouped by level, every level above ``top`` (the first rung's) in one group, in
-    data order within a group: appended items go to the end of their group, and the small groups
-    of the highest levels (where every candidate runs) do not each end in a partial chunk."""
+    Train items are grouped by level, every level above ``top`` in one group, in data order within a
+    group: appended items go to the end of their group, and the small groups of the highest levels
+    (where every candidate runs) do not each end in a partial chunk. A search groups at its last
+    rung's index (a function of the candidates alone, never of the item count), so appended items
+    never regroup an old item and every rung's levels (``rung_levels``) are whole groups."""
 
     test: "torch.Tensor"
     train: "torch.Tensor"
@@ -181,14 +187,39 @@ class _Collect:
                 self.got[(path, j)] = output[a - start: b - start].detach().cpu().clone()
 
 
+def fork_paths(cands: list[Candidate], item_bytes: int) -> set[tuple[str, ...]]:
+    """Block paths (from the input) after which two of ``cands`` run different blocks, whose output
+    takes at most ``item_bytes`` per item: where a later search's candidate that is new on a chunk
+    can resume (``Kept.extract``) without the outputs of early high-resolution blocks being kept."""
+    after: dict[tuple[str, ...], set[str]] = {}
+    small: set[tuple[str, ...]] = set()
+    for c in cands:
+        if c.ids is None or c.sizes is None:
+            continue
+        for d in range(1, c.count):
+            path = tuple(c.ids[:d])
+            after.setdefault(path, set()).add(c.ids[d])
+            if c.sizes[d - 1] <= item_bytes:
+                small.add(path)
+    return {p for p, nxt in after.items() if len(nxt) >= 2 and p in small}
+
+
 @dataclass
 class Kept:
-    """The kept features a search reads and writes, and what it reused (per rung, for progress)."""
+    """The kept features a search reads and writes, and what it reused (per rung, for progress).
+
+    Besides every candidate's features and last-block input, the outputs at the search's forks
+    (``fork_paths`` of its candidates, each at most as large per item as one input item or as the
+    largest last-block input, which is kept anyway) are kept, so a candidate that misses a chunk's
+    features resumes from the deepest kept point of its path. ``resumed`` counts
+    the computed features that started from a kept point instead of the input."""
 
     features: "FeatureStore"
     precision: str
     reused: int = 0
     computed: int = 0
+    resumed: int = 0
+    forks: set[tuple[str, ...]] = field(default_factory=set)
 
     _paths: dict[tuple[tuple[str, ...], str], Any] = field(default_factory=dict)
 
@@ -202,16 +233,41 @@ class Kept:
         add_field(h, chunk)
         return str(h.hexdigest())
 
+    def note_forks(self, group: list[Candidate], data: "torch.Tensor") -> None:
+        """Add the forks of ``group`` (this search's candidates on a rung) to the kept points."""
+        item = data[:1].numel() * data.element_size()
+        lasts = [c.sizes[c.count - 2] for c in group if c.sizes is not None and c.count >= 2]
+        self.forks |= fork_paths(group, max([item, *lasts]))
+
+    def _start(self, c: Candidate, hs: list[str], starts: dict[tuple[str, ...], "torch.Tensor | None"]
+               ) -> tuple[str, ...] | None:
+        """The deepest path of ``c`` (its last block's input first) kept for every chunk of ``hs``
+        (``starts``: paths looked up so far, None where some chunk's output is absent or damaged)."""
+        import torch
+
+        assert c.ids is not None
+        for d in range(c.count - 1, 0, -1):
+            path = tuple(c.ids[:d])
+            if path not in starts:
+                keys = [self.key(path, h, "raw") for h in hs]
+                got = [self.features.get(k) for k in keys] if all(k in self.features for k in keys) else [None]
+                starts[path] = None if any(t is None for t in got) else torch.cat(got)  # type: ignore[arg-type]
+            if starts[path] is not None:
+                return path
+        return None
+
     def extract(self, group: list[Candidate], data: "torch.Tensor", segments: list["torch.Tensor"],
                 hashes: list[str], *, shared: bool, batch_size: int, device: str, budget: int | None, meter: Meter,
                 emit: Callable[[dict[str, Any]], None],
                 resident: dict[tuple[str, ...], Any]) -> list[dict[Hashable, "torch.Tensor"]]:
         """Features of ``group`` per segment (one chunk each: the indices of its items in ``data``):
-        kept ones read, the rest computed (from a kept last-block input where every segment has one)
-        and kept. Only the items of computed chunks are gathered."""
-        import torch
-
+        kept ones read, the rest computed (from the deepest point of a candidate's path kept for
+        every segment that needs it: its last-block input or a fork) and kept, with the outputs at
+        the candidates' last-block inputs and the search's forks. Only the items of computed chunks
+        are gathered."""
         t0 = time.perf_counter()
+        if shared:
+            self.note_forks(group, data)
         out: list[dict[Hashable, torch.Tensor]] = [{} for _ in segments]
         need: dict[tuple[Hashable, ...], list[int]] = {}
         for j, h in enumerate(hashes):
@@ -232,40 +288,38 @@ class Kept:
             segs = [data.index_select(0, segments[j]) for j in idx]
             hs = [hashes[j] for j in idx]
             full: list[Candidate] = []
-            resume: dict[tuple[str, ...], tuple[list[Candidate], torch.Tensor]] = {}
+            starts: dict[tuple[str, ...], torch.Tensor | None] = {}
+            resume: dict[tuple[str, ...], list[Candidate]] = {}
             for name in names:
                 c = by_name[name]
-                assert c.ids is not None
-                path = tuple(c.ids[: c.count - 1])
-                if shared and c.count >= 2 and path not in resume:
-                    kept_in = [self.features.get(self.key(path, h, "raw")) for h in hs]
-                    if all(t is not None for t in kept_in):
-                        resume[path] = ([], torch.cat(kept_in))  # type: ignore[arg-type]
-                if shared and path in resume:
-                    resume[path][0].append(c)
-                else:
+                path = self._start(c, hs, starts) if shared else None
+                if path is None:
                     full.append(c)
+                else:
+                    resume.setdefault(path, []).append(c)
             bounds, at = [], 0
             for s in segs:
                 bounds.append((at, at + len(s)))
                 at += len(s)
             results: list[dict[Hashable, torch.Tensor]] = [{} for _ in segs]
-            tap = _Collect({tuple(c.ids[: c.count - 1]) for c in full if c.ids is not None and c.count >= 2},
-                           bounds)
+            taps = []
             if full and shared:
+                taps.append(self._tap(full, bounds))
                 self._merge(results, extract_shared(full, segs, batch_size=batch_size, device=device, budget=budget,
                                                     host_budget=budget, meter=meter, progress=emit,
-                                                    resident=resident, tap=tap))
+                                                    resident=resident, tap=taps[-1]))
             elif full:
                 for c in full:
                     feats = extract_whole(c, segs, batch_size=batch_size, device=device, meter=meter)
                     self._merge(results, [{c.name: f} for f in feats])
-            for path, (cs, inputs) in resume.items():
+            for path, cs in resume.items():
+                taps.append(self._tap(cs, bounds))
                 self._merge(results, extract_shared(cs, segs, batch_size=batch_size, device=device, budget=budget,
                                                     host_budget=budget, meter=meter, progress=emit,
-                                                    resident=resident, from_depth=len(path), inputs=inputs,
-                                                    tap=_Collect(set(), bounds)))
-            keep = [(self.key(p, hs[j], "raw"), t) for (p, j), t in tap.got.items()]
+                                                    resident=resident, from_depth=len(path), inputs=starts[path],
+                                                    tap=taps[-1]))
+                self.resumed += len(cs) * len(segs)
+            keep = [(self.key(p, hs[j], "raw"), t) for tap in taps for (p, j), t in tap.got.items()]
             for j, res in enumerate(results):
                 for name, f in res.items():
                     ids = by_name[name].ids
@@ -275,6 +329,11 @@ class Kept:
                     self.computed += 1
             self.features.put(keep)
         return out
+
+    def _tap(self, cands: list[Candidate], bounds: list[tuple[int, int]]) -> _Collect:
+        """Keeps the candidates' last-block inputs and the search's forks on their paths."""
+        lasts = {tuple(c.ids[: c.count - 1]) for c in cands if c.ids is not None and c.count >= 2}
+        return _Collect(lasts | self.forks, bounds)
 
     def score_key(self, ids: list[str], train: list[str], test: list[str], labels: bytes, proxy: str,
                   seed: int) -> str:
