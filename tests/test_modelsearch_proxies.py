@@ -526,3 +526,12 @@ def test_a_single_batch_epoch_does_not_depend_on_row_order(task):
     two = linear_proxy(tx, ty, vx, vy, batch_size=len(tx) - 1)  # two mini-batches per epoch: shuffled
     acc, loss = linear_reference(tx, ty, vx, vy, batch_size=len(tx) - 1)
     assert two.loss == pytest.approx(loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(3.0), 5, object()])
+def test_candidates_scored_together_refuse_shapeless_features(bad):
+    """Grouping candidates by width reads shapes before the features are checked: a candidate
+    without rows still gets the one SearchError of the checks, not a TypeError."""
+    y = torch.tensor([0, 1, 0, 1])
+    with pytest.raises(SearchError, match="train_x"):
+        linear_proxies([(bad, torch.zeros(4, 2))], y, y)

@@ -262,8 +262,9 @@ def linear_proxy(
       ``torch.Generator`` seeded with ``seed`` (the global RNG is never touched);
     * ``epochs`` passes of mini-batches of ``batch_size`` rows, reshuffled every epoch by the same
       generator (an epoch of a single mini-batch takes the rows in data order: a shuffle would
-      only reorder the gradient's sum); Adam (``lr``, betas 0.9/0.999, eps 1e-8, L2 ``weight_decay``; the same update as
-      ``torch.optim.Adam``, see ``_Adam``) on mean cross-entropy, its gradient written out
+      only reorder the gradient's sum); Adam (``lr``, betas 0.9/0.999, eps 1e-8, L2
+      ``weight_decay``; the same update as ``torch.optim.Adam``, see ``_Adam``) on mean
+      cross-entropy, its gradient written out
       (``(softmax - onehot) / rows``);
     * evaluation: score = test accuracy, loss = mean test cross-entropy.
 
@@ -304,12 +305,13 @@ def linear_proxies(
     lr = _check_float("lr", lr, positive=True)
     weight_decay = _check_float("weight_decay", weight_decay, positive=False)
     groups: dict[int, list[int]] = {}
-    for i, (train_x, _) in enumerate(features):
-        groups.setdefault(_width(train_x), []).append(i)
+    shapes = [_rows_width(train_x) for train_x, _ in features]
+    for i, (_, width) in enumerate(shapes):
+        groups.setdefault(width, []).append(i)
     out: list[ProxyScore | None] = [None] * len(features)
     for members in groups.values():
-        first = features[members[0]][0]
-        per = max(1, _LINEAR_GROUP_BYTES // max(1, _width(first) * len(first) * 4))
+        rows, width = shapes[members[0]]
+        per = max(1, _LINEAR_GROUP_BYTES // max(1, rows * width * 4))
         for start in range(0, len(members), per):
             chunk = members[start : start + per]
             tx, ty, vx, vy, num_classes = _stacked([features[i] for i in chunk], train_y, test_y)
@@ -320,14 +322,14 @@ def linear_proxies(
     return [s for s in out if s is not None]
 
 
-def _width(x: Any) -> int:
-    """Features per row of ``x`` as ``_as_features`` flattens it (0 where it would refuse the shape):
-    groups candidates before their features are converted."""
+def _rows_width(x: Any) -> tuple[int, int]:
+    """Rows and features per row of ``x`` as ``_as_features`` flattens it, (0, 0) where it would
+    refuse the shape: groups candidates before their features are converted (and checked)."""
     try:
         shape = np.shape(x)
     except (ValueError, TypeError):  # ragged nested lists: _validate names the problem
-        return 0
-    return math.prod(shape[1:]) if len(shape) >= 1 else 0
+        return 0, 0
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 1 else (0, 0)
 
 
 def _stacked(features: Sequence[tuple[Tensor, Tensor]], train_y: Tensor, test_y: Tensor
@@ -362,9 +364,9 @@ def _train_linear(tx: Tensor, ty: Tensor, vx: Tensor, vy: Tensor, num_classes: i
         b = bias.expand(k, 1, num_classes).contiguous()
         onehot = F.one_hot(ty, num_classes).to(torch.float32)
         adam = _Adam([w, b], lr=lr, weight_decay=weight_decay)
-        # the epoch's shuffled copy and the weight gradient live in buffers made once: a fresh tensor
-        # of this size per epoch cost more in page faults than the copy and the matmuls together
-        # an epoch of one mini-batch takes the rows in data order: shuffling them would only reorder a sum
+        # the epoch's shuffled copy and the weight gradient live in buffers made once (a fresh tensor of
+        # this size per epoch cost more in page faults than the copy and the matmuls together); an epoch
+        # of one mini-batch takes the rows in data order: shuffling them would only reorder a sum
         shuffle = n > batch_size
         xs, targets = (torch.empty_like(tx), torch.empty_like(onehot)) if shuffle else (tx, onehot)
         w_grad = torch.empty_like(w)
