@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -159,7 +160,12 @@ def _assert_listed(panel: Any, rows: Any) -> None:
     assert tops == ["top 5: mlp-4 · mlp-9 · resnet-7", "top 5: resnet-7 · vit-2 · resnet-3 · bert-1 · mlp-9"]
     assert "search #2 on digits: alsatian, 3 candidates, k=1" in (rows.nth(0).get_attribute("title") or "")
     table_locator = panel.locator(".mm-store-searches table")
-    table_locator.wait_for(state="visible")  # (after a reload the rows exist a moment before they are laid out)
-    box, table = panel.bounding_box(), table_locator.bounding_box()
+    # after a reload the panel draws its list more than once (the rows exist a moment before they are laid
+    # out, and a redraw replaces the table): measure a table that is laid out, waiting for one up to 10 s
+    box = table = None
+    deadline = time.monotonic() + 10
+    while (box is None or table is None) and time.monotonic() < deadline:
+        table_locator.wait_for(state="visible")
+        box, table = panel.bounding_box(), table_locator.bounding_box()
     assert box is not None and table is not None, "the panel and its table are shown"
     assert table["x"] + table["width"] <= box["x"] + box["width"] + 1  # no clipped columns
