@@ -328,3 +328,29 @@ def test_identity_digest_is_the_sha256_of_the_raw_bytes() -> None:
               torch.randn(4, 3).t(), torch.randn(2, 2).to(torch.bfloat16), torch.randn(3, dtype=torch.complex64)):
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         assert digest(t) == hashlib.sha256(raw).digest()
+
+
+def test_tensor_bytes_are_the_raw_bytes_of_every_kind_of_tensor() -> None:
+    """The numpy fast path hands hashlib exactly the bytes of the tensor laid out contiguously, the
+    same as the checked path's ``view(torch.uint8)``, for every dtype, shape and view it may meet
+    (ids kept in stores must not move), and whatever numpy refuses takes the checked path."""
+    import hashlib
+
+    from mm_jupyter.modelsearch.hashing import _tensor_bytes
+
+    torch.manual_seed(0)
+    base = torch.randn(4, 6)
+    cases = {
+        "float32": base, "float16": base.half(), "float64": base.double(), "bfloat16": base.bfloat16(),
+        "bool": base > 0, "int8": (base * 10).to(torch.int8), "uint8": (base.abs() * 10).to(torch.uint8),
+        "int64": (base * 100).long(), "complex64": torch.complex(base, -base),
+        "scalar": torch.tensor(3.5), "empty": torch.empty(0, 3), "transposed": base.t(),
+        "sliced": base[1:, 2:], "offset row": base[2], "size-1 odd stride": base[:, :1].t(),
+        "conj bit": torch.complex(base, base).conj(), "neg bit": torch._neg_view(base),
+        "parameter": nn.Parameter(base.clone()), "expanded": torch.randn(1, 3).expand(4, 3),
+    }
+    for label, t in cases.items():
+        flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        expected = flat.view(torch.uint8).numpy().tobytes()
+        assert hashlib.sha256(_tensor_bytes(label, t)).digest() == hashlib.sha256(expected).digest(), label
+    assert cases["conj bit"].is_conj() and cases["neg bit"].is_neg()
