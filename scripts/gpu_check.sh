@@ -70,7 +70,7 @@ fi
 present() {  # does this Python have everything the check needs? (found, not imported: torch alone takes seconds)
   "$1" - <<'EOF' 2>/dev/null
 import importlib.util, sys
-names = ("torch", "numpy", "pandas", "safetensors", "transformers", "pytest", "IPython", "ipywidgets", "plotly")
+names = ("torch", "numpy", "pandas", "safetensors", "xxhash", "transformers", "pytest", "IPython", "ipywidgets", "plotly")
 sys.exit(0 if all(importlib.util.find_spec(name) is not None for name in names) else 1)
 EOF
 }

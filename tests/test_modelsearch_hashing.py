@@ -354,3 +354,37 @@ def test_tensor_bytes_are_the_raw_bytes_of_every_kind_of_tensor() -> None:
         expected = flat.view(torch.uint8).numpy().tobytes()
         assert hashlib.sha256(_tensor_bytes(label, t)).digest() == hashlib.sha256(expected).digest(), label
     assert cases["conj bit"].is_conj() and cases["neg bit"].is_neg()
+
+
+def test_a_remembered_id_is_served_only_for_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second id of an unchanged block comes from its plan's XXH3 check without a sha256; any
+    change of the bytes, also one no version counter sees (a numpy view, ``.data``), computes the id
+    afresh, and bytes changed back give the first id again."""
+    import hashlib
+
+    from mm_jupyter.modelsearch import hashing
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5))
+    block = Block(module)
+    first = block_id(block)
+    calls = []
+    real = hashlib.sha256
+
+    def counting(*args: object) -> object:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hashing.hashlib, "sha256", counting)
+    assert block_id(block) == first and not calls, "an unchanged block was hashed again"
+    weight = module[0].weight
+    version, old = weight._version, float(weight.detach()[2, 3])
+    weight.detach().numpy()[2, 3] += 1.0  # no version counter moves
+    assert weight._version == version
+    changed = block_id(block)
+    assert calls and changed != first and changed == hashing._digest(block, True)
+    module[1].bias.data[0] = 7.0  # through .data
+    assert block_id(block) == hashing._digest(block, True) != changed
+    weight.detach().numpy()[2, 3] = old
+    module[1].bias.data[0] = 0.0
+    assert block_id(block) == first
