@@ -560,3 +560,38 @@ def test_a_candidate_writing_its_input_never_changes_the_data(tmp_path: Path) ->
     same(first, run(cands, (x, y), mm.Store(tmp_path / "s")))
     mm.search(cands, (x, y), k=1, device="cpu")
     assert torch.equal(x, before)
+
+
+def test_item_hashes_of_data_seen_before_come_back_only_for_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``item_hashes`` remembers the digests of data it hashed: the same data (the same tensor or a
+    copy) gets them back without hashing an item; any changed byte, item count or item shape gives
+    the per-item sha256 afresh, and what comes back is a list of its own."""
+    import hashlib
+
+    from mm_jupyter.modelsearch import lake
+
+    def plain(x: torch.Tensor) -> list[bytes]:
+        head = f"{x.dtype}|{tuple(x.shape[1:])}|".encode()
+        return [hashlib.sha256(head + row.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).digest()
+                for row in x]
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 3, 4)
+    first = lake.item_hashes(x)
+    assert first == plain(x)
+    first.append(b"mine")  # the caller's list: the memo is not touched
+    calls = []
+    real = hashlib.sha256
+
+    def counting(*args: object) -> object:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    expected = plain(x)
+    monkeypatch.setattr(lake.hashlib, "sha256", counting)
+    assert lake.item_hashes(x.clone()) == expected and not calls, "the same data was hashed again"
+    calls.clear()
+    x.detach().numpy()[7, 1, 2] += 1.0  # the same tensor, one item changed in place
+    assert lake.item_hashes(x) == plain(x) and calls
+    assert lake.item_hashes(x[:39]) == plain(x[:39])
+    assert lake.item_hashes(x.reshape(40, 12)) == plain(x.reshape(40, 12)) != plain(x)

@@ -127,7 +127,7 @@ def block_id(block: Block, scope: Scope | None = None) -> str:
     if plan is None:
         return _digest(block, True)
     views = []
-    quick = xxhash.xxh3_128(seed=_QUICK_SEED)
+    quick = quick_hash()
     for name, ref in plan.tensors:
         t = ref()
         if t is None:  # cannot happen while the signature holds (it keeps every tensor checked alive)
@@ -151,6 +151,12 @@ def block_id(block: Block, scope: Scope | None = None) -> str:
 
 #: XXH3's key: drawn per process, so no bytes can be prepared to collide with a remembered digest
 _QUICK_SEED = int.from_bytes(os.urandom(8), "little")
+
+
+def quick_hash() -> Any:
+    """A fresh 128-bit XXH3 keyed with this process's secret: tells whether bytes are the ones a
+    remembered result was computed from, at memory speed (never a key that leaves the process)."""
+    return xxhash.xxh3_128(seed=_QUICK_SEED)
 
 
 class _Plan:
@@ -235,4 +241,4 @@ def block_ids(blocks: list[Block]) -> list[str]:
     return [block_id(b) for b in blocks]
 
 
-__all__ = ["block_id", "block_ids", "block_structure"]
+__all__ = ["block_id", "block_ids", "block_structure", "quick_hash"]
