@@ -595,3 +595,32 @@ def test_item_hashes_of_data_seen_before_come_back_only_for_the_same_bytes(monke
     assert lake.item_hashes(x) == plain(x) and calls
     assert lake.item_hashes(x[:39]) == plain(x[:39])
     assert lake.item_hashes(x.reshape(40, 12)) == plain(x.reshape(40, 12)) != plain(x)
+
+
+def test_an_index_read_before_is_not_parsed_again_and_never_shared(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load_index`` remembers parsed indexes by their object id (the hash of their bytes): the same
+    id is not read again, every caller gets entries of its own, a new index is read, and a failed
+    read is not remembered."""
+    from mm_jupyter.store.features import Entry, write_index
+
+    store = mm.Store(tmp_path / "s")
+    write_index(store.objects, {"a" * 64: Entry("b" * 64, 64, 8, "float32", (2,), 1.0)})
+    first = load_index(store.objects)
+    first["a" * 64].used = 99.0
+    reads = []
+    real_get = store.objects.get
+    monkeypatch.setattr(store.objects, "get", lambda oid: reads.append(oid) or real_get(oid))
+    again = load_index(store.objects)
+    assert not reads and again["a" * 64].used == 1.0 and again is not first
+    write_index(store.objects, {"c" * 64: Entry("d" * 64, 64, 4, "int32", (1,), 2.0)})
+    assert set(load_index(store.objects)) == {"c" * 64} and reads
+
+    def failing(oid: str) -> bytes:
+        raise OSError(5, "I/O error")
+
+    write_index(store.objects, {"e" * 64: Entry("f" * 64, 64, 4, "int32", (1,), 3.0)})
+    monkeypatch.setattr(store.objects, "get", failing)
+    assert load_index(store.objects) == {}
+    monkeypatch.setattr(store.objects, "get", real_get)
+    assert set(load_index(store.objects)) == {"e" * 64}

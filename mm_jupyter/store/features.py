@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+from collections import OrderedDict
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
@@ -264,10 +266,29 @@ def over_budget(entries: dict[str, Entry], budget: int) -> set[str]:
 
 
 def load_index(objects: "ObjectArea") -> dict[str, Entry]:
-    """The stored index (empty when there is none or it is damaged: features are only a cache)."""
+    """The stored index (empty when there is none or it is damaged: features are only a cache).
+    An index object parsed before in this process is not parsed again: its id is the hash of its
+    bytes, so the same id is the same index (every search of a store starts with this read)."""
     oid = objects.read_ref(KIND, INDEX_NAME, 1)
     if oid is None:
         return {}
+    with _INDEXES_LOCK:
+        kept = _INDEXES.get(oid)
+        if kept is not None:
+            _INDEXES.move_to_end(oid)
+    if kept is None:
+        kept = _parse_index(objects, oid)
+        if kept is None:  # (a failure is not remembered: the next read tries again)
+            return {}
+        if len(kept) <= INDEX_MEMO:
+            with _INDEXES_LOCK:
+                _INDEXES[oid] = kept
+                while sum(len(v) for v in _INDEXES.values()) > INDEX_MEMO:
+                    _INDEXES.popitem(last=False)
+    return {k: Entry(e.oid, e.offset, e.nbytes, e.dtype, e.shape, e.used) for k, e in kept.items()}
+
+
+def _parse_index(objects: "ObjectArea", oid: str) -> dict[str, Entry] | None:
     try:
         payload = objects.get(oid)
         if not payload.startswith(INDEX_MAGIC):
@@ -277,7 +298,13 @@ def load_index(objects: "ObjectArea") -> dict[str, Entry]:
             raise IntegrityError("the feature index is malformed")
         return {k: _check_entry(v) for k, v in raw["entries"].items() if isinstance(k, str) and len(k) == 64}
     except (MMError, ValueError, TypeError, OSError):
-        return {}
+        return None
+
+
+#: index entries remembered by ``load_index`` (by the index object's id), at most this many in all
+INDEX_MEMO = 100_000
+_INDEXES: "OrderedDict[str, dict[str, Entry]]" = OrderedDict()
+_INDEXES_LOCK = threading.Lock()
 
 
 def write_index(objects: "ObjectArea", entries: dict[str, Entry]) -> None:
