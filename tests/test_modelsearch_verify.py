@@ -481,3 +481,35 @@ def test_a_cache_an_eval_forward_fills_is_neither_stale_in_the_check_nor_pollute
     assert isinstance(cache["cpu"], torch.Tensor) and type(cache["cpu"]) is torch.Tensor
     with torch.no_grad():
         torch.testing.assert_close(split.head(split.features(x)), model(x))
+
+
+def test_a_split_rebuilt_from_a_cached_verdict_is_remembered_until_the_model_changes() -> None:
+    """A Hugging Face split rebuilt from a cached verdict (no model code) is remembered in the
+    model's identity scope: the next search gets the same blocks and wrappers (so their block ids
+    are remembered too) in a split of its own. A changed model gets a new split, whose ids and
+    features are those of a fresh computation."""
+    from mm_jupyter.modelsearch.hashing import _digest
+    from mm_jupyter.modelsearch.verify import clear_verdicts
+
+    clear_verdicts()
+    torch.manual_seed(0)
+    config = tf.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    model = tf.ResNetForImageClassification(config).eval()
+    x = torch.randn(4, 3, 32, 32)
+    split_model(model, x)  # verified
+    first, second = split_model(model, x), split_model(model, x)
+    assert first is not second and first.scope is second.scope is not None
+    assert all(a.module is b.module for a, b in zip(first.blocks, second.blocks))
+    ids = [block_id(b, second.scope) for b in second.blocks]
+    assert ids == [_digest(b, True) for b in second.blocks]
+    model.classifier[1] = nn.Linear(16, 3)  # a new head
+    split_model(model, x)
+    third = split_model(model, x)
+    assert third.scope is not first.scope
+    assert third.blocks[-1].module is not first.blocks[-1].module or third.head is not first.head
+    assert [block_id(b, third.scope) for b in third.blocks] == [_digest(b, True) for b in third.blocks]
+    with torch.no_grad():
+        h = x
+        for b in third.blocks:
+            h = b.module(h)
+        assert torch.equal(third.head(h), model(x).logits)

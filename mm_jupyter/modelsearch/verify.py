@@ -39,6 +39,7 @@ inference forward only as a per-channel affine map whose parameters are perturbe
 """
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import hashlib
@@ -549,6 +550,21 @@ def probe_of(model: nn.Module, probe: Tensor | None) -> Tensor:
     return probe
 
 
+def _built(model: nn.Module, verdict: Verdict, probe: Tensor, scope: Scope) -> Split:
+    """The split ``verdict`` describes, remembered in the model's ``scope``: these methods build it
+    from the model's modules and the recipe alone (no model code, no probe), so while the signature
+    that keeps the scope holds, the same split (its wrapper modules too: their block ids are then
+    remembered as well) serves again. Callers get a shallow copy to mark as theirs."""
+    at = ("split", verdict.method)
+    kept = scope.memo.get(at)
+    if kept is not None and kept[0] is verdict:
+        return kept[1]  # type: ignore[no-any-return]
+    assert verdict.method is not None
+    split = split_by(model, verdict.method, probe, verdict.recipe)
+    scope.memo[at] = (verdict, split)
+    return split
+
+
 def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
     """The first split of ``model`` (``blocks.methods`` order) whose composed blocks reproduce the
     model's own features on ``probe`` (module docstring); a SearchError naming the block where the
@@ -562,10 +578,12 @@ def verified_split(model: nn.Module, probe: Tensor | None = None) -> Split:
         if verdict.error is not None:
             raise SearchError(verdict.error)
         assert verdict.method is not None
-        cached = split_by(model, verdict.method, probe, verdict.recipe)
-        cached.architecture = key
-        if verdict.method in _NO_MODEL_CODE:  # the key's walk still describes the model
+        if verdict.method in _NO_MODEL_CODE and scope is not None:  # the key's walk still describes the model
+            cached = copy.copy(_built(model, verdict, probe, scope))
             cached.scope = scope
+        else:
+            cached = split_by(model, verdict.method, probe, verdict.recipe)
+        cached.architecture = key
         return cached
     name = type(model).__name__
     reasons: list[str] = []
