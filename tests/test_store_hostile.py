@@ -44,6 +44,7 @@ def test_function_references_never_walk_through_module_attributes(tmp_path: Path
     for name, ref in refs.items():
         assert "error" in got[name] and got[name]["error"].startswith("RecoveryError"), (name, got[name])
         assert "'forward'" not in got[name]["error"] and "act" in got[name]["error"], got[name]
+        assert f"'{ref}'" in got[name]["error"], got[name]  # names the reference it refused
     assert got["allowed"] == {"ok": "Identity"}
     assert got["_modules"] == [] and not sentinel.exists()
     # the reviewed allow-list holds functions only under their own module and name
