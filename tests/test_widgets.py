@@ -509,7 +509,7 @@ def test_progress_of_a_real_alsatian_search():
     assert [e.model for e in widget.ranking] == list(ranking["model"])
     rows = leaderboard(widget)
     assert [m for m, *_ in rows] == list(ranking["model"])
-    for (model, greyed, rung, note), (_, r) in zip(rows, ranking.iterrows()):
+    for (_, greyed, rung, note), (_, r) in zip(rows, ranking.iterrows()):
         assert greyed == (not r["selected"]) and rung == r["rung"]
         assert note == ("selected" if r["selected"] else f"pruned in rung {r['rung']}")
     bars = widget.bars.children
