@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import hostile_models as hm
 import pytest
+import store_models as sm
 import torch
 from torch import nn
 
-import hostile_models as hm
 import mm_jupyter as mm
-import store_models as sm
 from mm_jupyter.store import trust
 
 

@@ -6,10 +6,10 @@ import itertools
 from typing import Any
 
 import pytest
+import store_models as sm
 import torch
 
 import mm_jupyter as mm
-import store_models as sm
 
 pytestmark = pytest.mark.xdist_group("store-roundtrip")  # its module-scoped fixture is built once
 
