@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 run: install
 	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) --LabApp.default_url=/lab/tree/notebooks/00_tour.ipynb
 
-# Lint and types first (ruff: httpx's rule set on the package; mypy: [tool.mypy] in pyproject.toml),
+# Lint and types first (ruff: httpx's rule set on $(LINT); mypy: [tool.mypy] in pyproject.toml),
 # then everything else in one run: the unit tests, the strict notebooks and the notebooks whose outputs hold timings
 # and training results (--lax-notebook: compared only where a cell asks, as --nbval-lax does). Those run on torch's
 # plain (non-SIMD) CPU kernels: references are written on the machine's own path (scripts/refresh_notebooks.py), so
@@ -37,9 +37,11 @@ run: install
 # the browser); every test is a unit of its own, so a heavy file is split over workers, except the xdist groups (a
 # notebook's cells, a module's expensive fixture, the session's Ray cluster, a benchmark module and the notebook
 # that reads its results), which are queued first.
+# ruff checks every Python file but the notebooks' cells
+LINT := mm_jupyter tests scripts conftest.py
 DIST := -n 3 --dist loadgroup --no-loadscope-reorder
 test: install
-	$(VENV)/bin/ruff check mm_jupyter
+	$(VENV)/bin/ruff check $(LINT)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	export MM_JUPYTER_BENCH_RESULTS=$$(mktemp -d); \
@@ -51,7 +53,7 @@ test: install
 # (markers in pyproject.toml); `make test` runs everything.
 FAST := not (services or notebook or browser or bench or slow)
 test-fast: install
-	$(VENV)/bin/ruff check mm_jupyter
+	$(VENV)/bin/ruff check $(LINT)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n 2 -q -m "$(FAST)" tests $(PYTEST_ARGS)

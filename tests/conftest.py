@@ -126,7 +126,6 @@ def ray_cluster() -> Iterator[int]:
     import ray
 
     from mm_jupyter.modelsearch.distributed import start_local_ray
-
     from mm_jupyter.store import testing
 
     for key, value in testing.S3_ENV.items():  # moto's test credentials, for team stores' S3 objects

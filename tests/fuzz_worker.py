@@ -163,13 +163,13 @@ def main() -> None:
     scratch = Path(sys.argv[1])
     sentinel = Path(os.environ["MM_FUZZ_SENTINEL"])
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    import hostile_models  # noqa: F401 - writes the hostile manifests (imports transformers first)
     import torch  # noqa: F401 - loaded before the hook watches anything
     import transformers  # noqa: F401 - and huggingface_hub with it (its offline switch is watched)
-
-    import mm_jupyter as mm  # noqa: F401
     import zoo_models  # noqa: F401 - the user's own modules, as a user recovering these sets has imported them
     import zoo_patterns  # noqa: F401
-    import hostile_models  # noqa: F401 - writes the hostile manifests (imports transformers first)
+
+    import mm_jupyter as mm  # noqa: F401
 
     watch = Watch(scratch)
     print(json.dumps({"ready": True}), flush=True)

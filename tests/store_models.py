@@ -445,7 +445,7 @@ def report(store_path: str, refs: Sequence[str], trust: bool = False) -> dict[st
                 "outputs": [output_digest(m) for m in modules],
                 "by_name": [sd_digests(ms.state_dict(nm)) for nm in ms.names],
             }
-        except Exception as e:  # reported, so the parent names the failing set
+        except Exception as e:  # noqa: BLE001 - reported, so the parent names the failing set
             out[ref] = {"error": f"{type(e).__name__}: {e}"}
     store.close()
     return out

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from mm_jupyter.bench.search import sharing_bound  # noqa: E402
+from mm_jupyter.bench.search import sharing_bound
 
 #: a measured ratio may exceed the bound by this much before the test calls it a broken bound
 NOISE = 1.15

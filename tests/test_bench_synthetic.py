@@ -8,9 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from mm_jupyter.errors import SearchError
-from mm_jupyter.modelsearch.hashing import block_ids
-from mm_jupyter.modelsearch.splitting import split_model
 from mm_jupyter.bench.synthetic import (
     ARCHS,
     DISTRIBUTIONS,
@@ -24,6 +21,9 @@ from mm_jupyter.bench.synthetic import (
     synthetic_candidates,
     trained_candidates,
 )
+from mm_jupyter.errors import SearchError
+from mm_jupyter.modelsearch.hashing import block_ids
+from mm_jupyter.modelsearch.splitting import split_model
 
 
 def _all_ids(models: list[nn.Module]) -> list[list[str]]:

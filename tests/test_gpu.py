@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-import mm_jupyter as mm  # noqa: E402
-from mm_jupyter.bench.synthetic import sample_data, synthetic_candidates  # noqa: E402
-from mm_jupyter.modelsearch.splitting import split_model  # noqa: E402
+import mm_jupyter as mm
+from mm_jupyter.bench.synthetic import sample_data, synthetic_candidates
+from mm_jupyter.modelsearch.splitting import split_model
 
 DEVICE = os.environ.get("MM_JUPYTER_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 #: the device's features against the CPU's (float32 with TF32 off; cuDNN may pick other algorithms)

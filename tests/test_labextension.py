@@ -227,7 +227,8 @@ def test_store_path_kernel_then_notebook_folder_then_root(tmp_path: Path, monkey
     assert store_path(tmp_path, notebook="course/week1/ex.ipynb") == tmp_path / "course" / "week1" / ".mm_store"
     # what the kernel reported (an id it registered) wins; a folder under the root may be named directly
     sid = register("/data/stores/x", tmp_path / "runtime")
-    assert store_path(tmp_path, store=sid, notebook="ex.ipynb", runtime_dir=tmp_path / "runtime") == Path("/data/stores/x")
+    assert (store_path(tmp_path, store=sid, notebook="ex.ipynb", runtime_dir=tmp_path / "runtime")
+            == Path("/data/stores/x"))
     assert store_path(tmp_path, store=str(tmp_path / "in" / "s")) == tmp_path / "in" / "s"
     # anything else named by a request is refused: folders elsewhere, database URLs, unknown ids
     for outside in ("/data/stores/x", str(tmp_path / ".." / "escape"), "postgresql://u:pw@evil:5432/db",

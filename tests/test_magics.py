@@ -142,7 +142,8 @@ def test_kernel_store_tells_the_sidebar_which_store(ip: Any, tmp_path: Path, mon
 @pytest.mark.slow
 def test_save_last_expression_recover_show_diff(ip: Any, tmp_path: Path) -> None:
     ip.run_cell(TINY)
-    saved = ip.run_cell_magic("modelset", "save tiny", "torch.manual_seed(0)\nms_in = {f'm{i}': Tiny() for i in range(4)}\nms_in")
+    saved = ip.run_cell_magic("modelset", "save tiny",
+                              "torch.manual_seed(0)\nms_in = {f'm{i}': Tiny() for i in range(4)}\nms_in")
     assert repr(saved) == "saved tiny@1: baseline, 4 models, 1.5 kB"  # parameters and the manifest object
     ip.run_cell("ms_in['m1'].l.bias.data += 1\nms_in['m9'] = Tiny()")
     saved = ip.run_cell_magic("modelset", "save tiny --approach update --models ms_in", "x = 1")

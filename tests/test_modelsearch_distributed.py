@@ -5,11 +5,11 @@ import os
 
 import pytest
 import torch
+from test_modelsearch_engine import blobs, family
 
 import mm_jupyter as mm
 from mm_jupyter.modelsearch.distributed import RayExecutor, store_address
 from mm_jupyter.store import testing
-from test_modelsearch_engine import blobs, family
 
 pytest.importorskip("ray")  # an extra; `make install` installs it, so the suite runs these tests
 pytestmark = [pytest.mark.services, pytest.mark.xdist_group("ray")]  # the session's Ray cluster (conftest.py)

@@ -22,10 +22,10 @@ def family(n: int = 12, seed: int = 0) -> dict[str, nn.Module]:
         torch.manual_seed(seed)
         base = search_models.mlp()
         models = [base]
-        for i in range(1, n):
+        for _ in range(1, n):
             src = models[int(torch.randint(len(models), (1,), generator=g))]
             m = copy.deepcopy(src)
-            layers = [l for l in m if isinstance(l, nn.Linear)][:-1]  # feature layers (head excluded)
+            layers = [mod for mod in m if isinstance(mod, nn.Linear)][:-1]  # feature layers (head excluded)
             for layer in layers[-int(torch.randint(1, 3, (1,), generator=g)):]:
                 layer.reset_parameters()
             models.append(m)

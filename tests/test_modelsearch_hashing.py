@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from mm_jupyter.bench.synthetic import generation_plan, parameterised, synthetic_candidates
 from mm_jupyter.errors import SearchError
 from mm_jupyter.modelsearch.blocks import Block
 from mm_jupyter.modelsearch.hashing import block_id, block_ids
-from mm_jupyter.bench.synthetic import generation_plan, parameterised, synthetic_candidates
 from mm_jupyter.modelsearch.splitting import split_model
 
 

@@ -7,7 +7,7 @@ import torch
 import mm_jupyter as mm
 
 pytest.importorskip("transformers")
-from mm_jupyter.bench.synthetic import sample_data, synthetic_candidates  # noqa: E402
+from mm_jupyter.bench.synthetic import sample_data, synthetic_candidates
 
 
 @pytest.mark.slow
@@ -29,7 +29,8 @@ def test_budget_below_cmin_spills_nothing_and_agrees():
     cands = synthetic_candidates("resnet18", 5, "top-layers", seed=3)
     data = sample_data("resnet18", 200, seed=4)
     free = mm.search(cands, data, k=2, approach="alsatian", batch_size=16)
-    tight = mm.search(cands, data, k=2, approach="alsatian", batch_size=16, cache_budget=free.stats["cache_peak_bytes"] // 4)
+    tight = mm.search(cands, data, k=2, approach="alsatian", batch_size=16,
+                      cache_budget=free.stats["cache_peak_bytes"] // 4)
     assert tight.stats["chunks"] > free.stats["chunks"]
     assert tight.stats["cache_peak_bytes"] <= free.stats["cache_peak_bytes"] // 4
     assert list(tight.ranking["model"]) == list(free.ranking["model"])

@@ -13,7 +13,6 @@ from torch import nn
 
 from mm_jupyter.bench.synthetic import parameterised, reinitialise
 from mm_jupyter.modelsearch.splitting import split_model
-from search_models import assert_search_agrees
 
 tf = pytest.importorskip("transformers")
 

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 
-from mm_jupyter.modelsearch.engine import batch_ranges
 from mm_jupyter.bench.queue import dfs_order, simulate_queue
+from mm_jupyter.modelsearch.engine import batch_ranges
 from mm_jupyter.modelsearch.partition import items_balance, partition_tree, split_batches, subtree_costs
 from mm_jupyter.modelsearch.tree import TaskTree
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -40,17 +41,29 @@ def all_dfs_orders(tree: TaskTree, nid: int = 0):
     if not kids:
         yield head + [Step("release", nid)]
         return
+
+    def rec(perm: tuple[int, ...], i: int):  # the children from perm[i] on, each subtree depth-first
+        if i == len(perm):
+            yield []
+            return
+        c = perm[i]
+        pre = [Step("infer", c)] + ([Step("release", nid)] if i == len(perm) - 1 else [])
+        for sub in all_dfs_orders(tree, c):
+            for rest in rec(perm, i + 1):
+                yield pre + sub + rest
+
     for perm in itertools.permutations(kids):
-        def rec(i: int):
-            if i == len(perm):
-                yield []
-                return
-            c = perm[i]
-            pre = [Step("infer", c)] + ([Step("release", nid)] if i == len(perm) - 1 else [])
-            for sub in all_dfs_orders(tree, c):
-                for rest in rec(i + 1):
-                    yield pre + sub + rest
-        yield from (head + seq for seq in rec(0))
+        yield from (head + seq for seq in rec(perm, 0))
+
+
+def test_brute_force_yields_every_depth_first_order_once() -> None:
+    """The oracle below is complete: one order per choice of child order at every node."""
+    for seed in range(60):
+        rng = random.Random(seed)
+        tree = random_tree(rng, models=rng.randint(1, 5), depth=3)
+        want = math.prod(math.factorial(len(node.children)) for node in tree.nodes.values())
+        orders = [tuple(order) for order in all_dfs_orders(tree)]
+        assert len(orders) == len(set(orders)) == want, seed
 
 
 @pytest.mark.parametrize("seed", range(60))

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import mm_jupyter as mm
+from mm_jupyter.bench.synthetic import parameterised, reinitialise, sample_data
 from mm_jupyter.errors import SearchError
 from mm_jupyter.modelsearch.blocks import output_sizes
-from mm_jupyter.modelsearch.hashing import block_id, block_ids
-from mm_jupyter.bench.synthetic import parameterised, reinitialise, sample_data
+from mm_jupyter.modelsearch.hashing import block_ids
 from mm_jupyter.modelsearch.splitting import split_model
 
 

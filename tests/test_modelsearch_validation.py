@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import search_models
 import torch
 from torch import nn
 
 import mm_jupyter as mm
-import search_models
 from mm_jupyter.errors import SearchError
 from mm_jupyter.modelsearch.verify import PROBE_ITEMS, clear_verdicts
 

@@ -131,7 +131,8 @@ def test_a_lax_notebook_is_compared_only_where_a_cell_asks_on_plain_kernels(tmp_
          "--nbval-current-env", "-rA", "--lax-notebook", "lax.ipynb", "lax.ipynb", "strict.ipynb"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"})
-    outcome = {node: status for status, node in re.findall(r"^(PASSED|FAILED) (\S+::Cell \d+)", done.stdout, re.MULTILINE)}
+    outcome = {node: status
+               for status, node in re.findall(r"^(PASSED|FAILED) (\S+::Cell \d+)", done.stdout, re.MULTILINE)}
     import torch
 
     native = torch.backends.cpu.get_cpu_capability()  # strict Cell 1 passes only where the native path is DEFAULT

@@ -51,7 +51,7 @@ def test_concurrent_clients_get_their_own_answers(served):
                     r = http.post("/predict", json={"model": str(model), "x": xs[c, j].tolist()})
                     assert r.status_code == 200, r.text
                     got[c, j] = r.json()
-        except BaseException as e:  # reported below, in the test's thread
+        except BaseException as e:  # noqa: BLE001 - reported below, in the test's thread
             errors.append(e)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]

@@ -5,12 +5,12 @@ import functools
 
 import pandas as pd
 import pytest
+import store_models as sm
 import torch
 
 import mm_jupyter as mm
-from mm_jupyter.store import trust
 import mm_jupyter.usecases.models as usecase_models
-import store_models as sm
+from mm_jupyter.store import trust
 from mm_jupyter.store.objects import chunk_size_for, header_size_for
 from mm_jupyter.usecases.models import ffnn
 

@@ -8,10 +8,10 @@ import sys
 import textwrap
 
 import pytest
+import store_models as sm
 import torch
 
 import mm_jupyter as mm
-import store_models as sm
 
 
 def check_report(report: dict, ref: str, models) -> None:

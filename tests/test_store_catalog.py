@@ -4,7 +4,6 @@ back bit-exactly from the objects alone, and no mutation of a manifest or of a c
 recovery return a wrong tensor."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -14,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import store_models as sm
 import torch
 
 import mm_jupyter as mm
-import store_models as sm
 from mm_jupyter.modelsearch.stored import add_candidates, load_candidates
-from mm_jupyter.store import catalog as catalog_mod
 from mm_jupyter.usecases.battery import cell_ref
 from mm_jupyter.usecases.training import initial_models
 
@@ -365,7 +363,8 @@ def test_every_digit_of_the_catalog_rows(plain, tmp_path):
                                                   (set_id, idx)).fetchone()[0], "mm"))
         cases.append(("models", "idx", idx + 7, "rowid", db.execute(
             "SELECT rowid FROM models WHERE set_id=? AND idx=?", (set_id, idx)).fetchone()[0], "mm"))
-    swapped = db.execute("SELECT a.id, b.manifest FROM sets a JOIN sets b ON a.name = b.name AND a.id != b.id").fetchall()
+    swapped = db.execute(
+        "SELECT a.id, b.manifest FROM sets a JOIN sets b ON a.name = b.name AND a.id != b.id").fetchall()
     cases += [("sets", "manifest", other, "id", set_id, "upd") for set_id, other in swapped[:6]]
     db.execute("PRAGMA synchronous=OFF")  # thousands of tiny edits: durability is not under test here
     errors = 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import store_models as sm
 import torch
 from torch import nn
 
 import mm_jupyter as mm
-import store_models as sm
 from mm_jupyter.store import objects, refs
 from mm_jupyter.store.store import MAX_CHAIN
 

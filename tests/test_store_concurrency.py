@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-import mm_jupyter as mm
 import store_models as sm
 import zygote
+
+import mm_jupyter as mm
 
 WORKERS = 4
 VERSIONS = 4

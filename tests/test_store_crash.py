@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-import mm_jupyter as mm
 import store_models as sm
 import zygote
+
+import mm_jupyter as mm
 
 FAMILIES = 3
 

@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import store_models as sm
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+import zoo_models as zoo
+import zoo_patterns as zp
+from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import mm_jupyter as mm
-import store_models as sm
-import zoo_models as zoo
-import zoo_patterns as zp
 
 pytestmark = pytest.mark.xdist_group("store-fuzz")  # its module-scoped fixture is built once
 

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-import mm_jupyter as mm
 import store_models as sm
 import zygote
+
+import mm_jupyter as mm
 
 KILLED_MMLIB = r"""
 import os, signal, sys

@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import hostile_models as hm
 import pytest
+import store_models as sm
 import torch
 from torch import nn
 
-import hostile_models as hm
 import mm_jupyter as mm
-import store_models as sm
 from mm_jupyter.store import trust
 
 
@@ -44,6 +44,7 @@ def test_function_references_never_walk_through_module_attributes(tmp_path: Path
     for name, ref in refs.items():
         assert "error" in got[name] and got[name]["error"].startswith("RecoveryError"), (name, got[name])
         assert "'forward'" not in got[name]["error"] and "act" in got[name]["error"], got[name]
+        assert f"'{ref}'" in got[name]["error"], got[name]  # names the reference it refused
     assert got["allowed"] == {"ok": "Identity"}
     assert got["_modules"] == [] and not sentinel.exists()
     # the reviewed allow-list holds functions only under their own module and name

@@ -5,11 +5,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import store_models as sm
 import torch
 from torch import nn
 
 import mm_jupyter as mm
-import store_models as sm
 
 
 def snapshot(store: mm.Store) -> tuple:

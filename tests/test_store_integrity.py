@@ -5,10 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import store_models as sm
 import torch
 
 import mm_jupyter as mm
-import store_models as sm
 from mm_jupyter.store.objects import header_size_for
 
 ARCH = mm.Architecture.factory("store_models:mlp", width=48, depth=2, inputs=8)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import os
+import shutil
 from pathlib import Path
 
 import pytest

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import store_models as sm
 import torch
 from torch import nn
 
 import mm_jupyter as mm
-import store_models as sm
 
 
 def _saved(tmp_path: Path, models: list[nn.Module]) -> mm.Store:

@@ -6,10 +6,10 @@ import itertools
 from typing import Any
 
 import pytest
+import store_models as sm
 import torch
 
 import mm_jupyter as mm
-import store_models as sm
 
 pytestmark = pytest.mark.xdist_group("store-roundtrip")  # its module-scoped fixture is built once
 
@@ -71,7 +71,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, dict[str, Any
                 ref = store.save_set(_pack(models, container), name, approach=approach)
             info["ref"] = str(ref)
             info["after_save"] = sm.model_digests(models)
-        except Exception as e:  # reported by the test of this combination
+        except Exception as e:  # noqa: BLE001 - raised by the tests of this combination
             info["error"] = e
         out[(kind, approach, container)] = info
     refs = [i["ref"] for i in out.values() if "ref" in i]

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import store_models as sm
 import torch
 from torch import nn
 
 import mm_jupyter as mm
-import store_models as sm
 from mm_jupyter.store import catalog as catalog_mod
 
 ARCH = mm.Architecture.factory("torch.nn:Linear", in_features=1000, out_features=1000)

@@ -6,10 +6,10 @@ import json
 import os
 
 import pytest
+import store_models as sm
 import torch
 
 import mm_jupyter as mm
-import store_models as sm
 from mm_jupyter.modelsearch.stored import add_candidates
 
 ARCH = mm.Architecture.factory("store_models:mlp", width=8, depth=2, inputs=4)

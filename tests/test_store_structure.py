@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import store_models as sm
 import torch
+import zoo_models as zoo
 from torch import nn
 
 import mm_jupyter as mm
-import store_models as sm
-import zoo_models as zoo
 from mm_jupyter.store import store as store_module
 
 SEEDS = (0, 1)
@@ -355,7 +355,7 @@ except mm.TrustError as e:
 """
     script = tmp_path / "save_towers.py"  # a script, so the class has source to record
     script.write_text(save)
-    sm.run_python(f"import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+    sm.run_python("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
                   str(script), str(tmp_path / "s"))
     refused = sm.run_python(search, str(tmp_path / "s"), "no").stdout.strip().splitlines()[-1]
     assert refused == "TrustError definitions of Tower:"

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
+import store_models as sm
 import torch
 
 import mm_jupyter as mm
-import store_models as sm
 from mm_jupyter.store.store import AUTO_UPDATE_MAX_CHANGED
 
 ARCH = mm.Architecture.factory("store_models:mlp", width=64, depth=3, inputs=16)

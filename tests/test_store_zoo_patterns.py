@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+import store_models as sm
 import torch
+import zoo_patterns as zp
 
 import mm_jupyter as mm
-import store_models as sm
-import zoo_patterns as zp
 
 MODELS = 3
 

@@ -279,7 +279,8 @@ def test_comparison_chart_log_axes_ticks_labels_and_toggle():
     assert texts[("baseline", "tts_s")] == ["0.004 s"] and texts[("update", "tts_s")] == [""]
     assert all(text == [""] for text in log["args"][0]["text"])
     # a store's versions keep their own labels, not the paper's U1 / U3-1
-    assert {t["name"]: t["x"] for t in chart.figure["data"][:3]} == {"baseline": ["v1"], "update": ["v2"], "mmlib-base": ["v3"]}
+    assert {t["name"]: t["x"] for t in chart.figure["data"][:3]} == {
+        "baseline": ["v1"], "update": ["v2"], "mmlib-base": ["v3"]}
 
 
 def test_comparison_chart_linear_when_the_range_is_small():
@@ -509,7 +510,7 @@ def test_progress_of_a_real_alsatian_search():
     assert [e.model for e in widget.ranking] == list(ranking["model"])
     rows = leaderboard(widget)
     assert [m for m, *_ in rows] == list(ranking["model"])
-    for (model, greyed, rung, note), (_, r) in zip(rows, ranking.iterrows()):
+    for (_, greyed, rung, note), (_, r) in zip(rows, ranking.iterrows()):
         assert greyed == (not r["selected"]) and rung == r["rung"]
         assert note == ("selected" if r["selected"] else f"pruned in rung {r['rung']}")
     bars = widget.bars.children
@@ -647,8 +648,9 @@ def test_every_figure_output_gets_a_log_toggle_that_switches_all_value_axes():
     from mm_jupyter.jupyter.charts import chart_output
     from mm_jupyter.jupyter.widgets._static import add_log_toggle
 
-    chart = chart_output(PaperChart("t", [Panel("latency", "answers/s", "p99 ms", [Series("a", [1.0, 10.0], [2.0, 40.0])],
-                                   kind="line", log_y=True, log_x=True),
+    chart = chart_output(PaperChart("t", [Panel("latency", "answers/s", "p99 ms",
+                                                [Series("a", [1.0, 10.0], [2.0, 40.0])],
+                                                kind="line", log_y=True, log_x=True),
                              Panel("bars", "kind", "seconds", [Series("b", ["x", "y"], [1.0, 2.0])])]))
     figure = chart._repr_mimebundle_()[PLOTLY_MIME]
     (menu,) = figure["layout"]["updatemenus"]

@@ -80,7 +80,8 @@ def test_a_started_child_streams_its_output_and_can_be_killed() -> None:
 
 
 def test_started_children_run_at_once_and_report_like_popen() -> None:
-    code = "import sys\nprint(sys.argv[1] * 70000)\nprint('err', sys.argv[1], file=sys.stderr)\nsys.exit(int(sys.argv[2]))"
+    code = ("import sys\nprint(sys.argv[1] * 70000)\nprint('err', sys.argv[1], file=sys.stderr)\n"
+            "sys.exit(int(sys.argv[2]))")
     children = [zygote.start(code, str(k), str(k), cwd=sm.ROOT, env=sm.subprocess_env()) for k in range(3)]
     for k, child in enumerate(children):
         out, err = child.communicate(timeout=60)  # 70 kB: more than a pipe holds, read while the child writes

@@ -198,7 +198,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
     "transformer": (lambda: Seq2Seq("transformer"), _floats(2, 9, 16)),
     "multihead-attention": (lambda: Seq2Seq("attention"), _floats(2, 9, 16)),
     "conv-batchnorm": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)), _floats(2, 3, 8, 8)),
+                                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)),
+                       _floats(2, 3, 8, 8)),
     "conv1d-groupnorm": (lambda: nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding="valid"), nn.GroupNorm(2, 4),
                                                nn.SiLU(), nn.AdaptiveAvgPool1d(1)), _floats(2, 2, 9)),
     "convtranspose-instancenorm": (lambda: nn.Sequential(

@@ -89,7 +89,8 @@ def _child(code: str, args: list[str], cwd: str, env: dict[str, str], out: str |
         os.environ.clear()
         os.environ.update(env)
         os.chdir(cwd)
-        extra = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        # once each, as site's removeduppaths leaves it (PYTHONPATH may name tests/ or the root again)
+        extra = list(dict.fromkeys(os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p))
         sys.path[:] = ["", *extra, *(p for p in default_path if p not in extra)]  # as site skips known .pth paths
         sys.argv[:] = ["-c", *args]
         main = types.ModuleType("__main__")

@@ -1,10 +1,15 @@
 """Writes tests/data/store_v1 with mm_jupyter at ced9df8 (before the synthetic candidate sets moved to bench/):
 its records name mm_jupyter.modelsearch.synthetic:base_model and :digits_cnn."""
-import hashlib, json, sys
+import hashlib
+import json
+import sys
+
 import torch
+
 import mm_jupyter as mm
-from mm_jupyter.modelsearch.synthetic import base_model, digits_cnn, synthetic_candidates
 from mm_jupyter.modelsearch.stored import add_candidates
+from mm_jupyter.modelsearch.synthetic import base_model, digits_cnn, synthetic_candidates
+
 
 def digest(model):
     h = hashlib.sha256()
