@@ -624,3 +624,30 @@ def test_an_index_read_before_is_not_parsed_again_and_never_shared(tmp_path: Pat
     assert load_index(store.objects) == {}
     monkeypatch.setattr(store.objects, "get", real_get)
     assert set(load_index(store.objects)) == {"e" * 64}
+
+
+def test_a_remembered_layout_is_the_layout_of_the_same_items_labels_and_options() -> None:
+    """``layout`` remembers its last results: the same digests, labels and options give an equal
+    layout of the caller's own (mutating it changes no later one); a changed label, seed, fraction
+    or batch size gives the layout computed afresh."""
+    from mm_jupyter.modelsearch import lake
+
+    def fields(lay: Any) -> tuple[Any, ...]:
+        return (lay.test.tolist(), lay.train.tolist(), lay.levels, lay.test_chunks, lay.train_chunks, lay.hashes)
+
+    x, y = data(300)
+    kw = {"test_fraction": 0.2, "seed": 0, "batch_size": 16}
+    first = layout(x, y, **kw)
+    plain = fields(lake._layout(lake.item_hashes(x), y.tolist(), 0.2, 0, 16))
+    assert fields(first) == plain
+    first.test[0] = -1
+    first.levels.clear()
+    assert fields(layout(x.clone(), y.clone(), **kw)) == plain
+    y2 = y.clone()
+    y2[5] = (y2[5] + 1) % 3
+    for args, options in (((x, y2), kw), ((x, y), {**kw, "seed": 1}), ((x, y), {**kw, "test_fraction": 0.3}),
+                          ((x, y), {**kw, "batch_size": 8})):
+        got = layout(*args, **options)
+        expected = lake._layout(lake.item_hashes(args[0]), args[1].tolist(), options["test_fraction"],
+                                options["seed"], options["batch_size"])
+        assert fields(got) == fields(expected) != plain

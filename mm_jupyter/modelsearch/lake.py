@@ -148,18 +148,46 @@ def item_hashes(x: "torch.Tensor") -> list[bytes]:
 #: item digests remembered (``item_hashes``), at most this many in all (~100 bytes each)
 ITEMS_MEMO = 200_000
 _ITEMS: "OrderedDict[bytes, tuple[bytes, ...]]" = OrderedDict()
+#: the last layouts made (``layout``), by a quick hash of everything they are a function of
+_LAYOUTS: "OrderedDict[bytes, Layout]" = OrderedDict()
 _ITEMS_LOCK = threading.Lock()
 
 
 def layout(x: "torch.Tensor", y: "torch.Tensor", *, test_fraction: float, seed: int, batch_size: int,
            hashes: list[bytes] | None = None) -> Layout:
     """The content-determined split, levels and chunks of ``(x, y)`` (see the module docstring);
-    ``hashes``: ``item_hashes(x)`` where the caller computed them already."""
+    ``hashes``: ``item_hashes(x)`` where the caller computed them already. The last few layouts are
+    remembered by a ``quick_hash`` of everything they follow from (items' digests, labels, options);
+    each caller gets a copy."""
     import torch
 
     if hashes is None:
         hashes = item_hashes(x)
-    labels = y.tolist()
+    labels_raw = y.detach().cpu().contiguous()
+    quick = quick_hash()
+    quick.update(f"{test_fraction!r}|{seed}|{batch_size}|{labels_raw.dtype}|{len(hashes)}|".encode())
+    quick.update(b"".join(hashes))
+    quick.update(labels_raw.reshape(-1).view(torch.uint8).numpy().data if labels_raw.numel() else b"")
+    key = quick.digest()
+    with _ITEMS_LOCK:
+        kept = _LAYOUTS.get(key)
+        if kept is not None:
+            _LAYOUTS.move_to_end(key)
+    if kept is not None:  # the layout is a function of these alone: a copy of the remembered one
+        return Layout(kept.test.clone(), kept.train.clone(), list(kept.levels), list(kept.test_chunks),
+                      list(kept.train_chunks), list(kept.hashes), kept.batch_size)
+    lay = _layout(list(hashes), y.tolist(), test_fraction, seed, batch_size)
+    with _ITEMS_LOCK:
+        _LAYOUTS[key] = lay
+        while len(_LAYOUTS) > 4:
+            _LAYOUTS.popitem(last=False)
+    return Layout(lay.test.clone(), lay.train.clone(), list(lay.levels), list(lay.test_chunks),
+                  list(lay.train_chunks), list(lay.hashes), lay.batch_size)
+
+
+def _layout(hashes: list[bytes], labels: list[Any], test_fraction: float, seed: int, batch_size: int) -> Layout:
+    import torch
+
     test, train, levels = [], [], []
     draws = []
     for i, (h, label) in enumerate(zip(hashes, labels)):
