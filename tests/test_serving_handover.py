@@ -139,6 +139,8 @@ def test_a_lost_baton_is_picked_up_by_a_worker_that_keeps_taking_batches(monkeyp
         q.put(Request("m", np.zeros((1, 5), np.float32), True, None, time.perf_counter()))
         assert q.take() is not None
         time.sleep(0.01)
+    for t in threads:
+        t.join(PROMPT_S)
     assert got == {0: "KeyboardInterrupt", 1: 1, 2: 2}
     with q._cond:
         assert not q._handing
@@ -238,3 +240,101 @@ def test_a_predict_caller_interrupted_during_the_hand_over_leaves_the_server_ser
         assert not server.queue._handing, "the queue left its hand-over state"
         again = server.predict(3, xs[3], timeout=PROMPT_S)
         assert torch.allclose(again.output, outcomes[3])
+
+
+def _interrupt_at(k: int, count: list[int]):
+    """A trace function raising KeyboardInterrupt at the ``k``-th point in ``batching`` where the
+    interpreter can deliver an asynchronous exception or a signal's KeyboardInterrupt: a function's
+    entry, just after a call returned, a loop's backward jump (in the thread that sets it; a raising
+    trace function is unset, so it fires once). Counts the points passed in ``count``."""
+    import dis
+
+    from mm_jupyter.serving import batching
+
+    last: dict[int, str] = {}  # the instruction each frame ran last
+
+    def point() -> None:
+        count[0] += 1
+        if count[0] == k:
+            raise KeyboardInterrupt
+
+    def opcodes(frame, event, arg):
+        if event == "opcode":
+            if last[id(frame)].startswith(("CALL", "JUMP_BACKWARD")):
+                point()
+            last[id(frame)] = dis.opname[frame.f_code.co_code[frame.f_lasti]]
+        return opcodes
+
+    def calls(frame, event, arg):
+        if frame.f_code.co_filename != batching.__file__:
+            return None
+        frame.f_trace_opcodes = True
+        last[id(frame)] = ""
+        point()
+        return opcodes
+
+    return calls
+
+
+@pytest.mark.parametrize("victim_at", [0, 3])
+def test_an_interrupt_at_any_point_of_a_caller_s_hand_over_leaves_nobody_waiting(victim_at):
+    """Every point where a woken caller can be interrupted in ``batching`` (its wait, taking its answer,
+    passing the baton, the chain's end) is interrupted in turn: the other callers get their answers, the interrupted one
+    its answer or the interrupt, and the queue's hand-over ends (by the chain, else by the worker)."""
+    import sys
+
+    import numpy as np
+
+    from mm_jupyter.serving.batching import Request, RequestQueue
+
+    def run(k: int) -> tuple[dict[int, object], int]:
+        q = RequestQueue(100, 8, max_wait_s=0.0)
+        answers = [Answer() for _ in range(4)]
+        got: dict[int, object] = {}
+        lines = [0]
+
+        def wait(j: int) -> None:
+            try:
+                if j == victim_at:
+                    sys.settrace(_interrupt_at(k, lines))
+                try:
+                    got[j] = answers[j].result(CALLER_TIMEOUT_S)
+                finally:
+                    sys.settrace(None)
+            except BaseException as e:  # noqa: BLE001 - the outcome is what is checked
+                got[j] = type(e).__name__
+
+        threads = [threading.Thread(target=wait, args=(j,), daemon=True) for j in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.02)
+        worker_errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                q.hand_over(answers, [0, 1, 2, 3])
+                q.take()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                worker_errors.append(e)
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        for t in threads:
+            t.join(PROMPT_S)
+        assert not any(t.is_alive() for t in threads), f"interrupted at point {k}: a caller was left waiting"
+        deadline = time.perf_counter() + PROMPT_S
+        while q._handing and time.perf_counter() < deadline:
+            time.sleep(0.005)
+        assert not q._handing, f"interrupted at point {k}: the hand-over never ended"
+        q.put(Request("m", np.zeros((1, 5), np.float32), True, None, time.perf_counter()))
+        worker.join(PROMPT_S)
+        assert not worker.is_alive() and not worker_errors
+        return got, lines[0]
+
+    plain, total = run(0)  # (k=0: never fires; counts the points)
+    assert plain == {0: 0, 1: 1, 2: 2, 3: 3} and total > 10
+    for k in range(1, total + 1):
+        got, _ = run(k)
+        others = {j: v for j, v in got.items() if j != victim_at}
+        assert others == {j: j for j in range(4) if j != victim_at}, f"interrupted at point {k}"
+        assert got[victim_at] in (victim_at, "KeyboardInterrupt"), f"interrupted at point {k}"

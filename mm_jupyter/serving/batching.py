@@ -46,8 +46,8 @@ _CHAIN = _thread.allocate_lock()
 
 class Answer:
     """Where the answer of one ``predict`` goes: a one-shot slot the caller blocks on. It holds one C
-    lock, taken at creation and released once, so handing an answer to a waiting thread is one lock
-    release (a ``Future`` is a Condition: a lock per waiter, a second lock to re-take, callbacks;
+    lock, taken at creation and released to answer, so handing an answer to a waiting thread is one
+    lock release (a ``Future`` is a Condition: a lock per waiter, a second lock to re-take, callbacks;
     about twice the hand-off time). Setting it twice raises, as a Future does.
 
     The answers of one batch are handed over as a chain (``hand_over``): the worker wakes the first
@@ -56,8 +56,9 @@ class Answer:
     context switch (4.6 per answer with 8 callers, measured; 1.9 with the chain). A caller that
     gives up waiting (timeout, interrupt) is stepped over, so the callers behind it are still woken;
     one interrupted after it was woken passes the baton in its handler. Where even that is cut short
-    (a second interrupt), the worker ends the chain after ``RESCUE_S`` (``rescue``), so no caller
-    waits for a baton that never comes, nor the queue for a hand-over that never ends."""
+    (a second interrupt; one before its wait began), the worker ends the chain once
+    ``max(max_wait_s, RESCUE_S)`` passed (in or at its next ``take``: ``rescue``), so no caller waits
+    for a baton that never comes, nor the queue for a hand-over that never ends."""
 
     __slots__ = ("_lock", "_value", "_error", "_done", "_state", "_next", "_then")
 
