@@ -338,3 +338,24 @@ def test_an_interrupt_at_any_point_of_a_caller_s_hand_over_leaves_nobody_waiting
         others = {j: v for j, v in got.items() if j != victim_at}
         assert others == {j: j for j in range(4) if j != victim_at}, f"interrupted at point {k}"
         assert got[victim_at] in (victim_at, "KeyboardInterrupt"), f"interrupted at point {k}"
+
+
+def test_the_safety_net_never_releases_an_answer_that_was_not_set():
+    """A hand-over that failed before setting its answers (here: one of them was set already, so
+    ``hand_over`` refuses the batch) leaves them alone: ended by the safety net, a caller would read
+    None as its answer; it gets the worker's error or its timeout instead."""
+    from mm_jupyter.serving.batching import RequestQueue
+
+    q = RequestQueue(100, 8, max_wait_s=0.0)
+    fresh, answered = Answer(), Answer()
+    answered.set_result("already")
+    with pytest.raises(RuntimeError):
+        q.hand_over([fresh, answered], ["x", "y"])
+    with q._cond:
+        q._rescue(every=True)
+        assert not q._handing
+    with pytest.raises(TimeoutError):
+        fresh.result(0.05)
+    fresh.set_exception(ValueError("the worker's error"))
+    with pytest.raises(ValueError):
+        fresh.result(1)

@@ -183,10 +183,11 @@ def rescue(answers: Sequence[Answer]) -> None:
     baton on, even inside its handler): every caller not yet answered is released at once, and a
     late baton holder finds no link to follow. Its ``then`` is not called: the rescuer does its part.
     Safe at any point of the chain (all under ``_CHAIN``); releasing a lock a caller already took
-    again is harmless, its answer is set."""
+    again is harmless, its answer is set. An answer not set (a hand-over that failed before setting
+    it) is left alone: released, its caller would read None as its answer."""
     with _CHAIN:
         for a in answers:
-            if a._state != _TAKEN:
+            if a._state != _TAKEN and a._done:
                 a._state = _RELEASED
                 if a._lock.locked():
                     a._lock.release()
@@ -326,7 +327,8 @@ class RequestQueue:
 
     def hand_over(self, answers: Sequence[Answer], values: Sequence[Any]) -> None:
         """Hand a batch's answers to their waiting callers (``hand_over``); a batch held for the callers'
-        return may go once the last took its answer, or once ``rescue`` ended a hand-over that did not."""
+        return may go once the last took its answer, or once ``rescue`` ended a hand-over that did not.
+        Called by the worker, whose next ``take`` watches the limit (a waiting ``take`` is not told)."""
         entry = [self._clock() + max(self.max_wait_s, RESCUE_S), answers]
         with self._cond:
             self._handing.append(entry)
