@@ -345,17 +345,20 @@ class RequestQueue:
     def _rescue(self, every: bool = False) -> float | None:
         """(the lock held) End the hand-overs past their deadline (all with ``every``); the seconds
         until the next deadline, None when no hand-over is left."""
-        if not self._handing:
+        handing = self._handing
+        if not handing:
             return None
         now = self._clock()
-        left = []
-        for entry in self._handing:
+        soonest, late = None, False
+        for entry in handing:  # (one or two entries; nothing allocated unless one is late: this runs per batch)
             if every or entry[0] <= now:
                 rescue(entry[1])
-            else:
-                left.append(entry)
-        self._handing = left
-        return min(e[0] for e in left) - now if left else None
+                entry[0], late = None, True
+            elif soonest is None or entry[0] < soonest:
+                soonest = entry[0]
+        if late:
+            self._handing = [e for e in handing if e[0] is not None]
+        return None if soonest is None else soonest - now
 
     def close(self) -> None:
         """Refuse new requests; the worker still answers those waiting (see ``drain``)."""
