@@ -233,8 +233,10 @@ class RequestQueue:
         self._rows = 0
         self._closed = False
         self.peak = 0  # the most requests ever waiting
-        #: batches whose answers are being handed to their callers, as [deadline, answers] (see ``hand_over``)
-        self._handing: list[list[Any]] = []
+        #: the answers of batches being handed to their callers, and when each hand-over is ended for it
+        #: (see ``hand_over``; two lists, not an object per batch: the collector's passes count allocations)
+        self._handing: list[Sequence[Answer]] = []
+        self._deadlines: list[float] = []
         self._started = False  # the worker took a batch before: until then nothing queued up while it was busy
         self._cond = threading.Condition()
 
@@ -329,35 +331,35 @@ class RequestQueue:
         """Hand a batch's answers to their waiting callers (``hand_over``); a batch held for the callers'
         return may go once the last took its answer, or once ``rescue`` ended a hand-over that did not.
         Called by the worker, whose next ``take`` watches the limit (a waiting ``take`` is not told)."""
-        entry = [self._clock() + max(self.max_wait_s, RESCUE_S), answers]
         with self._cond:
-            self._handing.append(entry)
-        hand_over(answers, values, lambda: self._handed(entry))
+            self._handing.append(answers)
+            self._deadlines.append(self._clock() + max(self.max_wait_s, RESCUE_S))
+        hand_over(answers, values, self._handed)
 
-    def _handed(self, entry: list[Any]) -> None:
+    def _handed(self) -> None:
+        """A hand-over ended: forget every one that did (its last caller was answered or stepped over;
+        that state is set before the chain's end is announced, and never left)."""
         with self._cond:
-            for j, e in enumerate(self._handing):
-                if e is entry:  # (absent: rescued meanwhile)
-                    del self._handing[j]
-                    self._cond.notify()
-                    return
+            handing = self._handing
+            for j in range(len(handing) - 1, -1, -1):
+                if not handing[j] or handing[j][-1]._state in (_RELEASED, _TAKEN):
+                    del handing[j], self._deadlines[j]
+            self._cond.notify()
 
     def _rescue(self, every: bool = False) -> float | None:
         """(the lock held) End the hand-overs past their deadline (all with ``every``); the seconds
-        until the next deadline, None when no hand-over is left."""
-        handing = self._handing
-        if not handing:
+        until the next deadline, None when no hand-over is left. Runs per batch: allocates nothing."""
+        deadlines = self._deadlines
+        if not deadlines:
             return None
         now = self._clock()
-        soonest, late = None, False
-        for entry in handing:  # (one or two entries; nothing allocated unless one is late: this runs per batch)
-            if every or entry[0] <= now:
-                rescue(entry[1])
-                entry[0], late = None, True
-            elif soonest is None or entry[0] < soonest:
-                soonest = entry[0]
-        if late:
-            self._handing = [e for e in handing if e[0] is not None]
+        soonest = None
+        for j in range(len(deadlines) - 1, -1, -1):
+            if every or deadlines[j] <= now:
+                rescue(self._handing[j])
+                del self._handing[j], deadlines[j]
+            elif soonest is None or deadlines[j] < soonest:
+                soonest = deadlines[j]
         return None if soonest is None else soonest - now
 
     def close(self) -> None:
