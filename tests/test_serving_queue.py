@@ -116,8 +116,7 @@ def test_a_wait_that_times_out_as_the_answer_arrives_passes_the_baton_on():
     _wait_until_blocked([second])
     ended: list[int] = []
     hand_over([first, second], ["a", "b"], lambda: ended.append(1))
-    assert first._give_up(), "woken: the answer is there"
-    first._take(False)
+    assert first._give_up() is None, "woken: the answer is there, and the baton passed on"
     for t in threads:
         t.join(30)
     assert first.result(0) == "a" and got == {0: "b"} and ended == [1]
@@ -160,7 +159,8 @@ def test_a_batch_waits_for_the_last_batch_s_hand_over_to_end_and_no_longer_than_
     _queued(q)
     idle.join(10)
     assert taken == [1], "an idle worker takes a lone request at once"
-    q.handing()  # the last batch's answers are being handed to their callers
+    last = Answer()
+    q.hand_over([last], ["v"])  # the last batch's answers are being handed to their callers
     worker = threading.Thread(target=take)
     worker.start()
     time.sleep(0.05)
@@ -168,16 +168,16 @@ def test_a_batch_waits_for_the_last_batch_s_hand_over_to_end_and_no_longer_than_
     time.sleep(0.2)
     assert taken == [1], "held while the callers of the last batch are still being woken"
     _queued(q, 2)  # they come back with requests of their own
-    q.handed()
+    assert last.result(0) == "v"  # (the chain's last caller took its answer: the hand-over ended)
     worker.join(30)
     assert taken == [1, 3]
     short = RequestQueue(100, 8, max_wait_s=0.05)
-    short.handing()  # a hand-over that never ends (a caller that never got the GIL) holds max_wait at most
+    short.hand_over([Answer()], [0])  # a hand-over that does not end (a caller never got the GIL): max_wait at most
     _queued(short)
     t0 = time.perf_counter()
     assert len(short.take()) == 1 and time.perf_counter() - t0 < 10
     full = RequestQueue(100, 4, max_wait_s=30.0)
-    full.handing()
+    full.hand_over([Answer()], [0])
     _queued(full, 4)
     assert len(full.take()) == 4, "a full batch goes at once"
 

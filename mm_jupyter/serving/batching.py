@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 #: the longest a batch waits for the hand-over of the last one to end (when holds are on at all):
 #: a chain of 8 callers takes ~0.1 ms on an idle machine, 0.2-0.5 ms on a loaded one (measured)
 HAND_OVER_S = 0.002
+#: a hand-over not ended after ``max(max_wait_s, RESCUE_S)`` is ended by the worker (``rescue``): a
+#: caller was interrupted while it held the baton. Hundreds of times a chain's real time, so a slow
+#: chain is rarely cut (which would only wake its callers at once), short against a predict timeout
+RESCUE_S = 0.1
 #: where an ``Answer`` stands (``Answer._state``)
 _WAITING, _WOKEN, _ABANDONED, _RELEASED, _TAKEN = range(5)
 #: guards the hand-over of the baton along a batch's chain of answers (held for a few bytecodes)
@@ -42,15 +46,19 @@ _CHAIN = _thread.allocate_lock()
 
 class Answer:
     """Where the answer of one ``predict`` goes: a one-shot slot the caller blocks on. It holds one C
-    lock, taken at creation and released once, so handing an answer to a waiting thread is one lock
-    release (a ``Future`` is a Condition: a lock per waiter, a second lock to re-take, callbacks;
+    lock, taken at creation and released to answer, so handing an answer to a waiting thread is one
+    lock release (a ``Future`` is a Condition: a lock per waiter, a second lock to re-take, callbacks;
     about twice the hand-off time). Setting it twice raises, as a Future does.
 
     The answers of one batch are handed over as a chain (``hand_over``): the worker wakes the first
     caller only, and each caller, once woken, wakes the next. Waking every caller at once makes them
     all fight for the GIL the moment they wake: each loser sleeps again, and every such round trip is a
     context switch (4.6 per answer with 8 callers, measured; 1.9 with the chain). A caller that
-    gives up waiting (timeout, interrupt) is stepped over, so the callers behind it are still woken."""
+    gives up waiting (timeout, interrupt) is stepped over, so the callers behind it are still woken;
+    one interrupted after it was woken passes the baton in its handler. Where even that is cut short
+    (a second interrupt; one before its wait began), the worker ends the chain once
+    ``max(max_wait_s, RESCUE_S)`` passed (in or at its next ``take``: ``rescue``), so no caller waits
+    for a baton that never comes, nor the queue for a hand-over that never ends."""
 
     __slots__ = ("_lock", "_value", "_error", "_done", "_state", "_next", "_then")
 
@@ -84,69 +92,72 @@ class Answer:
         self._lock.release()
 
     def result(self, timeout: float | None = None) -> Any:
-        """The answer, waiting at most ``timeout`` seconds (None: for ever); the error, raised."""
+        """The answer, waiting at most ``timeout`` seconds (None: for ever); the error, raised. An
+        answer set while the wait ran out is returned, not a timeout."""
         if self._state != _TAKEN:
             try:
                 got = self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
-            except BaseException:  # interrupted while waiting: the callers behind this one are still woken
-                if self._give_up():
-                    self._pass()
+                then = self._take() if got else self._give_up()
+            except BaseException:
+                # interrupted (KeyboardInterrupt, an asynchronous exception), possibly after the chain
+                # woke this caller: the baton still moves on, or the callers behind it wait for nothing
+                then = self._give_up()
+                if then is not None:
+                    then()
                 raise
-            if not got and not self._give_up():
+            if then is not None:
+                then()
+            if not got and not self._done:
                 raise FutureTimeout(f"no answer within {timeout} s")
-            self._take(got)
         if self._error is not None:
             raise self._error
         return self._value
 
-    def _give_up(self) -> bool:
-        """Stop waiting; True when the answer was handed over meanwhile (its lock is released, and
-        the baton is this caller's to pass on)."""
+    def _take(self) -> Callable[[], None] | None:
+        """The lock was acquired: the answer is this caller's; pass the baton when it was woken along
+        a chain. Returns the chain's ``then`` when the chain ended here (called outside ``_CHAIN``)."""
         with _CHAIN:
-            if self._state == _WOKEN:
-                self._state = _RELEASED
-                return True
-            self._state = _ABANDONED
-            return False
-
-    def _take(self, acquired: bool) -> None:
-        """The answer is this caller's: pass the baton when it was woken along a chain."""
-        if not acquired:
-            self._lock.acquire()  # released by the hand-over that raced with the timeout
-        with _CHAIN:
-            woken = self._state == _WOKEN or not acquired
+            woken = self._state == _WOKEN
             self._state = _TAKEN
-        if woken:
-            self._pass()
+            return self._hand_on() if woken else None
 
-    def _pass(self) -> None:
-        """Hand the baton on: wake the next caller, or end the chain."""
+    def _give_up(self) -> Callable[[], None] | None:
+        """Stop waiting (timeout, interrupt). A caller the chain has not reached is stepped over later;
+        one it woke meanwhile has its answer, and passes the baton now. Returns as ``_take``."""
+        with _CHAIN:
+            if self._state == _WAITING:
+                self._state = _ABANDONED
+            elif self._state == _WOKEN:
+                self._state = _TAKEN
+                return self._hand_on()
+            return None
+
+    def _hand_on(self) -> Callable[[], None] | None:
+        """(``_CHAIN`` held, by the caller holding the baton) Wake the next caller; the chain's ``then``
+        when it ends here. Clearing the links first makes a second call a no-op."""
         after, then = self._next, self._then
         self._next = self._then = None
-        if after is not None:
-            _wake(after)
-        elif then is not None:
-            then()
+        return _wake(after, then)
 
 
-def _wake(answer: Answer) -> None:
-    """Release the first caller from ``answer`` on that still waits; those that gave up are released
-    without a baton (a later ``result()`` of theirs still returns the answer), and when all did, the
-    chain ends here."""
-    then = None
-    with _CHAIN:
-        while answer._state == _ABANDONED:
-            answer._state = _RELEASED
-            answer._lock.release()
-            if answer._next is None:
-                then = answer._then
-                break
-            answer = answer._next
-        else:
+def _wake(answer: Answer | None, then: Callable[[], None] | None) -> Callable[[], None] | None:
+    """(``_CHAIN`` held) Release the first caller from ``answer`` on that still waits, with the baton;
+    those that gave up are released without it (a later ``result()`` of theirs still returns the
+    answer). Returns ``then`` (what to call once the lock is let go) when all did and the chain ended;
+    None when it stops at an answer ``rescue`` released (the chain was ended for it)."""
+    while answer is not None:
+        state = answer._state
+        if state == _WAITING:
             answer._state = _WOKEN
             answer._lock.release()
-    if then is not None:
-        then()
+            return None
+        if state != _ABANDONED:
+            return None
+        answer._state = _RELEASED
+        answer._lock.release()
+        then = answer._then
+        answer = answer._next
+    return then
 
 
 def hand_over(answers: Sequence[Answer], values: Sequence[Any], then: Callable[[], None]) -> None:
@@ -159,9 +170,28 @@ def hand_over(answers: Sequence[Answer], values: Sequence[Any], then: Callable[[
         a._next = answers[j + 1] if j + 1 < len(answers) else None
     if answers:
         answers[-1]._then = then
-        _wake(answers[0])
+        with _CHAIN:
+            ended = _wake(answers[0], None)
+        if ended is not None:
+            ended()
     else:
         then()
+
+
+def rescue(answers: Sequence[Answer]) -> None:
+    """End a chain whose baton may be lost (a caller interrupted between its wake-up and passing the
+    baton on, even inside its handler): every caller not yet answered is released at once, and a
+    late baton holder finds no link to follow. Its ``then`` is not called: the rescuer does its part.
+    Safe at any point of the chain (all under ``_CHAIN``); releasing a lock a caller already took
+    again is harmless, its answer is set. An answer not set (a hand-over that failed before setting
+    it) is left alone: released, its caller would read None as its answer."""
+    with _CHAIN:
+        for a in answers:
+            if a._state != _TAKEN and a._done:
+                a._state = _RELEASED
+                if a._lock.locked():
+                    a._lock.release()
+            a._next = a._then = None
 
 
 #: a request's answer: a Future for ``submit`` (callers may wait, poll or chain), an Answer for ``predict``
@@ -203,7 +233,10 @@ class RequestQueue:
         self._rows = 0
         self._closed = False
         self.peak = 0  # the most requests ever waiting
-        self._handing = 0  # batches whose answers are being handed to their callers (see ``hand_over``)
+        #: the answers of batches being handed to their callers, and when each hand-over is ended for it
+        #: (see ``hand_over``; two lists, not an object per batch: the collector's passes count allocations)
+        self._handing: list[Sequence[Answer]] = []
+        self._deadlines: list[float] = []
         self._started = False  # the worker took a batch before: until then nothing queued up while it was busy
         self._cond = threading.Condition()
 
@@ -250,16 +283,20 @@ class RequestQueue:
                 self._cond.notify()
 
     def take(self, batching: bool = True) -> list[Request] | None:
-        """The next batch (one request when ``batching`` is False); None once closed and empty."""
+        """The next batch (one request when ``batching`` is False); None once closed and empty. The
+        worker calling it also ends the hand-overs that ran past their limit (see ``rescue``)."""
         with self._cond:
             # queued up while the worker was busy (not while it was starting): this batch may be held to fill
             piled = bool(self._items) and self._started
             until = self._clock() + max(self.max_wait_s, HAND_OVER_S)
+            if self._handing:  # (a busy worker that never waits ends a stuck hand-over here)
+                self._rescue()
             while True:
                 while not self._items:
-                    if self._closed:
+                    if self._closed:  # the worker's last take: nobody would end a stuck hand-over later
+                        self._rescue(every=True)
                         return None
-                    self._cond.wait()
+                    self._cond.wait(self._rescue())
                 if batching and self.max_wait_s > 0:
                     self._hold(piled, until)
                 if self._items:  # (a close without draining may have emptied the queue meanwhile)
@@ -280,25 +317,50 @@ class RequestQueue:
         to their callers (until ``until`` at most: those callers come back with more requests), and,
         for a batch that piled up, until its oldest request has waited ``max_wait_s``."""
         while self._items and self._rows < self.max_batch and not self._closed:
+            rescue_in = self._rescue()
             now = self._clock()
-            if self._handing and now < until:
-                remaining = until - now
+            if rescue_in is not None and now < until:
+                remaining = min(until - now, rescue_in)
             elif piled and now < self._items[0].t_submit + self.max_wait_s:
                 remaining = self._items[0].t_submit + self.max_wait_s - now
             else:
                 return
             self._cond.wait(remaining)
 
-    def handing(self) -> None:
-        """The worker starts handing a batch's answers to their waiting callers (see ``handed``)."""
+    def hand_over(self, answers: Sequence[Answer], values: Sequence[Any]) -> None:
+        """Hand a batch's answers to their waiting callers (``hand_over``); a batch held for the callers'
+        return may go once the last took its answer, or once ``rescue`` ended a hand-over that did not.
+        Called by the worker, whose next ``take`` watches the limit (a waiting ``take`` is not told)."""
         with self._cond:
-            self._handing += 1
+            self._handing.append(answers)
+            self._deadlines.append(self._clock() + max(self.max_wait_s, RESCUE_S))
+        hand_over(answers, values, self._handed)
 
-    def handed(self) -> None:
-        """The last caller of a batch took its answer: a batch held for the callers' return may go."""
+    def _handed(self) -> None:
+        """A hand-over ended: forget every one that did (its last caller was answered or stepped over;
+        that state is set before the chain's end is announced, and never left)."""
         with self._cond:
-            self._handing -= 1
+            handing = self._handing
+            for j in range(len(handing) - 1, -1, -1):
+                if not handing[j] or handing[j][-1]._state in (_RELEASED, _TAKEN):
+                    del handing[j], self._deadlines[j]
             self._cond.notify()
+
+    def _rescue(self, every: bool = False) -> float | None:
+        """(the lock held) End the hand-overs past their deadline (all with ``every``); the seconds
+        until the next deadline, None when no hand-over is left. Runs per batch: allocates nothing."""
+        deadlines = self._deadlines
+        if not deadlines:
+            return None
+        now = self._clock()
+        soonest = None
+        for j in range(len(deadlines) - 1, -1, -1):
+            if every or deadlines[j] <= now:
+                rescue(self._handing[j])
+                del self._handing[j], deadlines[j]
+            elif soonest is None or deadlines[j] < soonest:
+                soonest = deadlines[j]
+        return None if soonest is None else soonest - now
 
     def close(self) -> None:
         """Refuse new requests; the worker still answers those waiting (see ``drain``)."""

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import RefError, ServeError
 from ..store import SetRef, Store
 from ..store.backends import default_location, is_database
-from .batching import Answer, Reply, Request, RequestQueue, hand_over
+from .batching import Answer, Reply, Request, RequestQueue
 from .cache import PredictionCache, input_digest
 from .errors import BadInputError, QueueFullError, ServerClosedError, UnknownModelError
 from .http import HTTPEndpoint
@@ -407,8 +407,7 @@ class Server:
                 r.future.set_result(prediction)
             latencies.append(latency)
         if waiting:
-            self.queue.handing()
-            hand_over(waiting, values, self.queue.handed)
+            self.queue.hand_over(waiting, values)
         self._metrics.record(latencies, done=now)
 
     # -- metrics -------------------------------------------------------------------------------------
