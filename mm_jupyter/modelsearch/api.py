@@ -9,6 +9,7 @@ Approaches (same proxy, same splits, same batches — so the same scores on the 
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -255,8 +256,6 @@ def _survey(model: "torch.nn.Module", target: "torch.device") -> tuple[bool, boo
     the module nor its class brings a ``train`` or ``eval`` of its own (only ``nn.Module``'s, and
     Hugging Face's ``PreTrainedModel``'s, which does more only with ``use_kernels``): a kept search
     of 35 Hugging Face models then skips 20 ms of ``__setattr__`` that set nothing."""
-    import sys
-
     from torch import nn
 
     trains, evals = {nn.Module.train}, {nn.Module.eval}

@@ -11,17 +11,16 @@ copy, has the same id at any position of any model.
 from __future__ import annotations
 
 import hashlib
-import os
 import weakref
 from typing import Any
 
 import torch
-import xxhash
 from torch import fx, nn
 
 from ..errors import SearchError
 from .blocks import Block
 from .identity import IdentityCache, Scope
+from .quickhash import quick_hash
 
 _VERSION = b"mm-block-id/1"
 
@@ -149,16 +148,6 @@ def block_id(block: Block, scope: Scope | None = None) -> str:
     return out
 
 
-#: XXH3's key: drawn per process, so no bytes can be prepared to collide with a remembered digest
-_QUICK_SEED = int.from_bytes(os.urandom(8), "little")
-
-
-def quick_hash() -> Any:
-    """A fresh 128-bit XXH3 keyed with this process's secret: tells whether bytes are the ones a
-    remembered result was computed from, at memory speed (never a key that leaves the process)."""
-    return xxhash.xxh3_128(seed=_QUICK_SEED)
-
-
 class _Plan:
     """The id's byte stream as ``segments`` around the bytes of ``tensors`` (held weakly; the
     signature that keeps this plan keeps them alive), and ``seen``: the XXH3 digest of the tensors'
@@ -241,4 +230,4 @@ def block_ids(blocks: list[Block]) -> list[str]:
     return [block_id(b) for b in blocks]
 
 
-__all__ = ["block_id", "block_ids", "block_structure", "quick_hash"]
+__all__ = ["block_id", "block_ids", "block_structure"]

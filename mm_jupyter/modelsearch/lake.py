@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 from ..store.features import add_field, path_hasher
 from .engine import Candidate, Meter, extract_shared, extract_whole
-from .hashing import quick_hash
+from .quickhash import quick_hash
 
 if TYPE_CHECKING:
     import torch
