@@ -651,3 +651,41 @@ def test_a_remembered_layout_is_the_layout_of_the_same_items_labels_and_options(
         expected = lake._layout(lake.item_hashes(args[0]), args[1].tolist(), options["test_fraction"],
                                 options["seed"], options["batch_size"])
         assert fields(got) == fields(expected) != plain
+
+
+def test_features_written_by_this_process_are_read_from_memory_while_their_object_is_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search run again in the process that kept its features reads a copy of what it wrote, not
+    the object, while the object's stamp (inode, size, times) is the one it was written under; any
+    change of the file, or features beyond the memory budget, are read from the object and verified."""
+    import os
+
+    store = mm.Store(tmp_path / "s")
+    a, b = torch.randn(3, 5), torch.arange(6, dtype=torch.int64)
+    fs = FeatureStore(store)
+    fs.put([("a" * 64, a), ("b" * 64, b)])
+    fs.flush()
+    expected_a = a.clone()
+    a.add_(1.0)  # the caller's tensor changes after the put: the kept copy must not
+    oid = load_index(store.objects)["a" * 64].oid
+    opened: list[str] = []
+    real_open = store.objects.open
+    monkeypatch.setattr(store.objects, "open", lambda o: (o == oid and opened.append(o)) or real_open(o))
+
+    def read(key: str) -> torch.Tensor:
+        got = FeatureStore(store).get(key)
+        assert got is not None
+        return got
+
+    assert torch.equal(read("a" * 64), expected_a) and torch.equal(read("b" * 64), b) and not opened
+    read("a" * 64).zero_()  # a reader's copy is its own
+    assert torch.equal(read("a" * 64), expected_a) and not opened
+    os.utime(store.objects.path(oid), ns=(1, 1))  # the file changed (here: only its times)
+    assert torch.equal(read("a" * 64), expected_a) and opened == [oid]
+    monkeypatch.setattr(kept_features, "RECENT_BYTES", 8)
+    fs = FeatureStore(store)
+    fs.put([("c" * 64, torch.ones(4))])
+    fs.flush()
+    oid = load_index(store.objects)["c" * 64].oid
+    opened.clear()
+    assert torch.equal(read("c" * 64), torch.ones(4)) and opened == [oid]

@@ -27,7 +27,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, ClassVar, Hashable, Iterator, Protocol
 
 from ..errors import IntegrityError
 from . import manifest as manifests
@@ -125,6 +125,12 @@ class ObjectArea(ABC):
             return reader.read_all()
         finally:
             reader.close()
+
+    def stamp(self, oid: str) -> Hashable | None:
+        """What changes whenever an object's stored bytes may have (for a file: device, inode, size,
+        modification and change times), or None where the area cannot tell (remote storage): a
+        caller may then keep bytes it wrote or verified only while the stamp stays the same."""
+        return None
 
     @abstractmethod
     def exists(self, oid: str) -> bool: ...

@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Protocol, Sequence
 
 from ..errors import IntegrityError, MMError, StoreError
 from .limits import loads
@@ -120,6 +120,7 @@ class FeatureStore:
         self._bad: set[str] = set()
         self.added: set[str] = set()
         self.hits = self.misses = self.corrupt = self.written_bytes = 0
+        self._stamped: dict[str, bool] = {}  # object -> whether the bytes kept in memory are still its own
         self.touched = False
         # a search's feature objects are made durable together at ``flush`` (one journal commit, not
         # a file and folder fsync per put); until then they are readable, and a crash leaves at worst
@@ -139,18 +140,24 @@ class FeatureStore:
             self.misses += 1
             return None
         try:
-            reader = self._readers.get(e.oid)
-            if reader is None:
-                reader = self._readers[e.oid] = self.objects.open(e.oid)
             size = 1
             for s in e.shape:
                 size *= s
             dtype = _torch_dtype(e.dtype)
-            if size * dtype.itemsize != e.nbytes or e.offset + e.nbytes > reader.size:
+            if size * dtype.itemsize != e.nbytes:
                 raise IntegrityError(f"feature object {e.oid[:12]}… does not match its index entry")
             out = torch.empty(e.nbytes, dtype=torch.uint8)
-            if e.nbytes:
-                out.copy_(reader.tensor(e.offset, e.nbytes))
+            kept = self._recall(e)
+            if kept is not None:
+                out.copy_(kept)
+            else:
+                reader = self._readers.get(e.oid)
+                if reader is None:
+                    reader = self._readers[e.oid] = self.objects.open(e.oid)
+                if e.offset + e.nbytes > reader.size:
+                    raise IntegrityError(f"feature object {e.oid[:12]}… does not match its index entry")
+                if e.nbytes:
+                    out.copy_(reader.tensor(e.offset, e.nbytes))
         except (IntegrityError, StoreError, OSError):
             self._drop(e.oid)
             self.misses += 1
@@ -162,8 +169,25 @@ class FeatureStore:
         self.hits += 1
         return out.view(dtype).reshape(e.shape)
 
+    def _recall(self, e: Entry) -> "torch.Tensor | None":
+        """The bytes of ``e`` as this process wrote them, while its object's stamp is the one they
+        were written under (checked once per object and search); None otherwise."""
+        with _RECENT_LOCK:
+            held = _RECENT.get(e.oid)
+            part = None if held is None else held[1].get((e.offset, e.nbytes))
+            if part is None:
+                return None
+            _RECENT.move_to_end(e.oid)
+        if e.oid not in self._stamped:
+            self._stamped[e.oid] = self.objects.stamp(e.oid) == held[0]  # type: ignore[index]
+        return part if self._stamped[e.oid] else None
+
     def _drop(self, oid: str) -> None:
         """Forget every feature of a damaged or missing object (recomputed; the object is deleted)."""
+        global _RECENT_HELD
+        with _RECENT_LOCK:
+            held = _RECENT.pop(oid, None)
+            _RECENT_HELD -= 0 if held is None else held[2]
         self.corrupt += 1
         self._bad.add(oid)
         reader = self._readers.pop(oid, None)
@@ -211,6 +235,9 @@ class FeatureStore:
             self.entries[key] = Entry(oid, offset, nbytes, dtype, shape, now)
             self.added.add(key)
             self.written_bytes += nbytes
+        stamp = self.objects.stamp(oid)
+        if stamp is not None:
+            _remember(oid, stamp, [(offset, t) for (_, offset, _, _, _), (_, t) in zip(placed, todo)])
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -299,6 +326,34 @@ def _parse_index(objects: "ObjectArea", oid: str) -> dict[str, Entry] | None:
         return {k: _check_entry(v) for k, v in raw["entries"].items() if isinstance(k, str) and len(k) == 64}
     except (MMError, ValueError, TypeError, OSError):
         return None
+
+
+def _remember(oid: str, stamp: Hashable, parts: list[tuple[int, "torch.Tensor"]]) -> None:
+    """Keep a copy of features this process just wrote into ``oid`` (stamped ``stamp``): a search
+    run again in the same process reads them from memory instead of mapping and hashing the object
+    (``FeatureStore._recall``); at most ``RECENT_BYTES`` in all, the least recently used go first."""
+    import torch
+
+    copies = {(offset, t.numel() * t.element_size()): t.reshape(-1).view(torch.uint8).clone() for offset, t in parts}
+    nbytes = sum(n for _, n in copies)
+    if nbytes > RECENT_BYTES:
+        return
+    global _RECENT_HELD
+    with _RECENT_LOCK:
+        old = _RECENT.pop(oid, None)
+        _RECENT_HELD -= 0 if old is None else old[2]
+        _RECENT[oid] = (stamp, copies, nbytes)
+        _RECENT_HELD += nbytes
+        while _RECENT_HELD > RECENT_BYTES:
+            _, (_, _, freed) = _RECENT.popitem(last=False)
+            _RECENT_HELD -= freed
+
+
+#: bytes of recently written features kept in memory (``_remember``)
+RECENT_BYTES = 256 << 20
+_RECENT: "OrderedDict[str, tuple[Hashable, dict[tuple[int, int], torch.Tensor], int]]" = OrderedDict()
+_RECENT_HELD = 0
+_RECENT_LOCK = threading.Lock()
 
 
 #: index entries remembered by ``load_index`` (by the index object's id), at most this many in all

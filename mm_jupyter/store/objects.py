@@ -21,7 +21,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator
 
 import numpy as np
 
@@ -338,6 +338,13 @@ class FolderObjects(ObjectArea):
 
     def size(self, oid: str) -> int:
         return os.lstat(self.path(oid)).st_size
+
+    def stamp(self, oid: str) -> Hashable | None:
+        try:
+            st = os.lstat(self.path(oid))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def delete(self, oid: str) -> bool:
         try:
