@@ -165,7 +165,8 @@ def layout(x: "torch.Tensor", y: "torch.Tensor", *, test_fraction: float, seed: 
         hashes = item_hashes(x)
     labels_raw = y.detach().cpu().contiguous()
     quick = quick_hash()
-    quick.update(f"{test_fraction!r}|{seed}|{batch_size}|{labels_raw.dtype}|{len(hashes)}|".encode())
+    quick.update(f"{test_fraction!r}|{seed}|{batch_size}|{labels_raw.dtype}|{tuple(labels_raw.shape)}|{len(hashes)}|"
+                 .encode())
     quick.update(b"".join(hashes))
     quick.update(labels_raw.reshape(-1).view(torch.uint8).numpy().data if labels_raw.numel() else b"")
     key = quick.digest()
