@@ -61,6 +61,18 @@ def _blocked(threads: list[threading.Thread]) -> None:
     time.sleep(0.05)  # (a hand-over before a caller blocks is fine too)
 
 
+def _stuck(monkeypatch, n: int, at: int) -> tuple[list[Answer], list[threading.Thread], dict, list[str]]:
+    """``n`` callers blocked on their answers, the one ``at`` to be interrupted twice once woken (in
+    ``_take`` and in ``_give_up``: no code of its can pass the baton); (answers, threads, got, fired)."""
+    answers = [Answer() for _ in range(n)]
+    victim: list[threading.Thread] = []
+    fired = _interrupt_once(monkeypatch, victim, ("_take", "_give_up"))
+    threads, got = _callers(answers)
+    victim.append(threads[at])
+    _blocked(threads)
+    return answers, threads, got, fired
+
+
 @pytest.mark.parametrize("victim_at", [0, 2, 4])
 def test_a_caller_interrupted_after_it_was_woken_still_passes_the_baton(monkeypatch, victim_at):
     answers = [Answer() for _ in range(5)]
@@ -89,12 +101,7 @@ def test_a_chain_whose_baton_is_lost_is_ended_by_the_idle_worker(monkeypatch):
     from mm_jupyter.serving.batching import RESCUE_S, Request, RequestQueue
 
     q = RequestQueue(100, 8, max_wait_s=0.0)
-    answers = [Answer() for _ in range(4)]
-    victim: list[threading.Thread] = []
-    fired = _interrupt_once(monkeypatch, victim, ("_take", "_give_up"))
-    threads, got = _callers(answers)
-    victim.append(threads[1])
-    _blocked(threads)
+    answers, threads, got, fired = _stuck(monkeypatch, 4, 1)
     taken: list[object] = []
 
     def work() -> None:  # the worker hands a batch over, then waits for requests (none come for now)
@@ -127,12 +134,7 @@ def test_a_lost_baton_is_picked_up_by_a_worker_that_keeps_taking_batches(monkeyp
     from mm_jupyter.serving.batching import RESCUE_S, Request, RequestQueue
 
     q = RequestQueue(100, 8, max_wait_s=0.0)
-    answers = [Answer() for _ in range(3)]
-    victim: list[threading.Thread] = []
-    _interrupt_once(monkeypatch, victim, ("_take", "_give_up"))
-    threads, got = _callers(answers)
-    victim.append(threads[0])
-    _blocked(threads)
+    answers, threads, got, _ = _stuck(monkeypatch, 3, 0)
     q.hand_over(answers, [0, 1, 2])
     deadline = time.perf_counter() + PROMPT_S + RESCUE_S
     while any(t.is_alive() for t in threads[1:]) and time.perf_counter() < deadline:
@@ -150,12 +152,7 @@ def test_closing_ends_a_stuck_hand_over(monkeypatch):
     from mm_jupyter.serving.batching import RequestQueue
 
     q = RequestQueue(100, 8, max_wait_s=30.0)  # (a deadline far away: only the close can end it in time)
-    answers = [Answer() for _ in range(3)]
-    victim: list[threading.Thread] = []
-    _interrupt_once(monkeypatch, victim, ("_take", "_give_up"))
-    threads, got = _callers(answers)
-    victim.append(threads[0])
-    _blocked(threads)
+    answers, threads, got, _ = _stuck(monkeypatch, 3, 0)
     q.hand_over(answers, [0, 1, 2])
     time.sleep(0.05)
     q.close()

@@ -13,7 +13,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -266,22 +266,12 @@ def _survey(model: "torch.nn.Module", target: "torch.device") -> tuple[bool, boo
         evals.add(pretrained.eval)
     on_cpu = target.type == "cpu" and target.index is None  # (is_cpu: no device object per tensor)
     elsewhere = False
-    stack, seen = [model], set()
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
+    for m in _each_module(model):
         d, cls = m.__dict__, type(m)
         if not (d.get("training") is False and "train" not in d and "eval" not in d and cls.train in trains
                 and cls.eval in evals and not (cls.train is hf_train and getattr(m, "use_kernels", False))):
             return False, False  # the caller runs eval() and then looks for tensors elsewhere
-        if not elsewhere:
-            for t in itertools.chain(m._parameters.values(), m._buffers.values()):
-                if t is not None and (not t.is_cpu if on_cpu else t.device != target):
-                    elsewhere = True
-                    break
-        stack.extend(c for c in m._modules.values() if c is not None)
+        elsewhere = elsewhere or _off(m, target, on_cpu)
     return True, elsewhere
 
 
@@ -289,16 +279,26 @@ def _elsewhere(model: "torch.nn.Module", target: "torch.device") -> bool:
     """Whether a parameter or buffer of ``model`` is not on ``target``: its modules' own tensor dicts
     read directly (``parameters()``'s generators with their name prefixes cost as much as the rest of
     preparing a kept candidate)."""
+    return any(_off(m, target, False) for m in _each_module(model))
+
+
+def _each_module(model: "torch.nn.Module") -> "Iterator[torch.nn.Module]":
+    """Every module of the tree once (shared ones too), read from the modules' own dicts."""
     stack, seen = [model], set()
     while stack:
         m = stack.pop()
         if id(m) in seen:
             continue
         seen.add(id(m))
-        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
-            if t is not None and t.device != target:
-                return True
+        yield m
         stack.extend(c for c in m._modules.values() if c is not None)
+
+
+def _off(m: "torch.nn.Module", target: "torch.device", on_cpu: bool) -> bool:
+    """Whether one of ``m``'s own parameters or buffers is not on ``target``."""
+    for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+        if t is not None and (not t.is_cpu if on_cpu else t.device != target):
+            return True
     return False
 
 
