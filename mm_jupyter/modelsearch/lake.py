@@ -178,10 +178,11 @@ def layout(x: "torch.Tensor", y: "torch.Tensor", *, test_fraction: float, seed: 
         return Layout(kept.test.clone(), kept.train.clone(), list(kept.levels), list(kept.test_chunks),
                       list(kept.train_chunks), list(kept.hashes), kept.batch_size)
     lay = _layout(list(hashes), y.tolist(), test_fraction, seed, batch_size)
-    with _ITEMS_LOCK:
-        _LAYOUTS[key] = lay
-        while len(_LAYOUTS) > 4:
-            _LAYOUTS.popitem(last=False)
+    if len(hashes) <= ITEMS_MEMO:
+        with _ITEMS_LOCK:
+            _LAYOUTS[key] = lay
+            while len(_LAYOUTS) > 4:
+                _LAYOUTS.popitem(last=False)
     return Layout(lay.test.clone(), lay.train.clone(), list(lay.levels), list(lay.test_chunks),
                   list(lay.train_chunks), list(lay.hashes), lay.batch_size)
 

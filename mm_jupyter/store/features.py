@@ -334,10 +334,10 @@ def _remember(oid: str, stamp: Hashable, parts: list[tuple[int, "torch.Tensor"]]
     (``FeatureStore._recall``); at most ``RECENT_BYTES`` in all, the least recently used go first."""
     import torch
 
-    copies = {(offset, t.numel() * t.element_size()): t.reshape(-1).view(torch.uint8).clone() for offset, t in parts}
-    nbytes = sum(n for _, n in copies)
+    nbytes = sum(t.numel() * t.element_size() for _, t in parts)
     if nbytes > RECENT_BYTES:
         return
+    copies = {(offset, t.numel() * t.element_size()): t.reshape(-1).view(torch.uint8).clone() for offset, t in parts}
     global _RECENT_HELD
     with _RECENT_LOCK:
         old = _RECENT.pop(oid, None)
