@@ -108,7 +108,7 @@ class _Signature:
         for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs"):
             if getattr(torch_module, name, None):
                 raise _Uncacheable("a global module hook")
-        out, atoms, objects = self.out, self.atoms, self.objects
+        out, atoms = self.out, self.atoms
         tree: set[int] = set()
         stack = [root]
         while stack:
@@ -137,31 +137,21 @@ class _Signature:
             for label, tensors, hashed in (("params", m._parameters, False), ("buffers", m._buffers, True)):
                 out.append(label)  # parameter values are never in it; buffers' bytes are (but BN statistics)
                 for tname, t in tensors.items():
-                    if type(tname) is str:  # the common case of ``value``, inlined
-                        out.append(id(tname))
-                        atoms.append(tname)
-                    else:
-                        self.value(tname)
+                    self.value(tname)
                     if t is None:
                         out.append(None)
                         continue
-                    objects[id(t)] = t
-                    out.append(id(t))
-                    out.append(t.dtype)
-                    out.append(t.shape)
+                    self.obj(t)
+                    out.extend((t.dtype, t.shape))
                     if hashed and not (stats and tname in STATS):
                         out.append(digest(t))
             out.append(("children", len(m._modules)))
             children = []
             for cname, child in m._modules.items():
-                if type(cname) is str:
-                    out.append(id(cname))
-                    atoms.append(cname)
-                else:
-                    self.value(cname)
+                self.value(cname)
                 out.append(None if child is None else id(child))
                 if child is not None:
-                    objects[id(child)] = child
+                    self.objects[id(child)] = child
                     children.append(child)
             stack.extend(reversed(children))
         if any(i not in tree for i in self.attr_modules):

@@ -89,6 +89,11 @@ class Layout:
                       _cut(train, [min(lv, top) for lv in levels], self.hashes, self.batch_size),
                       self.hashes, self.batch_size)
 
+    def copy(self) -> "Layout":
+        """A layout of the caller's own (the remembered ones are shared, see ``layout``)."""
+        return Layout(self.test.clone(), self.train.clone(), list(self.levels), list(self.test_chunks),
+                      list(self.train_chunks), list(self.hashes), self.batch_size)
+
     def chunks(self, part: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
         """Chunks of ``part`` lying in items ``lo:hi`` of its order (rung bounds fall on chunk bounds)."""
         pool = self.test_chunks if part == "test" else self.train_chunks
@@ -126,7 +131,7 @@ def item_hashes(x: "torch.Tensor") -> list[bytes]:
     quick.update(b"%d|" % len(flat) + head)
     quick.update(rows.data)
     key = quick.digest()
-    with _ITEMS_LOCK:
+    with _MEMO_LOCK:
         kept = _ITEMS.get(key)
         if kept is not None:
             _ITEMS.move_to_end(key)
@@ -138,7 +143,7 @@ def item_hashes(x: "torch.Tensor") -> list[bytes]:
         h.update(row)
         out.append(h.digest())
     if len(out) <= ITEMS_MEMO:
-        with _ITEMS_LOCK:
+        with _MEMO_LOCK:
             _ITEMS[key] = tuple(out)
             while sum(len(v) for v in _ITEMS.values()) > ITEMS_MEMO:
                 _ITEMS.popitem(last=False)
@@ -150,7 +155,7 @@ ITEMS_MEMO = 200_000
 _ITEMS: "OrderedDict[bytes, tuple[bytes, ...]]" = OrderedDict()
 #: the last layouts made (``layout``), by a quick hash of everything they are a function of
 _LAYOUTS: "OrderedDict[bytes, Layout]" = OrderedDict()
-_ITEMS_LOCK = threading.Lock()
+_MEMO_LOCK = threading.Lock()
 
 
 def layout(x: "torch.Tensor", y: "torch.Tensor", *, test_fraction: float, seed: int, batch_size: int,
@@ -170,21 +175,19 @@ def layout(x: "torch.Tensor", y: "torch.Tensor", *, test_fraction: float, seed: 
     quick.update(b"".join(hashes))
     quick.update(labels_raw.reshape(-1).view(torch.uint8).numpy().data if labels_raw.numel() else b"")
     key = quick.digest()
-    with _ITEMS_LOCK:
+    with _MEMO_LOCK:
         kept = _LAYOUTS.get(key)
         if kept is not None:
             _LAYOUTS.move_to_end(key)
     if kept is not None:  # the layout is a function of these alone: a copy of the remembered one
-        return Layout(kept.test.clone(), kept.train.clone(), list(kept.levels), list(kept.test_chunks),
-                      list(kept.train_chunks), list(kept.hashes), kept.batch_size)
+        return kept.copy()
     lay = _layout(list(hashes), y.tolist(), test_fraction, seed, batch_size)
     if len(hashes) <= ITEMS_MEMO:
-        with _ITEMS_LOCK:
+        with _MEMO_LOCK:
             _LAYOUTS[key] = lay
             while len(_LAYOUTS) > 4:
                 _LAYOUTS.popitem(last=False)
-    return Layout(lay.test.clone(), lay.train.clone(), list(lay.levels), list(lay.test_chunks),
-                  list(lay.train_chunks), list(lay.hashes), lay.batch_size)
+    return lay.copy()
 
 
 def _layout(hashes: list[bytes], labels: list[Any], test_fraction: float, seed: int, batch_size: int) -> Layout:
