@@ -223,3 +223,34 @@ def test_requests_queued_before_the_worker_first_takes_are_not_held():
     _queued(q, 6)
     worker.join(30)
     assert taken == [8]
+
+
+@pytest.mark.parametrize("max_wait_s", [0.3, 0.0])
+def test_a_first_request_during_a_hand_over_wakes_the_worker_only_when_it_would_act(monkeypatch, max_wait_s):
+    """While the last batch's answers are handed over, an idle worker that holds batches would only
+    hold a first request (its callers come back with more): ``put`` does not wake it for that (a wasted
+    context switch per batch), and the worker still takes the request once its hold ends, not at the
+    far later rescue of a hand-over that never ends. Without holds (``max_wait_s=0``) it is woken."""
+    from mm_jupyter.serving import batching
+
+    monkeypatch.setattr(batching, "RESCUE_S", 600.0)  # only the hold's own limit may end the wait in time
+    q = batching.RequestQueue(100, 8, max_wait_s=max_wait_s)
+    _queued(q)
+    assert len(q.take()) == 1  # (the worker has started: from now on it may hold)
+    q.hand_over([Answer()], ["v"])  # a hand-over that does not end while the test runs
+    taken: list[float] = []
+    worker = threading.Thread(target=lambda: (q.take(), taken.append(time.perf_counter())), daemon=True)
+    worker.start()
+    time.sleep(0.05)  # the worker waits for requests
+    notified: list[int] = []
+    real = q._cond.notify
+    q._cond.notify = lambda n=1: (notified.append(len(q)), real(n))[1]  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    _queued(q)
+    worker.join(60)
+    assert taken, "the request was taken"
+    if max_wait_s:
+        assert notified == [], "a request the worker would only hold does not wake it"
+        assert taken[0] - t0 < 60, "taken once the hold ended, not at the hand-over's rescue"
+    else:
+        assert notified == [1], "without holds a first request wakes the worker at once"

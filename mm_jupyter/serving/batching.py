@@ -238,6 +238,8 @@ class RequestQueue:
         self._handing: list[Sequence[Answer]] = []
         self._deadlines: list[float] = []
         self._started = False  # the worker took a batch before: until then nothing queued up while it was busy
+        #: till when the idle worker would hold a first request anyway, while a hand-over runs (see ``put``)
+        self._quiet_until = 0.0
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
@@ -262,8 +264,11 @@ class RequestQueue:
             if depth > self.peak:
                 self.peak = depth
             # wake the worker only when it can act: at a first request, or as a batch fills up (not at
-            # every request after: a Condition's notify is Python code, and a burst would pay it each time)
-            if depth == 1 or self.max_batch <= rows < self.max_batch + request.rows:
+            # every request after: a Condition's notify is Python code, and a burst would pay it each time).
+            # A first request while a hand-over runs would only make the worker hold it: the hand-over's
+            # end wakes the worker (``_handed``), and so does its hold's limit (the wait's timeout in ``take``)
+            if depth == 1 and not (self._handing and self._clock() < self._quiet_until) \
+                    or self.max_batch <= rows < self.max_batch + request.rows:
                 self._cond.notify()
 
     def put_many(self, requests: list[Request]) -> None:
@@ -279,7 +284,8 @@ class RequestQueue:
             items.extend(requests)
             self._rows += sum(r.rows for r in requests)
             self.peak = max(self.peak, len(items))
-            if requests and (was_empty or before < self.max_batch <= self._rows):
+            if requests and (was_empty and not (self._handing and self._clock() < self._quiet_until)
+                             or before < self.max_batch <= self._rows):
                 self._cond.notify()
 
     def take(self, batching: bool = True) -> list[Request] | None:
@@ -291,12 +297,18 @@ class RequestQueue:
             until = self._clock() + max(self.max_wait_s, HAND_OVER_S)
             if self._handing:  # (a busy worker that never waits ends a stuck hand-over here)
                 self._rescue()
+            hold = batching and self.max_wait_s > 0
             while True:
                 while not self._items:
                     if self._closed:  # the worker's last take: nobody would end a stuck hand-over later
                         self._rescue(every=True)
                         return None
-                    self._cond.wait(self._rescue())
+                    timeout, left = self._rescue(), until - self._clock()
+                    if hold and timeout is not None and left > 0:  # a first request is not announced till ``until``
+                        self._quiet_until = until
+                        timeout = min(timeout, left)
+                    self._cond.wait(timeout)
+                    self._quiet_until = 0.0
                 if batching and self.max_wait_s > 0:
                     self._hold(piled, until)
                 if self._items:  # (a close without draining may have emptied the queue meanwhile)
