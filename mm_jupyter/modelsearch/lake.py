@@ -399,7 +399,7 @@ class Kept:
         """Key of a proxy score: the proxy, its seed, the labels and the keys of every feature it
         trains and tests on (a proxy's score does not depend on the other candidates it is trained
         beside, see ``proxies.score_many``)."""
-        h = hashlib.sha256(b"mm-proxy-score/2")  # /2: the linear proxy's single-batch epochs in data order
+        h = hashlib.sha256(b"mm-proxy-score/3")  # /3: the linear proxy's fused Adam and (classes, rows) logits
         h.update(f"{proxy}|{seed}|".encode())
         h.update(hashlib.sha256(labels).digest())
         for part, hashes in (("train", train), ("test", test)):
