@@ -92,6 +92,7 @@ def test_nondeterministic_provenance_cell_is_refused(ip: Any) -> None:
     ip.run_cell_magic("modelset", "save base", "initial_models(3, hidden=8)")
     with pytest.raises(mm.StoreError, match=r"does not reproduce model '1'.*nothing was stored"):
         ip.run_cell_magic("modelset", "save base --approach provenance --datasets ds --models trained",
-                          "with torch.no_grad():\n    next(model.parameters()).add_(os.urandom(1)[0] / 255 + 0.001)\n")
+                          "with torch.no_grad():\n"  # (8 random bytes: one byte repeats in a replay once in 256)
+                          "    next(model.parameters()).add_(int.from_bytes(os.urandom(8), 'big') / 2**64 + 1e-3)\n")
     assert "1" in ip.user_ns["trained"]  # the models the cell trained are not lost
     assert list(mm.Store(ip.magics_manager.registry["ModelMagics"].store).sets()["version"]) == [1]
