@@ -1,7 +1,7 @@
 #!/usr/bin/env sh
 # Create the project's virtual environment and install mm_jupyter with every extra.
 # PyTorch: a CPU wheel offered locally (pip's find-links, e.g. /opt/wheels) is taken first; otherwise pip's own
-# configuration decides (see below). Users elsewhere are not pinned: pyproject.toml only asks for torch>=2.1.
+# configuration decides (see below). Users elsewhere are not pinned: pyproject.toml only asks for torch>=2.4.
 set -eu
 VENV="${1:-.venv}"
 # The browser test (tests/test_browser.py) drives Debian's Chromium through Playwright; Playwright's own
