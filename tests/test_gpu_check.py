@@ -30,7 +30,7 @@ def test_dry_run_on_the_cpu_runs_every_step(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "DRY RUN" in out and "--no-index --find-links" in out  # the install it would do: wheels, no index
-    assert "torch>=2.1" in out and "transformers>=4.40" in out  # from pyproject.toml: dependencies + gpu extra
+    assert "torch>=2.4" in out and "transformers>=4.40" in out  # from pyproject.toml: dependencies + gpu extra
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["experiment"] == "gpu_check" and doc["dry_run"] is True and doc["ok"] is True
     assert doc["environment"]["device"] == "cpu"
