@@ -267,8 +267,7 @@ class RequestQueue:
             # every request after: a Condition's notify is Python code, and a burst would pay it each time).
             # A first request while a hand-over runs would only make the worker hold it: the hand-over's
             # end wakes the worker (``_handed``), and so does its hold's limit (the wait's timeout in ``take``)
-            if depth == 1 and not (self._handing and self._clock() < self._quiet_until) \
-                    or self.max_batch <= rows < self.max_batch + request.rows:
+            if depth == 1 and self._announced() or self.max_batch <= rows < self.max_batch + request.rows:
                 self._cond.notify()
 
     def put_many(self, requests: list[Request]) -> None:
@@ -284,9 +283,13 @@ class RequestQueue:
             items.extend(requests)
             self._rows += sum(r.rows for r in requests)
             self.peak = max(self.peak, len(items))
-            if requests and (was_empty and not (self._handing and self._clock() < self._quiet_until)
-                             or before < self.max_batch <= self._rows):
+            if requests and (was_empty and self._announced() or before < self.max_batch <= self._rows):
                 self._cond.notify()
+
+    def _announced(self) -> bool:
+        """(the lock held) Whether a first request wakes the waiting worker: not while a hand-over runs
+        and the worker would hold the request anyway (until ``_quiet_until``, see ``take``)."""
+        return not (self._handing and self._clock() < self._quiet_until)
 
     def take(self, batching: bool = True) -> list[Request] | None:
         """The next batch (one request when ``batching`` is False); None once closed and empty. The
@@ -309,7 +312,7 @@ class RequestQueue:
                         timeout = min(timeout, left)
                     self._cond.wait(timeout)
                     self._quiet_until = 0.0
-                if batching and self.max_wait_s > 0:
+                if hold:
                     self._hold(piled, until)
                 if self._items:  # (a close without draining may have emptied the queue meanwhile)
                     break
