@@ -10,6 +10,7 @@ import torch
 
 from mm_jupyter.errors import SearchError
 from mm_jupyter.modelsearch.proxies import (
+    MAX_CLASSES,
     PROXIES,
     ProxyScore,
     get_proxy,
@@ -472,6 +473,11 @@ def test_validation_errors(name):
         f(tx, ty.reshape(5, 6), vx, vy)
     with pytest.raises(SearchError, match=r"seed must be an integer"):
         f(tx, ty, vx, vy, seed=1.5)
+    ids = ty * 7_000_000_000  # labels that are ids, not indices: refused before a per-class table is allocated
+    with pytest.raises(SearchError, match=r"labels run up to 14,000,000,000.*number the 3 classes present 0\.\.2"):
+        f(tx, ids, vx, vy * 7_000_000_000)
+    most = torch.tensor(MAX_CLASSES - 1)
+    assert f(tx, torch.where(ty == 2, most, ty), vx, vy) is not None  # the largest label still taken
 
 
 def test_errors_render_as_one_line():

@@ -132,6 +132,11 @@ def _as_labels(y: Any, split: str) -> Tensor:
     return labels
 
 
+#: The most classes a proxy takes: the linear layer's weights and Adam state and kNN's vote table have a row
+#: per class up to the largest label, so labels that are ids, not indices, would exhaust memory.
+MAX_CLASSES = 100_000
+
+
 def _validate(train_x: Any, train_y: Any, test_x: Any, test_y: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """Checked (train_x, train_y, test_x, test_y, num_classes); features are float64 (N, D)."""
     tx, vx = _as_features(train_x, "train"), _as_features(test_x, "test")
@@ -154,6 +159,11 @@ def _validate(train_x: Any, train_y: Any, test_x: Any, test_y: Any) -> tuple[Ten
             f"train split needs at least 2 classes to score features, got only class {int(present[0])}"
         )
     num_classes = int(max(int(ty.max()), int(vy.max()))) + 1
+    if num_classes > MAX_CLASSES:
+        found = int(torch.unique(torch.cat([ty, vy])).numel())
+        raise SearchError(f"labels run up to {num_classes - 1:,}: a proxy takes class indices below {MAX_CLASSES:,} "
+                          f"(its per-class state grows with the largest label); number the {found} classes "
+                          f"present 0..{found - 1}")
     return tx, ty, vx, vy, num_classes
 
 
