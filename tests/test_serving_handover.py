@@ -116,7 +116,7 @@ def test_a_chain_whose_baton_is_lost_is_ended_by_the_idle_worker(monkeypatch):
     assert fired == ["_take", "_give_up"]
     assert not any(t.is_alive() for t in threads), "the callers behind the lost baton were left waiting"
     assert got == {0: "a", 1: "KeyboardInterrupt", 2: "c", 3: "d"}
-    with q._cond:
+    with q._lock:
         assert not q._handing, "the hand-over ended: later batches are not held for it"
     import numpy as np
 
@@ -144,7 +144,7 @@ def test_a_lost_baton_is_picked_up_by_a_worker_that_keeps_taking_batches(monkeyp
     for t in threads:
         t.join(PROMPT_S)
     assert got == {0: "KeyboardInterrupt", 1: 1, 2: 2}
-    with q._cond:
+    with q._lock:
         assert not q._handing
 
 
@@ -348,7 +348,7 @@ def test_the_safety_net_never_releases_an_answer_that_was_not_set():
     answered.set_result("already")
     with pytest.raises(RuntimeError):
         q.hand_over([fresh, answered], ["x", "y"])
-    with q._cond:
+    with q._lock:
         q._rescue(every=True)
         assert not q._handing
     with pytest.raises(TimeoutError):
@@ -356,3 +356,104 @@ def test_the_safety_net_never_releases_an_answer_that_was_not_set():
     fresh.set_exception(ValueError("the worker's error"))
     with pytest.raises(ValueError):
         fresh.result(1)
+
+
+def _interrupt_in(files: tuple[str, ...], k: int, count: list[int]):
+    """``_interrupt_at`` over the frames of ``files`` (the queue's own code and the locking it calls)."""
+    import dis
+
+    last: dict[int, str] = {}
+
+    def point() -> None:
+        count[0] += 1
+        if count[0] == k:
+            raise KeyboardInterrupt
+
+    def opcodes(frame, event, arg):
+        if event == "opcode":
+            if last[id(frame)].startswith(("CALL", "JUMP_BACKWARD")):
+                point()
+            last[id(frame)] = dis.opname[frame.f_code.co_code[frame.f_lasti]]
+        return opcodes
+
+    def calls(frame, event, arg):
+        if frame.f_code.co_filename not in files:
+            return None
+        frame.f_trace_opcodes = True
+        last[id(frame)] = ""
+        point()
+        return opcodes
+
+    return calls
+
+
+@pytest.mark.parametrize("how", ["put", "put_many", "close"])
+def test_an_interrupt_anywhere_in_a_caller_s_queue_call_leaves_the_queue_working(how):
+    """A ``predict`` caller is the notebook's main thread: Ctrl-C can land anywhere in its ``put``,
+    including inside the locking it calls. At every such point in turn: the queue's lock is free
+    afterwards and the worker still takes the next request at once (before: an interrupt inside
+    ``Condition.__enter__`` left the lock held, and every later caller hung on it; one inside
+    ``notify`` left a stale waiter that a later notify tripped over)."""
+    import sys
+
+    import numpy as np
+
+    from mm_jupyter.serving import batching
+    from mm_jupyter.serving.batching import Request, RequestQueue
+
+    files = (batching.__file__, threading.__file__)
+
+    def request() -> Request:
+        return Request("m", np.zeros((1, 5), np.float32), True, None, time.perf_counter())
+
+    def run(k: int) -> int:
+        q = RequestQueue(100, 8, max_wait_s=0.0)
+        taken: list[object] = []
+        worker = threading.Thread(target=lambda: taken.extend([q.take(), q.take()]), daemon=True)
+        worker.start()
+        time.sleep(0.01)  # the worker waits for requests
+        lines = [0]
+
+        def caller() -> None:
+            sys.settrace(_interrupt_in(files, k, lines))
+            try:
+                if how == "put":
+                    q.put(request())
+                elif how == "put_many":
+                    q.put_many([request(), request()])
+                else:
+                    q.close()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+
+        t = threading.Thread(target=caller, daemon=True)
+        t.start()
+        t.join(PROMPT_S)
+        assert not t.is_alive(), f"interrupted at point {k}: the caller hung"
+        done = [False]
+
+        def again() -> None:  # a later caller, uninterrupted
+            try:
+                q.put(request())
+            except Exception:  # noqa: BLE001 - closed is an answer too
+                pass
+            done[0] = True
+
+        later = threading.Thread(target=again, daemon=True)
+        later.start()
+        later.join(PROMPT_S)
+        assert done[0], f"interrupted at point {k}: the queue's lock was left held"
+        closer = threading.Thread(target=q.close, daemon=True)  # (another thread: a reused id could re-enter)
+        closer.start()
+        closer.join(PROMPT_S)
+        assert not closer.is_alive(), f"interrupted at point {k}: the queue's lock was left held"
+        worker.join(PROMPT_S)
+        assert not worker.is_alive(), f"interrupted at point {k}: the worker was never woken"
+        return lines[0]
+
+    total = run(0)  # (k=0: never fires; counts the points)
+    assert total >= 3
+    for k in range(1, total + 1):
+        run(k)

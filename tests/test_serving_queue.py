@@ -199,8 +199,8 @@ def test_a_held_batch_is_woken_once_it_fills_and_a_burst_notifies_only_at_the_cr
     worker.join(20)
     assert taken == [4] and time.perf_counter() - t0 < 20
     notified: list[int] = []
-    real = q._cond.notify
-    q._cond.notify = lambda n=1: (notified.append(len(q)), real(n))[1]  # type: ignore[method-assign]
+    real = q._notify
+    q._notify = lambda: (notified.append(len(q)), real())[1]  # type: ignore[method-assign]
     _queued(q, 10)
     assert notified == [1, 4], "at the first request and as the first batch filled, not after"
 
@@ -243,8 +243,8 @@ def test_a_first_request_during_a_hand_over_wakes_the_worker_only_when_it_would_
     worker.start()
     time.sleep(0.05)  # the worker waits for requests
     notified: list[int] = []
-    real = q._cond.notify
-    q._cond.notify = lambda n=1: (notified.append(len(q)), real(n))[1]  # type: ignore[method-assign]
+    real = q._notify
+    q._notify = lambda: (notified.append(len(q)), real())[1]  # type: ignore[method-assign]
     t0 = time.perf_counter()
     _queued(q)
     worker.join(60)

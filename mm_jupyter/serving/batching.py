@@ -240,7 +240,14 @@ class RequestQueue:
         self._started = False  # the worker took a batch before: until then nothing queued up while it was busy
         #: till when the idle worker would hold a first request anyway, while a hand-over runs (see ``put``)
         self._quiet_until = 0.0
-        self._cond = threading.Condition()
+        # The queue's lock and the worker's wake-up are C locks, not a ``threading.Condition``: callers are
+        # often a notebook's main thread, where Ctrl-C can land anywhere in Python code; ``with`` on a C
+        # lock and a release are single C calls, while ``Condition.__enter__`` (Python) could be interrupted
+        # holding the lock (every later caller hung) and ``notify`` could leave a stale waiter behind.
+        self._lock = threading.RLock()
+        #: held while no wake-up is pending: ``_notify`` releases it, the waiting worker takes it (``_wait``)
+        self._wake = _thread.allocate_lock()
+        self._wake.acquire()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -251,7 +258,7 @@ class RequestQueue:
 
     def put(self, request: Request) -> None:
         """Enqueue ``request``. Raises QueueFullError or ServerClosedError instead of blocking."""
-        with self._cond:
+        with self._lock:
             items = self._items
             if self._closed:
                 raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
@@ -268,11 +275,11 @@ class RequestQueue:
             # A first request while a hand-over runs would only make the worker hold it: the hand-over's
             # end wakes the worker (``_handed``), and so does its hold's limit (the wait's timeout in ``take``)
             if depth == 1 and self._announced() or self.max_batch <= rows < self.max_batch + request.rows:
-                self._cond.notify()
+                self._notify()
 
     def put_many(self, requests: list[Request]) -> None:
         """Enqueue all of ``requests`` under one lock, or none of them (QueueFullError, ServerClosedError)."""
-        with self._cond:
+        with self._lock:
             items = self._items
             if self._closed:
                 raise ServerClosedError("the server is closed; start a new one with mm.serve(...)")
@@ -284,7 +291,24 @@ class RequestQueue:
             self._rows += sum(r.rows for r in requests)
             self.peak = max(self.peak, len(items))
             if requests and (was_empty and self._announced() or before < self.max_batch <= self._rows):
-                self._cond.notify()
+                self._notify()
+
+    def _notify(self) -> None:
+        """(the lock held) Wake the worker: one C call (a wake-up already pending is kept, not doubled)."""
+        try:
+            self._wake.release()
+        except RuntimeError:  # (released already: a wake-up is pending)
+            pass
+
+    def _wait(self, timeout: float | None) -> None:
+        """(the worker, holding the lock once) Let the lock go until a wake-up or ``timeout`` seconds,
+        then take it again. A wake-up posted since the worker last waited ends the wait at once: none is
+        lost between its check of the queue and its wait (the caller re-checks in a loop)."""
+        self._lock.release()
+        try:
+            self._wake.acquire(True, -1 if timeout is None else max(timeout, 0.0))
+        finally:
+            self._lock.acquire()
 
     def _announced(self) -> bool:
         """(the lock held) Whether a first request wakes the waiting worker: not while a hand-over runs
@@ -294,7 +318,7 @@ class RequestQueue:
     def take(self, batching: bool = True) -> list[Request] | None:
         """The next batch (one request when ``batching`` is False); None once closed and empty. The
         worker calling it also ends the hand-overs that ran past their limit (see ``rescue``)."""
-        with self._cond:
+        with self._lock:
             # queued up while the worker was busy (not while it was starting): this batch may be held to fill
             piled = bool(self._items) and self._started
             until = self._clock() + max(self.max_wait_s, HAND_OVER_S)
@@ -310,7 +334,7 @@ class RequestQueue:
                     if hold and timeout is not None and left > 0:  # a first request is not announced till ``until``
                         self._quiet_until = until
                         timeout = min(timeout, left)
-                    self._cond.wait(timeout)
+                    self._wait(timeout)
                     self._quiet_until = 0.0
                 if hold:
                     self._hold(piled, until)
@@ -340,13 +364,13 @@ class RequestQueue:
                 remaining = self._items[0].t_submit + self.max_wait_s - now
             else:
                 return
-            self._cond.wait(remaining)
+            self._wait(remaining)
 
     def hand_over(self, answers: Sequence[Answer], values: Sequence[Any]) -> None:
         """Hand a batch's answers to their waiting callers (``hand_over``); a batch held for the callers'
         return may go once the last took its answer, or once ``rescue`` ended a hand-over that did not.
         Called by the worker, whose next ``take`` watches the limit (a waiting ``take`` is not told)."""
-        with self._cond:
+        with self._lock:
             self._handing.append(answers)
             self._deadlines.append(self._clock() + max(self.max_wait_s, RESCUE_S))
         hand_over(answers, values, self._handed)
@@ -354,12 +378,12 @@ class RequestQueue:
     def _handed(self) -> None:
         """A hand-over ended: forget every one that did (its last caller was answered or stepped over;
         that state is set before the chain's end is announced, and never left)."""
-        with self._cond:
+        with self._lock:
             handing = self._handing
             for j in range(len(handing) - 1, -1, -1):
                 if not handing[j] or handing[j][-1]._state in (_RELEASED, _TAKEN):
                     del handing[j], self._deadlines[j]
-            self._cond.notify()
+            self._notify()
 
     def _rescue(self, every: bool = False) -> float | None:
         """(the lock held) End the hand-overs past their deadline (all with ``every``); the seconds
@@ -379,15 +403,15 @@ class RequestQueue:
 
     def close(self) -> None:
         """Refuse new requests; the worker still answers those waiting (see ``drain``)."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            self._notify()
 
     def drain(self) -> list[Request]:
         """Remove and return every waiting request (to fail them when closing without answering)."""
-        with self._cond:
+        with self._lock:
             items = list(self._items)
             self._items.clear()
             self._rows = 0
-            self._cond.notify_all()
+            self._notify()
         return items
