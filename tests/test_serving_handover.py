@@ -239,15 +239,17 @@ def test_a_predict_caller_interrupted_during_the_hand_over_leaves_the_server_ser
         assert torch.allclose(again.output, outcomes[3])
 
 
-def _interrupt_at(k: int, count: list[int]):
-    """A trace function raising KeyboardInterrupt at the ``k``-th point in ``batching`` where the
-    interpreter can deliver an asynchronous exception or a signal's KeyboardInterrupt: a function's
-    entry, just after a call returned, a loop's backward jump (in the thread that sets it; a raising
-    trace function is unset, so it fires once). Counts the points passed in ``count``."""
+def _interrupt_at(k: int, count: list[int], files: tuple[str, ...] = ()):
+    """A trace function raising KeyboardInterrupt at the ``k``-th point in ``batching`` (or in
+    ``files``) where the interpreter can deliver an asynchronous exception or a signal's
+    KeyboardInterrupt: a function's entry, just after a call returned, a loop's backward jump (in the
+    thread that sets it; a raising trace function is unset, so it fires once). Counts the points
+    passed in ``count``."""
     import dis
 
     from mm_jupyter.serving import batching
 
+    files = files or (batching.__file__,)
     last: dict[int, str] = {}  # the instruction each frame ran last
 
     def point() -> None:
@@ -263,7 +265,7 @@ def _interrupt_at(k: int, count: list[int]):
         return opcodes
 
     def calls(frame, event, arg):
-        if frame.f_code.co_filename != batching.__file__:
+        if frame.f_code.co_filename not in files:
             return None
         frame.f_trace_opcodes = True
         last[id(frame)] = ""
@@ -358,35 +360,6 @@ def test_the_safety_net_never_releases_an_answer_that_was_not_set():
         fresh.result(1)
 
 
-def _interrupt_in(files: tuple[str, ...], k: int, count: list[int]):
-    """``_interrupt_at`` over the frames of ``files`` (the queue's own code and the locking it calls)."""
-    import dis
-
-    last: dict[int, str] = {}
-
-    def point() -> None:
-        count[0] += 1
-        if count[0] == k:
-            raise KeyboardInterrupt
-
-    def opcodes(frame, event, arg):
-        if event == "opcode":
-            if last[id(frame)].startswith(("CALL", "JUMP_BACKWARD")):
-                point()
-            last[id(frame)] = dis.opname[frame.f_code.co_code[frame.f_lasti]]
-        return opcodes
-
-    def calls(frame, event, arg):
-        if frame.f_code.co_filename not in files:
-            return None
-        frame.f_trace_opcodes = True
-        last[id(frame)] = ""
-        point()
-        return opcodes
-
-    return calls
-
-
 @pytest.mark.parametrize("how", ["put", "put_many", "close"])
 def test_an_interrupt_anywhere_in_a_caller_s_queue_call_leaves_the_queue_working(how):
     """A ``predict`` caller is the notebook's main thread: Ctrl-C can land anywhere in its ``put``,
@@ -415,7 +388,7 @@ def test_an_interrupt_anywhere_in_a_caller_s_queue_call_leaves_the_queue_working
         lines = [0]
 
         def caller() -> None:
-            sys.settrace(_interrupt_in(files, k, lines))
+            sys.settrace(_interrupt_at(k, lines, files))
             try:
                 if how == "put":
                     q.put(request())
