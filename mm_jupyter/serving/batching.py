@@ -271,7 +271,7 @@ class RequestQueue:
             if depth > self.peak:
                 self.peak = depth
             # wake the worker only when it can act: at a first request, or as a batch fills up (not at
-            # every request after: a Condition's notify is Python code, and a burst would pay it each time).
+            # every request after: each wake-up it cannot act on costs it a pass through its loop).
             # A first request while a hand-over runs would only make the worker hold it: the hand-over's
             # end wakes the worker (``_handed``), and so does its hold's limit (the wait's timeout in ``take``)
             if depth == 1 and self._announced() or self.max_batch <= rows < self.max_batch + request.rows:
