@@ -554,7 +554,7 @@ def _built(model: nn.Module, verdict: Verdict, probe: Tensor, scope: Scope) -> S
     """The split ``verdict`` describes, remembered in the model's ``scope``: these methods build it
     from the model's modules and the recipe alone (no model code, no probe), so while the signature
     that keeps the scope holds, the same split (its wrapper modules too: their block ids are then
-    remembered as well) serves again. Callers get a shallow copy to mark as theirs."""
+    remembered as well) serves again. The caller copies it (shallow) before marking it as its own."""
     at = ("split", verdict.method)
     kept = scope.memo.get(at)
     if kept is not None and kept[0] is verdict:
