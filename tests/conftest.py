@@ -116,6 +116,21 @@ def _join_group(item: pytest.Item, group: str) -> None:
     item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session's own config folder (the kept-features secret, ``store.features.writer_key``): tests
+    never write to the user's home, and processes they start (kernels, servers, Ray) inherit it."""
+    from mm_jupyter.store.features import CONFIG_ENV
+
+    saved = os.environ.get(CONFIG_ENV)
+    os.environ[CONFIG_ENV] = str(tmp_path_factory.mktemp("config"))
+    yield
+    if saved is None:
+        os.environ.pop(CONFIG_ENV, None)
+    else:
+        os.environ[CONFIG_ENV] = saved
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[int]:
     """One private local Ray for the session (starting one takes seconds), with ``RAY_SLOTS`` CPU slots;

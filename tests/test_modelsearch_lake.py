@@ -360,9 +360,65 @@ def test_index_entry_that_lies_about_its_bytes_is_not_used(tmp_path: Path) -> No
     entries = load_index(store.objects)
     entries["a" * 64].nbytes += 4096  # past the end of the object
     entries["b" * 64].shape = (5,)  # 5 floats do not fit 16 bytes
+    for key in ("a" * 64, "b" * 64):  # sealed by this writer: only the size checks stand in the way
+        entries[key].seal = kept_features.seal(kept_features.writer_key(), key, entries[key])
     kept_features.write_index(store.objects, entries)
     fresh = FeatureStore(store)
     assert fresh.get("a" * 64) is None and fresh.get("b" * 64) is None and fresh.corrupt >= 1
+
+
+def test_features_another_writer_sealed_are_never_read(tmp_path: Path, cands: dict[str, nn.Module],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made-up features (and scores) keyed to real blocks and chunks, sealed by another writer: a
+    search does not read them and ranks as a fresh search, then replaces them with its own. Read by
+    their writer, or from a store opened with trust_code=True, they do change the ranking."""
+    store = mm.Store(tmp_path / "s")
+    xy = data(300)
+    monkeypatch.setenv(kept_features.KEY_ENV, "alice and bob's team")
+    first = run(cands, xy, store)
+    monkeypatch.setenv(kept_features.KEY_ENV, "mallory")
+    fake = FeatureStore(store)
+    assert not any(k in fake for k in fake.entries) and fake.foreign == len(fake.entries) > 0
+    g = torch.Generator().manual_seed(7)
+    fake.put([(k, torch.randn(e.shape, generator=g).to(getattr(torch, e.dtype))) for k, e in fake.entries.items()])
+    fake.flush()
+    planted = load_index(store.objects)
+    assert {e.seal for e in planted.values()} <= {e.seal for e in fake.entries.values()}
+    for e in planted.values():
+        e.used = 1e12  # "used" in the year 33658: no later use of the real features could replace them
+    kept_features.write_index(store.objects, planted)
+    poisoned = run(cands, xy, store)  # mallory reads her own features
+    assert poisoned.stats["features_reused"] > 0 and poisoned.stats["features_foreign"] == 0
+    assert not poisoned.ranking.equals(first.ranking)
+    monkeypatch.setenv(kept_features.KEY_ENV, "alice and bob's team")
+    again = run(cands, xy, store)
+    same(first, again)
+    assert again.stats["features_reused"] == 0 and again.stats["features_foreign"] > 0
+    assert run(cands, xy, store).stats["features_computed"] == 0  # the index holds this team's again
+    monkeypatch.setenv(kept_features.KEY_ENV, "mallory")
+    trusted = run(cands, xy, mm.Store(tmp_path / "s", trust_code=True))  # trusted: every writer's features
+    assert trusted.stats["features_foreign"] == 0 and trusted.stats["features_computed"] == 0
+
+
+def test_the_writer_key_is_made_once_kept_private_and_a_damaged_one_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(kept_features.KEY_ENV, raising=False)
+    monkeypatch.setenv(kept_features.CONFIG_ENV, str(tmp_path / "config"))
+    key = kept_features.writer_key()
+    path = kept_features.key_path()
+    assert path == tmp_path / "config" / "feature-key" and path.stat().st_mode & 0o777 == 0o600
+    assert kept_features.writer_key() == key and len(key) == 32
+    assert [p.name for p in path.parent.iterdir()] == ["feature-key"]  # no temp file left
+    monkeypatch.setenv(kept_features.KEY_ENV, "team")
+    assert kept_features.writer_key() not in (key, b"team")
+    monkeypatch.delenv(kept_features.KEY_ENV)
+    path.write_text("not a key\n")
+    with pytest.raises(mm.StoreError, match="feature-key does not hold a feature key"):
+        kept_features.writer_key()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(kept_features.CONFIG_ENV, str(tmp_path / "file" / "config"))  # cannot be made
+    alone = kept_features.writer_key()
+    assert alone == kept_features.writer_key() != key
 
 
 def test_kept_scores_follow_the_labels(tmp_path: Path, cands: dict[str, nn.Module]) -> None:

@@ -401,7 +401,8 @@ def search(
         (``block_inferences``, ``unique_edges``, ``cache_peak_bytes``, ``bytes_loaded``; with ``reuse``
         also ``features_reused`` and ``features_computed``: per candidate and chunk, ``features_resumed``: the
         computed ones that started from a kept block output (a last-block input or a fork) instead of the
-        input, and ``features_written_bytes``) and ``rungs``.
+        input, ``features_foreign``: kept entries another writer sealed, not read (see
+        ``store.features``), and ``features_written_bytes``) and ``rungs``.
 
     Raises:
         SearchError: bad candidates, data or options, or a model whose blocks cannot be split.
@@ -644,7 +645,8 @@ def _run(named: Any, cands: dict[str, Candidate], x_train: "torch.Tensor", y_tra
         stats["distributed"] = remote.stats
     if kept is not None:
         stats.update(features_reused=kept.reused, features_computed=kept.computed, features_resumed=kept.resumed,
-                     features_corrupt=kept.features.corrupt, features_written_bytes=kept.features.written_bytes)
+                     features_corrupt=kept.features.corrupt, features_foreign=kept.features.foreign,
+                     features_written_bytes=kept.features.written_bytes)
     emit({"event": "done", "timings": dict(meter.timings), "stats": stats})
     ref = getattr(named, "ref", None) if hasattr(named, "engine_candidates") else None
     return SearchResult(approach, ranking, dict(meter.timings), stats, rungs, k,

@@ -12,16 +12,29 @@ each drop the other's new entries from the index (their objects are collected by
 is ever wrong, at worst recomputed. A byte budget is kept by evicting the least recently used
 objects. Every feature object's payload starts with ``PAYLOAD_MAGIC``, so no model object can ever
 share its id and eviction only ever deletes feature objects.
+
+Hashes prove that bytes are the ones an entry names, not that they are the block's output: anyone
+who can write to a store can key made-up features to a real block and chunk, and a search reusing
+them would rank wrongly without an error. So every entry is *sealed* (an HMAC of the entry, its
+object and byte range) with the writer's secret (``writer_key``: per user, or a team's shared
+``MM_JUPYTER_FEATURE_KEY``), and a search reuses only entries sealed with its own secret — or
+every entry of a store opened with ``trust_code=True``, whose writers are trusted as one's own code.
+An entry sealed otherwise is *foreign*: left in the index, never read, and replaced where this
+search computes the same feature.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import secrets
 import threading
 import time
 from collections import OrderedDict
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Protocol, Sequence
 
 from ..errors import IntegrityError, MMError, StoreError
@@ -35,9 +48,11 @@ if TYPE_CHECKING:
 
 
 class Writable(Protocol):
-    """What kept features need of a store (``mm.Store``): its object area and its save lock."""
+    """What kept features need of a store (``mm.Store``): its object area, its save lock and whether
+    its writers are trusted (``trust_code``: their features are reused whoever sealed them)."""
 
     objects: "ObjectArea"
+    trust_code: bool
 
     def writing(self, what: str) -> AbstractContextManager[None]: ...
 
@@ -52,6 +67,84 @@ TOUCH_S = 60.0
 DEFAULT_BUDGET = 4 << 30
 _DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
            "complex64", "complex128")
+
+
+#: a team's shared secret: searches of every user who sets it reuse each other's kept features
+KEY_ENV = "MM_JUPYTER_FEATURE_KEY"
+#: where the per-user secret lives (default: ``$XDG_CONFIG_HOME/mm_jupyter``, else ``~/.config/mm_jupyter``)
+CONFIG_ENV = "MM_JUPYTER_CONFIG_DIR"
+_KEY_FILE = "feature-key"
+_PROCESS_KEY = secrets.token_bytes(32)  # where no per-user secret can be kept: this process's features only
+
+
+def key_path() -> Path:
+    """The file holding this user's secret (``writer_key``)."""
+    chosen = os.environ.get(CONFIG_ENV)
+    if chosen:
+        return Path(chosen).expanduser() / _KEY_FILE
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
+    return base / "mm_jupyter" / _KEY_FILE
+
+
+def writer_key() -> bytes:
+    """The secret that seals the features this process keeps (see the module docstring):
+    ``$MM_JUPYTER_FEATURE_KEY`` when set (a team's), else the user's own, made on first use in
+    ``key_path()`` (owner-only). Without a usable home folder, a key of this process only: its
+    features are reused by its own searches, never silently by others.
+
+    Raises:
+        StoreError: the key file exists but does not hold a key (delete it to make a new one).
+    """
+    shared = os.environ.get(KEY_ENV)
+    if shared:
+        return hashlib.sha256(b"mm-feature-key/1\n" + shared.encode()).digest()
+    path = key_path()
+    raw: bytes | None
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raw = _make_key(path)
+    except OSError:
+        raw = None
+    if raw is None:
+        return _PROCESS_KEY
+    text = raw.strip()
+    if len(text) != 64 or any(c not in b"0123456789abcdef" for c in text):
+        raise StoreError(f"{path} does not hold a feature key (64 hex digits): delete it, and a new key "
+                         "is made (features kept under the old one are then computed again)")
+    return bytes.fromhex(text.decode())
+
+
+def _make_key(path: Path) -> bytes | None:
+    """Write a new key to ``path`` unless another process did first (then read theirs): the key is
+    written to a private temp file and linked into place, so no reader sees a half-written key.
+    None where the folder cannot hold it."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.write(fd, secrets.token_hex(32).encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(tmp, path)
+        except FileExistsError:  # another process made the key first: theirs is read below
+            pass
+        finally:
+            tmp.unlink()
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def seal(secret: bytes, key: str, e: "Entry") -> str:
+    """The seal of index entry ``e`` under ``key``: what it names (object, range, dtype, shape), so a
+    sealed entry cannot be pointed at other bytes. Not its ``used`` time, which readers update."""
+    msg = f"{key}|{e.oid}|{e.offset}|{e.nbytes}|{e.dtype}|{','.join(map(str, e.shape))}".encode()
+    return hmac.digest(secret, msg, "sha256")[:16].hex()
 
 
 def feature_key(path: Sequence[str], chunk: str, precision: str) -> str:
@@ -87,18 +180,22 @@ class Entry:
     dtype: str
     shape: tuple[int, ...]
     used: float
+    seal: str = ""  # see ``seal``; "" in an index written before entries were sealed (foreign)
 
 
 def _check_entry(raw: Any) -> Entry:
     """An index entry, every field checked (an index is read from a store: trust nothing)."""
-    oid, offset, nbytes, dtype, shape, used = raw
+    if not isinstance(raw, list) or len(raw) not in (6, 7):
+        raise IntegrityError("the feature index has a malformed entry")
+    oid, offset, nbytes, dtype, shape, used = raw[:6]
+    sealed = raw[6] if len(raw) == 7 else ""
     ok = (isinstance(oid, str) and is_oid(oid) and type(offset) is int and type(nbytes) is int
           and 0 <= offset and 0 <= nbytes and dtype in _DTYPES and isinstance(shape, list)
           and all(type(s) is int and s >= 0 for s in shape) and len(shape) <= 16
-          and isinstance(used, (int, float)))
+          and isinstance(used, (int, float)) and isinstance(sealed, str) and len(sealed) <= 64)
     if not ok:
         raise IntegrityError("the feature index has a malformed entry")
-    return Entry(oid, offset, nbytes, dtype, tuple(shape), float(used))
+    return Entry(oid, offset, nbytes, dtype, tuple(shape), float(used), sealed)
 
 
 def _torch_dtype(name: str) -> "torch.dtype":
@@ -116,10 +213,15 @@ class FeatureStore:
         self.objects: ObjectArea = store.objects
         self.budget = DEFAULT_BUDGET if budget is None else int(budget)
         self.entries = load_index(self.objects)
+        self._secret = writer_key()
+        self._trusting = bool(getattr(store, "trust_code", False))
+        self._verdicts: dict[str, bool] = {}  # key -> whether its entry is this writer's (see ``_ours``)
         self._readers: dict[str, Reader] = {}
         self._bad: set[str] = set()
         self.added: set[str] = set()
         self.hits = self.misses = self.corrupt = self.written_bytes = 0
+        #: entries met that another writer sealed (never read; see the module docstring)
+        self.foreign = 0
         self._stamped: dict[str, bool] = {}  # object -> whether the bytes kept in memory are still its own
         self.touched = False
         # a search's feature objects are made durable together at ``flush`` (one journal commit, not
@@ -129,14 +231,25 @@ class FeatureStore:
         self._deferred.enter_context(self.objects.deferred_durability())
 
     def __contains__(self, key: str) -> bool:
-        return key in self.entries and self.entries[key].oid not in self._bad
+        e = self.entries.get(key)
+        return e is not None and e.oid not in self._bad and self._ours(key, e)
+
+    def _ours(self, key: str, e: Entry) -> bool:
+        """Whether ``e`` may be read: sealed with this writer's secret, or the store is trusted."""
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._trusting or hmac.compare_digest(e.seal, seal(self._secret, key, e))
+            self._verdicts[key] = verdict
+            self.foreign += not verdict
+        return verdict
 
     def get(self, key: str) -> "torch.Tensor | None":
-        """The verified feature, or None (absent, or its object is missing or corrupt: dropped)."""
+        """The verified feature, or None (absent, another writer's, or its object is missing or
+        corrupt: dropped)."""
         import torch
 
         e = self.entries.get(key)
-        if e is None or e.oid in self._bad:
+        if e is None or e.oid in self._bad or not self._ours(key, e):
             self.misses += 1
             return None
         try:
@@ -232,12 +345,23 @@ class FeatureStore:
         now = time.time()
         self._bad.discard(oid)
         for key, offset, nbytes, dtype, shape in placed:
-            self.entries[key] = Entry(oid, offset, nbytes, dtype, shape, now)
+            e = self.entries[key] = Entry(oid, offset, nbytes, dtype, shape, now)
+            e.seal = seal(self._secret, key, e)
+            self._verdicts[key] = True
             self.added.add(key)
             self.written_bytes += nbytes
         stamp = self.objects.stamp(oid)
         if stamp is not None:
             _remember(oid, stamp, [(offset, t) for (_, offset, _, _, _), (_, t) in zip(placed, todo)])
+
+    def _prefer(self, key: str, new: Entry, old: Entry) -> bool:
+        """Whether the index keeps ``new`` rather than ``old`` for ``key``: this writer's entry over
+        another's (whose ``used`` time could claim any date), else the later used."""
+        if new.seal != old.seal:  # (equal seals: the same claim, no secret needed to compare)
+            mine, theirs = (hmac.compare_digest(x.seal, seal(self._secret, key, x)) for x in (new, old))
+            if mine != theirs:
+                return mine
+        return old.used < new.used
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -263,7 +387,8 @@ class FeatureStore:
                 stored = load_index(self.objects)
                 merged = {k: e for k, e in stored.items() if e.oid not in self._bad}
                 for k, e in self.entries.items():
-                    if k not in merged or merged[k].used < e.used:
+                    old = merged.get(k)
+                    if old is None or self._prefer(k, e, old):
                         merged[k] = e
                 doomed = over_budget(merged, self.budget)
                 for oid in doomed:
@@ -312,7 +437,7 @@ def load_index(objects: "ObjectArea") -> dict[str, Entry]:
                 _INDEXES[oid] = kept
                 while sum(len(v) for v in _INDEXES.values()) > INDEX_MEMO:
                     _INDEXES.popitem(last=False)
-    return {k: Entry(e.oid, e.offset, e.nbytes, e.dtype, e.shape, e.used) for k, e in kept.items()}
+    return {k: Entry(e.oid, e.offset, e.nbytes, e.dtype, e.shape, e.used, e.seal) for k, e in kept.items()}
 
 
 def _parse_index(objects: "ObjectArea", oid: str) -> dict[str, Entry] | None:
@@ -365,7 +490,7 @@ _INDEXES_LOCK = threading.Lock()
 def write_index(objects: "ObjectArea", entries: dict[str, Entry]) -> None:
     """Store the index as an object, point the ref at it, and delete the index it replaces."""
     old = objects.read_ref(KIND, INDEX_NAME, 1)
-    body = {"entries": {k: [e.oid, e.offset, e.nbytes, e.dtype, list(e.shape), e.used]
+    body = {"entries": {k: [e.oid, e.offset, e.nbytes, e.dtype, list(e.shape), e.used, e.seal]
                         for k, e in sorted(entries.items())}}
     oid = objects.put(INDEX_MAGIC + json.dumps(body, separators=(",", ":")).encode()).oid
     objects.write_ref(KIND, INDEX_NAME, 1, oid)
@@ -386,5 +511,5 @@ def drop_all(objects: "ObjectArea") -> None:
     objects.remove_ref(KIND, INDEX_NAME, 1)
 
 
-__all__ = ["DEFAULT_BUDGET", "Entry", "FeatureStore", "add_field", "drop_all", "feature_key", "live_objects",
-           "load_index", "path_hasher"]
+__all__ = ["DEFAULT_BUDGET", "KEY_ENV", "Entry", "FeatureStore", "add_field", "drop_all", "feature_key", "key_path",
+           "live_objects", "load_index", "path_hasher", "seal", "writer_key"]
