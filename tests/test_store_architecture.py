@@ -399,3 +399,46 @@ def test_the_probe_verdict_is_reused_only_for_the_same_factory_object(store, mon
         store.save_set(models, "p")
     assert len(builds) == 2
     assert store.recover_set("p").state_dict(1).keys() == models[1].state_dict().keys()
+
+
+def test_a_factory_model_changed_after_it_was_built_is_refused_not_recovered_otherwise(store):
+    """What the state cannot show — an activation swapped, a scalar attribute set, a module or hook
+    added after the factory ran — would be lost by a factory record: the save names the change (for
+    an inferred and an explicit record, for the first model and for a later one) instead of storing
+    a set that recovers as other models. Unchanged models, and ones whose factory registers hooks,
+    save and recover as before; a structural record keeps the change."""
+    record = mm.Architecture.factory("store_models:tagged_mlp", width=6, inputs=4)
+    x = torch.linspace(-1, 1, 8).reshape(2, 4)
+
+    def built() -> torch.nn.Module:
+        return sm.tagged_mlp(width=6, inputs=4)
+
+    swapped = built()
+    swapped[1] = torch.nn.Tanh()  # same state dict, another function
+    flagged = built()
+    flagged[1].inplace = True  # a scalar attribute set after the factory ran
+    hooked = built()
+    hooked.register_forward_hook(lambda m, a, out: out * 2)
+    for models, name, why in (
+            ([swapped], "swapped", r"module 1 is a Tanh, not a ReLU"),
+            ([built(), swapped], "later", r"model '1' module 1 is a Tanh, not a ReLU"),
+            ([flagged], "flagged", r"attribute 1.inplace is True, model 'built by the record' has False"),
+            ([built(), flagged], "later-flag", r"model '1' attribute 1.inplace is True, model '0' has False"),
+            ([hooked], "hooked", r"module \(root\) has hooks \{'_forward_hooks': 1\}, model 'built by the record' "
+                                 r"has \{\}")):
+        for architecture in (None, record):
+            with pytest.raises((mm.StoreError, mm.ArchitectureError), match=why):
+                store.save_set(models, name, architecture=architecture)
+    with pytest.raises(mm.StoreError, match=r"'0' changed after it was built\? architecture=mm.Architecture"):
+        store.save_set([swapped], "swapped")
+    assert store.sets().empty  # nothing was stored by a refused save
+
+    ok = [built(), built()]
+    assert store.recover_set(store.save_set(ok, "ok")).architecture.kind == "factory"
+    store.save_set([sm.fill_(sm.hooked_mlp(), 1)], "hooks-by-factory")  # its hooks come with the factory
+    kept = store.recover_set(store.save_set([swapped], "kept", architecture=mm.Architecture.structural(swapped)))
+    assert kept.architecture.kind == "structure"
+    as_built = built()
+    as_built.load_state_dict(swapped.state_dict())
+    with torch.no_grad():
+        assert torch.equal(kept[0](x), swapped(x)) and not torch.equal(as_built(x), swapped(x))

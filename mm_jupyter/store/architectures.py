@@ -24,6 +24,7 @@ from ..errors import ArchitectureError, MMError, a_type
 from . import structure, structure_clone, structure_decode, structure_encode, trust
 from .hfrecords import build_config, check_literal, construct
 from .sourcecode import capture_source, exec_source, ref_of, session_namespaces
+from .statewalk import TAG
 from .tensors import layout_mismatch, match_dtypes
 from .trust import import_ref
 
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
     from .tensors import Layout
 
-TAG = "__mm_architecture__"
 KINDS = ("factory", "hf", "source", "structure")
 #: Buffers a rebuilt module may hold beyond the stored tensors (non-persistent buffers such as
 #: rotary tables and masks), in bytes, plus four times the stored bytes.

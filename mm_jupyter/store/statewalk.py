@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from .trust import HFConfigClass
 
 FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.BuiltinMethodType)
+#: the attribute an ``@mm.architecture`` factory tags its model with (``architectures.py``): which
+#: factory built a model is bookkeeping, compared by the factory record, never by a structural one
+TAG = "__mm_architecture__"
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,6 +72,11 @@ def hooks_of(mod: "nn.Module") -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _hooks_getter() -> Any:
     return itemgetter(*hook_registries(), *hook_registries()[:1])  # (at least two: always a tuple)
+
+
+def _hook_sizes(mod: "nn.Module") -> tuple[tuple[str, int], ...]:
+    d = mod.__dict__
+    return tuple((k, len(d[k])) for k in hooks_of(mod))
 
 
 def _maybe_hooked(d: dict[str, Any]) -> bool:
@@ -118,6 +126,7 @@ class _Node:
     keys: frozenset[str]  # attribute keys without nn.Module's bookkeeping
     simple: tuple[tuple[str, Any], ...]  # attributes compared with ==
     other: tuple[tuple[str, Any], ...]  # attributes compared structurally
+    hooked: tuple[tuple[str, int], ...] = ()  # non-empty hook registries and their sizes (``SetWalk`` hooks=True)
 
 
 _SCALARS = (type(None), bool, int, float, str)
@@ -141,13 +150,16 @@ class SetWalk:
 
     ``structure``: also check each model's module tree and attribute values (a structural record);
     ``keys``/``expect``: the state-dict keys and the (dtype, shape) of each, in order, that the
-    tensors must have for the fast path (None: every model takes ``state_dict()``).
+    tensors must have for the fast path (None: every model takes ``state_dict()``). ``hooks``: the
+    record is a factory, whose call registers hooks again: modules must have the first model's
+    hooks in number (their code cannot be compared), instead of none.
     """
 
     def __init__(self, first: "nn.Module", first_name: str, *, structure: bool, keys: list[str] | None = None,
-                 expect: "list[tuple[torch.dtype, torch.Size]] | None" = None) -> None:
-        self.first, self.first_name, self.structure = first, first_name, structure
+                 expect: "list[tuple[torch.dtype, torch.Size]] | None" = None, hooks: bool = False) -> None:
+        self.first, self.first_name, self.structure, self.hooks = first, first_name, structure, hooks
         self.difference: str | None = None  # the first structural difference met, as an error message
+        self.why: str | None = None  # that difference itself ("attribute act.p is 0.5, model 'a' has 0.1")
         self._paths0: dict[int, str] | None = None
         self._paths: tuple[Any, dict[int, str]] = (None, {})  # (model, its paths): computed once per model
         self.nodes: list[_Node] = []
@@ -193,11 +205,11 @@ class SetWalk:
                            for (is_param, k), (dtype, shape) in zip(take, [pending.pop() for _ in take if pending]))
             empty = tuple([(True, k) for k, v in params.items() if v is None]
                           + [(False, k) for k, v in buffers.items() if v is None])
-            attrs = {k: v for k, v in mod.__dict__.items() if k not in internal} if check else {}
+            attrs = {k: v for k, v in mod.__dict__.items() if k not in internal and k != TAG} if check else {}
             node = _Node(parent, name, path, type(mod), tuple(mod._modules),
                          tuple(k for k, c in mod._modules.items() if c is None), check, frozenset(attrs),
                          tuple((k, v) for k, v in attrs.items() if simple_value(v)),
-                         tuple((k, v) for k, v in attrs.items() if not simple_value(v)))
+                         tuple((k, v) for k, v in attrs.items() if not simple_value(v)), _hook_sizes(mod))
             self.nodes.append(node)
             steps.append((node, parent, name, type(mod), node.children, check,
                           *(_fingerprint(node, mod) if check else (None, None, None, None, False)),
@@ -244,7 +256,7 @@ class SetWalk:
                     why = self._differs(node, mod, model)
                     if why is not None:  # the save fails; its tensors only decide which error comes first
                         if self.difference is None:
-                            self.difference = self._message(name, why)
+                            self.difference, self.why = self._message(name, why), why
                         return self._walk(model, name, False)
             push(mod)
             if not collect:
@@ -277,7 +289,7 @@ class SetWalk:
             why = self._sharing(mods, out if collect and self._slots_are_state else None)
             if why is not None:
                 if self.difference is None:
-                    self.difference = self._message(name, why)
+                    self.difference, self.why = self._message(name, why), why
                 return self._walk(model, name, False)
         return out if collect else None
 
@@ -335,11 +347,15 @@ class SetWalk:
             if modules[k] is not None:
                 return f"module {join_path(node.path, k)} is {a_type(modules[k])}, model {self.first_name!r} has None"
         hooked = hooks_of(mod)
-        if hooked:  # (the first model's are refused where its record is made)
+        if self.hooks:
+            if _hook_sizes(mod) != node.hooked:
+                return (f"module {where} has hooks {dict(_hook_sizes(mod))}, model {self.first_name!r} has "
+                        f"{dict(node.hooked)}")
+        elif hooked:  # (the first model's are refused where its record is made)
             return (f"module {where} ({type(mod).__name__}) has hooks registered ({', '.join(hooked)}); hooks are "
                     "code, which the set's record cannot hold — remove them before saving")
         d = mod.__dict__
-        keys = d.keys() - internal_attributes()
+        keys = d.keys() - internal_attributes() - {TAG}
         if keys != node.keys:
             extra, missing = sorted(keys - node.keys), sorted(node.keys - keys)
             return (f"module {where} has attributes {extra or missing} that model "

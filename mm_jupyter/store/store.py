@@ -17,7 +17,7 @@ from ..errors import ArchitectureError, IntegrityError, OutOfSpace, RefError, St
 from . import approaches, backends, inventory, maintenance, searchlog, trust
 from .approaches.common import Saved, SaveInput
 from .approaches.update import changed_mask
-from .architectures import TAG, Architecture
+from .architectures import Architecture
 from .basetypes import SetRow
 from .catalog import now_iso
 from .diff import diff_sets
@@ -26,7 +26,7 @@ from .limits import decoding
 from .lineage import Lineage, build_lineage
 from .manifest import seconds
 from .modelset import ModelSet, Resolved, SetRef
-from .statewalk import SetWalk
+from .statewalk import TAG, SetWalk
 from .structure import module_state, with_attribute_states
 from .structure_encode import json_clean
 from .tensors import Layout, extract_set, extract_states, layout_mismatch, match_dtypes
@@ -204,9 +204,11 @@ class Store:
         names, mods, explicit = _normalise(models)
         if architecture is not None and not isinstance(architecture, Architecture):
             raise StoreError(f"architecture must be an mm.Architecture, not {type(architecture).__name__}")
-        # one walk per model: its tensors and, for a structural record, the check of its tree and attributes
-        structural = architecture is None and Architecture.inferred_kind(mods[0]) == "structure"
-        layout, rows, walk = extract_set(mods, names, structure=structural)
+        # one walk per model: its tensors and, for a structural or factory record, the check of its tree and
+        # attributes against the first model's (a factory's: the first is then compared with what it builds)
+        kind = architecture.kind if architecture is not None else Architecture.inferred_kind(mods[0])
+        structural = kind == "factory" or architecture is None and kind == "structure"
+        layout, rows, walk = extract_set(mods, names, structure=structural, hooks=kind == "factory")
         arch, layout, rows = _settle_architecture(architecture, mods, names, layout, rows, walk)
         with (self.writing(f"set {name!r}"), trust.scope(self.trust_code),  # a base may be retrained
               self.objects.deferred_durability()):  # every object synced together before the commit
@@ -584,29 +586,60 @@ def _verdict_key(arch: Architecture, layout: Layout) -> tuple[Any, ...] | None:
     return (target, json.dumps(arch.to_json(), sort_keys=True), json.dumps(layout.to_json(), sort_keys=True))
 
 
-def _probe(arch: Architecture, layout: Layout) -> tuple[str | None, Any]:
+def _probe(arch: Architecture, layout: Layout, model: "nn.Module | None" = None, name: str = ""
+           ) -> tuple[str | None, Any]:
     """The record's first difference from ``layout`` when rebuilt on the meta device (None: it
     rebuilds these models; the saving session's own code may run: it is the user's), and the config
-    the rebuilt module carries (Hugging Face records, as JSON; else None)."""
+    the rebuilt module carries (Hugging Face records, as JSON; else None). A factory record's rebuilt
+    module is also compared with ``model`` (named ``name``): tree, classes, attribute values, hooks in
+    number. The state cannot show an activation swapped or a flag set after the factory ran, and
+    recovery would silently build the model without it."""
     key = _verdict_key(arch, layout)
     if key is not None and key in _VERDICTS:
         _VERDICTS.move_to_end(key)
-        return _VERDICTS[key]
+        verdict = _VERDICTS[key]
+        rebuilt = _REBUILT.get(key)
+    else:
+        rebuilt = _build_meta(arch, layout)
+        try:
+            diff = layout_mismatch(module_state(rebuilt, layout.keys), layout)
+            config: Any = getattr(rebuilt, "config", None) if arch.kind == "hf" else None
+            verdict = (diff, None if config is None else json_clean(config.to_dict(), "the rebuilt config"))
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's class or config failed: name it, one line
+            raise StoreError(f"architecture {arch.describe()} cannot be built: {type(e).__name__}: {e}") from None
+        if key is not None:
+            _VERDICTS[key] = verdict
+            while len(_VERDICTS) > _VERDICTS_KEPT:
+                _VERDICTS.popitem(last=False)
+            if arch.kind == "factory":
+                _REBUILT[key] = rebuilt
+                while len(_REBUILT) > _VERDICTS_KEPT:
+                    _REBUILT.popitem(last=False)
+    if verdict[0] is not None or model is None or arch.kind != "factory":
+        return verdict
+    walk = SetWalk(rebuilt or _build_meta(arch, layout), "built by the record", structure=True, hooks=True)
+    walk.walk(model, name)  # (a SetWalk per save: it remembers the last model it walked)
+    if walk.why is None:
+        return verdict
+    return (f"another model than {name!r}: {walk.why} (was {name!r} changed after it was built? "
+            "architecture=mm.Architecture.structural(model) records it as it is)", verdict[1])
+
+
+#: modules factory records built on the meta device, by ``_verdict_key``: what saved models are compared with
+_REBUILT: "OrderedDict[tuple[Any, ...], nn.Module]" = OrderedDict()
+
+
+def _build_meta(arch: Architecture, layout: Layout) -> "nn.Module":
     try:
-        probe_module = arch.build_meta(trusted=True, subject="the models being saved")
-        match_dtypes(probe_module, layout)
-        diff = layout_mismatch(module_state(probe_module, layout.keys), layout)
-        config: Any = getattr(probe_module, "config", None) if arch.kind == "hf" else None
-        verdict = (diff, None if config is None else json_clean(config.to_dict(), "the rebuilt config"))
+        module = arch.build_meta(trusted=True, subject="the models being saved")
+        match_dtypes(module, layout)
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's factory or class failed: name it, one line
         raise StoreError(f"architecture {arch.describe()} cannot be built: {type(e).__name__}: {e}") from None
-    if key is not None:
-        _VERDICTS[key] = verdict
-        while len(_VERDICTS) > _VERDICTS_KEPT:
-            _VERDICTS.popitem(last=False)
-    return verdict
+    return module
 
 
 def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.Module"], names: Sequence[str],
@@ -622,7 +655,7 @@ def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.M
             check_same_architecture(arch, mods, names, walk)
         full_layout, full_rows = (with_attribute_states(arch.structure or {}, layout, rows, mods, names)
                                   if arch.kind == "structure" else (layout, rows))
-        return (full_layout, full_rows, *_probe(arch, full_layout))
+        return (full_layout, full_rows, *_probe(arch, full_layout, mods[0], names[0]))
 
     arch = architecture if architecture is not None else Architecture.infer(mods[0])
     full_layout, full_rows, diff, config = prepared(arch)
@@ -631,6 +664,8 @@ def _settle_architecture(architecture: Architecture | None, mods: Sequence["nn.M
         full_layout, full_rows, diff, config = prepared(arch)
     if diff is not None:
         raise StoreError(f"architecture {arch.describe()} does not rebuild these models: it builds {diff}")
+    if arch.kind == "factory" and walk.difference is not None:  # (the first model was compared with the factory's)
+        raise ArchitectureError(walk.difference)
     return arch, full_layout, full_rows
 
 

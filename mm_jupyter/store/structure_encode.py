@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 import json
 
 from .hfrecords import check_literal
-from .statewalk import FUNCTION_TYPES, hf_config_types, hooks_of, internal_attributes, join_path
+from .statewalk import FUNCTION_TYPES, TAG, hf_config_types, hooks_of, internal_attributes, join_path
 from .structure import (
     STATE_MARK,
     attribute_refusal,
@@ -244,7 +244,7 @@ def record(model: "nn.Module") -> dict[str, Any]:
     for node, mod, path in rec.pending:
         attrs = []
         for k, v in mod.__dict__.items():
-            if k in internal:
+            if k in internal or k == TAG:  # (which factory built it: not part of what it is)
                 continue
             refusal = attribute_refusal(type(mod), k)
             if refusal is None and (k in mod._parameters or k in mod._buffers or k in mod._modules):
