@@ -362,3 +362,19 @@ except mm.TrustError as e:
     ranking = json.loads(sm.run_python(search, str(tmp_path / "s"), "trust").stdout.strip().splitlines()[-1]
                          .replace("'", '"'))
     assert sorted(ranking) == ["t0", "t1", "t2"]
+
+
+def test_a_structural_record_keeps_the_first_model_s_frozen_parameters(tmp_path: Path):
+    """As ``ModelSet.model`` documents: ``requires_grad`` is the record's, for a structural record the
+    first saved model's (a layer frozen for transfer learning stays frozen); training flags are not
+    kept (recovered models are in eval mode)."""
+    models = [nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)) for _ in range(2)]
+    for m in models:
+        m[0].requires_grad_(False)
+        m.train()
+    store = mm.Store(tmp_path / "s")
+    ms = store.recover_set(store.save_set(models, "frozen"))
+    for got in (ms[0], ms.load()[1]):
+        assert [p.requires_grad for p in got.parameters()] == [False, False, True, True]
+        assert not got.training
+    store.close()

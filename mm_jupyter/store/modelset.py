@@ -287,8 +287,9 @@ class ModelSet:
     # -- modules ---------------------------------------------------------------------------------
     def model(self, item: int | str) -> "nn.Module":
         """Build model ``item`` as a fresh module (eval mode) holding its own copy of the parameters.
-        Like a module just built, every parameter requires grad: a saved model's training flag and
-        ``requires_grad`` are not recorded, so layers frozen before saving are frozen again by the caller.
+        Each parameter's ``requires_grad`` is the record's: a structural record's is the first saved
+        model's, a factory or Hugging Face record's what it builds. Training flags and per-model
+        freezing are not recorded: a layer frozen in only some models is frozen again by the caller.
 
         The architecture is built once per set (recorded code runs only if the set's store is
         trusted, see :mod:`.trust`); every model is then a compiled copy of that template.
