@@ -337,6 +337,15 @@ def tagged_mlp(width: int = 8, inputs: int = 4) -> nn.Module:
     return mlp(width=width, depth=1, inputs=inputs)
 
 
+@mm.architecture
+def weight_normed(width: int = 4) -> nn.Module:
+    """A factory whose first layer is parametrized (``torch.nn.utils.parametrize`` gives every such
+    module a class of its own)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    return nn.Sequential(weight_norm(nn.Linear(3, width)), nn.ReLU())
+
+
 class NeedsArgs(nn.Module):
     """A class whose constructor needs an argument (cannot be inferred)."""
 

@@ -436,6 +436,10 @@ def test_a_factory_model_changed_after_it_was_built_is_refused_not_recovered_oth
     ok = [built(), built()]
     assert store.recover_set(store.save_set(ok, "ok")).architecture.kind == "factory"
     store.save_set([sm.fill_(sm.hooked_mlp(), 1)], "hooks-by-factory")  # its hooks come with the factory
+    normed = [sm.fill_(sm.weight_normed(), s) for s in (1, 2)]  # a class per parametrized module
+    got = store.recover_set(store.save_set(normed, "weight-normed"))
+    with torch.no_grad():
+        assert torch.equal(got[1](x[:, :3]), normed[1].eval()(x[:, :3]))
     kept = store.recover_set(store.save_set([swapped], "kept", architecture=mm.Architecture.structural(swapped)))
     assert kept.architecture.kind == "structure"
     as_built = built()

@@ -74,6 +74,23 @@ def _hooks_getter() -> Any:
     return itemgetter(*hook_registries(), *hook_registries()[:1])  # (at least two: always a tuple)
 
 
+def same_class(a: type, b: type) -> bool:
+    """Whether modules of classes ``a`` and ``b`` are alike for a set's record: the same class, or
+    two that ``torch.nn.utils.parametrize`` made (one per module it parametrizes) for one class with
+    the same parametrized tensors."""
+    return a is b or (_parametrized(a) and _parametrized(b) and a.__bases__ == b.__bases__
+                      and _properties(a) == _properties(b))
+
+
+def _parametrized(c: type) -> bool:
+    return (c.__module__ == "torch.nn.utils.parametrize" and len(c.__bases__) == 1
+            and c.__name__ == f"Parametrized{c.__bases__[0].__name__}")
+
+
+def _properties(c: type) -> set[str]:
+    return {k for k, v in vars(c).items() if isinstance(v, property)}
+
+
 def _hook_sizes(mod: "nn.Module") -> tuple[tuple[str, int], ...]:
     d = mod.__dict__
     return tuple((k, len(d[k])) for k in hooks_of(mod))
@@ -338,7 +355,7 @@ class SetWalk:
         if mod is None:
             return f"has no module {node.path}"
         where = node.path or "(root)"
-        if type(mod) is not node.type:
+        if not same_class(type(mod), node.type):
             return f"module {where} is {a_type(mod)}, not a {node.type.__name__}"
         modules = mod._modules
         if tuple(modules) != node.children:
