@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import zygote
@@ -335,6 +335,29 @@ def logged_train(model: nn.Module, data: Any, config: dict) -> None:
 def tagged_mlp(width: int = 8, inputs: int = 4) -> nn.Module:
     """A factory decorated with ``mm.architecture``: its modules remember how they were built."""
     return mlp(width=width, depth=1, inputs=inputs)
+
+
+class Apply(nn.Module):
+    """Applies the function it holds (code in an attribute: a factory record's to make)."""
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
+def scaling(scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x * scale  # a closure made per call
+
+
+@mm.architecture
+def with_code(scale: float = 2.0) -> nn.Module:
+    """A factory whose modules hold code made per call: a closure and a partial."""
+    import functools
+
+    return nn.Sequential(nn.Linear(4, 4), Apply(scaling(scale)), Apply(functools.partial(torch.clamp, min=0.0)))
 
 
 @mm.architecture

@@ -3,6 +3,7 @@ with kwargs, decorated factories, no-argument classes, Hugging Face configs, and
 in notebook cells or scripts (recorded as source)."""
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import textwrap
@@ -436,6 +437,17 @@ def test_a_factory_model_changed_after_it_was_built_is_refused_not_recovered_oth
     ok = [built(), built()]
     assert store.recover_set(store.save_set(ok, "ok")).architecture.kind == "factory"
     store.save_set([sm.fill_(sm.hooked_mlp(), 1)], "hooks-by-factory")  # its hooks come with the factory
+    coded = [sm.fill_(sm.with_code(), s) for s in (1, 2)]  # a closure and a partial made per call
+    got = store.recover_set(store.save_set(coded, "with-code"))
+    with torch.no_grad():
+        assert torch.equal(got[1](x), coded[1].eval()(x))
+    for at, f in ((1, sm.scaling(3.0)),  # the same code holding another value
+                  (1, lambda x: x * 2.0),  # other code
+                  (2, functools.partial(torch.clamp, min=1.0))):  # another argument
+        changed = sm.with_code()
+        changed[at].f = f
+        with pytest.raises(mm.StoreError, match=f"attribute {at}.f differs"):
+            store.save_set([changed], "with-code")
     normed = [sm.fill_(sm.weight_normed(), s) for s in (1, 2)]  # a class per parametrized module
     got = store.recover_set(store.save_set(normed, "weight-normed"))
     with torch.no_grad():

@@ -143,7 +143,7 @@ class _Node:
     keys: frozenset[str]  # attribute keys without nn.Module's bookkeeping
     simple: tuple[tuple[str, Any], ...]  # attributes compared with ==
     other: tuple[tuple[str, Any], ...]  # attributes compared structurally
-    hooked: tuple[tuple[str, int], ...] = ()  # non-empty hook registries and their sizes (``SetWalk`` hooks=True)
+    hooked: tuple[tuple[str, int], ...] = ()  # non-empty hook registries and their sizes (``SetWalk`` factory=True)
 
 
 _SCALARS = (type(None), bool, int, float, str)
@@ -167,14 +167,16 @@ class SetWalk:
 
     ``structure``: also check each model's module tree and attribute values (a structural record);
     ``keys``/``expect``: the state-dict keys and the (dtype, shape) of each, in order, that the
-    tensors must have for the fast path (None: every model takes ``state_dict()``). ``hooks``: the
-    record is a factory, whose call registers hooks again: modules must have the first model's
-    hooks in number (their code cannot be compared), instead of none.
+    tensors must have for the fast path (None: every model takes ``state_dict()``). ``factory``: the
+    record is a factory call, which makes its code again: modules must have the first model's hooks
+    in number (hook code cannot be compared) instead of none, and code held in attributes is
+    compared by definition (a lambda or closure of the same source, a partial of the same function
+    and arguments, a method of the same function), other objects only by type.
     """
 
     def __init__(self, first: "nn.Module", first_name: str, *, structure: bool, keys: list[str] | None = None,
-                 expect: "list[tuple[torch.dtype, torch.Size]] | None" = None, hooks: bool = False) -> None:
-        self.first, self.first_name, self.structure, self.hooks = first, first_name, structure, hooks
+                 expect: "list[tuple[torch.dtype, torch.Size]] | None" = None, factory: bool = False) -> None:
+        self.first, self.first_name, self.structure, self.factory = first, first_name, structure, factory
         self.difference: str | None = None  # the first structural difference met, as an error message
         self.why: str | None = None  # that difference itself ("attribute act.p is 0.5, model 'a' has 0.1")
         self._paths0: dict[int, str] | None = None
@@ -364,7 +366,7 @@ class SetWalk:
             if modules[k] is not None:
                 return f"module {join_path(node.path, k)} is {a_type(modules[k])}, model {self.first_name!r} has None"
         hooked = hooks_of(mod)
-        if self.hooks:
+        if self.factory:
             if _hook_sizes(mod) != node.hooked:
                 return (f"module {where} has hooks {dict(_hook_sizes(mod))}, model {self.first_name!r} has "
                         f"{dict(node.hooked)}")
@@ -388,7 +390,7 @@ class SetWalk:
             if self._paths0 is None:
                 self._paths0 = _paths(self.first)
             for k, v0 in node.other:
-                if not _same(d.get(k, _MISSING), v0, paths, self._paths0):
+                if not _same(d.get(k, _MISSING), v0, paths, self._paths0, self.factory):
                     return f"attribute {join_path(node.path, k)} differs"
         return None
 
@@ -428,27 +430,62 @@ def _paths(model: "nn.Module") -> dict[int, str]:
     return out
 
 
-def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str]) -> bool:
+def _cells(f: types.FunctionType) -> list[Any]:
+    """What closure ``f`` holds: its cells' values (an empty cell, or ``f`` itself, as a marker)."""
+    out: list[Any] = []
+    for cell in f.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # (not assigned yet)
+            value = _MISSING
+        out.append("<itself>" if value is f else "<empty>" if value is _MISSING else value)
+    return out
+
+
+def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str], loose: bool = False, depth: int = 0) -> bool:
+    """Whether attribute values ``a`` (of one model, paths ``pa``) and ``b`` (of another) are alike
+    for a set's record. ``loose`` (a factory record, see ``SetWalk``): code made per call counts as
+    alike when it has the same definition, and other objects when they have the same type."""
     import torch
 
     if a is _MISSING or type(a) is not type(b):
         return False
+    if depth > 32:  # (a structure that deep, or a cycle: not alike, so the save is refused, never wrong)
+        return False
+
+    def same(x: Any, y: Any) -> bool:
+        return _same(x, y, pa, pb, loose, depth + 1)
+
     if type(a) is weakref.ReferenceType:
         x, y = a(), b()
-        return (x is None and y is None) or (x is not None and y is not None and _same(x, y, pa, pb))
+        return (x is None and y is None) or (x is not None and y is not None and same(x, y))
     if isinstance(a, (torch.Tensor, torch.nn.Module)):
         if id(a) in pa or id(b) in pb:
             return pa.get(id(a)) == pb.get(id(b))
         # a plain tensor is stored per model (like a buffer): the set shares its place, dtype and shape
         return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y, pa, pb) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k], pa, pb) for k in a)
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (set, frozenset)) or simple_value(a) or isinstance(a, (torch.dtype, torch.device)):
         return bool(a == b)
+    if loose and a is not b:
+        if isinstance(a, types.FunctionType):  # a lambda or closure made per call: its source and values
+            return (a.__code__ is b.__code__ and same(a.__defaults__, b.__defaults__)
+                    and same(_cells(a), _cells(b)))
+        if isinstance(a, types.MethodType):
+            return same(a.__func__, b.__func__) and same(a.__self__, b.__self__)
+        if isinstance(a, functools.partial):
+            return same(a.func, b.func) and same(a.args, b.args) and same(a.keywords, b.keywords)
+        if not isinstance(a, (type, *FUNCTION_TYPES)):
+            return True  # another object of the same type: what it holds is the factory's to make
     if isinstance(a, (type, *FUNCTION_TYPES)):
         return a is b
+    configs = hf_config_types()
+    if configs and isinstance(a, configs):
+        return a is b or a.to_dict() == b.to_dict()
+    return a is b
     configs = hf_config_types()
     if configs and isinstance(a, configs):
         return a is b or a.to_dict() == b.to_dict()

@@ -208,7 +208,7 @@ class Store:
         # attributes against the first model's (a factory's: the first is then compared with what it builds)
         kind = architecture.kind if architecture is not None else Architecture.inferred_kind(mods[0])
         structural = kind == "factory" or architecture is None and kind == "structure"
-        layout, rows, walk = extract_set(mods, names, structure=structural, hooks=kind == "factory")
+        layout, rows, walk = extract_set(mods, names, structure=structural, factory=kind == "factory")
         arch, layout, rows = _settle_architecture(architecture, mods, names, layout, rows, walk)
         with (self.writing(f"set {name!r}"), trust.scope(self.trust_code),  # a base may be retrained
               self.objects.deferred_durability()):  # every object synced together before the commit
@@ -619,7 +619,7 @@ def _probe(arch: Architecture, layout: Layout, model: "nn.Module | None" = None,
                     _REBUILT.popitem(last=False)
     if verdict[0] is not None or model is None or arch.kind != "factory":
         return verdict
-    walk = SetWalk(rebuilt or _build_meta(arch, layout), "built by the record", structure=True, hooks=True)
+    walk = SetWalk(rebuilt or _build_meta(arch, layout), "built by the record", structure=True, factory=True)
     walk.walk(model, name)  # (a SetWalk per save: it remembers the last model it walked)
     if walk.why is None:
         return verdict

@@ -195,10 +195,10 @@ def extract_states(models: Sequence["nn.Module"], names: Sequence[str]) -> tuple
     return layout, rows
 
 
-def extract_set(models: Sequence["nn.Module"], names: Sequence[str], structure: bool, hooks: bool = False
+def extract_set(models: Sequence["nn.Module"], names: Sequence[str], structure: bool, factory: bool = False
                 ) -> tuple[Layout, list[list["torch.Tensor"]], SetWalk]:
     """``extract_states`` and, with ``structure``, in the same walk the check that every model has
-    the first model's module tree and attribute values (and, with ``hooks``, as many hooks): the
+    the first model's module tree and attribute values (compared for a factory record with ``factory``): the
     walk's ``difference`` is the message of the first model that has not (None: all have), for the
     caller to raise where the architecture is settled; differences in the state raise StoreError
     here, as ``extract_states``."""
@@ -213,7 +213,7 @@ def extract_set(models: Sequence["nn.Module"], names: Sequence[str], structure: 
     sd0 = models[0].state_dict()
     first = [_as_storable(t, f"model {names[0]!r} key {k!r}") for k, t in sd0.items()]
     layout = Layout.of([spec_of(k, t) for k, t in zip(sd0.keys(), first)])
-    walk = SetWalk(models[0], names[0], structure=structure, hooks=hooks, keys=layout.keys,
+    walk = SetWalk(models[0], names[0], structure=structure, factory=factory, keys=layout.keys,
                    expect=[(torch_dtype(s.dtype), torch.Size(s.shape)) for s in layout.specs])
     out: list[list[torch.Tensor]] = [first]
     for model, mname in zip(models[1:], names[1:]):
