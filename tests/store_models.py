@@ -354,10 +354,12 @@ def scaling(scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @mm.architecture
 def with_code(scale: float = 2.0) -> nn.Module:
-    """A factory whose modules hold code made per call: a closure and a partial."""
+    """A factory whose modules hold code made per call (a closure and a partial) and the device it ran on."""
     import functools
 
-    return nn.Sequential(nn.Linear(4, 4), Apply(scaling(scale)), Apply(functools.partial(torch.clamp, min=0.0)))
+    model = nn.Sequential(nn.Linear(4, 4), Apply(scaling(scale)), Apply(functools.partial(torch.clamp, min=0.0)))
+    model.device = torch.empty(0).device  # (the meta device where the save rebuilds it)
+    return model
 
 
 @mm.architecture

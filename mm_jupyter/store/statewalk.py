@@ -468,8 +468,13 @@ def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str], loose: bool = 
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
         return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.device) and loose:  # (the record is rebuilt on the meta device)
+        return True
     if isinstance(a, (set, frozenset)) or simple_value(a) or isinstance(a, (torch.dtype, torch.device)):
         return bool(a == b)
+    configs = hf_config_types()
+    if configs and isinstance(a, configs):
+        return a is b or a.to_dict() == b.to_dict()
     if loose and a is not b:
         if isinstance(a, types.FunctionType):  # a lambda or closure made per call: its source and values
             return (a.__code__ is b.__code__ and same(a.__defaults__, b.__defaults__)
@@ -480,13 +485,4 @@ def _same(a: Any, b: Any, pa: dict[int, str], pb: dict[int, str], loose: bool = 
             return same(a.func, b.func) and same(a.args, b.args) and same(a.keywords, b.keywords)
         if not isinstance(a, (type, *FUNCTION_TYPES)):
             return True  # another object of the same type: what it holds is the factory's to make
-    if isinstance(a, (type, *FUNCTION_TYPES)):
-        return a is b
-    configs = hf_config_types()
-    if configs and isinstance(a, configs):
-        return a is b or a.to_dict() == b.to_dict()
-    return a is b
-    configs = hf_config_types()
-    if configs and isinstance(a, configs):
-        return a is b or a.to_dict() == b.to_dict()
     return a is b
