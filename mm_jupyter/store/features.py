@@ -238,7 +238,7 @@ class FeatureStore:
         """Whether ``e`` may be read: sealed with this writer's secret, or the store is trusted."""
         verdict = self._verdicts.get(key)
         if verdict is None:
-            verdict = self._trusting or hmac.compare_digest(e.seal, seal(self._secret, key, e))
+            verdict = self._trusting or self._sealed_here(key, e)
             self._verdicts[key] = verdict
             self.foreign += not verdict
         return verdict
@@ -358,10 +358,13 @@ class FeatureStore:
         """Whether the index keeps ``new`` rather than ``old`` for ``key``: this writer's entry over
         another's (whose ``used`` time could claim any date), else the later used."""
         if new.seal != old.seal:  # (equal seals: the same claim, no secret needed to compare)
-            mine, theirs = (hmac.compare_digest(x.seal, seal(self._secret, key, x)) for x in (new, old))
+            mine, theirs = self._sealed_here(key, new), self._sealed_here(key, old)
             if mine != theirs:
                 return mine
         return old.used < new.used
+
+    def _sealed_here(self, key: str, e: Entry) -> bool:
+        return hmac.compare_digest(e.seal, seal(self._secret, key, e))
 
     def close(self) -> None:
         for reader in self._readers.values():

@@ -365,12 +365,11 @@ class SetWalk:
         for k in node.none_children:
             if modules[k] is not None:
                 return f"module {join_path(node.path, k)} is {a_type(modules[k])}, model {self.first_name!r} has None"
-        hooked = hooks_of(mod)
         if self.factory:
-            if _hook_sizes(mod) != node.hooked:
-                return (f"module {where} has hooks {dict(_hook_sizes(mod))}, model {self.first_name!r} has "
-                        f"{dict(node.hooked)}")
-        elif hooked:  # (the first model's are refused where its record is made)
+            sizes = _hook_sizes(mod)
+            if sizes != node.hooked:
+                return f"module {where} has hooks {dict(sizes)}, model {self.first_name!r} has {dict(node.hooked)}"
+        elif hooked := hooks_of(mod):  # (the first model's are refused where its record is made)
             return (f"module {where} ({type(mod).__name__}) has hooks registered ({', '.join(hooked)}); hooks are "
                     "code, which the set's record cannot hold — remove them before saving")
         d = mod.__dict__

@@ -565,8 +565,9 @@ def _check_architecture(arch: Architecture, layout: Layout) -> None:
         raise StoreError(f"architecture {arch.describe()} does not rebuild these models: it builds {diff}")
 
 
-#: Verdicts of the save-time probe, by everything that decides one (see ``_verdict_key``).
-_VERDICTS: "OrderedDict[tuple[Any, ...], tuple[str | None, Any]]" = OrderedDict()
+#: Verdicts of the save-time probe, by everything that decides one (see ``_verdict_key``): the difference, the
+#: rebuilt config, and for a factory record its rebuilt module (what the saved models are compared with)
+_VERDICTS: "OrderedDict[tuple[Any, ...], tuple[str | None, Any, nn.Module | None]]" = OrderedDict()
 _VERDICTS_KEPT = 64
 
 
@@ -597,38 +598,30 @@ def _probe(arch: Architecture, layout: Layout, model: "nn.Module | None" = None,
     key = _verdict_key(arch, layout)
     if key is not None and key in _VERDICTS:
         _VERDICTS.move_to_end(key)
-        verdict = _VERDICTS[key]
-        rebuilt = _REBUILT.get(key)
+        diff, config, rebuilt = _VERDICTS[key]
     else:
-        rebuilt = _build_meta(arch, layout)
+        module = _build_meta(arch, layout)
         try:
-            diff = layout_mismatch(module_state(rebuilt, layout.keys), layout)
-            config: Any = getattr(rebuilt, "config", None) if arch.kind == "hf" else None
-            verdict = (diff, None if config is None else json_clean(config.to_dict(), "the rebuilt config"))
+            diff = layout_mismatch(module_state(module, layout.keys), layout)
+            hf_config: Any = getattr(module, "config", None) if arch.kind == "hf" else None
+            config = None if hf_config is None else json_clean(hf_config.to_dict(), "the rebuilt config")
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001 - the user's class or config failed: name it, one line
             raise StoreError(f"architecture {arch.describe()} cannot be built: {type(e).__name__}: {e}") from None
+        rebuilt = module if arch.kind == "factory" else None
         if key is not None:
-            _VERDICTS[key] = verdict
+            _VERDICTS[key] = (diff, config, rebuilt)
             while len(_VERDICTS) > _VERDICTS_KEPT:
                 _VERDICTS.popitem(last=False)
-            if arch.kind == "factory":
-                _REBUILT[key] = rebuilt
-                while len(_REBUILT) > _VERDICTS_KEPT:
-                    _REBUILT.popitem(last=False)
-    if verdict[0] is not None or model is None or arch.kind != "factory":
-        return verdict
-    walk = SetWalk(rebuilt or _build_meta(arch, layout), "built by the record", structure=True, factory=True)
+    if diff is not None or model is None or rebuilt is None:
+        return diff, config
+    walk = SetWalk(rebuilt, "built by the record", structure=True, factory=True)
     walk.walk(model, name)  # (a SetWalk per save: it remembers the last model it walked)
     if walk.why is None:
-        return verdict
+        return diff, config
     return (f"another model than {name!r}: {walk.why} (was {name!r} changed after it was built? "
-            "architecture=mm.Architecture.structural(model) records it as it is)", verdict[1])
-
-
-#: modules factory records built on the meta device, by ``_verdict_key``: what saved models are compared with
-_REBUILT: "OrderedDict[tuple[Any, ...], nn.Module]" = OrderedDict()
+            "architecture=mm.Architecture.structural(model) records it as it is)", config)
 
 
 def _build_meta(arch: Architecture, layout: Layout) -> "nn.Module":
